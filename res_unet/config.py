@@ -1,0 +1,513 @@
+"""The JSON config: one typed object, its defaults, its validation, and old-key upgrades.
+
+Every key a user can write lives in :class:`Config`, with its default and its meaning in the
+field metadata; the README's config reference is generated from it
+(:func:`reference_markdown`). Keys from the original residual-U-Net toolbox are accepted
+as they are; keys from Segmentation Gym go through :func:`upgrade_keys`, which maps each to
+ours or says plainly that it has no effect. Keys starting with ``_`` are comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from res_unet.atomic import write_atomic
+from res_unet.errors import UserError
+
+MODELS = ("resunet", "efficientnet_unet")
+ENCODERS = tuple(f"B{i}" for i in range(8))
+LOSS_TERMS = ("dice", "focal", "boundary", "ce")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple | None = None, group: str = "") -> Any:
+    """Declare one config key: default, meaning, and the range or choices it must respect."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Every setting of res_unet. Field names are the JSON keys; metadata holds the docs."""
+
+    # Data and dataset building
+    TARGET_SIZE: list[int] = _key([256, 256], "Model input size [rows, cols] in pixels; "
+                                  "must be divisible by the model's down-sampling factor.",
+                                  lo=16, group="data")
+    N_DATA_BANDS: int = _key(3, "Bands per image (1, 3, 4, or any count from TIFF and "
+                             "EXTRA_BAND_DIRS).", lo=1, hi=64, group="data")
+    NCLASSES: int = _key(1, "1 = binary (label values 0/1, sigmoid output); N > 1 = N classes "
+                         "with label values 0..N-1 (softmax output).", lo=1, hi=255, group="data")
+    USEMASK: bool = _key(False, "Labels are named NAME_mask.* (true) or NAME_label.* / NAME.* "
+                         "(false).", group="data")
+    REMAP_CLASSES: dict[str, int] = _key({}, "Map label values before anything else, e.g. "
+                                         '{"0": 0, "3": 1}; unlisted values stay as they are.',
+                                         group="data")
+    EXTRA_BAND_DIRS: list[str] = _key([], "Folders of co-registered single-band images (same "
+                                      "stems) appended as extra bands, in order.", group="data")
+    FIT_MODE: str = _key("resize", "How images meet TARGET_SIZE: 'resize' (whole image, aspect "
+                         "kept by reflect padding) or 'tile' (cut into TARGET_SIZE tiles).",
+                         choices=("resize", "tile"), group="data")
+    TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
+                               "both for records and inference).", lo=0.0, hi=0.75, group="data")
+    MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "
+                                          "this are 'empty'.", lo=0.0, hi=1.0, group="data")
+    EMPTY_TILE_KEEP: float = _key(1.0, "Share of empty training tiles kept (0 drops them all, 1 "
+                                  "keeps all): balances classes.", lo=0.0, hi=1.0, group="data")
+    VALIDATION_SPLIT: float = _key(0.2, "Share of source images (or groups) held out for "
+                                   "validation, split before any augmentation.", lo=0.0,
+                                   hi=0.9, group="data")
+    SPLIT_GROUP_PATTERN: str | None = _key(None, "Regex on the file stem whose first group (or "
+                                           "whole match) names a group kept on one side of the "
+                                           "split, e.g. '^(.*)_s2cloudless' or '^(tile\\\\d+)'.",
+                                           group="data")
+    SEED: int = _key(42, "Seed for the split, augmentation and weight initialisation.", lo=0,
+                     group="data")
+    IMS_PER_SHARD: int = _key(100, "Examples per TFRecord shard.", lo=1, group="data")
+    ROOT_STRING: str = _key("data", "Shard file prefix: ROOT_STRING-SPLIT-NNNNN.tfrec.",
+                            group="data")
+    SHARD_COMPRESSION: str | None = _key("GZIP", "Shard compression: 'GZIP' or null.",
+                                         choices=("GZIP", None), group="data")
+    DOPLOT: bool = _key(True, "Write PNG figures (sample grid, curves, examples).", group="data")
+
+    # Augmentation (training split only)
+    DO_AUG: bool = _key(True, "Augment the training split.", group="augmentation")
+    AUG_COPIES: int = _key(3, "Augmented copies written per training example (the original "
+                           "is always kept).", lo=0, hi=100, group="augmentation")
+    AUG_LOOPS: int = _key(1, "Accepted for compatibility; examples are streamed, so memory is "
+                          "bounded anyway.", lo=1, group="augmentation")
+    AUG_ROT: float = _key(5.0, "Maximum random rotation in degrees.", lo=0.0, hi=180.0,
+                          group="augmentation")
+    AUG_ROT90: bool = _key(True, "Also rotate by random multiples of 90 degrees (exact, no "
+                           "interpolation).", group="augmentation")
+    AUG_ZOOM: float = _key(0.05, "Maximum zoom in/out fraction.", lo=0.0, hi=0.9,
+                           group="augmentation")
+    AUG_WIDTHSHIFT: float = _key(0.05, "Maximum horizontal shift, fraction of width.", lo=0.0,
+                                 hi=0.9, group="augmentation")
+    AUG_HEIGHTSHIFT: float = _key(0.05, "Maximum vertical shift, fraction of height.", lo=0.0,
+                                  hi=0.9, group="augmentation")
+    AUG_HFLIP: bool = _key(True, "Random horizontal flips.", group="augmentation")
+    AUG_VFLIP: bool = _key(True, "Random vertical flips.", group="augmentation")
+
+    # Model
+    MODEL: str = _key("resunet", "Architecture: 'resunet' or 'efficientnet_unet'.",
+                      choices=MODELS, group="model")
+    FILTERS: int = _key(16, "Residual U-Net base filters, doubled per level.", lo=1, hi=1024,
+                        group="model")
+    DEPTH: int = _key(4, "Residual U-Net down-sampling levels (factor 2**DEPTH).", lo=1, hi=7,
+                      group="model")
+    KERNEL_SIZE: int = _key(3, "Residual U-Net convolution kernel size (odd).", lo=1, hi=15,
+                            group="model")
+    UPSAMPLE: str = _key("transpose", "Residual U-Net up-sampling: 'transpose' or 'bilinear'.",
+                         choices=("transpose", "bilinear"), group="model")
+    DROPOUT: float = _key(0.1, "Dropout rate at the shallowest level.", lo=0.0, hi=0.9,
+                          group="model")
+    DROPOUT_CHANGE_PER_LAYER: float = _key(0.0, "Dropout added per deeper level.", lo=-0.5,
+                                           hi=0.5, group="model")
+    DROPOUT_TYPE: str = _key("standard", "'standard' or 'spatial' (drops whole channels).",
+                             choices=("standard", "spatial"), group="model")
+    USE_DROPOUT_ON_UPSAMPLING: bool = _key(False, "Also apply dropout in the decoder.",
+                                           group="model")
+    ENCODER: str = _key("B0", "EfficientNet encoder size B0..B7 (B7 as in the original work; "
+                        "64 M parameters).", choices=ENCODERS, group="model")
+    ENCODER_WEIGHTS: str | None = _key(None, "EfficientNet encoder weights: null (random), a "
+                                       "local .h5/.keras/.weights.h5 file, or 'imagenet' "
+                                       "(downloaded by Keras).", group="model")
+    FREEZE_ENCODER_EPOCHS: int = _key(0, "Train with the pretrained encoder frozen for this "
+                                      "many epochs, then unfreeze it.", lo=0, group="model")
+
+    # Loss
+    LOSS: dict[str, float] = _key({"dice": 1.0, "focal": 1.0, "boundary": 1.0},
+                                  "Weighted sum of loss terms from dice, focal, boundary, ce; a "
+                                  "name like 'dice' or 'dice+focal' also works.", group="loss")
+    FOCAL_ALPHA: float = _key(0.25, "Focal loss alpha (binary: weight of the positive class).",
+                              lo=0.0, hi=1.0, group="loss")
+    FOCAL_GAMMA: float = _key(2.0, "Focal loss gamma.", lo=0.0, hi=10.0, group="loss")
+    CLASS_WEIGHTS: list[float] | str | None = _key(None, "Per-class loss weights: null, a list "
+                                                   "(one per class, background first), or "
+                                                   "'auto' (inverse pixel frequency from the "
+                                                   "manifest, normalised).", group="loss")
+    IGNORE_CLASS: int | None = _key(None, "Label value excluded from loss and metrics (e.g. "
+                                    "'Unlabeled').", lo=0, group="loss")
+
+    # Training
+    DO_TRAIN: bool = _key(True, "false = evaluate existing weights in the run folder instead "
+                          "of training.", group="training")
+    BATCH_SIZE: int = _key(8, "Global batch size (split across replicas).", lo=1,
+                           group="training")
+    MAX_EPOCHS: int = _key(100, "Maximum training epochs.", lo=1, group="training")
+    STEPS_PER_EPOCH: int | None = _key(None, "Training batches per epoch; null = one pass "
+                                       "over the training split.", lo=1, group="training")
+    PATIENCE: int = _key(10, "Early-stopping patience on validation loss (best weights "
+                         "restored).", lo=1, group="training")
+    START_LR: float = _key(1e-7, "Learning rate at epoch 0.", lo=0.0, hi=1.0, group="training")
+    MIN_LR: float = _key(1e-7, "Floor of the exponential decay.", lo=0.0, hi=1.0,
+                         group="training")
+    MAX_LR: float = _key(1e-4, "Learning rate after warm-up.", lo=0.0, hi=1.0,
+                         group="training")
+    RAMPUP_EPOCHS: int = _key(10, "Linear warm-up epochs from START_LR to MAX_LR.", lo=0,
+                              group="training")
+    SUSTAIN_EPOCHS: int = _key(0, "Epochs held at MAX_LR after warm-up.", lo=0,
+                               group="training")
+    EXP_DECAY: float = _key(0.9, "Per-epoch decay factor after sustain.", lo=0.0, hi=1.0,
+                            group="training")
+    PRECISION: str = _key("auto", "'auto' (bfloat16 on CPUs with AMX/AVX512-BF16, float16 on "
+                          "GPUs, else float32), 'float32', 'mixed_bfloat16', 'mixed_float16'.",
+                          choices=PRECISIONS, group="training")
+    JIT_COMPILE: bool = _key(False, "Compile the training step with XLA (slower on CPUs here).",
+                             group="training")
+    SET_GPU: str = _key("", "GPUs to use: '' all visible, '-1' CPU only, '0' or '0,1' "
+                        "(CUDA_VISIBLE_DEVICES).", group="training")
+    HOT_START: bool = _key(False, "Start from the weights in INITIAL_WEIGHTS.", group="training")
+    INITIAL_WEIGHTS: str | None = _key(None, "Weights file (.weights.h5 or .keras) for "
+                                       "HOT_START.", group="training")
+    INITIAL_EPOCH: int = _key(0, "Epoch number to start counting from (schedule included).",
+                              lo=0, group="training")
+    TENSORBOARD: bool = _key(False, "Write TensorBoard logs in the run folder.",
+                             group="training")
+
+    # Segmentation and post-processing
+    INFER_MODE: str = _key("auto", "'auto' (tile images larger than TARGET_SIZE, else "
+                           "resize), 'tile' or 'resize'.", choices=("auto", "tile", "resize"),
+                           group="segmentation")
+    BLEND_WINDOW: str = _key("hann", "Tile blending window: 'hann', 'spline' or 'flat'.",
+                             choices=("hann", "spline", "flat"), group="segmentation")
+    TESTTIMEAUG: bool = _key(False, "Average predictions over flips.", group="segmentation")
+    TTA_ROT90: bool = _key(False, "With TESTTIMEAUG, also average over 90-degree rotations.",
+                           group="segmentation")
+    THRESHOLD: float | str | None = _key(None, "Binary threshold: null = the model card's "
+                                         "validation-optimal one, a number, or 'otsu'.",
+                                         group="segmentation")
+    DO_CRF_REFINE: bool = _key(False, "Refine with a dense CRF.", group="segmentation")
+    CRF_ITERATIONS: int = _key(10, "CRF mean-field iterations.", lo=1, hi=100,
+                               group="segmentation")
+    CRF_GAUSSIAN_SXY: float = _key(3.0, "CRF Gaussian kernel width (pixels).", lo=0.1,
+                                   group="segmentation")
+    CRF_GAUSSIAN_COMPAT: float = _key(3.0, "CRF Gaussian compatibility.", lo=0.0,
+                                      group="segmentation")
+    CRF_BILATERAL_SXY: float = _key(50.0, "CRF bilateral spatial width (pixels).", lo=0.1,
+                                    group="segmentation")
+    CRF_BILATERAL_SRGB: float = _key(13.0, "CRF bilateral colour width (0-255 units).", lo=0.1,
+                                     group="segmentation")
+    CRF_BILATERAL_COMPAT: float = _key(10.0, "CRF bilateral compatibility.", lo=0.0,
+                                       group="segmentation")
+    CRF_MAX_PIXELS: int = _key(4_000_000, "Images larger than this are CRF-refined on a "
+                               "down-sampled grid.", lo=10_000, group="segmentation")
+    MEDIAN_FILTER_VALUE: int = _key(0, "Median filter disk radius, applied when > 1.", lo=0,
+                                    hi=100, group="segmentation")
+    OPENING_RADIUS: int = _key(0, "Morphological opening disk radius (0 = off).", lo=0, hi=100,
+                               group="segmentation")
+    CLOSING_RADIUS: int = _key(0, "Morphological closing disk radius (0 = off).", lo=0, hi=100,
+                               group="segmentation")
+    MIN_OBJECT_AREA: int = _key(0, "Remove objects smaller than this many pixels (0 = off).",
+                                lo=0, group="segmentation")
+    MIN_HOLE_AREA: int = _key(0, "Fill holes smaller than this many pixels (0 = off).", lo=0,
+                              group="segmentation")
+    NODATA_ZERO: bool = _key(False, "Treat all-zero pixels of the input as nodata.",
+                             group="segmentation")
+
+    # Derived values -----------------------------------------------------------------------
+
+    @property
+    def n_label_classes(self) -> int:
+        """Number of distinct label values: 2 for binary (NCLASSES=1), else NCLASSES."""
+        return 2 if self.NCLASSES == 1 else self.NCLASSES
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How many times the model halves the input: TARGET_SIZE must be a multiple."""
+        return 32 if self.MODEL == "efficientnet_unet" else 2**self.DEPTH
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (all keys, defaults filled in)."""
+        return dataclasses.asdict(self)
+
+
+# Segmentation Gym keys --------------------------------------------------------------------
+
+_GYM_NO_EFFECT = {
+    "STRIDE": "down-sampling here is always 2x max-pooling",
+    "SET_PCI_BUS_ID": "devices are chosen with SET_GPU",
+    "LOAD_DATA_WITH_CPU": "the tf.data pipeline already runs on the CPU",
+    "CLEAR_MEMORY": "memory is bounded by streaming",
+    "WRITE_MODELMETADATA": "model_card.json is always written",
+    "FILTER_VALUE": "use OPENING_RADIUS / CLOSING_RADIUS for mask clean-up",
+}
+_GYM_MODELS = {"resunet": "resunet", "simple_resunet": "resunet", "unet": "resunet",
+               "simple_unet": "resunet"}
+_GYM_LOSSES = {"dice": {"dice": 1.0}, "cat": {"ce": 1.0}}
+
+
+def upgrade_keys(raw: dict[str, Any], source: str = "config") -> tuple[dict[str, Any], list[str]]:
+    """Map old (Segmentation Gym) keys and values to ours.
+
+    Returns the upgraded dict and a list of one-line notices for the user. Raises UserError for
+    values that have no equivalent here.
+    """
+    cfg = {k: v for k, v in raw.items() if not k.startswith("_")}
+    notices: list[str] = []
+    problems: list[str] = []
+    if "KERNEL" in cfg:
+        kernel = cfg.pop("KERNEL")
+        cfg.setdefault("KERNEL_SIZE", kernel)
+        notices.append(f"{source}: KERNEL read as KERNEL_SIZE={cfg['KERNEL_SIZE']}")
+    for key, why in _GYM_NO_EFFECT.items():
+        if key in cfg:
+            cfg.pop(key)
+            notices.append(f"{source}: {key} has no effect here ({why})")
+    model = cfg.get("MODEL")
+    if isinstance(model, str) and model in _GYM_MODELS:
+        cfg["MODEL"] = _GYM_MODELS[model]
+        if model != "resunet":
+            notices.append(f"{source}: MODEL '{model}' is built as 'resunet' (residual U-Net)")
+    elif isinstance(model, str) and model in ("satunet", "segformer"):
+        problems.append(f"{source}: MODEL '{model}' is not available here; use 'resunet' or "
+                        "'efficientnet_unet'")
+    loss = cfg.get("LOSS")
+    if isinstance(loss, str) and loss.lower() in ("hinge", "kld"):
+        problems.append(f"{source}: LOSS '{loss}' is not available here; use a weighted sum of "
+                        f"{', '.join(LOSS_TERMS)}, e.g. \"dice+focal\"")
+    elif isinstance(loss, str) and loss.lower() in _GYM_LOSSES:
+        cfg["LOSS"] = dict(_GYM_LOSSES[loss.lower()])
+    if "LOSS_WEIGHTS" in cfg:
+        weights = cfg.pop("LOSS_WEIGHTS")
+        if weights is True:
+            cfg.setdefault("CLASS_WEIGHTS", "auto")
+        elif isinstance(weights, list):
+            cfg.setdefault("CLASS_WEIGHTS", weights)
+        notices.append(f"{source}: LOSS_WEIGHTS read as CLASS_WEIGHTS={cfg.get('CLASS_WEIGHTS')}")
+    if cfg.pop("OTSU_THRESHOLD", None) is True:
+        cfg.setdefault("THRESHOLD", "otsu")
+        notices.append(f"{source}: OTSU_THRESHOLD read as THRESHOLD='otsu'")
+    if isinstance(cfg.get("SET_GPU"), int):
+        cfg["SET_GPU"] = str(cfg["SET_GPU"])
+    if problems:
+        raise UserError("\n".join(problems))
+    return cfg, notices
+
+
+# Validation -------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (ints accepted where floats are)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return False
+
+
+def _normalise_loss(value: Any) -> Any:
+    """'dice+focal' -> {'dice': 1.0, 'focal': 1.0}; dicts pass through."""
+    if isinstance(value, str):
+        return {term.strip().lower(): 1.0 for term in value.split("+") if term.strip()}
+    return value
+
+
+def _check_ranges(name: str, value: Any, meta: dict[str, Any], source: str) -> list[str]:
+    problems = []
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join("null" if c is None else repr(c) for c in choices)
+        return [f"{source}: {name}={value!r} is not one of {shown}"]
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if meta.get("lo") is not None and v < meta["lo"]:
+            problems.append(f"{source}: {name}={value} is below the minimum {meta['lo']}")
+            break
+        if meta.get("hi") is not None and v > meta["hi"]:
+            problems.append(f"{source}: {name}={value} is above the maximum {meta['hi']}")
+            break
+    return problems
+
+
+def _check_consistency(c: Config, source: str) -> list[str]:
+    p = []
+    if len(c.TARGET_SIZE) != 2:
+        p.append(f"{source}: TARGET_SIZE must be [rows, cols], got {c.TARGET_SIZE}")
+    else:
+        f = c.downsampling_factor
+        if any(s % f for s in c.TARGET_SIZE):
+            p.append(f"{source}: TARGET_SIZE {c.TARGET_SIZE} is not divisible by {f}, the "
+                     f"down-sampling factor of MODEL '{c.MODEL}'"
+                     + (f" with DEPTH={c.DEPTH}" if c.MODEL == "resunet" else "")
+                     + f"; use e.g. {[max(f, round(s / f) * f) for s in c.TARGET_SIZE]}")
+    if c.MIN_LR > c.MAX_LR:
+        p.append(f"{source}: MIN_LR={c.MIN_LR} is larger than MAX_LR={c.MAX_LR}")
+    if c.START_LR > c.MAX_LR:
+        p.append(f"{source}: START_LR={c.START_LR} is larger than MAX_LR={c.MAX_LR}")
+    if c.KERNEL_SIZE % 2 == 0:
+        p.append(f"{source}: KERNEL_SIZE={c.KERNEL_SIZE} must be odd (e.g. {c.KERNEL_SIZE + 1})")
+    unknown_terms = [t for t in c.LOSS if t not in LOSS_TERMS]
+    if unknown_terms:
+        p.append(f"{source}: LOSS terms {unknown_terms} unknown; use {', '.join(LOSS_TERMS)}")
+    elif not any(w > 0 for w in c.LOSS.values()):
+        p.append(f"{source}: LOSS needs at least one term with a positive weight")
+    if isinstance(c.CLASS_WEIGHTS, str) and c.CLASS_WEIGHTS != "auto":
+        p.append(f"{source}: CLASS_WEIGHTS='{c.CLASS_WEIGHTS}' must be 'auto', a list or null")
+    if isinstance(c.CLASS_WEIGHTS, list):
+        if len(c.CLASS_WEIGHTS) != c.n_label_classes:
+            p.append(f"{source}: CLASS_WEIGHTS has {len(c.CLASS_WEIGHTS)} values but there are "
+                     f"{c.n_label_classes} classes (background first)")
+        if any(w < 0 for w in c.CLASS_WEIGHTS):
+            p.append(f"{source}: CLASS_WEIGHTS must not be negative")
+    if c.IGNORE_CLASS is not None and c.IGNORE_CLASS >= c.n_label_classes:
+        p.append(f"{source}: IGNORE_CLASS={c.IGNORE_CLASS} is not a class (0.."
+                 f"{c.n_label_classes - 1})")
+    if c.IGNORE_CLASS is not None and c.NCLASSES == 1:
+        p.append(f"{source}: IGNORE_CLASS needs a multiclass model (NCLASSES > 1); for binary "
+                 "labels map the value to ignore to 0 with REMAP_CLASSES")
+    if isinstance(c.THRESHOLD, str) and c.THRESHOLD != "otsu":
+        p.append(f"{source}: THRESHOLD='{c.THRESHOLD}' must be a number, 'otsu' or null")
+    if isinstance(c.THRESHOLD, (int, float)) and not 0 < c.THRESHOLD < 1:
+        p.append(f"{source}: THRESHOLD={c.THRESHOLD} must be between 0 and 1")
+    for k, v in c.REMAP_CLASSES.items():
+        if not k.lstrip("-").isdigit():
+            p.append(f"{source}: REMAP_CLASSES key '{k}' must be a label value like \"3\"")
+        elif v < 0 or v > 255:
+            p.append(f"{source}: REMAP_CLASSES maps {k} to {v}; values must be 0..255")
+    if c.MODEL == "efficientnet_unet" and c.FREEZE_ENCODER_EPOCHS and not c.ENCODER_WEIGHTS:
+        p.append(f"{source}: FREEZE_ENCODER_EPOCHS needs pretrained ENCODER_WEIGHTS (a file or "
+                 "'imagenet'); freezing a random encoder only slows training")
+    if c.HOT_START and not c.INITIAL_WEIGHTS:
+        p.append(f"{source}: HOT_START needs INITIAL_WEIGHTS, the weights file to start from")
+    if c.SPLIT_GROUP_PATTERN:
+        import re
+        try:
+            re.compile(c.SPLIT_GROUP_PATTERN)
+        except re.error as exc:
+            p.append(f"{source}: SPLIT_GROUP_PATTERN is not a valid regex ({exc})")
+    return p
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> tuple[Config, list[str]]:
+    """Validate a dict of config keys and build a Config.
+
+    Returns the Config and the upgrade notices. Raises UserError listing every problem, one
+    per line: unknown keys (with the closest valid key), wrong types, values out of range and
+    inconsistent values.
+    """
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the config must be a JSON object {{...}}, not "
+                        f"{type(raw).__name__}")
+    values, notices = upgrade_keys(raw, source)
+    problems: list[str] = []
+    if "LOSS" in values:
+        values["LOSS"] = _normalise_loss(values["LOSS"])
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in _FIELDS:
+            near = difflib.get_close_matches(name.upper(), list(_FIELDS), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else "; see the README config reference"
+            problems.append(f"{source}: unknown key {name}{hint}")
+            continue
+        tp = _HINTS[name]
+        if not _matches(value, tp):
+            problems.append(f"{source}: {name} must be {_type_name(tp)}, got {value!r}")
+            continue
+        if tp is float or (typing.get_origin(tp) is not None and float in typing.get_args(tp)
+                           and isinstance(value, int) and not isinstance(value, bool)):
+            value = float(value) if isinstance(value, int) else value
+        if name == "LOSS":
+            value = {k: float(v) for k, v in value.items()}
+        if name == "CLASS_WEIGHTS" and isinstance(value, list):
+            value = [float(v) for v in value]
+        range_problems = _check_ranges(name, value, dict(_FIELDS[name].metadata), source)
+        if range_problems:
+            problems.extend(range_problems)
+            continue
+        kwargs[name] = value
+    cfg = Config(**kwargs)
+    problems += _check_consistency(cfg, source)
+    if problems:
+        raise UserError("\n".join(problems))
+    return cfg, notices
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read, upgrade and validate a JSON config file; print upgrade notices.
+
+    Raises UserError naming the file (and the line, for JSON syntax errors).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found; pass an existing .json file "
+                        "(examples in config/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the config ({exc})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        line = text.splitlines()[exc.lineno - 1].strip() if exc.lineno <= len(
+            text.splitlines()) else ""
+        if line.startswith(("//", "#", "/*")):
+            why = "comments are not allowed in JSON; use a \"_comment\" key instead"
+        elif exc.msg.startswith("Expecting property name") or (exc.msg.startswith(
+                "Expecting value") and line.startswith(("}", "]"))):
+            why = "remove the trailing comma before it"
+        else:
+            why = exc.msg
+        raise UserError(f"{path} line {exc.lineno}: invalid JSON ({why}): {line!r}") from None
+    cfg, notices = config_from_dict(raw, source=str(path))
+    for notice in notices:
+        print(f"note: {notice}")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the full config (every key, defaults included) as JSON, atomically."""
+    write_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def reference_markdown() -> str:
+    """The README's config reference: a table per group, every key, type, default, meaning."""
+    out: list[str] = []
+    group = None
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        if meta["group"] != group:
+            group = meta["group"]
+            out += ["", f"#### {group.capitalize()}", "", "| key | type | default | meaning |",
+                    "| --- | --- | --- | --- |"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meaning = meta["doc"].replace("|", "\\|")
+        out.append(f"| `{f.name}` | {_type_name(_HINTS[f.name]).replace('|', 'or')} | "
+                   f"`{json.dumps(default)}` | {meaning} |")
+    return "\n".join(out).strip() + "\n"
