@@ -1,0 +1,237 @@
+"""Fitting images to the model input size: overlapping tiles, or resize-and-pad, and back.
+
+Both dataset building (records) and segmentation (predict) go through these functions, so
+training and inference see images prepared the same way:
+
+- ``FIT_MODE='tile'`` / ``INFER_MODE='tile'``: :func:`tile_grid` lists tile origins that cover
+  the image exactly (the last tile is aligned to the far edge), :func:`extract_tile` cuts
+  one tile (reflect-padded where it runs past the image) and :class:`TileBlender` averages
+  overlapping tile predictions with a smooth :func:`blend_window`.
+- ``'resize'``: :func:`resize_to_fit` scales the whole image to fit the target keeping its
+  aspect ratio and reflect-pads the rest (centred); :func:`undo_fit` crops the padding and
+  scales predictions back to the original size. Labels are scaled with nearest neighbour and
+  padded the same way, so nothing is stretched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.transform import resize
+
+WINDOW_KINDS = ("hann", "spline", "flat")
+# Smallest blending weight: tile edges that no other tile covers still get normalised.
+WINDOW_FLOOR = 1e-3
+
+
+# Tile positions -----------------------------------------------------------------------------
+
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets along one axis of tiles that cover ``[0, length)`` exactly.
+
+    ``overlap`` is the fraction of ``tile`` shared by neighbours (0 <= overlap < 1); the
+    stride is ``tile - round(tile * overlap)`` (at least 1). The last tile is aligned to the
+    end (``length - tile``), so it may overlap its neighbour more. If ``length <= tile`` the
+    single origin is 0 and the tile is reflect-padded by :func:`extract_tile`.
+    E.g. ``tile_origins(10, 4, 0) == [0, 4, 6]``.
+    """
+    if length < 1 or tile < 1:
+        raise ValueError(f"length and tile must be positive, got {length} and {tile}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - round(tile * overlap))
+    origins = list(range(0, length - tile + 1, stride))
+    if origins[-1] != length - tile:
+        origins.append(length - tile)
+    return origins
+
+
+def tile_grid(shape_hw: Sequence[int], tile_hw: Sequence[int],
+              overlap: float) -> list[tuple[int, int]]:
+    """Origins (row, col) of the tiles covering an image of ``shape_hw``, row-major order."""
+    rows = tile_origins(int(shape_hw[0]), int(tile_hw[0]), overlap)
+    cols = tile_origins(int(shape_hw[1]), int(tile_hw[1]), overlap)
+    return [(r, c) for r in rows for c in cols]
+
+
+def _reflect_indices(start: int, count: int, length: int) -> np.ndarray:
+    """Indices ``start .. start+count-1`` folded into ``[0, length)`` by mirror reflection.
+
+    Matches ``np.pad(mode='reflect')`` (the edge pixel is not repeated), applied as often as
+    needed, so arrays much smaller than the tile are handled too.
+    """
+    idx = np.arange(start, start + count)
+    if length == 1:
+        return np.zeros(count, dtype=np.intp)
+    period = 2 * (length - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= length, period - idx, idx).astype(np.intp)
+
+
+def extract_tile(array: np.ndarray, r0: int, c0: int, tile_hw: Sequence[int]) -> np.ndarray:
+    """The ``tile_hw`` window of ``array`` (H, W, ...) starting at row ``r0``, column ``c0``.
+
+    Parts outside the array (including negative origins) are filled by mirror reflection of
+    the array's content, never with zeros, so padding does not look like a fake class. The
+    dtype and any trailing band dimensions are kept; the result is a copy.
+    """
+    th, tw = int(tile_hw[0]), int(tile_hw[1])
+    h, w = array.shape[:2]
+    if 0 <= r0 and r0 + th <= h and 0 <= c0 and c0 + tw <= w:
+        return array[r0:r0 + th, c0:c0 + tw].copy()
+    rows = _reflect_indices(r0, th, h)
+    cols = _reflect_indices(c0, tw, w)
+    return array[rows[:, None], cols[None, :]]
+
+
+# Resize and pad -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FitInfo:
+    """How :func:`resize_to_fit` changed an image, so :func:`undo_fit` can reverse it.
+
+    ``original_hw``: the input (rows, cols); ``scaled_hw``: its size after scaling, before
+    padding; ``pad_top``/``pad_left``: rows/cols of reflect padding before the content (the
+    rest of ``target_hw`` is padding after it).
+    """
+
+    original_hw: tuple[int, int]
+    scaled_hw: tuple[int, int]
+    target_hw: tuple[int, int]
+    pad_top: int
+    pad_left: int
+
+    def to_dict(self) -> dict[str, list[int] | int]:
+        """JSON-ready form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def _resize(array: np.ndarray, shape_hw: tuple[int, int], order: int,
+            anti_aliasing: bool) -> np.ndarray:
+    """Resize the first two axes, keeping dtype (integers are rounded and clipped)."""
+    if array.shape[:2] == shape_hw:
+        return array.copy()
+    out = resize(array, shape_hw + array.shape[2:], order=order, mode="reflect",
+                 preserve_range=True, anti_aliasing=anti_aliasing)
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    elif array.dtype == bool:
+        out = out > 0.5
+    return out.astype(array.dtype, copy=False)
+
+
+def resize_to_fit(array: np.ndarray, target_hw: Sequence[int],
+                  order: int) -> tuple[np.ndarray, FitInfo]:
+    """Scale ``array`` (H, W, ...) to fit inside ``target_hw`` keeping its aspect ratio, then
+    reflect-pad it (content centred) to exactly ``target_hw``.
+
+    ``order=1`` for images (bilinear, anti-aliased when shrinking, dtype kept by rounding and
+    clipping), ``order=0`` for labels (nearest neighbour: no new class values). Returns the
+    fitted array and the :class:`FitInfo` needed by :func:`undo_fit`.
+    """
+    th, tw = int(target_hw[0]), int(target_hw[1])
+    h, w = array.shape[:2]
+    scale = min(th / h, tw / w)
+    sh = min(th, max(1, round(h * scale)))
+    sw = min(tw, max(1, round(w * scale)))
+    scaled = _resize(array, (sh, sw), order, anti_aliasing=order > 0 and scale < 1)
+    pad_top, pad_left = (th - sh) // 2, (tw - sw) // 2
+    fitted = extract_tile(scaled, -pad_top, -pad_left, (th, tw))
+    return fitted, FitInfo((h, w), (sh, sw), (th, tw), pad_top, pad_left)
+
+
+def undo_fit(array: np.ndarray, info: FitInfo) -> np.ndarray:
+    """Reverse :func:`resize_to_fit`: crop the padding of ``array`` (target_hw, ...) and scale
+    it back to ``info.original_hw``.
+
+    Float arrays (probabilities, any channel count) are scaled bilinearly; integer or bool
+    arrays (class indices) with nearest neighbour. The dtype is kept.
+    """
+    if tuple(array.shape[:2]) != info.target_hw:
+        raise ValueError(f"array is {array.shape[:2]}, expected the fitted size {info.target_hw}")
+    sh, sw = info.scaled_hw
+    content = array[info.pad_top:info.pad_top + sh, info.pad_left:info.pad_left + sw]
+    order = 1 if np.issubdtype(array.dtype, np.floating) else 0
+    return _resize(content, info.original_hw, order, anti_aliasing=False)
+
+
+# Blending -----------------------------------------------------------------------------------
+
+def _spline_1d(n: int) -> np.ndarray:
+    """Quadratic-spline ramp: 0 at the edges, 1 in the middle, smooth (C1) in between.
+
+    With t the triangle rising from the edge to 1 at the centre, the outer half (t < 0.5) is
+    2 t^2 and the inner half 1 - 2 (1 - t)^2: the power-2 spline window of smoothly blended
+    tile predictions.
+    """
+    t = 1.0 - np.abs(2.0 * (np.arange(n) + 0.5) / n - 1.0)
+    return np.where(t < 0.5, 2.0 * t ** 2, 1.0 - 2.0 * (1.0 - t) ** 2)
+
+
+def _hann_1d(n: int) -> np.ndarray:
+    """Hann window sampled at pixel centres (no exact zeros at the ends)."""
+    return np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
+
+
+def blend_window(tile_hw: Sequence[int], kind: str = "hann") -> np.ndarray:
+    """Weights (H, W) float32 for blending overlapping tile predictions.
+
+    'hann': outer product of Hann windows; 'spline': outer product of the quadratic-spline
+    window; 'flat': ones. Scaled to a maximum of 1 and floored at ``WINDOW_FLOOR`` so every
+    pixel, even a tile's corner, has positive weight.
+    """
+    th, tw = int(tile_hw[0]), int(tile_hw[1])
+    if kind == "flat":
+        return np.ones((th, tw), dtype=np.float32)
+    if kind == "hann":
+        win = np.outer(_hann_1d(th), _hann_1d(tw))
+    elif kind == "spline":
+        win = np.outer(_spline_1d(th), _spline_1d(tw))
+    else:
+        raise ValueError(f"unknown blend window {kind!r}; use one of {WINDOW_KINDS}")
+    win = np.maximum(win / win.max(), WINDOW_FLOOR)
+    return win.astype(np.float32)
+
+
+class TileBlender:
+    """Weighted average of overlapping tile predictions over an (H, W) image.
+
+    ``add`` accumulates ``window * probs`` and ``window`` for one tile (the parts beyond the
+    image are dropped); ``result`` returns the weighted mean, (H, W, C) float32.
+    """
+
+    def __init__(self, shape_hw: Sequence[int], n_channels: int, window: np.ndarray) -> None:
+        self.shape_hw = (int(shape_hw[0]), int(shape_hw[1]))
+        self.window = np.asarray(window, dtype=np.float32)
+        self.sum = np.zeros((*self.shape_hw, int(n_channels)), dtype=np.float32)
+        self.weight = np.zeros(self.shape_hw, dtype=np.float32)
+
+    def add(self, tile_probs: np.ndarray, r0: int, c0: int) -> None:
+        """Accumulate one tile (tile_h, tile_w, C) or (tile_h, tile_w) placed at (r0, c0)."""
+        probs = tile_probs if tile_probs.ndim == 3 else tile_probs[..., None]
+        if probs.shape[:2] != self.window.shape:
+            raise ValueError(f"tile is {probs.shape[:2]} but the window is {self.window.shape}")
+        h, w = self.shape_hw
+        th, tw = self.window.shape
+        r_lo, r_hi = max(r0, 0), min(r0 + th, h)
+        c_lo, c_hi = max(c0, 0), min(c0 + tw, w)
+        if r_lo >= r_hi or c_lo >= c_hi:
+            return
+        tr, tc = slice(r_lo - r0, r_hi - r0), slice(c_lo - c0, c_hi - c0)
+        win = self.window[tr, tc]
+        self.sum[r_lo:r_hi, c_lo:c_hi] += probs[tr, tc] * win[..., None]
+        self.weight[r_lo:r_hi, c_lo:c_hi] += win
+
+    def result(self) -> np.ndarray:
+        """The blended probabilities (H, W, C) float32; every pixel must have been covered."""
+        if not np.all(self.weight > 0):
+            raise ValueError(f"{int(np.sum(self.weight <= 0))} pixels were not covered by any "
+                             "tile")
+        return self.sum / self.weight[..., None]

@@ -1,0 +1,221 @@
+"""Tiling, resize-and-pad and tile blending, checked on tiny arrays by hand."""
+
+import json
+
+import numpy as np
+import pytest
+
+from res_unet.tiling import (
+    FitInfo,
+    TileBlender,
+    blend_window,
+    extract_tile,
+    resize_to_fit,
+    tile_grid,
+    tile_origins,
+    undo_fit,
+)
+
+# tile_origins / tile_grid -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "tile", "overlap", "expected"), [
+    (10, 4, 0.0, [0, 4, 6]),      # last tile aligned to the end
+    (8, 4, 0.0, [0, 4]),          # exact fit, no extra tile
+    (4, 4, 0.0, [0]),
+    (3, 4, 0.0, [0]),             # shorter than the tile: one padded tile
+    (1, 256, 0.5, [0]),
+    (10, 4, 0.5, [0, 2, 4, 6]),   # stride 2
+    (9, 4, 0.5, [0, 2, 4, 5]),
+    (10, 4, 0.25, [0, 3, 6]),     # round(4 * 0.25) = 1 -> stride 3
+    (5, 2, 0.9, [0, 1, 2, 3]),    # stride never below 1
+])
+def test_tile_origins_examples(length, tile, overlap, expected):
+    assert tile_origins(length, tile, overlap) == expected
+
+
+@pytest.mark.parametrize("overlap", [-0.1, 1.0])
+def test_tile_origins_rejects_bad_overlap(overlap):
+    with pytest.raises(ValueError, match="overlap"):
+        tile_origins(10, 4, overlap)
+
+
+@pytest.mark.parametrize(("shape", "tile", "overlap"), [
+    ((37, 23), (8, 6), 0.3), ((5, 3), (8, 8), 0.25), ((101, 64), (64, 64), 0.5)])
+def test_tile_grid_covers_every_pixel_within_bounds(shape, tile, overlap):
+    count = np.zeros(shape, dtype=int)
+    grid = tile_grid(shape, tile, overlap)
+    for r0, c0 in grid:
+        assert r0 >= 0 and c0 >= 0
+        assert r0 + tile[0] <= max(shape[0], tile[0]) and c0 + tile[1] <= max(shape[1], tile[1])
+        count[r0:r0 + tile[0], c0:c0 + tile[1]] += 1
+    assert count.min() >= 1
+    assert grid == sorted(grid)  # row-major
+
+
+def test_tile_grid_without_overlap_covers_exactly_once():
+    count = np.zeros((16, 18), dtype=int)
+    grid = tile_grid((16, 18), (8, 6), 0.0)
+    assert grid == [(0, 0), (0, 6), (0, 12), (8, 0), (8, 6), (8, 12)]
+    for r0, c0 in grid:
+        count[r0:r0 + 8, c0:c0 + 6] += 1
+    assert np.all(count == 1)
+
+
+# extract_tile --------------------------------------------------------------------------------
+
+
+def test_extract_tile_in_bounds_is_a_copy_of_the_slice():
+    a = np.arange(7 * 9 * 2, dtype=np.uint16).reshape(7, 9, 2)
+    tile = extract_tile(a, 2, 3, (4, 5))
+    np.testing.assert_array_equal(tile, a[2:6, 3:8])
+    assert tile.dtype == np.uint16
+    tile[0, 0] = 999
+    assert a[2, 3, 0] != 999
+
+
+def test_extract_tile_reflect_pads_past_the_edge():
+    a = np.arange(12).reshape(3, 4)  # rows [0..3], [4..7], [8..11]
+    tile = extract_tile(a, 1, 2, (4, 4))
+    # rows 1, 2, then reflected 1, 0; cols 2, 3, then reflected 2, 1
+    expected = np.array([[6, 7, 6, 5], [10, 11, 10, 9], [6, 7, 6, 5], [2, 3, 2, 1]])
+    np.testing.assert_array_equal(tile, expected)
+    np.testing.assert_array_equal(extract_tile(a, 0, 0, (5, 6)),
+                                  np.pad(a, ((0, 2), (0, 2)), mode="reflect"))
+
+
+def test_extract_tile_much_smaller_array_and_negative_origin():
+    a = np.array([[1, 2]], dtype=np.uint8)
+    np.testing.assert_array_equal(extract_tile(a, 0, 0, (3, 5)), [[1, 2, 1, 2, 1]] * 3)
+    np.testing.assert_array_equal(extract_tile(a, -1, -1, (2, 4)), [[2, 1, 2, 1]] * 2)
+    b = np.arange(3)[None, :, None].repeat(2, axis=2)  # (1, 3, 2)
+    tile = extract_tile(b, 0, 0, (2, 8))
+    assert tile.shape == (2, 8, 2)
+    np.testing.assert_array_equal(tile[0, :, 0], [0, 1, 2, 1, 0, 1, 2, 1])
+
+
+# resize_to_fit / undo_fit -------------------------------------------------------------------
+
+
+def test_resize_to_fit_keeps_aspect_and_reflect_pads_centred():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    fitted, info = resize_to_fit(image, (16, 16), order=1)
+    assert fitted.shape == (16, 16, 3) and fitted.dtype == np.uint8
+    assert info == FitInfo((20, 40), (8, 16), (16, 16), pad_top=4, pad_left=0)
+    # Row 4 is the first content row; rows 0..3 mirror rows 8..5.
+    np.testing.assert_array_equal(fitted[0:4], fitted[8:4:-1])
+    np.testing.assert_array_equal(fitted[12:16], fitted[10:6:-1])
+    assert json.loads(json.dumps(info.to_dict()))["scaled_hw"] == [8, 16]
+
+
+def test_resize_to_fit_same_size_is_identity():
+    image = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16)
+    fitted, info = resize_to_fit(image, (16, 16), order=1)
+    np.testing.assert_array_equal(fitted, image)
+    assert (info.pad_top, info.pad_left, info.scaled_hw) == (0, 0, (16, 16))
+
+
+def test_resize_to_fit_label_keeps_its_class_set():
+    label = np.zeros((30, 17), dtype=np.uint8)
+    label[5:20, 3:9] = 2
+    label[22:, 10:] = 5
+    fitted, info = resize_to_fit(label, (64, 64), order=0)
+    assert fitted.dtype == np.uint8
+    assert set(np.unique(fitted)) == {0, 2, 5}
+    small, _ = resize_to_fit(label, (8, 8), order=0)
+    assert set(np.unique(small)) <= {0, 2, 5}
+    # Same geometry as an image of the same shape.
+    assert resize_to_fit(np.zeros((30, 17, 3), np.uint8), (64, 64), order=1)[1] == info
+
+
+@pytest.mark.parametrize(("shape", "target", "tol"), [
+    ((50, 30), (64, 64), 0.02),     # up-scaled
+    ((120, 90), (48, 48), 0.06),    # down-scaled
+])
+def test_fit_round_trip_on_smooth_probabilities(shape, target, tol):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    smooth = 0.5 + 0.25 * np.sin(yy / 9.0) * np.cos(xx / 11.0)
+    probs = np.stack([smooth, 1 - smooth], axis=-1).astype(np.float32)
+    fitted, info = resize_to_fit(probs, target, order=1)
+    assert fitted.shape == (*target, 2)
+    back = undo_fit(fitted, info)
+    assert back.shape == (*shape, 2) and back.dtype == np.float32
+    assert np.abs(back - probs).max() < tol
+
+
+def test_undo_fit_restores_an_integer_label_exactly_at_scale_two():
+    label = np.random.default_rng(1).integers(0, 4, (8, 4), dtype=np.uint8)
+    fitted, info = resize_to_fit(label, (16, 16), order=0)
+    assert info.scaled_hw == (16, 8) and info.pad_left == 4
+    np.testing.assert_array_equal(undo_fit(fitted, info), label)
+
+
+def test_undo_fit_rejects_wrong_size():
+    _, info = resize_to_fit(np.zeros((10, 10), np.float32), (16, 16), order=1)
+    with pytest.raises(ValueError, match="fitted size"):
+        undo_fit(np.zeros((8, 8), np.float32), info)
+
+
+# blend_window / TileBlender -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["hann", "spline", "flat"])
+def test_blend_window_positive_max_one_symmetric(kind):
+    win = blend_window((8, 12), kind)
+    assert win.shape == (8, 12) and win.dtype == np.float32
+    assert win.min() > 0
+    assert win.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(win, win[::-1, ::-1])
+
+
+def test_blend_window_hand_values():
+    # 1-D spline on 4 pixels: t = 0.25, 0.75 -> 2 t^2 = 0.125, 1 - 2 (1 - t)^2 = 0.875.
+    spline = blend_window((4, 4), "spline")
+    assert spline[0, 0] == pytest.approx((0.125 / 0.875) ** 2, rel=1e-6)
+    assert spline[0, 1] == pytest.approx(0.125 / 0.875, rel=1e-6)
+    # 1-D Hann on 4 pixels: sin^2(pi/8), sin^2(3 pi/8).
+    ratio = np.sin(np.pi / 8) ** 2 / np.sin(3 * np.pi / 8) ** 2
+    assert blend_window((4, 4), "hann")[0, 0] == pytest.approx(ratio ** 2, rel=1e-6)
+    assert blend_window((256, 256), "hann").min() == pytest.approx(1e-3)  # the floor
+    np.testing.assert_array_equal(blend_window((3, 5), "flat"), np.ones((3, 5)))
+    with pytest.raises(ValueError, match="unknown blend window"):
+        blend_window((4, 4), "gauss")
+
+
+@pytest.mark.parametrize("kind", ["hann", "spline", "flat"])
+def test_blending_constant_tiles_gives_a_constant_map(kind):
+    shape, tile = (37, 23), (8, 8)
+    blender = TileBlender(shape, 3, blend_window(tile, kind))
+    const = np.array([0.2, 0.5, 0.3], dtype=np.float32)
+    for r0, c0 in tile_grid(shape, tile, 0.25):
+        blender.add(np.broadcast_to(const, (*tile, 3)), r0, c0)
+    out = blender.result()
+    assert out.shape == (37, 23, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, np.broadcast_to(const, out.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "kind"), [((37, 23), "hann"), ((5, 6), "spline")])
+def test_blending_tiles_of_a_map_reconstructs_it(shape, kind):
+    probs = np.random.default_rng(2).random((*shape, 2)).astype(np.float32)
+    tile = (8, 8)
+    blender = TileBlender(shape, 2, blend_window(tile, kind))
+    for r0, c0 in tile_grid(shape, tile, 0.5):
+        blender.add(extract_tile(probs, r0, c0, tile), r0, c0)
+    np.testing.assert_allclose(blender.result(), probs, atol=1e-6)
+
+
+def test_blender_two_tiles_weighted_by_hand():
+    window = np.array([[1.0, 0.5]], dtype=np.float32)
+    blender = TileBlender((1, 3), 1, window)
+    blender.add(np.array([[1.0, 1.0]]), 0, 0)   # weights 1, 0.5 on columns 0, 1
+    blender.add(np.array([[4.0, 4.0]]), 0, 1)   # weights 1, 0.5 on columns 1, 2
+    # column 1: (0.5 * 1 + 1 * 4) / 1.5 = 3
+    np.testing.assert_allclose(blender.result()[0, :, 0], [1.0, 3.0, 4.0])
+
+
+def test_blender_reports_uncovered_pixels():
+    blender = TileBlender((4, 4), 1, blend_window((2, 2), "flat"))
+    blender.add(np.ones((2, 2, 1), np.float32), 0, 0)
+    with pytest.raises(ValueError, match="12 pixels"):
+        blender.result()
