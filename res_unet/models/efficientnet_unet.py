@@ -1,0 +1,296 @@
+"""U-Net with a keras.applications EfficientNet (B0..B7) encoder, optionally pretrained.
+
+Input normalisation. keras.applications EfficientNets expect 0-255 RGB and start with
+their own preprocessing, Rescaling(1/255) and a 3-channel ImageNet Normalization, so that
+the stem convolution sees ImageNet z-scores, (x / 255 - mean_rgb) / std_rgb. Our input is
+raw bands of any range and count, standardised per band with the dataset's statistics,
+(x - band_mean) / band_std: the z-scores the stem expects. Mapping those back to a 0-255
+ImageNet-like image only for the built-in layers to undo it would cancel exactly, so the
+encoder here is the EfficientNet *without* its preprocessing layers (from ``stem_conv_pad``
+on). That also avoids three traps of the built-in layers: their statistics have 3 channels
+(B != 3 bands cannot load them), the ImageNet weight file stores the standard deviations
+as "variance" and Keras adds a corrective Rescaling only when ``weights="imagenet"`` (so
+the same file loaded by path normalises wrongly), and under mixed precision the 0-255
+round trip would be rounded in bfloat16. The stem therefore sees the same distribution
+in every case, whatever the bands' units; for RGB uint8 imagery the dataset statistics
+play the role of the ImageNet ones.
+
+Band counts other than 3. The encoder is built for (rows, cols, B). Pretrained weights are
+loaded into a 3-band twin and copied layer by layer by name; the stem kernel (3, 3, 3, C)
+is inflated to (3, 3, B, C) by :func:`inflate_stem_kernel`.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from res_unet.config import Config
+from res_unet.errors import UserError
+from res_unet.models.layers import (
+    ENCODER_NAME,
+    INPUT_NAME,
+    band_normalization,
+    check_band_stats,
+    check_input_shape,
+    conv_bn_relu,
+    dropout,
+    leaf_layers,
+    segmentation_head,
+    upsample_bilinear,
+)
+
+# Layers
+
+BACKBONES = {
+    "B0": keras.applications.EfficientNetB0,
+    "B1": keras.applications.EfficientNetB1,
+    "B2": keras.applications.EfficientNetB2,
+    "B3": keras.applications.EfficientNetB3,
+    "B4": keras.applications.EfficientNetB4,
+    "B5": keras.applications.EfficientNetB5,
+    "B6": keras.applications.EfficientNetB6,
+    "B7": keras.applications.EfficientNetB7,
+}
+
+# Per backbone family: the layer whose output is the feature map 2**n times smaller than
+# the input (Pn), and the first layer after the built-in preprocessing. All EfficientNet
+# sizes share the names, so a new backbone family is one more entry.
+FEATURE_LAYERS = {
+    "efficientnet": {
+        "P1": "block2a_expand_activation",
+        "P2": "block3a_expand_activation",
+        "P3": "block4a_expand_activation",
+        "P4": "block6a_expand_activation",
+        "P5": "top_activation",
+    },
+}
+ENCODER_START = {"efficientnet": "stem_conv_pad"}
+STEM_CONV = "stem_conv"
+IMAGENET_URL = "https://storage.googleapis.com/keras-applications/efficientnet{}_notop.h5"
+
+# Built-in preprocessing layers of keras.applications models: never part of our encoder,
+# so their (ImageNet, 3-channel) statistics are never copied.
+_PREPROCESSING = (keras.layers.Rescaling, keras.layers.Normalization, keras.layers.InputLayer)
+
+
+def _efficientnet(size: str, input_shape: Sequence[int | None],
+                  weights: str | None = None) -> keras.Model:
+    """keras.applications EfficientNet{size} without top, warnings about band counts muted."""
+    with warnings.catch_warnings():
+        # "This model usually expects 1 or 3 input channels": we handle other counts.
+        warnings.simplefilter("ignore", UserWarning)
+        return BACKBONES[size](include_top=False, weights=weights,
+                               input_shape=tuple(input_shape))
+
+
+def efficientnet_encoder(input_shape: Sequence[int | None], size: str = "B0") -> keras.Model:
+    """EfficientNet{size} feature extractor with random weights, named 'encoder'.
+
+    Input: standardised bands (rows, cols, B), rows/cols multiples of 32 or None. Output: a
+    dict {"P1": ..., "P5": ...} of feature maps, Pn 2**n times smaller than the input.
+    """
+    if size not in BACKBONES:
+        raise ValueError(f"encoder must be one of {', '.join(BACKBONES)}, got {size!r}")
+    full = _efficientnet(size, input_shape)
+    start = full.get_layer(ENCODER_START["efficientnet"]).input
+    features = {scale: full.get_layer(layer).output
+                for scale, layer in FEATURE_LAYERS["efficientnet"].items()}
+    encoder = keras.Model(start, features, name=ENCODER_NAME)
+    # The input layer is cloned from an intermediate tensor and gets an opaque name.
+    encoder.layers[0].name = f"{ENCODER_NAME}_input"
+    return encoder
+
+
+def inflate_stem_kernel(kernel: np.ndarray, n_bands: int) -> np.ndarray:
+    """Adapt an RGB stem kernel (kh, kw, 3, C) to ``n_bands`` input bands (kh, kw, B, C).
+
+    B >= 3: the first three bands keep the R, G, B kernels, each extra band gets the mean of
+    the three; everything is multiplied by 3 / B. B < 3: every band gets the mean of the
+    three times 3 / B (B = 1: the sum, what a grey image through RGB weights gives). Either
+    way the response to a uniform input (the same value in every band) is unchanged, as in
+    fastai and Raster Vision.
+    """
+    if kernel.ndim != 4 or kernel.shape[2] != 3:
+        raise ValueError(f"expected an RGB kernel (kh, kw, 3, C), got {kernel.shape}")
+    mean = kernel.mean(axis=2, keepdims=True)
+    bands = [kernel] + [mean] * (n_bands - 3) if n_bands >= 3 else [mean] * n_bands
+    return (np.concatenate(bands, axis=2) * (3.0 / n_bands)).astype(kernel.dtype)
+
+
+def _find_backbone(model: keras.Model) -> keras.Model | None:
+    """The (sub)model that holds the EfficientNet stem, or None."""
+    if any(layer.name == STEM_CONV for layer in model.layers):
+        return model
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found = _find_backbone(layer)
+            if found is not None:
+                return found
+    return None
+
+
+def read_encoder_weights(weights: str, size: str) -> tuple[dict[str, list[np.ndarray]], str]:
+    """Read pretrained EfficientNet{size} weights: 'imagenet' or a file path.
+
+    Returns {layer name: weight arrays} (preprocessing layers left out) and a label naming
+    the source for messages. Raises UserError when the file is missing, unreadable, or not
+    an EfficientNet{size}.
+    """
+    fix = (f"use weights saved from keras.applications.EfficientNet{size}(include_top=False) "
+           f"(.h5 or .weights.h5), a .keras EfficientNet{size} model, 'imagenet' or null")
+    if weights == "imagenet":
+        label = "ENCODER_WEIGHTS 'imagenet'"
+        url = IMAGENET_URL.format(size.lower())
+        try:
+            source = _efficientnet(size, (None, None, 3), weights="imagenet")
+        # keras.utils.get_file reports every network failure as a bare Exception.
+        except Exception as exc:
+            raise UserError(
+                f"{label}: could not download or read the EfficientNet{size} ImageNet weights "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); download "
+                f"{url} on a machine with internet access and set ENCODER_WEIGHTS to the "
+                "file's path") from exc
+    else:
+        path = Path(weights).expanduser()
+        label = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: encoder weights file not found (ENCODER_WEIGHTS); {fix}")
+        try:
+            with warnings.catch_warnings():
+                # Keras warns once per layer it cannot match; the error that follows says it.
+                warnings.simplefilter("ignore", UserWarning)
+                if path.name.endswith(".keras"):
+                    loaded = keras.models.load_model(path, compile=False)
+                    source = _find_backbone(loaded)
+                    if source is None:
+                        raise UserError(f"{path}: this model has no EfficientNet encoder (no "
+                                        f"'{STEM_CONV}' layer); {fix}")
+                elif path.suffix in (".h5", ".hdf5"):
+                    source = _efficientnet(size, (None, None, 3))
+                    source.load_weights(path)
+                else:
+                    raise UserError(f"{path}: unsupported encoder weights file type; {fix}")
+        except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"{path}: these weights do not fit an EfficientNet{size} encoder "
+                            f"({reason[:200]}); {fix}") from None
+    arrays = {layer.name: layer.get_weights() for layer in leaf_layers(source)
+              if not isinstance(layer, _PREPROCESSING) and layer.weights}
+    return arrays, label
+
+
+def load_encoder_weights(encoder: keras.Model, weights: dict[str, list[np.ndarray]],
+                         label: str) -> None:
+    """Copy pretrained weights into the encoder, layer by layer by name.
+
+    The stem kernel is inflated to the encoder's band count when the source is RGB (see
+    :func:`inflate_stem_kernel`). Raises UserError naming ``label`` when a layer is missing
+    or has another shape (e.g. weights of another EfficientNet size).
+    """
+    for layer in leaf_layers(encoder):
+        target = layer.get_weights()
+        if not target:
+            continue
+        if layer.name not in weights:
+            raise UserError(f"{label}: no weights for encoder layer '{layer.name}'; use weights "
+                            f"of the same EfficientNet size as ENCODER")
+        source = list(weights[layer.name])
+        if layer.name == STEM_CONV and source[0].shape != target[0].shape:
+            if source[0].shape[2] != 3 or source[0].shape[:2] != target[0].shape[:2]:
+                raise UserError(f"{label}: stem kernel {source[0].shape} cannot be adapted to "
+                                f"{target[0].shape}; use RGB (3-band) pretrained weights")
+            source[0] = inflate_stem_kernel(source[0], target[0].shape[2])
+        shapes = [w.shape for w in source]
+        if shapes != [w.shape for w in target]:
+            raise UserError(f"{label}: encoder layer '{layer.name}' has weights of shapes "
+                            f"{shapes}, expected {[w.shape for w in target]}; use weights of "
+                            "the same EfficientNet size as ENCODER")
+        layer.set_weights(source)
+
+
+def decoder_block(x: keras.KerasTensor, skip: keras.KerasTensor | None, filters: int,
+                  dropout_rate: float, name: str) -> keras.KerasTensor:
+    """Bilinear 2x up-sampling, concatenation with the skip (if any), dropout, and two
+    conv-BN-ReLU blocks of ``filters`` channels."""
+    x = upsample_bilinear(x, name=f"{name}_up")
+    if skip is not None:
+        x = keras.layers.Concatenate(name=f"{name}_concat")([x, skip])
+    x = dropout(x, dropout_rate, "standard", name=f"{name}_dropout")
+    x = conv_bn_relu(x, filters, 3, name=f"{name}_1")
+    return conv_bn_relu(x, filters, 3, name=f"{name}_2")
+
+
+# Model
+
+
+def build_efficientnet_unet(input_shape: Sequence[int | None], n_classes: int,
+                            band_mean: Sequence[float], band_std: Sequence[float], *,
+                            encoder: str = "B0", encoder_weights: str | None = None,
+                            decoder_filters: Sequence[int] = (256, 128, 64, 32, 16),
+                            decoder_dropout: tuple[float, float] = (0.5, 0.25),
+                            name: str = "efficientnet_unet") -> keras.Model:
+    """Build a U-Net whose encoder is a keras.applications EfficientNet.
+
+    Args:
+        input_shape: (rows, cols, bands); rows/cols multiples of 32 or None (any multiple of
+            32 at run time). Any band count; pretrained stems are inflated.
+        n_classes: 1 -> one sigmoid channel (binary); N > 1 -> N softmax channels.
+        band_mean, band_std: per-band statistics of the raw training pixels.
+        encoder: 'B0'..'B7'.
+        encoder_weights: None (random), 'imagenet' (downloaded by Keras, then cached), or a
+            path to a .h5/.weights.h5 file saved from the same keras.applications
+            EfficientNet without top, or a .keras model containing one.
+        decoder_filters: channels of the 5 decoder stages, deepest first.
+        decoder_dropout: dropout at the deepest and at the shallowest stage, linear between.
+
+    Returns:
+        A keras.Model from float32 raw pixels (batch, rows, cols, bands) to float32
+        probabilities (batch, rows, cols, n_classes). The EfficientNet is the nested model
+        'encoder' (see ``set_encoder_trainable``); layers 'logits' and 'probabilities'.
+    """
+    if encoder not in BACKBONES:
+        raise ValueError(f"encoder must be one of {', '.join(BACKBONES)}, got {encoder!r}")
+    shape = check_input_shape(input_shape, 32)
+    band_mean, band_std = check_band_stats(band_mean, band_std, shape[2])
+    if len(decoder_filters) != 5:
+        raise ValueError(f"decoder_filters needs 5 values (one per stage), got {decoder_filters}")
+    # Read the weights before the (slow, for B7) build, so a bad file fails fast.
+    pretrained = read_encoder_weights(encoder_weights, encoder) if encoder_weights else None
+
+    inputs = keras.Input(shape=shape, dtype="float32", name=INPUT_NAME)
+    x = band_normalization(inputs, band_mean, band_std)
+    backbone = efficientnet_encoder(shape, encoder)
+    if pretrained is not None:
+        load_encoder_weights(backbone, *pretrained)
+    features = backbone(x)
+
+    x = features["P5"]
+    first, last = decoder_dropout
+    for stage, filters in enumerate(decoder_filters):
+        scale = 4 - stage  # stage 0 up-samples P5 to the P4 scale, stage 4 reaches P0
+        rate = first + (last - first) * stage / (len(decoder_filters) - 1)
+        x = decoder_block(x, features.get(f"P{scale}"), filters, rate, name=f"decoder{stage}")
+    outputs = segmentation_head(x, n_classes)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# Config
+
+
+def efficientnet_unet_from_config(cfg: Config, band_mean: Sequence[float],
+                                  band_std: Sequence[float],
+                                  input_shape: Sequence[int | None] | None = None
+                                  ) -> keras.Model:
+    """Build the EfficientNet U-Net described by the config (ENCODER, ENCODER_WEIGHTS).
+
+    ``input_shape`` defaults to (*TARGET_SIZE, N_DATA_BANDS).
+    """
+    return build_efficientnet_unet(
+        input_shape or (*cfg.TARGET_SIZE, cfg.N_DATA_BANDS), cfg.NCLASSES, band_mean, band_std,
+        encoder=cfg.ENCODER, encoder_weights=cfg.ENCODER_WEIGHTS)

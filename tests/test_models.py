@@ -1,0 +1,372 @@
+"""Tests for res_unet.models: shapes, value ranges, serialisation, mixed precision,
+pretrained-encoder loading (stem inflation), freezing and FLOP counting, at tiny sizes."""
+
+from __future__ import annotations
+
+import socket
+
+import keras
+import numpy as np
+import pytest
+
+from res_unet.config import MODELS as CONFIG_MODELS
+from res_unet.config import config_from_dict
+from res_unet.errors import UserError
+from res_unet.models import (
+    MODELS,
+    BilinearUpSampling2D,
+    build_model,
+    count_flops,
+    inflate_stem_kernel,
+    set_encoder_trainable,
+)
+from res_unet.models.efficientnet_unet import read_encoder_weights
+
+SMALL = {"TARGET_SIZE": [64, 64], "FILTERS": 8, "DEPTH": 3, "DROPOUT": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Fail any attempt to open a network connection."""
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in tests")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def make_cfg(model: str = "resunet", **keys):
+    cfg, _ = config_from_dict({**SMALL, "MODEL": model, **keys})
+    return cfg
+
+
+def stats(bands: int) -> tuple[list[float], list[float]]:
+    """Band statistics of a uint8-like image: mean 100, std 50 (raw pixel units)."""
+    return [100.0] * bands, [50.0] * bands
+
+
+def raw_images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
+
+
+def build(model: str = "resunet", bands: int = 3, input_shape=None, **keys) -> keras.Model:
+    return build_model(make_cfg(model, N_DATA_BANDS=bands, **keys), *stats(bands),
+                       input_shape=input_shape)
+
+
+def weights_by_layer(model: keras.Model) -> dict[str, list[np.ndarray]]:
+    """{layer name: weights} over a model's layers, nested models expanded."""
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.update(weights_by_layer(layer))
+        elif layer.weights:
+            out[layer.name] = layer.get_weights()
+    return out
+
+
+def test_registry_matches_config():
+    assert set(MODELS) == set(CONFIG_MODELS)
+
+
+@pytest.fixture(scope="module")
+def effnet() -> keras.Model:
+    """A 3-band binary EfficientNetB0 U-Net at 64x64, shared by tests that do not change it."""
+    return build("efficientnet_unet", 3)
+
+
+def probabilities(net: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Eager forward pass in inference mode (no tf.function tracing: fast for one call)."""
+    return np.asarray(net(x, training=False))
+
+
+# EfficientNet U-Nets with 1 and 4 bands are built (and their outputs checked) in the
+# pretrained-stem tests below; building each B0 takes seconds.
+@pytest.mark.parametrize("model,bands,nclasses", [
+    ("resunet", 1, 1), ("resunet", 3, 4), ("resunet", 4, 1), ("resunet", 6, 4),
+    ("efficientnet_unet", 3, 4), ("efficientnet_unet", 6, 4)])
+def test_output_shape_and_probabilities(model, bands, nclasses):
+    net = build(model, bands, NCLASSES=nclasses)
+    probs = probabilities(net, raw_images((2, 64, 64, bands)))
+    assert probs.shape == (2, 64, 64, nclasses)
+    assert probs.dtype == np.float32
+    assert np.all((probs >= 0) & (probs <= 1))
+    if nclasses > 1:
+        np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    assert net.get_layer("logits").activation is keras.activations.linear
+    assert net.get_layer("logits").output.shape[-1] == nclasses
+    assert net.layers[-1].name == "probabilities"
+
+
+@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
+def test_any_size_model_predicts_other_shapes_with_the_same_weights(model, effnet):
+    # bilinear up-sampling: the layer that needs care when rows/cols are unknown
+    fixed = effnet if model == "efficientnet_unet" else build(model, 3, UPSAMPLE="bilinear")
+    free = build(model, 3, input_shape=(None, None, 3), UPSAMPLE="bilinear")
+    assert free.input.shape == (None, None, None, 3)
+    free.set_weights(fixed.get_weights())
+    x = raw_images((1, 64, 64, 3))
+    np.testing.assert_allclose(probabilities(free, x), probabilities(fixed, x), atol=1e-5)
+    assert probabilities(free, raw_images((1, 64, 96, 3))).shape == (1, 64, 96, 1)
+    if model == "resunet":  # predict() traces a tf.function with unknown rows/cols
+        assert free.predict(raw_images((1, 32, 96, 3)), verbose=0).shape == (1, 32, 96, 1)
+
+
+def test_bilinear_upsampling_of_unknown_size_matches_the_builtin_layer():
+    x = raw_images((2, 3, 5, 2))
+    builtin = np.asarray(keras.layers.UpSampling2D(2, interpolation="bilinear")(x))
+    inputs = keras.Input((None, None, 2))
+    ours = keras.Model(inputs, BilinearUpSampling2D()(inputs))
+    np.testing.assert_allclose(ours.predict(x, verbose=0), builtin, rtol=1e-6, atol=1e-4)
+    # hand values along a row: [a, b] -> [a, .75a+.25b, .25a+.75b, b]
+    row = np.array([0.0, 4.0], "float32").reshape(1, 1, 2, 1)
+    np.testing.assert_allclose(np.asarray(BilinearUpSampling2D()(row))[0, 0, :, 0],
+                               [0.0, 1.0, 3.0, 4.0])
+
+
+def test_input_size_must_fit_the_downsampling():
+    cfg = make_cfg("resunet", DEPTH=3)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        build_model(cfg, *stats(3), input_shape=(60, 64, 3))
+
+
+def test_band_normalisation_standardises_raw_values_and_guards_zero_std():
+    net = build_model(make_cfg(N_DATA_BANDS=3), [10.0, 1000.0, 0.0], [2.0, 500.0, 0.0])
+    normalise = keras.Model(net.input, net.get_layer("band_normalization").output)
+    x = np.zeros((1, 64, 64, 3), "float32")
+    x[..., 0], x[..., 1], x[..., 2] = 14.0, 0.0, 7.0
+    z = normalise.predict(x, verbose=0)
+    # (14-10)/2 = 2, (0-1000)/500 = -2, constant band (std 0 -> 1): 7-0 = 7
+    np.testing.assert_allclose(z[0, 0, 0], [2.0, -2.0, 7.0], rtol=1e-6)
+
+
+def test_band_statistics_must_match_the_band_count():
+    with pytest.raises(UserError, match="N_DATA_BANDS=4"):
+        build_model(make_cfg(N_DATA_BANDS=4), *stats(3))
+
+
+def test_resunet_follows_the_config():
+    net = build("resunet", 3, FILTERS=8, DEPTH=3, KERNEL_SIZE=5, DROPOUT=0.1,
+                DROPOUT_CHANGE_PER_LAYER=0.3, DROPOUT_TYPE="spatial",
+                USE_DROPOUT_ON_UPSAMPLING=True, UPSAMPLE="bilinear")
+    # filters 8, 16, 32 on the levels and 64 in the bottleneck, all with kernel 5
+    assert net.get_layer("encoder0_1_conv").kernel.shape == (5, 5, 3, 8)
+    assert net.get_layer("encoder2_2_conv").kernel.shape == (5, 5, 32, 32)
+    assert net.get_layer("bottleneck_1_conv").kernel.shape == (5, 5, 32, 64)
+    assert net.get_layer("bottleneck_2_conv").kernel.shape == (5, 5, 64, 64)
+    assert net.get_layer("bottleneck_shortcut_conv").kernel.shape == (1, 1, 32, 64)
+    # 0.1 + 0.3 per level, clipped at 0.9 in the bottleneck
+    rates = [net.get_layer(f"encoder{i}_dropout").rate for i in range(3)]
+    np.testing.assert_allclose(rates, [0.1, 0.4, 0.7])
+    assert net.get_layer("bottleneck_dropout").rate == pytest.approx(0.9)
+    assert isinstance(net.get_layer("decoder1_dropout"), keras.layers.SpatialDropout2D)
+    assert net.get_layer("decoder1_dropout").rate == pytest.approx(0.4)
+    assert isinstance(net.get_layer("decoder0_up_bilinear"), keras.layers.UpSampling2D)
+    assert not any(isinstance(la, keras.layers.Conv2DTranspose) for la in net.layers)
+
+    plain = build("resunet", 3, DROPOUT=0.0, UPSAMPLE="transpose")
+    assert not any(isinstance(la, keras.layers.Dropout | keras.layers.SpatialDropout2D)
+                   for la in plain.layers)
+    assert plain.get_layer("decoder2_up_transpose").kernel.shape == (2, 2, 32, 64)
+
+
+def test_efficientnet_unet_decoder_stages(effnet):
+    net = effnet
+    encoder = net.get_layer("encoder")
+    assert set(encoder.output) == {"P1", "P2", "P3", "P4", "P5"}
+    assert {k: v.shape[1] for k, v in encoder.output.items()} == {
+        "P1": 32, "P2": 16, "P3": 8, "P4": 4, "P5": 2}
+    assert [net.get_layer(f"decoder{s}_2_conv").kernel.shape[-1] for s in range(5)] == [
+        256, 128, 64, 32, 16]
+    rates = [net.get_layer(f"decoder{s}_dropout").rate for s in range(5)]
+    np.testing.assert_allclose(rates, [0.5, 0.4375, 0.375, 0.3125, 0.25])
+    # stage 4 reaches full resolution and has no skip to concatenate
+    assert "decoder4_concat" not in [la.name for la in net.layers]
+    assert net.get_layer("decoder3_concat").output.shape[1:3] == (32, 32)
+    # the built-in ImageNet preprocessing is not part of the encoder
+    assert not any(isinstance(la, keras.layers.Normalization | keras.layers.Rescaling)
+                   for la in encoder.layers)
+
+
+@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
+def test_save_and_reload_without_custom_objects(model, effnet, tmp_path):
+    net = effnet if model == "efficientnet_unet" else build(model, 4, NCLASSES=3)
+    bands = net.input.shape[-1]
+    x = raw_images((2, 64, 64, bands))
+    net.save(tmp_path / "model.keras")
+    again = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(probabilities(again, x), probabilities(net, x))
+    assert [layer.name for layer in again.layers] == [layer.name for layer in net.layers]
+
+
+@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
+def test_mixed_bfloat16_outputs_float32(model):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        net = build(model, 3, NCLASSES=4)
+        probs = probabilities(net, raw_images((1, 64, 64, 3)))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert probs.dtype == np.float32
+    assert np.all(np.isfinite(probs))
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    convs = [la for la in net.layers if isinstance(la, keras.layers.Conv2D)]
+    assert convs[0].compute_dtype == "bfloat16"
+    for name in ("band_normalization", "logits", "probabilities"):
+        assert net.get_layer(name).compute_dtype == "float32"
+
+
+def test_inflate_stem_kernel_rule_and_uniform_response():
+    kernel = np.arange(2 * 3 * 2, dtype="float32").reshape(1, 2, 3, 2)
+    mean = kernel.mean(axis=2, keepdims=True)
+    np.testing.assert_array_equal(inflate_stem_kernel(kernel, 3), kernel)
+    np.testing.assert_allclose(inflate_stem_kernel(kernel, 5),
+                               np.concatenate([kernel, mean, mean], axis=2) * 3 / 5, rtol=1e-6)
+    np.testing.assert_allclose(inflate_stem_kernel(kernel, 1), kernel.sum(axis=2, keepdims=True),
+                               rtol=1e-6)
+    np.testing.assert_allclose(inflate_stem_kernel(kernel, 2),
+                               np.concatenate([mean, mean], axis=2) * 1.5, rtol=1e-6)
+    for bands in (1, 2, 4, 7):
+        np.testing.assert_allclose(inflate_stem_kernel(kernel, bands).sum(axis=2),
+                                   kernel.sum(axis=2), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pretrained_b0(tmp_path_factory):
+    """A stand-in for pretrained weights: a random 3-band EfficientNetB0, saved both ways."""
+    folder = tmp_path_factory.mktemp("weights")
+    source = keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                               input_shape=(None, None, 3))
+    source.save_weights(folder / "b0_notop.weights.h5")
+    source.save(folder / "b0.keras")
+    return folder, weights_by_layer(source)
+
+
+@pytest.mark.parametrize("bands", [4, 1])
+def test_pretrained_stem_is_inflated_and_other_layers_copied(pretrained_b0, bands):
+    folder, source = pretrained_b0
+    net = build("efficientnet_unet", bands,
+                ENCODER_WEIGHTS=str(folder / "b0_notop.weights.h5"))
+    loaded = weights_by_layer(net.get_layer("encoder"))
+    rgb = source["stem_conv"][0]
+    if bands == 4:
+        expected = np.concatenate([rgb, rgb.mean(axis=2, keepdims=True)], axis=2) * 0.75
+    else:
+        expected = rgb.sum(axis=2, keepdims=True)
+    np.testing.assert_allclose(loaded["stem_conv"][0], expected, rtol=1e-6, atol=1e-7)
+    assert len(loaded) == len(source) - 1  # everything except the Normalization layer
+    for name, arrays in loaded.items():
+        if name != "stem_conv":
+            for got, want in zip(arrays, source[name], strict=True):
+                np.testing.assert_array_equal(got, want)
+    probs = probabilities(net, raw_images((2, 64, 64, bands)))
+    assert probs.shape == (2, 64, 64, 1)
+    assert np.all((probs >= 0) & (probs <= 1))
+
+
+def test_pretrained_weights_read_from_a_keras_model_file(pretrained_b0):
+    folder, source = pretrained_b0
+    loaded, label = read_encoder_weights(str(folder / "b0.keras"), "B0")
+    assert label == str(folder / "b0.keras")
+    assert set(loaded) == {name for name in source if not name.startswith("normalization")}
+    for name in ("stem_conv", "block1a_dwconv", "block6a_expand_bn", "top_conv"):
+        for got, want in zip(loaded[name], source[name], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_encoder_weights_errors(pretrained_b0, tmp_path):
+    folder, _ = pretrained_b0
+    missing = tmp_path / "nowhere" / "b0.h5"
+    with pytest.raises(UserError, match=r"nowhere/b0\.h5: encoder weights file not found"):
+        build("efficientnet_unet", 3, ENCODER_WEIGHTS=str(missing))
+    other = tmp_path / "weights.txt"
+    other.write_text("not weights")
+    with pytest.raises(UserError, match="unsupported encoder weights file type"):
+        build("efficientnet_unet", 3, ENCODER_WEIGHTS=str(other))
+    tiny = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)])
+    tiny.save(tmp_path / "tiny.keras")
+    with pytest.raises(UserError, match="no EfficientNet encoder"):
+        build("efficientnet_unet", 3, ENCODER_WEIGHTS=str(tmp_path / "tiny.keras"))
+    with pytest.raises(UserError, match="do not fit an EfficientNetB1"):
+        build("efficientnet_unet", 3, ENCODER="B1",
+              ENCODER_WEIGHTS=str(folder / "b0_notop.weights.h5"))
+
+
+def test_imagenet_download_failure_is_a_user_error(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(fname=None, origin=None, **kwargs):
+        # what keras.utils.get_file raises when the host cannot be reached
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary "
+                        "failure in name resolution")
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(UserError) as info:
+        build("efficientnet_unet", 3, ENCODER_WEIGHTS="imagenet")
+    message = str(info.value)
+    assert "efficientnetb0_notop.h5" in message
+    assert "set ENCODER_WEIGHTS to the file's path" in message
+    assert "\n" not in message
+
+
+def test_set_encoder_trainable_freezes_weights_and_batchnorm():
+    net = build("efficientnet_unet", 3)
+    encoder = net.get_layer("encoder")
+    n_all = len(net.trainable_weights)
+    n_encoder = len(encoder.trainable_weights)
+    x = raw_images((2, 64, 64, 3))
+    stem_bn = encoder.get_layer("stem_bn")
+
+    set_encoder_trainable(net, False)
+    assert not any(layer.trainable for layer in encoder.layers if layer.weights)
+    assert not encoder.trainable_weights
+    assert len(net.trainable_weights) == n_all - n_encoder
+    assert net.trainable_weights  # the decoder still learns
+    before = np.array(stem_bn.moving_mean)
+    net(x, training=True)
+    np.testing.assert_array_equal(np.array(stem_bn.moving_mean), before)
+
+    set_encoder_trainable(net, True)
+    assert len(net.trainable_weights) == n_all
+    net(x, training=True)
+    assert not np.array_equal(np.array(stem_bn.moving_mean), before)
+
+    with pytest.raises(ValueError, match="no pretrained encoder"):
+        set_encoder_trainable(build("resunet", 3), False)
+
+
+def test_count_flops_matches_a_hand_count():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 2*3*3*3*4 * 8*8 = 13824
+    x = keras.layers.Conv2DTranspose(2, 2, strides=2)(x)  # 2*2*2*4*2 * 8*8 input = 4096
+    x = keras.layers.Dense(5)(x)  # 2*2*5 * 16*16 = 5120
+    tiny = keras.Model(inputs, x)
+    assert count_flops(tiny) == 13824 + 4096 + 5120
+    assert count_flops(tiny, batch_size=3) == 3 * (13824 + 4096 + 5120)
+    with pytest.raises(ValueError, match="fixed input size"):
+        count_flops(build("resunet", 3, input_shape=(None, None, 3)))
+
+
+def test_one_gradient_step_reduces_the_loss():
+    keras.utils.set_random_seed(0)
+    net = build("resunet", 3, DROPOUT=0.0)
+    x = raw_images((4, 64, 64, 3))
+    y = (np.random.default_rng(1).random((4, 64, 64, 1)) > 0.5).astype("float32")
+    loss_fn = keras.losses.BinaryCrossentropy()
+    optimizer = keras.optimizers.SGD(learning_rate=0.05)
+    import tensorflow as tf
+
+    def loss_value():
+        return float(loss_fn(y, net(x, training=True)))
+
+    first = loss_value()
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, net(x, training=True))
+    optimizer.apply_gradients(zip(tape.gradient(loss, net.trainable_weights),
+                                  net.trainable_weights, strict=True))
+    assert loss_value() < first
+
+
+def test_efficientnet_b7_builds_with_the_expected_size():
+    net = build("efficientnet_unet", 3, ENCODER="B7")
+    assert net.get_layer("encoder").count_params() == 64_097_680
+    assert net.count_params() == 75_047_969
+    assert net.output.shape == (None, 64, 64, 1)
