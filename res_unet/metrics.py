@@ -1,0 +1,316 @@
+"""Segmentation scores: numpy evaluation from confusion matrices, and Keras training metrics.
+
+The confusion matrix is the one summary everything is derived from. It is additive, so an
+evaluation over a whole validation set sums per-batch matrices and scores once at the end.
+Rows are true classes, columns predicted classes. Pixels whose true class is the ignore
+class are not counted; predicting the ignore class on a counted pixel is an error.
+
+Binary models (NCLASSES=1) are scored as two classes (0 background, 1 foreground): a pixel
+is foreground when its probability is >= threshold (0.5 in training metrics), as in
+postprocess.probs_to_label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from res_unet.config import Config
+
+DEFAULT_THRESHOLDS = np.linspace(0.05, 0.95, 19)
+
+
+# Numpy evaluation -------------------------------------------------------------------------
+
+def confusion_matrix(y_true_idx: np.ndarray, y_pred_idx: np.ndarray, n_classes: int,
+                     ignore_class: int | None = None) -> np.ndarray:
+    """Count (true class, predicted class) pairs.
+
+    y_true_idx, y_pred_idx: integer class indices 0..n_classes-1, any equal shapes. Pixels
+    whose true class is ignore_class are skipped. Returns an (n_classes, n_classes) int64
+    matrix, rows = truth, columns = prediction.
+    """
+    truth = np.asarray(y_true_idx).ravel().astype(np.int64)
+    pred = np.asarray(y_pred_idx).ravel().astype(np.int64)
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth has {truth.size} pixels but prediction {pred.size}")
+    if ignore_class is not None:
+        keep = truth != ignore_class
+        truth, pred = truth[keep], pred[keep]
+    for name, values in (("truth", truth), ("prediction", pred)):
+        if values.size and (values.min() < 0 or values.max() >= n_classes):
+            raise ValueError(f"{name} has class indices outside 0..{n_classes - 1}")
+    counts = np.bincount(truth * n_classes + pred, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).astype(np.int64)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den elementwise, NaN where den is 0."""
+    num = np.asarray(num, np.float64)
+    den = np.asarray(den, np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _json_value(x: Any) -> Any:
+    """Plain Python float (None for NaN) or list of them."""
+    if isinstance(x, np.ndarray):
+        return [_json_value(v) for v in x.tolist()]
+    if isinstance(x, list):
+        return [_json_value(v) for v in x]
+    value = float(x)
+    return None if math.isnan(value) else value
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def scores_from_confusion(cm: np.ndarray, ignore_class: int | None = None) -> dict[str, Any]:
+    """Every score from a confusion matrix (rows truth, columns prediction), JSON-ready.
+
+    Per class (lists, None where undefined): iou = diag / (row + col - diag), None when the
+    class is absent from both truth and prediction; dice (= F1) = 2 diag / (row + col);
+    precision = diag / col; recall = diag / row; support = row (true pixels). The ignore
+    class's row is dropped (its pixels do not count) and its per-class scores are None; its
+    column stays (predicting it on a counted pixel is an error).
+    Overall: mean_iou and mean_dice (mean over classes with a defined value),
+    frequency_weighted_iou (sum of iou weighted by each class's share of true pixels),
+    pixel_accuracy, kappa (Cohen), mcc (multiclass Matthews correlation, Gorodkin 2004;
+    0 when undefined, as in scikit-learn), n_pixels, and confusion_matrix (list of lists).
+    """
+    cm = np.array(cm, dtype=np.int64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {cm.shape}")
+    if ignore_class is not None:
+        cm[ignore_class, :] = 0
+    diag = np.diag(cm).astype(np.float64)
+    rows = cm.sum(axis=1).astype(np.float64)
+    cols = cm.sum(axis=0).astype(np.float64)
+    total = float(cm.sum())
+
+    iou = _ratio(diag, rows + cols - diag)
+    dice = _ratio(2 * diag, rows + cols)
+    precision = _ratio(diag, cols)
+    recall = _ratio(diag, rows)
+    if ignore_class is not None:
+        for per_class in (iou, dice, precision, recall):
+            per_class[ignore_class] = np.nan
+
+    share = _ratio(rows, total)
+    defined = ~np.isnan(iou)
+    fw_iou = float(np.sum(share[defined] * iou[defined])) if total else math.nan
+
+    accuracy = float(diag.sum() / total) if total else math.nan
+    expected = float(np.sum(rows * cols) / total**2) if total else math.nan
+    kappa = (accuracy - expected) / (1 - expected) if total and expected < 1 else math.nan
+    mcc_den = math.sqrt((total**2 - np.sum(cols**2)) * (total**2 - np.sum(rows**2)))
+    mcc = float((diag.sum() * total - np.sum(cols * rows)) / mcc_den) if mcc_den > 0 else 0.0
+
+    scores = {
+        "iou": iou, "dice": dice, "precision": precision, "recall": recall,
+        "mean_iou": _nanmean(iou), "mean_dice": _nanmean(dice),
+        "frequency_weighted_iou": fw_iou, "pixel_accuracy": accuracy,
+        "kappa": kappa, "mcc": mcc,
+    }
+    out = {k: _json_value(v) for k, v in scores.items()}
+    out["n_pixels"] = int(total)
+    out["support"] = [int(v) for v in rows]
+    out["confusion_matrix"] = cm.tolist()
+    return out
+
+
+def threshold_counts(y_true_bin: np.ndarray, prob: np.ndarray,
+                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> np.ndarray:
+    """Binary confusion counts at each threshold, additive over batches.
+
+    y_true_bin: 0/1 truth; prob: foreground probabilities in [0, 1], same shape; thresholds
+    strictly increasing. A pixel is foreground when prob >= threshold (as in
+    postprocess.probs_to_label). Returns int64 (len(thresholds), 4) with columns true
+    positives, false positives, false negatives, true negatives. One pass over the pixels
+    whatever the number of thresholds: each pixel is binned by how many thresholds it reaches.
+    """
+    edges = np.asarray(thresholds, np.float64)
+    if edges.ndim != 1 or np.any(np.diff(edges) <= 0):
+        raise ValueError("thresholds must be strictly increasing")
+    truth = np.asarray(y_true_bin).ravel() >= 0.5
+    bins = np.searchsorted(edges, np.asarray(prob, np.float64).ravel(), side="right")
+    n = edges.size + 1
+    pos = np.bincount(bins[truth], minlength=n)
+    neg = np.bincount(bins[~truth], minlength=n)
+    # Pixels reaching threshold j are those in bins j+1..T: a reversed cumulative sum.
+    tp = np.cumsum(pos[::-1])[::-1][1:]
+    fp = np.cumsum(neg[::-1])[::-1][1:]
+    return np.stack([tp, fp, pos.sum() - tp, neg.sum() - fp], axis=1).astype(np.int64)
+
+
+def threshold_from_counts(counts: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+                          ) -> tuple[float, np.ndarray]:
+    """Best threshold from (summed) :func:`threshold_counts`.
+
+    Returns (threshold maximising foreground IoU, rounded to 6 decimals; IoU per threshold as
+    float64, NaN where undefined). Ties go to the lowest threshold; 0.5 when no IoU is
+    defined (no foreground in truth nor prediction at any threshold).
+    """
+    counts = np.asarray(counts, np.float64)
+    ious = _ratio(counts[:, 0], counts[:, :3].sum(axis=1))
+    if np.all(np.isnan(ious)):
+        return 0.5, ious
+    return round(float(np.asarray(thresholds)[np.nanargmax(ious)]), 6), ious
+
+
+def optimal_threshold(y_true_bin: np.ndarray, prob: np.ndarray,
+                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+                      ) -> tuple[float, np.ndarray]:
+    """Threshold on foreground probability that maximises foreground IoU (binary models).
+
+    y_true_bin: 0/1 truth; prob: probabilities, same shape. Returns (best threshold, IoU per
+    threshold). Histogram based: one pass over the pixels whatever the number of thresholds.
+    """
+    return threshold_from_counts(threshold_counts(y_true_bin, prob, thresholds), thresholds)
+
+
+class ThresholdSweep:
+    """:func:`optimal_threshold` accumulated batch by batch over a validation set."""
+
+    def __init__(self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> None:
+        self.thresholds = np.asarray(thresholds, np.float64)
+        self.counts = np.zeros((self.thresholds.size, 4), np.int64)
+
+    def update(self, y_true_bin: np.ndarray, prob: np.ndarray) -> None:
+        """Add a batch: 0/1 truth and foreground probabilities of the same shape."""
+        self.counts += threshold_counts(y_true_bin, prob, self.thresholds)
+
+    def best(self) -> tuple[float, list[dict[str, float | None]]]:
+        """(best threshold, JSON-ready curve [{"threshold": t, "iou": iou or None}, ...])."""
+        best, ious = threshold_from_counts(self.counts, self.thresholds)
+        curve = [{"threshold": round(float(t), 6), "iou": _json_value(v)}
+                 for t, v in zip(self.thresholds, ious, strict=True)]
+        return best, curve
+
+    def confusion_at(self, threshold: float) -> np.ndarray:
+        """2x2 confusion matrix (rows truth, columns prediction) at one of the thresholds."""
+        match = np.flatnonzero(np.isclose(self.thresholds, threshold, rtol=0, atol=1e-6))
+        if not match.size:
+            raise ValueError(f"threshold {threshold} is not one of the swept thresholds")
+        tp, fp, fn, tn = self.counts[match[0]]
+        return np.array([[tn, fp], [fn, tp]], np.int64)
+
+
+# Keras metrics ----------------------------------------------------------------------------
+
+class _ConfusionMetric(keras.metrics.Metric):
+    """Accumulates a confusion matrix (float64 counts, exact to 2**53 pixels) per replica.
+
+    Binary inputs (one channel) are thresholded, multiclass inputs arg-maxed; pixels whose
+    true class is the ignore class are skipped. Subclasses define result() from the matrix.
+    """
+
+    def __init__(self, n_classes: int, ignore_class: int | None = None,
+                 threshold: float = 0.5, name: str | None = None,
+                 dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.n_classes = int(n_classes)
+        self.ignore_class = None if ignore_class is None else int(ignore_class)
+        self.threshold = float(threshold)
+        self.confusion = self.add_variable(shape=(self.n_classes, self.n_classes),
+                                           initializer="zeros", dtype="float64",
+                                           name="confusion")
+
+    def update_state(self, y_true, y_pred, sample_weight=None) -> None:
+        """Add one batch: y_true 0/1 or one-hot, y_pred probabilities (batch, H, W, C)."""
+        y_true = tf.cast(y_true, tf.float32)
+        y_pred = tf.cast(y_pred, tf.float32)
+        if y_pred.shape[-1] == 1:
+            truth = tf.cast(y_true[..., 0] >= 0.5, tf.int32)
+            pred = tf.cast(y_pred[..., 0] >= self.threshold, tf.int32)
+        else:
+            truth = tf.argmax(y_true, axis=-1, output_type=tf.int32)
+            pred = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+        weights = tf.ones_like(truth, tf.float64)
+        if self.ignore_class is not None:
+            weights = tf.cast(tf.not_equal(truth, self.ignore_class), tf.float64)
+        if sample_weight is not None:
+            sample_weight = tf.cast(sample_weight, tf.float64)
+            if sample_weight.shape.rank == 1:
+                sample_weight = tf.reshape(sample_weight, [-1, 1, 1])
+            elif sample_weight.shape.rank == 4:
+                sample_weight = sample_weight[..., 0]
+            weights = weights * sample_weight
+        batch = tf.math.confusion_matrix(tf.reshape(truth, [-1]), tf.reshape(pred, [-1]),
+                                         num_classes=self.n_classes,
+                                         weights=tf.reshape(weights, [-1]), dtype=tf.float64)
+        self.confusion.assign_add(batch)
+
+    def _parts(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(diag, row sums, column sums, counted-class mask) of the matrix, float64."""
+        cm = tf.convert_to_tensor(self.confusion)
+        counted = tf.ones([self.n_classes], tf.float64)
+        if self.ignore_class is not None:
+            counted = tf.tensor_scatter_nd_update(counted, [[self.ignore_class]], [0.0])
+        return (tf.linalg.diag_part(cm), tf.reduce_sum(cm, axis=1), tf.reduce_sum(cm, axis=0),
+                counted)
+
+    def _class_mean(self, num: tf.Tensor, den: tf.Tensor, counted: tf.Tensor) -> tf.Tensor:
+        """Mean of num/den over counted classes with den > 0 (0 when there are none)."""
+        defined = tf.cast(den > 0, tf.float64) * counted
+        ratios = tf.math.divide_no_nan(num, den) * defined
+        mean = tf.math.divide_no_nan(tf.reduce_sum(ratios), tf.reduce_sum(defined))
+        return tf.cast(mean, tf.float32)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "n_classes": self.n_classes,
+                "ignore_class": self.ignore_class, "threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package="res_unet")
+class MeanIoU(_ConfusionMetric):
+    """Mean over classes of IoU = diag / (row + col - diag), classes absent from both skipped."""
+
+    def __init__(self, n_classes: int, ignore_class: int | None = None,
+                 threshold: float = 0.5, name: str = "mean_iou", dtype: Any = None) -> None:
+        super().__init__(n_classes, ignore_class, threshold, name=name, dtype=dtype)
+
+    def result(self) -> tf.Tensor:
+        diag, rows, cols, counted = self._parts()
+        return self._class_mean(diag, rows + cols - diag, counted)
+
+
+@keras.saving.register_keras_serializable(package="res_unet")
+class MeanDice(_ConfusionMetric):
+    """Mean over classes of dice = 2 diag / (row + col), classes absent from both skipped."""
+
+    def __init__(self, n_classes: int, ignore_class: int | None = None,
+                 threshold: float = 0.5, name: str = "dice", dtype: Any = None) -> None:
+        super().__init__(n_classes, ignore_class, threshold, name=name, dtype=dtype)
+
+    def result(self) -> tf.Tensor:
+        diag, rows, cols, counted = self._parts()
+        return self._class_mean(2.0 * diag, rows + cols, counted)
+
+
+@keras.saving.register_keras_serializable(package="res_unet")
+class PixelAccuracy(_ConfusionMetric):
+    """Share of counted pixels whose predicted class is the true class."""
+
+    def __init__(self, n_classes: int, ignore_class: int | None = None,
+                 threshold: float = 0.5, name: str = "pixel_accuracy", dtype: Any = None) -> None:
+        super().__init__(n_classes, ignore_class, threshold, name=name, dtype=dtype)
+
+    def result(self) -> tf.Tensor:
+        diag, rows, _, _ = self._parts()
+        return tf.cast(tf.math.divide_no_nan(tf.reduce_sum(diag), tf.reduce_sum(rows)),
+                       tf.float32)
+
+
+def make_metrics(cfg: Config) -> list[keras.metrics.Metric]:
+    """Training metrics for cfg: mean_iou, dice, pixel_accuracy (binary threshold 0.5)."""
+    args = {"n_classes": cfg.n_label_classes, "ignore_class": cfg.IGNORE_CLASS}
+    return [MeanIoU(**args), MeanDice(**args), PixelAccuracy(**args)]

@@ -1,0 +1,256 @@
+"""Confusion-matrix scores by hand on a 3x3 example, threshold sweep, Keras metrics."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from res_unet.config import config_from_dict
+from res_unet.metrics import (
+    MeanDice,
+    MeanIoU,
+    PixelAccuracy,
+    ThresholdSweep,
+    confusion_matrix,
+    make_metrics,
+    optimal_threshold,
+    scores_from_confusion,
+    threshold_counts,
+)
+
+TRUTH = np.array([[0, 0, 1], [1, 2, 2], [2, 2, 0]])
+PRED = np.array([[0, 1, 1], [1, 2, 0], [2, 2, 0]])
+# rows = truth, columns = prediction
+CM = np.array([[2, 1, 0], [0, 2, 0], [1, 0, 3]])
+
+
+def test_confusion_matrix_by_hand():
+    cm = confusion_matrix(TRUTH, PRED, 3)
+    assert cm.dtype == np.int64
+    np.testing.assert_array_equal(cm, CM)
+
+
+def test_confusion_matrix_is_additive_and_skips_the_ignore_class():
+    rng = np.random.default_rng(0)
+    a_true, a_pred, b_true, b_pred = rng.integers(0, 4, size=(4, 5, 7))
+    joint = confusion_matrix(np.stack([a_true, b_true]), np.stack([a_pred, b_pred]), 4)
+    np.testing.assert_array_equal(
+        confusion_matrix(a_true, a_pred, 4) + confusion_matrix(b_true, b_pred, 4), joint)
+    np.testing.assert_array_equal(confusion_matrix(TRUTH, PRED, 3, ignore_class=2),
+                                  [[2, 1, 0], [0, 2, 0], [0, 0, 0]])
+
+
+def test_confusion_matrix_rejects_out_of_range_classes():
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):
+        confusion_matrix(TRUTH, PRED + 1, 3)
+
+
+def test_scores_by_hand():
+    s = scores_from_confusion(CM)
+    # diag [2, 2, 3], rows [3, 2, 4], columns [3, 3, 3], 9 pixels
+    iou = [2 / 4, 2 / 3, 3 / 4]
+    assert s["iou"] == pytest.approx(iou)
+    assert s["mean_iou"] == pytest.approx(np.mean(iou))
+    assert s["dice"] == pytest.approx([4 / 6, 4 / 5, 6 / 7])
+    assert s["mean_dice"] == pytest.approx(np.mean([4 / 6, 4 / 5, 6 / 7]))
+    assert s["precision"] == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert s["recall"] == pytest.approx([2 / 3, 1.0, 3 / 4])
+    assert s["pixel_accuracy"] == pytest.approx(7 / 9)
+    assert s["frequency_weighted_iou"] == pytest.approx((3 * 0.5 + 2 * 2 / 3 + 4 * 0.75) / 9)
+    # expected agreement sum(row * col) / n^2 = 27 / 81
+    assert s["kappa"] == pytest.approx((7 / 9 - 1 / 3) / (1 - 1 / 3))
+    # Gorodkin: (c s - sum p t) / sqrt((s^2 - sum p^2)(s^2 - sum t^2))
+    assert s["mcc"] == pytest.approx((7 * 9 - 27) / math.sqrt((81 - 27) * (81 - 29)))
+    assert s["support"] == [3, 2, 4]
+    assert s["n_pixels"] == 9
+    assert s["confusion_matrix"] == CM.tolist()
+    json.dumps(s, allow_nan=False)
+
+
+def test_binary_scores_match_the_textbook_formulas():
+    tn, fp, fn, tp = 50, 10, 5, 35
+    s = scores_from_confusion(np.array([[tn, fp], [fn, tp]]))
+    assert s["iou"][1] == pytest.approx(tp / (tp + fp + fn))
+    assert s["dice"][1] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert s["mcc"] == pytest.approx(mcc)
+    n = tn + fp + fn + tp
+    po, pe = (tp + tn) / n, ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
+    assert s["kappa"] == pytest.approx((po - pe) / (1 - pe))
+
+
+def test_absent_class_is_none_and_left_out_of_the_means():
+    cm4 = np.zeros((4, 4), np.int64)
+    cm4[:3, :3] = CM
+    s = scores_from_confusion(cm4)
+    assert s["iou"][3] is None and s["dice"][3] is None
+    assert s["precision"][3] is None and s["recall"][3] is None
+    assert s["mean_iou"] == pytest.approx(scores_from_confusion(CM)["mean_iou"])
+    json.dumps(s, allow_nan=False)
+
+
+def test_ignore_class_scores():
+    s = scores_from_confusion(CM, ignore_class=2)
+    # the ignore row is dropped: [[2, 1, 0], [0, 2, 0], [0, 0, 0]]
+    assert s["iou"] == pytest.approx([2 / 3, 2 / 3, None])
+    assert s["mean_iou"] == pytest.approx(2 / 3)
+    assert s["pixel_accuracy"] == pytest.approx(4 / 5)
+    assert s["n_pixels"] == 5
+
+
+def test_empty_confusion_matrix_is_json_ready():
+    s = scores_from_confusion(np.zeros((2, 2), np.int64))
+    assert s["mean_iou"] is None and s["pixel_accuracy"] is None and s["kappa"] is None
+    assert s["mcc"] == 0.0
+    json.dumps(s, allow_nan=False)
+
+
+def test_optimal_threshold_finds_the_separating_threshold():
+    rng = np.random.default_rng(1)
+    truth = np.repeat([0, 1], 500)
+    prob = np.concatenate([rng.uniform(0.02, 0.58, 500), rng.uniform(0.62, 0.98, 500)])
+    prob[0], prob[-1] = 0.58, 0.62  # 0.55 lets a negative through, 0.65 loses a positive
+    best, ious = optimal_threshold(truth, prob)
+    assert best == pytest.approx(0.6)
+    assert ious[11] == pytest.approx(1.0)
+    assert ious[10] < 1 and ious[12] < 1
+    assert len(ious) == 19
+
+
+def test_threshold_sweep_matches_brute_force_and_counts_ties_as_foreground():
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 2, size=(3, 20, 20))
+    prob = np.clip(truth * 0.3 + rng.uniform(0, 0.7, size=truth.shape), 0, 1)
+    prob[0, 0, :5] = 0.5  # exactly on a threshold: foreground, as in postprocess
+    thresholds = np.linspace(0.05, 0.95, 19)
+    _, ious = optimal_threshold(truth, prob, thresholds)
+    counts = threshold_counts(truth, prob, thresholds)
+    for t, iou, (tp, fp, fn, tn) in zip(thresholds, ious, counts, strict=True):
+        pred = prob >= t
+        fg = truth == 1
+        assert (tp, fp, fn, tn) == ((pred & fg).sum(), (pred & ~fg).sum(), (~pred & fg).sum(),
+                                    (~pred & ~fg).sum())
+        assert iou == pytest.approx((pred & fg).sum() / (pred | fg).sum())
+    halves = threshold_counts(truth[:1], prob[:1]) + threshold_counts(truth[1:], prob[1:])
+    np.testing.assert_array_equal(halves, counts)
+
+
+def test_threshold_sweep_accumulates_batches():
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 2, size=(4, 10, 10))
+    prob = np.clip(truth * 0.4 + rng.uniform(0, 0.6, size=truth.shape), 0, 1)
+    sweep = ThresholdSweep()
+    for i in range(4):
+        sweep.update(truth[i], prob[i])
+    best, curve = sweep.best()
+    expected, ious = optimal_threshold(truth, prob)
+    assert best == expected
+    assert [c["iou"] for c in curve] == pytest.approx(list(ious))
+    assert curve[11]["threshold"] == 0.6
+    json.dumps(curve, allow_nan=False)
+    np.testing.assert_array_equal(sweep.confusion_at(best),
+                                  confusion_matrix(truth, prob >= best, 2))
+    with pytest.raises(ValueError, match="not one of"):
+        sweep.confusion_at(0.123)
+
+
+def test_threshold_sweep_without_foreground_falls_back_to_half():
+    best, ious = optimal_threshold(np.zeros(10), np.zeros(10))
+    assert best == 0.5 and np.all(np.isnan(ious))
+
+
+# Keras metrics ---------------------------------------------------------------------------
+
+def test_keras_metrics_equal_numpy_on_random_multiclass_batches():
+    rng = np.random.default_rng(3)
+    n = 4
+    metrics = [MeanIoU(n, ignore_class=3), MeanDice(n, ignore_class=3),
+               PixelAccuracy(n, ignore_class=3)]
+    cm = np.zeros((n, n), np.int64)
+    for _ in range(2):
+        labels = rng.integers(0, n, size=(2, 8, 8))
+        prob = rng.dirichlet(np.ones(n), size=(2, 8, 8)).astype(np.float32)
+        for metric in metrics:
+            metric.update_state(np.eye(n, dtype=np.float32)[labels], prob)
+        cm += confusion_matrix(labels, prob.argmax(-1), n, ignore_class=3)
+    s = scores_from_confusion(cm, ignore_class=3)
+    got = [float(m.result()) for m in metrics]
+    assert got == pytest.approx([s["mean_iou"], s["mean_dice"], s["pixel_accuracy"]], rel=1e-6)
+    for metric in metrics:
+        metric.reset_state()
+        assert float(metric.result()) == 0.0
+
+
+def test_keras_metrics_binary_threshold_half():
+    y = np.array([1, 1, 0, 0], np.float32).reshape(1, 2, 2, 1)
+    p = np.array([0.7, 0.5, 0.2, 0.6], np.float32).reshape(1, 2, 2, 1)
+    # predictions [1, 1, 0, 1] (0.5 counts as foreground): cm [[1, 1], [0, 2]]
+    iou = MeanIoU(2)
+    iou.update_state(y, p)
+    assert float(iou.result()) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    acc = PixelAccuracy(2)
+    acc.update_state(y, p)
+    assert float(acc.result()) == pytest.approx(3 / 4)
+
+
+def test_make_metrics_names_and_config_round_trip():
+    cfg, _ = config_from_dict({"NCLASSES": 5, "IGNORE_CLASS": 4})
+    metrics = make_metrics(cfg)
+    assert [m.name for m in metrics] == ["mean_iou", "dice", "pixel_accuracy"]
+    for metric in metrics:
+        config = metric.get_config()
+        assert config["n_classes"] == 5 and config["ignore_class"] == 4
+        assert type(metric).from_config(config).get_config() == config
+
+
+_DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from res_unet.config import config_from_dict
+    from res_unet.losses import make_loss
+    from res_unet.metrics import confusion_matrix, make_metrics, scores_from_confusion
+    cfg, _ = config_from_dict({"NCLASSES": 3, "IGNORE_CLASS": 2})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 2)).astype("float32")
+    labels = rng.integers(0, 3, size=(8, 8, 8))
+    y = np.eye(3, dtype="float32")[labels]
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8, 8, 2)),
+                                  keras.layers.Conv2D(3, 3, padding="same",
+                                                      activation="softmax")])
+        model.compile(optimizer="adam", loss=make_loss(cfg), metrics=make_metrics(cfg))
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    logs = model.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    pred = np.asarray(model(x, training=False)).argmax(-1)
+    scores = scores_from_confusion(confusion_matrix(labels, pred, 3, ignore_class=2),
+                                   ignore_class=2)
+    json.dump({"replicas": strategy.num_replicas_in_sync, "fit": history.history,
+               "eval": logs, "numpy": scores}, sys.stdout)
+""")
+
+
+def test_metrics_and_loss_work_in_fit_under_mirrored_strategy():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
+    repo = Path(__file__).parents[1]
+    run = subprocess.run([sys.executable, "-c", _DISTRIBUTED_SCRIPT], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    assert all(math.isfinite(v[0]) for v in out["fit"].values())
+    assert out["eval"]["mean_iou"] == pytest.approx(out["numpy"]["mean_iou"], rel=1e-5)
+    assert out["eval"]["dice"] == pytest.approx(out["numpy"]["mean_dice"], rel=1e-5)
+    assert out["eval"]["pixel_accuracy"] == pytest.approx(out["numpy"]["pixel_accuracy"],
+                                                          rel=1e-5)
