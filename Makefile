@@ -1,0 +1,37 @@
+# The two commands of the README. Both create ./.venv on first use.
+#   make demo   set up, then run the whole workflow on synthetic demo data (a few minutes, 2 CPUs)
+#   make test   set up, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := demo_run
+
+.PHONY: demo test lint clean-demo
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/activate setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	rm -rf $(DEMO)
+	$(BIN)/python -m res_unet.demo --out $(DEMO)/data --count 48 --test-count 8 --size 256 --seed 0
+	$(BIN)/make_tfrecords --config config/demo.json --images $(DEMO)/data/train/images \
+		--labels $(DEMO)/data/train/labels --out $(DEMO)/dataset --workers 2
+	$(BIN)/train_resunet --config config/demo.json --data $(DEMO)/dataset --out $(DEMO)/model
+	$(BIN)/seg_images_in_folder --model $(DEMO)/model --images $(DEMO)/data/test/images \
+		--labels $(DEMO)/data/test/labels --out $(DEMO)/segmentation
+	@echo "demo outputs: $(DEMO)/dataset (shards + samples.png), $(DEMO)/model (weights, curves,"
+	@echo "evaluation.json, model_card.json), $(DEMO)/segmentation (masks, overlays, scores.csv)"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check res_unet tests bench
+
+clean-demo:
+	rm -rf $(DEMO)

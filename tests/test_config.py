@@ -1,0 +1,224 @@
+"""Config loading: defaults, every class of error, Gym upgrades, the reference table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from res_unet.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    reference_markdown,
+    save_config,
+    upgrade_keys,
+)
+from res_unet.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    return path
+
+
+def test_empty_config_gives_defaults():
+    cfg, notices = config_from_dict({})
+    assert cfg == Config()
+    assert notices == []
+    assert cfg.TARGET_SIZE == [256, 256]
+    assert cfg.n_label_classes == 2
+    assert cfg.LOSS == {"dice": 1.0, "focal": 1.0, "boundary": 1.0}
+
+
+def test_defaults_are_not_shared_between_instances():
+    a, b = Config(), Config()
+    a.TARGET_SIZE.append(3)
+    assert b.TARGET_SIZE == [256, 256]
+
+
+def test_original_toolbox_config_is_accepted():
+    original = {
+        "TARGET_SIZE": [512, 512], "KERNEL_SIZE": 7, "NCLASSES": 1, "BATCH_SIZE": 4,
+        "N_DATA_BANDS": 3, "DO_CRF_REFINE": True, "DO_TRAIN": True, "PATIENCE": 25,
+        "IMS_PER_SHARD": 50, "MAX_EPOCHS": 200, "VALIDATION_SPLIT": 0.5, "RAMPUP_EPOCHS": 20,
+        "SUSTAIN_EPOCHS": 0, "EXP_DECAY": 0.9, "START_LR": 1e-7, "MIN_LR": 1e-7,
+        "MAX_LR": 1e-5, "MEDIAN_FILTER_VALUE": 3, "DOPLOT": True, "ROOT_STRING": "lakes",
+        "USEMASK": False, "AUG_ROT": 5, "AUG_ZOOM": 0.05, "AUG_WIDTHSHIFT": 0.05,
+        "AUG_HEIGHTSHIFT": 0.05, "AUG_HFLIP": True, "AUG_VFLIP": False, "AUG_LOOPS": 3,
+        "AUG_COPIES": 3, "REMAP_CLASSES": {"0": 0, "3": 1}, "DO_AUG": True,
+    }
+    cfg, notices = config_from_dict(original)
+    assert cfg.KERNEL_SIZE == 7 and cfg.TARGET_SIZE == [512, 512]
+    assert cfg.AUG_ROT == 5.0 and isinstance(cfg.AUG_ROT, float)
+    assert cfg.REMAP_CLASSES == {"0": 0, "3": 1}
+    assert notices == []
+
+
+def test_gym_config_is_mapped_with_notices():
+    gym = {
+        "TARGET_SIZE": [768, 768], "MODEL": "simple_resunet", "NCLASSES": 2, "KERNEL": 7,
+        "STRIDE": 2, "BATCH_SIZE": 7, "FILTERS": 6, "N_DATA_BANDS": 3, "DROPOUT": 0.1,
+        "DROPOUT_CHANGE_PER_LAYER": 0.0, "DROPOUT_TYPE": "standard",
+        "USE_DROPOUT_ON_UPSAMPLING": False, "LOSS": "dice", "LOSS_WEIGHTS": True,
+        "SET_GPU": "0", "TESTTIMEAUG": True, "OTSU_THRESHOLD": False, "FILTER_VALUE": 3,
+        "HOT_START": False, "INITIAL_EPOCH": 0, "SET_PCI_BUS_ID": True,
+        "WRITE_MODELMETADATA": True,
+    }
+    cfg, notices = config_from_dict(gym)
+    assert cfg.MODEL == "resunet"
+    assert cfg.KERNEL_SIZE == 7
+    assert cfg.LOSS == {"dice": 1.0}
+    assert cfg.CLASS_WEIGHTS == "auto"
+    assert cfg.NCLASSES == 2 and cfg.n_label_classes == 2
+    assert cfg.TESTTIMEAUG is True
+    text = "\n".join(notices)
+    for key in ("STRIDE", "FILTER_VALUE", "SET_PCI_BUS_ID", "WRITE_MODELMETADATA", "KERNEL",
+                "simple_resunet", "LOSS_WEIGHTS"):
+        assert key in text
+
+
+def test_gym_otsu_and_loss_names():
+    cfg, _ = config_from_dict({"OTSU_THRESHOLD": True, "LOSS": "cat"})
+    assert cfg.THRESHOLD == "otsu"
+    assert cfg.LOSS == {"ce": 1.0}
+    cfg, _ = config_from_dict({"LOSS": "dice+focal"})
+    assert cfg.LOSS == {"dice": 1.0, "focal": 1.0}
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"MODEL": "segformer"}, "MODEL 'segformer' is not available"),
+    ({"LOSS": "hinge"}, "LOSS 'hinge' is not available"),
+])
+def test_gym_values_without_equivalent_are_errors(raw, expected):
+    with pytest.raises(UserError, match=expected):
+        config_from_dict(raw)
+
+
+def test_upgrade_drops_comment_keys():
+    cfg, notices = upgrade_keys({"_comment": "hi", "NCLASSES": 3})
+    assert cfg == {"NCLASSES": 3} and notices == []
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(UserError, match="unknown key TARGET_SIZ; did you mean TARGET_SIZE"):
+        config_from_dict({"TARGET_SIZ": [256, 256]})
+    with pytest.raises(UserError, match="unknown key max_epochs; did you mean MAX_EPOCHS"):
+        config_from_dict({"max_epochs": 3})
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"NCLASSES": "3"}, "NCLASSES must be int, got '3'"),
+    ({"DO_AUG": 1}, "DO_AUG must be bool"),
+    ({"TARGET_SIZE": 256}, "TARGET_SIZE must be list"),
+    ({"BATCH_SIZE": 2.5}, "BATCH_SIZE must be int"),
+    ({"REMAP_CLASSES": {"1": "a"}}, "REMAP_CLASSES must be dict"),
+])
+def test_wrong_types(raw, expected):
+    with pytest.raises(UserError, match=expected):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"VALIDATION_SPLIT": 1.5}, "VALIDATION_SPLIT=1.5 is above the maximum"),
+    ({"BATCH_SIZE": 0}, "BATCH_SIZE=0 is below the minimum 1"),
+    ({"MODEL": "vgg"}, "MODEL='vgg' is not one of"),
+    ({"TARGET_SIZE": [8, 256]}, "TARGET_SIZE=\\[8, 256\\] is below the minimum"),
+    ({"FIT_MODE": "stretch"}, "FIT_MODE='stretch' is not one of"),
+])
+def test_out_of_range(raw, expected):
+    with pytest.raises(UserError, match=expected):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"MIN_LR": 1e-3, "MAX_LR": 1e-4}, "MIN_LR=0.001 is larger than MAX_LR"),
+    ({"START_LR": 1e-3, "MAX_LR": 1e-4}, "START_LR=0.001 is larger than MAX_LR"),
+    ({"TARGET_SIZE": [250, 256]}, "not divisible by 16.*use e.g. \\[256, 256\\]"),
+    ({"TARGET_SIZE": [240, 240], "MODEL": "efficientnet_unet"}, "not divisible by 32"),
+    ({"KERNEL_SIZE": 4}, "KERNEL_SIZE=4 must be odd"),
+    ({"NCLASSES": 3, "CLASS_WEIGHTS": [1, 2]}, "CLASS_WEIGHTS has 2 values but there are 3"),
+    ({"NCLASSES": 3, "IGNORE_CLASS": 3}, "IGNORE_CLASS=3 is not a class"),
+    ({"IGNORE_CLASS": 1}, "IGNORE_CLASS needs a multiclass model"),
+    ({"LOSS": {"dice": 1, "lovasz": 1}}, "LOSS terms \\['lovasz'\\] unknown"),
+    ({"LOSS": {"dice": 0}}, "at least one term with a positive weight"),
+    ({"THRESHOLD": 1.5}, "THRESHOLD=1.5 must be between 0 and 1"),
+    ({"THRESHOLD": "max"}, "must be a number, 'otsu' or null"),
+    ({"HOT_START": True}, "HOT_START needs INITIAL_WEIGHTS"),
+    ({"SPLIT_GROUP_PATTERN": "(unclosed"}, "not a valid regex"),
+    ({"REMAP_CLASSES": {"x": 1}}, "REMAP_CLASSES key 'x'"),
+])
+def test_inconsistent_values(raw, expected):
+    with pytest.raises(UserError, match=expected):
+        config_from_dict(raw)
+
+
+def test_depth_changes_divisibility():
+    cfg, _ = config_from_dict({"TARGET_SIZE": [96, 96], "DEPTH": 5})  # 96 = 3 * 32
+    assert cfg.downsampling_factor == 32
+    with pytest.raises(UserError, match="not divisible by 64"):
+        config_from_dict({"TARGET_SIZE": [96, 96], "DEPTH": 6})
+
+
+def test_every_problem_is_reported_one_per_line():
+    with pytest.raises(UserError) as err:
+        config_from_dict({"TARGET_SIZ": [1], "BATCH_SIZE": "8", "MIN_LR": 1.0, "MAX_LR": 0.1})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3
+    assert any("TARGET_SIZ" in x for x in lines)
+    assert any("BATCH_SIZE" in x for x in lines)
+    assert any("MIN_LR=1.0 is larger than MAX_LR" in x for x in lines)
+
+
+def test_json_syntax_errors_name_the_line(tmp_path):
+    path = write(tmp_path, '{\n  "NCLASSES": 1,\n  "BATCH_SIZE": 4,\n}\n')
+    with pytest.raises(UserError, match=r"c.json line 4: invalid JSON \(remove the trailing comma"):
+        load_config(path)
+    path = write(tmp_path, '{\n  // binary water\n  "NCLASSES": 1\n}\n')
+    with pytest.raises(UserError, match=r"line 2: invalid JSON \(comments are not allowed"):
+        load_config(path)
+    path = write(tmp_path, '{"NCLASSES": 1 "BATCH_SIZE": 3}')
+    with pytest.raises(UserError, match=r"line 1: invalid JSON \(Expecting ',' delimiter\)"):
+        load_config(path)
+
+
+def test_missing_file_and_non_object(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.json")
+    with pytest.raises(UserError, match="must be a JSON object"):
+        load_config(write(tmp_path, "[1, 2]"))
+
+
+def test_load_prints_upgrade_notices(tmp_path, capsys):
+    cfg = load_config(write(tmp_path, json.dumps({"KERNEL": 5, "STRIDE": 2})))
+    assert cfg.KERNEL_SIZE == 5
+    out = capsys.readouterr().out
+    assert "note:" in out and "STRIDE has no effect" in out
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg, _ = config_from_dict({"NCLASSES": 4, "CLASS_WEIGHTS": [1, 2, 3, 4], "THRESHOLD": 0.4})
+    save_config(cfg, tmp_path / "out" / "config.json")
+    assert load_config(tmp_path / "out" / "config.json") == cfg
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_reference_lists_every_key():
+    text = reference_markdown()
+    for name in Config.__dataclass_fields__:
+        assert f"`{name}`" in text
+
+
+def test_example_configs_are_valid():
+    paths = sorted((REPO / "config").glob("*.json"))
+    assert paths, "config/ has no example configs"
+    for path in paths:
+        load_config(path)
+
+
+def test_readme_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, (
+        "README config reference is stale: paste res_unet.config.reference_markdown() output")
