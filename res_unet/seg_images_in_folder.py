@@ -1,0 +1,128 @@
+"""seg_images_in_folder: segment every image in a folder with one or several trained models.
+
+    seg_images_in_folder --model RUN_DIR [--model RUN_DIR2 ...] --images DIR --out DIR
+
+For each image NAME writes NAME_predseg.png (class indices; 255 = nodata) and NAME_overlay.png
+(the image with coloured classes), plus NAME_predseg.tif for (Geo)TIFF inputs (CRS, transform
+kept), NAME_probs.npy/.tif with --save-probs and NAME_predseg.geojson with --geojson (binary).
+Settings come from the run's config.json, then the segmentation keys of --config, then the
+flags below. Several --model folders form an ensemble (probabilities averaged). Images whose
+outputs exist are skipped (--overwrite redoes them); --shard i/n splits a folder across
+processes. With --labels DIR the predictions are scored into scores.csv.
+Exit status: 0 all done, 1 some images failed, 2 bad arguments or inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from res_unet.cli import quiet_tensorflow, run_command
+
+
+def _threshold(text: str) -> float | str:
+    if text.lower() == "otsu":
+        return "otsu"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'otsu'") from None
+
+
+def _tile_size(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be ROWS or ROWS,COLS") from None
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} must be ROWS or ROWS,COLS")
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="seg_images_in_folder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, metavar="RUN_DIR",
+                        help="run folder of train_resunet; repeat for an ensemble")
+    parser.add_argument("--images", required=True, help="folder of images to segment")
+    parser.add_argument("--out", required=True, help="folder for the outputs")
+    parser.add_argument("--labels", help="folder of labels: score the predictions")
+    parser.add_argument("--config", help="JSON whose segmentation keys override the run's")
+    parser.add_argument("--mode", choices=("auto", "tile", "resize"), help="INFER_MODE")
+    parser.add_argument("--tile-size", type=_tile_size, metavar="ROWS[,COLS]",
+                        help="model input / tile size (default: the training TARGET_SIZE)")
+    parser.add_argument("--overlap", type=float, help="TILE_OVERLAP, fraction of the tile")
+    parser.add_argument("--window", choices=("hann", "spline", "flat"), help="BLEND_WINDOW")
+    parser.add_argument("--batch-size", type=int, help="tiles per batch (BATCH_SIZE)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                        help="test-time augmentation with flips (TESTTIMEAUG)")
+    parser.add_argument("--rot90", action=argparse.BooleanOptionalAction,
+                        help="with --tta, also 90-degree rotations (TTA_ROT90)")
+    parser.add_argument("--threshold", type=_threshold,
+                        help="binary threshold: a number or 'otsu' (default: the model card's)")
+    parser.add_argument("--crf", action=argparse.BooleanOptionalAction,
+                        help="dense CRF refinement (DO_CRF_REFINE)")
+    parser.add_argument("--median", type=int, help="MEDIAN_FILTER_VALUE (disk radius)")
+    parser.add_argument("--nodata-zero", action=argparse.BooleanOptionalAction,
+                        help="all-zero pixels are nodata (NODATA_ZERO)")
+    parser.add_argument("--save-probs", action="store_true",
+                        help="also write probabilities (.npy float16, .tif float32)")
+    parser.add_argument("--geojson", action="store_true",
+                        help="also write the mask polygons as GeoJSON (binary models)")
+    parser.add_argument("--overwrite", action="store_true", help="redo images already done")
+    parser.add_argument("--shard", metavar="i/n", help="only images i, i+n, ... (0-based)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Config keys set by flags (only the flags given)."""
+    flags = {"INFER_MODE": args.mode, "TARGET_SIZE": args.tile_size,
+             "TILE_OVERLAP": args.overlap, "BLEND_WINDOW": args.window,
+             "BATCH_SIZE": args.batch_size, "TESTTIMEAUG": args.tta, "TTA_ROT90": args.rot90,
+             "THRESHOLD": args.threshold, "DO_CRF_REFINE": args.crf,
+             "MEDIAN_FILTER_VALUE": args.median, "NODATA_ZERO": args.nodata_zero}
+    out = {k: v for k, v in flags.items() if v is not None}
+    if args.rot90:
+        out.setdefault("TESTTIMEAUG", True)
+    return out
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_tensorflow()
+    from res_unet import predict
+    from res_unet.train import select_devices
+
+    shard = predict.parse_shard(args.shard)
+    cfg = predict.inference_config(args.model, args.config, _overrides(args))
+    select_devices(cfg)
+    summary = predict.segment_folder(cfg, args.model, args.images, args.out,
+                                     labels_dir=args.labels, overwrite=args.overwrite,
+                                     shard=shard, save_probs=args.save_probs,
+                                     geojson=args.geojson, progress=not args.no_progress)
+    rate = summary["mpx_per_second"]
+    print(f"{summary['images']} images: {summary['done']} done, {summary['skipped']} skipped "
+          f"(already done), {summary['failed']} failed; {summary['seconds']:.1f} s"
+          + (f", {rate:.2f} Mpx/s" if rate else "") + f"; outputs in {summary['out_dir']}")
+    for failure in summary["failures"]:
+        print(f"  failed: {failure['error']}")
+    scores = summary.get("scores")
+    if scores:
+        per_class = ", ".join(_score(v) for v in scores["iou"])
+        print(f"scores ({summary['scores_file']}): mean IoU {_score(scores['mean_iou'])}, "
+              f"per-class IoU [{per_class}], pixel accuracy {_score(scores['pixel_accuracy'])}")
+    return 1 if summary["failed"] else 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(run_command(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,350 @@
+"""Tests for res_unet.predict: tiling, blending, TTA, ensembles, strips, thresholds, nodata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from res_unet import postprocess, predict
+from res_unet.config import Config, config_from_dict, save_config
+from res_unet.errors import UserError
+from res_unet.models import build_model
+from res_unet.tiling import blend_window, tile_grid
+
+TILE = 32
+BAND_MEAN, BAND_STD = [120.0, 110.0, 100.0], [50.0, 45.0, 40.0]
+
+
+# Helpers shared with test_seg_images_in_folder -----------------------------------------------
+
+def tiny_config(nclasses: int = 1, **extra) -> Config:
+    """A small resunet config: 32x32 input, FILTERS 4, DEPTH 2, 3 bands."""
+    cfg, _ = config_from_dict({"TARGET_SIZE": [TILE, TILE], "FILTERS": 4, "DEPTH": 2,
+                               "N_DATA_BANDS": 3, "NCLASSES": nclasses, "DROPOUT": 0.0,
+                               "BATCH_SIZE": 4, **extra})
+    return cfg
+
+
+def pixel_model(gain: float = 0.05, centre: float = 128.0, size: int = TILE) -> keras.Model:
+    """A per-pixel model p = sigmoid(gain * (band0 - centre)): flip/rotation-equivariant and
+    independent of the tile it sees, so tiled prediction must reproduce it exactly."""
+    inputs = keras.Input((size, size, 3))
+    outputs = keras.layers.Conv2D(
+        1, 1, activation="sigmoid",
+        kernel_initializer=keras.initializers.Constant(
+            np.array([gain, 0.0, 0.0], np.float32).reshape(1, 1, 3, 1)),
+        bias_initializer=keras.initializers.Constant(-gain * centre))(inputs)
+    return keras.Model(inputs, outputs)
+
+
+def pixel_prob(image: np.ndarray, gain: float = 0.05, centre: float = 128.0) -> np.ndarray:
+    """What :func:`pixel_model` predicts, (H, W, 1) float32."""
+    z = gain * (image[..., :1].astype(np.float64) - centre)
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def write_run(run_dir: Path, model: keras.Model, cfg: Config, threshold: float | None = 0.5
+              ) -> Path:
+    """A minimal run folder as train_resunet writes it: model.keras, best.weights.h5,
+    config.json and model_card.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save(run_dir / "model.keras")
+    model.save_weights(run_dir / "best.weights.h5")
+    save_config(cfg, run_dir / "config.json")
+    card = {"model": cfg.MODEL, "binary": cfg.NCLASSES == 1, "classes": cfg.n_label_classes,
+            "threshold": threshold if cfg.NCLASSES == 1 else None,
+            "input": {"size": list(cfg.TARGET_SIZE), "bands": cfg.N_DATA_BANDS,
+                      "dtype": "uint8", "band_mean": BAND_MEAN, "band_std": BAND_STD}}
+    (run_dir / "model_card.json").write_text(json.dumps(card))
+    return run_dir
+
+
+# Fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resunet_binary() -> predict.LoadedModel:
+    keras.utils.set_random_seed(1)
+    return predict.LoadedModel.from_model(build_model(tiny_config(), BAND_MEAN, BAND_STD))
+
+
+@pytest.fixture(scope="module")
+def resunet_multi() -> predict.LoadedModel:
+    keras.utils.set_random_seed(2)
+    return predict.LoadedModel.from_model(build_model(tiny_config(3), BAND_MEAN, BAND_STD))
+
+
+@pytest.fixture(scope="module")
+def per_pixel() -> predict.LoadedModel:
+    return predict.LoadedModel.from_model(pixel_model(), threshold=0.3)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (150, 70, 3), dtype=np.uint8)
+
+
+def constant_model(value_logit: float) -> predict.LoadedModel:
+    inputs = keras.Input((TILE, TILE, 3))
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
+                                  bias_initializer=keras.initializers.Constant(value_logit))(
+        inputs)
+    return predict.LoadedModel.from_model(keras.Model(inputs, outputs))
+
+
+# Tiling and blending -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(150, 70), (32, 32), (20, 90), (33, 65)])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_tiles_cover_every_pixel(shape, overlap):
+    acc = predict._StripAccumulator(shape[0], shape[1], 1, blend_window((TILE, TILE)))
+    for r, c in tile_grid(shape, (TILE, TILE), overlap):
+        acc.add(np.ones((TILE, TILE, 1), np.float32), r, c)
+    assert acc.weight.shape == shape
+    assert np.all(acc.weight > 0)
+
+
+def test_blending_constant_tiles_gives_constant_map(image):
+    model = constant_model(0.7)
+    expected = 1 / (1 + np.exp(-0.7))
+    for window in ("hann", "spline", "flat"):
+        prob = predict.predict_tiled([model], image, (TILE, TILE), 0.25, window, batch_size=5)
+        assert prob.shape == (150, 70, 1)
+        np.testing.assert_allclose(prob, expected, rtol=1e-6)
+
+
+def test_tiled_equals_per_pixel_function(per_pixel, image):
+    prob = predict.predict_tiled([per_pixel], image, (TILE, TILE), 0.5, "hann", batch_size=7)
+    np.testing.assert_allclose(prob, pixel_prob(image), atol=1e-6)
+
+
+def test_tiled_and_resize_agree_at_target_size(resunet_binary):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)
+    tiled = predict.predict_tiled([resunet_binary], img, (TILE, TILE), 0.25)
+    resized = predict.predict_resize([resunet_binary], img)
+    np.testing.assert_allclose(tiled, resized, atol=1e-6)
+    seg = predict.Segmenter([resunet_binary], tiny_config())
+    assert seg.mode_for((TILE, TILE)) == "resize"
+    assert seg.mode_for((TILE + 1, TILE)) == "tile"
+
+
+# Test-time augmentation and ensembles --------------------------------------------------------
+
+def test_tta_of_equivariant_model_is_a_no_op(per_pixel, image):
+    plain = predict.predict_tiled([per_pixel], image, (TILE, TILE), 0.25)
+    for rot90 in (False, True):
+        tta = predict.predict_tiled([per_pixel], image, (TILE, TILE), 0.25, tta=True,
+                                    rot90=rot90)
+        np.testing.assert_allclose(tta, plain, atol=1e-6)
+
+
+def test_tta_averages_spatial_flips(resunet_multi):
+    rng = np.random.default_rng(4)
+    batch = rng.integers(0, 256, (2, TILE, TILE, 3)).astype(np.float32)
+    model = resunet_multi.model
+    expected = np.mean([
+        model.predict(batch, verbose=0),
+        np.flip(model.predict(np.flip(batch, 2), verbose=0), 2),
+        np.flip(model.predict(np.flip(batch, 1), verbose=0), 1),
+        np.flip(model.predict(np.flip(batch, (1, 2)), verbose=0), (1, 2)),
+    ], axis=0)
+    got = predict.predict_batch([resunet_multi], batch, tta=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)  # averaged, not summed
+    assert len(predict.tta_transforms(True, True)) == 8
+    assert len(set(predict.tta_transforms(True, True))) == 8
+
+
+def test_ensemble_of_identical_models_equals_one(resunet_multi, image):
+    one = predict.predict_tiled([resunet_multi], image, (TILE, TILE), 0.25)
+    two = predict.predict_tiled([resunet_multi, resunet_multi], image, (TILE, TILE), 0.25)
+    np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+def test_ensemble_averages_members():
+    a, b = constant_model(1.0), constant_model(-2.0)
+    img = np.zeros((40, 40, 3), np.uint8)
+    prob = predict.predict_tiled([a, b], img, (TILE, TILE), 0.25)
+    expected = (1 / (1 + np.exp(-1.0)) + 1 / (1 + np.exp(2.0))) / 2
+    np.testing.assert_allclose(prob, expected, rtol=1e-6)
+
+
+def test_ensemble_members_must_agree(resunet_binary, resunet_multi):
+    with pytest.raises(UserError, match="same classes"):
+        predict.Segmenter([resunet_binary, resunet_multi], tiny_config())
+
+
+# Memory-bounded strips -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture", ["resunet_binary", "resunet_multi"])
+def test_strips_equal_whole_image(fixture, image, request):
+    model = request.getfixturevalue(fixture)
+    whole = predict.predict_tiled([model], image, (TILE, TILE), 0.25, batch_size=4)
+    strips = list(predict.iter_strips([model], image, (TILE, TILE), 0.25, batch_size=4))
+    assert len(strips) >= 5
+    assert [r for r, _ in strips] == list(np.cumsum([0] + [len(p) for _, p in strips])[:-1])
+    stacked = np.concatenate([p for _, p in strips])
+    assert stacked.shape == whole.shape
+    np.testing.assert_allclose(stacked, whole, atol=1e-5)
+
+
+def test_strip_labels_equal_full_labels(resunet_binary, image):
+    cfg = tiny_config(THRESHOLD=0.5, MEDIAN_FILTER_VALUE=2, MIN_OBJECT_AREA=20,
+                      MIN_HOLE_AREA=10, OPENING_RADIUS=1)
+    full = predict.Segmenter([resunet_binary], cfg)
+    strips = predict.Segmenter([resunet_binary], cfg, full_max_values=0)
+    assert not full.uses_strips(image.shape[:2]) and strips.uses_strips(image.shape[:2])
+    expected = postprocess.postprocess(full.probabilities(image), image, cfg)
+    np.testing.assert_array_equal(full.segment(image), expected)
+    np.testing.assert_array_equal(strips.segment(image), expected)
+
+
+def test_strip_otsu_close_to_full_otsu(per_pixel):
+    rng = np.random.default_rng(5)
+    img = np.clip(rng.normal(128, 40, (120, 90, 3)), 0, 255).astype(np.uint8)
+    cfg = tiny_config(THRESHOLD="otsu")
+    full = predict.Segmenter([per_pixel], cfg).segment(img)
+    strips = predict.Segmenter([per_pixel], cfg, full_max_values=0).segment(img)
+    # Otsu's threshold is only defined to a histogram bin; one grey level here is ~1 %.
+    assert np.mean(full == strips) > 0.97
+
+
+def test_otsu_from_histogram_matches_otsu_threshold():
+    rng = np.random.default_rng(7)
+    prob = np.concatenate([rng.beta(2, 8, 5000), rng.beta(9, 3, 3000)]).reshape(100, 80, 1)
+    counts = np.bincount(np.rint(prob.ravel() * 65535).astype(np.int64), minlength=65536)
+    expected = postprocess.otsu_threshold(prob.astype(np.float32))
+    assert abs(predict._otsu_from_histogram(counts) - expected) < 1 / 256
+    assert predict._otsu_from_histogram(np.bincount([7], minlength=65536)) == 0.5
+
+
+# Thresholds and nodata -----------------------------------------------------------------------
+
+def test_card_threshold_used_unless_overridden(per_pixel):
+    img = np.zeros((TILE, TILE, 3), np.uint8)
+    img[..., 0] = np.arange(TILE * TILE).reshape(TILE, TILE) % 256
+    prob = pixel_prob(img)[..., 0]
+    card = predict.Segmenter([per_pixel], tiny_config())
+    assert card.threshold_setting == 0.3
+    np.testing.assert_array_equal(card.segment(img), prob >= 0.3)
+    override = predict.Segmenter([per_pixel], tiny_config(THRESHOLD=0.7))
+    assert override.threshold_setting == 0.7
+    np.testing.assert_array_equal(override.segment(img), prob >= 0.7)
+    assert (prob >= 0.3).sum() > (prob >= 0.7).sum()
+
+
+def test_nodata_pixels_are_255(per_pixel):
+    img = np.full((50, 40, 3), 200, np.uint8)
+    img[:10, :] = 0
+    img[20, 5] = (7, 7, 7)
+    seg = predict.Segmenter([per_pixel], tiny_config())
+    label = seg.segment(img, nodata=[0.0, 7.0])
+    assert np.all(label[:10] == 255) and label[20, 5] == 255
+    assert np.all(label[10:20] == 1)
+    strips = predict.Segmenter([per_pixel], tiny_config(), full_max_values=0)
+    np.testing.assert_array_equal(strips.segment(img, nodata=[0.0, 7.0]), label)
+    meta = predict.imagery.RasterMeta(path=Path("x.tif"), nodata=7.0)
+    assert predict.nodata_values(meta, nodata_zero=True) == [7.0, 0.0]
+
+
+def test_otsu_ignores_nodata(per_pixel):
+    # 70 % nodata (p 0.002), 15 % dark (p 0.65), 15 % bright (p 0.97): with the nodata
+    # counted, Otsu separates nodata from the rest and calls the dark pixels foreground.
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[28:34], img[34:] = 140, 200
+    cfg = tiny_config(THRESHOLD="otsu")
+    assert np.all(predict.Segmenter([per_pixel], cfg).segment(img)[28:34] == 1)
+    for limit in (predict.FULL_MAX_VALUES, 0):
+        label = predict.Segmenter([per_pixel], cfg, full_max_values=limit).segment(img, [0.0])
+        assert np.all(label[:28] == 255)
+        assert np.all(label[28:34] == 0) and np.all(label[34:] == 1)
+
+
+def test_overlay_colours_foreground_only():
+    img = np.full((8, 8, 3), 100, np.uint8)
+    label = np.zeros((8, 8), np.uint8)
+    label[2:6, 2:6] = 1
+    label[0, 0] = 255
+    out = predict.overlay_image(img, label, 2)
+    assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+    assert tuple(out[0, 7]) == (100, 100, 100) and tuple(out[0, 0]) == (100, 100, 100)
+    assert tuple(out[2, 2]) == predict._BINARY_COLOUR  # outline
+    assert tuple(out[3, 3]) == (162, 60, 162)  # 0.6 * 100 + 0.4 * colour
+    small = predict.overlay_image(np.zeros((100, 100, 3), np.uint8),
+                                  np.zeros((100, 100), np.uint8), 2, max_pixels=2500)
+    assert small.shape == (50, 50, 3)
+
+
+# Run folders and settings --------------------------------------------------------------------
+
+def test_load_run_and_rebuild(tmp_path):
+    keras.utils.set_random_seed(6)
+    cfg = tiny_config()
+    model = build_model(cfg, BAND_MEAN, BAND_STD)
+    run = write_run(tmp_path / "run", model, cfg, threshold=0.42)
+    loaded = predict.load_run(run)
+    assert loaded.tile_hw == (TILE, TILE) and loaded.threshold == 0.42
+    assert loaded.weights == run / "model.keras"
+    rebuilt = predict.load_run(run, (64, 64))
+    assert rebuilt.model.input_shape[1:3] == (64, 64)
+    assert rebuilt.weights == run / "best.weights.h5"
+    for a, b in zip(model.get_weights(), rebuilt.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="divisible by 4"):
+        predict.load_run(run, (30, 30))
+
+
+def test_not_a_run_folder(tmp_path):
+    with pytest.raises(UserError, match="not a run folder"):
+        predict.load_run(tmp_path)
+    with pytest.raises(UserError, match="run folder not found"):
+        predict.load_run(tmp_path / "missing")
+
+
+def test_inference_config_layers(tmp_path):
+    cfg = tiny_config(EXTRA_BAND_DIRS=["train_bands"], MEDIAN_FILTER_VALUE=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.json")
+    (run / "model_card.json").write_text("{}")
+    (run / "best.weights.h5").write_bytes(b"")
+    user = tmp_path / "seg.json"
+    user.write_text(json.dumps({"TESTTIMEAUG": True, "MAX_EPOCHS": 3, "OTSU_THRESHOLD": True}))
+    out = predict.inference_config([run], str(user), {"TILE_OVERLAP": 0.5})
+    assert out.TESTTIMEAUG and out.THRESHOLD == "otsu" and out.TILE_OVERLAP == 0.5
+    assert out.MAX_EPOCHS == cfg.MAX_EPOCHS and out.MEDIAN_FILTER_VALUE == 3
+    assert out.EXTRA_BAND_DIRS == []
+    with pytest.raises(UserError, match="TILE_OVERLAP"):
+        predict.inference_config([run], None, {"TILE_OVERLAP": 0.9})
+
+
+def test_parse_shard():
+    assert predict.parse_shard(None) == (0, 1)
+    assert predict.parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(UserError, match="shard"):
+            predict.parse_shard(bad)
+
+
+def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary, image):
+    from res_unet import imagery
+
+    images = tmp_path / "images"
+    imagery.write_png(images / "scene.png", image)
+    cfg = tiny_config(THRESHOLD=0.5)
+    summary = predict.segment_folder(cfg, [resunet_binary], images, tmp_path / "out",
+                                     save_probs=True, progress=False, full_max_values=0)
+    assert summary["done"] == 1 and summary["failed"] == 0
+    probs = np.load(tmp_path / "out" / "scene_probs.npy")
+    assert probs.dtype == np.float16 and probs.shape == (150, 70, 1)
+    whole = predict.predict_tiled([resunet_binary], image, (TILE, TILE), cfg.TILE_OVERLAP,
+                                  batch_size=cfg.BATCH_SIZE)
+    np.testing.assert_allclose(probs.astype(np.float32), whole, atol=1e-3)
+    label = imagery.read_label(tmp_path / "out" / "scene_predseg.png")
+    np.testing.assert_array_equal(label, (whole[..., 0] >= 0.5).astype(np.uint8))
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]

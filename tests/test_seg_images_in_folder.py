@@ -1,0 +1,233 @@
+"""End-to-end tests of the seg_images_in_folder command on tiny run folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from test_predict import pixel_model, pixel_prob, tiny_config, write_run
+
+from res_unet import imagery
+from res_unet.cli import run_command
+from res_unet.seg_images_in_folder import main
+
+BRIGHT, DARK = 200, 50  # the pixel model says foreground (p 0.97) / background (p 0.02)
+
+
+def seg(*args: str) -> int:
+    return run_command(main, [*map(str, args), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A binary run folder whose model is p = sigmoid(0.05 (band0 - 128)), threshold 0.3."""
+    return write_run(tmp_path_factory.mktemp("runs") / "run", pixel_model(), tiny_config(),
+                     threshold=0.3)
+
+
+def half_image(h: int, w: int, split: int) -> np.ndarray:
+    """Bright (foreground) columns < split, dark after."""
+    img = np.full((h, w, 3), DARK, np.uint8)
+    img[:, :split] = BRIGHT
+    return img
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    imagery.write_png(folder / "a.png", half_image(32, 32, 16))
+    imagery.write_png(folder / "b.png", half_image(70, 90, 30))
+    rng = np.random.default_rng(0)
+    imagery.write_png(folder / "c.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    return folder
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+
+
+def test_segments_every_image(run, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out) == 0
+    for stem, shape in (("a", (32, 32)), ("b", (70, 90)), ("c", (40, 50))):
+        label = imagery.read_label(out / f"{stem}_predseg.png")
+        overlay, _ = imagery.read_image(out / f"{stem}_overlay.png")
+        assert label.shape == shape and overlay.shape == (*shape, 3)
+        image, _ = imagery.read_image(images / f"{stem}.png")
+        np.testing.assert_array_equal(label, pixel_prob(image)[..., 0] >= 0.3)
+    assert not (out / "a_predseg.tif").exists()
+    config = json.loads((out / "segmentation_config.json").read_text())
+    assert config["threshold"] == 0.3 and config["models"][0]["run_dir"] == str(run.resolve())
+    assert "3 done, 0 skipped" in capsys.readouterr().out
+    assert no_temp_files(out)
+
+
+def test_threshold_flag_overrides_card(run, images, tmp_path):
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out, "--threshold", "0.9") == 0
+    image, _ = imagery.read_image(images / "c.png")
+    label = imagery.read_label(out / "c_predseg.png")
+    np.testing.assert_array_equal(label, pixel_prob(image)[..., 0] >= 0.9)
+    assert json.loads((out / "segmentation_config.json").read_text())["threshold"] == 0.9
+
+
+def test_geotiff_round_trip(run, tmp_path):
+    folder = tmp_path / "geo"
+    folder.mkdir()
+    img = half_image(48, 64, 20)
+    img[:5] = 0  # nodata rows
+    transform = from_origin(500000.0, 4200000.0, 10.0, 10.0)
+    with rasterio.open(folder / "scene.tif", "w", driver="GTiff", height=48, width=64, count=3,
+                       dtype="uint8", crs="EPSG:32633", transform=transform, nodata=0) as ds:
+        ds.write(np.moveaxis(img, -1, 0))
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", folder, "--out", out, "--save-probs",
+               "--geojson") == 0
+    with rasterio.open(out / "scene_predseg.tif") as ds:
+        assert ds.crs == CRS.from_epsg(32633)
+        assert ds.transform == transform
+        assert ds.nodata == 255
+        label = ds.read(1)
+    assert np.all(label[:5] == 255)
+    np.testing.assert_array_equal(label[5:, :20], 1)
+    np.testing.assert_array_equal(label[5:, 20:], 0)
+    np.testing.assert_array_equal(imagery.read_label(out / "scene_predseg.png"), label)
+    with rasterio.open(out / "scene_probs.tif") as ds:
+        assert ds.dtypes[0] == "float32" and ds.crs == CRS.from_epsg(32633)
+        probs = ds.read(1)
+    assert np.all(np.isnan(probs[:5])) and np.all(probs[5:, :20] > 0.9)
+    polygons = json.loads((out / "scene_predseg.geojson").read_text())
+    assert len(polygons["features"]) == 1
+    assert polygons["features"][0]["properties"]["area_px"] == 43 * 20
+    assert "32633" in polygons["crs"]["properties"]["name"]
+    assert no_temp_files(out)
+
+
+def test_nodata_zero_flag(run, tmp_path):
+    folder = tmp_path / "images"
+    img = half_image(40, 40, 20)
+    img[30:, 30:] = 0
+    imagery.write_png(folder / "z.png", img)
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", folder, "--out", out, "--nodata-zero") == 0
+    label = imagery.read_label(out / "z_predseg.png")
+    assert np.all(label[30:, 30:] == 255) and np.all(label[:30, 20:] == 0)
+
+
+def test_resume_skips_done_images_and_overwrite_redoes_them(run, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out) == 0
+    old = 1_000_000_000
+    for path in out.glob("*.png"):
+        os.utime(path, (old, old))
+    capsys.readouterr()
+    assert seg("--model", run, "--images", images, "--out", out) == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out
+    assert all(p.stat().st_mtime == old for p in out.glob("*.png"))
+    (out / "b_overlay.png").unlink()
+    assert seg("--model", run, "--images", images, "--out", out) == 0
+    assert "1 done, 2 skipped" in capsys.readouterr().out
+    assert (out / "b_predseg.png").stat().st_mtime != old
+    assert (out / "a_predseg.png").stat().st_mtime == old
+    assert seg("--model", run, "--images", images, "--out", out, "--overwrite") == 0
+    assert "3 done, 0 skipped" in capsys.readouterr().out
+    assert all(p.stat().st_mtime != old for p in out.glob("*.png"))
+
+
+def test_corrupt_image_is_skipped_and_others_written(run, images, tmp_path, capsys):
+    (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out) == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "bad.png" in failed[0]
+    assert "3 done, 0 skipped (already done), 1 failed" in captured.out
+    assert all((out / f"{s}_predseg.png").exists() for s in "abc")
+    assert not list(out.glob("bad_*"))
+    assert no_temp_files(out)
+
+
+def test_band_mismatch_is_a_failure_for_that_file(run, images, tmp_path, capsys):
+    imagery.write_png(images / "grey.png", np.full((40, 40), 100, np.uint8))
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "grey.png" in err and "band" in err
+
+
+def test_shards_are_disjoint_and_complete(run, images, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        assert seg("--model", run, "--images", images, "--out", out, "--shard", f"{i}/2") == 0
+        outs.append({p.name for p in out.glob("*_predseg.png")})
+    assert outs[0].isdisjoint(outs[1])
+    assert outs[0] | outs[1] == {"a_predseg.png", "b_predseg.png", "c_predseg.png"}
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "x", "--shard",
+               "2/2") == 2
+
+
+def test_evaluation_scores(run, tmp_path, capsys):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    # Image 1: prediction = columns < 16, truth = columns < 8: foreground IoU 8/16, background
+    # IoU 16/24. Image 2: everything foreground in both: IoU 1, background absent.
+    imagery.write_png(images / "one.png", half_image(32, 32, 16))
+    truth = np.zeros((32, 32), np.uint8)
+    truth[:, :8] = 1
+    imagery.write_png(labels / "one.png", truth)
+    imagery.write_png(images / "two.png", half_image(32, 32, 32))
+    imagery.write_png(labels / "two.png", np.ones((32, 32), np.uint8))
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 0
+    with open(out / "scores.csv") as fh:
+        rows = {row["image"]: row for row in csv.DictReader(fh)}
+    assert set(rows) == {"one", "two", "ALL"}
+    assert float(rows["one"]["iou_1"]) == pytest.approx(0.5)
+    assert float(rows["one"]["iou_0"]) == pytest.approx(2 / 3)
+    assert float(rows["one"]["mean_iou"]) == pytest.approx(7 / 12)
+    assert float(rows["one"]["dice_1"]) == pytest.approx(2 / 3)
+    assert float(rows["one"]["pixel_accuracy"]) == pytest.approx(0.75)
+    assert float(rows["two"]["iou_1"]) == pytest.approx(1.0) and rows["two"]["iou_0"] == ""
+    # ALL from the summed confusion matrix: foreground 1280 / 1536, background 512 / 768.
+    assert float(rows["ALL"]["iou_1"]) == pytest.approx(1280 / 1536)
+    assert float(rows["ALL"]["iou_0"]) == pytest.approx(512 / 768)
+    assert int(rows["ALL"]["n_pixels"]) == 2048
+    assert "mean IoU 0.750" in capsys.readouterr().out
+    # Resumed runs score the existing predictions.
+    assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 0
+    assert "0 done, 2 skipped" in capsys.readouterr().out
+    with open(out / "scores.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_not_a_run_folder_is_a_usage_error(images, tmp_path, capsys):
+    assert seg("--model", tmp_path, "--images", images, "--out", tmp_path / "out") == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_ensemble_members_must_agree(run, images, tmp_path, capsys):
+    multi_cfg = tiny_config(3)
+    from test_predict import BAND_MEAN, BAND_STD
+
+    from res_unet.models import build_model
+
+    other = write_run(tmp_path / "multi", build_model(multi_cfg, BAND_MEAN, BAND_STD), multi_cfg)
+    assert seg("--model", run, "--model", other, "--images", images, "--out",
+               tmp_path / "out") == 2
+    assert "same classes" in capsys.readouterr().err
+
+
+def test_ensemble_of_same_run_matches_single(run, images, tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert seg("--model", run, "--images", images, "--out", single) == 0
+    assert seg("--model", run, "--model", run, "--images", images, "--out", double,
+               "--tta") == 0
+    for stem in "abc":
+        np.testing.assert_array_equal(imagery.read_label(single / f"{stem}_predseg.png"),
+                                      imagery.read_label(double / f"{stem}_predseg.png"))
