@@ -437,7 +437,15 @@ def postprocess(prob: np.ndarray, image: np.ndarray | None, cfg: Config,
                           max_pixels=cfg.CRF_MAX_PIXELS)
     n_classes = 2 if prob.shape[2] == 1 else prob.shape[2]
     cut = resolve_threshold(prob, cfg.THRESHOLD, threshold) if n_classes == 2 else 0.5
-    label = probs_to_label(prob, cut)
+    return clean_label(probs_to_label(prob, cut), cfg, n_classes)
+
+
+def clean_label(label: np.ndarray, cfg: Config, n_classes: int) -> np.ndarray:
+    """The label clean-up of :func:`postprocess` on a (H, W) uint8 class map: majority
+    filter (MEDIAN_FILTER_VALUE) -> opening -> closing -> small objects -> small holes.
+
+    ``n_classes`` counts the background (2 for binary). Steps whose setting is 0 are skipped.
+    """
     label = median_filter(label, cfg.MEDIAN_FILTER_VALUE)
     label = morphological_open(label, cfg.OPENING_RADIUS, n_classes)
     label = morphological_close(label, cfg.CLOSING_RADIUS, n_classes)

@@ -411,16 +411,6 @@ def nodata_mask(image: np.ndarray, values: Sequence[float]) -> np.ndarray:
     return mask
 
 
-def clean_label(label: np.ndarray, cfg: Config, n_classes: int) -> np.ndarray:
-    """The label clean-up of :func:`res_unet.postprocess.postprocess` (majority filter,
-    opening, closing, small objects, small holes, in that order) on a (H, W) uint8 map."""
-    label = postprocess.median_filter(label, cfg.MEDIAN_FILTER_VALUE)
-    label = postprocess.morphological_open(label, cfg.OPENING_RADIUS, n_classes)
-    label = postprocess.morphological_close(label, cfg.CLOSING_RADIUS, n_classes)
-    label = postprocess.remove_small_objects(label, cfg.MIN_OBJECT_AREA, n_classes)
-    return postprocess.fill_small_holes(label, cfg.MIN_HOLE_AREA, n_classes)
-
-
 def _otsu_from_histogram(counts: np.ndarray) -> float:
     """Otsu's threshold in [0, 1] from counts of probabilities quantised to 1/_OTSU_LEVELS."""
     present = np.flatnonzero(counts)
@@ -563,7 +553,7 @@ class Segmenter:
             del store
         else:
             label = store
-        label = clean_label(label, self.cfg, self.n_classes)
+        label = postprocess.clean_label(label, self.cfg, self.n_classes)
         # Row blocks: a whole-image nodata mask would cost another byte per pixel.
         for r0 in range(0, label.shape[0], 1024):
             rows = slice(r0, r0 + 1024)
