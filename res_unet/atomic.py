@@ -18,13 +18,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it onto ``path``.
 
     For writers that need a file name (TFRecordWriter, rasterio, Keras ``save``). The temp
-    name keeps the suffix of ``path`` so format detection by extension still works.
+    name ends with the suffixes of ``path`` so format detection by extension still works.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                               suffix=f".tmp{path.suffix}")
+    # Keep every suffix ("x.weights.h5" -> ".x.weights.h5.abc123.tmp.weights.h5"): writers
+    # such as Keras pick the format from the full compound suffix.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                               suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
+    # mkstemp creates 0600 files; outputs get the permissions any new file would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -351,3 +351,48 @@ def make_demo_dataset(out_dir: str | os.PathLike, n_images: int,
         write_png(images_dir / f"demo_{i:03d}.png", image)
         write_png(labels_dir / f"demo_{i:03d}.png", label)
     return images_dir, labels_dir
+
+
+def make_demo_splits(out_dir: str | os.PathLike, n_train: int, n_test: int,
+                     size: Sequence[int] = (256, 256), seed: int = 0,
+                     multiclass: bool = False) -> dict[str, tuple[Path, Path]]:
+    """Training scenes in out_dir/train and unseen test scenes (another seed) in out_dir/test.
+
+    Returns {"train": (images, labels), "test": (images, labels)}.
+    """
+    out = Path(out_dir)
+    splits = {"train": make_demo_dataset(out / "train", n_train, size, seed, multiclass)}
+    if n_test:
+        splits["test"] = make_demo_dataset(out / "test", n_test, size, seed + 1, multiclass)
+    return splits
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m res_unet.demo``: write the synthetic demo dataset."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m res_unet.demo",
+                                     description="Synthesise the demo dataset (aerial-looking "
+                                     "scenes with lakes, islands and rivers) into OUT/train "
+                                     "and OUT/test.")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--count", type=int, default=48, help="training scenes")
+    parser.add_argument("--test-count", type=int, default=8, help="held-out test scenes")
+    parser.add_argument("--size", type=int, nargs="+", default=[256], help="ROWS [COLS]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--multiclass", action="store_true",
+                        help="4 classes: land, water, forest, built-up")
+    args = parser.parse_args(argv)
+    size = (args.size[0], args.size[-1])
+    splits = make_demo_splits(args.out, args.count, args.test_count, size, args.seed,
+                              args.multiclass)
+    for name, (images, labels) in splits.items():
+        print(f"{name}: {len(list(images.glob('*.png')))} scenes in {images} (labels in "
+              f"{labels})")
+    return 0
+
+
+if __name__ == "__main__":
+    from res_unet.cli import run_command
+
+    raise SystemExit(run_command(main))

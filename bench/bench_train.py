@@ -1,0 +1,105 @@
+"""Training throughput of the residual U-Net on this machine; prints JSON.
+
+    python bench/bench_train.py [--size 256] [--batch 8] [--steps 20] [--filters 16]
+                                [--precisions float32 mixed_bfloat16]
+
+For each precision: images/s of the real training step (res_unet.train.Trainer, the same
+code train_resunet runs) on random data held in memory, the model's forward FLOPs per image,
+training FLOPs (3x forward: forward + two backward matmuls per layer), achieved GFLOP/s, model
+FLOPs utilisation against the float32 / bfloat16 matmul peak measured here, and peak RSS.
+Run by hand on an otherwise idle machine; CI does not time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from res_unet.config import config_from_dict
+from res_unet.models import count_flops
+from res_unet.train import Trainer, cpu_supports_bf16, device_description
+
+
+def matmul_peak(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
+    """Measured matmul GFLOP/s for square n x n matrices of ``dtype``."""
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    step = tf.function(lambda x: tf.matmul(x, x))
+    step(a).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = step(a)
+    out.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def bench_precision(precision: str, size: int, batch: int, steps: int, filters: int,
+                    depth: int) -> dict:
+    cfg, _ = config_from_dict({"TARGET_SIZE": [size, size], "BATCH_SIZE": batch,
+                               "FILTERS": filters, "DEPTH": depth, "PRECISION": precision,
+                               "MAX_LR": 1e-3, "START_LR": 1e-3, "RAMPUP_EPOCHS": 0})
+    manifest = {"band_mean": [100.0] * 3, "band_std": [50.0] * 3,
+                "class_pixel_frequency": [0.8, 0.2]}
+    trainer = Trainer(cfg, manifest, tf.distribute.get_strategy(), precision)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch * 4, size, size, 3)).astype("float32")
+    y = (rng.uniform(size=(batch * 4, size, size, 1)) > 0.8).astype("float32")
+    iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch)
+                    .prefetch(2))
+    trainer.train_epoch(iterator, 3, 0, progress=False)  # trace + warm up
+    _, _, seconds, wait = trainer.train_epoch(iterator, steps, 1, progress=False)
+    images_per_second = steps * batch / seconds
+    keras.mixed_precision.set_global_policy("float32")
+    flops_forward = count_flops(trainer.model)
+    return {"precision": precision, "images_per_second": round(images_per_second, 2),
+            "megapixels_per_second": round(images_per_second * size * size / 1e6, 3),
+            "step_seconds": round(seconds / steps, 4),
+            "input_wait_fraction": round(wait / seconds, 4),
+            "forward_gflops_per_image": round(flops_forward / 1e9, 3),
+            "train_gflops_per_image": round(3 * flops_forward / 1e9, 3),
+            "achieved_gflops_per_second": round(3 * flops_forward * images_per_second / 1e9, 1),
+            "parameters": int(trainer.model.count_params())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--filters", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
+    args = parser.parse_args()
+    peaks = {"float32": matmul_peak(tf.float32), "mixed_bfloat16": matmul_peak(tf.bfloat16)}
+    results = []
+    for precision in args.precisions:
+        row = bench_precision(precision, args.size, args.batch, args.steps, args.filters,
+                              args.depth)
+        peak = peaks.get(precision, peaks["float32"])
+        row["matmul_peak_gflops_per_second"] = round(peak, 1)
+        row["mfu"] = round(row["achieved_gflops_per_second"] / peak, 4)
+        results.append(row)
+    print(json.dumps({
+        "benchmark": "train_resunet step", "device": device_description(),
+        "cpu_bf16": cpu_supports_bf16(), "tensorflow": tf.__version__,
+        "size": args.size, "batch": args.batch, "filters": args.filters, "depth": args.depth,
+        "results": results,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

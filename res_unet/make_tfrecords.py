@@ -1,0 +1,61 @@
+"""make_tfrecords: build a train/validation TFRecord dataset from image and label folders.
+
+    make_tfrecords --config my.json --images imgs/ --labels labels/ --out dataset/
+
+Images and labels pair up by file stem. The split is made first (seeded, grouped by
+SPLIT_GROUP_PATTERN), then images are fitted to TARGET_SIZE and the training split is
+augmented. The output folder gets the shards, manifest.json, config.json and samples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from res_unet.cli import quiet_tensorflow, run_command
+from res_unet.config import load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of make_tfrecords."""
+    parser = argparse.ArgumentParser(
+        prog="make_tfrecords",
+        description="Build a train/validation TFRecord dataset (shards + manifest.json) from a "
+                    "folder of images and a folder of label masks with the same file names.")
+    parser.add_argument("--config", required=True, help="JSON config file (TARGET_SIZE, "
+                        "NCLASSES, VALIDATION_SPLIT, FIT_MODE, AUG_* ...)")
+    parser.add_argument("--images", required=True, help="folder of images (.jpg .png .tif)")
+    parser.add_argument("--labels", required=True, help="folder of label masks (class index "
+                        "per pixel), named like the images")
+    parser.add_argument("--out", required=True, help="dataset folder to create")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes (default 1); the output does not depend on it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dataset in --out (only once the new one is "
+                             "complete)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build the dataset, print a short summary. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        build_parser().error("--workers must be at least 1")
+    quiet_tensorflow()
+    # Imported here so that --help and argument errors answer without loading scipy & co.
+    from res_unet import records
+
+    cfg = load_config(args.config)
+    manifest = records.make_dataset(cfg, args.images, args.labels, args.out,
+                                    workers=args.workers, overwrite=args.overwrite)
+    print(records.dataset_summary(manifest, args.out))
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(run_command(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,650 @@
+"""Training and evaluation of a segmentation model on a make_tfrecords dataset.
+
+One custom training loop serves every tf.distribute strategy: the default strategy on a CPU or
+one GPU, MirroredStrategy over several GPUs, and MultiWorkerMirroredStrategy over several
+machines (Keras 3's ``model.fit`` fails under the latter, keras-team/keras#20585). The loop
+gives what the usual callbacks give: a warm-up/decay learning-rate schedule, early stopping
+with the best weights restored, a best-weights checkpoint, CSV history, TensorBoard, and a
+backup that a killed run resumes from. Every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from res_unet import __version__, losses, metrics, records, report, schedule
+from res_unet.atomic import atomic_path, write_atomic
+from res_unet.config import Config, save_config
+from res_unet.errors import UserError
+from res_unet.models import build_model, count_flops, set_encoder_trainable
+
+BEST_WEIGHTS = "best.weights.h5"
+FULL_MODEL = "model.keras"
+BACKUP_DIR = "backup"
+STATE_FILE = "train_state.json"
+
+
+# Devices, strategy and precision ----------------------------------------------------------
+
+
+def select_devices(cfg: Config) -> None:
+    """Apply SET_GPU before TensorFlow initialises its devices ('-1' = CPU only)."""
+    if cfg.SET_GPU:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.SET_GPU
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored when TF_CONFIG names several workers, Mirrored over several GPUs,
+    else the default strategy (one CPU or GPU)."""
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    if len(cluster.get("worker", [])) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public name of a strategy (MultiWorkerMirroredStrategy's class has another)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bfloat16 matrix units (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(cfg: Config) -> str:
+    """The Keras dtype policy for PRECISION; 'auto' picks by hardware.
+
+    float16 on a CPU is unusably slow (REFERENCE.md), so it is only chosen for GPUs.
+    """
+    if cfg.PRECISION != "auto":
+        if cfg.PRECISION == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
+            print("note: PRECISION mixed_float16 without a GPU is very slow; consider "
+                  "mixed_bfloat16 or float32")
+        return cfg.PRECISION
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
+
+
+def device_description() -> str:
+    """A short description of the compute device, for the model card."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return f"{len(gpus)} GPU(s)"
+    name = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run folder: the chief, or worker 0 when no chief is
+    named, or the only process when TF_CONFIG is absent."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = tf_config.get("task", {})
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return (task.get("type") == "worker" and task.get("index", 0) == 0
+            and "chief" not in tf_config.get("cluster", {}))
+
+
+# Checks against the dataset ----------------------------------------------------------------
+
+
+def check_config_against_manifest(cfg: Config, manifest: dict[str, Any], data_dir: Path) -> None:
+    """Fail with one line per mismatch between the config and the dataset it trains on."""
+    problems = []
+    if manifest["n_bands"] != cfg.N_DATA_BANDS:
+        problems.append(f"{data_dir}: the dataset has {manifest['n_bands']} bands but "
+                        f"N_DATA_BANDS={cfg.N_DATA_BANDS}; set N_DATA_BANDS to "
+                        f"{manifest['n_bands']} or rebuild the dataset")
+    if manifest["n_label_classes"] != cfg.n_label_classes:
+        problems.append(f"{data_dir}: the dataset has {manifest['n_label_classes']} label "
+                        f"classes but NCLASSES={cfg.NCLASSES} means {cfg.n_label_classes}; "
+                        "use the NCLASSES the dataset was made with")
+    if list(manifest["target_size"]) != list(cfg.TARGET_SIZE):
+        problems.append(f"{data_dir}: the dataset's examples are {manifest['target_size']} but "
+                        f"TARGET_SIZE={cfg.TARGET_SIZE}; use the dataset's size or rebuild it")
+    if manifest["counts"]["train"]["examples"] == 0 and cfg.DO_TRAIN:
+        problems.append(f"{data_dir}: the training split is empty; add images or lower "
+                        "VALIDATION_SPLIT")
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+def resolve_class_weights(cfg: Config, manifest: dict[str, Any]) -> list[float] | None:
+    """CLASS_WEIGHTS as a list: 'auto' uses the training split's class pixel frequencies."""
+    if cfg.CLASS_WEIGHTS == "auto":
+        return losses.class_weights_from_frequency(manifest["class_pixel_frequency"],
+                                                   ignore_class=cfg.IGNORE_CLASS)
+    return cfg.CLASS_WEIGHTS
+
+
+def load_weights_checked(model: keras.Model, path: Path) -> None:
+    """Load a .weights.h5 or .keras file into ``model``; a mismatch is one clear line."""
+    if not path.exists():
+        raise UserError(f"{path}: weights file not found; pass the best.weights.h5 or "
+                        "model.keras of a training run")
+    try:
+        if path.suffix == ".keras":
+            source = keras.models.load_model(path, compile=False)
+            model.set_weights(source.get_weights())
+        else:
+            model.load_weights(path)
+    except (ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: these weights do not fit the model built from the config "
+                        f"({first[:200]}); use the config the weights were trained with") from None
+
+
+# The loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochLog:
+    """One row of history.csv."""
+
+    epoch: int
+    lr: float
+    loss: float
+    mean_iou: float
+    val_loss: float
+    val_mean_iou: float
+    val_dice: float
+    seconds: float
+    images_per_second: float
+    input_wait_fraction: float
+
+    def as_row(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the model and optimizer variables."""
+
+    next_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def _batch_confusion(y_true: tf.Tensor, y_prob: tf.Tensor, n_classes: int,
+                     ignore_class: int | None) -> tf.Tensor:
+    """Confusion matrix (truth rows, prediction columns) of one batch at 0.5 / argmax."""
+    if n_classes == 2 and y_true.shape[-1] == 1:
+        truth = tf.cast(y_true[..., 0] >= 0.5, tf.int32)
+        pred = tf.cast(tf.cast(y_prob[..., 0], tf.float32) >= 0.5, tf.int32)
+    else:
+        truth = tf.argmax(y_true, axis=-1, output_type=tf.int32)
+        pred = tf.argmax(tf.cast(y_prob, tf.float32), axis=-1, output_type=tf.int32)
+    truth = tf.reshape(truth, [-1])
+    pred = tf.reshape(pred, [-1])
+    if ignore_class is not None:
+        keep = tf.not_equal(truth, ignore_class)
+        truth, pred = tf.boolean_mask(truth, keep), tf.boolean_mask(pred, keep)
+    return tf.math.confusion_matrix(truth, pred, num_classes=n_classes, dtype=tf.float64)
+
+
+class Trainer:
+    """Builds the model under a strategy and runs the epoch loop."""
+
+    def __init__(self, cfg: Config, manifest: dict[str, Any], strategy: tf.distribute.Strategy,
+                 precision: str):
+        self.cfg = cfg
+        self.manifest = manifest
+        self.strategy = strategy
+        self.precision = precision
+        self.n_classes = cfg.n_label_classes
+        keras.mixed_precision.set_global_policy(precision)
+        keras.utils.set_random_seed(cfg.SEED)
+        with strategy.scope():
+            self.model = build_model(cfg, manifest["band_mean"], manifest["band_std"])
+            self.loss_fn = losses.make_loss(cfg, resolve_class_weights(cfg, manifest))
+            optimizer = keras.optimizers.Adam(learning_rate=schedule.learning_rate(0, cfg))
+            if precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            self.optimizer = optimizer
+            # Built over every variable up front so that freezing and unfreezing the encoder
+            # later only changes which subset receives gradients.
+            self.optimizer.build(self.model.trainable_variables)
+            self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._train_step = None
+        self._eval_step = None
+
+    # steps ------------------------------------------------------------------------------
+
+    def _make_train_step(self):
+        model, loss_fn, opt, strategy = self.model, self.loss_fn, self.optimizer, self.strategy
+        n_classes, ignore = self.n_classes, self.cfg.IGNORE_CLASS
+        scaled = isinstance(opt, keras.optimizers.LossScaleOptimizer)
+
+        def replica_step(x, y):
+            with tf.GradientTape() as tape:
+                prob = model(x, training=True)
+                loss = loss_fn(y, prob)
+                objective = loss / strategy.num_replicas_in_sync
+                if scaled:
+                    objective = opt.scale_loss(objective)
+            variables = model.trainable_variables
+            grads = tape.gradient(objective, variables)
+            opt.apply_gradients(zip(grads, variables, strict=True))
+            return loss, _batch_confusion(y, prob, n_classes, ignore)
+
+        @tf.function(jit_compile=self.cfg.JIT_COMPILE or None)
+        def step(x, y):
+            loss, cm = strategy.run(replica_step, args=(x, y))
+            return (strategy.reduce("MEAN", loss, axis=None),
+                    strategy.reduce("SUM", cm, axis=None))
+
+        return step
+
+    def _make_eval_step(self):
+        model, loss_fn, strategy = self.model, self.loss_fn, self.strategy
+        n_classes, ignore = self.n_classes, self.cfg.IGNORE_CLASS
+
+        def replica_step(x, y):
+            prob = model(x, training=False)
+            n = tf.cast(tf.shape(x)[0], tf.float32)
+            loss = tf.where(n > 0, loss_fn(y, prob) * n, 0.0)
+            return loss, n, _batch_confusion(y, prob, n_classes, ignore)
+
+        @tf.function
+        def step(x, y):
+            loss, n, cm = strategy.run(replica_step, args=(x, y))
+            return (strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", n, axis=None),
+                    strategy.reduce("SUM", cm, axis=None))
+
+        return step
+
+    def set_encoder_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze a pretrained encoder; the step function is rebuilt."""
+        set_encoder_trainable(self.model, not frozen)
+        self._train_step = None
+
+    # epochs ------------------------------------------------------------------------------
+
+    def train_epoch(self, iterator, steps: int, epoch: int, progress: bool) -> tuple[float,
+                                                                                     np.ndarray,
+                                                                                     float,
+                                                                                     float]:
+        """Run ``steps`` training steps; returns (mean loss, confusion, seconds, input wait)."""
+        if self._train_step is None:
+            self._train_step = self._make_train_step()
+        cm = np.zeros((self.n_classes, self.n_classes))
+        loss_sum, wait, start = 0.0, 0.0, time.perf_counter()
+        bar = _progress(steps, f"epoch {epoch + 1}", progress)
+        for done in range(1, steps + 1):
+            t0 = time.perf_counter()
+            x, y = next(iterator)
+            wait += time.perf_counter() - t0
+            loss, batch_cm = self._train_step(x, y)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged (loss {loss}) in epoch {epoch + 1}; lower "
+                                "MAX_LR or use PRECISION float32")
+            loss_sum += loss
+            cm += batch_cm.numpy()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / done:.4f}", refresh=False)
+        bar.close()
+        return loss_sum / max(steps, 1), cm, time.perf_counter() - start, wait
+
+    def evaluate_loss(self, dataset) -> tuple[float, np.ndarray]:
+        """Mean loss and confusion matrix over a (distributed) validation dataset."""
+        if self._eval_step is None:
+            self._eval_step = self._make_eval_step()
+        cm = np.zeros((self.n_classes, self.n_classes))
+        loss_sum, count = 0.0, 0.0
+        for x, y in dataset:
+            loss, n, batch_cm = self._eval_step(x, y)
+            loss_sum += float(loss)
+            count += float(n)
+            cm += batch_cm.numpy()
+        return loss_sum / max(count, 1.0), cm
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not enabled,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+
+def _mean_iou(cm: np.ndarray, ignore_class: int | None) -> float:
+    value = metrics.scores_from_confusion(cm, ignore_class=ignore_class)["mean_iou"]
+    return float("nan") if value is None else float(value)
+
+
+def _dice(cm: np.ndarray, ignore_class: int | None) -> float:
+    value = metrics.scores_from_confusion(cm, ignore_class=ignore_class)["mean_dice"]
+    return float("nan") if value is None else float(value)
+
+
+# Run folder ------------------------------------------------------------------------------
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buf.getvalue())
+
+
+def _save_weights(model: keras.Model, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        model.save_weights(tmp)
+
+
+def _save_full_model(model: keras.Model, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def _export_saved_model(model: keras.Model, path: Path) -> None:
+    """Keras ``model.export`` (TensorFlow SavedModel for serving) into ``path``, atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        model.export(str(tmp), verbose=False)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Backup:
+    """Model, optimizer and loop state saved each epoch, so a killed run resumes.
+
+    Uses tf.train.CheckpointManager (which writes the checkpoint before updating its index)
+    plus a small JSON state written atomically after it. Non-chief workers of a multi-worker
+    run write to a private temp folder, as TensorFlow requires every worker to save.
+    """
+
+    def __init__(self, run_dir: Path, trainer: Trainer, chief: bool):
+        self.dir = run_dir / BACKUP_DIR if chief else Path(tempfile.mkdtemp(prefix="backup_"))
+        self.chief = chief
+        self.checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                                              epoch=trainer.epoch_var)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.dir), max_to_keep=1)
+
+    def restore(self) -> TrainState | None:
+        state_path = self.dir / STATE_FILE
+        if not self.manager.latest_checkpoint or not state_path.exists():
+            return None
+        self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
+        state = TrainState(**json.loads(state_path.read_text()))
+        if int(self.checkpoint.epoch.numpy()) != state.next_epoch:
+            return None
+        return state
+
+    def save(self, state: TrainState) -> None:
+        self.checkpoint.epoch.assign(state.next_epoch)
+        self.manager.save()
+        write_atomic(self.dir / STATE_FILE, json.dumps(state.__dict__, default=float))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# Evaluation -------------------------------------------------------------------------------
+
+
+def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 6
+             ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Score ``model`` on the validation split of a dataset.
+
+    Returns the evaluation dict (scores at 0.5 / argmax; for binary models also the
+    threshold maximising validation IoU and the scores there) and a few (image, label,
+    predicted label) examples for plotting.
+    """
+    n_classes = cfg.n_label_classes
+    binary = cfg.NCLASSES == 1
+    dataset = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False)
+    dtype = records.read_manifest(data_dir)["dtype"]
+    predict = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    sweep = metrics.ThresholdSweep() if binary else None
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for x, y in dataset:
+        prob = predict(x).numpy()
+        y = y.numpy()
+        truth = (y[..., 0] >= 0.5).astype(np.uint8) if binary else y.argmax(-1).astype(np.uint8)
+        pred = (prob[..., 0] >= 0.5).astype(np.uint8) if binary else prob.argmax(-1).astype(
+            np.uint8)
+        cm += metrics.confusion_matrix(truth, pred, n_classes, ignore_class=cfg.IGNORE_CLASS)
+        if sweep is not None:
+            sweep.update(truth, prob[..., 0])
+        for i in range(min(len(x), n_examples - len(examples))):
+            examples.append((np.round(x[i].numpy()).astype(dtype), truth[i], pred[i]))
+    result: dict[str, Any] = {"split": "validation", "threshold": 0.5 if binary else None,
+                              "scores": metrics.scores_from_confusion(
+                                  cm, ignore_class=cfg.IGNORE_CLASS)}
+    if sweep is not None and cm.sum() > 0:
+        best, curve = sweep.best()
+        result["optimal_threshold"] = best
+        result["threshold_sweep"] = curve
+        result["scores_at_optimal_threshold"] = metrics.scores_from_confusion(
+            sweep.confusion_at(best))
+    return result, examples
+
+
+# Entry point ------------------------------------------------------------------------------
+
+
+def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
+          strategy: tf.distribute.Strategy | None = None, progress: bool = True,
+          ) -> dict[str, Any]:
+    """Train (or, with DO_TRAIN=false, evaluate) a model; write the run folder.
+
+    ``data_dir`` is a make_tfrecords dataset; ``run_dir`` receives best.weights.h5,
+    model.keras, saved_model/, config.json, history.csv, figures, evaluation.json and
+    model_card.json. A run folder with a backup/ from a killed run resumes from it. Returns
+    the model card.
+    """
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    started = time.time()
+    manifest = records.read_manifest(data_dir)
+    check_config_against_manifest(cfg, manifest, data_dir)
+    strategy = strategy or make_strategy()
+    chief = is_chief()
+    precision = resolve_precision(cfg)
+    # Saved weights replace the encoder's pretrained ones: don't read (or download) those.
+    build_cfg = cfg if cfg.DO_TRAIN and not cfg.HOT_START else dataclasses.replace(
+        cfg, ENCODER_WEIGHTS=None)
+    trainer = Trainer(build_cfg, manifest, strategy, precision)
+    model = trainer.model
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+
+    state = TrainState(next_epoch=cfg.INITIAL_EPOCH)
+    if cfg.DO_TRAIN:
+        if cfg.HOT_START:
+            load_weights_checked(model, Path(cfg.INITIAL_WEIGHTS))
+        backup = Backup(run_dir, trainer, chief)
+        restored = backup.restore()
+        if restored is not None:
+            state = restored
+            print(f"resuming from the backup in {backup.dir}: epoch {state.next_epoch + 1}")
+        try:
+            state = _fit(trainer, cfg, data_dir, run_dir, state, backup, chief, progress)
+        except tf.errors.ResourceExhaustedError:
+            raise UserError(f"out of memory at BATCH_SIZE={cfg.BATCH_SIZE} and TARGET_SIZE="
+                            f"{cfg.TARGET_SIZE}; lower BATCH_SIZE (or TARGET_SIZE)") from None
+    else:
+        load_weights_checked(model, run_dir / BEST_WEIGHTS)
+
+    evaluation, examples = evaluate(model, cfg, data_dir)
+    card = _model_card(cfg, manifest, trainer, state, evaluation, time.time() - started)
+    if chief:
+        _write_outputs(run_dir, cfg, trainer, state, evaluation, examples, card)
+        if cfg.DO_TRAIN:
+            backup.remove()
+    elif cfg.DO_TRAIN:
+        backup.remove()
+    return card
+
+
+def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: TrainState,
+         backup: Backup, chief: bool, progress: bool) -> TrainState:
+    """The epoch loop: schedule, train, validate, early stopping, checkpoints, backup."""
+    strategy, model = trainer.strategy, trainer.model
+    manifest = trainer.manifest
+    n_train = manifest["counts"]["train"]["examples"]
+    steps = cfg.STEPS_PER_EPOCH or max(1, math.ceil(n_train / cfg.BATCH_SIZE))
+    train_ds = records.load_dataset(data_dir, "train", cfg.BATCH_SIZE, shuffle=True, flips=True,
+                                    repeat=True, cache=True, seed=cfg.SEED)
+    val_ds = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False,
+                                  cache=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_dist = strategy.experimental_distribute_dataset(train_ds.with_options(options))
+    val_dist = strategy.experimental_distribute_dataset(val_ds.with_options(options))
+    iterator = iter(train_dist)
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard")) \
+        if cfg.TENSORBOARD and chief else None
+    has_validation = manifest["counts"]["validation"]["examples"] > 0
+    best_weights = None
+
+    for epoch in range(state.next_epoch, cfg.MAX_EPOCHS):
+        frozen = epoch < cfg.FREEZE_ENCODER_EPOCHS
+        if cfg.FREEZE_ENCODER_EPOCHS and (epoch == state.next_epoch or
+                                          epoch == cfg.FREEZE_ENCODER_EPOCHS):
+            trainer.set_encoder_frozen(frozen)
+        lr = schedule.learning_rate(epoch, cfg)
+        trainer.optimizer.learning_rate.assign(lr)
+        loss, cm, seconds, wait = trainer.train_epoch(iterator, steps, epoch, progress)
+        val_loss, val_cm = trainer.evaluate_loss(val_dist) if has_validation else (loss, cm)
+        log = EpochLog(epoch=epoch + 1, lr=lr, loss=loss,
+                       mean_iou=_mean_iou(cm, cfg.IGNORE_CLASS), val_loss=val_loss,
+                       val_mean_iou=_mean_iou(val_cm, cfg.IGNORE_CLASS),
+                       val_dice=_dice(val_cm, cfg.IGNORE_CLASS), seconds=seconds,
+                       images_per_second=steps * cfg.BATCH_SIZE / seconds,
+                       input_wait_fraction=wait / seconds)
+        state.history.append(log.as_row())
+        state.train_seconds += seconds
+        print(f"epoch {log.epoch}/{cfg.MAX_EPOCHS}: loss {loss:.4f} iou {log.mean_iou:.3f} | "
+              f"val_loss {val_loss:.4f} val_iou {log.val_mean_iou:.3f} | lr {lr:.2e} | "
+              f"{log.images_per_second:.1f} img/s, input wait {100 * wait / seconds:.0f}%",
+              flush=True)
+        if writer is not None:
+            with writer.as_default(step=epoch + 1):
+                for key, value in log.as_row().items():
+                    tf.summary.scalar(key, value)
+        if val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_epoch, state.wait = val_loss, epoch + 1, 0
+            best_weights = model.get_weights()
+            if chief:
+                _save_weights(model, run_dir / BEST_WEIGHTS)
+        else:
+            state.wait += 1
+        state.next_epoch = epoch + 1
+        if chief:
+            _write_history(run_dir / "history.csv", state.history)
+        backup.save(state)
+        if state.wait >= cfg.PATIENCE:
+            print(f"early stopping: no val_loss improvement for {cfg.PATIENCE} epochs; best "
+                  f"epoch {state.best_epoch}")
+            break
+    # Restore the best weights, as early stopping promises. Each worker kept its own copy
+    # (they are identical across workers); a resumed run without a new best reads the file.
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    elif (run_dir / BEST_WEIGHTS).exists():
+        model.load_weights(run_dir / BEST_WEIGHTS)
+    return state
+
+
+def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: TrainState,
+                evaluation: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    target = tuple(cfg.TARGET_SIZE)
+    history = state.history
+    card = {
+        "res_unet_version": __version__,
+        "model": cfg.MODEL,
+        "encoder": cfg.ENCODER if cfg.MODEL == "efficientnet_unet" else None,
+        "parameters": int(trainer.model.count_params()),
+        "flops_per_image": int(count_flops(trainer.model)),
+        "input": {"size": list(target), "bands": cfg.N_DATA_BANDS, "dtype": manifest["dtype"],
+                  "band_mean": manifest["band_mean"], "band_std": manifest["band_std"]},
+        "classes": cfg.n_label_classes,
+        "binary": cfg.NCLASSES == 1,
+        "ignore_class": cfg.IGNORE_CLASS,
+        "threshold": evaluation.get("optimal_threshold", 0.5 if cfg.NCLASSES == 1 else None),
+        "dataset": {"content_hash": manifest["content_hash"], "counts": manifest["counts"],
+                    "fit_mode": cfg.FIT_MODE},
+        "training": {"epochs_run": len(history), "best_epoch": state.best_epoch,
+                     "best_val_loss": None if math.isinf(state.best_val_loss)
+                     else state.best_val_loss,
+                     "train_seconds": round(state.train_seconds, 1),
+                     "images_per_second": round(float(np.mean(
+                         [h["images_per_second"] for h in history])), 2) if history else None,
+                     "precision": trainer.precision, "strategy": strategy_name(trainer.strategy),
+                     "replicas": trainer.strategy.num_replicas_in_sync},
+        "validation": {"scores": evaluation["scores"],
+                       "scores_at_threshold": evaluation.get("scores_at_optimal_threshold")},
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "numpy": np.__version__},
+        "device": device_description(),
+        "wall_seconds": round(wall_seconds, 1),
+        "files": {"weights": BEST_WEIGHTS, "model": FULL_MODEL, "saved_model": "saved_model",
+                  "config": "config.json"},
+        "config": cfg.to_dict(),
+    }
+    return card
+
+
+def _write_outputs(run_dir: Path, cfg: Config, trainer: Trainer, state: TrainState,
+                   evaluation: dict[str, Any], examples: list, card: dict[str, Any]) -> None:
+    model = trainer.model
+    # Saved uncompiled: the loss is described by the config, and compiling here would create
+    # optimizer variables, a collective operation other workers have already left.
+    _save_full_model(model, run_dir / FULL_MODEL)
+    _export_saved_model(model, run_dir / "saved_model")
+    write_atomic(run_dir / "evaluation.json", json.dumps(evaluation, indent=2, default=float))
+    write_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, default=float))
+    if cfg.DOPLOT:
+        if state.history:
+            report.plot_history(state.history, run_dir / "curves.png")
+        report.plot_lr_schedule(schedule.lr_curve(cfg, cfg.MAX_EPOCHS), run_dir / "lr_schedule.png")
+        if examples:
+            report.plot_predictions(examples, cfg.n_label_classes, run_dir / "val_examples.png")

@@ -1,0 +1,68 @@
+"""train_resunet: train (or evaluate) a segmentation model on a make_tfrecords dataset.
+
+    train_resunet --config C.json --data DATASET_DIR --out RUN_DIR
+
+Writes best.weights.h5, model.keras, saved_model/, history.csv, curves.png, lr_schedule.png,
+val_examples.png, evaluation.json and model_card.json into RUN_DIR. Re-running into a folder
+whose run was killed resumes from its backup. Distribution: several GPUs are used with
+MirroredStrategy; several machines with MultiWorkerMirroredStrategy when TF_CONFIG describes
+the cluster (start the same command on each machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from res_unet.cli import quiet_tensorflow, run_command
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train_resunet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="JSON config (see config/)")
+    parser.add_argument("--data", required=True, help="dataset folder made by make_tfrecords")
+    parser.add_argument("--out", required=True, help="run folder for weights and reports")
+    parser.add_argument("--epochs", type=int, help="override MAX_EPOCHS")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate the weights in --out (same as DO_TRAIN=false)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_tensorflow()
+    from res_unet.config import config_from_dict, load_config
+
+    cfg = load_config(args.config)
+    overrides = {}
+    if args.epochs is not None:
+        overrides["MAX_EPOCHS"] = args.epochs
+    if args.evaluate_only:
+        overrides["DO_TRAIN"] = False
+    if overrides:
+        cfg, _ = config_from_dict({**cfg.to_dict(), **overrides}, source="command line")
+
+    from res_unet import train
+
+    train.select_devices(cfg)
+    card = train.train(cfg, args.data, args.out, progress=not args.no_progress)
+    scores = card["validation"]["scores_at_threshold"] or card["validation"]["scores"]
+    summary = {"run_folder": args.out, "epochs_run": card["training"]["epochs_run"],
+               "best_epoch": card["training"]["best_epoch"],
+               "validation_mean_iou": scores["mean_iou"],
+               "validation_per_class_iou": scores["iou"],
+               "threshold": card["threshold"], "train_seconds": card["training"]["train_seconds"]}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(run_command(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,272 @@
+"""Tests for res_unet.records: example fitting, the shard format and the dataset readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tifffile
+
+from res_unet import records
+from res_unet.config import config_from_dict
+from res_unet.errors import UserError
+from res_unet.imagery import write_png
+from res_unet.tiling import tile_grid
+
+
+def make_config(**overrides):
+    base = {"TARGET_SIZE": [16, 16], "FIT_MODE": "tile", "TILE_OVERLAP": 0.0,
+            "DO_AUG": False, "VALIDATION_SPLIT": 0.5, "IMS_PER_SHARD": 4, "DOPLOT": False}
+    base.update(overrides)
+    return config_from_dict(base)[0]
+
+
+def write_sources(root: Path, dtype: str, bands: int, n_classes: int = 2,
+                  shape=(32, 48), n_images: int = 2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random images (PNG for uint8 RGB, TIFF otherwise) and labels; returns {stem: arrays}."""
+    rng = np.random.default_rng(5)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir(parents=True)
+    sources = {}
+    for i in range(n_images):
+        stem = f"src{i}"
+        top = 255 if dtype == "uint8" else 65535
+        image = rng.integers(0, top + 1, (*shape, bands), dtype=dtype)
+        label = rng.integers(0, n_classes, shape, dtype=np.uint8)
+        if dtype == "uint8" and bands == 3:
+            write_png(root / "images" / f"{stem}.png", image)
+        else:
+            tifffile.imwrite(root / "images" / f"{stem}.tif", image, photometric="minisblack",
+                             planarconfig="contig")
+        write_png(root / "labels" / f"{stem}.png", label)
+        sources[stem] = (image, label)
+    return sources
+
+
+def expected_tiles(image, label, tile=(16, 16)):
+    return [(image[r:r + tile[0], c:c + tile[1]], label[r:r + tile[0], c:c + tile[1]])
+            for r, c in tile_grid(image.shape[:2], tile, 0.0)]
+
+
+# Fitting and example selection ------------------------------------------------------------
+
+def test_tile_mode_gives_the_tile_grid():
+    cfg = make_config(TARGET_SIZE=[128, 128])
+    image = np.zeros((300, 500, 3), np.uint8)
+    label = np.zeros((300, 500), np.uint8)
+    fitted = records.fit_examples(image, label, cfg)
+    assert len(fitted) == len(tile_grid((300, 500), (128, 128), 0.0)) == 3 * 4
+    assert {(r, c) for _, _, r, c in fitted} == {(r, c) for r in (0, 128, 172)
+                                                 for c in (0, 128, 256, 372)}
+    assert all(i.shape == (128, 128, 3) and lab.shape == (128, 128) for i, lab, _, _ in fitted)
+
+
+def test_resize_mode_keeps_aspect_and_label_values():
+    cfg = make_config(FIT_MODE="resize", TARGET_SIZE=[32, 32])
+    image = np.full((20, 40, 3), 7, np.uint8)
+    label = np.zeros((20, 40), np.uint8)
+    label[:, 20:] = 1
+    [(img, lab, r, c)] = records.fit_examples(image, label, cfg)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and (img == 7).all()
+    assert set(np.unique(lab)) == {0, 1} and (r, c) == (0, 0)
+    # Scaled 0.8, not stretched: the left half of each content row stays background.
+    assert (lab[:, :16] == 0).all() and (lab[:, 16:] == 1).all()
+
+
+def test_is_empty_tile_hand_values():
+    label = np.zeros((10, 10), np.uint8)
+    label[0, :5] = 1
+    assert records.is_empty_tile(label, 0.1)
+    assert not records.is_empty_tile(label, 0.05)
+    assert not records.is_empty_tile(np.zeros((4, 4), np.uint8), 0.0)
+
+
+def _tiles_with_empty_ones():
+    image = np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3).astype(np.uint8)
+    label = np.zeros((64, 64), np.uint8)
+    label[:16, :16] = 1  # one foreground tile out of 16
+    return image, label
+
+
+def test_empty_tiles_dropped_in_training_only():
+    image, label = _tiles_with_empty_ones()
+    cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.0)
+    train, dropped = records.source_examples(image, label, "s", "train", 0, cfg)
+    assert len(train) == 1 and dropped == 15 and (train[0].row, train[0].col) == (0, 0)
+    val, dropped = records.source_examples(image, label, "s", "validation", 0, cfg)
+    assert len(val) == 16 and dropped == 0
+
+
+def test_empty_tile_keep_share_is_seeded():
+    image, label = _tiles_with_empty_ones()
+    cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.5)
+    kept = [(e.row, e.col) for e in records.source_examples(image, label, "s", "train", 3,
+                                                            cfg)[0]]
+    again = [(e.row, e.col) for e in records.source_examples(image, label, "s", "train", 3,
+                                                             cfg)[0]]
+    assert kept == again and 1 < len(kept) < 16
+
+
+def test_augmented_copies_follow_each_training_example():
+    image, label = _tiles_with_empty_ones()
+    cfg = make_config(DO_AUG=True, AUG_COPIES=2, TARGET_SIZE=[32, 32])
+    train, _ = records.source_examples(image, label, "s", "train", 0, cfg)
+    assert [e.copy for e in train] == [0, 1, 2] * 4
+    assert np.array_equal(train[0].image, image[:32, :32])
+    assert not np.array_equal(train[1].image, train[0].image)
+    val, _ = records.source_examples(image, label, "s", "validation", 0, cfg)
+    assert [e.copy for e in val] == [0] * 4
+    # Seeds depend on the source index: another index gives other augmentations.
+    other, _ = records.source_examples(image, label, "s", "train", 1, cfg)
+    assert not np.array_equal(other[1].image, train[1].image)
+
+
+# Shard format -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("dtype", "bands"), [("uint8", 3), ("uint16", 6)])
+def test_serialize_parse_round_trip(dtype, bands):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, np.iinfo(dtype).max, (5, 7, bands), dtype=dtype)
+    label = rng.integers(0, 4, (5, 7), dtype=np.uint8)
+    record = records.serialize_example(records.Example(image, label, "stem_x", 3, 9, 2))
+    assert record == records.serialize_example(records.Example(image, label, "stem_x", 3, 9, 2))
+    out_image, out_label, meta = records.parse_example(record)
+    assert out_image.dtype == dtype and np.array_equal(out_image, image)
+    assert out_label.dtype == np.uint8 and np.array_equal(out_label, label)
+    assert meta == {"stem": "stem_x", "row": 3, "col": 9, "copy": 2}
+
+
+@pytest.mark.parametrize("compression", ["GZIP", None])
+def test_shard_writer_splits_and_round_trips(tmp_path, compression):
+    rng = np.random.default_rng(1)
+    examples = [records.Example(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),
+                                rng.integers(0, 2, (4, 4), dtype=np.uint8), f"s{i}")
+                for i in range(7)]
+    with records.ShardWriter(tmp_path, "lakes", "train", 3, compression) as writer:
+        for e in examples:
+            writer.write(records.serialize_example(e))
+    assert writer.shards == [{"file": f"lakes-train-0000{i}.tfrec", "count": n}
+                             for i, n in enumerate((3, 3, 1))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [s["file"] for s in writer.shards]
+    files = [str(tmp_path / s["file"]) for s in writer.shards]
+    raw = tf.data.TFRecordDataset(files, compression_type=compression or "")
+    back = [records.parse_example(r) for r in raw.as_numpy_iterator()]
+    assert [m["stem"] for _, _, m in back] == [e.stem for e in examples]
+    assert all(np.array_equal(i, e.image) and np.array_equal(lab, e.label)
+               for (i, lab, _), e in zip(back, examples, strict=True))
+
+
+def test_shard_writer_interrupted_leaves_only_finished_shards(tmp_path):
+    record = records.serialize_example(
+        records.Example(np.zeros((2, 2, 1), np.uint8), np.zeros((2, 2), np.uint8), "s"))
+    with pytest.raises(KeyboardInterrupt),  \
+            records.ShardWriter(tmp_path, "d", "train", 2, "GZIP") as writer:
+        for _ in range(3):
+            writer.write(record)
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["d-train-00000.tfrec"]
+
+
+def test_band_stats_match_numpy():
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 65535, (5 + i, 3, 4), dtype=np.uint16) for i in range(4)]
+    stats = records._RunningBandStats()
+    for im in images:
+        stats.add(im)
+    mean, std = stats.result()
+    flat = np.concatenate([im.reshape(-1, 4) for im in images]).astype(np.float64)
+    assert np.allclose(mean, flat.mean(axis=0), rtol=1e-12)
+    assert np.allclose(std, flat.std(axis=0), rtol=1e-10)
+
+
+# Whole datasets: bit-exact round trip through both readers --------------------------------
+
+@pytest.mark.parametrize("compression", ["GZIP", None])
+@pytest.mark.parametrize(("dtype", "bands"), [("uint8", 3), ("uint16", 6)])
+def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
+    sources = write_sources(tmp_path / "src", dtype, bands)
+    cfg = make_config(N_DATA_BANDS=bands, SHARD_COMPRESSION=compression)
+    manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
+                                    tmp_path / "ds")
+    assert manifest["dtype"] == dtype and manifest["n_bands"] == bands
+    assert manifest["compression"] == compression
+    for split in records.SPLITS:
+        [stem] = [Path(f).stem for f in manifest["files"][split]]
+        expected = expected_tiles(*sources[stem])
+        got = list(records.read_examples(tmp_path / "ds", split))
+        assert len(got) == len(expected) == manifest["counts"][split]["examples"] == 6
+        for (img, lab, meta), (exp_img, exp_lab) in zip(got, expected, strict=True):
+            assert img.dtype == dtype and np.array_equal(img, exp_img)
+            assert np.array_equal(lab, exp_lab) and meta["stem"] == stem
+        batches = list(records.load_dataset(tmp_path / "ds", split, batch_size=4,
+                                            shuffle=False).as_numpy_iterator())
+        assert [x.shape[0] for x, _ in batches] == [4, 2]
+        images = np.concatenate([x for x, _ in batches])
+        labels = np.concatenate([y for _, y in batches])
+        assert images.dtype == np.float32 and labels.shape == (6, 16, 16, 1)
+        assert np.array_equal(images, np.stack([e[0] for e in expected]).astype(np.float32))
+        assert np.array_equal(labels[..., 0], np.stack([e[1] for e in expected]))
+
+
+def test_load_dataset_one_hot_flips_repeat(tmp_path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "src/images").mkdir(parents=True)
+    (tmp_path / "src/labels").mkdir(parents=True)
+    for i in range(2):
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        write_png(tmp_path / f"src/images/s{i}.png", image)
+        # Labels are a function of the pixel, so any flip must keep them consistent.
+        write_png(tmp_path / f"src/labels/s{i}.png", (image[..., 0] // 86).astype(np.uint8))
+    cfg = make_config(NCLASSES=3, VALIDATION_SPLIT=0.0)
+    records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
+    plain = np.concatenate([x for x, _ in records.load_dataset(
+        tmp_path / "ds", "train", 8, shuffle=False).as_numpy_iterator()])
+    ds = records.load_dataset(tmp_path / "ds", "train", 3, shuffle=True, flips=True,
+                              repeat=True, seed=1)
+    seen = []
+    for x, y in ds.take(6).as_numpy_iterator():
+        assert x.shape == (3, 16, 16, 3) and y.shape == (3, 16, 16, 3)
+        assert np.array_equal(y.sum(axis=-1), np.ones((3, 16, 16)))
+        assert np.array_equal(y.argmax(axis=-1), x[..., 0].astype(np.uint8) // 86)
+        seen.extend(x)
+    flips = {"none": lambda a: a, "lr": lambda a: a[:, ::-1], "ud": lambda a: a[::-1],
+             "both": lambda a: a[::-1, ::-1]}
+    kinds = {kind for s in seen for kind, f in flips.items()
+             if any(np.array_equal(f(s), p) for p in plain)}
+    assert kinds == set(flips)  # independent left-right and up-down flips
+    empty = records.load_dataset(tmp_path / "ds", "validation", 2, shuffle=False)
+    assert list(empty.as_numpy_iterator()) == []
+    assert list(records.read_examples(tmp_path / "ds", "validation")) == []
+
+
+def test_read_manifest_refuses_non_datasets(tmp_path):
+    with pytest.raises(UserError, match="run make_tfrecords first"):
+        records.read_manifest(tmp_path)
+    with pytest.raises(UserError, match="is not a dataset made by make_tfrecords"):
+        records.read_examples(tmp_path, "train")
+    sources = tmp_path / "src"
+    write_sources(sources, "uint8", 3)
+    records.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds/manifest.json").read_text())
+    (tmp_path / "ds" / manifest["shards"]["train"][0]["file"]).unlink()
+    with pytest.raises(UserError, match="missing"):
+        records.read_manifest(tmp_path / "ds")
+
+
+def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch):
+    write_sources(tmp_path / "src", "uint8", 3, shape=(40, 72))  # 3 x 5 tiles of 16
+    cfg = make_config(DO_AUG=True, AUG_COPIES=1, IMS_PER_SHARD=7)
+    src = (tmp_path / "src/images", tmp_path / "src/labels")
+    whole = records.make_dataset(cfg, *src, tmp_path / "whole")
+    monkeypatch.setattr(records, "_EXAMPLES_PER_TASK", 5)  # 2 tiles (+ copies) per task
+    tasks = records._split_tasks(records._tasks(cfg, *[[p] for p in records.find_pairs(
+        *src)]), [(40, 72), (40, 72)])
+    # Training: 15 tiles, 2 per task (each has a copy); validation: 5 per task.
+    assert [len(t.fits) for t in tasks] == [2] * 7 + [1] + [5] * 3
+    assert [t.last for t in tasks].count(True) == 2
+    split = records.make_dataset(cfg, *src, tmp_path / "split")
+    assert split["content_hash"] == whole["content_hash"]
+    assert split["counts"] == whole["counts"] and split["files"] == whole["files"]

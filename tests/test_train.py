@@ -1,0 +1,269 @@
+"""Training: loss goes down, outputs are complete and reloadable, resume, distribution, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from res_unet import records, train
+from res_unet.config import save_config
+from res_unet.errors import UserError
+from res_unet.models import build_model
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def dataset_loss(cfg, data: Path, model) -> float:
+    loss_fn = train.losses.make_loss(cfg)
+    values = [float(loss_fn(y, model(x, training=False)))
+              for x, y in records.load_dataset(data, "train", 8, shuffle=False)]
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    """One short training run shared by the output tests."""
+    cfg = tiny_config(MAX_EPOCHS=3, DOPLOT=True)
+    run = tmp_path_factory.mktemp("run")
+    card = train.train(cfg, tiny_dataset, run, progress=False)
+    return cfg, run, card
+
+
+def test_training_reduces_the_loss(tiny_dataset):
+    cfg = tiny_config(MAX_EPOCHS=1)
+    manifest = records.read_manifest(tiny_dataset)
+    keras.utils.set_random_seed(cfg.SEED)
+    untrained = build_model(cfg, manifest["band_mean"], manifest["band_std"])
+    before = dataset_loss(cfg, tiny_dataset, untrained)
+    trainer = train.Trainer(cfg, manifest, train.make_strategy(), "float32")
+    ds = records.load_dataset(tiny_dataset, "train", 8, shuffle=True, repeat=True, seed=1)
+    iterator = iter(ds)
+    for epoch in range(3):
+        trainer.optimizer.learning_rate.assign(3e-3)
+        trainer.train_epoch(iterator, 6, epoch, progress=False)
+    after = dataset_loss(cfg, tiny_dataset, trainer.model)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_run_folder_is_complete(trained_run):
+    _, run, card = trained_run
+    for name in ("best.weights.h5", "model.keras", "config.json", "history.csv", "curves.png",
+                 "lr_schedule.png", "val_examples.png", "evaluation.json", "model_card.json",
+                 "saved_model/saved_model.pb"):
+        assert (run / name).exists(), name
+    assert not (run / "backup").exists(), "the backup is removed after a finished run"
+    assert not list(run.glob(".*tmp*")), "no temp files left"
+    rows = history(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["images_per_second"]) > 0 for r in rows)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    scores = evaluation["scores"]
+    assert len(scores["iou"]) == 2 and 0 <= scores["mean_iou"] <= 1
+    assert sum(map(sum, scores["confusion_matrix"])) == scores["n_pixels"] > 0
+    assert 0.05 <= evaluation["optimal_threshold"] <= 0.95
+    assert card["threshold"] == evaluation["optimal_threshold"]
+    assert card["training"]["epochs_run"] == 3
+    assert card["dataset"]["content_hash"].startswith("sha256:")
+    assert card["flops_per_image"] > 0 and card["parameters"] > 0
+    assert json.loads((run / "model_card.json").read_text())["threshold"] == card["threshold"]
+
+
+def test_saved_model_reloads_without_custom_objects(trained_run, tiny_dataset):
+    cfg, run, _ = trained_run
+    code = ("import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1]); "
+            "print(m.output_shape, float(np.sum(m(np.zeros((1, 64, 64, 3), 'float32')))))")
+    out = subprocess.run([sys.executable, "-c", code, str(run / "model.keras")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    rebuilt = build_model(cfg, *[records.read_manifest(tiny_dataset)[k]
+                                 for k in ("band_mean", "band_std")])
+    rebuilt.load_weights(run / "best.weights.h5")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(model(x), rebuilt(x), atol=1e-6)
+
+
+def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_path):
+    _, run, _ = trained_run
+    before = json.loads((run / "evaluation.json").read_text())
+    card = train.train(tiny_config(MAX_EPOCHS=3, DO_TRAIN=False), tiny_dataset, run,
+                       progress=False)
+    after = json.loads((run / "evaluation.json").read_text())
+    assert after["scores"]["confusion_matrix"] == before["scores"]["confusion_matrix"]
+    assert card["threshold"] == before["optimal_threshold"]
+    assert len(history(run)) == 3, "evaluation does not touch the history"
+
+
+def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypatch):
+    cfg = tiny_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=2)
+    calls = []
+    original = train.Trainer.train_epoch
+
+    def dies_in_epoch_two(self, iterator, steps, epoch, progress):
+        calls.append(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, iterator, steps, epoch, progress)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, tiny_dataset, tmp_path, progress=False)
+    assert (tmp_path / "backup").exists()
+    assert [int(r["epoch"]) for r in history(tmp_path)] == [1]
+    state = json.loads((tmp_path / "backup" / train.STATE_FILE).read_text())
+    assert state["next_epoch"] == 1
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", original)
+    resumed = []
+    monkeypatch.setattr(train.Trainer, "train_epoch",
+                        lambda self, *a, **k: resumed.append(a[2]) or original(self, *a, **k))
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False)
+    assert resumed == [1, 2], "continues with epoch 2 (index 1), not from scratch"
+    assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2, 3]
+    assert card["training"]["epochs_run"] == 3
+    assert not (tmp_path / "backup").exists()
+
+
+def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkeypatch):
+    cfg = tiny_config(MAX_EPOCHS=6, PATIENCE=2, STEPS_PER_EPOCH=1)
+    losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])
+    original = train.Trainer.evaluate_loss
+
+    def scripted(self, dataset):
+        _, cm = original(self, dataset)
+        return next(losses), cm
+
+    monkeypatch.setattr(train.Trainer, "evaluate_loss", scripted)
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False)
+    assert card["training"]["epochs_run"] == 4, "stops 2 epochs after the best (epoch 2)"
+    assert card["training"]["best_epoch"] == 2
+    manifest = records.read_manifest(tiny_dataset)
+    best = build_model(cfg, manifest["band_mean"], manifest["band_std"])
+    best.load_weights(tmp_path / "best.weights.h5")
+    final = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    for a, b in zip(best.get_weights(), final.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mismatched_config_and_dataset(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="the dataset has 3 bands but N_DATA_BANDS=4"):
+        train.train(tiny_config(N_DATA_BANDS=4), tiny_dataset, tmp_path)
+    with pytest.raises(UserError, match="2 label classes but NCLASSES=3"):
+        train.train(tiny_config(NCLASSES=3), tiny_dataset, tmp_path)
+    with pytest.raises(UserError, match="examples are \\[64, 64\\] but TARGET_SIZE"):
+        train.train(tiny_config(TARGET_SIZE=[128, 128]), tiny_dataset, tmp_path)
+
+
+def test_folder_without_shards(tmp_path):
+    with pytest.raises(UserError, match="make_tfrecords"):
+        train.train(tiny_config(), tmp_path, tmp_path / "run")
+
+
+def test_weights_that_do_not_fit(tiny_dataset, tmp_path):
+    manifest = records.read_manifest(tiny_dataset)
+    other = build_model(tiny_config(FILTERS=8), manifest["band_mean"], manifest["band_std"])
+    other.save_weights(tmp_path / "other.weights.h5")
+    cfg = tiny_config(HOT_START=True, INITIAL_WEIGHTS=str(tmp_path / "other.weights.h5"))
+    with pytest.raises(UserError, match="do not fit the model"):
+        train.train(cfg, tiny_dataset, tmp_path / "run")
+    with pytest.raises(UserError, match="weights file not found"):
+        train.train(tiny_config(DO_TRAIN=False), tiny_dataset, tmp_path / "empty")
+
+
+def test_precision_resolution(monkeypatch):
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: True)
+    assert train.resolve_precision(tiny_config(PRECISION="auto")) == "mixed_bfloat16"
+    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
+    assert train.resolve_precision(tiny_config(PRECISION="auto")) == "float32"
+    assert train.resolve_precision(tiny_config(PRECISION="float32")) == "float32"
+
+
+def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
+    card = train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
+                       tiny_dataset, tmp_path, progress=False)
+    keras.mixed_precision.set_global_policy("float32")
+    assert card["training"]["precision"] == "mixed_bfloat16"
+    assert np.isfinite(card["training"]["best_val_loss"])
+
+
+def test_is_chief(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert train.is_chief()
+    cluster = {"worker": ["localhost:1", "localhost:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": 1}}))
+    assert not train.is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": 0}}))
+    assert train.is_chief()
+
+
+def _run_workers(args_list, envs, timeout=600):
+    env_base = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), *args],
+                              env={**env_base, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for args, env in zip(args_list, envs, strict=True)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        card = [line for line in out.splitlines() if line.startswith("CARD ")]
+        results.append(json.loads(card[-1][5:]))
+    return results
+
+
+def test_mirrored_strategy_over_two_cpu_devices(tiny_dataset, tmp_path):
+    cfg = tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2)
+    save_config(cfg, tmp_path / "c.json")
+    [card] = _run_workers([["mirrored", str(tmp_path / "c.json"), str(tiny_dataset),
+                            str(tmp_path / "run")]], [{}])
+    assert card["strategy"] == "MirroredStrategy" and card["replicas"] == 2
+    assert np.isfinite(card["best_val_loss"])
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert len(evaluation["scores"]["iou"]) == 2
+    model = keras.models.load_model(tmp_path / "run" / "model.keras", compile=False)
+    assert model.output_shape == (None, 64, 64, 1)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_two_worker_multi_worker_mirrored_run(tiny_dataset, tmp_path):
+    cfg = tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=2)
+    save_config(cfg, tmp_path / "c.json")
+    workers = [f"localhost:{p}" for p in _free_ports(2)]
+    envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                      "task": {"type": "worker", "index": i}})}
+            for i in range(2)]
+    args = [["worker", str(tmp_path / "c.json"), str(tiny_dataset), str(tmp_path / f"run{i}")]
+            for i in range(2)]
+    cards = _run_workers(args, envs)
+    assert all(c["strategy"] == "MultiWorkerMirroredStrategy" for c in cards)
+    assert all(c["replicas"] == 2 and c["epochs_run"] == 2 for c in cards)
+    assert cards[0]["best_val_loss"] == pytest.approx(cards[1]["best_val_loss"], rel=1e-6)
+    assert (tmp_path / "run0" / "model.keras").exists(), "the chief writes the run folder"
+    assert not (tmp_path / "run1" / "model.keras").exists(), "other workers write nothing"
