@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from res_unet.errors import UserError
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (C++ logging bypasses Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def select_devices(set_gpu: str) -> None:
+    """Apply SET_GPU ('' all, '-1' CPU only, '0,1' ...) before TensorFlow sees the devices."""
+    if set_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = set_gpu
+
+
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notices)."""
+    """Import TensorFlow without its C++ start-up chatter.
+
+    TensorFlow 2.21 prints CUDA probe lines ("failed call to cuInit", ...) before its log
+    level applies, which reads like an error on every CPU machine. Set TF_CPP_MIN_LOG_LEVEL=0
+    to see them; a machine with an NVIDIA driver but no GPU visible to TensorFlow gets a note.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in sys.modules:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _stderr_silenced():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+    if not gpus and shutil.which("nvidia-smi"):
+        print("note: an NVIDIA driver is installed but TensorFlow sees no GPU; install with "
+              "the gpu extra (pip install res_unet[gpu]) or rerun with "
+              "TF_CPP_MIN_LOG_LEVEL=0 to see why", file=sys.stderr)
 
 
 def run_command(main: Callable[[list[str] | None], int | None],

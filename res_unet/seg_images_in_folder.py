@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from res_unet.cli import quiet_tensorflow, run_command
+from res_unet.cli import quiet_tensorflow, run_command, select_devices
+from res_unet.config import load_config
 
 
 def _threshold(text: str) -> float | str:
@@ -94,13 +96,14 @@ def _score(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    run_config = Path(args.model[0]) / "config.json"
+    if run_config.exists():
+        select_devices(load_config(run_config).SET_GPU)
     quiet_tensorflow()
     from res_unet import predict
-    from res_unet.train import select_devices
 
     shard = predict.parse_shard(args.shard)
     cfg = predict.inference_config(args.model, args.config, _overrides(args))
-    select_devices(cfg)
     summary = predict.segment_folder(cfg, args.model, args.images, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,

@@ -44,12 +44,6 @@ STATE_FILE = "train_state.json"
 # Devices, strategy and precision ----------------------------------------------------------
 
 
-def select_devices(cfg: Config) -> None:
-    """Apply SET_GPU before TensorFlow initialises its devices ('-1' = CPU only)."""
-    if cfg.SET_GPU:
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.SET_GPU
-
-
 def make_strategy() -> tf.distribute.Strategy:
     """MultiWorkerMirrored when TF_CONFIG names several workers, Mirrored over several GPUs,
     else the default strategy (one CPU or GPU)."""

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from res_unet.cli import quiet_tensorflow, run_command
+from res_unet.cli import quiet_tensorflow, run_command, select_devices
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +33,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_tensorflow()
     from res_unet.config import config_from_dict, load_config
 
     cfg = load_config(args.config)
@@ -45,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         cfg, _ = config_from_dict({**cfg.to_dict(), **overrides}, source="command line")
 
+    select_devices(cfg.SET_GPU)
+    quiet_tensorflow()
     from res_unet import train
 
-    train.select_devices(cfg)
     card = train.train(cfg, args.data, args.out, progress=not args.no_progress)
     scores = card["validation"]["scores_at_threshold"] or card["validation"]["scores"]
     summary = {"run_folder": args.out, "epochs_run": card["training"]["epochs_run"],
