@@ -334,6 +334,16 @@ def _values_text(values: Sequence[int]) -> str:
     return shown + (f", ... ({len(values)} values)" if len(values) > _MAX_LISTED else "")
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(kind: str, message: str) -> None:
+    """Print a note the first time this kind of thing is seen in the process, not per file."""
+    if kind not in _NOTED:
+        _NOTED.add(kind)
+        print(f"note: {message}")
+
+
 def prepare_label(label: np.ndarray, cfg: Config, path: str | os.PathLike) -> np.ndarray:
     """Turn a raw (H, W) uint8 label into class indices 0..cfg.n_label_classes-1.
 
@@ -352,7 +362,7 @@ def prepare_label(label: np.ndarray, cfg: Config, path: str | os.PathLike) -> np
     counts = np.bincount(label.ravel(), minlength=256)
     present = [int(v) for v in np.flatnonzero(counts)]
     if cfg.NCLASSES == 1 and 255 in present and set(present) <= {0, 255}:
-        print(f"note: {path}: 0/255 mask read as 0/1")
+        _note_once("0/255", f"{path}: 0/255 mask read as 0/1 (and any further 0/255 masks)")
         return (label == 255).astype(np.uint8)
     n = cfg.n_label_classes
     bad = [v for v in present if v >= n and v != cfg.IGNORE_CLASS]

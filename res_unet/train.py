@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -476,6 +477,9 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     started = time.time()
+    if cfg.TENSORBOARD and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("TENSORBOARD=true needs the tensorboard package: pip install "
+                        "res_unet[tensorboard] (or set TENSORBOARD to false)")
     manifest = records.read_manifest(data_dir)
     check_config_against_manifest(cfg, manifest, data_dir)
     strategy = strategy or make_strategy()

@@ -300,12 +300,16 @@ def test_remap_classes_applies_before_the_range_check():
     np.testing.assert_array_equal(prepare_label(label, cfg, "a.png"), [[0, 1], [0, 1]])
 
 
-def test_binary_0_255_mask_becomes_0_1_with_a_note(capsys):
+def test_binary_0_255_mask_becomes_0_1_with_one_note(capsys, monkeypatch):
+    monkeypatch.setattr(imagery, "_NOTED", set())
     label = np.array([[0, 255], [255, 0]], np.uint8)
     out = prepare_label(label, make_cfg(NCLASSES=1), Path("m/a.png"))
     np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
     assert out.dtype == np.uint8
-    assert capsys.readouterr().out == "note: m/a.png: 0/255 mask read as 0/1\n"
+    assert capsys.readouterr().out == (
+        "note: m/a.png: 0/255 mask read as 0/1 (and any further 0/255 masks)\n")
+    prepare_label(label, make_cfg(NCLASSES=1), Path("m/b.png"))
+    assert capsys.readouterr().out == "", "the note is printed once, not once per file"
     # An explicit remap takes precedence and prints nothing.
     cfg = make_cfg(NCLASSES=1, REMAP_CLASSES={"255": 1})
     np.testing.assert_array_equal(prepare_label(label, cfg, "a.png"), [[0, 1], [1, 0]])

@@ -267,3 +267,48 @@ def test_two_worker_multi_worker_mirrored_run(tiny_dataset, tmp_path):
     assert cards[0]["best_val_loss"] == pytest.approx(cards[1]["best_val_loss"], rel=1e-6)
     assert (tmp_path / "run0" / "model.keras").exists(), "the chief writes the run folder"
     assert not (tmp_path / "run1" / "model.keras").exists(), "other workers write nothing"
+
+
+def test_frozen_encoder_trains_only_after_unfreezing(tiny_dataset, tmp_path, monkeypatch):
+    """FREEZE_ENCODER_EPOCHS=1: the pretrained encoder is unchanged by epoch 1, trained in 2."""
+    weights = tmp_path / "b0.weights.h5"
+    keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                      input_shape=(64, 64, 3)).save_weights(weights)
+    cfg = tiny_config(MODEL="efficientnet_unet", ENCODER="B0", ENCODER_WEIGHTS=str(weights),
+                      FREEZE_ENCODER_EPOCHS=1, MAX_EPOCHS=2, STEPS_PER_EPOCH=2)
+    snapshots = []
+    original = train.Trainer.train_epoch
+
+    def weights_of(model, name):
+        return [w.copy() for w in model.get_layer(name).get_weights()]
+
+    def snapshot(self, *args, **kwargs):
+        before = weights_of(self.model, "encoder"), weights_of(self.model, "logits")
+        result = original(self, *args, **kwargs)
+        snapshots.append((before, (weights_of(self.model, "encoder"),
+                                   weights_of(self.model, "logits"))))
+        return result
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", snapshot)
+    train.train(cfg, tiny_dataset, tmp_path / "run", progress=False)
+    ((enc0, head0), (enc1, head1)), ((_, _), (enc2, _)) = snapshots
+    assert same(enc0, enc1), "epoch 1: the frozen encoder (BatchNorm statistics too) is untouched"
+    assert not same(head0, head1), "epoch 1: the decoder trains"
+    assert not same(enc1, enc2), "epoch 2: the unfrozen encoder trains"
+
+
+def test_tensorboard_without_the_package_is_one_clear_line(tiny_dataset, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="needs the tensorboard package"):
+        train.train(tiny_config(TENSORBOARD=True), tiny_dataset, tmp_path)
+
+
+def test_tensorboard_logs(tiny_dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, TENSORBOARD=True), tiny_dataset,
+                tmp_path, progress=False)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
