@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 		--labels $(DEMO)/data/train/labels --out $(DEMO)/dataset --workers 2
 	$(BIN)/train_resunet --config config/demo.json --data $(DEMO)/dataset --out $(DEMO)/model
 	$(BIN)/seg_images_in_folder --model $(DEMO)/model --images $(DEMO)/data/test/images \
-		--labels $(DEMO)/data/test/labels --out $(DEMO)/segmentation
+		--labels $(DEMO)/data/test/labels --out $(DEMO)/segmentation --overlap 0.25
 	@echo "demo outputs: $(DEMO)/dataset (shards + samples.png), $(DEMO)/model (weights, curves,"
 	@echo "evaluation.json, model_card.json), $(DEMO)/segmentation (masks, overlays, scores.csv)"
 

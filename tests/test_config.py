@@ -222,3 +222,12 @@ def test_readme_reference_is_current():
     readme = (REPO / "README.md").read_text()
     assert reference_markdown() in readme, (
         "README config reference is stale: paste res_unet.config.reference_markdown() output")
+
+
+def test_reference_config_lists_every_key_with_its_default():
+    raw = json.loads((REPO / "config" / "reference.json").read_text())
+    keys = {k for k in raw if not k.startswith("_")}
+    assert keys == set(Config.__dataclass_fields__)
+    cfg, _ = config_from_dict(raw)
+    assert cfg == Config()
+    assert all(f"_{k}" in raw for k in keys), "every key is explained by a _KEY comment"
