@@ -377,6 +377,9 @@ def _save_full_model(model: keras.Model, path: Path) -> None:
 def _export_saved_model(model: keras.Model, path: Path) -> None:
     """Keras ``model.export`` (TensorFlow SavedModel for serving) into ``path``, atomically."""
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; outputs get the usual mode
     try:
         model.export(str(tmp), verbose=False)
         if path.exists():
