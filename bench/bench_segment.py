@@ -108,7 +108,9 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
     from res_unet.tiling import tile_origins
 
     pairs = imagery.find_images(DATA / "lakes_fullres" / "images")[:scenes]
-    overrides: dict[str, Any] = {"INFER_MODE": "tile"}
+    # Variants start from no TTA and no CRF whatever the run's config says ('plain').
+    overrides: dict[str, Any] = {"INFER_MODE": "tile", "TESTTIMEAUG": False,
+                                 "DO_CRF_REFINE": False}
     if batch_size:
         overrides["BATCH_SIZE"] = batch_size
     base = predict.inference_config([run_dir], None, overrides)
