@@ -470,13 +470,13 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
 
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
           strategy: tf.distribute.Strategy | None = None, progress: bool = True,
-          ) -> dict[str, Any]:
+          export_saved_model: bool = True) -> dict[str, Any]:
     """Train (or, with DO_TRAIN=false, evaluate) a model; write the run folder.
 
     ``data_dir`` is a make_tfrecords dataset; ``run_dir`` receives best.weights.h5,
     model.keras, saved_model/, config.json, history.csv, figures, evaluation.json and
-    model_card.json. A run folder with a backup/ from a killed run resumes from it. Returns
-    the model card.
+    model_card.json (saved_model/ only with ``export_saved_model``). A run folder with a
+    backup/ from a killed run resumes from it. Returns the model card.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     started = time.time()
@@ -517,7 +517,8 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     evaluation, examples = evaluate(model, cfg, data_dir)
     card = _model_card(cfg, manifest, trainer, state, evaluation, time.time() - started)
     if chief:
-        _write_outputs(run_dir, cfg, trainer, state, evaluation, examples, card)
+        _write_outputs(run_dir, cfg, trainer, state, evaluation, examples, card,
+                       export_saved_model)
         if cfg.DO_TRAIN:
             backup.remove()
     elif cfg.DO_TRAIN:
@@ -635,12 +636,14 @@ def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: 
 
 
 def _write_outputs(run_dir: Path, cfg: Config, trainer: Trainer, state: TrainState,
-                   evaluation: dict[str, Any], examples: list, card: dict[str, Any]) -> None:
+                   evaluation: dict[str, Any], examples: list, card: dict[str, Any],
+                   export_saved_model: bool) -> None:
     model = trainer.model
     # Saved uncompiled: the loss is described by the config, and compiling here would create
     # optimizer variables, a collective operation other workers have already left.
     _save_full_model(model, run_dir / FULL_MODEL)
-    _export_saved_model(model, run_dir / "saved_model")
+    if export_saved_model:
+        _export_saved_model(model, run_dir / "saved_model")
     write_atomic(run_dir / "evaluation.json", json.dumps(evaluation, indent=2, default=float))
     write_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, default=float))
     if cfg.DOPLOT:

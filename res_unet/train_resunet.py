@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the weights in --out (same as DO_TRAIN=false)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-export", action="store_true",
+                        help="skip the TensorFlow SavedModel export (saved_model/)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow()
     from res_unet import train
 
-    card = train.train(cfg, args.data, args.out, progress=not args.no_progress)
+    card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
+                       export_saved_model=not args.no_export)
     scores = card["validation"]["scores_at_threshold"] or card["validation"]["scores"]
     summary = {"run_folder": args.out, "epochs_run": card["training"]["epochs_run"],
                "best_epoch": card["training"]["best_epoch"],

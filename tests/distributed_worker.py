@@ -25,7 +25,8 @@ def main() -> None:
     from res_unet.config import load_config
     from res_unet.train import train
 
-    card = train(load_config(config_path), data, out, strategy=strategy, progress=False)
+    card = train(load_config(config_path), data, out, strategy=strategy, progress=False,
+                 export_saved_model=False)
     print("CARD " + json.dumps({"strategy": card["training"]["strategy"],
                                 "replicas": card["training"]["replicas"],
                                 "epochs_run": card["training"]["epochs_run"],

@@ -56,7 +56,7 @@ def test_training_reduces_the_loss(tiny_dataset):
     iterator = iter(ds)
     for epoch in range(3):
         trainer.optimizer.learning_rate.assign(3e-3)
-        trainer.train_epoch(iterator, 6, epoch, progress=False)
+        trainer.train_epoch(iterator, 6, epoch, progress=False, export_saved_model=False)
     after = dataset_loss(cfg, tiny_dataset, trainer.model)
     assert after < 0.9 * before, (before, after)
 
@@ -103,7 +103,7 @@ def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_
     _, run, _ = trained_run
     before = json.loads((run / "evaluation.json").read_text())
     card = train.train(tiny_config(MAX_EPOCHS=3, DO_TRAIN=False), tiny_dataset, run,
-                       progress=False)
+                       progress=False, export_saved_model=False)
     after = json.loads((run / "evaluation.json").read_text())
     assert after["scores"]["confusion_matrix"] == before["scores"]["confusion_matrix"]
     assert card["threshold"] == before["optimal_threshold"]
@@ -123,7 +123,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
 
     monkeypatch.setattr(train.Trainer, "train_epoch", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train.train(cfg, tiny_dataset, tmp_path, progress=False)
+        train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     assert (tmp_path / "backup").exists()
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1]
     state = json.loads((tmp_path / "backup" / train.STATE_FILE).read_text())
@@ -133,7 +133,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
     resumed = []
     monkeypatch.setattr(train.Trainer, "train_epoch",
                         lambda self, *a, **k: resumed.append(a[2]) or original(self, *a, **k))
-    card = train.train(cfg, tiny_dataset, tmp_path, progress=False)
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     assert resumed == [1, 2], "continues with epoch 2 (index 1), not from scratch"
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2, 3]
     assert card["training"]["epochs_run"] == 3
@@ -150,8 +150,9 @@ def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkey
         return next(losses), cm
 
     monkeypatch.setattr(train.Trainer, "evaluate_loss", scripted)
-    card = train.train(cfg, tiny_dataset, tmp_path, progress=False)
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     assert card["training"]["epochs_run"] == 4, "stops 2 epochs after the best (epoch 2)"
+    assert not (tmp_path / "saved_model").exists(), "export_saved_model=False skips it"
     assert card["training"]["best_epoch"] == 2
     manifest = records.read_manifest(tiny_dataset)
     best = build_model(cfg, manifest["band_mean"], manifest["band_std"])
@@ -196,7 +197,7 @@ def test_precision_resolution(monkeypatch):
 
 def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
     card = train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
-                       tiny_dataset, tmp_path, progress=False)
+                       tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     keras.mixed_precision.set_global_policy("float32")
     assert card["training"]["precision"] == "mixed_bfloat16"
     assert np.isfinite(card["training"]["best_val_loss"])
@@ -293,7 +294,7 @@ def test_frozen_encoder_trains_only_after_unfreezing(tiny_dataset, tmp_path, mon
         return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
     monkeypatch.setattr(train.Trainer, "train_epoch", snapshot)
-    train.train(cfg, tiny_dataset, tmp_path / "run", progress=False)
+    train.train(cfg, tiny_dataset, tmp_path / "run", progress=False, export_saved_model=False)
     ((enc0, head0), (enc1, head1)), ((_, _), (enc2, _)) = snapshots
     assert same(enc0, enc1), "epoch 1: the frozen encoder (BatchNorm statistics too) is untouched"
     assert not same(head0, head1), "epoch 1: the decoder trains"
@@ -310,5 +311,5 @@ def test_tensorboard_without_the_package_is_one_clear_line(tiny_dataset, tmp_pat
 def test_tensorboard_logs(tiny_dataset, tmp_path):
     pytest.importorskip("tensorboard")
     train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, TENSORBOARD=True), tiny_dataset,
-                tmp_path, progress=False)
+                tmp_path, progress=False, export_saved_model=False)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
