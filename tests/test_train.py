@@ -56,7 +56,7 @@ def test_training_reduces_the_loss(tiny_dataset):
     iterator = iter(ds)
     for epoch in range(3):
         trainer.optimizer.learning_rate.assign(3e-3)
-        trainer.train_epoch(iterator, 6, epoch, progress=False, export_saved_model=False)
+        trainer.train_epoch(iterator, 6, epoch, progress=False)
     after = dataset_loss(cfg, tiny_dataset, trainer.model)
     assert after < 0.9 * before, (before, after)
 
