@@ -13,6 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def usual_mode(directory: bool = False) -> int:
+    """The permission bits a new file (or folder) gets under the current umask.
+
+    mkstemp and mkdtemp create private (0600/0700) temp files; outputs renamed from them
+    should be readable as any other new file would be.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it onto ``path``.
@@ -27,10 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                                suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
-    # mkstemp creates 0600 files; outputs get the permissions any new file would get.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, usual_mode())
     tmp_path = Path(tmp)
     try:
         yield tmp_path

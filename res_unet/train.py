@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet import __version__, losses, metrics, records, report, schedule
-from res_unet.atomic import atomic_path, write_atomic
+from res_unet.atomic import atomic_path, usual_mode, write_atomic
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model, count_flops, set_encoder_trainable
@@ -377,9 +377,7 @@ def _save_full_model(model: keras.Model, path: Path) -> None:
 def _export_saved_model(model: keras.Model, path: Path) -> None:
     """Keras ``model.export`` (TensorFlow SavedModel for serving) into ``path``, atomically."""
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; outputs get the usual mode
+    tmp.chmod(usual_mode(directory=True))
     try:
         model.export(str(tmp), verbose=False)
         if path.exists():
