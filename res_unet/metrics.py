@@ -206,6 +206,38 @@ class ThresholdSweep:
 
 # Keras metrics ----------------------------------------------------------------------------
 
+def batch_confusion(y_true: tf.Tensor, y_pred: tf.Tensor, n_classes: int,
+                    ignore_class: int | None = None, threshold: float = 0.5,
+                    sample_weight: tf.Tensor | None = None) -> tf.Tensor:
+    """Confusion matrix (truth rows, prediction columns) of one batch, float64, in TF ops.
+
+    y_true 0/1 (batch, H, W, 1) or one-hot; y_pred probabilities of the same shape. Binary
+    predictions are thresholded at ``threshold``, multiclass ones arg-maxed; pixels whose true
+    class is ``ignore_class`` are skipped. Graph- and tf.distribute-safe (no numpy).
+    """
+    y_true = tf.cast(y_true, tf.float32)
+    y_pred = tf.cast(y_pred, tf.float32)
+    if y_pred.shape[-1] == 1:
+        truth = tf.cast(y_true[..., 0] >= 0.5, tf.int32)
+        pred = tf.cast(y_pred[..., 0] >= threshold, tf.int32)
+    else:
+        truth = tf.argmax(y_true, axis=-1, output_type=tf.int32)
+        pred = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+    weights = tf.ones_like(truth, tf.float64)
+    if ignore_class is not None:
+        weights = tf.cast(tf.not_equal(truth, ignore_class), tf.float64)
+    if sample_weight is not None:
+        sample_weight = tf.cast(sample_weight, tf.float64)
+        if sample_weight.shape.rank == 1:
+            sample_weight = tf.reshape(sample_weight, [-1, 1, 1])
+        elif sample_weight.shape.rank == 4:
+            sample_weight = sample_weight[..., 0]
+        weights = weights * sample_weight
+    return tf.math.confusion_matrix(tf.reshape(truth, [-1]), tf.reshape(pred, [-1]),
+                                    num_classes=n_classes, weights=tf.reshape(weights, [-1]),
+                                    dtype=tf.float64)
+
+
 class _ConfusionMetric(keras.metrics.Metric):
     """Accumulates a confusion matrix (float64 counts, exact to 2**53 pixels) per replica.
 
@@ -226,28 +258,9 @@ class _ConfusionMetric(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None) -> None:
         """Add one batch: y_true 0/1 or one-hot, y_pred probabilities (batch, H, W, C)."""
-        y_true = tf.cast(y_true, tf.float32)
-        y_pred = tf.cast(y_pred, tf.float32)
-        if y_pred.shape[-1] == 1:
-            truth = tf.cast(y_true[..., 0] >= 0.5, tf.int32)
-            pred = tf.cast(y_pred[..., 0] >= self.threshold, tf.int32)
-        else:
-            truth = tf.argmax(y_true, axis=-1, output_type=tf.int32)
-            pred = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
-        weights = tf.ones_like(truth, tf.float64)
-        if self.ignore_class is not None:
-            weights = tf.cast(tf.not_equal(truth, self.ignore_class), tf.float64)
-        if sample_weight is not None:
-            sample_weight = tf.cast(sample_weight, tf.float64)
-            if sample_weight.shape.rank == 1:
-                sample_weight = tf.reshape(sample_weight, [-1, 1, 1])
-            elif sample_weight.shape.rank == 4:
-                sample_weight = sample_weight[..., 0]
-            weights = weights * sample_weight
-        batch = tf.math.confusion_matrix(tf.reshape(truth, [-1]), tf.reshape(pred, [-1]),
-                                         num_classes=self.n_classes,
-                                         weights=tf.reshape(weights, [-1]), dtype=tf.float64)
-        self.confusion.assign_add(batch)
+        self.confusion.assign_add(batch_confusion(y_true, y_pred, self.n_classes,
+                                                  self.ignore_class, self.threshold,
+                                                  sample_weight))
 
     def _parts(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """(diag, row sums, column sums, counted-class mask) of the matrix, float64."""

@@ -199,23 +199,6 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def _batch_confusion(y_true: tf.Tensor, y_prob: tf.Tensor, n_classes: int,
-                     ignore_class: int | None) -> tf.Tensor:
-    """Confusion matrix (truth rows, prediction columns) of one batch at 0.5 / argmax."""
-    if n_classes == 2 and y_true.shape[-1] == 1:
-        truth = tf.cast(y_true[..., 0] >= 0.5, tf.int32)
-        pred = tf.cast(tf.cast(y_prob[..., 0], tf.float32) >= 0.5, tf.int32)
-    else:
-        truth = tf.argmax(y_true, axis=-1, output_type=tf.int32)
-        pred = tf.argmax(tf.cast(y_prob, tf.float32), axis=-1, output_type=tf.int32)
-    truth = tf.reshape(truth, [-1])
-    pred = tf.reshape(pred, [-1])
-    if ignore_class is not None:
-        keep = tf.not_equal(truth, ignore_class)
-        truth, pred = tf.boolean_mask(truth, keep), tf.boolean_mask(pred, keep)
-    return tf.math.confusion_matrix(truth, pred, num_classes=n_classes, dtype=tf.float64)
-
-
 class Trainer:
     """Builds the model under a strategy and runs the epoch loop."""
 
@@ -259,7 +242,7 @@ class Trainer:
             variables = model.trainable_variables
             grads = tape.gradient(objective, variables)
             opt.apply_gradients(zip(grads, variables, strict=True))
-            return loss, _batch_confusion(y, prob, n_classes, ignore)
+            return loss, metrics.batch_confusion(y, prob, n_classes, ignore)
 
         @tf.function(jit_compile=self.cfg.JIT_COMPILE or None)
         def step(x, y):
@@ -277,7 +260,7 @@ class Trainer:
             prob = model(x, training=False)
             n = tf.cast(tf.shape(x)[0], tf.float32)
             loss = tf.where(n > 0, loss_fn(y, prob) * n, 0.0)
-            return loss, n, _batch_confusion(y, prob, n_classes, ignore)
+            return loss, n, metrics.batch_confusion(y, prob, n_classes, ignore)
 
         @tf.function
         def step(x, y):
@@ -341,14 +324,11 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
 
-def _mean_iou(cm: np.ndarray, ignore_class: int | None) -> float:
-    value = metrics.scores_from_confusion(cm, ignore_class=ignore_class)["mean_iou"]
-    return float("nan") if value is None else float(value)
-
-
-def _dice(cm: np.ndarray, ignore_class: int | None) -> float:
-    value = metrics.scores_from_confusion(cm, ignore_class=ignore_class)["mean_dice"]
-    return float("nan") if value is None else float(value)
+def _iou_and_dice(cm: np.ndarray, ignore_class: int | None) -> tuple[float, float]:
+    """Mean IoU and mean dice of a confusion matrix (NaN when no class is present)."""
+    scores = metrics.scores_from_confusion(cm, ignore_class=ignore_class)
+    return tuple(float("nan") if scores[k] is None else float(scores[k])
+                 for k in ("mean_iou", "mean_dice"))
 
 
 # Run folder ------------------------------------------------------------------------------
@@ -554,10 +534,11 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         trainer.optimizer.learning_rate.assign(lr)
         loss, cm, seconds, wait = trainer.train_epoch(iterator, steps, epoch, progress)
         val_loss, val_cm = trainer.evaluate_loss(val_dist) if has_validation else (loss, cm)
-        log = EpochLog(epoch=epoch + 1, lr=lr, loss=loss,
-                       mean_iou=_mean_iou(cm, cfg.IGNORE_CLASS), val_loss=val_loss,
-                       val_mean_iou=_mean_iou(val_cm, cfg.IGNORE_CLASS),
-                       val_dice=_dice(val_cm, cfg.IGNORE_CLASS), seconds=seconds,
+        train_iou, _ = _iou_and_dice(cm, cfg.IGNORE_CLASS)
+        val_iou, val_dice = _iou_and_dice(val_cm, cfg.IGNORE_CLASS)
+        log = EpochLog(epoch=epoch + 1, lr=lr, loss=loss, mean_iou=train_iou,
+                       val_loss=val_loss, val_mean_iou=val_iou, val_dice=val_dice,
+                       seconds=seconds,
                        images_per_second=steps * cfg.BATCH_SIZE / seconds,
                        input_wait_fraction=wait / seconds)
         state.history.append(log.as_row())
