@@ -48,6 +48,10 @@ class Config:
                              "EXTRA_BAND_DIRS).", lo=1, hi=64, group="data")
     NCLASSES: int = _key(1, "1 = binary (label values 0/1, sigmoid output); N > 1 = N classes "
                          "with label values 0..N-1 (softmax output).", lo=1, hi=255, group="data")
+    CLASS_NAMES: list[str] = _key([], "Class names in label-value order (binary: background "
+                                  "then foreground), shown in figures, evaluation.json and "
+                                  "model_card.json; [] = 'class 0', 'class 1', ...",
+                                  group="data")
     USEMASK: bool = _key(False, "Labels are named NAME_mask.* (true) or NAME_label.* / NAME.* "
                          "(false).", group="data")
     REMAP_CLASSES: dict[str, int] = _key({}, "Map label values before anything else, e.g. "
@@ -224,6 +228,11 @@ class Config:
         return 2 if self.NCLASSES == 1 else self.NCLASSES
 
     @property
+    def class_names(self) -> list[str]:
+        """CLASS_NAMES, or 'class 0', 'class 1', ... when none are given."""
+        return list(self.CLASS_NAMES) or [f"class {k}" for k in range(self.n_label_classes)]
+
+    @property
     def downsampling_factor(self) -> int:
         """How many times the model halves the input: TARGET_SIZE must be a multiple."""
         return 32 if self.MODEL == "efficientnet_unet" else 2**self.DEPTH
@@ -386,6 +395,9 @@ def _check_consistency(c: Config, source: str) -> list[str]:
                      f"{c.n_label_classes} classes (background first)")
         if any(w < 0 for w in c.CLASS_WEIGHTS):
             p.append(f"{source}: CLASS_WEIGHTS must not be negative")
+    if c.CLASS_NAMES and len(c.CLASS_NAMES) != c.n_label_classes:
+        p.append(f"{source}: CLASS_NAMES has {len(c.CLASS_NAMES)} names but there are "
+                 f"{c.n_label_classes} classes (binary: background then foreground)")
     if c.IGNORE_CLASS is not None and c.IGNORE_CLASS >= c.n_label_classes:
         p.append(f"{source}: IGNORE_CLASS={c.IGNORE_CLASS} is not a class (0.."
                  f"{c.n_label_classes - 1})")

@@ -56,7 +56,7 @@ import tensorflow as tf
 from rasterio.windows import Window
 from skimage.filters import threshold_otsu
 
-from res_unet import __version__, imagery, metrics, postprocess
+from res_unet import __version__, imagery, metrics, postprocess, report
 from res_unet.atomic import atomic_path, write_atomic
 from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
 from res_unet.errors import UserError
@@ -75,6 +75,10 @@ LABEL_NODATA = 255
 # Probability values (H * W * C) above which an image is predicted strip by strip: 256 MB
 # of float32; below it the whole map is kept, which costs nothing worth saving.
 FULL_MAX_VALUES = 64_000_000
+# With labels, the first few scored images are drawn (image | label | prediction), each
+# shown at most this many pixels on its longer side.
+FIGURE_ROWS = 4
+FIGURE_MAX_SIDE = 512
 # Overlays larger than this are drawn on a sub-sampled grid: a viewer cannot show more.
 OVERLAY_MAX_PIXELS = 30_000_000
 OVERLAY_ALPHA = 0.4
@@ -691,6 +695,14 @@ def score_label(label: np.ndarray, pair: imagery.Pair, cfg: Config, n_classes: i
                                     ignore_class=cfg.IGNORE_CLASS)
 
 
+def _figure_example(pair: imagery.Pair, label: np.ndarray, cfg: Config
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
+    image, truth, _ = imagery.load_pair(pair, cfg)
+    step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
+    return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
+
+
 def _score_row(name: str, cm: np.ndarray, cfg: Config) -> dict[str, Any]:
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     row: dict[str, Any] = {"image": name, "n_pixels": scores["n_pixels"],
@@ -785,7 +797,8 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     all exist are skipped unless ``overwrite``; an unreadable image is reported on one line
     and counted as failed. With ``labels_dir`` the predictions are scored (scores.csv, or
     scores_shard{i}of{n}.csv: one row per image and an 'ALL' row from the summed confusion
-    matrix). Writes segmentation_config.json. Returns a summary dict: images, done, skipped,
+    matrix) and the first FIGURE_ROWS scored images are drawn in examples.png. Writes
+    segmentation_config.json. Returns a summary dict: images, done, skipped,
     failed, failures, seconds, megapixels, mpx_per_second and, with labels, scores.
     """
     started = time.perf_counter()
@@ -817,6 +830,8 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     failures: list[dict[str, str]] = []
     megapixels = busy = 0.0
     rows: list[dict[str, Any]] = []
+    figure: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    figure_titles: list[str] = []
     total_cm = np.zeros((n, n), np.int64)
     for pair in _progress(pairs, progress):
         paths = output_paths(out_dir, pair, save_probs, geojson, segmenter.n_outputs == 1)
@@ -834,6 +849,10 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                 cm = score_label(label, pair, cfg, n)
                 total_cm += cm
                 rows.append(_score_row(pair.stem, cm, cfg))
+                if len(figure) < FIGURE_ROWS:
+                    figure.append(_figure_example(pair, label, cfg))
+                    figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
+                                         if rows[-1]["mean_iou"] is not None else pair.stem)
         except (UserError, OSError, ValueError, rasterio.errors.RasterioError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             if str(pair.image) not in message:
@@ -854,4 +873,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
         _write_scores(out_dir / name, rows)
         summary["scores_file"] = str(out_dir / name)
         summary["scores"] = metrics.scores_from_confusion(total_cm, ignore_class=cfg.IGNORE_CLASS)
+    if figure and cfg.DOPLOT:
+        name = "examples.png" if count == 1 else f"examples_shard{index}of{count}.png"
+        report.plot_predictions(figure, n, out_dir / name, class_names=cfg.class_names,
+                                row_titles=figure_titles)
+        summary["examples_file"] = str(out_dir / name)
     return summary

@@ -698,7 +698,8 @@ def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
     manifest = builder.manifest(writers, images_dir, labels_dir)
     if cfg.DOPLOT:
         report.sample_grid(staging / SAMPLES, builder.samples["train"],
-                           builder.samples["validation"], cfg.n_label_classes)
+                           builder.samples["validation"], cfg.n_label_classes,
+                           cfg.class_names)
     save_config(cfg, staging / CONFIG)
     write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -65,12 +65,13 @@ def overlay_label(rgb: np.ndarray, label: np.ndarray, n_classes: int,
     foreground, so the image stays visible; multiclass labels colour every class with
     :func:`class_colours`. Returns (H, W, 3) floats in [0, 1].
     """
+    valid = label < n_classes  # values beyond the classes (nodata 255) stay uncoloured
     if n_classes == 2:
         colours = np.array([(0.0, 0.0, 0.0), _FOREGROUND])
-        weight = np.where(label > 0, alpha, 0.0)[..., None]
+        weight = np.where(valid & (label > 0), alpha, 0.0)[..., None]
     else:
         colours = class_colours(n_classes)
-        weight = np.full((*label.shape, 1), alpha)
+        weight = np.where(valid, alpha, 0.0)[..., None]
     colour = colours[np.clip(label, 0, len(colours) - 1)]
     return rgb * (1.0 - weight) + colour * weight
 
@@ -156,11 +157,13 @@ def plot_lr_schedule(rates: Sequence[float], path: str | os.PathLike) -> None:
 
 def plot_predictions(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                      n_classes: int, path: str | os.PathLike,
-                     class_names: Sequence[str] | None = None) -> None:
+                     class_names: Sequence[str] | None = None,
+                     row_titles: Sequence[str] | None = None) -> None:
     """Rows of image | label | prediction for validation examples.
 
     ``examples``: [(image (H, W, B) raw values, label (H, W) class indices, prediction
     (H, W) class indices)]; ``n_classes`` counts the background (2 for binary).
+    ``row_titles``: one caption per row (e.g. the image name and its IoU), shown over the image.
     """
     n = max(len(examples), 1)
     fig = Figure(figsize=(7.5, 2.6 * n + 0.4), layout="constrained")
@@ -173,6 +176,8 @@ def plot_predictions(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
                                             (overlay_label(rgb, label, n_classes), "label"),
                                             (overlay_label(rgb, pred, n_classes), "prediction"))):
             axes[r, c].imshow(shown, interpolation="nearest")
+            if c == 0 and row_titles is not None:
+                title = row_titles[r]
             axes[r, c].set_title(title, fontsize=8)
     fig.legend(handles=class_legend(n_classes, class_names), loc="outside lower center",
                ncol=min(n_classes, 6), fontsize=8)

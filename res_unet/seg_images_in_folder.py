@@ -116,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  failed: {failure['error']}")
     scores = summary.get("scores")
     if scores:
-        per_class = ", ".join(_score(v) for v in scores["iou"])
+        per_class = ", ".join(f"{name} {_score(v)}"
+                              for name, v in zip(cfg.class_names, scores["iou"], strict=True))
         print(f"scores ({summary['scores_file']}): mean IoU {_score(scores['mean_iou'])}, "
-              f"per-class IoU [{per_class}], pixel accuracy {_score(scores['pixel_accuracy'])}")
+              f"IoU {per_class}, pixel accuracy {_score(scores['pixel_accuracy'])}")
+    if "examples_file" in summary:
+        print(f"examples (image | label | prediction): {summary['examples_file']}")
     return 1 if summary["failed"] else 0
 
 

@@ -431,7 +431,8 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
             sweep.update(truth, prob[..., 0])
         for i in range(min(len(x), n_examples - len(examples))):
             examples.append((np.round(x[i].numpy()).astype(dtype), truth[i], pred[i]))
-    result: dict[str, Any] = {"split": "validation", "threshold": 0.5 if binary else None,
+    result: dict[str, Any] = {"split": "validation", "class_names": cfg.class_names,
+                              "threshold": 0.5 if binary else None,
                               "scores": metrics.scores_from_confusion(
                                   cm, ignore_class=cfg.IGNORE_CLASS)}
     if sweep is not None and cm.sum() > 0:
@@ -494,6 +495,14 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
 
     evaluation, examples = evaluate(model, cfg, data_dir)
     card = _model_card(cfg, manifest, trainer, state, evaluation, time.time() - started)
+    previous_card = run_dir / "model_card.json"
+    if not cfg.DO_TRAIN and previous_card.is_file():
+        # Re-evaluating does not change how the weights were trained: keep those facts.
+        try:
+            old = json.loads(previous_card.read_text())
+            card["training"], card["wall_seconds"] = old["training"], old["wall_seconds"]
+        except (ValueError, KeyError, TypeError):
+            pass
     if chief:
         _write_outputs(run_dir, cfg, trainer, state, evaluation, examples, card,
                        export_saved_model)
@@ -588,6 +597,7 @@ def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: 
         "input": {"size": list(target), "bands": cfg.N_DATA_BANDS, "dtype": manifest["dtype"],
                   "band_mean": manifest["band_mean"], "band_std": manifest["band_std"]},
         "classes": cfg.n_label_classes,
+        "class_names": cfg.class_names,
         "binary": cfg.NCLASSES == 1,
         "ignore_class": cfg.IGNORE_CLASS,
         "threshold": evaluation.get("optimal_threshold", 0.5 if cfg.NCLASSES == 1 else None),
@@ -630,4 +640,5 @@ def _write_outputs(run_dir: Path, cfg: Config, trainer: Trainer, state: TrainSta
             report.plot_history(state.history, run_dir / "curves.png")
         report.plot_lr_schedule(schedule.lr_curve(cfg, cfg.MAX_EPOCHS), run_dir / "lr_schedule.png")
         if examples:
-            report.plot_predictions(examples, cfg.n_label_classes, run_dir / "val_examples.png")
+            report.plot_predictions(examples, cfg.n_label_classes, run_dir / "val_examples.png",
+                                        class_names=cfg.class_names)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"run_folder": args.out, "epochs_run": card["training"]["epochs_run"],
                "best_epoch": card["training"]["best_epoch"],
                "validation_mean_iou": scores["mean_iou"],
-               "validation_per_class_iou": scores["iou"],
+               "validation_iou": dict(zip(card["class_names"], scores["iou"], strict=True)),
                "threshold": card["threshold"], "train_seconds": card["training"]["train_seconds"]}
     print(json.dumps(summary, indent=2))
     return 0

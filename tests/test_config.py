@@ -141,6 +141,8 @@ def test_out_of_range(raw, expected):
     ({"KERNEL_SIZE": 4}, "KERNEL_SIZE=4 must be odd"),
     ({"NCLASSES": 3, "CLASS_WEIGHTS": [1, 2]}, "CLASS_WEIGHTS has 2 values but there are 3"),
     ({"NCLASSES": 3, "IGNORE_CLASS": 3}, "IGNORE_CLASS=3 is not a class"),
+    ({"CLASS_NAMES": ["water"]}, "CLASS_NAMES has 1 names but there are 2 classes"),
+    ({"NCLASSES": 3, "CLASS_NAMES": ["a", "b"]}, "CLASS_NAMES has 2 names but there are 3"),
     ({"IGNORE_CLASS": 1}, "IGNORE_CLASS needs a multiclass model"),
     ({"LOSS": {"dice": 1, "lovasz": 1}}, "LOSS terms \\['lovasz'\\] unknown"),
     ({"LOSS": {"dice": 0}}, "at least one term with a positive weight"),
@@ -153,6 +155,12 @@ def test_out_of_range(raw, expected):
 def test_inconsistent_values(raw, expected):
     with pytest.raises(UserError, match=expected):
         config_from_dict(raw)
+
+
+def test_class_names_default_and_given():
+    assert config_from_dict({"NCLASSES": 3})[0].class_names == ["class 0", "class 1", "class 2"]
+    cfg, _ = config_from_dict({"CLASS_NAMES": ["land", "water"]})
+    assert cfg.class_names == ["land", "water"]
 
 
 def test_depth_changes_divisibility():

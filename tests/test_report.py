@@ -50,6 +50,27 @@ def test_multiclass_overlay_uses_class_colours():
     assert np.allclose(report.class_colours(12)[10], report.class_colours(12)[0])
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_nodata_is_left_uncoloured(n_classes):
+    rgb = np.full((1, 2, 3), 0.5)
+    out = report.overlay_label(rgb, np.array([[255, 1]], np.uint8), n_classes, alpha=1.0)
+    assert np.allclose(out[0, 0], 0.5), "nodata (255) shows the image"
+    assert not np.allclose(out[0, 1], 0.5)
+
+
+def test_prediction_figure_has_a_row_per_example_with_titles(tmp_path):
+    rng = np.random.default_rng(0)
+    example = (rng.integers(0, 255, (20, 30, 3)).astype(np.uint8),
+               rng.integers(0, 3, (20, 30)).astype(np.uint8),
+               rng.integers(0, 3, (20, 30)).astype(np.uint8))
+    path = tmp_path / "examples.png"
+    report.plot_predictions([example] * 2, 3, path, class_names=["a", "b", "c"],
+                            row_titles=["one: mean IoU 0.5", "two"])
+    with Image.open(path) as png:
+        assert png.size == (750, 2 * 260 + 40)
+    assert [p.name for p in tmp_path.iterdir()] == ["examples.png"]
+
+
 @pytest.mark.parametrize(("dtype", "bands", "n_classes"), [("uint8", 3, 2), ("uint16", 6, 4)])
 def test_sample_grid_writes_a_png_atomically(tmp_path, dtype, bands, n_classes):
     rng = np.random.default_rng(0)

@@ -198,7 +198,9 @@ def test_evaluation_scores(run, tmp_path, capsys):
     assert float(rows["ALL"]["iou_1"]) == pytest.approx(1280 / 1536)
     assert float(rows["ALL"]["iou_0"]) == pytest.approx(512 / 768)
     assert int(rows["ALL"]["n_pixels"]) == 2048
-    assert "mean IoU 0.750" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean IoU 0.750, IoU class 0 0.667, class 1 0.833" in printed
+    assert (out / "examples.png").is_file() and "examples.png" in printed
     # Resumed runs score the existing predictions.
     assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 0
     assert "0 done, 2 skipped" in capsys.readouterr().out

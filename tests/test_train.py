@@ -82,6 +82,7 @@ def test_run_folder_is_complete(trained_run):
     assert card["dataset"]["content_hash"].startswith("sha256:")
     assert card["flops_per_image"] > 0 and card["parameters"] > 0
     assert json.loads((run / "model_card.json").read_text())["threshold"] == card["threshold"]
+    assert card["class_names"] == evaluation["class_names"] == ["class 0", "class 1"]
 
 
 def test_saved_model_reloads_without_custom_objects(trained_run, tiny_dataset):
@@ -108,6 +109,8 @@ def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_
     assert after["scores"]["confusion_matrix"] == before["scores"]["confusion_matrix"]
     assert card["threshold"] == before["optimal_threshold"]
     assert len(history(run)) == 3, "evaluation does not touch the history"
+    assert card["training"]["epochs_run"] == 3, "the card keeps how the weights were trained"
+    assert card["training"]["train_seconds"] > 0
 
 
 def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypatch):
