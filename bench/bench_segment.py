@@ -190,7 +190,9 @@ def bench_quality(run_dir: Path, max_images: int | None) -> dict[str, Any]:
                            "card_threshold": segmenter.card_threshold, "steps": {}}
     for name, cm in cms.items():
         scores = metrics.scores_from_confusion(cm)
-        out["steps"][name] = {"water_iou": scores["iou"][1], "mean_iou": scores["mean_iou"]}
+        out["steps"][name] = {"water_iou": scores["iou"][1], "mean_iou": scores["mean_iou"],
+                              "water_dice": scores["dice"][1],
+                              "pixel_accuracy": scores["pixel_accuracy"]}
     return out
 
 
