@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 	$(BIN)/seg_images_in_folder --model $(DEMO)/model --images $(DEMO)/data/test/images \
 		--labels $(DEMO)/data/test/labels --out $(DEMO)/segmentation --overlap 0.25
 	@echo "demo outputs: $(DEMO)/dataset (shards + samples.png), $(DEMO)/model (weights, curves,"
-	@echo "evaluation.json, model_card.json), $(DEMO)/segmentation (masks, overlays, scores.csv)"
+	@echo "evaluation.json, model_card.json), $(DEMO)/segmentation (masks, overlays, scores.csv, examples.png)"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
