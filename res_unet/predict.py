@@ -681,24 +681,30 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
 
 # Evaluation --------------------------------------------------------------------------------
 
-def score_label(label: np.ndarray, pair: imagery.Pair, cfg: Config, n_classes: int
+def read_truth(pair: imagery.Pair, cfg: Config, shape: tuple[int, int]) -> np.ndarray:
+    """The pair's label file as class indices (H, W); raises UserError unless it is ``shape``
+    (the image's, as rows and columns)."""
+    truth = imagery.prepare_label(imagery.read_label(pair.label), cfg, pair.label)
+    if truth.shape != shape:
+        raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
+                        f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
+                        "must cover their image pixel for pixel")
+    return truth
+
+
+def score_label(label: np.ndarray, truth: np.ndarray, cfg: Config, n_classes: int
                 ) -> np.ndarray:
     """Confusion matrix (n_classes x n_classes, rows truth) of a predicted label map against
-    the pair's label file; nodata predictions and IGNORE_CLASS truth pixels are not counted."""
-    truth = imagery.prepare_label(imagery.read_label(pair.label), cfg, pair.label)
-    if truth.shape != label.shape:
-        raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
-                        f"its image {pair.image} is {label.shape[1]}x{label.shape[0]}; labels "
-                        "must cover their image pixel for pixel")
+    the true one; nodata predictions and IGNORE_CLASS truth pixels are not counted."""
     valid = label != LABEL_NODATA
     return metrics.confusion_matrix(truth[valid], label[valid], n_classes,
                                     ignore_class=cfg.IGNORE_CLASS)
 
 
-def _figure_example(pair: imagery.Pair, label: np.ndarray, cfg: Config
+def _figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
-    image, truth, _ = imagery.load_pair(pair, cfg)
+    image, _ = imagery.load_image(pair, cfg)
     step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
     return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
 
@@ -846,11 +852,12 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                 megapixels += pixels / 1e6
                 done += 1
             if pair.label is not None:
-                cm = score_label(label, pair, cfg, n)
+                truth = read_truth(pair, cfg, label.shape)
+                cm = score_label(label, truth, cfg, n)
                 total_cm += cm
                 rows.append(_score_row(pair.stem, cm, cfg))
                 if len(figure) < FIGURE_ROWS:
-                    figure.append(_figure_example(pair, label, cfg))
+                    figure.append(_figure_example(pair, label, truth, cfg))
                     figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
                                          if rows[-1]["mean_iou"] is not None else pair.stem)
         except (UserError, OSError, ValueError, rasterio.errors.RasterioError) as exc:

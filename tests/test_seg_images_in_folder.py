@@ -161,6 +161,21 @@ def test_band_mismatch_is_a_failure_for_that_file(run, images, tmp_path, capsys)
     assert "grey.png" in err and "band" in err
 
 
+def test_label_of_another_size_fails_that_image_only(run, images, tmp_path, capsys):
+    labels = tmp_path / "labels"
+    imagery.write_png(labels / "a.png", np.zeros((32, 32), np.uint8))
+    imagery.write_png(labels / "b.png", np.zeros((10, 10), np.uint8))  # image is 90x70
+    imagery.write_png(labels / "c.png", np.zeros((40, 50), np.uint8))
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 1
+    failed = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("failed:")]
+    assert len(failed) == 1
+    assert "b.png: label is 10x10 (WxH)" in failed[0] and "is 90x70" in failed[0]
+    with open(out / "scores.csv") as fh:
+        assert [row["image"] for row in csv.DictReader(fh)] == ["a", "c", "ALL"]
+
+
 def test_shards_are_disjoint_and_complete(run, images, tmp_path):
     outs = []
     for i in range(2):
