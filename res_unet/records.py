@@ -51,7 +51,14 @@ from res_unet.config import Config, save_config
 from res_unet.errors import UserError
 from res_unet.imagery import Pair, find_pairs, load_pair
 from res_unet.split import split_pairs
-from res_unet.tiling import extract_tile, resize_to_fit, tile_grid
+from res_unet.tiling import (
+    downsample_image,
+    downsample_label,
+    downsampled_shape,
+    extract_tile,
+    resize_to_fit,
+    tile_grid,
+)
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -179,9 +186,17 @@ def source_examples(image: np.ndarray, label: np.ndarray, stem: str, split: str,
     return examples, dropped
 
 
+def load_scaled_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """The pair's image and label at the working scale: 1/DOWNSAMPLE of the source grid
+    (block-mean image, majority label)."""
+    image, label, _ = load_pair(pair, cfg)
+    return (downsample_image(image, cfg.DOWNSAMPLE),
+            downsample_label(label, cfg.DOWNSAMPLE))
+
+
 def _process_source(task: _Task) -> _SourceResult:
     """Worker entry point: load one pair and return the examples of the task's tiles."""
-    image, label, _ = load_pair(task.pair, task.cfg)
+    image, label = load_scaled_pair(task.pair, task.cfg)
     examples, dropped = source_examples(image, label, task.pair.stem, task.split, task.index,
                                         task.cfg, task.fits)
     first = task.fits is None or task.fits.start == 0
@@ -194,7 +209,7 @@ def _check_source(task: _Task) -> tuple[str | None, str | None, tuple[int, int]]
         image, _, _ = load_pair(task.pair, task.cfg)
     except UserError as exc:
         return str(exc), None, (0, 0)
-    return None, image.dtype.name, image.shape[:2]
+    return None, image.dtype.name, downsampled_shape(image.shape[:2], task.cfg.DOWNSAMPLE)
 
 
 def _split_tasks(tasks: list[_Task], shapes: list[tuple[int, int]]) -> list[_Task]:
@@ -630,6 +645,7 @@ class _DatasetBuilder:
             "target_size": list(cfg.TARGET_SIZE),
             "dtype": self.dtype,
             "fit_mode": cfg.FIT_MODE,
+            "downsample": cfg.DOWNSAMPLE,
             "compression": cfg.SHARD_COMPRESSION,
             "shards": shards,
             "samples_figure": SAMPLES if cfg.DOPLOT else None,

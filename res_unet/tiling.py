@@ -235,3 +235,83 @@ class TileBlender:
             raise ValueError(f"{int(np.sum(self.weight <= 0))} pixels were not covered by any "
                              "tile")
         return self.sum / self.weight[..., None]
+
+
+# Working scale (DOWNSAMPLE) -------------------------------------------------------------------
+#
+# A model trained with DOWNSAMPLE = k sees the imagery k times coarser, so one tile covers k
+# times more of the scene: enough context to tell a large, uniform lake from a forest. The
+# dataset builder and the segmenter both go through these functions. Pixel (i, j) of the
+# down-sampled image is the mean of the k x k block of source pixels starting at (k i, k j)
+# (the image is edge-padded to a multiple of k); predictions come back to the source grid by
+# bilinear interpolation with the same geometry (block centres at k i + (k - 1) / 2).
+
+
+def downsampled_shape(shape_hw: Sequence[int], factor: int) -> tuple[int, int]:
+    """Size (rows, cols) of an image of ``shape_hw`` after :func:`downsample_image`."""
+    return (-(-int(shape_hw[0]) // factor), -(-int(shape_hw[1]) // factor))
+
+
+def _pad_to_multiple(array: np.ndarray, factor: int) -> np.ndarray:
+    h, w = array.shape[:2]
+    pad = [(0, -h % factor), (0, -w % factor)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, mode="edge") if any(p[1] for p in pad[:2]) else array
+
+
+def downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Block means of ``factor`` x ``factor`` pixels of an (H, W, B) image, dtype kept
+    (integers rounded). ``factor`` 1 returns the image itself."""
+    if factor == 1:
+        return image
+    padded = _pad_to_multiple(image, factor)
+    h, w = padded.shape[0] // factor, padded.shape[1] // factor
+    blocks = padded.reshape(h, factor, w, factor, *padded.shape[2:])
+    mean = blocks.mean(axis=(1, 3), dtype=np.float32)
+    if np.issubdtype(image.dtype, np.integer):
+        mean = np.rint(mean)
+    return mean.astype(image.dtype, copy=False)
+
+
+def downsample_label(label: np.ndarray, factor: int) -> np.ndarray:
+    """Majority class of each ``factor`` x ``factor`` block of an (H, W) label map (ties go
+    to the lower class value). ``factor`` 1 returns the label itself."""
+    if factor == 1:
+        return label
+    padded = _pad_to_multiple(label, factor)
+    h, w = padded.shape[0] // factor, padded.shape[1] // factor
+    blocks = padded.reshape(h, factor, w, factor).transpose(0, 2, 1, 3).reshape(h, w, -1)
+    best = np.zeros((h, w), dtype=label.dtype)
+    best_count = np.full((h, w), -1, dtype=np.int32)
+    for value in np.unique(blocks):
+        count = np.count_nonzero(blocks == value, axis=-1)
+        better = count > best_count
+        best[better], best_count[better] = value, count[better]
+    return best
+
+
+def _upsample_axis_weights(n_out: int, n_in: int, factor: int, start: int = 0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (lo, hi) and weight of hi for output positions start..start+n_out-1."""
+    pos = (np.arange(start, start + n_out, dtype=np.float64) + 0.5) / factor - 0.5
+    pos = np.clip(pos, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+
+
+def upsample_rows(small: np.ndarray, factor: int, out_hw: Sequence[int], r0: int = 0,
+                  r1: int | None = None) -> np.ndarray:
+    """Rows ``r0:r1`` of the bilinear up-sampling of ``small`` (h, w, C) float to ``out_hw``.
+
+    Inverse geometry of :func:`downsample_image`; edges are clamped. Any split into row
+    ranges gives the same values as the whole, so large scenes can be done strip by strip.
+    """
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    r1 = out_h if r1 is None else r1
+    if factor == 1:
+        return small[r0:r1]
+    rlo, rhi, rw = _upsample_axis_weights(r1 - r0, small.shape[0], factor, r0)
+    clo, chi, cw = _upsample_axis_weights(out_w, small.shape[1], factor)
+    rows = small[rlo] * (1 - rw)[:, None, None] + small[rhi] * rw[:, None, None]
+    return (rows[:, clo] * (1 - cw)[None, :, None] + rows[:, chi] * cw[None, :, None]
+            ).astype(np.float32, copy=False)

@@ -133,6 +133,10 @@ def check_config_against_manifest(cfg: Config, manifest: dict[str, Any], data_di
     if list(manifest["target_size"]) != list(cfg.TARGET_SIZE):
         problems.append(f"{data_dir}: the dataset's examples are {manifest['target_size']} but "
                         f"TARGET_SIZE={cfg.TARGET_SIZE}; use the dataset's size or rebuild it")
+    if int(manifest.get("downsample", 1)) != cfg.DOWNSAMPLE:
+        problems.append(f"{data_dir}: the dataset was made with DOWNSAMPLE="
+                        f"{manifest.get('downsample', 1)} but the config says DOWNSAMPLE="
+                        f"{cfg.DOWNSAMPLE}; use the dataset's value or rebuild it")
     if manifest["counts"]["train"]["examples"] == 0 and cfg.DO_TRAIN:
         problems.append(f"{data_dir}: the training split is empty; add images or lower "
                         "VALIDATION_SPLIT")
@@ -432,15 +436,7 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
         for i in range(min(len(x), n_examples - len(examples))):
             examples.append((np.round(x[i].numpy()).astype(dtype), truth[i], pred[i]))
     result: dict[str, Any] = {"split": "validation", "class_names": cfg.class_names,
-                              "threshold": 0.5 if binary else None,
-                              "scores": metrics.scores_from_confusion(
-                                  cm, ignore_class=cfg.IGNORE_CLASS)}
-    if sweep is not None and cm.sum() > 0:
-        best, curve = sweep.best()
-        result["optimal_threshold"] = best
-        result["threshold_sweep"] = curve
-        result["scores_at_optimal_threshold"] = metrics.scores_from_confusion(
-            sweep.confusion_at(best))
+                              **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
     return result, examples
 
 
@@ -465,6 +461,11 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     manifest = records.read_manifest(data_dir)
     check_config_against_manifest(cfg, manifest, data_dir)
     strategy = strategy or make_strategy()
+    if (cfg.MAX_TRAIN_MINUTES is not None and cfg.DO_TRAIN
+            and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        # Each worker times itself: they could disagree on the last epoch and hang.
+        raise UserError("MAX_TRAIN_MINUTES cannot be used with several worker machines "
+                        "(TF_CONFIG); set MAX_EPOCHS instead")
     chief = is_chief()
     precision = resolve_precision(cfg)
     # Saved weights replace the encoder's pretrained ones: don't read (or download) those.
@@ -575,6 +576,10 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
             print(f"early stopping: no val_loss improvement for {cfg.PATIENCE} epochs; best "
                   f"epoch {state.best_epoch}")
             break
+        if cfg.MAX_TRAIN_MINUTES is not None and state.train_seconds >= 60 * cfg.MAX_TRAIN_MINUTES:
+            print(f"time budget reached: {state.train_seconds / 60:.1f} of MAX_TRAIN_MINUTES="
+                  f"{cfg.MAX_TRAIN_MINUTES} minutes trained; best epoch {state.best_epoch}")
+            break
     # Restore the best weights, as early stopping promises. Each worker kept its own copy
     # (they are identical across workers); a resumed run without a new best reads the file.
     if best_weights is not None:
@@ -595,7 +600,8 @@ def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: 
         "parameters": int(trainer.model.count_params()),
         "flops_per_image": int(count_flops(trainer.model)),
         "input": {"size": list(target), "bands": cfg.N_DATA_BANDS, "dtype": manifest["dtype"],
-                  "band_mean": manifest["band_mean"], "band_std": manifest["band_std"]},
+                  "band_mean": manifest["band_mean"], "band_std": manifest["band_std"],
+                  "downsample": cfg.DOWNSAMPLE},
         "classes": cfg.n_label_classes,
         "class_names": cfg.class_names,
         "binary": cfg.NCLASSES == 1,

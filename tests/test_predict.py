@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from res_unet import postprocess, predict
+from res_unet import postprocess, predict, tiling
 from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
@@ -348,3 +349,76 @@ def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary,
     label = imagery.read_label(tmp_path / "out" / "scene_predseg.png")
     np.testing.assert_array_equal(label, (whole[..., 0] >= 0.5).astype(np.uint8))
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+# Working scale (DOWNSAMPLE) ------------------------------------------------------------------
+
+def test_downsample_segmenter_predicts_at_scale_and_interpolates_back(per_pixel):
+    """A DOWNSAMPLE=2 model sees the block-mean image; its probabilities come back to the
+    full grid by bilinear interpolation, whole or strip by strip."""
+    rng = np.random.default_rng(11)
+    img = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    model = dataclasses.replace(per_pixel, downsample=2)
+    seg = predict.Segmenter([model], tiny_config(THRESHOLD=0.5))
+    small = tiling.downsample_image(img, 2)
+    expected = tiling.upsample_rows(pixel_prob(small), 2, img.shape[:2])
+    prob = seg.probabilities(img)
+    assert prob.shape == (90, 70, 1)
+    np.testing.assert_allclose(prob, expected, atol=1e-5)
+    strips = predict.Segmenter([model], tiny_config(THRESHOLD=0.5), full_max_values=0)
+    assert strips.uses_strips(img.shape[:2])
+    np.testing.assert_array_equal(strips.segment(img), seg.segment(img))
+    np.testing.assert_array_equal(seg.segment(img), expected[..., 0] >= 0.5)
+
+
+def test_ensemble_members_must_share_the_working_scale(per_pixel):
+    coarse = dataclasses.replace(per_pixel, downsample=2)
+    with pytest.raises(UserError, match="DOWNSAMPLE"):
+        predict.Segmenter([per_pixel, coarse], tiny_config())
+
+
+# Whole validation scenes ---------------------------------------------------------------------
+
+def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp_path):
+    """The scene evaluation segments every validation image of the dataset as
+    seg_images_in_folder would, and its optimum is the best IoU over the swept thresholds
+    computed by hand from the same probabilities; the card then carries that threshold."""
+    from res_unet import imagery, metrics, records
+
+    cfg = tiny_config(TARGET_SIZE=[64, 64], TESTTIMEAUG=True)
+    run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0, size=64), cfg,
+                    threshold=0.5)
+    manifest = records.read_manifest(tiny_dataset)
+    result = predict.evaluate_scenes(run, tiny_dataset, progress=False)
+    assert result is not None and result["images"] == len(manifest["files"]["validation"])
+    assert result["tta"] is True
+    pairs = [p for p in imagery.find_pairs(manifest["images_dir"], manifest["labels_dir"])
+             if p.image.name in manifest["files"]["validation"]]
+    counts = 0
+    for pair in pairs:
+        image, _ = imagery.load_image(pair, cfg)
+        truth = predict.read_truth(pair, cfg, image.shape[:2])
+        counts = counts + metrics.threshold_counts(truth, pixel_prob(image, 0.03, 110.0)[..., 0])
+    best, ious = metrics.threshold_from_counts(counts)
+    assert result["optimal_threshold"] == best
+    assert result["scores_at_optimal_threshold"]["iou"][1] == pytest.approx(np.nanmax(ious))
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["threshold"] == best and card["threshold_source"] == "whole validation scenes"
+    assert card["validation"]["scenes"]["images"] == len(pairs)
+    assert json.loads((run / "evaluation.json").read_text())["scenes"]["optimal_threshold"] == best
+    assert predict.load_run(run).threshold == best
+
+
+def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["images_dir"] = str(tmp_path / "gone")
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_config(TARGET_SIZE=[64, 64])
+    run = write_run(tmp_path / "run", pixel_model(size=64), cfg, threshold=0.4)
+    assert predict.evaluate_scenes(run, data, progress=False) is None
+    assert "scene evaluation skipped" in capsys.readouterr().err
+    assert json.loads((run / "model_card.json").read_text())["threshold"] == 0.4

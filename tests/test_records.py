@@ -270,3 +270,26 @@ def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch
     split = records.make_dataset(cfg, *src, tmp_path / "split")
     assert split["content_hash"] == whole["content_hash"]
     assert split["counts"] == whole["counts"] and split["files"] == whole["files"]
+
+
+def test_downsampled_dataset_holds_the_working_scale(tmp_path):
+    """DOWNSAMPLE=2: examples are tiles of the block-mean image and majority label; the
+    manifest records the factor, and training refuses a config that disagrees."""
+    from res_unet import train
+    from res_unet.tiling import downsample_image, downsample_label
+
+    sources = write_sources(tmp_path / "src", "uint8", 3, shape=(64, 96))
+    cfg = make_config(DOWNSAMPLE=2)
+    manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
+                                    tmp_path / "ds")
+    assert manifest["downsample"] == 2
+    [stem] = [Path(f).stem for f in manifest["files"]["train"]]
+    image, label = sources[stem]
+    expected = expected_tiles(downsample_image(image, 2), downsample_label(label, 2))
+    got = list(records.read_examples(tmp_path / "ds", "train"))
+    assert len(got) == len(expected) == 6  # a 32 x 48 working image in 16-px tiles
+    for (img, lab, _), (exp_img, exp_lab) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(img, exp_img)
+        np.testing.assert_array_equal(lab, exp_lab)
+    with pytest.raises(UserError, match="DOWNSAMPLE=2 but the config says DOWNSAMPLE=1"):
+        train.check_config_against_manifest(make_config(), manifest, tmp_path / "ds")

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from res_unet import tiling
 from res_unet.tiling import (
     FitInfo,
     TileBlender,
@@ -219,3 +220,42 @@ def test_blender_reports_uncovered_pixels():
     blender.add(np.ones((2, 2, 1), np.float32), 0, 0)
     with pytest.raises(ValueError, match="12 pixels"):
         blender.result()
+
+
+# Working scale (DOWNSAMPLE) ------------------------------------------------------------------
+
+def test_downsample_image_is_the_block_mean():
+    image = np.arange(5 * 4 * 1, dtype=np.uint8).reshape(5, 4, 1)
+    small = tiling.downsample_image(image, 2)
+    assert small.shape == (3, 2, 1) and small.dtype == np.uint8
+    # rows 0-1, cols 0-1: 0, 1, 4, 5 -> 2.5 -> rounds to 2 (half to even)
+    assert small[0, 0, 0] == np.rint(np.mean([0, 1, 4, 5]))
+    # the last row block is edge-padded: rows 4, 4
+    assert small[2, 1, 0] == np.rint(np.mean([18, 19, 18, 19]))
+    assert tiling.downsample_image(image, 1) is image
+    assert tiling.downsampled_shape((5, 4), 2) == (3, 2)
+    assert tiling.downsampled_shape((1024, 777), 4) == (256, 195)
+
+
+def test_downsample_label_takes_the_block_majority():
+    label = np.array([[0, 1, 2, 2],
+                      [1, 1, 2, 0],
+                      [3, 3, 0, 0],
+                      [3, 0, 1, 0]], np.uint8)
+    np.testing.assert_array_equal(tiling.downsample_label(label, 2), [[1, 2], [3, 0]])
+    tie = np.array([[0, 1], [1, 0]], np.uint8)
+    assert tiling.downsample_label(tie, 2)[0, 0] == 0  # ties go to the lower value
+
+
+def test_upsample_inverts_the_geometry_of_downsample():
+    """A linear ramp survives down- then up-sampling exactly (away from the clamped edges),
+    and any split into row ranges gives the same values as the whole."""
+    rows, cols = 40, 24
+    ramp = (np.arange(rows)[:, None] * 2.0 + np.arange(cols)[None, :] * 3.0)[..., None]
+    small = tiling.downsample_image(ramp.astype(np.float32), 4)
+    up = tiling.upsample_rows(small, 4, (rows, cols))
+    assert up.shape == (rows, cols, 1) and up.dtype == np.float32
+    np.testing.assert_allclose(up[2:-2, 2:-2], ramp[2:-2, 2:-2], atol=1e-4)
+    pieces = np.concatenate([tiling.upsample_rows(small, 4, (rows, cols), r, min(r + 7, rows))
+                             for r in range(0, rows, 7)])
+    np.testing.assert_array_equal(pieces, up)

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import tiny_config
 
 from res_unet import records, train
@@ -163,6 +164,31 @@ def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkey
     final = keras.models.load_model(tmp_path / "model.keras", compile=False)
     for a, b in zip(best.get_weights(), final.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_time_budget_stops_after_the_epoch_that_reaches_it(tiny_dataset, tmp_path,
+                                                           monkeypatch):
+    """MAX_TRAIN_MINUTES counts training time (here 40 s per scripted epoch): a 1.5-minute
+    budget stops after epoch 3, the first whose total reaches 90 s."""
+    cfg = tiny_config(MAX_EPOCHS=8, PATIENCE=8, STEPS_PER_EPOCH=1, MAX_TRAIN_MINUTES=1.5)
+    original = train.Trainer.train_epoch
+
+    def forty_seconds(self, *args, **kwargs):
+        loss, cm, _, wait = original(self, *args, **kwargs)
+        return loss, cm, 40.0, wait
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", forty_seconds)
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert card["training"]["epochs_run"] == 3
+    assert card["training"]["train_seconds"] == 120.0
+    class FakeMultiWorker:
+        pass
+
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", FakeMultiWorker)
+    with pytest.raises(UserError, match="MAX_TRAIN_MINUTES cannot be used with several"):
+        train.train(cfg, tiny_dataset, tmp_path / "mw", progress=False,
+                    strategy=FakeMultiWorker())
+    assert not (tmp_path / "mw").exists()
 
 
 def test_mismatched_config_and_dataset(tiny_dataset, tmp_path):

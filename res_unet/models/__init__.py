@@ -20,6 +20,7 @@ from res_unet.config import Config
 from res_unet.models.efficientnet_unet import (
     build_efficientnet_unet,
     efficientnet_unet_from_config,
+    freeze_batchnorm,
     inflate_stem_kernel,
 )
 from res_unet.models.layers import (
@@ -84,6 +85,9 @@ def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
     except ValueError:
         raise ValueError(f"model '{model.name}' has no pretrained encoder to freeze") from None
     encoder.trainable = trainable
+    if trainable:
+        # Unfreezing a pretrained encoder trains its weights, never its BatchNorm statistics.
+        freeze_batchnorm(encoder)
 
 
 def _spatial_size(shape: Sequence[int | None], layer: keras.layers.Layer) -> int:

