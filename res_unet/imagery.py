@@ -390,12 +390,14 @@ def _range_message(path: Path, present: list[int], bad: list[int], cfg: Config) 
             f"allows only 0..{n - 1} (found {_values_text(bad)}); " + ", or ".join(fixes))
 
 
-def load_image(pair: Pair, cfg: Config) -> tuple[np.ndarray, RasterMeta]:
+def load_image(pair: Pair, cfg: Config, for_model: bool = False
+               ) -> tuple[np.ndarray, RasterMeta]:
     """Read a pair's image plus extra bands and check the band count against N_DATA_BANDS.
 
     A constant, fully opaque alpha band (255, or 65535 for uint16) one band beyond what the
     config expects from the image (RGBA for 3 bands, grey+alpha for 1) is dropped. Returns
-    (image (H, W, N_DATA_BANDS) uint8|uint16, meta). Raises UserError on a band mismatch.
+    (image (H, W, N_DATA_BANDS) uint8|uint16, meta). Raises UserError on a band mismatch;
+    ``for_model``: N_DATA_BANDS is a trained model's, which the message says cannot change.
     """
     raw, meta = _read_raw(pair.image, palette_indices=False)
     image = _as_image_dtype(raw, pair.image)
@@ -415,6 +417,11 @@ def load_image(pair: Pair, cfg: Config) -> tuple[np.ndarray, RasterMeta]:
         total = found + len(pair.extra_bands)
         counted = " (image bands plus extra bands)" if pair.extra_bands else ""
         convert = f", or convert this image to {expected} bands" if expected >= 1 else ""
+        if for_model:
+            raise UserError(f"{pair.image}: {_count(found, 'band')} found{extra} but the model "
+                            f"takes {_count(cfg.N_DATA_BANDS, 'band')} (as it was trained); "
+                            f"convert this image to {expected} bands, or use a model trained "
+                            f"on {total}-band imagery")
         fix = alpha_hint or (f"; set N_DATA_BANDS to {total}{counted} if all images are like "
                              f"this{convert}")
         raise UserError(f"{pair.image}: {_count(found, 'band')} found{extra} but N_DATA_BANDS "

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -75,6 +76,8 @@ from res_unet.tiling import (
 from res_unet.train import BEST_WEIGHTS, FULL_MODEL, load_weights_checked
 
 LABEL_NODATA = 255
+# The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
+LABEL_SUFFIX = "_predseg.png"
 # Probability values (H * W * C) above which an image is predicted strip by strip: 256 MB
 # of float32; below it the whole map is kept, which costs nothing worth saving.
 FULL_MAX_VALUES = 64_000_000
@@ -122,6 +125,7 @@ class LoadedModel:
     n_outputs: int
     threshold: float | None = None
     downsample: int = 1
+    input_dtype: str | None = None
     run_dir: Path | None = None
     card: dict[str, Any] = field(default_factory=dict)
     weights: Path | None = None
@@ -196,6 +200,7 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
         mean, std = list(card["input"]["band_mean"]), list(card["input"]["band_std"])
         n_outputs = 1 if card["binary"] else int(card["classes"])
         downsample = int(card["input"].get("downsample", 1))
+        input_dtype = card["input"].get("dtype")
     except (KeyError, TypeError, ValueError, IndexError):
         raise UserError(f"{card_path}: the model card lacks input size, bands, band "
                         "statistics or classes; re-run train_resunet --evaluate-only on this "
@@ -228,7 +233,8 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
     threshold = card.get("threshold")
     return LoadedModel(model=model, tile_hw=want, n_bands=bands, n_outputs=n_outputs,
                        threshold=None if threshold is None else float(threshold),
-                       downsample=downsample, run_dir=run_dir, card=card, weights=source)
+                       downsample=downsample, input_dtype=input_dtype, run_dir=run_dir,
+                       card=card, weights=source)
 
 
 def inference_config(run_dirs: Sequence[str | os.PathLike], config_path: str | None = None,
@@ -471,6 +477,11 @@ class Segmenter:
         self.cfg = cfg
         self.tile_hw = first.tile_hw
         self.downsample = first.downsample
+        dtypes = {m.input_dtype for m in models if m.input_dtype is not None}
+        if len(dtypes) > 1:
+            raise UserError(f"ensemble members were trained on {' and '.join(sorted(dtypes))} "
+                            "imagery; use members trained on the same data type")
+        self.input_dtype = dtypes.pop() if dtypes else None
         self.n_bands, self.n_outputs, self.n_classes = (first.n_bands, first.n_outputs,
                                                         first.n_classes)
         self.full_max_values = full_max_values
@@ -528,6 +539,19 @@ class Segmenter:
         yield from iter_strips(self.models, image, self.tile_hw, cfg.TILE_OVERLAP,
                                cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90)
 
+    def check_dtype(self, image: np.ndarray, source: str | os.PathLike = "image") -> None:
+        """Raise UserError when the image's data type is not the one the models were trained
+        on: 16-bit reflectances through an 8-bit model give confident nonsense."""
+        if self.input_dtype is None or image.dtype.name == self.input_dtype:
+            return
+        bits = {"uint8": "8-bit", "uint16": "16-bit"}
+        raise UserError(
+            f"{source}: {bits.get(image.dtype.name, image.dtype.name)} ({image.dtype.name}) "
+            f"image but the model was trained on {bits.get(self.input_dtype, self.input_dtype)} "
+            f"({self.input_dtype}) imagery; convert it the way the training images were made "
+            "(e.g. gdal_translate -ot Byte -scale MIN MAX 0 255 for 8 bits), or use a model "
+            f"trained on {image.dtype.name} imagery")
+
     def uses_strips(self, shape_hw: Sequence[int]) -> bool:
         """Whether an image of ``shape_hw`` is segmented strip by strip (memory-bounded)."""
         big = shape_hw[0] * shape_hw[1] * self.n_outputs > self.full_max_values
@@ -544,6 +568,7 @@ class Segmenter:
         """
         if image.shape[-1] != self.n_bands:
             raise ValueError(f"image has {image.shape[-1]} bands, the model takes {self.n_bands}")
+        self.check_dtype(image)
         if self.uses_strips(image.shape[:2]):
             label = self._segment_strips(image, nodata, on_probs)
         else:
@@ -671,7 +696,7 @@ def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
     and geojson (NAME_predseg.geojson, binary models) when asked for."""
     tiff = pair.image.suffix.lower() in (".tif", ".tiff")
     stem = pair.stem
-    paths = {"label": out_dir / f"{stem}_predseg.png", "overlay": out_dir / f"{stem}_overlay.png"}
+    paths = {"label": out_dir / f"{stem}{LABEL_SUFFIX}", "overlay": out_dir / f"{stem}_overlay.png"}
     if tiff:
         paths["geotiff"] = out_dir / f"{stem}_predseg.tif"
     if save_probs:
@@ -689,7 +714,8 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
     for unreadable images or a band count the models do not take.
     """
     cfg = segmenter.cfg
-    image, meta = imagery.load_image(pair, cfg)
+    image, meta = imagery.load_image(pair, cfg, for_model=True)
+    segmenter.check_dtype(image, pair.image)
     nodata = nodata_values(meta, cfg.NODATA_ZERO)
     with contextlib.ExitStack() as stack:
         sink = None
@@ -861,6 +887,54 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
     return models
 
 
+# Keys that do not change what a finished image's outputs contain.
+_NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS")
+
+
+def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
+                       cfg: Config) -> dict[str, Any]:
+    """What the outputs of a segmentation depend on: every model's weights (SHA-256 of their
+    values), the tile size, scale, threshold, TTA and the segmentation settings."""
+    digests = []
+    for member in models:
+        hasher = hashlib.sha256()
+        for array in member.model.get_weights():
+            hasher.update(np.ascontiguousarray(array).tobytes())
+        digests.append(hasher.hexdigest())
+    values = cfg.to_dict()
+    return {"weights": digests, "tile_size": list(segmenter.tile_hw),
+            "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
+            "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
+            "settings": {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS}}
+
+
+def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume into ``out_dir`` when its outputs were made by other models or
+    settings (or by a version that did not record them): skipping those images would mix
+    two results and score the old masks as if the new model made them."""
+    if not any(out_dir.glob(f"*{LABEL_SUFFIX}")):
+        return
+    try:
+        old = json.loads((out_dir / "segmentation_config.json").read_text(encoding="utf-8"))
+        previous = old["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if previous == fingerprint:
+        return
+    if previous is None:
+        what = "by a run that recorded no model (or an older res_unet)"
+    else:
+        changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+        if "settings" in changed:
+            changed.remove("settings")
+            changed += [k for k, v in fingerprint["settings"].items()
+                        if previous.get("settings", {}).get(k) != v]
+        what = "with other " + ", ".join("model weights" if k == "weights" else k
+                                          for k in changed)
+    raise UserError(f"{out_dir}: holds segmentations made {what}; choose another --out, or "
+                    "pass --overwrite to redo every image with this model")
+
+
 def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
                  options: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -876,6 +950,7 @@ def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
         "threshold": segmenter.threshold_setting,
         "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
         "options": options,
+        "fingerprint": output_fingerprint(models, segmenter, cfg),
         "config": cfg.to_dict(),
     }
 
@@ -928,11 +1003,13 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
         print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
-    out_dir.mkdir(parents=True, exist_ok=True)
     options = {"images": str(images_dir), "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "geojson": geojson}
-    write_atomic(out_dir / "segmentation_config.json",
-                 json.dumps(_run_summary(models, segmenter, cfg, options), indent=2) + "\n")
+    run_summary = _run_summary(models, segmenter, cfg, options)
+    if not overwrite and out_dir.is_dir():
+        check_resumable(out_dir, run_summary["fingerprint"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "segmentation_config.json", json.dumps(run_summary, indent=2) + "\n")
 
     n = segmenter.n_classes
     done = skipped = 0

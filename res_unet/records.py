@@ -679,6 +679,12 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
     """
     out = Path(out_dir)
     _check_output(out, overwrite)
+    inputs = [("images", images_dir), ("labels", labels_dir),
+              *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)]
+    for role, folder in inputs:
+        if out.resolve() == Path(folder).resolve():
+            raise UserError(f"{out}: is also the {role} folder; write the dataset to another "
+                            "--out (its files would be read as input next time)")
     pairs = find_pairs(images_dir, labels_dir, usemask=cfg.USEMASK,
                        extra_band_dirs=cfg.EXTRA_BAND_DIRS)
     if not pairs:

@@ -39,6 +39,10 @@ from res_unet.models import build_model, count_flops, set_encoder_trainable
 BEST_WEIGHTS = "best.weights.h5"
 FULL_MODEL = "model.keras"
 BACKUP_DIR = "backup"
+# Everything a training run writes into its folder (what --overwrite removes first).
+RUN_FILES = (BEST_WEIGHTS, FULL_MODEL, "saved_model", BACKUP_DIR, "config.json", "history.csv",
+             "curves.png", "lr_schedule.png", "val_examples.png", "evaluation.json",
+             "model_card.json", "tensorboard")
 STATE_FILE = "train_state.json"
 
 
@@ -443,18 +447,70 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
 # Entry point ------------------------------------------------------------------------------
 
 
+def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: bool) -> str:
+    """Decide what training does with ``run_dir``; changes nothing.
+
+    Returns 'new' (no run there yet), 'resume' (a killed run's backup is there), 'evaluate'
+    (DO_TRAIN false) or 'overwrite' (a run is there and ``overwrite`` was asked for; see
+    :func:`clear_run_folder`). Raises UserError when ``run_dir`` is a file or the dataset
+    folder, and when it holds a finished run and ``overwrite`` is false: a finished run is
+    never replaced silently.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
+    if run_dir.resolve() == data_dir.resolve():
+        raise UserError(f"{run_dir}: is the dataset folder; write the run to another --out")
+    if not cfg.DO_TRAIN:
+        return "evaluate"
+    finished = (run_dir / "model_card.json").is_file()
+    killed = (run_dir / BACKUP_DIR / STATE_FILE).is_file()
+    if overwrite and (finished or killed):
+        return "overwrite"
+    if killed:
+        return "resume"
+    if finished:
+        card = _read_card(run_dir)
+        what = (f" (best epoch {card['training']['best_epoch']} of "
+                f"{card['training']['epochs_run']})" if card else "")
+        raise UserError(f"{run_dir}: holds a finished training run{what}; choose another "
+                        "--out, or pass --overwrite to replace it")
+    return "new"
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    """Remove every file a training run writes (``RUN_FILES``) from ``run_dir``."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _read_card(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's model card with its training facts, or None when unreadable."""
+    try:
+        card = json.loads((run_dir / "model_card.json").read_text(encoding="utf-8"))
+        training = card["training"]
+        return card if {"best_epoch", "epochs_run"} <= set(training) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
           strategy: tf.distribute.Strategy | None = None, progress: bool = True,
-          export_saved_model: bool = True) -> dict[str, Any]:
+          export_saved_model: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train (or, with DO_TRAIN=false, evaluate) a model; write the run folder.
 
     ``data_dir`` is a make_tfrecords dataset; ``run_dir`` receives best.weights.h5,
     model.keras, saved_model/, config.json, history.csv, figures, evaluation.json and
     model_card.json (saved_model/ only with ``export_saved_model``). A run folder with a
-    backup/ from a killed run resumes from it. Returns the model card.
+    backup/ from a killed run resumes from it; one with a finished run is refused unless
+    ``overwrite`` (see :func:`prepare_run_folder`). Returns the model card.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     started = time.time()
+    action = run_folder_action(run_dir, data_dir, cfg, overwrite)
     if cfg.TENSORBOARD and importlib.util.find_spec("tensorboard") is None:
         raise UserError("TENSORBOARD=true needs the tensorboard package: pip install "
                         "res_unet[tensorboard] (or set TENSORBOARD to false)")
@@ -473,6 +529,9 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
         cfg, ENCODER_WEIGHTS=None)
     trainer = Trainer(build_cfg, manifest, strategy, precision)
     model = trainer.model
+    if action == "overwrite" and chief:
+        clear_run_folder(run_dir)
+        print(f"--overwrite: removed the previous run in {run_dir}")
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the weights in --out (same as DO_TRAIN=false)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished run in --out (by default it is kept and "
+                        "training stops; an unfinished run always resumes)")
     parser.add_argument("--no-export", action="store_true",
                         help="skip the TensorFlow SavedModel export (saved_model/)")
     parser.add_argument("--no-scene-eval", action="store_true",
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from res_unet import train
 
     card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
-                       export_saved_model=not args.no_export)
+                       export_saved_model=not args.no_export, overwrite=args.overwrite)
     scenes = None
     if not args.no_scene_eval:
         from res_unet import predict

@@ -165,6 +165,16 @@ def test_existing_dataset_needs_overwrite(small, capsys):
     assert records.read_manifest(small["out"])["config"]["IMS_PER_SHARD"] == 10
 
 
+def test_out_folder_that_is_an_input_is_refused(small, capsys):
+    for role in ("images", "labels"):
+        args = argv(small["config"], small["images"], small["labels"], small[role])
+        before = folder_digest(small[role])
+        assert run_command(main, args) == 2
+        err = capsys.readouterr().err
+        assert f"is also the {role} folder" in err and len(err.strip().splitlines()) == 1
+        assert folder_digest(small[role]) == before
+
+
 def test_our_file_names_in_a_plain_folder_need_overwrite(small, capsys):
     small["out"].mkdir()
     (small["out"] / "config.json").write_text("{}")

@@ -144,6 +144,29 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
     assert not (tmp_path / "backup").exists()
 
 
+def test_finished_run_is_never_replaced_without_overwrite(tiny_dataset, tmp_path, capsys):
+    """Training into a folder that holds a finished run stops with one line and leaves the
+    run untouched; --overwrite replaces it; the dataset folder is never a run folder."""
+    cfg = tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
+    run = tmp_path / "run"
+    train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"holds a finished training run \(best epoch 1 of 1\); "
+                                        r"choose another --out, or pass --overwrite"):
+        train.train(tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1, FILTERS=2), tiny_dataset, run,
+                    progress=False, export_saved_model=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    card = train.train(tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1), tiny_dataset, run,
+                       progress=False, export_saved_model=False, overwrite=True)
+    assert card["training"]["epochs_run"] == 2
+    assert "--overwrite: removed the previous run" in capsys.readouterr().out
+    with pytest.raises(UserError, match="is the dataset folder"):
+        train.train(cfg, tiny_dataset, tiny_dataset, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        train.train(cfg, tiny_dataset, tmp_path / "file", progress=False)
+
+
 def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkeypatch):
     cfg = tiny_config(MAX_EPOCHS=6, PATIENCE=2, STEPS_PER_EPOCH=1)
     losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])
