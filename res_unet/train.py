@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from res_unet import __version__, losses, metrics, records, report, schedule
 from res_unet.atomic import atomic_path, usual_mode, write_atomic
-from res_unet.config import Config, save_config
+from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model, count_flops, set_encoder_trainable
 
@@ -391,11 +391,19 @@ class Backup:
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.dir), max_to_keep=1)
 
     def restore(self) -> TrainState | None:
+        """The loop state of a killed run with model and optimizer restored, or None when
+        there is no backup. Raises UserError when the backup cannot be read."""
         state_path = self.dir / STATE_FILE
         if not self.manager.latest_checkpoint or not state_path.exists():
             return None
-        self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
-        state = TrainState(**json.loads(state_path.read_text()))
+        try:
+            self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
+            state = TrainState(**json.loads(state_path.read_text()))
+        except (tf.errors.OpError, ValueError, TypeError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{self.dir}: the backup of the unfinished run is damaged "
+                            f"({first[:160]}); pass --overwrite to start this run afresh"
+                            ) from None
         if int(self.checkpoint.epoch.numpy()) != state.next_epoch:
             return None
         return state
@@ -477,6 +485,33 @@ def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: boo
     return "new"
 
 
+# Keys that may change when a killed run resumes: when to stop, what to draw or log, and
+# how to segment later. Anything else would train another model on the same weights.
+RESUMABLE_KEYS = ("MAX_EPOCHS", "PATIENCE", "MAX_TRAIN_MINUTES", "STEPS_PER_EPOCH", "DOPLOT",
+                  "TENSORBOARD", "SET_GPU")
+
+
+def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """Raise UserError naming every changed key when ``cfg`` differs from the config of the
+    unfinished run in ``run_dir`` in more than ``RESUMABLE_KEYS`` and segmentation keys."""
+    path = run_dir / "config.json"
+    try:
+        old, _ = config_from_dict(json.loads(path.read_text(encoding="utf-8")),
+                                  source=str(path))
+    except (OSError, ValueError, UserError):
+        raise UserError(f"{path}: the unfinished run's config cannot be read; pass --overwrite "
+                        "to start this run afresh") from None
+    free = set(RESUMABLE_KEYS) | {f.name for f in dataclasses.fields(Config)
+                                  if f.metadata["group"] == "segmentation"}
+    changed = [f"{f.name} {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
+               for f in dataclasses.fields(Config)
+               if f.name not in free and getattr(old, f.name) != getattr(cfg, f.name)]
+    if changed:
+        raise UserError(f"{run_dir}: the unfinished run there was started with another config "
+                        f"({'; '.join(changed)}); resume with its config.json, or pass "
+                        "--overwrite to start afresh")
+
+
 def clear_run_folder(run_dir: Path) -> None:
     """Remove every file a training run writes (``RUN_FILES``) from ``run_dir``."""
     for name in RUN_FILES:
@@ -527,14 +562,13 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     # Saved weights replace the encoder's pretrained ones: don't read (or download) those.
     build_cfg = cfg if cfg.DO_TRAIN and not cfg.HOT_START else dataclasses.replace(
         cfg, ENCODER_WEIGHTS=None)
+    if action == "resume":
+        check_resume_config(run_dir, cfg)
     trainer = Trainer(build_cfg, manifest, strategy, precision)
     model = trainer.model
     if action == "overwrite" and chief:
         clear_run_folder(run_dir)
         print(f"--overwrite: removed the previous run in {run_dir}")
-    if chief:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
 
     state = TrainState(next_epoch=cfg.INITIAL_EPOCH)
     if cfg.DO_TRAIN:
@@ -545,6 +579,10 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
         if restored is not None:
             state = restored
             print(f"resuming from the backup in {backup.dir}: epoch {state.next_epoch + 1}")
+        # Written once every check passed: a refused command leaves the folder as it was.
+        if chief:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.json")
         try:
             state = _fit(trainer, cfg, data_dir, run_dir, state, backup, chief, progress)
         except tf.errors.ResourceExhaustedError:
@@ -552,6 +590,8 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
                             f"{cfg.TARGET_SIZE}; lower BATCH_SIZE (or TARGET_SIZE)") from None
     else:
         load_weights_checked(model, run_dir / BEST_WEIGHTS)
+        if chief:
+            save_config(cfg, run_dir / "config.json")
 
     evaluation, examples = evaluate(model, cfg, data_dir)
     card = _model_card(cfg, manifest, trainer, state, evaluation, time.time() - started)

@@ -144,6 +144,64 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
     assert not (tmp_path / "backup").exists()
 
 
+@pytest.fixture
+def killed_run(tiny_dataset, tmp_path, monkeypatch):
+    """A run folder whose training was killed in its second epoch (backup of epoch 1)."""
+    cfg = tiny_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1)
+    original = train.Trainer.train_epoch
+
+    def dies_in_epoch_two(self, iterator, steps, epoch, progress):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, iterator, steps, epoch, progress)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, tiny_dataset, tmp_path / "run", progress=False,
+                    export_saved_model=False)
+    monkeypatch.setattr(train.Trainer, "train_epoch", original)
+    return cfg, tmp_path / "run"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_with_a_changed_config_names_the_change(killed_run, tiny_dataset):
+    _, run = killed_run
+    before = snapshot(run)
+    with pytest.raises(UserError, match=r"started with another config \(FILTERS 4 -> 8\); "
+                                        r"resume with its config.json, or pass --overwrite"):
+        train.train(tiny_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, FILTERS=8), tiny_dataset, run,
+                    progress=False, export_saved_model=False)
+    assert snapshot(run) == before, "a refused command changes nothing"
+    # more epochs is not another model: it resumes
+    card = train.train(tiny_config(MAX_EPOCHS=4, STEPS_PER_EPOCH=1), tiny_dataset, run,
+                       progress=False, export_saved_model=False)
+    assert card["training"]["epochs_run"] == 4
+
+
+def test_damaged_backup_is_one_line_and_overwrite_starts_afresh(killed_run, tiny_dataset):
+    cfg, run = killed_run
+    state = run / "backup" / train.STATE_FILE
+    state.write_text("{not json")
+    with pytest.raises(UserError, match="backup of the unfinished run is damaged"):
+        train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
+    card = train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False,
+                       overwrite=True)
+    assert card["training"]["epochs_run"] == 3
+    assert not (run / "backup").exists()
+
+
+def test_failed_evaluate_only_leaves_the_run_folder_unchanged(trained_run, tiny_dataset):
+    _, run, _ = trained_run
+    before = snapshot(run)
+    with pytest.raises(UserError):
+        train.train(tiny_config(MAX_EPOCHS=3, DO_TRAIN=False, FILTERS=8), tiny_dataset, run,
+                    progress=False, export_saved_model=False)
+    assert snapshot(run) == before
+
+
 def test_finished_run_is_never_replaced_without_overwrite(tiny_dataset, tmp_path, capsys):
     """Training into a folder that holds a finished run stops with one line and leaves the
     run untouched; --overwrite replaces it; the dataset folder is never a run folder."""
