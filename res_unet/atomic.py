@@ -1,13 +1,18 @@
 """Atomic file writes: a temp file in the target folder, then a rename.
 
 A crash or Ctrl-C leaves either the old file or the complete new one, never a partial file;
-temp files are named ``.NAME.*.tmp`` and removed on failure.
+temp files are named ``.NAME.PID@HOST-*.tmp`` and removed on failure. A process killed
+outright (kill -9, power loss) cannot remove its own: :func:`clean_stale_temporaries`
+removes those of processes of this host that no longer run, on the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +29,50 @@ def usual_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def owner_tag() -> str:
+    """``PID@HOST`` of this process, put into temporary names so that a later run can tell
+    a dead process's leftovers from a live one's (another shard writing the same folder)."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9_]+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders of our naming in ``folder`` (not below it)
+    whose writer was a process of this host that is no longer running. Returns what was
+    removed. Temporaries of live processes and of other hosts are left alone."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    host = _host()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if not match or match.group(2) != host or _alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it onto ``path``.
@@ -35,7 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep every suffix ("x.weights.h5" -> ".x.weights.h5.abc123.tmp.weights.h5"): writers
     # such as Keras pick the format from the full compound suffix.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}-",
                                suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
     os.chmod(tmp, usual_mode())

@@ -58,7 +58,7 @@ from rasterio.windows import Window
 from skimage.filters import threshold_otsu
 
 from res_unet import __version__, imagery, metrics, postprocess, report
-from res_unet.atomic import atomic_path, write_atomic
+from res_unet.atomic import atomic_path, clean_stale_temporaries, write_atomic
 from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
 from res_unet.errors import UserError
 from res_unet.models import build_model
@@ -1008,6 +1008,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     run_summary = _run_summary(models, segmenter, cfg, options)
     if not overwrite and out_dir.is_dir():
         check_resumable(out_dir, run_summary["fingerprint"])
+    clean_stale_temporaries(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "segmentation_config.json", json.dumps(run_summary, indent=2) + "\n")
 

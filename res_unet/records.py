@@ -45,7 +45,13 @@ from tqdm import tqdm
 
 import res_unet
 from res_unet import report
-from res_unet.atomic import atomic_path, write_atomic
+from res_unet.atomic import (
+    atomic_path,
+    clean_stale_temporaries,
+    owner_tag,
+    usual_mode,
+    write_atomic,
+)
 from res_unet.augment import augment_pair
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
@@ -520,11 +526,10 @@ def _staging_dir(out: Path) -> Path:
         raise UserError(f"{out}: {blocking} is a file, not a folder; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}-partial-",
+                                        dir=out.parent))
         # mkdtemp makes a private folder; the dataset gets the permissions of a normal mkdir.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        staging.chmod(usual_mode(directory=True))
         return staging
     except OSError as exc:
         raise UserError(f"{out}: cannot write the dataset here ({exc.strerror or exc}); "
@@ -679,6 +684,9 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
     """
     out = Path(out_dir)
     _check_output(out, overwrite)
+    # What a build killed outright (kill -9) left: its staging folder beside ``out``.
+    clean_stale_temporaries(out.parent)
+    clean_stale_temporaries(out)
     inputs = [("images", images_dir), ("labels", labels_dir),
               *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)]
     for role, folder in inputs:

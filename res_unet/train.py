@@ -31,7 +31,13 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet import __version__, losses, metrics, records, report, schedule
-from res_unet.atomic import atomic_path, usual_mode, write_atomic
+from res_unet.atomic import (
+    atomic_path,
+    clean_stale_temporaries,
+    owner_tag,
+    usual_mode,
+    write_atomic,
+)
 from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model, count_flops, set_encoder_trainable
@@ -364,7 +370,8 @@ def _save_full_model(model: keras.Model, path: Path) -> None:
 
 def _export_saved_model(model: keras.Model, path: Path) -> None:
     """Keras ``model.export`` (TensorFlow SavedModel for serving) into ``path``, atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}-",
+                                suffix=".tmp"))
     tmp.chmod(usual_mode(directory=True))
     try:
         model.export(str(tmp), verbose=False)
@@ -569,6 +576,8 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     if action == "overwrite" and chief:
         clear_run_folder(run_dir)
         print(f"--overwrite: removed the previous run in {run_dir}")
+    if chief:
+        clean_stale_temporaries(run_dir)
 
     state = TrainState(next_epoch=cfg.INITIAL_EPOCH)
     if cfg.DO_TRAIN:

@@ -31,3 +31,37 @@ def test_interrupt_leaves_no_file(tmp_path):
         tmp.write_bytes(b"partial")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
+    import subprocess
+    import sys
+
+    from res_unet.atomic import _host, clean_stale_temporaries, owner_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = _host()
+    stale_file = tmp_path / f".mask.png.{dead}@{host}-x1y2.tmp.png"
+    stale_dir = tmp_path / f".dataset.{dead}@{host}-partial-abc"
+    live = tmp_path / f".other.png.{owner_tag()}-q.tmp.png"
+    foreign = tmp_path / f".far.png.{dead}@otherhost-q.tmp.png"
+    mine = tmp_path / ".hidden_notes.txt"
+    for path in (stale_file, live, foreign, mine):
+        path.write_text("x")
+    stale_dir.mkdir()
+    (stale_dir / "data-train-00000.tfrec").write_text("partial")
+    removed = clean_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale_file, stale_dir])
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists() and foreign.exists() and mine.exists()
+    assert clean_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_atomic_temp_names_carry_the_owner(tmp_path):
+    from res_unet.atomic import owner_tag
+
+    with atomic_path(tmp_path / "x.weights.h5") as tmp:
+        assert tmp.name.startswith(f".x.weights.h5.{owner_tag()}-")
+        assert tmp.name.endswith(".tmp.weights.h5")
+        tmp.write_text("data")

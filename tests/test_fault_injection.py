@@ -1,0 +1,159 @@
+"""Fault injection: each command is killed with SIGKILL at seeded random moments, then re-run.
+
+kill -9 gives a process no chance to clean up. After it, re-running the same command must
+finish, give the outputs of an uninterrupted run, and leave no temporary file or folder of
+ours behind (the next run removes what the killed one left). Dataset shards and label maps
+are deterministic and compared byte for byte; training on a CPU is not bit-reproducible, so
+a resumed run is checked for completeness (all epochs, every output file) instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from res_unet.config import save_config
+from res_unet.demo import make_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+# When each command is killed: once its first output exists (so there is partial state to
+# leave behind), plus a seeded random delay in seconds.
+KILL_POINTS = np.random.default_rng(20261202).uniform(0.0, 0.6, size=2)
+
+
+def command(module: str, *args: object) -> list[str]:
+    quiet = [] if module == "make_tfrecords" else ["--no-progress"]
+    return [sys.executable, "-m", f"res_unet.{module}", *map(str, args), *quiet]
+
+
+def run(cmd: list[str], timeout: float = 600) -> tuple[int, float]:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    return done.returncode, time.perf_counter() - started
+
+
+def run_and_kill(cmd: list[str], started: Path, pattern: str, after: float) -> None:
+    """Start ``cmd``; once ``started`` holds a file matching ``pattern``, wait ``after``
+    seconds more and SIGKILL it. Fails if the command finished before being killed."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (started.exists() and any(started.glob(pattern))):
+        assert proc.poll() is None, "the command ended before writing anything"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "killed before it finished"
+
+
+def digest(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def temporaries(*folders: Path) -> list[Path]:
+    """Hidden files or folders of our temporary naming (.NAME.PID@HOST-...)."""
+    return [p for folder in folders if folder.exists() for p in folder.rglob(".*")
+            if "@" in p.name]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    images, labels = make_demo_dataset(root / "data", 16, (192, 192), seed=5)
+    from conftest import tiny_config
+
+    config = root / "config.json"
+    save_config(tiny_config(AUG_COPIES=2, MAX_EPOCHS=3, STEPS_PER_EPOCH=6), config)
+    return Path(images), Path(labels), config
+
+
+def manifest_without_time(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("created")
+    return manifest
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_make_tfrecords_killed_then_rerun(sources, tmp_path, point):
+    images, labels, config = sources
+    reference = tmp_path / "reference"
+    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
+                "--out", reference))
+    out = tmp_path / "data" / "dataset"
+    # killed while shards are written into the staging folder beside --out
+    run_and_kill(command("make_tfrecords", "--config", config, "--images", images,
+                         "--labels", labels, "--out", out), out.parent, ".dataset.*/*.tfrec",
+                 point)
+    if not (out / "manifest.json").exists():
+        assert temporaries(out.parent), "the killed build left its staging folder"
+    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
+                "--out", out, "--overwrite"))
+    assert digest(out, ("manifest.json",)) == digest(reference, ("manifest.json",))
+    assert manifest_without_time(out) == manifest_without_time(reference)
+    assert temporaries(out.parent) == []
+
+
+@pytest.fixture(scope="module")
+def trained(sources, tmp_path_factory) -> tuple[Path, Path]:
+    images, labels, config = sources
+    root = tmp_path_factory.mktemp("trained")
+    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
+                "--out", root / "dataset"))
+    run(command("train_resunet", "--config", config, "--data", root / "dataset", "--out",
+                root / "run", "--no-export"))
+    return root / "dataset", root / "run"
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_seg_images_in_folder_killed_then_rerun(sources, trained, tmp_path, point):
+    images, _, _ = sources
+    _, run_dir = trained
+    reference = tmp_path / "reference"
+    run(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
+                reference))
+    out = tmp_path / "out"
+    run_and_kill(command("seg_images_in_folder", "--model", run_dir, "--images", images,
+                         "--out", out), out, "*_predseg.png", point)
+    run(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out", out))
+    skip = ("segmentation_config.json",)
+    assert digest(out, skip) == digest(reference, skip)
+    assert temporaries(out) == []
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_train_resunet_killed_then_rerun(sources, trained, tmp_path, point):
+    _, _, config = sources
+    dataset, _ = trained
+    out = tmp_path / "run"
+    # killed after the first epoch's backup, while later epochs train
+    run_and_kill(command("train_resunet", "--config", config, "--data", dataset, "--out", out,
+                         "--no-export"), out / "backup", "*.json", point)
+    assert not (out / "model_card.json").exists()
+    run(command("train_resunet", "--config", config, "--data", dataset, "--out", out,
+                "--no-export"))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["training"]["epochs_run"] == 3
+    assert {p.name for p in out.iterdir()} >= {
+        "best.weights.h5", "model.keras", "config.json", "history.csv", "evaluation.json",
+        "model_card.json"}
+    assert not (out / "backup").exists()
+    assert [int(line.split(",")[0]) for line in
+            (out / "history.csv").read_text().splitlines()[1:]] == [1, 2, 3]
+    assert temporaries(out) == []
