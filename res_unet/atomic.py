@@ -29,6 +29,28 @@ def usual_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise UserError unless files can be created in ``folder`` (or, when it does not exist
+    yet, in its nearest existing parent): checked by creating and removing a temp file, so
+    read-only mounts, /proc and permissions all count, before any work starts."""
+    from res_unet.errors import UserError
+
+    folder = Path(folder)
+    probe_in = folder
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise UserError(f"{folder}: {probe_in} is a file, not a folder; choose another "
+                        "output folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe_in, prefix=f".probe.{owner_tag()}-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write there ({exc.strerror or exc}); choose a "
+                        "writable output folder") from None
+
+
 def owner_tag() -> str:
     """``PID@HOST`` of this process, put into temporary names so that a later run can tell
     a dead process's leftovers from a live one's (another shard writing the same folder)."""

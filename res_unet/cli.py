@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -24,6 +26,24 @@ def _stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors as the one ``error:`` line every other mistake gets (exit 2),
+    instead of a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"command line: {message} (see {self.prog} --help)")
+
+
+# Late operating-system failures that are the machine's, not the program's: one line each.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or choose another output folder",
+    errno.EDQUOT: "free some of your quota or choose another output folder",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.EROFS: "the file system is read-only; choose another output folder",
+}
 
 
 def select_devices(set_gpu: str) -> None:
@@ -65,6 +85,14 @@ def run_command(main: Callable[[list[str] | None], int | None],
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in _OS_FIXES:
+            raise
+        where = exc.filename or "output"
+        print(f"error: {where}: {exc.strerror or os.strerror(exc.errno)}; "
+              f"{_OS_FIXES[exc.errno]} (finished outputs are kept, no partial file was left)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept, no partial file was left",
               file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -374,6 +375,9 @@ def _check_ranges(name: str, value: Any, meta: dict[str, Any], source: str) -> l
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
+        if not math.isfinite(v):
+            problems.append(f"{source}: {name}={value} is not a finite number")
+            break
         if meta.get("lo") is not None and v < meta["lo"]:
             problems.append(f"{source}: {name}={value} is below the minimum {meta['lo']}")
             break
@@ -502,8 +506,21 @@ def load_config(path: str | os.PathLike) -> Config:
                         "(examples in config/)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the config ({exc})") from None
+    if not text.strip():
+        raise UserError(f"{path}: the config file is empty; start from one in config/ (every "
+                        "key with its default: config/reference.json)")
+    duplicates: list[str] = []
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                duplicates.append(key)
+            seen[key] = value
+        return seen
+
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         line = text.splitlines()[exc.lineno - 1].strip() if exc.lineno <= len(
             text.splitlines()) else ""
@@ -514,7 +531,12 @@ def load_config(path: str | os.PathLike) -> Config:
             why = "remove the trailing comma before it"
         else:
             why = exc.msg
-        raise UserError(f"{path} line {exc.lineno}: invalid JSON ({why}): {line!r}") from None
+        raise UserError(f"{path} line {exc.lineno}: invalid JSON ({why}): {line!r}; a config "
+                        'is a JSON object like {"TARGET_SIZE": [256, 256]} (examples in '
+                        "config/)") from None
+    if duplicates:
+        raise UserError(f"{path}: {', '.join(sorted(set(duplicates)))} given more than once; "
+                        "keep one (JSON would silently use the last)")
     cfg, notices = config_from_dict(raw, source=str(path))
     for notice in notices:
         print(f"note: {notice}")

@@ -460,6 +460,12 @@ def _scan_folder(folder: Path, role: str) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"{folder}: is a file, not a folder; pass the folder holding the {role}")
     entries = sorted(folder.iterdir())
+    dangling = [p for p in entries if p.is_symlink() and not p.exists()
+                and p.suffix.lower() in IMAGE_SUFFIXES]
+    if dangling:
+        raise UserError(f"{dangling[0]}: is a link to {os.readlink(dangling[0])}, which does "
+                        f"not exist ({_count(len(dangling), 'broken link')} among the {role}); "
+                        "restore the target or remove the link")
     files = [p for p in entries if p.is_file() and not p.name.startswith(".")
              and p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from res_unet.cli import quiet_tensorflow, run_command
+from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
 from res_unet.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of make_tfrecords."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="make_tfrecords",
         description="Build a train/validation TFRecord dataset (shards + manifest.json) from a "
                     "folder of images and a folder of label masks with the same file names.")
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         build_parser().error("--workers must be at least 1")
+    # The config first: a typo is reported in a fraction of a second, before TensorFlow.
+    cfg = load_config(args.config)
     quiet_tensorflow()
-    # Imported here so that --help and argument errors answer without loading scipy & co.
     from res_unet import records
 
-    cfg = load_config(args.config)
     manifest = records.make_dataset(cfg, args.images, args.labels, args.out,
                                     workers=args.workers, overwrite=args.overwrite)
     print(records.dataset_summary(manifest, args.out))

@@ -58,7 +58,7 @@ from rasterio.windows import Window
 from skimage.filters import threshold_otsu
 
 from res_unet import __version__, imagery, metrics, postprocess, report
-from res_unet.atomic import atomic_path, clean_stale_temporaries, write_atomic
+from res_unet.atomic import atomic_path, check_writable, clean_stale_temporaries, write_atomic
 from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
 from res_unet.errors import UserError
 from res_unet.models import build_model
@@ -73,7 +73,13 @@ from res_unet.tiling import (
     undo_fit,
     upsample_rows,
 )
-from res_unet.train import BEST_WEIGHTS, FULL_MODEL, load_weights_checked
+from res_unet.train import (
+    BEST_WEIGHTS,
+    FULL_MODEL,
+    damaged_file_error,
+    file_damage,
+    load_weights_checked,
+)
 
 LABEL_NODATA = 255
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
@@ -208,6 +214,9 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
     want = (int(tile_hw[0]), int(tile_hw[1])) if tile_hw is not None else size
     full, weights = run_dir / FULL_MODEL, run_dir / BEST_WEIGHTS
     if want == size and full.is_file():
+        reason = file_damage(full)
+        if reason is not None:
+            raise damaged_file_error(full, reason)
         try:
             model = keras.models.load_model(full, compile=False)
         except (ValueError, OSError, KeyError, TypeError) as exc:
@@ -935,6 +944,15 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
                     "pass --overwrite to redo every image with this model")
 
 
+def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
+    """Report a per-file problem on one line and return it for the summary."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if str(path) not in message:
+        message = f"{path}: {message}"
+    _say(f"{what}: {message}")
+    return {"image": str(path), "error": message}
+
+
 def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
                  options: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -993,6 +1011,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     if out_dir.resolve() == images_dir.resolve():
         raise UserError(f"{out_dir}: the output folder is the images folder; write the "
                         "outputs to another folder (they would be read as images next time)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
+    check_writable(out_dir)
     if labels_dir is not None:
         pairs = imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
     else:
@@ -1020,6 +1041,8 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     figure: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     figure_titles: list[str] = []
     total_cm = np.zeros((n, n), np.int64)
+    unscored: list[dict[str, str]] = []
+    problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
     for pair in _progress(pairs, progress):
         paths = output_paths(out_dir, pair, save_probs, geojson, segmenter.n_outputs == 1)
         try:
@@ -1032,25 +1055,29 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                 busy += time.perf_counter() - t0
                 megapixels += pixels / 1e6
                 done += 1
-            if pair.label is not None:
-                truth = read_truth(pair, cfg, label.shape)
-                cm = score_label(label, truth, cfg, n)
-                total_cm += cm
-                rows.append(_score_row(pair.stem, cm, cfg))
-                if len(figure) < FIGURE_ROWS:
-                    figure.append(_figure_example(pair, label, truth, cfg))
-                    figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
-                                         if rows[-1]["mean_iou"] is not None else pair.stem)
-        except (UserError, OSError, ValueError, rasterio.errors.RasterioError) as exc:
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            if str(pair.image) not in message:
-                message = f"{pair.image}: {message}"
-            _say(f"failed: {message}")
-            failures.append({"image": str(pair.image), "error": message})
+        except problems as exc:
+            failures.append(_problem(pair.image, exc, "failed"))
+            continue
+        if pair.label is None:
+            continue
+        # The image is segmented; a label that cannot be used only leaves it unscored.
+        try:
+            truth = read_truth(pair, cfg, label.shape)
+        except problems as exc:
+            unscored.append(_problem(pair.label, exc, "not scored"))
+            continue
+        cm = score_label(label, truth, cfg, n)
+        total_cm += cm
+        rows.append(_score_row(pair.stem, cm, cfg))
+        if len(figure) < FIGURE_ROWS:
+            figure.append(_figure_example(pair, label, truth, cfg))
+            figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
+                                 if rows[-1]["mean_iou"] is not None else pair.stem)
 
     summary: dict[str, Any] = {
         "images": len(pairs), "done": done, "skipped": skipped, "failed": len(failures),
-        "failures": failures, "seconds": round(time.perf_counter() - started, 2),
+        "failures": failures, "unscored": unscored,
+        "seconds": round(time.perf_counter() - started, 2),
         "megapixels": round(megapixels, 3),
         "mpx_per_second": round(megapixels / busy, 3) if busy > 0 else None,
         "out_dir": str(out_dir),

@@ -47,6 +47,7 @@ import res_unet
 from res_unet import report
 from res_unet.atomic import (
     atomic_path,
+    check_writable,
     clean_stale_temporaries,
     owner_tag,
     usual_mode,
@@ -684,6 +685,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
     """
     out = Path(out_dir)
     _check_output(out, overwrite)
+    check_writable(out)
     # What a build killed outright (kill -9) left: its staging folder beside ``out``.
     clean_stale_temporaries(out.parent)
     clean_stale_temporaries(out)
@@ -761,6 +763,22 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
                 raise UserError(f"{folder / shard['file']}: shard listed in {MANIFEST} is "
                                 "missing; run make_tfrecords again with --overwrite")
     return manifest
+
+
+def verify_shards(dataset_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Check every shard against the SHA-256 the manifest recorded for it (about 1 s per
+    500 MB); raises UserError naming the first damaged or changed shard."""
+    folder = Path(dataset_dir)
+    for split in SPLITS:
+        for shard in manifest["shards"][split]:
+            expected = shard.get("sha256")
+            if expected is None:  # datasets made before shards were hashed
+                continue
+            path = folder / shard["file"]
+            if _file_sha256(path, hashlib.sha256()) != expected:
+                raise UserError(f"{path}: shard is damaged or changed since make_tfrecords "
+                                f"wrote it (its checksum differs from {MANIFEST}); rebuild "
+                                "the dataset with make_tfrecords --overwrite")
 
 
 def _shard_paths(folder: Path, manifest: dict[str, Any], split: str) -> list[str]:

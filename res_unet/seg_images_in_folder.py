@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from res_unet.cli import quiet_tensorflow, run_command, select_devices
+from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
 from res_unet.config import load_config
 
 
@@ -26,9 +26,12 @@ def _threshold(text: str) -> float | str:
     if text.lower() == "otsu":
         return "otsu"
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'otsu'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1 (or 'otsu')")
+    return value
 
 
 def _tile_size(text: str) -> list[int]:
@@ -42,7 +45,7 @@ def _tile_size(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="seg_images_in_folder", description=__doc__,
+    parser = ArgumentParser(prog="seg_images_in_folder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="RUN_DIR",
                         help="run folder of train_resunet; repeat for an ensemble")
@@ -109,11 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                                      shard=shard, save_probs=args.save_probs,
                                      geojson=args.geojson, progress=not args.no_progress)
     rate = summary["mpx_per_second"]
+    unscored = summary["unscored"]
     print(f"{summary['images']} images: {summary['done']} done, {summary['skipped']} skipped "
-          f"(already done), {summary['failed']} failed; {summary['seconds']:.1f} s"
+          f"(already done), {summary['failed']} failed"
+          + (f", {len(unscored)} not scored (label problems)" if unscored else "")
+          + f"; {summary['seconds']:.1f} s"
           + (f", {rate:.2f} Mpx/s" if rate else "") + f"; outputs in {summary['out_dir']}")
     for failure in summary["failures"]:
         print(f"  failed: {failure['error']}")
+    for problem in unscored:
+        print(f"  not scored: {problem['error']}")
     scores = summary.get("scores")
     if scores:
         per_class = ", ".join(f"{name} {_score(v)}"
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"IoU {per_class}, pixel accuracy {_score(scores['pixel_accuracy'])}")
     if "examples_file" in summary:
         print(f"examples (image | label | prediction): {summary['examples_file']}")
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or unscored else 0
 
 
 def cli() -> None:

@@ -22,6 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import tensorflow as tf
 from res_unet import __version__, losses, metrics, records, report, schedule
 from res_unet.atomic import (
     atomic_path,
+    check_writable,
     clean_stale_temporaries,
     owner_tag,
     usual_mode,
@@ -162,17 +165,45 @@ def resolve_class_weights(cfg: Config, manifest: dict[str, Any]) -> list[float] 
     return cfg.CLASS_WEIGHTS
 
 
+def file_damage(path: Path) -> str | None:
+    """Why a .keras (zip) or .h5 file cannot be read as such (truncated, corrupt), or None."""
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            return None if bad is None else f"its part {bad} is corrupt"
+        import h5py
+
+        with h5py.File(path, "r"):
+            return None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def damaged_file_error(path: Path, reason: str) -> UserError:
+    """The one-line error for a weights or model file that is damaged, not mismatched."""
+    return UserError(f"{path}: the file is damaged or truncated ({reason}); restore it from a "
+                     "copy, or retrain (a killed run resumes from its backup)")
+
+
 def load_weights_checked(model: keras.Model, path: Path) -> None:
-    """Load a .weights.h5 or .keras file into ``model``; a mismatch is one clear line."""
+    """Load a .weights.h5 or .keras file into ``model``; a damaged file or weights of
+    another model are each one clear line."""
     if not path.exists():
         raise UserError(f"{path}: weights file not found; pass the best.weights.h5 or "
                         "model.keras of a training run")
+    reason = file_damage(path)
+    if reason is not None:
+        raise damaged_file_error(path, reason)
     try:
-        if path.suffix == ".keras":
-            source = keras.models.load_model(path, compile=False)
-            model.set_weights(source.get_weights())
-        else:
-            model.load_weights(path)
+        with warnings.catch_warnings():
+            # Keras warns once per layer it cannot match; the error that follows says it.
+            warnings.simplefilter("ignore")
+            if path.suffix == ".keras":
+                source = keras.models.load_model(path, compile=False)
+                model.set_weights(source.get_weights())
+            else:
+                model.load_weights(path)
     except (ValueError, KeyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: these weights do not fit the model built from the config "
@@ -308,8 +339,9 @@ class Trainer:
             loss, batch_cm = self._train_step(x, y)
             loss = float(loss)
             if not math.isfinite(loss):
-                raise UserError(f"training diverged (loss {loss}) in epoch {epoch + 1}; lower "
-                                "MAX_LR or use PRECISION float32")
+                fix = "lower MAX_LR" + ("" if self.precision == "float32"
+                                        else " or use PRECISION float32")
+                raise UserError(f"training diverged (loss {loss}) in epoch {epoch + 1}; {fix}")
             loss_sum += loss
             cm += batch_cm.numpy()
             bar.update(1)
@@ -475,6 +507,7 @@ def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: boo
         raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
     if run_dir.resolve() == data_dir.resolve():
         raise UserError(f"{run_dir}: is the dataset folder; write the run to another --out")
+    check_writable(run_dir)
     if not cfg.DO_TRAIN:
         return "evaluate"
     finished = (run_dir / "model_card.json").is_file()
@@ -558,6 +591,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
                         "res_unet[tensorboard] (or set TENSORBOARD to false)")
     manifest = records.read_manifest(data_dir)
     check_config_against_manifest(cfg, manifest, data_dir)
+    records.verify_shards(data_dir, manifest)
     strategy = strategy or make_strategy()
     if (cfg.MAX_TRAIN_MINUTES is not None and cfg.DO_TRAIN
             and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)):
@@ -597,6 +631,11 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
         except tf.errors.ResourceExhaustedError:
             raise UserError(f"out of memory at BATCH_SIZE={cfg.BATCH_SIZE} and TARGET_SIZE="
                             f"{cfg.TARGET_SIZE}; lower BATCH_SIZE (or TARGET_SIZE)") from None
+        except tf.errors.DataLossError as exc:
+            first = (str(exc).strip().splitlines() or ["corrupt record"])[0][:160]
+            raise UserError(f"{data_dir}: a shard became unreadable during training ({first});"
+                            " rebuild the dataset with make_tfrecords --overwrite, then re-run "
+                            "this command to resume") from None
     else:
         load_weights_checked(model, run_dir / BEST_WEIGHTS)
         if chief:

@@ -15,11 +15,11 @@ import argparse
 import json
 import sys
 
-from res_unet.cli import quiet_tensorflow, run_command, select_devices
+from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train_resunet", description=__doc__,
+    parser = ArgumentParser(prog="train_resunet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON config (see config/)")
     parser.add_argument("--data", required=True, help="dataset folder made by make_tfrecords")

@@ -239,3 +239,27 @@ def test_reference_config_lists_every_key_with_its_default():
     cfg, _ = config_from_dict(raw)
     assert cfg == Config()
     assert all(f"_{k}" in raw for k in keys), "every key is explained by a _KEY comment"
+
+
+def test_empty_or_non_json_file_and_duplicate_keys_get_a_fix(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("  \n")
+    with pytest.raises(UserError, match="the config file is empty; start from one in config/"):
+        load_config(empty)
+    prose = tmp_path / "prose.json"
+    prose.write_text("TARGET_SIZE: 256\n")
+    with pytest.raises(UserError, match=r"a config is a JSON object like \{\"TARGET_SIZE\""):
+        load_config(prose)
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"NCLASSES": 1, "SEED": 3, "NCLASSES": 4}')
+    with pytest.raises(UserError, match="NCLASSES given more than once; keep one"):
+        load_config(twice)
+
+
+def test_non_finite_numbers_are_refused(tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text('{"MAX_LR": NaN, "AUG_ROT": Infinity}')
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert "MAX_LR=nan is not a finite number" in str(info.value)
+    assert "AUG_ROT=inf is not a finite number" in str(info.value)

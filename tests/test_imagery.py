@@ -584,3 +584,16 @@ def test_reads_a_real_lakes_pair():
     assert label.shape == image.shape[:2] and label.dtype == np.uint8
     assert set(np.unique(label).tolist()) == {0, 1}
     assert meta.path == pairs[0].image
+
+
+def test_dangling_symlink_among_images_is_named(tmp_path):
+    from res_unet.errors import UserError
+    from res_unet.imagery import find_pairs, write_png
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    write_png(images / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(labels / "a.png", np.zeros((8, 8), np.uint8))
+    (images / "b.png").symlink_to(tmp_path / "moved" / "b.png")
+    with pytest.raises(UserError, match=r"b\.png: is a link to .*moved/b\.png, which does not "
+                                        r"exist \(1 broken link among the images\)"):
+        find_pairs(images, labels)

@@ -422,3 +422,17 @@ def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, cap
     assert predict.evaluate_scenes(run, data, progress=False) is None
     assert "scene evaluation skipped" in capsys.readouterr().err
     assert json.loads((run / "model_card.json").read_text())["threshold"] == 0.4
+
+
+def test_truncated_model_files_are_reported_as_damaged(tmp_path):
+    keras.utils.set_random_seed(6)
+    cfg = tiny_config()
+    run = write_run(tmp_path / "run", build_model(cfg, BAND_MEAN, BAND_STD), cfg)
+    full = run / "model.keras"
+    full.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"model\.keras: the file is damaged or truncated"):
+        predict.load_run(run)
+    weights = run / "best.weights.h5"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"best\.weights\.h5: the file is damaged or truncated"):
+        predict.load_run(run, (64, 64))

@@ -69,6 +69,14 @@ def test_segments_every_image(run, images, tmp_path, capsys):
     assert no_temp_files(out)
 
 
+def test_threshold_out_of_range_names_the_flag(run, images, tmp_path, capsys):
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "o",
+               "--threshold", "2.0") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: command line: argument --threshold: 2.0 must be between 0 and 1 "
+                   "(or 'otsu') (see seg_images_in_folder --help)")
+
+
 def test_threshold_flag_overrides_card(run, images, tmp_path):
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--out", out, "--threshold", "0.9") == 0
@@ -201,17 +209,22 @@ def test_image_of_another_bit_depth_is_refused(run, images, tmp_path, capsys):
     assert "3 done" in captured.out and not list(out.glob("wide_*"))
 
 
-def test_label_of_another_size_fails_that_image_only(run, images, tmp_path, capsys):
+def test_label_of_another_size_leaves_that_image_unscored(run, images, tmp_path, capsys):
+    """The image is segmented (its mask is written); only its score is missing, and the
+    summary says so instead of counting it both done and failed."""
     labels = tmp_path / "labels"
     imagery.write_png(labels / "a.png", np.zeros((32, 32), np.uint8))
     imagery.write_png(labels / "b.png", np.zeros((10, 10), np.uint8))  # image is 90x70
     imagery.write_png(labels / "c.png", np.zeros((40, 50), np.uint8))
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 1
-    failed = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("failed:")]
-    assert len(failed) == 1
-    assert "b.png: label is 10x10 (WxH)" in failed[0] and "is 90x70" in failed[0]
+    captured = capsys.readouterr()
+    unscored = [line for line in captured.err.splitlines() if line.startswith("not scored:")]
+    assert len(unscored) == 1 and not [line for line in captured.err.splitlines()
+                                       if line.startswith("failed:")]
+    assert "b.png: label is 10x10 (WxH)" in unscored[0] and "is 90x70" in unscored[0]
+    assert "3 done, 0 skipped (already done), 0 failed, 1 not scored" in captured.out
+    assert (out / "b_predseg.png").exists()
     with open(out / "scores.csv") as fh:
         assert [row["image"] for row in csv.DictReader(fh)] == ["a", "c", "ALL"]
 

@@ -423,3 +423,16 @@ def test_tensorboard_logs(tiny_dataset, tmp_path):
     train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, TENSORBOARD=True), tiny_dataset,
                 tmp_path, progress=False, export_saved_model=False)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_damaged_shard_is_named_before_training(tiny_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, data)
+    shard = sorted(data.glob("*-train-*.tfrec"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(UserError, match=f"{shard.name}: shard is damaged or changed since "
+                                        "make_tfrecords wrote it"):
+        train.train(tiny_config(MAX_EPOCHS=1), data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
