@@ -45,7 +45,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def partial_dirs(parent: Path) -> list[Path]:
-    return [p for p in parent.iterdir() if ".partial-" in p.name]
+    return [p for p in parent.iterdir() if p.name.startswith(".") and "partial-" in p.name]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_interrupted_run_leaves_no_output(small, monkeypatch):
     calls = []
 
     def augment_then_interrupt(*args):
-        calls.append([p for p in small["tmp"].glob(".ds.partial-*/*.tfrec")
+        calls.append([p for p in small["tmp"].glob(".ds.*partial-*/*.tfrec")
                       if not p.name.startswith(".")])  # finished shards, not temp files
         if len(calls) == 2:
             raise KeyboardInterrupt
