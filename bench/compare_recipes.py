@@ -14,6 +14,7 @@ in ``RECIPES``. Needs ../shared/data (see its README); run by hand, one at a tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -81,13 +82,17 @@ def main() -> None:
         digest = hashlib.sha256(key.encode()).hexdigest()[:8]
         data_dir = args.out / f"{args.dataset}-dataset-{digest}"
         if not (data_dir / "manifest.json").is_file():
-            records.make_dataset(cfg, source / "images", source / "labels", data_dir,
-                                 workers=2)
+            with contextlib.redirect_stdout(sys.stderr):
+                records.make_dataset(cfg, source / "images", source / "labels", data_dir,
+                                     workers=2)
         run_dir = args.out / f"{args.dataset}-{name.split(' (')[0].replace(', ', '-')}"
         run_dir = run_dir.with_name(run_dir.name.replace(" ", "_"))
         started = time.time()
-        card = train.train(cfg, data_dir, run_dir, progress=False, export_saved_model=False)
-        scenes = predict.evaluate_scenes(run_dir, data_dir, progress=False)
+        # The library's progress lines go to stderr: stdout carries only the JSON result.
+        with contextlib.redirect_stdout(sys.stderr):
+            card = train.train(cfg, data_dir, run_dir, progress=False,
+                               export_saved_model=False)
+            scenes = predict.evaluate_scenes(run_dir, data_dir, progress=False)
         assert scenes is not None
         row = {"recipe": name, "config": base, "overrides": overrides,
                "parameters": card["parameters"],
