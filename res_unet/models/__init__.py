@@ -21,13 +21,13 @@ from res_unet.models.efficientnet_unet import (
     build_efficientnet_unet,
     efficientnet_unet_from_config,
     freeze_batchnorm,
-    inflate_stem_kernel,
 )
 from res_unet.models.layers import (
     ENCODER_NAME,
     LOGITS_NAME,
     PROBABILITIES_NAME,
     BilinearUpSampling2D,
+    inflate_stem_kernel,
     leaf_layers,
 )
 from res_unet.models.resunet import build_resunet, resunet_from_config

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from res_unet.errors import UserError
-from res_unet.models.layers import ENCODER_NAME
+from res_unet.models.layers import ENCODER_NAME, adapt_stem_kernel, leaf_layers
 from res_unet.models.pth import PthError, read_pth
 
 # Layers
@@ -249,9 +249,6 @@ def load_lite_weights(model: keras.Model, state: dict[str, np.ndarray], label: s
     The stem kernel is inflated when the model takes other than 3 bands. Raises UserError
     naming ``label`` when an entry is missing or has another shape (another Lite variant).
     """
-    from res_unet.models.efficientnet_unet import inflate_stem_kernel
-    from res_unet.models.layers import leaf_layers
-
     count = 0
     for layer in leaf_layers(model):
         names = _torch_names(layer.name)
@@ -264,11 +261,8 @@ def load_lite_weights(model: keras.Model, state: dict[str, np.ndarray], label: s
             raise UserError(f"{label}: no weights for layer '{layer.name}' ({prefix}); use "
                             "the weights of the same Lite variant as ENCODER") from None
         target = [w.shape for w in layer.get_weights()]
-        if layer.name == STEM_CONV and source[0].shape != target[0]:
-            if source[0].shape[2] != 3 or source[0].shape[:2] != target[0][:2]:
-                raise UserError(f"{label}: stem kernel {source[0].shape} cannot be adapted to "
-                                f"{target[0]}; use RGB pretrained weights")
-            source[0] = inflate_stem_kernel(source[0], target[0][2])
+        if layer.name == STEM_CONV:
+            source[0] = adapt_stem_kernel(source[0], target[0], label)
         if [w.shape for w in source] != target:
             raise UserError(f"{label}: layer '{layer.name}' has weights of shapes "
                             f"{[w.shape for w in source]}, expected {target}; use the weights "

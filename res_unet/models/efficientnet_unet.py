@@ -43,6 +43,7 @@ from res_unet.models.efficientnet_lite import (
 from res_unet.models.layers import (
     ENCODER_NAME,
     INPUT_NAME,
+    adapt_stem_kernel,
     band_normalization,
     check_band_stats,
     check_input_shape,
@@ -116,22 +117,6 @@ def efficientnet_encoder(input_shape: Sequence[int | None], size: str = "B0") ->
     # The input layer is cloned from an intermediate tensor and gets an opaque name.
     encoder.layers[0].name = f"{ENCODER_NAME}_input"
     return encoder
-
-
-def inflate_stem_kernel(kernel: np.ndarray, n_bands: int) -> np.ndarray:
-    """Adapt an RGB stem kernel (kh, kw, 3, C) to ``n_bands`` input bands (kh, kw, B, C).
-
-    B >= 3: the first three bands keep the R, G, B kernels, each extra band gets the mean of
-    the three; everything is multiplied by 3 / B. B < 3: every band gets the mean of the
-    three times 3 / B (B = 1: the sum, what a grey image through RGB weights gives). Either
-    way the response to a uniform input (the same value in every band) is unchanged, as in
-    fastai and Raster Vision.
-    """
-    if kernel.ndim != 4 or kernel.shape[2] != 3:
-        raise ValueError(f"expected an RGB kernel (kh, kw, 3, C), got {kernel.shape}")
-    mean = kernel.mean(axis=2, keepdims=True)
-    bands = [kernel] + [mean] * (n_bands - 3) if n_bands >= 3 else [mean] * n_bands
-    return (np.concatenate(bands, axis=2) * (3.0 / n_bands)).astype(kernel.dtype)
 
 
 def _find_backbone(model: keras.Model) -> keras.Model | None:
@@ -212,11 +197,8 @@ def load_encoder_weights(encoder: keras.Model, weights: dict[str, list[np.ndarra
             raise UserError(f"{label}: no weights for encoder layer '{layer.name}'; use weights "
                             f"of the same EfficientNet size as ENCODER")
         source = list(weights[layer.name])
-        if layer.name == STEM_CONV and source[0].shape != target[0].shape:
-            if source[0].shape[2] != 3 or source[0].shape[:2] != target[0].shape[:2]:
-                raise UserError(f"{label}: stem kernel {source[0].shape} cannot be adapted to "
-                                f"{target[0].shape}; use RGB (3-band) pretrained weights")
-            source[0] = inflate_stem_kernel(source[0], target[0].shape[2])
+        if layer.name == STEM_CONV:
+            source[0] = adapt_stem_kernel(source[0], target[0].shape, label)
         shapes = [w.shape for w in source]
         if shapes != [w.shape for w in target]:
             raise UserError(f"{label}: encoder layer '{layer.name}' has weights of shapes "

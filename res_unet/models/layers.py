@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 from res_unet.errors import UserError
 
@@ -160,3 +161,32 @@ def check_input_shape(input_shape: Sequence[int | None], factor: int) -> tuple:
             raise ValueError(f"input size {shape[:2]} is not divisible by {factor}, the "
                              "model's down-sampling factor")
     return shape
+
+
+def inflate_stem_kernel(kernel: np.ndarray, n_bands: int) -> np.ndarray:
+    """Adapt an RGB stem kernel (kh, kw, 3, C) to ``n_bands`` input bands (kh, kw, B, C).
+
+    B >= 3: the first three bands keep the R, G, B kernels, each extra band gets the mean of
+    the three; everything is multiplied by 3 / B. B < 3: every band gets the mean of the
+    three times 3 / B (B = 1: the sum, what a grey image through RGB weights gives). Either
+    way the response to a uniform input (the same value in every band) is unchanged, as in
+    fastai and Raster Vision.
+    """
+    if kernel.ndim != 4 or kernel.shape[2] != 3:
+        raise ValueError(f"expected an RGB kernel (kh, kw, 3, C), got {kernel.shape}")
+    mean = kernel.mean(axis=2, keepdims=True)
+    bands = [kernel] + [mean] * (n_bands - 3) if n_bands >= 3 else [mean] * n_bands
+    return (np.concatenate(bands, axis=2) * (3.0 / n_bands)).astype(kernel.dtype)
+
+
+def adapt_stem_kernel(kernel: np.ndarray, target_shape: Sequence[int], label: str) -> np.ndarray:
+    """A pretrained stem kernel for a stem of ``target_shape`` (kh, kw, B, C): as it is when
+    the shapes agree, inflated (:func:`inflate_stem_kernel`) when only the band count differs
+    from an RGB source. Raises UserError naming ``label`` otherwise."""
+    target = tuple(target_shape)
+    if kernel.shape == target:
+        return kernel
+    if kernel.shape[2] != 3 or kernel.shape[:2] != target[:2]:
+        raise UserError(f"{label}: stem kernel {kernel.shape} cannot be adapted to {target}; "
+                        "use RGB (3-band) pretrained weights")
+    return inflate_stem_kernel(kernel, target[2])
