@@ -76,8 +76,7 @@ from res_unet.tiling import (
 from res_unet.train import (
     BEST_WEIGHTS,
     FULL_MODEL,
-    damaged_file_error,
-    file_damage,
+    check_intact,
     load_weights_checked,
 )
 
@@ -214,9 +213,7 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
     want = (int(tile_hw[0]), int(tile_hw[1])) if tile_hw is not None else size
     full, weights = run_dir / FULL_MODEL, run_dir / BEST_WEIGHTS
     if want == size and full.is_file():
-        reason = file_damage(full)
-        if reason is not None:
-            raise damaged_file_error(full, reason)
+        check_intact(full)
         try:
             model = keras.models.load_model(full, compile=False)
         except (ValueError, OSError, KeyError, TypeError) as exc:
@@ -815,10 +812,8 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)
         if sweep is not None:
             sweep.update(truth[valid], prob[..., 0][valid])
-            pred = (prob[..., 0] >= 0.5).astype(np.uint8)
-        else:
-            pred = prob.argmax(-1).astype(np.uint8)
-        cm += metrics.confusion_matrix(truth, pred, n_classes, ignore_class=cfg.IGNORE_CLASS)
+        cm += metrics.confusion_matrix(truth, postprocess.probs_to_label(prob), n_classes,
+                                       ignore_class=cfg.IGNORE_CLASS)
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {
         "images": len(pairs), "megapixels": round(pixels / 1e6, 2),

@@ -165,25 +165,24 @@ def resolve_class_weights(cfg: Config, manifest: dict[str, Any]) -> list[float] 
     return cfg.CLASS_WEIGHTS
 
 
-def file_damage(path: Path) -> str | None:
-    """Why a .keras (zip) or .h5 file cannot be read as such (truncated, corrupt), or None."""
+def check_intact(path: Path) -> None:
+    """Raise UserError when a .keras (zip) or .h5 file cannot be read as such (truncated,
+    corrupt): a damaged file, not weights of another model."""
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()
-            return None if bad is None else f"its part {bad} is corrupt"
-        import h5py
+            reason = None if bad is None else f"its part {bad} is corrupt"
+        else:
+            import h5py
 
-        with h5py.File(path, "r"):
-            return None
+            with h5py.File(path, "r"):
+                reason = None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
-def damaged_file_error(path: Path, reason: str) -> UserError:
-    """The one-line error for a weights or model file that is damaged, not mismatched."""
-    return UserError(f"{path}: the file is damaged or truncated ({reason}); restore it from a "
-                     "copy, or retrain (a killed run resumes from its backup)")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if reason is not None:
+        raise UserError(f"{path}: the file is damaged or truncated ({reason}); restore it from "
+                        "a copy, or retrain (a killed run resumes from its backup)")
 
 
 def load_weights_checked(model: keras.Model, path: Path) -> None:
@@ -192,9 +191,7 @@ def load_weights_checked(model: keras.Model, path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: weights file not found; pass the best.weights.h5 or "
                         "model.keras of a training run")
-    reason = file_damage(path)
-    if reason is not None:
-        raise damaged_file_error(path, reason)
+    check_intact(path)
     try:
         with warnings.catch_warnings():
             # Keras warns once per layer it cannot match; the error that follows says it.
@@ -581,7 +578,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     model.keras, saved_model/, config.json, history.csv, figures, evaluation.json and
     model_card.json (saved_model/ only with ``export_saved_model``). A run folder with a
     backup/ from a killed run resumes from it; one with a finished run is refused unless
-    ``overwrite`` (see :func:`prepare_run_folder`). Returns the model card.
+    ``overwrite`` (see :func:`run_folder_action`). Returns the model card.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     started = time.time()
