@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
                        export_saved_model=not args.no_export, overwrite=args.overwrite)
     scenes = None
-    if not args.no_scene_eval:
+    # Only the process that wrote the run folder scores it (other workers have none).
+    if not args.no_scene_eval and train.is_chief():
         from res_unet import predict
 
         scenes = predict.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
