@@ -685,16 +685,16 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
     """
     out = Path(out_dir)
     _check_output(out, overwrite)
-    check_writable(out)
-    # What a build killed outright (kill -9) left: its staging folder beside ``out``.
-    clean_stale_temporaries(out.parent)
-    clean_stale_temporaries(out)
     inputs = [("images", images_dir), ("labels", labels_dir),
               *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)]
     for role, folder in inputs:
         if out.resolve() == Path(folder).resolve():
             raise UserError(f"{out}: is also the {role} folder; write the dataset to another "
                             "--out (its files would be read as input next time)")
+    check_writable(out)
+    # What a build killed outright (kill -9) left: its staging folder beside ``out``.
+    clean_stale_temporaries(out.parent)
+    clean_stale_temporaries(out)
     pairs = find_pairs(images_dir, labels_dir, usemask=cfg.USEMASK,
                        extra_band_dirs=cfg.EXTRA_BAND_DIRS)
     if not pairs:
