@@ -6,7 +6,7 @@
 For each recipe: build its dataset (make_tfrecords), train it for the same training time
 (MAX_TRAIN_MINUTES; validation excluded), then segment the whole validation scenes at full
 resolution as seg_images_in_folder does (tiles, blending, no TTA, no CRF) and score them
-(``res_unet.predict.evaluate_scenes``). Binary scores are given at 0.5 and at the
+(``res_unet.segment.evaluate_scenes``). Binary scores are given at 0.5 and at the
 scene-optimal threshold. The recipes differ from the shipped configs only in the keys listed
 in ``RECIPES``. Needs ../shared/data (see its README); run by hand, one at a time.
 """
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", help="names of recipes to run (default all)")
     args = parser.parse_args()
 
-    from res_unet import predict, records, train
+    from res_unet import records, segment, train
 
     source = DATA / args.dataset
     if not source.is_dir():
@@ -92,24 +92,24 @@ def main() -> None:
         with contextlib.redirect_stdout(sys.stderr):
             card = train.train(cfg, data_dir, run_dir, progress=False,
                                export_saved_model=False)
-            scenes = predict.evaluate_scenes(run_dir, data_dir, progress=False)
+            scenes = segment.evaluate_scenes(run_dir, data_dir, progress=False)
         assert scenes is not None
         row = {"recipe": name, "config": base, "overrides": overrides,
-               "parameters": card["parameters"],
-               "train_seconds": card["training"]["train_seconds"],
-               "epochs": card["training"]["epochs_run"],
-               "best_epoch": card["training"]["best_epoch"],
-               "images_per_second": card["training"]["images_per_second"],
+               "parameters": card.parameters,
+               "train_seconds": card.training.train_seconds,
+               "epochs": card.training.epochs_run,
+               "best_epoch": card.training.best_epoch,
+               "images_per_second": card.training.images_per_second,
                "wall_seconds": round(time.time() - started, 1),
                "scene_scores": {"mean_iou": scenes["scores"]["mean_iou"],
-                                "iou": dict(zip(card["class_names"], scenes["scores"]["iou"],
+                                "iou": dict(zip(card.class_names, scenes["scores"]["iou"],
                                                 strict=True))}}
         if "optimal_threshold" in scenes:
             best = scenes["scores_at_optimal_threshold"]
             row["scene_threshold"] = scenes["optimal_threshold"]
             row["scene_scores_at_threshold"] = {
                 "mean_iou": best["mean_iou"],
-                "iou": dict(zip(card["class_names"], best["iou"], strict=True))}
+                "iou": dict(zip(card.class_names, best["iou"], strict=True))}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "recipes at equal training time", "dataset": args.dataset,

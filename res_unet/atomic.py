@@ -9,13 +9,16 @@ removes those of processes of this host that no longer run, on the next run.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def usual_mode(directory: bool = False) -> int:
@@ -124,3 +127,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]],
+              float_format: str | None = None) -> None:
+    """Write dict rows (columns from the first row) as a CSV file atomically, "\n" line
+    ends. ``float_format`` (e.g. ".6f") formats floats, else they are written as repr;
+    None becomes an empty cell. Nothing is written for no rows."""
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else (format(v, float_format) if float_format
+                                                   and isinstance(v, float) else v)
+                         for k, v in row.items()})
+    write_atomic(path, buf.getvalue())

@@ -16,12 +16,14 @@ Nothing here writes beside the user's data or caches anything; every write is at
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ import rasterio
 import rasterio.errors
 import tifffile
 from PIL import Image
+from rasterio.windows import Window
 
 from res_unet.atomic import atomic_path
 from res_unet.config import Config
@@ -582,6 +585,39 @@ def find_images(images_dir: str | os.PathLike,
     return pairs
 
 
+# Display -------------------------------------------------------------------------------------
+
+# Pixels sampled for the percentile stretch of large images.
+_STRETCH_SAMPLE = 1_000_000
+# Percentiles of the per-band stretch of imagery that is not 8-bit.
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def to_display_rgb(image: np.ndarray) -> np.ndarray:
+    """An image (H, W, B) of any dtype -> C-contiguous uint8 (H, W, 3) in 0-255: the one
+    display stretch (overlays, figures, and the colours the dense CRF compares).
+
+    uint8 images keep their values (they already are 0-255 display values, the units of
+    ``CRF_BILATERAL_SRGB``). Other dtypes (uint16, float) get a 2-98 percentile stretch per
+    band, ignoring all-zero (nodata) pixels. The first three bands are used; one band is
+    repeated as grey and two bands become (b0, b1, b1).
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    bands = image[..., [min(i, image.shape[2] - 1) for i in range(3)]]
+    if bands.dtype == np.uint8:
+        return np.ascontiguousarray(bands)
+    step = max(1, int(math.sqrt(bands.shape[0] * bands.shape[1] / _STRETCH_SAMPLE)))
+    sample = bands[::step, ::step].reshape(-1, 3).astype(np.float64)
+    valid = sample.any(axis=1)
+    if valid.any():
+        sample = sample[valid]
+    lo, hi = np.percentile(sample, STRETCH_PERCENTILES, axis=0)
+    scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1e-12), 0.0).astype(np.float32)
+    out = (bands.astype(np.float32) - lo.astype(np.float32)) * scale
+    return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
 # Writing -----------------------------------------------------------------------------------
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -600,39 +636,65 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         image.save(tmp, format="PNG")
 
 
+def _geotiff_profile(shape_hw: Sequence[int], count: int, dtype: np.dtype, meta: RasterMeta,
+                     nodata: float | None) -> dict[str, Any]:
+    """The one GeoTIFF profile of res_unet outputs: deflate (with the predictor that suits
+    the dtype), 256 x 256 blocks beyond 512 px, BigTIFF when it may exceed 4 GB."""
+    height, width = int(shape_hw[0]), int(shape_hw[1])
+    dtype = np.dtype(dtype)
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "height": height, "width": width, "count": int(count),
+        "dtype": dtype.name, "crs": meta.crs, "transform": meta.transform,
+        "nodata": nodata, "compress": "deflate",
+        "predictor": 3 if dtype.kind == "f" else 2,
+    }
+    if max(height, width) > 512:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if height * width * count * dtype.itemsize > 3_500_000_000:
+        profile["BIGTIFF"] = "IF_SAFER"
+    return profile
+
+
+@contextlib.contextmanager
+def geotiff_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
+                   dtype: np.dtype | str, meta: RasterMeta, nodata: float | None = None
+                   ) -> Iterator[Callable[[int, np.ndarray], None]]:
+    """Open a GeoTIFF of ``shape_hw`` x ``count`` bands for writing in row strips.
+
+    Yields ``write(first_row, rows)`` taking (rows, W) or (rows, W, count) arrays (cast to
+    ``dtype``); the file is renamed into place when the block ends without error, so a
+    partial file never appears under ``path``. Georeferenced with ``meta.crs`` and
+    ``meta.transform`` when present; ``nodata`` is written as given (``meta.nodata``
+    describes the input's values, not this array's).
+    """
+    dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else (
+        np.float32 if np.dtype(dtype) == np.float16 else dtype))
+    profile = _geotiff_profile(shape_hw, count, dtype, meta, nodata)
+    width = profile["width"]
+    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
+    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
+            GDAL_PAM_ENABLED="NO"):
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", **profile) as ds:
+
+            def write(first_row: int, rows: np.ndarray) -> None:
+                rows = rows if rows.ndim == 3 else rows[..., None]
+                ds.write(np.moveaxis(rows.astype(dtype, copy=False), -1, 0),
+                         window=Window(0, first_row, width, len(rows)))
+
+            yield write
+
+
 def write_geotiff(path: str | os.PathLike, array: np.ndarray, meta: RasterMeta,
                   nodata: float | None = None) -> None:
-    """Write (H, W) or (H, W, B) pixels of any numeric dtype as a deflate-compressed TIFF.
-
-    Georeferenced with ``meta.crs`` and ``meta.transform`` when present (else a plain, valid
-    TIFF). ``nodata`` is written as given; ``meta.nodata`` is not copied, because it describes
-    the input's values, not this array's (pass ``nodata=meta.nodata`` for image-like outputs).
-    Large arrays are tiled (256 x 256 blocks). Atomic.
-    """
+    """Write (H, W) or (H, W, B) pixels of any numeric dtype as a GeoTIFF, atomically
+    (profile and georeferencing as :func:`geotiff_writer`)."""
     array = np.asarray(array)
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or 0 in array.shape:
         raise ValueError(f"write_geotiff takes a non-empty (H,W) or (H,W,B) array; got "
                          f"{array.shape}")
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    elif array.dtype == np.float16:
-        array = array.astype(np.float32)
-    height, width, count = array.shape
-    profile: dict[str, Any] = {
-        "driver": "GTiff", "height": height, "width": width, "count": count,
-        "dtype": array.dtype.name, "crs": meta.crs, "transform": meta.transform,
-        "nodata": nodata, "compress": "deflate",
-        "predictor": 3 if array.dtype.kind == "f" else 2,
-    }
-    if max(height, width) > 512:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    if array.nbytes > 3_500_000_000:
-        profile["BIGTIFF"] = "IF_SAFER"
-    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
-    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
-            GDAL_PAM_ENABLED="NO"):
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as ds:
-            ds.write(np.moveaxis(array, -1, 0))
+    with geotiff_writer(path, array.shape[:2], array.shape[2], array.dtype, meta,
+                        nodata) as write:
+        write(0, array)

@@ -37,9 +37,9 @@ from scipy import ndimage
 from skimage import filters, morphology
 
 from res_unet.config import Config
+from res_unet.imagery import to_display_rgb
 
 _PROB_CLIP = 1e-5  # floor for probabilities before logs, as pydensecrf's unary_from_softmax
-_STRETCH_SAMPLE = 1_000_000  # pixels sampled for the percentile stretch of large images
 
 
 # Probabilities -> labels -------------------------------------------------------------------
@@ -83,6 +83,18 @@ def otsu_threshold(prob: np.ndarray) -> float:
     return float(filters.threshold_otsu(p))
 
 
+def otsu_from_histogram(counts: np.ndarray) -> float:
+    """Otsu's threshold in [0, 1] from ``counts[k]``, the number of probabilities equal to
+    k / (len(counts) - 1) (probabilities quantised to that many levels); 0.5 when fewer than
+    two levels occur."""
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        return 0.5
+    lo, hi = present[0], present[-1] + 1
+    centres = np.arange(lo, hi) / (len(counts) - 1)
+    return float(filters.threshold_otsu(hist=(counts[lo:hi], centres)))
+
+
 def resolve_threshold(prob: np.ndarray, setting: float | str | None,
                       fallback: float | None = None) -> float:
     """The binary threshold to use: ``setting`` (cfg.THRESHOLD) if given, else ``fallback``.
@@ -98,30 +110,6 @@ def resolve_threshold(prob: np.ndarray, setting: float | str | None,
 
 
 # Dense CRF --------------------------------------------------------------------------------
-
-def to_display_rgb(image: np.ndarray) -> np.ndarray:
-    """An image (H, W, B) of any dtype -> C-contiguous uint8 (H, W, 3) in 0-255 for the CRF.
-
-    uint8 images keep their values (they already are 0-255 display values, the units of
-    ``CRF_BILATERAL_SRGB``). Other dtypes (uint16, float) get a 2-98 percentile stretch per
-    band, ignoring all-zero (nodata) pixels. The first three bands are used; one band is
-    repeated as grey and two bands become (b0, b1, b1).
-    """
-    if image.ndim == 2:
-        image = image[..., None]
-    bands = image[..., [min(i, image.shape[2] - 1) for i in range(3)]]
-    if bands.dtype == np.uint8:
-        return np.ascontiguousarray(bands)
-    step = max(1, int(math.sqrt(bands.shape[0] * bands.shape[1] / _STRETCH_SAMPLE)))
-    sample = bands[::step, ::step].reshape(-1, 3).astype(np.float64)
-    valid = sample.any(axis=1)
-    if valid.any():
-        sample = sample[valid]
-    lo, hi = np.percentile(sample, [2, 98], axis=0)
-    scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1e-12), 0.0).astype(np.float32)
-    out = (bands.astype(np.float32) - lo.astype(np.float32)) * scale
-    return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
-
 
 def crf_grid_factor(height: int, width: int, max_pixels: int) -> int:
     """Smallest integer down-sampling factor f with ceil(H/f) * ceil(W/f) <= max_pixels."""

@@ -1,4 +1,4 @@
-"""Figures: how images, labels and results are shown to the user, written as PNG files.
+"""Figures and overlays: how images, labels and results are shown to the user (PNG files).
 
 Figures are drawn with matplotlib's Agg canvas directly (no GUI backend, no global pyplot
 state), so they work on headless servers and in worker processes, and every file is
@@ -7,6 +7,7 @@ written atomically. Functions here take numpy arrays and paths; they never read 
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 from collections.abc import Sequence
@@ -17,72 +18,76 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from res_unet.atomic import atomic_path
+from res_unet.imagery import to_display_rgb
 
-# Percentiles of the per-band stretch used to display high-bit-depth imagery.
-STRETCH_PERCENTILES = (2.0, 98.0)
-# Qualitative colours (tab10), class 0 first; longer class lists cycle through them.
-_CLASS_COLOURS = np.array([
-    (0.12, 0.47, 0.71), (1.00, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
-    (0.58, 0.40, 0.74), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.50, 0.50, 0.50),
-    (0.74, 0.74, 0.13), (0.09, 0.75, 0.81)])
-# Binary labels: background is left uncoloured, water/foreground drawn in this colour.
-_FOREGROUND = (0.0, 0.75, 1.0)
+# The one palette of every figure and overlay: class k in CLASS_COLOURS[k] (tab20, cycled),
+# except binary maps, whose foreground is BINARY_COLOUR and background is left uncoloured.
+CLASS_COLOURS = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+], dtype=np.uint8)
+BINARY_COLOUR = (255, 0, 255)
+OVERLAY_ALPHA = 0.4
+# Overlays larger than this are drawn on a sub-sampled grid: a viewer cannot show more.
+OVERLAY_MAX_PIXELS = 30_000_000
 # Panel titles are wrapped to this many characters so neighbours do not overlap.
 _TITLE_CHARS = 36
 
 Sample = tuple[np.ndarray, np.ndarray, str]
 
 
-def display_image(image: np.ndarray) -> np.ndarray:
-    """An image (H, W) or (H, W, B) of any dtype as float RGB (H, W, 3) in [0, 1] for display.
-
-    uint8 images are shown as they are; other dtypes (uint16, floats) get a per-band
-    2-98 percentile stretch. More than three bands: the first three are shown; one band is
-    shown in grey; two bands: the first in grey.
-    """
-    img = image if image.ndim == 3 else image[..., None]
-    img = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, axis=-1)
-    if img.dtype == np.uint8:
-        return img.astype(np.float64) / 255.0
-    out = np.empty(img.shape, dtype=np.float64)
-    for b in range(3):
-        band = img[..., b].astype(np.float64)
-        lo, hi = np.percentile(band, STRETCH_PERCENTILES)
-        out[..., b] = (band - lo) / (hi - lo) if hi > lo else 0.0
-    return np.clip(out, 0.0, 1.0)
-
-
 def class_colours(n_classes: int) -> np.ndarray:
-    """RGB colours (n_classes, 3) in [0, 1], one per class index."""
-    return _CLASS_COLOURS[np.arange(n_classes) % len(_CLASS_COLOURS)]
-
-
-def overlay_label(rgb: np.ndarray, label: np.ndarray, n_classes: int,
-                  alpha: float = 0.45) -> np.ndarray:
-    """Blend class colours over an RGB image (H, W, 3) in [0, 1].
-
-    ``label`` (H, W) holds class indices. Binary labels (``n_classes == 2``) colour only the
-    foreground, so the image stays visible; multiclass labels colour every class with
-    :func:`class_colours`. Returns (H, W, 3) floats in [0, 1].
-    """
-    valid = label < n_classes  # values beyond the classes (nodata 255) stay uncoloured
+    """RGB colours (n_classes, 3) uint8 of the classes of a map (binary: background black,
+    foreground BINARY_COLOUR)."""
     if n_classes == 2:
-        colours = np.array([(0.0, 0.0, 0.0), _FOREGROUND])
-        weight = np.where(valid & (label > 0), alpha, 0.0)[..., None]
+        return np.array([(0, 0, 0), BINARY_COLOUR], np.uint8)
+    return CLASS_COLOURS[np.arange(n_classes) % len(CLASS_COLOURS)]
+
+
+def overlay_image(image: np.ndarray, label: np.ndarray, n_classes: int,
+                  max_pixels: int = OVERLAY_MAX_PIXELS) -> np.ndarray:
+    """The image with coloured classes (alpha OVERLAY_ALPHA) and class outlines, uint8 RGB.
+
+    ``image`` (H, W, B) raw values are shown through their first three bands (uint16 and
+    others stretched 2-98 percent); ``label`` (H, W) class indices, LABEL_NODATA uncoloured.
+    Binary maps colour class 1 only. Images above ``max_pixels`` are drawn sub-sampled by
+    the smallest integer step that fits.
+    """
+    step = max(1, math.ceil(math.sqrt(image.shape[0] * image.shape[1] / max_pixels)))
+    if step > 1:
+        image, label = image[::step, ::step], label[::step, ::step]
+    out = to_display_rgb(image)
+    if n_classes == 2:
+        colours = {1: np.array(BINARY_COLOUR, np.uint16)}
     else:
-        colours = class_colours(n_classes)
-        weight = np.where(valid, alpha, 0.0)[..., None]
-    colour = colours[np.clip(label, 0, len(colours) - 1)]
-    return rgb * (1.0 - weight) + colour * weight
+        colours = {k: CLASS_COLOURS[k % len(CLASS_COLOURS)].astype(np.uint16)
+                   for k in range(n_classes)}
+    edge = np.zeros(label.shape, bool)
+    differs = label[:, 1:] != label[:, :-1]
+    edge[:, 1:] |= differs
+    edge[:, :-1] |= differs
+    differs = label[1:] != label[:-1]
+    edge[1:] |= differs
+    edge[:-1] |= differs
+    weight = round(OVERLAY_ALPHA * 256)
+    for k, colour in colours.items():
+        mask = label == k
+        blended = (out[mask].astype(np.uint16) * (256 - weight) + colour * weight + 128) >> 8
+        out[mask] = blended.astype(np.uint8)
+        out[mask & edge] = colour.astype(np.uint8)
+    return out
 
 
 def class_legend(n_classes: int, class_names: Sequence[str] | None = None) -> list[Patch]:
-    """Legend handles for :func:`overlay_label` colours (binary: the foreground only)."""
+    """Legend handles for :func:`overlay_image` colours (binary: the foreground only)."""
+    colours = class_colours(n_classes) / 255.0
     if n_classes == 2:
-        return [Patch(color=_FOREGROUND, label=class_names[1] if class_names else "class 1")]
+        return [Patch(color=tuple(colours[1]),
+                      label=class_names[1] if class_names else "class 1")]
     names = class_names or [f"class {k}" for k in range(n_classes)]
-    return [Patch(color=tuple(c), label=name)
-            for c, name in zip(class_colours(n_classes), names, strict=False)]
+    return [Patch(color=tuple(c), label=name) for c, name in zip(colours, names, strict=False)]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
@@ -110,8 +115,8 @@ def sample_grid(path: str | os.PathLike, train: Sequence[Sample], validation: Se
         ax.set_axis_off()
     for r, (split, kind, samples) in enumerate(rows):
         for c, (image, label, title) in enumerate(samples):
-            rgb = display_image(image)
-            shown = rgb if kind == "image" else overlay_label(rgb, label, n_classes)
+            shown = (to_display_rgb(image) if kind == "image"
+                     else overlay_image(image, label, n_classes))
             axes[r, c].imshow(shown, interpolation="nearest")
             heading = f"{split}: {title}" if kind == "image" else "label"
             axes[r, c].set_title("\n".join(textwrap.wrap(heading, _TITLE_CHARS)), fontsize=7)
@@ -171,10 +176,10 @@ def plot_predictions(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
     for ax in axes.ravel():
         ax.set_axis_off()
     for r, (image, label, pred) in enumerate(examples):
-        rgb = display_image(image)
-        for c, (shown, title) in enumerate(((rgb, "image"),
-                                            (overlay_label(rgb, label, n_classes), "label"),
-                                            (overlay_label(rgb, pred, n_classes), "prediction"))):
+        for c, (shown, title) in enumerate(((to_display_rgb(image), "image"),
+                                            (overlay_image(image, label, n_classes), "label"),
+                                            (overlay_image(image, pred, n_classes),
+                                             "prediction"))):
             axes[r, c].imshow(shown, interpolation="nearest")
             if c == 0 and row_titles is not None:
                 title = row_titles[r]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
 from res_unet.config import load_config
+from res_unet.errors import UserError
 
 
 def _threshold(text: str) -> float | str:
@@ -42,6 +43,21 @@ def _tile_size(text: str) -> list[int]:
     if len(sizes) not in (1, 2):
         raise argparse.ArgumentTypeError(f"{text!r} must be ROWS or ROWS,COLS")
     return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1). Raises UserError otherwise."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"command line: --shard {text!r} must look like i/n, e.g. 0/4 "
+                        "(0-based index i of n shards)") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"command line: --shard {text}: need n >= 1 and 0 <= i < n (0-based); "
+                        f"use 0/{max(count, 1)} .. {max(count, 1) - 1}/{max(count, 1)}")
+    return index, count
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if run_config.exists():
         select_devices(load_config(run_config).SET_GPU)
     quiet_tensorflow()
-    from res_unet import predict
+    from res_unet import segment
 
-    shard = predict.parse_shard(args.shard)
-    cfg = predict.inference_config(args.model, args.config, _overrides(args))
-    summary = predict.segment_folder(cfg, args.model, args.images, args.out,
+    shard = parse_shard(args.shard)
+    cfg = segment.inference_config(args.model, args.config, _overrides(args))
+    summary = segment.segment_folder(cfg, args.model, args.images, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,
                                      geojson=args.geojson, progress=not args.no_progress)

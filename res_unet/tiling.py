@@ -205,13 +205,22 @@ class TileBlender:
 
     ``add`` accumulates ``window * probs`` and ``window`` for one tile (the parts beyond the
     image are dropped); ``result`` returns the weighted mean, (H, W, C) float32.
+
+    With ``streaming`` only a band of rows is held: tiles must then come in row-major order
+    (as :func:`tile_grid` gives them), and :meth:`pop_rows` hands back the rows above a
+    given one, which no later tile touches, and frees them. The band is then about one tile
+    high, whatever the image height.
     """
 
-    def __init__(self, shape_hw: Sequence[int], n_channels: int, window: np.ndarray) -> None:
+    def __init__(self, shape_hw: Sequence[int], n_channels: int, window: np.ndarray,
+                 streaming: bool = False) -> None:
         self.shape_hw = (int(shape_hw[0]), int(shape_hw[1]))
         self.window = np.asarray(window, dtype=np.float32)
-        self.sum = np.zeros((*self.shape_hw, int(n_channels)), dtype=np.float32)
-        self.weight = np.zeros(self.shape_hw, dtype=np.float32)
+        held = 0 if streaming else self.shape_hw[0]
+        # Rows [start, start + len(sum)) of the image are held.
+        self.start = 0
+        self.sum = np.zeros((held, self.shape_hw[1], int(n_channels)), dtype=np.float32)
+        self.weight = np.zeros((held, self.shape_hw[1]), dtype=np.float32)
 
     def add(self, tile_probs: np.ndarray, r0: int, c0: int) -> None:
         """Accumulate one tile (tile_h, tile_w, C) or (tile_h, tile_w) placed at (r0, c0)."""
@@ -224,17 +233,39 @@ class TileBlender:
         c_lo, c_hi = max(c0, 0), min(c0 + tw, w)
         if r_lo >= r_hi or c_lo >= c_hi:
             return
+        if r_lo < self.start:
+            raise ValueError(f"a tile at row {r0} reaches rows already handed back (before "
+                             f"{self.start}); add tiles in row-major order")
+        grow = r_hi - (self.start + len(self.sum))
+        if grow > 0:
+            self.sum = np.concatenate([self.sum, np.zeros((grow, *self.sum.shape[1:]),
+                                                          np.float32)])
+            self.weight = np.concatenate([self.weight, np.zeros((grow, w), np.float32)])
         tr, tc = slice(r_lo - r0, r_hi - r0), slice(c_lo - c0, c_hi - c0)
+        rows = slice(r_lo - self.start, r_hi - self.start)
         win = self.window[tr, tc]
-        self.sum[r_lo:r_hi, c_lo:c_hi] += probs[tr, tc] * win[..., None]
-        self.weight[r_lo:r_hi, c_lo:c_hi] += win
+        self.sum[rows, c_lo:c_hi] += probs[tr, tc] * win[..., None]
+        self.weight[rows, c_lo:c_hi] += win
+
+    def pop_rows(self, end: int) -> np.ndarray:
+        """Blended probabilities (rows, W, C) float32 of the held rows above ``end`` (the
+        first row a later tile may touch), which are then released."""
+        n = max(0, min(end, self.shape_hw[0]) - self.start)
+        if n > len(self.sum):
+            raise ValueError(f"rows up to {end} were not covered by any tile")
+        weight = self.weight[:n]
+        if not np.all(weight > 0):
+            raise ValueError(f"{int(np.sum(weight <= 0))} pixels were not covered by any tile")
+        out = self.sum[:n] / weight[..., None]
+        self.sum, self.weight = self.sum[n:].copy(), self.weight[n:].copy()
+        self.start += n
+        return out
 
     def result(self) -> np.ndarray:
         """The blended probabilities (H, W, C) float32; every pixel must have been covered."""
-        if not np.all(self.weight > 0):
-            raise ValueError(f"{int(np.sum(self.weight <= 0))} pixels were not covered by any "
-                             "tile")
-        return self.sum / self.weight[..., None]
+        if self.start != 0:
+            raise ValueError("result() after pop_rows(): the first rows were handed back")
+        return self.pop_rows(self.shape_hw[0])
 
 
 # Working scale (DOWNSAMPLE) -------------------------------------------------------------------

@@ -10,20 +10,15 @@ backup that a killed run resumes from. Every output is written atomically.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,20 +35,33 @@ from res_unet.atomic import (
     owner_tag,
     usual_mode,
     write_atomic,
+    write_csv,
 )
 from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model, count_flops, set_encoder_trainable
-
-BEST_WEIGHTS = "best.weights.h5"
-FULL_MODEL = "model.keras"
-BACKUP_DIR = "backup"
-# Everything a training run writes into its folder (what --overwrite removes first).
-RUN_FILES = (BEST_WEIGHTS, FULL_MODEL, "saved_model", BACKUP_DIR, "config.json", "history.csv",
-             "curves.png", "lr_schedule.png", "val_examples.png", "evaluation.json",
-             "model_card.json", "tensorboard")
-STATE_FILE = "train_state.json"
-
+from res_unet.progress import progress_bar
+from res_unet.runfolder import (
+    BACKUP_DIR,
+    BEST_WEIGHTS,
+    CARD,
+    CONFIG,
+    CURVES,
+    EVALUATION,
+    EXAMPLES_FIGURE,
+    FULL_MODEL,
+    HISTORY,
+    LR_FIGURE,
+    SAVED_MODEL,
+    STATE_FILE,
+    TENSORBOARD_DIR,
+    CardInput,
+    ModelCard,
+    TrainingFacts,
+    clear_run_folder,
+    load_weights_checked,
+    read_finished_card,
+)
 
 # Devices, strategy and precision ----------------------------------------------------------
 
@@ -163,48 +171,6 @@ def resolve_class_weights(cfg: Config, manifest: dict[str, Any]) -> list[float] 
         return losses.class_weights_from_frequency(manifest["class_pixel_frequency"],
                                                    ignore_class=cfg.IGNORE_CLASS)
     return cfg.CLASS_WEIGHTS
-
-
-def check_intact(path: Path) -> None:
-    """Raise UserError when a .keras (zip) or .h5 file cannot be read as such (truncated,
-    corrupt): a damaged file, not weights of another model."""
-    try:
-        if path.suffix == ".keras":
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-            reason = None if bad is None else f"its part {bad} is corrupt"
-        else:
-            import h5py
-
-            with h5py.File(path, "r"):
-                reason = None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    if reason is not None:
-        raise UserError(f"{path}: the file is damaged or truncated ({reason}); restore it from "
-                        "a copy, or retrain (a killed run resumes from its backup)")
-
-
-def load_weights_checked(model: keras.Model, path: Path) -> None:
-    """Load a .weights.h5 or .keras file into ``model``; a damaged file or weights of
-    another model are each one clear line."""
-    if not path.exists():
-        raise UserError(f"{path}: weights file not found; pass the best.weights.h5 or "
-                        "model.keras of a training run")
-    check_intact(path)
-    try:
-        with warnings.catch_warnings():
-            # Keras warns once per layer it cannot match; the error that follows says it.
-            warnings.simplefilter("ignore")
-            if path.suffix == ".keras":
-                source = keras.models.load_model(path, compile=False)
-                model.set_weights(source.get_weights())
-            else:
-                model.load_weights(path)
-    except (ValueError, KeyError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: these weights do not fit the model built from the config "
-                        f"({first[:200]}); use the config the weights were trained with") from None
 
 
 # The loop -------------------------------------------------------------------------------
@@ -328,7 +294,8 @@ class Trainer:
             self._train_step = self._make_train_step()
         cm = np.zeros((self.n_classes, self.n_classes))
         loss_sum, wait, start = 0.0, 0.0, time.perf_counter()
-        bar = _progress(steps, f"epoch {epoch + 1}", progress)
+        bar = progress_bar(total=steps, unit="batch", desc=f"epoch {epoch + 1}",
+                           enabled=progress, leave=False)
         for done in range(1, steps + 1):
             t0 = time.perf_counter()
             x, y = next(iterator)
@@ -360,13 +327,6 @@ class Trainer:
         return loss_sum / max(count, 1.0), cm
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not enabled,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
-
-
 def _iou_and_dice(cm: np.ndarray, ignore_class: int | None) -> tuple[float, float]:
     """Mean IoU and mean dice of a confusion matrix (NaN when no class is present)."""
     scores = metrics.scores_from_confusion(cm, ignore_class=ignore_class)
@@ -375,16 +335,6 @@ def _iou_and_dice(cm: np.ndarray, ignore_class: int | None) -> tuple[float, floa
 
 
 # Run folder ------------------------------------------------------------------------------
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buf.getvalue())
 
 
 def _save_weights(model: keras.Model, path: Path) -> None:
@@ -507,16 +457,16 @@ def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: boo
     check_writable(run_dir)
     if not cfg.DO_TRAIN:
         return "evaluate"
-    finished = (run_dir / "model_card.json").is_file()
+    finished = (run_dir / CARD).is_file()
     killed = (run_dir / BACKUP_DIR / STATE_FILE).is_file()
     if overwrite and (finished or killed):
         return "overwrite"
     if killed:
         return "resume"
     if finished:
-        card = _read_card(run_dir)
-        what = (f" (best epoch {card['training']['best_epoch']} of "
-                f"{card['training']['epochs_run']})" if card else "")
+        card = read_finished_card(run_dir)
+        what = (f" (best epoch {card.training.best_epoch} of {card.training.epochs_run})"
+                if card else "")
         raise UserError(f"{run_dir}: holds a finished training run{what}; choose another "
                         "--out, or pass --overwrite to replace it")
     return "new"
@@ -531,7 +481,7 @@ RESUMABLE_KEYS = ("MAX_EPOCHS", "PATIENCE", "MAX_TRAIN_MINUTES", "STEPS_PER_EPOC
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
     """Raise UserError naming every changed key when ``cfg`` differs from the config of the
     unfinished run in ``run_dir`` in more than ``RESUMABLE_KEYS`` and segmentation keys."""
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG
     try:
         old, _ = config_from_dict(json.loads(path.read_text(encoding="utf-8")),
                                   source=str(path))
@@ -547,26 +497,6 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
         raise UserError(f"{run_dir}: the unfinished run there was started with another config "
                         f"({'; '.join(changed)}); resume with its config.json, or pass "
                         "--overwrite to start afresh")
-
-
-def clear_run_folder(run_dir: Path) -> None:
-    """Remove every file a training run writes (``RUN_FILES``) from ``run_dir``."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def _read_card(run_dir: Path) -> dict[str, Any] | None:
-    """A run folder's model card with its training facts, or None when unreadable."""
-    try:
-        card = json.loads((run_dir / "model_card.json").read_text(encoding="utf-8"))
-        training = card["training"]
-        return card if {"best_epoch", "epochs_run"} <= set(training) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
@@ -622,7 +552,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
         # Written once every check passed: a refused command leaves the folder as it was.
         if chief:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.json")
+            save_config(cfg, run_dir / CONFIG)
         try:
             state = _fit(trainer, cfg, data_dir, run_dir, state, backup, chief, progress)
         except tf.errors.ResourceExhaustedError:
@@ -636,18 +566,14 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     else:
         load_weights_checked(model, run_dir / BEST_WEIGHTS)
         if chief:
-            save_config(cfg, run_dir / "config.json")
+            save_config(cfg, run_dir / CONFIG)
 
     evaluation, examples = evaluate(model, cfg, data_dir)
     card = _model_card(cfg, manifest, trainer, state, evaluation, time.time() - started)
-    previous_card = run_dir / "model_card.json"
-    if not cfg.DO_TRAIN and previous_card.is_file():
+    previous = read_finished_card(run_dir) if not cfg.DO_TRAIN else None
+    if previous is not None:
         # Re-evaluating does not change how the weights were trained: keep those facts.
-        try:
-            old = json.loads(previous_card.read_text())
-            card["training"], card["wall_seconds"] = old["training"], old["wall_seconds"]
-        except (ValueError, KeyError, TypeError):
-            pass
+        card.training, card.wall_seconds = previous.training, previous.wall_seconds
     if chief:
         _write_outputs(run_dir, cfg, trainer, state, evaluation, examples, card,
                        export_saved_model)
@@ -674,7 +600,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     train_dist = strategy.experimental_distribute_dataset(train_ds.with_options(options))
     val_dist = strategy.experimental_distribute_dataset(val_ds.with_options(options))
     iterator = iter(train_dist)
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard")) \
+    writer = tf.summary.create_file_writer(str(run_dir / TENSORBOARD_DIR)) \
         if cfg.TENSORBOARD and chief else None
     has_validation = manifest["counts"]["validation"]["examples"] > 0
     best_weights = None
@@ -714,7 +640,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
             state.wait += 1
         state.next_epoch = epoch + 1
         if chief:
-            _write_history(run_dir / "history.csv", state.history)
+            write_csv(run_dir / HISTORY, state.history)
         backup.save(state)
         if state.wait >= cfg.PATIENCE:
             print(f"early stopping: no val_loss improvement for {cfg.PATIENCE} epochs; best "
@@ -734,61 +660,59 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
 
 
 def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: TrainState,
-                evaluation: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
-    target = tuple(cfg.TARGET_SIZE)
+                evaluation: dict[str, Any], wall_seconds: float) -> ModelCard:
     history = state.history
-    card = {
-        "res_unet_version": __version__,
-        "model": cfg.MODEL,
-        "encoder": cfg.ENCODER if cfg.MODEL == "efficientnet_unet" else None,
-        "parameters": int(trainer.model.count_params()),
-        "flops_per_image": int(count_flops(trainer.model)),
-        "input": {"size": list(target), "bands": cfg.N_DATA_BANDS, "dtype": manifest["dtype"],
-                  "band_mean": manifest["band_mean"], "band_std": manifest["band_std"],
-                  "downsample": cfg.DOWNSAMPLE},
-        "classes": cfg.n_label_classes,
-        "class_names": cfg.class_names,
-        "binary": cfg.NCLASSES == 1,
-        "ignore_class": cfg.IGNORE_CLASS,
-        "threshold": evaluation.get("optimal_threshold", 0.5 if cfg.NCLASSES == 1 else None),
-        "dataset": {"content_hash": manifest["content_hash"], "counts": manifest["counts"],
-                    "fit_mode": cfg.FIT_MODE},
-        "training": {"epochs_run": len(history), "best_epoch": state.best_epoch,
-                     "best_val_loss": None if math.isinf(state.best_val_loss)
-                     else state.best_val_loss,
-                     "train_seconds": round(state.train_seconds, 1),
-                     "images_per_second": round(float(np.mean(
-                         [h["images_per_second"] for h in history])), 2) if history else None,
-                     "precision": trainer.precision, "strategy": strategy_name(trainer.strategy),
-                     "replicas": trainer.strategy.num_replicas_in_sync},
-        "validation": {"scores": evaluation["scores"],
-                       "scores_at_threshold": evaluation.get("scores_at_optimal_threshold")},
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "numpy": np.__version__},
-        "device": device_description(),
-        "wall_seconds": round(wall_seconds, 1),
-        "files": {"weights": BEST_WEIGHTS, "model": FULL_MODEL, "saved_model": "saved_model",
-                  "config": "config.json"},
-        "config": cfg.to_dict(),
-    }
-    return card
+    return ModelCard(
+        res_unet_version=__version__,
+        model=cfg.MODEL,
+        encoder=cfg.ENCODER if cfg.MODEL == "efficientnet_unet" else None,
+        parameters=int(trainer.model.count_params()),
+        flops_per_image=int(count_flops(trainer.model)),
+        input=CardInput(size=list(cfg.TARGET_SIZE), bands=cfg.N_DATA_BANDS,
+                        dtype=manifest["dtype"], band_mean=manifest["band_mean"],
+                        band_std=manifest["band_std"], downsample=cfg.DOWNSAMPLE),
+        classes=cfg.n_label_classes,
+        class_names=cfg.class_names,
+        binary=cfg.NCLASSES == 1,
+        ignore_class=cfg.IGNORE_CLASS,
+        threshold=evaluation.get("optimal_threshold", 0.5 if cfg.NCLASSES == 1 else None),
+        dataset={"content_hash": manifest["content_hash"], "counts": manifest["counts"],
+                 "fit_mode": cfg.FIT_MODE},
+        training=TrainingFacts(
+            epochs_run=len(history), best_epoch=state.best_epoch,
+            best_val_loss=None if math.isinf(state.best_val_loss) else state.best_val_loss,
+            train_seconds=round(state.train_seconds, 1),
+            images_per_second=round(float(np.mean([h["images_per_second"] for h in history])),
+                                    2) if history else None,
+            precision=trainer.precision, strategy=strategy_name(trainer.strategy),
+            replicas=trainer.strategy.num_replicas_in_sync),
+        validation={"scores": evaluation["scores"],
+                    "scores_at_threshold": evaluation.get("scores_at_optimal_threshold")},
+        versions={"python": platform.python_version(), "tensorflow": tf.__version__,
+                  "keras": keras.__version__, "numpy": np.__version__},
+        device=device_description(),
+        wall_seconds=round(wall_seconds, 1),
+        files={"weights": BEST_WEIGHTS, "model": FULL_MODEL, "saved_model": SAVED_MODEL,
+               "config": CONFIG},
+        config=cfg.to_dict(),
+    )
 
 
 def _write_outputs(run_dir: Path, cfg: Config, trainer: Trainer, state: TrainState,
-                   evaluation: dict[str, Any], examples: list, card: dict[str, Any],
+                   evaluation: dict[str, Any], examples: list, card: ModelCard,
                    export_saved_model: bool) -> None:
     model = trainer.model
     # Saved uncompiled: the loss is described by the config, and compiling here would create
     # optimizer variables, a collective operation other workers have already left.
     _save_full_model(model, run_dir / FULL_MODEL)
     if export_saved_model:
-        _export_saved_model(model, run_dir / "saved_model")
-    write_atomic(run_dir / "evaluation.json", json.dumps(evaluation, indent=2, default=float))
-    write_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, default=float))
+        _export_saved_model(model, run_dir / SAVED_MODEL)
+    write_atomic(run_dir / EVALUATION, json.dumps(evaluation, indent=2, default=float))
+    card.write(run_dir)
     if cfg.DOPLOT:
         if state.history:
-            report.plot_history(state.history, run_dir / "curves.png")
-        report.plot_lr_schedule(schedule.lr_curve(cfg, cfg.MAX_EPOCHS), run_dir / "lr_schedule.png")
+            report.plot_history(state.history, run_dir / CURVES)
+        report.plot_lr_schedule(schedule.lr_curve(cfg, cfg.MAX_EPOCHS), run_dir / LR_FIGURE)
         if examples:
-            report.plot_predictions(examples, cfg.n_label_classes, run_dir / "val_examples.png",
+            report.plot_predictions(examples, cfg.n_label_classes, run_dir / EXAMPLES_FIGURE,
                                         class_names=cfg.class_names)

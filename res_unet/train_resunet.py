@@ -61,21 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     scenes = None
     # Only the process that wrote the run folder scores it (other workers have none).
     if not args.no_scene_eval and train.is_chief():
-        from res_unet import predict
+        from res_unet import segment
 
-        scenes = predict.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
-    scores = card["validation"]["scores_at_threshold"] or card["validation"]["scores"]
-    summary = {"run_folder": args.out, "epochs_run": card["training"]["epochs_run"],
-               "best_epoch": card["training"]["best_epoch"],
+        scenes = segment.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
+    scores = card.validation["scores_at_threshold"] or card.validation["scores"]
+    summary = {"run_folder": args.out, "epochs_run": card.training.epochs_run,
+               "best_epoch": card.training.best_epoch,
                "validation_mean_iou": scores["mean_iou"],
-               "validation_iou": dict(zip(card["class_names"], scores["iou"], strict=True)),
-               "threshold": card["threshold"], "train_seconds": card["training"]["train_seconds"]}
+               "validation_iou": dict(zip(card.class_names, scores["iou"], strict=True)),
+               "threshold": card.threshold, "train_seconds": card.training.train_seconds}
     if scenes is not None:
         best = scenes.get("scores_at_optimal_threshold") or scenes["scores"]
-        summary["threshold"] = scenes.get("optimal_threshold", card["threshold"])
+        summary["threshold"] = scenes.get("optimal_threshold", card.threshold)
         summary["validation_scenes"] = {
             "images": scenes["images"], "mean_iou": best["mean_iou"],
-            "iou": dict(zip(card["class_names"], best["iou"], strict=True))}
+            "iou": dict(zip(card.class_names, best["iou"], strict=True))}
     print(json.dumps(summary, indent=2))
     return 0
 

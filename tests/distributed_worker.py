@@ -27,10 +27,10 @@ def main() -> None:
 
     card = train(load_config(config_path), data, out, strategy=strategy, progress=False,
                  export_saved_model=False)
-    print("CARD " + json.dumps({"strategy": card["training"]["strategy"],
-                                "replicas": card["training"]["replicas"],
-                                "epochs_run": card["training"]["epochs_run"],
-                                "best_val_loss": card["training"]["best_val_loss"]}))
+    print("CARD " + json.dumps({"strategy": card.training.strategy,
+                                "replicas": card.training.replicas,
+                                "epochs_run": card.training.epochs_run,
+                                "best_val_loss": card.training.best_val_loss}))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
     would not: each command says so at once instead of failing after the work."""
     from conftest import tiny_config
 
-    from res_unet import predict, records, train
+    from res_unet import records, segment, train
     from res_unet.demo import make_demo_dataset
 
     manifest = records.read_manifest(tiny_dataset)
@@ -87,6 +87,6 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,
                 progress=False, export_saved_model=False)
-    cfg = predict.inference_config([run])
+    cfg = segment.inference_config([run])
     with pytest.raises(UserError, match="/proc/res_unet_seg: cannot write there"):
-        predict.segment_folder(cfg, [run], images, "/proc/res_unet_seg", progress=False)
+        segment.segment_folder(cfg, [run], images, "/proc/res_unet_seg", progress=False)

@@ -88,18 +88,6 @@ def test_resolve_threshold_prefers_config_then_fallback():
 
 # Dense CRF --------------------------------------------------------------------------------
 
-def test_display_rgb_uint8_kept_and_uint16_stretched():
-    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    np.testing.assert_array_equal(pp.to_display_rgb(image), image)
-    grey = pp.to_display_rgb(image[..., :1])
-    assert grey.shape == (2, 3, 3) and np.all(grey == image[..., :1])
-    raw = np.linspace(1000, 3000, 100 * 6).astype(np.uint16).reshape(10, 10, 6)
-    rgb = pp.to_display_rgb(raw)
-    assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8 and rgb.flags.c_contiguous
-    # A proper 0-255 stretch, not the nearly all-zero image the old toolbox passed.
-    assert rgb.min() == 0 and rgb.max() == 255 and 100 < rgb.mean() < 155
-
-
 def test_crf_grid_factor():
     assert pp.crf_grid_factor(4096, 3607, 4_000_000) == 2
     assert pp.crf_grid_factor(100, 100, 10_000) == 1

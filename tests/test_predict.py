@@ -10,10 +10,22 @@ import keras
 import numpy as np
 import pytest
 
-from res_unet import postprocess, predict, tiling
+from res_unet import (
+    LoadedModel,
+    imagery,
+    load_run,
+    postprocess,
+    predict,
+    report,
+    segment,
+    tiling,
+)
 from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
+from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
+from res_unet.seg_images_in_folder import parse_shard
+from res_unet.segment import inference_config
 from res_unet.tiling import blend_window, tile_grid
 
 TILE = 32
@@ -56,31 +68,38 @@ def write_run(run_dir: Path, model: keras.Model, cfg: Config, threshold: float |
     model.save(run_dir / "model.keras")
     model.save_weights(run_dir / "best.weights.h5")
     save_config(cfg, run_dir / "config.json")
-    card = {"model": cfg.MODEL, "binary": cfg.NCLASSES == 1, "classes": cfg.n_label_classes,
-            "threshold": threshold if cfg.NCLASSES == 1 else None,
-            "input": {"size": list(cfg.TARGET_SIZE), "bands": cfg.N_DATA_BANDS,
-                      "dtype": "uint8", "band_mean": BAND_MEAN, "band_std": BAND_STD}}
-    (run_dir / "model_card.json").write_text(json.dumps(card))
+    ModelCard(
+        res_unet_version="test", model=cfg.MODEL, encoder=None,
+        parameters=model.count_params(), flops_per_image=0,
+        input=CardInput(size=list(cfg.TARGET_SIZE), bands=cfg.N_DATA_BANDS, dtype="uint8",
+                        band_mean=BAND_MEAN, band_std=BAND_STD),
+        classes=cfg.n_label_classes, class_names=cfg.class_names, binary=cfg.NCLASSES == 1,
+        ignore_class=None, threshold=threshold if cfg.NCLASSES == 1 else None, dataset={},
+        training=TrainingFacts(epochs_run=1, best_epoch=1, best_val_loss=None,
+                               train_seconds=0.0, images_per_second=None,
+                               precision="float32", strategy="test", replicas=1),
+        validation={}, versions={}, device="test", wall_seconds=0.0, files={},
+        config=cfg.to_dict()).write(run_dir)
     return run_dir
 
 
 # Fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def resunet_binary() -> predict.LoadedModel:
+def resunet_binary() -> LoadedModel:
     keras.utils.set_random_seed(1)
-    return predict.LoadedModel.from_model(build_model(tiny_config(), BAND_MEAN, BAND_STD))
+    return LoadedModel.from_model(build_model(tiny_config(), BAND_MEAN, BAND_STD))
 
 
 @pytest.fixture(scope="module")
-def resunet_multi() -> predict.LoadedModel:
+def resunet_multi() -> LoadedModel:
     keras.utils.set_random_seed(2)
-    return predict.LoadedModel.from_model(build_model(tiny_config(3), BAND_MEAN, BAND_STD))
+    return LoadedModel.from_model(build_model(tiny_config(3), BAND_MEAN, BAND_STD))
 
 
 @pytest.fixture(scope="module")
-def per_pixel() -> predict.LoadedModel:
-    return predict.LoadedModel.from_model(pixel_model(), threshold=0.3)
+def per_pixel() -> LoadedModel:
+    return LoadedModel.from_model(pixel_model(), threshold=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +108,12 @@ def image() -> np.ndarray:
     return rng.integers(0, 256, (150, 70, 3), dtype=np.uint8)
 
 
-def constant_model(value_logit: float) -> predict.LoadedModel:
+def constant_model(value_logit: float) -> LoadedModel:
     inputs = keras.Input((TILE, TILE, 3))
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
                                   bias_initializer=keras.initializers.Constant(value_logit))(
         inputs)
-    return predict.LoadedModel.from_model(keras.Model(inputs, outputs))
+    return LoadedModel.from_model(keras.Model(inputs, outputs))
 
 
 # Tiling and blending -------------------------------------------------------------------------
@@ -102,11 +121,14 @@ def constant_model(value_logit: float) -> predict.LoadedModel:
 @pytest.mark.parametrize("shape", [(150, 70), (32, 32), (20, 90), (33, 65)])
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
 def test_tiles_cover_every_pixel(shape, overlap):
-    acc = predict._StripAccumulator(shape[0], shape[1], 1, blend_window((TILE, TILE)))
+    blender = tiling.TileBlender(shape, 1, blend_window((TILE, TILE)), streaming=True)
+    rows = []
     for r, c in tile_grid(shape, (TILE, TILE), overlap):
-        acc.add(np.ones((TILE, TILE, 1), np.float32), r, c)
-    assert acc.weight.shape == shape
-    assert np.all(acc.weight > 0)
+        if r > blender.start:
+            rows.append(blender.pop_rows(r))
+        blender.add(np.ones((TILE, TILE, 1), np.float32), r, c)
+    rows.append(blender.pop_rows(shape[0]))  # raises if a pixel was not covered
+    assert np.concatenate(rows).shape == (*shape, 1)
 
 
 def test_blending_constant_tiles_gives_constant_map(image):
@@ -220,8 +242,8 @@ def test_otsu_from_histogram_matches_otsu_threshold():
     prob = np.concatenate([rng.beta(2, 8, 5000), rng.beta(9, 3, 3000)]).reshape(100, 80, 1)
     counts = np.bincount(np.rint(prob.ravel() * 65535).astype(np.int64), minlength=65536)
     expected = postprocess.otsu_threshold(prob.astype(np.float32))
-    assert abs(predict._otsu_from_histogram(counts) - expected) < 1 / 256
-    assert predict._otsu_from_histogram(np.bincount([7], minlength=65536)) == 0.5
+    assert abs(postprocess.otsu_from_histogram(counts) - expected) < 1 / 256
+    assert postprocess.otsu_from_histogram(np.bincount([7], minlength=65536)) == 0.5
 
 
 # Thresholds and nodata -----------------------------------------------------------------------
@@ -249,7 +271,7 @@ def test_nodata_pixels_are_255(per_pixel):
     assert np.all(label[10:20] == 1)
     strips = predict.Segmenter([per_pixel], tiny_config(), full_max_values=0)
     np.testing.assert_array_equal(strips.segment(img, nodata=[0.0, 7.0]), label)
-    meta = predict.imagery.RasterMeta(path=Path("x.tif"), nodata=7.0)
+    meta = imagery.RasterMeta(path=Path("x.tif"), nodata=7.0)
     assert predict.nodata_values(meta, nodata_zero=True) == [7.0, 0.0]
 
 
@@ -271,12 +293,12 @@ def test_overlay_colours_foreground_only():
     label = np.zeros((8, 8), np.uint8)
     label[2:6, 2:6] = 1
     label[0, 0] = 255
-    out = predict.overlay_image(img, label, 2)
+    out = report.overlay_image(img, label, 2)
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
     assert tuple(out[0, 7]) == (100, 100, 100) and tuple(out[0, 0]) == (100, 100, 100)
-    assert tuple(out[2, 2]) == predict._BINARY_COLOUR  # outline
+    assert tuple(out[2, 2]) == report.BINARY_COLOUR  # outline
     assert tuple(out[3, 3]) == (162, 60, 162)  # 0.6 * 100 + 0.4 * colour
-    small = predict.overlay_image(np.zeros((100, 100, 3), np.uint8),
+    small = report.overlay_image(np.zeros((100, 100, 3), np.uint8),
                                   np.zeros((100, 100), np.uint8), 2, max_pixels=2500)
     assert small.shape == (50, 50, 3)
 
@@ -288,23 +310,23 @@ def test_load_run_and_rebuild(tmp_path):
     cfg = tiny_config()
     model = build_model(cfg, BAND_MEAN, BAND_STD)
     run = write_run(tmp_path / "run", model, cfg, threshold=0.42)
-    loaded = predict.load_run(run)
+    loaded = load_run(run)
     assert loaded.tile_hw == (TILE, TILE) and loaded.threshold == 0.42
     assert loaded.weights == run / "model.keras"
-    rebuilt = predict.load_run(run, (64, 64))
+    rebuilt = load_run(run, (64, 64))
     assert rebuilt.model.input_shape[1:3] == (64, 64)
     assert rebuilt.weights == run / "best.weights.h5"
     for a, b in zip(model.get_weights(), rebuilt.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(UserError, match="divisible by 4"):
-        predict.load_run(run, (30, 30))
+        load_run(run, (30, 30))
 
 
 def test_not_a_run_folder(tmp_path):
     with pytest.raises(UserError, match="not a run folder"):
-        predict.load_run(tmp_path)
+        load_run(tmp_path)
     with pytest.raises(UserError, match="run folder not found"):
-        predict.load_run(tmp_path / "missing")
+        load_run(tmp_path / "missing")
 
 
 def test_inference_config_layers(tmp_path):
@@ -316,20 +338,20 @@ def test_inference_config_layers(tmp_path):
     (run / "best.weights.h5").write_bytes(b"")
     user = tmp_path / "seg.json"
     user.write_text(json.dumps({"TESTTIMEAUG": True, "MAX_EPOCHS": 3, "OTSU_THRESHOLD": True}))
-    out = predict.inference_config([run], str(user), {"TILE_OVERLAP": 0.5})
+    out = inference_config([run], str(user), {"TILE_OVERLAP": 0.5})
     assert out.TESTTIMEAUG and out.THRESHOLD == "otsu" and out.TILE_OVERLAP == 0.5
     assert out.MAX_EPOCHS == cfg.MAX_EPOCHS and out.MEDIAN_FILTER_VALUE == 3
     assert out.EXTRA_BAND_DIRS == []
     with pytest.raises(UserError, match="TILE_OVERLAP"):
-        predict.inference_config([run], None, {"TILE_OVERLAP": 0.9})
+        inference_config([run], None, {"TILE_OVERLAP": 0.9})
 
 
 def test_parse_shard():
-    assert predict.parse_shard(None) == (0, 1)
-    assert predict.parse_shard("2/3") == (2, 3)
+    assert parse_shard(None) == (0, 1)
+    assert parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
         with pytest.raises(UserError, match="shard"):
-            predict.parse_shard(bad)
+            parse_shard(bad)
 
 
 def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary, image):
@@ -338,7 +360,7 @@ def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary,
     images = tmp_path / "images"
     imagery.write_png(images / "scene.png", image)
     cfg = tiny_config(THRESHOLD=0.5)
-    summary = predict.segment_folder(cfg, [resunet_binary], images, tmp_path / "out",
+    summary = segment.segment_folder(cfg, [resunet_binary], images, tmp_path / "out",
                                      save_probs=True, progress=False, full_max_values=0)
     assert summary["done"] == 1 and summary["failed"] == 0
     probs = np.load(tmp_path / "out" / "scene_probs.npy")
@@ -389,7 +411,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0, size=64), cfg,
                     threshold=0.5)
     manifest = records.read_manifest(tiny_dataset)
-    result = predict.evaluate_scenes(run, tiny_dataset, progress=False)
+    result = segment.evaluate_scenes(run, tiny_dataset, progress=False)
     assert result is not None and result["images"] == len(manifest["files"]["validation"])
     assert result["tta"] is True
     pairs = [p for p in imagery.find_pairs(manifest["images_dir"], manifest["labels_dir"])
@@ -397,7 +419,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     counts = 0
     for pair in pairs:
         image, _ = imagery.load_image(pair, cfg)
-        truth = predict.read_truth(pair, cfg, image.shape[:2])
+        truth = segment.read_truth(pair, cfg, image.shape[:2])
         counts = counts + metrics.threshold_counts(truth, pixel_prob(image, 0.03, 110.0)[..., 0])
     best, ious = metrics.threshold_from_counts(counts)
     assert result["optimal_threshold"] == best
@@ -406,7 +428,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     assert card["threshold"] == best and card["threshold_source"] == "whole validation scenes"
     assert card["validation"]["scenes"]["images"] == len(pairs)
     assert json.loads((run / "evaluation.json").read_text())["scenes"]["optimal_threshold"] == best
-    assert predict.load_run(run).threshold == best
+    assert load_run(run).threshold == best
 
 
 def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, capsys):
@@ -419,7 +441,7 @@ def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, cap
     (data / "manifest.json").write_text(json.dumps(manifest))
     cfg = tiny_config(TARGET_SIZE=[64, 64])
     run = write_run(tmp_path / "run", pixel_model(size=64), cfg, threshold=0.4)
-    assert predict.evaluate_scenes(run, data, progress=False) is None
+    assert segment.evaluate_scenes(run, data, progress=False) is None
     assert "scene evaluation skipped" in capsys.readouterr().err
     assert json.loads((run / "model_card.json").read_text())["threshold"] == 0.4
 
@@ -431,8 +453,8 @@ def test_truncated_model_files_are_reported_as_damaged(tmp_path):
     full = run / "model.keras"
     full.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     with pytest.raises(UserError, match=r"model\.keras: the file is damaged or truncated"):
-        predict.load_run(run)
+        load_run(run)
     weights = run / "best.weights.h5"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(UserError, match=r"best\.weights\.h5: the file is damaged or truncated"):
-        predict.load_run(run, (64, 64))
+        load_run(run, (64, 64))

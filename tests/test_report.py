@@ -7,55 +7,74 @@ import pytest
 from PIL import Image
 
 from res_unet import report
+from res_unet.imagery import to_display_rgb
 
 
 def test_uint8_rgb_is_shown_as_is():
     image = np.array([[[0, 51, 255]]], dtype=np.uint8)
-    assert np.allclose(report.display_image(image), [[[0.0, 0.2, 1.0]]])
+    np.testing.assert_array_equal(to_display_rgb(image), image)
 
 
-def test_uint16_gets_a_percentile_stretch_per_band():
-    band = np.arange(101, dtype=np.uint16).reshape(1, 101)  # percentiles 2 and 98 are 2, 98
+def test_display_rgb_uint8_kept_and_uint16_stretched():
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    np.testing.assert_array_equal(to_display_rgb(image), image)
+    grey = to_display_rgb(image[..., :1])
+    assert grey.shape == (2, 3, 3) and np.all(grey == image[..., :1])
+    raw = np.linspace(1000, 3000, 100 * 6).astype(np.uint16).reshape(10, 10, 6)
+    rgb = to_display_rgb(raw)
+    assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8 and rgb.flags.c_contiguous
+    # A proper 0-255 stretch, not the nearly all-zero image the old toolbox passed.
+    assert rgb.min() == 0 and rgb.max() == 255 and 100 < rgb.mean() < 155
+
+
+def test_uint16_gets_a_percentile_stretch_per_band_ignoring_nodata():
+    band = np.arange(1, 102, dtype=np.uint16).reshape(1, 101)  # 2nd/98th percentiles 3, 99
     image = np.stack([band, band * 2, band * 3], axis=-1)
-    shown = report.display_image(image)
-    expected = np.clip((np.arange(101) - 2.0) / 96.0, 0, 1)
+    image = np.concatenate([image, np.zeros((1, 50, 3), np.uint16)], axis=1)  # a nodata collar
+    shown = to_display_rgb(image)
+    expected = np.rint(np.clip((np.arange(1, 102) - 3.0) / 96.0, 0, 1) * 255)
     for b in range(3):
-        assert np.allclose(shown[0, :, b], expected)
+        np.testing.assert_allclose(shown[0, :101, b], expected, atol=1)
+    assert np.all(shown[0, 101:] == 0)
 
 
 def test_more_than_three_bands_shows_the_first_three_and_one_band_is_grey():
     image = np.zeros((2, 2, 6), np.uint8)
     image[..., 0], image[..., 1], image[..., 2], image[..., 3:] = 255, 0, 51, 9
-    assert np.allclose(report.display_image(image), [1.0, 0.0, 0.2])
-    grey = report.display_image(np.full((2, 2, 1), 102, np.uint8))
-    assert grey.shape == (2, 2, 3) and np.allclose(grey, 0.4)
-    flat = report.display_image(np.full((2, 2, 3), 500, np.uint16))
-    assert np.allclose(flat, 0.0)
+    np.testing.assert_array_equal(to_display_rgb(image), np.broadcast_to([255, 0, 51], (2, 2, 3)))
+    grey = to_display_rgb(np.full((2, 2, 1), 102, np.uint8))
+    assert grey.shape == (2, 2, 3) and np.all(grey == 102)
+    flat = to_display_rgb(np.full((2, 2, 3), 500, np.uint16))
+    assert np.all(flat == 0)
 
 
 def test_binary_overlay_colours_only_the_foreground():
-    rgb = np.full((1, 2, 3), 0.5)
-    label = np.array([[0, 1]], np.uint8)
-    out = report.overlay_label(rgb, label, n_classes=2, alpha=0.5)
-    assert np.allclose(out[0, 0], 0.5)
-    assert np.allclose(out[0, 1], 0.25 + 0.5 * np.array(report._FOREGROUND))
+    image = np.full((4, 4, 3), 100, np.uint8)
+    label = np.zeros((4, 4), np.uint8)
+    label[:, 2:] = 1
+    out = report.overlay_image(image, label, n_classes=2)
+    assert tuple(out[0, 0]) == (100, 100, 100), "background stays as it is"
+    assert tuple(out[0, 2]) == report.BINARY_COLOUR, "class outline in full colour"
+    assert tuple(out[0, 3]) == (162, 60, 162), "inside: 0.6 * image + 0.4 * colour"
 
 
-def test_multiclass_overlay_uses_class_colours():
-    rgb = np.zeros((1, 3, 3))
-    label = np.array([[0, 1, 2]], np.uint8)
-    out = report.overlay_label(rgb, label, n_classes=3, alpha=1.0)
-    assert np.allclose(out[0], report.class_colours(3))
-    assert report.class_colours(12).shape == (12, 3)
-    assert np.allclose(report.class_colours(12)[10], report.class_colours(12)[0])
+def test_multiclass_overlay_uses_the_one_palette():
+    image = np.zeros((1, 9, 3), np.uint8)
+    label = np.repeat(np.arange(3, dtype=np.uint8), 3)[None]
+    out = report.overlay_image(image, label, n_classes=3)
+    for k in range(3):
+        np.testing.assert_allclose(out[0, 3 * k + 1], 0.4 * report.CLASS_COLOURS[k], atol=1)
+    n = len(report.CLASS_COLOURS)
+    colours = report.class_colours(n + 2)
+    assert colours.shape == (n + 2, 3) and np.all(colours[n] == colours[0])
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_nodata_is_left_uncoloured(n_classes):
-    rgb = np.full((1, 2, 3), 0.5)
-    out = report.overlay_label(rgb, np.array([[255, 1]], np.uint8), n_classes, alpha=1.0)
-    assert np.allclose(out[0, 0], 0.5), "nodata (255) shows the image"
-    assert not np.allclose(out[0, 1], 0.5)
+    image = np.full((1, 2, 3), 128, np.uint8)
+    out = report.overlay_image(image, np.array([[255, 1]], np.uint8), n_classes)
+    assert tuple(out[0, 0]) == (128, 128, 128), "nodata (255) shows the image"
+    assert tuple(out[0, 1]) != (128, 128, 128)
 
 
 def test_prediction_figure_has_a_row_per_example_with_titles(tmp_path):

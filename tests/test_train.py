@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_config
 
-from res_unet import records, train
+from res_unet import records, runfolder, train
 from res_unet.config import save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
@@ -78,12 +78,12 @@ def test_run_folder_is_complete(trained_run):
     assert len(scores["iou"]) == 2 and 0 <= scores["mean_iou"] <= 1
     assert sum(map(sum, scores["confusion_matrix"])) == scores["n_pixels"] > 0
     assert 0.05 <= evaluation["optimal_threshold"] <= 0.95
-    assert card["threshold"] == evaluation["optimal_threshold"]
-    assert card["training"]["epochs_run"] == 3
-    assert card["dataset"]["content_hash"].startswith("sha256:")
-    assert card["flops_per_image"] > 0 and card["parameters"] > 0
-    assert json.loads((run / "model_card.json").read_text())["threshold"] == card["threshold"]
-    assert card["class_names"] == evaluation["class_names"] == ["class 0", "class 1"]
+    assert card.threshold == evaluation["optimal_threshold"]
+    assert card.training.epochs_run == 3
+    assert card.dataset["content_hash"].startswith("sha256:")
+    assert card.flops_per_image > 0 and card.parameters > 0
+    assert json.loads((run / "model_card.json").read_text())["threshold"] == card.threshold
+    assert card.class_names == evaluation["class_names"] == ["class 0", "class 1"]
 
 
 def test_saved_model_reloads_without_custom_objects(trained_run, tiny_dataset):
@@ -108,10 +108,10 @@ def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_
                        progress=False, export_saved_model=False)
     after = json.loads((run / "evaluation.json").read_text())
     assert after["scores"]["confusion_matrix"] == before["scores"]["confusion_matrix"]
-    assert card["threshold"] == before["optimal_threshold"]
+    assert card.threshold == before["optimal_threshold"]
     assert len(history(run)) == 3, "evaluation does not touch the history"
-    assert card["training"]["epochs_run"] == 3, "the card keeps how the weights were trained"
-    assert card["training"]["train_seconds"] > 0
+    assert card.training.epochs_run == 3, "the card keeps how the weights were trained"
+    assert card.training.train_seconds > 0
 
 
 def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
         train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     assert (tmp_path / "backup").exists()
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1]
-    state = json.loads((tmp_path / "backup" / train.STATE_FILE).read_text())
+    state = json.loads((tmp_path / "backup" / runfolder.STATE_FILE).read_text())
     assert state["next_epoch"] == 1
 
     monkeypatch.setattr(train.Trainer, "train_epoch", original)
@@ -140,7 +140,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
     card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     assert resumed == [1, 2], "continues with epoch 2 (index 1), not from scratch"
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2, 3]
-    assert card["training"]["epochs_run"] == 3
+    assert card.training.epochs_run == 3
     assert not (tmp_path / "backup").exists()
 
 
@@ -178,18 +178,18 @@ def test_resume_with_a_changed_config_names_the_change(killed_run, tiny_dataset)
     # more epochs is not another model: it resumes
     card = train.train(tiny_config(MAX_EPOCHS=4, STEPS_PER_EPOCH=1), tiny_dataset, run,
                        progress=False, export_saved_model=False)
-    assert card["training"]["epochs_run"] == 4
+    assert card.training.epochs_run == 4
 
 
 def test_damaged_backup_is_one_line_and_overwrite_starts_afresh(killed_run, tiny_dataset):
     cfg, run = killed_run
-    state = run / "backup" / train.STATE_FILE
+    state = run / "backup" / runfolder.STATE_FILE
     state.write_text("{not json")
     with pytest.raises(UserError, match="backup of the unfinished run is damaged"):
         train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
     card = train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False,
                        overwrite=True)
-    assert card["training"]["epochs_run"] == 3
+    assert card.training.epochs_run == 3
     assert not (run / "backup").exists()
 
 
@@ -216,7 +216,7 @@ def test_finished_run_is_never_replaced_without_overwrite(tiny_dataset, tmp_path
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     card = train.train(tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1), tiny_dataset, run,
                        progress=False, export_saved_model=False, overwrite=True)
-    assert card["training"]["epochs_run"] == 2
+    assert card.training.epochs_run == 2
     assert "--overwrite: removed the previous run" in capsys.readouterr().out
     with pytest.raises(UserError, match="is the dataset folder"):
         train.train(cfg, tiny_dataset, tiny_dataset, progress=False)
@@ -236,9 +236,9 @@ def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkey
 
     monkeypatch.setattr(train.Trainer, "evaluate_loss", scripted)
     card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
-    assert card["training"]["epochs_run"] == 4, "stops 2 epochs after the best (epoch 2)"
+    assert card.training.epochs_run == 4, "stops 2 epochs after the best (epoch 2)"
     assert not (tmp_path / "saved_model").exists(), "export_saved_model=False skips it"
-    assert card["training"]["best_epoch"] == 2
+    assert card.training.best_epoch == 2
     manifest = records.read_manifest(tiny_dataset)
     best = build_model(cfg, manifest["band_mean"], manifest["band_std"])
     best.load_weights(tmp_path / "best.weights.h5")
@@ -260,8 +260,8 @@ def test_time_budget_stops_after_the_epoch_that_reaches_it(tiny_dataset, tmp_pat
 
     monkeypatch.setattr(train.Trainer, "train_epoch", forty_seconds)
     card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
-    assert card["training"]["epochs_run"] == 3
-    assert card["training"]["train_seconds"] == 120.0
+    assert card.training.epochs_run == 3
+    assert card.training.train_seconds == 120.0
     class FakeMultiWorker:
         pass
 
@@ -309,8 +309,8 @@ def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
     card = train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
                        tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     keras.mixed_precision.set_global_policy("float32")
-    assert card["training"]["precision"] == "mixed_bfloat16"
-    assert np.isfinite(card["training"]["best_val_loss"])
+    assert card.training.precision == "mixed_bfloat16"
+    assert np.isfinite(card.training.best_val_loss)
 
 
 def test_is_chief(monkeypatch):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from res_unet import imagery, metrics, predict
+from res_unet import imagery, metrics, predict, runfolder, segment
 from res_unet.demo import synthesize_scene
 from res_unet.split import split_pairs
 
@@ -41,8 +41,8 @@ def test_shipped_model_is_complete_and_small(run):
 def test_shipped_model_segments_an_image(run, tmp_path):
     image, _ = synthesize_scene(np.random.default_rng(0), (300, 420))
     imagery.write_png(tmp_path / "in" / "scene.png", image)
-    cfg = predict.inference_config([run], None, {"TESTTIMEAUG": False})
-    summary = predict.segment_folder(cfg, [run], tmp_path / "in", tmp_path / "out",
+    cfg = segment.inference_config([run], None, {"TESTTIMEAUG": False})
+    summary = segment.segment_folder(cfg, [run], tmp_path / "in", tmp_path / "out",
                                      progress=False)
     assert summary["done"] == 1 and summary["failed"] == 0
     label = imagery.read_label(tmp_path / "out" / "scene_predseg.png")
@@ -60,16 +60,16 @@ def test_shipped_model_on_held_out_real_scenes(name):
     if not source.is_dir():
         pytest.skip(f"{source} not present")
     run = WEIGHTS / name
-    cfg = predict.inference_config([run])
+    cfg = segment.inference_config([run])
     pairs = imagery.find_pairs(source / "images", source / "labels", cfg.USEMASK)
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
-    segmenter = predict.Segmenter([predict.load_run(run)], cfg)
+    segmenter = predict.Segmenter([runfolder.load_run(run)], cfg)
     n = segmenter.n_classes
     cm = np.zeros((n, n), np.int64)
     for pair in validation[::max(1, len(validation) // count)][:count]:
         image, _ = imagery.load_image(pair, cfg)
-        truth = predict.read_truth(pair, cfg, image.shape[:2])
-        cm += predict.score_label(segmenter.segment(image), truth, cfg, n)
+        truth = segment.read_truth(pair, cfg, image.shape[:2])
+        cm += segment.score_label(segmenter.segment(image), truth, cfg, n)
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     value = scores["iou"][1] if score == "water_iou" else scores["mean_iou"]
     assert value >= lowest, scores

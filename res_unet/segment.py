@@ -1,0 +1,474 @@
+"""Segmenting a folder: outputs per image, scores against labels, and resuming safely.
+
+:func:`segment_folder` is the library behind seg_images_in_folder: it finds the images,
+loads the run folders (:func:`res_unet.runfolder.load_run`), segments each image with a
+:class:`res_unet.predict.Segmenter` and writes its outputs (:func:`output_paths`), each
+atomically, so an interrupted run resumes where it stopped; with labels it scores every
+image (scores.csv) and draws a few (examples.png). :func:`evaluate_scenes` scores a run on
+its dataset's whole validation images the same way, and sets the card's threshold there.
+
+Memory: an image is read whole (uint8/uint16, H*W*B bytes); see :mod:`res_unet.predict` for
+what segmenting it holds. A 20000 x 20000 RGB scene thus needs about 1.2 GB for the image,
+0.4 GB for the label and a few more label-sized temporaries for clean-up. The overlay of
+images above ``report.OVERLAY_MAX_PIXELS`` is drawn on a sub-sampled grid (it is for viewing;
+the label files are full size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio.errors
+import tensorflow as tf
+
+from res_unet import __version__, imagery, metrics, postprocess, records, report
+from res_unet.atomic import (
+    atomic_path,
+    check_writable,
+    clean_stale_temporaries,
+    write_atomic,
+    write_csv,
+)
+from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
+from res_unet.errors import UserError
+from res_unet.predict import (
+    FULL_MAX_VALUES,
+    LABEL_NODATA,
+    ProbabilitySink,
+    Segmenter,
+    nodata_values,
+    tta_transforms,
+)
+from res_unet.progress import progress_bar, say
+from res_unet.runfolder import (
+    CARD,
+    EVALUATION,
+    LoadedModel,
+    ModelCard,
+    load_run,
+    read_json,
+    run_config,
+)
+
+# The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
+LABEL_SUFFIX = "_predseg.png"
+SEGMENTATION_CONFIG = "segmentation_config.json"
+# With labels, the first few scored images are drawn (image | label | prediction), each
+# shown at most this many pixels on its longer side.
+FIGURE_ROWS = 4
+FIGURE_MAX_SIDE = 512
+
+# Config keys a segmentation --config may set; everything else comes from the run folder.
+INFERENCE_KEYS = (
+    *(f.name for f in dataclasses.fields(Config) if f.metadata["group"] == "segmentation"),
+    "TILE_OVERLAP", "BATCH_SIZE", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS", "SET_GPU",
+)
+
+
+def inference_config(run_dirs: Sequence[str | os.PathLike], config_path: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> Config:
+    """The settings to segment with: the first run's config.json, then the segmentation keys
+    (``INFERENCE_KEYS``) set in ``config_path``, then ``overrides`` (command-line flags).
+
+    EXTRA_BAND_DIRS of the run describe its training images, so they are dropped unless
+    ``config_path`` names the new images' extra-band folders. Raises UserError for invalid
+    values, naming the source.
+    """
+    if not run_dirs:
+        raise UserError("command line: no --model given; pass a run folder of train_resunet")
+    values = run_config(run_dirs[0]).to_dict()
+    values["EXTRA_BAND_DIRS"] = []
+    if config_path is not None:
+        user = load_config(config_path)
+        raw, _ = upgrade_keys(read_json(Path(config_path)), str(config_path))
+        values.update({k: getattr(user, k) for k in raw if k in INFERENCE_KEYS})
+    values.update(overrides or {})
+    cfg, _ = config_from_dict(values, source="command line")
+    return cfg
+
+
+# Outputs -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
+                      meta: imagery.RasterMeta) -> Iterator[ProbabilitySink]:
+    """A sink writing probability strips into ``path`` (.npy float16, or .tif float32 with
+    ``meta``'s georeferencing and NaN nodata), atomically: renamed when the block ends."""
+    if path.suffix != ".npy":
+        with imagery.geotiff_writer(path, shape_hw, channels, np.float32, meta,
+                                    nodata=float("nan")) as write:
+            yield write
+        return
+    with atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                          shape=(*shape_hw, channels))
+
+        def write_npy(r0: int, prob: np.ndarray) -> None:
+            array[r0:r0 + len(prob)] = prob
+
+        yield write_npy
+        array.flush()
+
+
+def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
+                 geojson: bool = False, binary: bool = True) -> dict[str, Path]:
+    """Output files of one image NAME: label (NAME_predseg.png), overlay (NAME_overlay.png),
+    geotiff (NAME_predseg.tif, TIFF inputs), probs (NAME_probs.npy, or .tif for TIFF inputs)
+    and geojson (NAME_predseg.geojson, binary models) when asked for."""
+    tiff = pair.image.suffix.lower() in (".tif", ".tiff")
+    stem = pair.stem
+    paths = {"label": out_dir / f"{stem}{LABEL_SUFFIX}", "overlay": out_dir / f"{stem}_overlay.png"}
+    if tiff:
+        paths["geotiff"] = out_dir / f"{stem}_predseg.tif"
+    if save_probs:
+        paths["probs"] = out_dir / f"{stem}_probs{'.tif' if tiff else '.npy'}"
+    if geojson and binary:
+        paths["geojson"] = out_dir / f"{stem}_predseg.geojson"
+    return paths
+
+
+def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Path]
+                  ) -> tuple[np.ndarray, int]:
+    """Segment one image and write its outputs (``output_paths``), each atomically.
+
+    Returns (label (H, W) uint8 with LABEL_NODATA at nodata, pixel count). Raises UserError
+    for unreadable images or a band count the models do not take.
+    """
+    cfg = segmenter.cfg
+    image, meta = imagery.load_image(pair, cfg, for_model=True)
+    segmenter.check_dtype(image, pair.image)
+    nodata = nodata_values(meta, cfg.NODATA_ZERO)
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if "probs" in paths:
+            sink = stack.enter_context(_probability_file(paths["probs"], image.shape[:2],
+                                                         segmenter.n_outputs, meta))
+        try:
+            label = segmenter.segment(image, nodata, sink)
+        except tf.errors.ResourceExhaustedError:
+            raise UserError(f"{pair.image}: out of memory at batch size {cfg.BATCH_SIZE}; lower "
+                            "--batch-size (or --tile-size)") from None
+    if "geotiff" in paths:
+        imagery.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
+    if "geojson" in paths:
+        collection = postprocess.mask_to_geojson(label, meta.transform, meta.crs)
+        write_atomic(paths["geojson"], json.dumps(collection))
+    imagery.write_png(paths["overlay"], report.overlay_image(image, label, segmenter.n_classes))
+    imagery.write_png(paths["label"], label)
+    return label, image.shape[0] * image.shape[1]
+
+
+# Evaluation --------------------------------------------------------------------------------
+
+def read_truth(pair: imagery.Pair, cfg: Config, shape: tuple[int, int]) -> np.ndarray:
+    """The pair's label file as class indices (H, W); raises UserError unless it is ``shape``
+    (the image's, as rows and columns)."""
+    truth = imagery.prepare_label(imagery.read_label(pair.label), cfg, pair.label)
+    if truth.shape != shape:
+        raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
+                        f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
+                        "must cover their image pixel for pixel")
+    return truth
+
+
+def score_label(label: np.ndarray, truth: np.ndarray, cfg: Config, n_classes: int
+                ) -> np.ndarray:
+    """Confusion matrix (n_classes x n_classes, rows truth) of a predicted label map against
+    the true one; nodata predictions and IGNORE_CLASS truth pixels are not counted."""
+    valid = label != LABEL_NODATA
+    return metrics.confusion_matrix(truth[valid], label[valid], n_classes,
+                                    ignore_class=cfg.IGNORE_CLASS)
+
+
+def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                    progress: bool = True) -> dict[str, Any] | None:
+    """Score a run on the whole validation scenes of its dataset, segmented as users run
+    seg_images_in_folder (working scale, tiles, blending and the TTA the config enables),
+    and for binary models choose the threshold there.
+
+    The validation images are those the dataset manifest lists, read from the folders it
+    was built from, at full resolution against their full-resolution labels. Writes
+    ``scenes`` into the run's evaluation.json and model card and, for binary models, sets
+    the card's threshold to the scene-optimal one (so segmentation uses it by default).
+    Returns the scene evaluation, or None (with a notice) when the dataset has no
+    validation split or its source images are no longer where they were.
+    """
+    run_dir = Path(run_dir)
+    manifest = records.read_manifest(data_dir)
+    names = set(manifest["files"]["validation"])
+    images_dir, labels_dir = Path(manifest["images_dir"]), Path(manifest["labels_dir"])
+    if not names:
+        return None
+    cfg = inference_config([run_dir])
+    try:
+        pairs = [p for p in imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK,
+                                               cfg.EXTRA_BAND_DIRS) if p.image.name in names]
+    except UserError as exc:
+        say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
+        return None
+    if len(pairs) != len(names):
+        say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
+             f"longer in {images_dir}")
+        return None
+    model = load_run(run_dir)
+    segmenter = Segmenter([model], cfg)
+    n_classes = model.n_classes
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    sweep = metrics.ThresholdSweep() if model.binary else None
+    started = time.perf_counter()
+    pixels = 0
+    for pair in progress_bar(pairs, enabled=progress):
+        image, _ = imagery.load_image(pair, cfg)
+        truth = read_truth(pair, cfg, image.shape[:2])
+        prob = segmenter.probabilities(image)
+        pixels += truth.size
+        valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)
+        if sweep is not None:
+            sweep.update(truth[valid], prob[..., 0][valid])
+        cm += metrics.confusion_matrix(truth, postprocess.probs_to_label(prob), n_classes,
+                                       ignore_class=cfg.IGNORE_CLASS)
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "images": len(pairs), "megapixels": round(pixels / 1e6, 2),
+        "seconds": round(seconds, 1), "downsample": segmenter.downsample,
+        "tta": cfg.TESTTIMEAUG, "tile_overlap": cfg.TILE_OVERLAP,
+        **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
+    card = ModelCard.read(run_dir)
+    card.validation["scenes"] = {k: v for k, v in result.items() if k != "threshold_sweep"}
+    if "optimal_threshold" in result:
+        card.threshold = result["optimal_threshold"]
+        card.threshold_source = "whole validation scenes"
+    evaluation = read_json(run_dir / EVALUATION) if (run_dir / EVALUATION).is_file() else {}
+    evaluation["scenes"] = result
+    write_atomic(run_dir / EVALUATION, json.dumps(evaluation, indent=2, default=float))
+    card.write(run_dir)
+    return result
+
+
+def _figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
+    image, _ = imagery.load_image(pair, cfg)
+    step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
+    return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
+
+
+def _score_row(name: str, cm: np.ndarray, cfg: Config) -> dict[str, Any]:
+    scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
+    row: dict[str, Any] = {"image": name, "n_pixels": scores["n_pixels"],
+                           "pixel_accuracy": scores["pixel_accuracy"],
+                           "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"]}
+    row.update({f"iou_{k}": v for k, v in enumerate(scores["iou"])})
+    row.update({f"dice_{k}": v for k, v in enumerate(scores["dice"])})
+    return row
+
+
+# The folder --------------------------------------------------------------------------------
+
+def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
+                 ) -> list[LoadedModel]:
+    tile_hw = tuple(cfg.TARGET_SIZE)
+    models = []
+    for run in runs:
+        if isinstance(run, LoadedModel):
+            models.append(run)
+        else:
+            models.append(load_run(run, tile_hw))
+    return models
+
+
+# Keys that do not change what a finished image's outputs contain.
+_NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS")
+
+
+def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
+                       cfg: Config) -> dict[str, Any]:
+    """What the outputs of a segmentation depend on: every model's weights (SHA-256 of their
+    values), the tile size, scale, threshold, TTA and the segmentation settings."""
+    digests = []
+    for member in models:
+        hasher = hashlib.sha256()
+        for array in member.model.get_weights():
+            hasher.update(np.ascontiguousarray(array).tobytes())
+        digests.append(hasher.hexdigest())
+    values = cfg.to_dict()
+    return {"weights": digests, "tile_size": list(segmenter.tile_hw),
+            "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
+            "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
+            "settings": {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS}}
+
+
+def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume into ``out_dir`` when its outputs were made by other models or
+    settings (or by a version that did not record them): skipping those images would mix
+    two results and score the old masks as if the new model made them."""
+    if not any(out_dir.glob(f"*{LABEL_SUFFIX}")):
+        return
+    try:
+        old = json.loads((out_dir / SEGMENTATION_CONFIG).read_text(encoding="utf-8"))
+        previous = old["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if previous == fingerprint:
+        return
+    if previous is None:
+        what = "by a run that recorded no model (or an older res_unet)"
+    else:
+        changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+        if "settings" in changed:
+            changed.remove("settings")
+            changed += [k for k, v in fingerprint["settings"].items()
+                        if previous.get("settings", {}).get(k) != v]
+        what = "with other " + ", ".join("model weights" if k == "weights" else k
+                                          for k in changed)
+    raise UserError(f"{out_dir}: holds segmentations made {what}; choose another --out, or "
+                    "pass --overwrite to redo every image with this model")
+
+
+def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
+    """Report a per-file problem on one line and return it for the summary."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if str(path) not in message:
+        message = f"{path}: {message}"
+    say(f"{what}: {message}")
+    return {"image": str(path), "error": message}
+
+
+def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
+                 options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "res_unet_version": __version__,
+        "models": [{"run_dir": None if m.run_dir is None else str(m.run_dir.resolve()),
+                    "model_card": None if m.run_dir is None
+                    else str((m.run_dir / CARD).resolve()),
+                    "weights": None if m.weights is None else str(m.weights.resolve()),
+                    "card_threshold": m.threshold} for m in models],
+        "tile_size": list(segmenter.tile_hw),
+        "classes": segmenter.n_classes,
+        "binary": segmenter.n_outputs == 1,
+        "threshold": segmenter.threshold_setting,
+        "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
+        "options": options,
+        "fingerprint": output_fingerprint(models, segmenter, cfg),
+        "config": cfg.to_dict(),
+    }
+
+
+def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
+                   images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   labels_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                   shard: tuple[int, int] = (0, 1), save_probs: bool = False,
+                   geojson: bool = False, progress: bool = True,
+                   full_max_values: int = FULL_MAX_VALUES) -> dict[str, Any]:
+    """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
+
+    ``runs`` are run folders (or loaded models) forming an ensemble; ``cfg`` comes from
+    :func:`inference_config`. Per image NAME: see :func:`output_paths`. Images whose outputs
+    all exist are skipped unless ``overwrite``; an unreadable image is reported on one line
+    and counted as failed. With ``labels_dir`` the predictions are scored (scores.csv, or
+    scores_shard{i}of{n}.csv: one row per image and an 'ALL' row from the summed confusion
+    matrix) and the first FIGURE_ROWS scored images are drawn in examples.png. Writes
+    segmentation_config.json. Returns a summary dict: images, done, skipped,
+    failed, failures, seconds, megapixels, mpx_per_second and, with labels, scores.
+    """
+    started = time.perf_counter()
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"command line: shard {index}/{count} is invalid; need 0 <= i < n")
+    if out_dir.resolve() == images_dir.resolve():
+        raise UserError(f"{out_dir}: the output folder is the images folder; write the "
+                        "outputs to another folder (they would be read as images next time)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
+    check_writable(out_dir)
+    if labels_dir is not None:
+        pairs = imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
+    else:
+        pairs = imagery.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
+    pairs = pairs[index::count]
+    models = _load_models(cfg, runs)
+    segmenter = Segmenter(models, cfg, full_max_values)
+    if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
+        print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
+              f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
+    options = {"images": str(images_dir), "labels": None if labels_dir is None
+               else str(labels_dir), "save_probs": save_probs, "geojson": geojson}
+    run_summary = _run_summary(models, segmenter, cfg, options)
+    if not overwrite and out_dir.is_dir():
+        check_resumable(out_dir, run_summary["fingerprint"])
+    clean_stale_temporaries(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / SEGMENTATION_CONFIG, json.dumps(run_summary, indent=2) + "\n")
+
+    n = segmenter.n_classes
+    done = skipped = 0
+    failures: list[dict[str, str]] = []
+    megapixels = busy = 0.0
+    rows: list[dict[str, Any]] = []
+    figure: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    figure_titles: list[str] = []
+    total_cm = np.zeros((n, n), np.int64)
+    unscored: list[dict[str, str]] = []
+    problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
+    for pair in progress_bar(pairs, enabled=progress):
+        paths = output_paths(out_dir, pair, save_probs, geojson, segmenter.n_outputs == 1)
+        try:
+            if not overwrite and all(p.is_file() for p in paths.values()):
+                skipped += 1
+                label = imagery.read_label(paths["label"]) if pair.label is not None else None
+            else:
+                t0 = time.perf_counter()
+                label, pixels = segment_image(segmenter, pair, paths)
+                busy += time.perf_counter() - t0
+                megapixels += pixels / 1e6
+                done += 1
+        except problems as exc:
+            failures.append(_problem(pair.image, exc, "failed"))
+            continue
+        if pair.label is None:
+            continue
+        # The image is segmented; a label that cannot be used only leaves it unscored.
+        try:
+            truth = read_truth(pair, cfg, label.shape)
+        except problems as exc:
+            unscored.append(_problem(pair.label, exc, "not scored"))
+            continue
+        cm = score_label(label, truth, cfg, n)
+        total_cm += cm
+        rows.append(_score_row(pair.stem, cm, cfg))
+        if len(figure) < FIGURE_ROWS:
+            figure.append(_figure_example(pair, label, truth, cfg))
+            figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
+                                 if rows[-1]["mean_iou"] is not None else pair.stem)
+
+    summary: dict[str, Any] = {
+        "images": len(pairs), "done": done, "skipped": skipped, "failed": len(failures),
+        "failures": failures, "unscored": unscored,
+        "seconds": round(time.perf_counter() - started, 2),
+        "megapixels": round(megapixels, 3),
+        "mpx_per_second": round(megapixels / busy, 3) if busy > 0 else None,
+        "out_dir": str(out_dir),
+    }
+    if labels_dir is not None and rows:
+        rows.append(_score_row("ALL", total_cm, cfg))
+        name = "scores.csv" if count == 1 else f"scores_shard{index}of{count}.csv"
+        write_csv(out_dir / name, rows, float_format=".6f")
+        summary["scores_file"] = str(out_dir / name)
+        summary["scores"] = metrics.scores_from_confusion(total_cm, ignore_class=cfg.IGNORE_CLASS)
+    if figure and cfg.DOPLOT:
+        name = "examples.png" if count == 1 else f"examples_shard{index}of{count}.png"
+        report.plot_predictions(figure, n, out_dir / name, class_names=cfg.class_names,
+                                row_titles=figure_titles)
+        summary["examples_file"] = str(out_dir / name)
+    return summary

@@ -1,0 +1,116 @@
+"""The package's shape: data flows one way through the modules, and none grows unchecked.
+
+The README's code map lists these layers; a module may import only from layers before its
+own (lazy imports inside functions count too), so the flow config -> imagery -> dataset ->
+model -> training -> run folder -> prediction -> outputs cannot turn back on itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import res_unet
+
+PACKAGE = Path(res_unet.__file__).parent
+
+# Layer by layer, left to right. The models/ package counts as one module.
+LAYERS = [
+    ["errors", "tiling"],
+    ["atomic", "progress", "cli"],
+    ["config"],
+    ["imagery"],
+    ["augment", "split", "report"],
+    ["records"],
+    ["dataset"],
+    ["models", "losses", "metrics", "schedule"],
+    ["runfolder"],
+    ["devices"],
+    ["train"],
+    ["postprocess"],
+    ["predict"],
+    ["segment"],
+    ["make_tfrecords", "train_resunet", "seg_images_in_folder", "demo"],
+]
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+# Longer modules say why at the top of their docstring ("Why this module is long: ...").
+MAX_LINES = 500
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        found[".".join(parts)] = path
+    return found
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a dotted module name under res_unet (models.x -> models)."""
+    return module.split(".")[0]
+
+
+def _imports(path: Path) -> set[str]:
+    """The res_unet modules a file imports, anywhere in it."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "res_unet":
+                names |= {a.name for a in node.names if not a.name.startswith("__")}
+            elif node.module.startswith("res_unet."):
+                names.add(node.module.removeprefix("res_unet."))
+        elif isinstance(node, ast.Import):
+            names |= {a.name.removeprefix("res_unet.") for a in node.names
+                      if a.name.startswith("res_unet.")}
+    return names
+
+
+def test_every_module_has_a_layer():
+    units = {_unit(m) for m in _modules()}
+    assert units <= set(LAYER_OF), f"add {sorted(units - set(LAYER_OF))} to LAYERS (and the README)"
+    assert set(LAYER_OF) <= units, f"{sorted(set(LAYER_OF) - units)} no longer exist"
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_imports_flow_one_way(module):
+    path = _modules()[module]
+    unit = _unit(module)
+    backwards = sorted(name for name in _imports(path)
+                       if _unit(name) != unit and LAYER_OF.get(_unit(name), -1) >= LAYER_OF[unit])
+    assert not backwards, f"res_unet/{path.relative_to(PACKAGE)} imports {backwards}, which " \
+                          "come at or after its own layer"
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_long_modules_say_why(module):
+    path = _modules()[module]
+    text = path.read_text(encoding="utf-8")
+    if len(text.splitlines()) <= MAX_LINES:
+        return
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    assert "Why this module is long:" in doc, (
+        f"res_unet/{path.relative_to(PACKAGE)} has {len(text.splitlines())} lines; split it "
+        f"or say at the top of its docstring 'Why this module is long: ...'")
+
+
+def test_importing_the_package_does_not_load_tensorflow():
+    code = "import sys, res_unet, res_unet.config; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_public_api_names_resolve():
+    names = res_unet.__all__
+    assert {"load_config", "make_dataset", "load_dataset", "build_model", "train_model",
+            "load_run", "segment_folder"} <= set(names)
+    for name in names:
+        assert getattr(res_unet, name) is not None
+    with pytest.raises(AttributeError):
+        res_unet.no_such_name  # noqa: B018
