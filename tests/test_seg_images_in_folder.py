@@ -241,6 +241,44 @@ def test_shards_are_disjoint_and_complete(run, images, tmp_path):
                "2/2") == 2
 
 
+def test_two_shard_processes_into_one_folder_equal_one_process(run, tmp_path):
+    """Two processes (as two SLURM array tasks would) write --shard 0/2 and 1/2 into one
+    folder at the same time: the outputs equal those of one process, byte for byte."""
+    import subprocess
+    import sys
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    rng = np.random.default_rng(5)
+    for k in range(5):
+        image = half_image(40 + 8 * k, 48, 8 + 4 * k)
+        image[..., 1] = rng.integers(0, 256, image.shape[:2])
+        imagery.write_png(images / f"s{k}.png", image)
+        imagery.write_png(labels / f"s{k}.png", (image[..., 0] == BRIGHT).astype(np.uint8))
+    args = ["--model", str(run), "--images", str(images), "--labels", str(labels),
+            "--no-progress"]
+    command = [sys.executable, "-m", "res_unet.seg_images_in_folder", *args]
+    procs = [subprocess.Popen([*command, "--out", str(tmp_path / "both"), "--shard", f"{i}/2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    assert seg(*args, "--out", tmp_path / "one") == 0
+    one, both = tmp_path / "one", tmp_path / "both"
+    outputs = sorted(p.name for p in one.glob("s*_*.png"))
+    assert len(outputs) == 10 and outputs == sorted(p.name for p in both.glob("s*_*.png"))
+    for name in outputs:
+        assert (one / name).read_bytes() == (both / name).read_bytes(), name
+
+    def rows(path: Path) -> dict[str, dict[str, str]]:
+        with open(path) as fh:
+            return {row["image"]: row for row in csv.DictReader(fh) if row["image"] != "ALL"}
+
+    merged = {**rows(both / "scores_shard0of2.csv"), **rows(both / "scores_shard1of2.csv")}
+    assert merged == rows(one / "scores.csv")
+    assert no_temp_files(both)
+
+
 def test_evaluation_scores(run, tmp_path, capsys):
     images, labels = tmp_path / "images", tmp_path / "labels"
     # Image 1: prediction = columns < 16, truth = columns < 8: foreground IoU 8/16, background
