@@ -88,7 +88,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(cfg: Config) -> str:
     """The Keras dtype policy for PRECISION; 'auto' picks by hardware.
 
-    float16 on a CPU is unusably slow (REFERENCE.md), so it is only chosen for GPUs.
+    float16 on a CPU is emulated and unusably slow, so it is only chosen for GPUs.
     """
     if cfg.PRECISION != "auto":
         if cfg.PRECISION == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
