@@ -43,7 +43,8 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
-from res_unet.models import build_model, count_flops, set_encoder_trainable
+from res_unet.models import build_model
+from res_unet.models.helpers import count_flops, set_encoder_trainable
 
 BEST_WEIGHTS = "best.weights.h5"
 FULL_MODEL = "model.keras"
