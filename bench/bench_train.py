@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.config import config_from_dict
-from res_unet.models import count_flops
+from res_unet.models.helpers import count_flops
 from res_unet.train import Trainer, cpu_supports_bf16, device_description
 
 

@@ -5,6 +5,10 @@ field metadata; the README's config reference is generated from it
 (:func:`reference_markdown`). Keys from the original residual-U-Net toolbox are accepted
 as they are; keys from Segmentation Gym go through :func:`upgrade_keys`, which maps each to
 ours or says plainly that it has no effect. Keys starting with ``_`` are comments.
+
+The MODEL and ENCODER choices, their descriptions and the size TARGET_SIZE must divide by
+come from the model registry, :data:`res_unet.models.MODELS`: plain data that imports
+neither Keras nor the model files, so a config is checked before TensorFlow loads.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from typing import Any
 
 from res_unet.atomic import write_atomic
 from res_unet.errors import UserError
+from res_unet.models import ENCODERS, MODELS
 
-MODELS = ("resunet", "efficientnet_unet")
-ENCODERS = (*(f"B{i}" for i in range(8)), "lite0", "lite1", "lite2")
 LOSS_TERMS = ("dice", "focal", "boundary", "ce")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+def _either(words: typing.Iterable[str]) -> str:
+    """Alternatives for a sentence: 'a', 'a or b', 'a, b or c'."""
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -112,8 +121,9 @@ class Config:
     AUG_VFLIP: bool = _key(True, "Random vertical flips.", group="augmentation")
 
     # Model
-    MODEL: str = _key("resunet", "Architecture: 'resunet' or 'efficientnet_unet'.",
-                      choices=MODELS, group="model")
+    MODEL: str = _key("resunet", "Architecture: " + _either(
+                      f"'{a.name}' ({a.description})" for a in MODELS.values()) + ".",
+                      choices=tuple(MODELS), group="model")
     FILTERS: int = _key(16, "Residual U-Net base filters, doubled per level.", lo=1, hi=1024,
                         group="model")
     DEPTH: int = _key(4, "Residual U-Net down-sampling levels (factor 2**DEPTH).", lo=1, hi=7,
@@ -130,9 +140,8 @@ class Config:
                              choices=("standard", "spatial"), group="model")
     USE_DROPOUT_ON_UPSAMPLING: bool = _key(False, "Also apply dropout in the decoder.",
                                            group="model")
-    ENCODER: str = _key("B0", "Encoder of 'efficientnet_unet': EfficientNet B0..B7 (B7 as in "
-                        "the original work; 64 M parameters) or EfficientNet-Lite 'lite0', "
-                        "'lite1', 'lite2' (3.4-4.8 M parameters, fast on CPUs).",
+    ENCODER: str = _key("B0", "; ".join(f"Encoder of '{a.name}': {a.encoder_description}"
+                                       for a in MODELS.values() if a.encoders) + ".",
                         choices=ENCODERS, group="model")
     ENCODER_WEIGHTS: str | None = _key(None, "Encoder weights: null (random) or 'imagenet'. "
                                        "B0..B7: 'imagenet' is downloaded by Keras, or give a "
@@ -254,7 +263,7 @@ class Config:
     @property
     def downsampling_factor(self) -> int:
         """How many times the model halves the input: TARGET_SIZE must be a multiple."""
-        return 32 if self.MODEL == "efficientnet_unet" else 2**self.DEPTH
+        return MODELS[self.MODEL].downsampling_factor(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (all keys, defaults filled in)."""
@@ -296,11 +305,12 @@ def upgrade_keys(raw: dict[str, Any], source: str = "config") -> tuple[dict[str,
     model = cfg.get("MODEL")
     if isinstance(model, str) and model in _GYM_MODELS:
         cfg["MODEL"] = _GYM_MODELS[model]
-        if model != "resunet":
-            notices.append(f"{source}: MODEL '{model}' is built as 'resunet' (residual U-Net)")
+        if model != cfg["MODEL"]:
+            notices.append(f"{source}: MODEL '{model}' is built as '{cfg['MODEL']}' "
+                           f"({MODELS[cfg['MODEL']].description})")
     elif isinstance(model, str) and model in ("satunet", "segformer"):
-        problems.append(f"{source}: MODEL '{model}' is not available here; use 'resunet' or "
-                        "'efficientnet_unet'")
+        problems.append(f"{source}: MODEL '{model}' is not available here; use "
+                        f"{_either(repr(m) for m in MODELS)}")
     loss = cfg.get("LOSS")
     if isinstance(loss, str) and loss.lower() in ("hinge", "kld"):
         problems.append(f"{source}: LOSS '{loss}' is not available here; use a weighted sum of "
@@ -389,14 +399,16 @@ def _check_ranges(name: str, value: Any, meta: dict[str, Any], source: str) -> l
 
 def _check_consistency(c: Config, source: str) -> list[str]:
     p = []
+    architecture = MODELS[c.MODEL]
     if len(c.TARGET_SIZE) != 2:
         p.append(f"{source}: TARGET_SIZE must be [rows, cols], got {c.TARGET_SIZE}")
     else:
         f = c.downsampling_factor
         if any(s % f for s in c.TARGET_SIZE):
+            keys = ", ".join(f"{k}={getattr(c, k)}" for k in architecture.downsampling_keys)
             p.append(f"{source}: TARGET_SIZE {c.TARGET_SIZE} is not divisible by {f}, the "
                      f"down-sampling factor of MODEL '{c.MODEL}'"
-                     + (f" with DEPTH={c.DEPTH}" if c.MODEL == "resunet" else "")
+                     + (f" with {keys}" if keys else "")
                      + f"; use e.g. {[max(f, round(s / f) * f) for s in c.TARGET_SIZE]}")
     if c.MIN_LR > c.MAX_LR:
         p.append(f"{source}: MIN_LR={c.MIN_LR} is larger than MAX_LR={c.MAX_LR}")
@@ -435,7 +447,10 @@ def _check_consistency(c: Config, source: str) -> list[str]:
             p.append(f"{source}: REMAP_CLASSES key '{k}' must be a label value like \"3\"")
         elif v < 0 or v > 255:
             p.append(f"{source}: REMAP_CLASSES maps {k} to {v}; values must be 0..255")
-    if c.MODEL == "efficientnet_unet" and c.FREEZE_ENCODER_EPOCHS and not c.ENCODER_WEIGHTS:
+    if architecture.encoders and c.ENCODER not in architecture.encoders:
+        p.append(f"{source}: ENCODER '{c.ENCODER}' does not fit MODEL '{c.MODEL}'; use "
+                 f"{_either(repr(e) for e in architecture.encoders)}")
+    if architecture.encoders and c.FREEZE_ENCODER_EPOCHS and not c.ENCODER_WEIGHTS:
         p.append(f"{source}: FREEZE_ENCODER_EPOCHS needs pretrained ENCODER_WEIGHTS (a file or "
                  "'imagenet'); freezing a random encoder only slows training")
     if c.HOT_START and not c.INITIAL_WEIGHTS:

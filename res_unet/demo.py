@@ -26,8 +26,6 @@ from res_unet.errors import UserError
 from res_unet.imagery import write_png
 
 LAND, WATER, FOREST, BUILT = 0, 1, 2, 3
-BINARY_CLASS_NAMES = ("land", "water")
-MULTICLASS_NAMES = ("land", "water", "forest", "built-up")
 _NAME = re.compile(r"^demo_(\d+)\.png$")
 
 

@@ -14,7 +14,8 @@ class indices 0..n_classes-1, where n_classes is 2 for binary outputs.
    (``MIN_HOLE_AREA``).
 
 Images above ``CRF_MAX_PIXELS`` are CRF-refined on a coarser grid (see :func:`crf_refine`).
-Nodata is not part of the chain: callers mark nodata pixels last with :func:`apply_nodata`.
+Nodata is not part of the chain: segmentation (:mod:`res_unet.predict`) sets nodata pixels
+to LABEL_NODATA (255) after it.
 
 Binary label maps are cleaned as a foreground mask (class 1) with the scikit-image
 operations. Multiclass maps follow rules that treat every class alike and only ever
@@ -388,16 +389,6 @@ def fill_small_holes(label: np.ndarray, min_area: int, n_classes: int = 2) -> np
         filled = morphology.remove_small_holes(label == 1, max_size=min_area - 1)
         return filled.astype(label.dtype)
     return _reassign_small_components(label, min_area, enclosed_only=True)
-
-
-def apply_nodata(label: np.ndarray, nodata_mask: np.ndarray, nodata_value: int = 255
-                 ) -> np.ndarray:
-    """A copy of ``label`` with ``nodata_value`` where ``nodata_mask`` (H, W) is True."""
-    if nodata_mask.shape != label.shape:
-        raise ValueError(f"nodata mask {nodata_mask.shape} and label {label.shape} differ")
-    out = label.copy()
-    out[nodata_mask] = nodata_value
-    return out
 
 
 # The chain --------------------------------------------------------------------------------

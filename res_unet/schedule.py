@@ -5,8 +5,6 @@ The formula is the original residual-U-Net toolbox's, so existing configs train 
 
 from __future__ import annotations
 
-import keras
-
 from res_unet.config import Config
 
 
@@ -28,16 +26,3 @@ def learning_rate(epoch: int, cfg: Config) -> float:
 def lr_curve(cfg: Config, n_epochs: int) -> list[float]:
     """Learning rates of epochs 0..n_epochs-1, for plotting."""
     return [learning_rate(epoch, cfg) for epoch in range(n_epochs)]
-
-
-def schedule_callback(cfg: Config) -> keras.callbacks.LearningRateScheduler:
-    """Keras callback setting the optimizer's learning rate at the start of each epoch.
-
-    Keras passes the absolute epoch (INITIAL_EPOCH included), so a resumed run continues the
-    schedule where it stopped.
-    """
-
-    def schedule(epoch: int, lr: float) -> float:
-        return learning_rate(epoch, cfg)
-
-    return keras.callbacks.LearningRateScheduler(schedule, verbose=0)

@@ -39,7 +39,8 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config, config_from_dict, save_config
 from res_unet.errors import UserError
-from res_unet.models import build_model, count_flops, set_encoder_trainable
+from res_unet.models import build_model
+from res_unet.models.helpers import count_flops, set_encoder_trainable
 from res_unet.progress import progress_bar
 from res_unet.runfolder import (
     BACKUP_DIR,
@@ -96,7 +97,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(cfg: Config) -> str:
     """The Keras dtype policy for PRECISION; 'auto' picks by hardware.
 
-    float16 on a CPU is unusably slow (REFERENCE.md), so it is only chosen for GPUs.
+    float16 on a CPU is emulated and unusably slow, so it is only chosen for GPUs.
     """
     if cfg.PRECISION != "auto":
         if cfg.PRECISION == "mixed_float16" and not tf.config.list_logical_devices("GPU"):

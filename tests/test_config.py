@@ -1,6 +1,9 @@
 """Config loading: defaults, every class of error, Gym upgrades, the reference table."""
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from res_unet.config import (
     upgrade_keys,
 )
 from res_unet.errors import UserError
+from res_unet.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,6 +174,39 @@ def test_depth_changes_divisibility():
         config_from_dict({"TARGET_SIZE": [96, 96], "DEPTH": 6})
 
 
+def test_model_and_encoder_choices_are_the_registry_names():
+    fields = Config.__dataclass_fields__
+    assert fields["MODEL"].metadata["choices"] == tuple(MODELS)
+    assert set(fields["ENCODER"].metadata["choices"]) == {
+        e for architecture in MODELS.values() for e in architecture.encoders}
+    for name, architecture in MODELS.items():
+        for encoder in architecture.encoders or (Config.ENCODER,):
+            cfg, _ = config_from_dict({"MODEL": name, "ENCODER": encoder})
+            assert (cfg.MODEL, cfg.ENCODER) == (name, encoder)
+            assert cfg.downsampling_factor == architecture.downsampling_factor(cfg)
+    with pytest.raises(UserError, match="MODEL='unet3p' is not one of 'resunet', "):
+        config_from_dict({"MODEL": "unet3p"})
+
+
+def test_encoder_must_be_one_the_model_accepts(monkeypatch):
+    narrow = dataclasses.replace(MODELS["efficientnet_unet"], encoders=("B0", "B1"))
+    monkeypatch.setitem(MODELS, "efficientnet_unet", narrow)
+    with pytest.raises(UserError, match=r"ENCODER 'lite0' does not fit MODEL "
+                                        r"'efficientnet_unet'; use 'B0' or 'B1'$"):
+        config_from_dict({"MODEL": "efficientnet_unet", "ENCODER": "lite0"})
+    assert config_from_dict({"MODEL": "resunet", "ENCODER": "lite0"})[0].ENCODER == "lite0"
+
+
+def test_config_and_model_registry_import_without_tensorflow():
+    """Commands check the config before importing TensorFlow (5-7 s): neither the config
+    nor the model registry it takes names and size constraints from may import it."""
+    code = ("import sys, res_unet.config, res_unet.models; "
+            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_every_problem_is_reported_one_per_line():
     with pytest.raises(UserError) as err:
         config_from_dict({"TARGET_SIZ": [1], "BATCH_SIZE": "8", "MIN_LR": 1.0, "MAX_LR": 0.1})
@@ -239,6 +276,8 @@ def test_reference_config_lists_every_key_with_its_default():
     cfg, _ = config_from_dict(raw)
     assert cfg == Config()
     assert all(f"_{k}" in raw for k in keys), "every key is explained by a _KEY comment"
+    assert {k: raw[f"_{k}"] for k in keys} == {
+        k: f.metadata["doc"] for k, f in Config.__dataclass_fields__.items()}
 
 
 def test_empty_or_non_json_file_and_duplicate_keys_get_a_fix(tmp_path):

@@ -18,10 +18,13 @@ import res_unet
 
 PACKAGE = Path(res_unet.__file__).parent
 
-# Layer by layer, left to right. The models/ package counts as one module.
+# Layer by layer, left to right. The model files (models/*.py) count as one module,
+# "models"; the Keras-free registry in models/__init__.py, which the config reads, is
+# "registry".
 LAYERS = [
     ["errors", "tiling"],
     ["atomic", "progress", "cli"],
+    ["registry"],
     ["config"],
     ["imagery"],
     ["augment", "split", "report"],
@@ -47,19 +50,32 @@ def _modules() -> dict[str, Path]:
         parts = path.relative_to(PACKAGE).with_suffix("").parts
         if parts == ("__init__",):
             continue
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
         found[".".join(parts)] = path
     return found
 
 
 def _unit(module: str) -> str:
-    """The layer unit of a dotted module name under res_unet (models.x -> models)."""
-    return module.split(".")[0]
+    """The layer unit of a dotted module name under res_unet: models.x -> models, the
+    models package itself -> registry."""
+    return "registry" if module == "models" else module.split(".")[0]
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (type hints only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
 
 
 def _imports(path: Path) -> set[str]:
-    """The res_unet modules a file imports, anywhere in it."""
+    """The res_unet modules a file imports at run time, anywhere in it."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "res_unet":
                 names |= {a.name for a in node.names if not a.name.startswith("__")}

@@ -10,18 +10,12 @@ import keras
 import numpy as np
 import pytest
 
-from res_unet.config import MODELS as CONFIG_MODELS
 from res_unet.config import config_from_dict
 from res_unet.errors import UserError
-from res_unet.models import (
-    MODELS,
-    BilinearUpSampling2D,
-    build_model,
-    count_flops,
-    inflate_stem_kernel,
-    set_encoder_trainable,
-)
+from res_unet.models import MODELS, build_model
 from res_unet.models.efficientnet_unet import read_encoder_weights
+from res_unet.models.helpers import count_flops, set_encoder_trainable
+from res_unet.models.layers import BilinearUpSampling2D, inflate_stem_kernel
 
 SMALL = {"TARGET_SIZE": [64, 64], "FILTERS": 8, "DEPTH": 3, "DROPOUT": 0.0}
 
@@ -64,8 +58,31 @@ def weights_by_layer(model: keras.Model) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def test_registry_matches_config():
-    assert set(MODELS) == set(CONFIG_MODELS)
+# Per architecture, keys that make its model small and quick to build; one without an entry
+# is built with the defaults.
+TINY = {"resunet": {"FILTERS": 2, "DEPTH": 2}, "efficientnet_unet": {"ENCODER": "lite0"}}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_architecture_builds_at_exactly_its_downsampling_factor(name):
+    """The registry's factor f is the builder's real size constraint, and the config's: a
+    model of f x f pixels builds, 8.5 f x 8.5 f is refused by both."""
+    cfg = make_cfg(name, **TINY.get(name, {}))
+    f = MODELS[name].downsampling_factor(cfg)
+    net = build_model(cfg, *stats(3), input_shape=(f, f, 3))
+    assert net.output_shape == (None, f, f, 1)
+    off = 8 * f + f // 2  # also above TARGET_SIZE's minimum
+    with pytest.raises(ValueError, match=f"not divisible by {f},"):
+        build_model(cfg, *stats(3), input_shape=(off, off, 3))
+    with pytest.raises(UserError, match=f"not divisible by {f},"):
+        make_cfg(name, **TINY.get(name, {}), TARGET_SIZE=[off, off])
+
+
+def test_registry_encoders_are_the_ones_the_efficientnet_unet_builds():
+    from res_unet.models.efficientnet_lite import LITE_VARIANTS
+    from res_unet.models.efficientnet_unet import BACKBONES
+
+    assert MODELS["efficientnet_unet"].encoders == (*BACKBONES, *LITE_VARIANTS)
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +138,6 @@ def test_bilinear_upsampling_of_unknown_size_matches_the_builtin_layer():
     row = np.array([0.0, 4.0], "float32").reshape(1, 1, 2, 1)
     np.testing.assert_allclose(np.asarray(BilinearUpSampling2D()(row))[0, 0, :, 0],
                                [0.0, 1.0, 3.0, 4.0])
-
-
-def test_input_size_must_fit_the_downsampling():
-    cfg = make_cfg("resunet", DEPTH=3)
-    with pytest.raises(ValueError, match="divisible by 8"):
-        build_model(cfg, *stats(3), input_shape=(60, 64, 3))
 
 
 def test_band_normalisation_standardises_raw_values_and_guards_zero_std():

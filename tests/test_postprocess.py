@@ -302,16 +302,6 @@ def test_cleanup_keeps_shape_dtype_and_class_set(n_classes):
         assert not np.shares_memory(out, label)
 
 
-def test_apply_nodata():
-    label = np.ones((2, 3), np.uint8)
-    mask = np.array([[True, False, False], [False, False, True]])
-    out = pp.apply_nodata(label, mask)
-    np.testing.assert_array_equal(out, [[255, 1, 1], [1, 1, 255]])
-    assert label.max() == 1
-    with pytest.raises(ValueError):
-        pp.apply_nodata(label, mask[:1])
-
-
 # The chain --------------------------------------------------------------------------------
 
 def test_postprocess_all_off_is_plain_thresholding():

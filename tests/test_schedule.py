@@ -1,11 +1,10 @@
-"""Learning-rate schedule: the REFERENCE numbers, edge cases, and the Keras callback."""
+"""Learning-rate schedule: the numbers of the original toolbox's reference config, edge cases."""
 
-import keras
 import numpy as np
 import pytest
 
 from res_unet.config import config_from_dict
-from res_unet.schedule import learning_rate, lr_curve, schedule_callback
+from res_unet.schedule import learning_rate, lr_curve
 
 REFERENCE = {"START_LR": 1e-7, "MIN_LR": 1e-7, "MAX_LR": 1e-5, "RAMPUP_EPOCHS": 20,
              "SUSTAIN_EPOCHS": 0, "EXP_DECAY": 0.9}
@@ -44,19 +43,3 @@ def test_curve_decays_towards_the_floor():
     assert len(curve) == 200 and all(isinstance(v, float) for v in curve)
     assert np.all(np.diff(curve[20:]) < 0)
     assert curve[-1] == pytest.approx(1e-7, rel=1e-3)
-
-
-def test_callback_sets_the_optimizer_learning_rate_per_epoch():
-    cfg = reference_cfg(RAMPUP_EPOCHS=2, START_LR=1e-6)
-    callback = schedule_callback(cfg)
-    assert isinstance(callback, keras.callbacks.LearningRateScheduler)
-    assert callback.verbose == 0
-    seen = []
-    recorder = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: seen.append(float(model.optimizer.learning_rate)))
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(), loss="mse")
-    x = np.zeros((4, 2), np.float32)
-    model.fit(x, x[:, :1], epochs=4, initial_epoch=1, verbose=0,
-              callbacks=[callback, recorder])
-    assert seen == pytest.approx([learning_rate(e, cfg) for e in (1, 2, 3)], rel=1e-6)

@@ -1,4 +1,12 @@
-"""Segmentation models: a registry of architectures and helpers that work on any of them.
+"""Segmentation models: the registry of architectures, and :func:`build_model`.
+
+The registry (:data:`MODELS`) is the one place that names the architectures: the config
+takes the MODEL and ENCODER choices and the input size constraint from it, and
+:func:`build_model` finds each architecture's model file through it. This module imports
+neither Keras nor TensorFlow (the model file is imported when a model is built), so the
+config can be read and checked before TensorFlow loads. Adding an architecture is one
+model file and one entry here. Functions that work on a built model of any architecture
+are in :mod:`res_unet.models.helpers`.
 
 Every model maps float32 raw pixels (batch, rows, cols, bands) to float32 probabilities
 (batch, rows, cols, 1) sigmoid for NCLASSES=1 or (batch, rows, cols, N) softmax for N > 1.
@@ -6,52 +14,79 @@ It standardises its input with the dataset's per-band mean and std. Models of a 
 input size (the default, TARGET_SIZE) are made of built-in Keras layers only:
 ``keras.models.load_model("model.keras")`` needs no custom objects. Models built with
 unknown rows/cols (``input_shape=(None, None, bands)``) contain
-:class:`BilinearUpSampling2D`; load those after ``import res_unet.models``.
+:class:`~res_unet.models.layers.BilinearUpSampling2D`; load those after
+``import res_unet.models.layers`` (every model file imports it, so any
+:func:`build_model` call also registers the layer).
 """
 
 from __future__ import annotations
 
-import math
+import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:
+    import keras
 
-from res_unet.config import Config
-from res_unet.models.efficientnet_unet import (
-    build_efficientnet_unet,
-    efficientnet_unet_from_config,
-    freeze_batchnorm,
+    from res_unet.config import Config
+
+__all__ = ["ENCODERS", "MODELS", "Architecture", "build_model"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the config and :func:`build_model` need to know about one architecture.
+
+    Attributes:
+        name: the config's MODEL value.
+        description: a few words for the config reference and messages.
+        module, function: where the builder lives, imported only to build a model;
+            ``function(cfg, band_mean, band_std, input_shape=None) -> keras.Model``.
+        downsampling_factor: how many times the model halves its input, from the config;
+            rows and cols (TARGET_SIZE, inference tiles) must be multiples of it.
+        downsampling_keys: the config keys that factor depends on, named in messages.
+        encoders: the ENCODER values it accepts; () when it has no ENCODER.
+        encoder_description: what those encoders are, for the config reference.
+    """
+
+    name: str
+    description: str
+    module: str
+    function: str
+    downsampling_factor: Callable[[Config], int]
+    downsampling_keys: tuple[str, ...] = ()
+    encoders: tuple[str, ...] = ()
+    encoder_description: str = ""
+
+
+_ARCHITECTURES = (
+    Architecture(
+        name="resunet",
+        description="residual U-Net",
+        module="res_unet.models.resunet",
+        function="resunet_from_config",
+        downsampling_factor=lambda cfg: 2**cfg.DEPTH,
+        downsampling_keys=("DEPTH",),
+    ),
+    Architecture(
+        name="efficientnet_unet",
+        description="U-Net with an EfficientNet encoder, optionally pretrained",
+        module="res_unet.models.efficientnet_unet",
+        function="efficientnet_unet_from_config",
+        downsampling_factor=lambda cfg: 32,
+        encoders=(*(f"B{i}" for i in range(8)), "lite0", "lite1", "lite2"),
+        encoder_description="EfficientNet B0..B7 (B7 as in the original work; 64 M "
+                            "parameters) or EfficientNet-Lite 'lite0', 'lite1', 'lite2' "
+                            "(3.4-4.8 M parameters, fast on CPUs)",
+    ),
 )
-from res_unet.models.layers import (
-    ENCODER_NAME,
-    LOGITS_NAME,
-    PROBABILITIES_NAME,
-    BilinearUpSampling2D,
-    inflate_stem_kernel,
-    leaf_layers,
-)
-from res_unet.models.resunet import build_resunet, resunet_from_config
 
-__all__ = [
-    "LOGITS_NAME",
-    "MODELS",
-    "PROBABILITIES_NAME",
-    "BilinearUpSampling2D",
-    "build_efficientnet_unet",
-    "build_model",
-    "build_resunet",
-    "count_flops",
-    "inflate_stem_kernel",
-    "set_encoder_trainable",
-]
+# cfg.MODEL -> its Architecture, in the order the config reference lists them.
+MODELS: dict[str, Architecture] = {a.name: a for a in _ARCHITECTURES}
 
-ModelBuilder = Callable[..., keras.Model]
-
-# cfg.MODEL -> function(cfg, band_mean, band_std, input_shape=None) -> keras.Model
-MODELS: dict[str, ModelBuilder] = {
-    "resunet": resunet_from_config,
-    "efficientnet_unet": efficientnet_unet_from_config,
-}
+# Every ENCODER value some architecture accepts, without repeats.
+ENCODERS: tuple[str, ...] = tuple(dict.fromkeys(e for a in _ARCHITECTURES for e in a.encoders))
 
 
 def build_model(cfg: Config, band_mean: Sequence[float], band_std: Sequence[float],
@@ -67,56 +102,9 @@ def build_model(cfg: Config, band_mean: Sequence[float], band_std: Sequence[floa
             (None, None, bands) for a model that takes any size the architecture divides
             (tiled inference); weights are interchangeable between the two.
 
-    Raises UserError for bad user input (band statistics, encoder weights).
+    Raises UserError for bad user input (band statistics, encoder weights), ValueError for
+    an input size that is not a multiple of the architecture's down-sampling factor.
     """
-    return MODELS[cfg.MODEL](cfg, band_mean, band_std, input_shape=input_shape)
-
-
-def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
-    """Freeze (False) or unfreeze (True) the pretrained encoder of a model.
-
-    A frozen encoder's BatchNorm layers run in inference mode (moving statistics neither
-    used from the batch nor updated), which is what fine-tuning needs. Re-compile the model
-    after calling this so that the optimizer sees the new set of trainable weights. Raises
-    ValueError for models without a nested 'encoder' (the residual U-Net).
-    """
-    try:
-        encoder = model.get_layer(ENCODER_NAME)
-    except ValueError:
-        raise ValueError(f"model '{model.name}' has no pretrained encoder to freeze") from None
-    encoder.trainable = trainable
-    if trainable:
-        # Unfreezing a pretrained encoder trains its weights, never its BatchNorm statistics.
-        freeze_batchnorm(encoder)
-
-
-def _spatial_size(shape: Sequence[int | None], layer: keras.layers.Layer) -> int:
-    """Number of positions in a (batch, ..., channels) shape; all must be known."""
-    dims = tuple(shape[1:-1])
-    if any(d is None for d in dims):
-        raise ValueError(f"count_flops needs a model with a fixed input size; layer "
-                         f"'{layer.name}' has shape {tuple(shape)}")
-    return math.prod(dims)
-
-
-def count_flops(model: keras.Model, batch_size: int = 1) -> int:
-    """Forward-pass FLOPs of ``batch_size`` images (1 multiply-add = 2 FLOPs).
-
-    Counts the multiply-adds of Conv2D, DepthwiseConv2D, Conv2DTranspose and Dense layers
-    from their kernel and feature-map sizes: 2 * kh*kw*cin*cout * output positions for a
-    convolution (cin per group), 2 * kh*kw*cin*cout * *input* positions for a transposed
-    one. BatchNorm, activations, pooling, resizing and biases (a few % at most) are left out.
-    The model must have a fixed input size.
-    """
-    macs = 0
-    for layer in leaf_layers(model):
-        kernel = getattr(layer, "kernel", None)
-        if kernel is None:
-            continue
-        size = math.prod(kernel.shape)
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            macs += size * _spatial_size(layer.input.shape, layer)
-        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
-                                keras.layers.Dense)):
-            macs += size * _spatial_size(layer.output.shape, layer)
-    return 2 * macs * batch_size
+    architecture = MODELS[cfg.MODEL]
+    builder = getattr(importlib.import_module(architecture.module), architecture.function)
+    return builder(cfg, band_mean, band_std, input_shape=input_shape)

@@ -4,7 +4,7 @@ Models of a fixed input size are made of built-in Keras layers only, so a saved 
 reloads with ``keras.models.load_model(path)`` and no custom objects. Models with unknown
 rows/cols (for inference on any size) up-sample bilinearly with
 :class:`BilinearUpSampling2D`, registered as "res_unet>BilinearUpSampling2D": loading such
-a model needs ``import res_unet.models`` first. The layer names defined here are the same
+a model needs this module imported first. The layer names defined here are the same
 in every architecture: the training and prediction code may rely on them.
 """
 
