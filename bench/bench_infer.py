@@ -29,9 +29,9 @@ import tensorflow as tf
 from bench_train import matmul_peak
 
 from res_unet.config import config_from_dict
+from res_unet.devices import cpu_supports_bf16, device_description
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
-from res_unet.train import cpu_supports_bf16, device_description
 
 MODELS = {
     "resunet FILTERS 8": {"MODEL": "resunet", "FILTERS": 8},

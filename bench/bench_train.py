@@ -29,8 +29,9 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.config import config_from_dict
+from res_unet.devices import cpu_supports_bf16, device_description
 from res_unet.models.helpers import count_flops
-from res_unet.train import Trainer, cpu_supports_bf16, device_description
+from res_unet.train import Trainer
 
 
 def matmul_peak(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", help="names of recipes to run (default all)")
     args = parser.parse_args()
 
-    from res_unet import records, segment, train
+    from res_unet import devices, records, segment, train
 
     source = DATA / args.dataset
     if not source.is_dir():
@@ -113,7 +113,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "recipes at equal training time", "dataset": args.dataset,
-                      "minutes": args.minutes, "device": train.device_description(),
+                      "minutes": args.minutes, "device": devices.device_description(),
                       "results": rows}, indent=2))
 
 

@@ -1,5 +1,9 @@
 """The JSON config: one typed object, its defaults, its validation, and old-key upgrades.
 
+Why this module is long: every key a user can write is declared here once, with its
+default, range and meaning (about 60 keys, half the file): the one home of the config
+reference.
+
 Every key a user can write lives in :class:`Config`, with its default and its meaning in the
 field metadata; the README's config reference is generated from it
 (:func:`reference_markdown`). Keys from the original residual-U-Net toolbox are accepted

@@ -1,5 +1,9 @@
 """Reading and writing rasters and labels: the one place that touches image files.
 
+Why this module is long: it is the one place that touches image files, and every format
+has its own traps (palette and 16-bit PNGs, world files, GDAL vs tifffile, extra-band
+folders, label colours), each handled once here rather than wherever a file is read.
+
 Images come back as ``(H, W, B)`` arrays of raw uint8 or uint16 values, labels as ``(H, W)``
 uint8 class indices, and georeferencing (CRS, transform, nodata) travels in a
 :class:`RasterMeta` from input to output. JPEG and PNG are read with Pillow, TIFF with

@@ -1,5 +1,9 @@
 """Training and evaluation of a segmentation model on a make_tfrecords dataset.
 
+Why this module is long: the epoch loop, its resume backup, early stopping and the
+writing of the run folder share one state (TrainState) and one order of steps that a
+resumed run must repeat exactly; split, each part would need the others' internals.
+
 One custom training loop serves every tf.distribute strategy: the default strategy on a CPU or
 one GPU, MirroredStrategy over several GPUs, and MultiWorkerMirroredStrategy over several
 machines (Keras 3's ``model.fit`` fails under the latter, keras-team/keras#20585). The loop
@@ -38,6 +42,13 @@ from res_unet.atomic import (
     write_csv,
 )
 from res_unet.config import Config, config_from_dict, save_config
+from res_unet.devices import (
+    device_description,
+    is_chief,
+    make_strategy,
+    resolve_precision,
+    strategy_name,
+)
 from res_unet.errors import UserError
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops, set_encoder_trainable
@@ -63,80 +74,6 @@ from res_unet.runfolder import (
     load_weights_checked,
     read_finished_card,
 )
-
-# Devices, strategy and precision ----------------------------------------------------------
-
-
-def make_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirrored when TF_CONFIG names several workers, Mirrored over several GPUs,
-    else the default strategy (one CPU or GPU)."""
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    if len(cluster.get("worker", [])) > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def strategy_name(strategy: tf.distribute.Strategy) -> str:
-    """The public name of a strategy (MultiWorkerMirroredStrategy's class has another)."""
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return "MultiWorkerMirroredStrategy"
-    return type(strategy).__name__
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bfloat16 matrix units (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(cfg: Config) -> str:
-    """The Keras dtype policy for PRECISION; 'auto' picks by hardware.
-
-    float16 on a CPU is emulated and unusably slow, so it is only chosen for GPUs.
-    """
-    if cfg.PRECISION != "auto":
-        if cfg.PRECISION == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
-            print("note: PRECISION mixed_float16 without a GPU is very slow; consider "
-                  "mixed_bfloat16 or float32")
-        return cfg.PRECISION
-    if tf.config.list_logical_devices("GPU"):
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
-
-
-def device_description() -> str:
-    """A short description of the compute device, for the model card."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if gpus:
-        return f"{len(gpus)} GPU(s)"
-    name = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
-
-
-def is_chief() -> bool:
-    """Whether this process writes the run folder: the chief, or worker 0 when no chief is
-    named, or the only process when TF_CONFIG is absent."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    task = tf_config.get("task", {})
-    if not task:
-        return True
-    if task.get("type") == "chief":
-        return True
-    return (task.get("type") == "worker" and task.get("index", 0) == 0
-            and "chief" not in tf_config.get("cluster", {}))
-
 
 # Checks against the dataset ----------------------------------------------------------------
 

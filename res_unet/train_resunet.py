@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
     select_devices(cfg.SET_GPU)
     quiet_tensorflow()
-    from res_unet import train
+    from res_unet import devices, train
 
     card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
                        export_saved_model=not args.no_export, overwrite=args.overwrite)
     scenes = None
     # Only the process that wrote the run folder scores it (other workers have none).
-    if not args.no_scene_eval and train.is_chief():
+    if not args.no_scene_eval and devices.is_chief():
         from res_unet import segment
 
         scenes = segment.evaluate_scenes(args.out, args.data, progress=not args.no_progress)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_config
 
-from res_unet import records, runfolder, train
+from res_unet import devices, records, runfolder, train
 from res_unet.config import save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
@@ -52,7 +52,7 @@ def test_training_reduces_the_loss(tiny_dataset):
     keras.utils.set_random_seed(cfg.SEED)
     untrained = build_model(cfg, manifest["band_mean"], manifest["band_std"])
     before = dataset_loss(cfg, tiny_dataset, untrained)
-    trainer = train.Trainer(cfg, manifest, train.make_strategy(), "float32")
+    trainer = train.Trainer(cfg, manifest, devices.make_strategy(), "float32")
     ds = records.load_dataset(tiny_dataset, "train", 8, shuffle=True, repeat=True, seed=1)
     iterator = iter(ds)
     for epoch in range(3):
@@ -298,11 +298,11 @@ def test_weights_that_do_not_fit(tiny_dataset, tmp_path):
 
 
 def test_precision_resolution(monkeypatch):
-    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: True)
-    assert train.resolve_precision(tiny_config(PRECISION="auto")) == "mixed_bfloat16"
-    monkeypatch.setattr(train, "cpu_supports_bf16", lambda: False)
-    assert train.resolve_precision(tiny_config(PRECISION="auto")) == "float32"
-    assert train.resolve_precision(tiny_config(PRECISION="float32")) == "float32"
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
+    assert devices.resolve_precision(tiny_config(PRECISION="auto")) == "mixed_bfloat16"
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
+    assert devices.resolve_precision(tiny_config(PRECISION="auto")) == "float32"
+    assert devices.resolve_precision(tiny_config(PRECISION="float32")) == "float32"
 
 
 def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
@@ -315,14 +315,14 @@ def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
 
 def test_is_chief(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train.is_chief()
+    assert devices.is_chief()
     cluster = {"worker": ["localhost:1", "localhost:2"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
                                                 "task": {"type": "worker", "index": 1}}))
-    assert not train.is_chief()
+    assert not devices.is_chief()
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
                                                 "task": {"type": "worker", "index": 0}}))
-    assert train.is_chief()
+    assert devices.is_chief()
 
 
 def _run_workers(args_list, envs, timeout=600):
