@@ -436,6 +436,60 @@ def load_image(pair: Pair, cfg: Config, for_model: bool = False
     return _append_bands(image, pair.image, pair.extra_bands), meta
 
 
+class RasterRows:
+    """A raster GDAL can read in windows (GeoTIFF and the like), read a band of rows at a
+    time: the :class:`res_unet.tiling.RowSource` that lets scenes larger than memory be
+    segmented. Rows come back as :func:`load_image` would give them (uint8/uint16, the same
+    checks on other pixel types, window by window). Close it, or use it in a ``with``."""
+
+    def __init__(self, path: Path, dataset: Any, meta: RasterMeta) -> None:
+        self.path, self.meta, self._ds = path, meta, dataset
+        self.shape = (int(dataset.height), int(dataset.width), int(dataset.count))
+        native = np.dtype(dataset.dtypes[0])
+        self.dtype = native if native in (np.uint8, np.uint16) else np.dtype(
+            np.uint8 if native.kind == "b" else np.uint16)
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        r0, r1 = max(r0, 0), min(r1, self.shape[0])
+        band = np.empty((r1 - r0, self.shape[1], self.shape[2]), self._ds.dtypes[0])
+        self._ds.read(out=np.moveaxis(band, -1, 0), window=Window(0, r0, self.shape[1], r1 - r0))
+        return _as_image_dtype(band, self.path)
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> RasterRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_image_rows(pair: Pair, cfg: Config) -> RasterRows | None:
+    """The pair's image as :class:`RasterRows` when it can be read in windows: a single-page
+    TIFF that GDAL reads, no extra-band folders, and exactly the model's N_DATA_BANDS bands
+    (an alpha band to drop needs the whole image read). Else None: use :func:`load_image`,
+    which reads the image whole and gives the messages for the other cases."""
+    if pair.extra_bands or pair.image.suffix.lower() not in _TIFF_SUFFIXES:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            dataset = rasterio.open(pair.image)
+    except rasterio.errors.RasterioError:
+        return None
+    usable = (not dataset.subdatasets and dataset.count == cfg.N_DATA_BANDS
+              and len(set(dataset.dtypes)) == 1 and np.dtype(dataset.dtypes[0]).kind in "uifb")
+    if not usable:
+        dataset.close()
+        return None
+    plain = _not_georeferenced(dataset)
+    meta = RasterMeta(path=pair.image, crs=dataset.crs,
+                      transform=None if plain else dataset.transform,
+                      nodata=None if dataset.nodata is None else float(dataset.nodata))
+    return RasterRows(pair.image, dataset, meta)
+
+
 def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
     """Read one training example and check it against the config.
 

@@ -32,9 +32,10 @@ CRF_MAX_PIXELS).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,7 +44,10 @@ from res_unet.config import Config
 from res_unet.errors import UserError
 from res_unet.runfolder import LoadedModel
 from res_unet.tiling import (
+    DownsampledRows,
+    RowSource,
     TileBlender,
+    as_rows,
     blend_window,
     downsample_image,
     downsampled_shape,
@@ -52,7 +56,9 @@ from res_unet.tiling import (
     tile_grid,
     tile_origins,
     undo_fit,
+    upsample_ready_rows,
     upsample_rows,
+    upsample_source_rows,
 )
 
 LABEL_NODATA = 255
@@ -61,6 +67,8 @@ LABEL_NODATA = 255
 FULL_MAX_VALUES = 64_000_000
 # Rows interpolated at a time when a DOWNSAMPLE model's map goes back to full resolution.
 UPSAMPLE_ROWS = 1024
+# Rows handled at a time in passes over the whole label map (nodata marks, Otsu labels).
+ROW_BLOCK = 256
 _OTSU_LEVELS = 65535
 
 
@@ -120,17 +128,28 @@ def predict_resize(models: Sequence[LoadedModel], image: np.ndarray, tta: bool =
     return undo_fit(prob, info)
 
 
-def _tile_predictions(models: Sequence[LoadedModel], image: np.ndarray,
-                      origins: list[tuple[int, int]], tile_hw: tuple[int, int],
-                      batch_size: int, tta: bool, rot90: bool
-                      ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(row, col, probabilities (th, tw, C)) of every tile, in the order of ``origins``."""
-    for start in range(0, len(origins), batch_size):
-        chunk = origins[start:start + batch_size]
-        batch = np.stack([extract_tile(image, r, c, tile_hw) for r, c in chunk])
-        probs = predict_batch(models, batch, tta, rot90)
-        for (r, c), prob in zip(chunk, probs, strict=True):
+def _predict_tiles(models: Sequence[LoadedModel],
+                   tiles: Iterable[tuple[int, int, np.ndarray]], batch_size: int, tta: bool,
+                   rot90: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(row, col, probabilities (th, tw, C)) of every (row, col, tile) of ``tiles``, in
+    order, predicted in batches of ``batch_size``."""
+    tiles = iter(tiles)
+    while chunk := list(itertools.islice(tiles, batch_size)):
+        probs = predict_batch(models, np.stack([tile for _, _, tile in chunk]), tta, rot90)
+        for (r, c, _), prob in zip(chunk, probs, strict=True):
             yield r, c, prob
+
+
+def _tiles_by_row(source: RowSource, tile_hw: tuple[int, int], overlap: float
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The tiles of :func:`res_unet.tiling.tile_grid`, row-major, reading each band of rows
+    of ``source`` once (a band is one tile high; edges reflect-padded as extract_tile)."""
+    height, width = source.shape[:2]
+    cols = tile_origins(width, tile_hw[1], overlap)
+    for r in tile_origins(height, tile_hw[0], overlap):
+        band = source.rows(r, r + tile_hw[0])
+        for c in cols:
+            yield r, c, extract_tile(band, 0, c, tile_hw)
 
 
 def predict_tiled(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Sequence[int],
@@ -145,38 +164,63 @@ def predict_tiled(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Seq
     """
     th, tw = int(tile_hw[0]), int(tile_hw[1])
     blender = TileBlender(image.shape[:2], models[0].n_outputs, blend_window((th, tw), window))
-    for r, c, prob in _tile_predictions(models, image, tile_grid(image.shape[:2], (th, tw),
-                                                                 overlap),
-                                        (th, tw), batch_size, tta, rot90):
+    tiles = ((r, c, extract_tile(image, r, c, (th, tw)))
+             for r, c in tile_grid(image.shape[:2], (th, tw), overlap))
+    for r, c, prob in _predict_tiles(models, tiles, batch_size, tta, rot90):
         blender.add(prob, r, c)
     return blender.result()
 
 
-def iter_strips(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Sequence[int],
-                overlap: float, window: str = "hann", batch_size: int = 8, tta: bool = False,
-                rot90: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+def iter_strips(models: Sequence[LoadedModel], image: np.ndarray | RowSource,
+                tile_hw: Sequence[int], overlap: float, window: str = "hann",
+                batch_size: int = 8, tta: bool = False, rot90: bool = False
+                ) -> Iterator[tuple[int, np.ndarray]]:
     """Tiled mode, memory-bounded: yields ``(first_row, probabilities (rows, W, C) float32)``
     strips from top to bottom that together cover every row exactly once.
 
     Same tiles, window and values as :func:`predict_tiled` (up to float rounding of batch
     composition), but only a band of about one tile height (plus one batch of tiles) holds
     probabilities: after each row of tiles the rows above the next row of tiles are final.
+    ``image`` may be a :class:`res_unet.tiling.RowSource` (e.g. a GeoTIFF read in windows):
+    then only about two tile-high bands of pixels are held as well.
     """
+    source = as_rows(image)
     th, tw = int(tile_hw[0]), int(tile_hw[1])
-    height = image.shape[0]
+    height, width = source.shape[:2]
     rows = tile_origins(height, th, overlap)
-    per_row = len(tile_origins(image.shape[1], tw, overlap))
-    blender = TileBlender(image.shape[:2], models[0].n_outputs, blend_window((th, tw), window),
-                          streaming=True)
-    origins = tile_grid(image.shape[:2], (th, tw), overlap)
-    for i, (r, c, prob) in enumerate(_tile_predictions(models, image, origins, (th, tw),
-                                                       batch_size, tta, rot90)):
+    per_row = len(tile_origins(width, tw, overlap))
+    blender = TileBlender((height, width), models[0].n_outputs,
+                          blend_window((th, tw), window), streaming=True)
+    tiles = _tiles_by_row(source, (th, tw), overlap)
+    for i, (r, c, prob) in enumerate(_predict_tiles(models, tiles, batch_size, tta, rot90)):
         blender.add(prob, r, c)
         if (i + 1) % per_row == 0:
             row_index = (i + 1) // per_row
             end = rows[row_index] if row_index < len(rows) else height
             first = blender.start
             yield first, blender.pop_rows(end)
+
+
+def upsample_strips(small_strips: Iterable[tuple[int, np.ndarray]], factor: int,
+                    small_height: int, out_hw: Sequence[int]
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+    """Strips of a map at 1/``factor`` scale (top to bottom, as :func:`iter_strips` gives
+    them) -> strips of its bilinear up-sampling to ``out_hw``, equal to
+    :func:`res_unet.tiling.upsample_rows` of the whole map; only the small rows still
+    needed are held."""
+    out_h = int(out_hw[0])
+    held: np.ndarray | None = None
+    held_first = done = 0
+    for first, strip in small_strips:
+        held = strip if held is None else np.concatenate([held, strip])
+        ready = upsample_ready_rows(first + len(strip), factor, small_height, out_h)
+        for r0 in range(done, ready, UPSAMPLE_ROWS):
+            r1 = min(r0 + UPSAMPLE_ROWS, ready)
+            yield r0, upsample_rows(held, factor, out_hw, r0, r1, held_first, small_height)
+        done = max(done, ready)
+        if done < out_h:
+            keep = upsample_source_rows(done, done + 1, factor, small_height)[0]
+            held, held_first = held[keep - held_first:], keep
 
 
 # Labels ------------------------------------------------------------------------------------
@@ -281,22 +325,31 @@ class Segmenter:
         small = self._probabilities_at_scale(downsample_image(image, self.downsample))
         return upsample_rows(small, self.downsample, image.shape[:2])
 
-    def strips(self, image: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Probabilities as (first_row, (rows, W, C)) strips (one strip in resize mode)."""
+    def strips(self, image: np.ndarray | RowSource) -> Iterator[tuple[int, np.ndarray]]:
+        """Probabilities as (first_row, (rows, W, C)) strips, top to bottom.
+
+        ``image`` may be a :class:`res_unet.tiling.RowSource`: in tile mode it is then read a
+        band of rows at a time, and only about one tile-high band of probabilities (at the
+        working scale) is held, so the image may be larger than memory.
+        """
         cfg = self.cfg
-        if self.downsample > 1:
-            # The down-sampled map is DOWNSAMPLE**2 times smaller: predict it whole, then
-            # interpolate back to full resolution a block of rows at a time.
-            small = self._probabilities_at_scale(downsample_image(image, self.downsample))
-            for r0 in range(0, image.shape[0], UPSAMPLE_ROWS):
-                r1 = min(r0 + UPSAMPLE_ROWS, image.shape[0])
-                yield r0, upsample_rows(small, self.downsample, image.shape[:2], r0, r1)
+        source = as_rows(image)
+        height = source.shape[0]
+        if self.mode_for(source.shape[:2]) == "resize":
+            prob = predict_resize(self.models, downsample_image(source.rows(0, height),
+                                                                self.downsample),
+                                  cfg.TESTTIMEAUG, self.rot90)
+            yield from upsample_strips([(0, prob)], self.downsample, len(prob),
+                                       source.shape[:2])
             return
-        if self.mode_for(image.shape[:2]) == "resize":
-            yield 0, predict_resize(self.models, image, cfg.TESTTIMEAUG, self.rot90)
-            return
-        yield from iter_strips(self.models, image, self.tile_hw, cfg.TILE_OVERLAP,
-                               cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90)
+        small = DownsampledRows(source, self.downsample) if self.downsample > 1 else source
+        strips = iter_strips(self.models, small, self.tile_hw, cfg.TILE_OVERLAP,
+                             cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90)
+        if self.downsample == 1:
+            yield from strips
+        else:
+            yield from upsample_strips(strips, self.downsample, small.shape[0],
+                                       source.shape[:2])
 
     def check_dtype(self, image: np.ndarray, source: str | os.PathLike = "image") -> None:
         """Raise UserError when the image's data type is not the one the models were trained
@@ -317,44 +370,53 @@ class Segmenter:
         strippable = self.mode_for(shape_hw) == "tile" or self.downsample > 1
         return big and strippable and not self.cfg.DO_CRF_REFINE
 
-    def segment(self, image: np.ndarray, nodata: Sequence[float] = (),
+    def segment(self, image: np.ndarray | RowSource, nodata: Sequence[float] = (),
                 on_probs: ProbabilitySink | None = None) -> np.ndarray:
         """Raw (H, W, B) image -> post-processed (H, W) uint8 label map.
 
         Pixels whose bands all equal a ``nodata`` value are LABEL_NODATA (255). ``on_probs``
         receives the probabilities as (first_row, (rows, W, C) float32) pieces covering the
-        image top to bottom, NaN at nodata pixels (for saving them).
+        image top to bottom, NaN at nodata pixels (for saving them). ``image`` may be a
+        :class:`res_unet.tiling.RowSource` (a scene read in windows); images that are not
+        segmented strip by strip (:meth:`uses_strips`) are then read whole.
         """
         if image.shape[-1] != self.n_bands:
             raise ValueError(f"image has {image.shape[-1]} bands, the model takes {self.n_bands}")
         self.check_dtype(image)
         if self.uses_strips(image.shape[:2]):
-            label = self._segment_strips(image, nodata, on_probs)
-        else:
-            prob = self.probabilities(image)
-            invalid = nodata_mask(image, nodata)
-            cfg = self.cfg
-            if (self.threshold_setting == "otsu" and not cfg.DO_CRF_REFINE and invalid.any()
-                    and not invalid.all()):
-                # A nodata collar would drag Otsu's threshold; take it from valid pixels only.
-                cut = postprocess.otsu_threshold(prob[~invalid][:, None, :])
-                cfg = dataclasses.replace(cfg, THRESHOLD=cut)
-            label = postprocess.postprocess(prob, image, cfg, self.card_threshold)
-            label[invalid] = LABEL_NODATA
-            if on_probs is not None:
-                prob[invalid] = np.nan
-                on_probs(0, prob)
+            return self._segment_strips(as_rows(image), nodata, on_probs)
+        if not isinstance(image, np.ndarray):
+            image = image.rows(0, image.shape[0])
+        prob = self.probabilities(image)
+        invalid = nodata_mask(image, nodata)
+        cfg = self.cfg
+        if (self.threshold_setting == "otsu" and not cfg.DO_CRF_REFINE and invalid.any()
+                and not invalid.all()):
+            # A nodata collar would drag Otsu's threshold; take it from valid pixels only.
+            cut = postprocess.otsu_threshold(prob[~invalid][:, None, :])
+            cfg = dataclasses.replace(cfg, THRESHOLD=cut)
+        label = postprocess.postprocess(prob, image, cfg, self.card_threshold)
+        label[invalid] = LABEL_NODATA
+        if on_probs is not None:
+            prob[invalid] = np.nan
+            on_probs(0, prob)
         return label
 
-    def _segment_strips(self, image: np.ndarray, nodata: Sequence[float],
+    def _segment_strips(self, source: RowSource, nodata: Sequence[float],
                         on_probs: ProbabilitySink | None) -> np.ndarray:
         otsu = self.threshold_setting == "otsu"
         cut = 0.5 if otsu or self.n_outputs != 1 else float(self.threshold_setting)
-        store = np.empty(image.shape[:2], np.uint16 if otsu else np.uint8)
+        store = np.empty(source.shape[:2], np.uint16 if otsu else np.uint8)
         counts = np.zeros(_OTSU_LEVELS + 1, np.int64)
-        for r0, prob in self.strips(image):
+
+        def invalid_rows(r0: int, r1: int) -> np.ndarray:
+            if not nodata:
+                return np.zeros((r1 - r0, source.shape[1]), bool)
+            return nodata_mask(source.rows(r0, r1), nodata)
+
+        for r0, prob in self.strips(source):
             rows = slice(r0, r0 + len(prob))
-            invalid = nodata_mask(image[rows], nodata)
+            invalid = invalid_rows(r0, r0 + len(prob))
             if otsu:
                 quantised = np.rint(prob[..., 0] * _OTSU_LEVELS).astype(np.uint16)
                 store[rows] = quantised
@@ -366,16 +428,18 @@ class Segmenter:
                 on_probs(r0, prob)
         if otsu:
             # Otsu's threshold is a histogram level; that level itself is background.
-            level = math.floor(postprocess.otsu_from_histogram(counts) * _OTSU_LEVELS + 1e-6) + 1
+            level = math.floor(postprocess.otsu_from_histogram(counts) * _OTSU_LEVELS
+                               + 1e-6) + 1
             label = np.empty(store.shape, np.uint8)
-            for r0 in range(0, len(store), 1024):
-                label[r0:r0 + 1024] = store[r0:r0 + 1024] >= level
+            for r0 in range(0, len(store), ROW_BLOCK):
+                label[r0:r0 + ROW_BLOCK] = store[r0:r0 + ROW_BLOCK] >= level
             del store
         else:
             label = store
         label = postprocess.clean_label(label, self.cfg, self.n_classes)
-        # Row blocks: a whole-image nodata mask would cost another byte per pixel.
-        for r0 in range(0, label.shape[0], 1024):
-            rows = slice(r0, r0 + 1024)
-            label[rows][nodata_mask(image[rows], nodata)] = LABEL_NODATA
+        if nodata:
+            # Row blocks: a whole-image nodata mask would cost another byte per pixel.
+            for r0 in range(0, label.shape[0], ROW_BLOCK):
+                r1 = min(r0 + ROW_BLOCK, label.shape[0])
+                label[r0:r1][invalid_rows(r0, r1)] = LABEL_NODATA
         return label

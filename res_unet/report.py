@@ -46,6 +46,12 @@ def class_colours(n_classes: int) -> np.ndarray:
     return CLASS_COLOURS[np.arange(n_classes) % len(CLASS_COLOURS)]
 
 
+def overlay_step(shape_hw: Sequence[int], max_pixels: int = OVERLAY_MAX_PIXELS) -> int:
+    """The sub-sampling step of an overlay of an image of ``shape_hw``: the smallest integer
+    that brings it to at most ``max_pixels``."""
+    return max(1, math.ceil(math.sqrt(shape_hw[0] * shape_hw[1] / max_pixels)))
+
+
 def overlay_image(image: np.ndarray, label: np.ndarray, n_classes: int,
                   max_pixels: int = OVERLAY_MAX_PIXELS) -> np.ndarray:
     """The image with coloured classes (alpha OVERLAY_ALPHA) and class outlines, uint8 RGB.
@@ -55,7 +61,7 @@ def overlay_image(image: np.ndarray, label: np.ndarray, n_classes: int,
     Binary maps colour class 1 only. Images above ``max_pixels`` are drawn sub-sampled by
     the smallest integer step that fits.
     """
-    step = max(1, math.ceil(math.sqrt(image.shape[0] * image.shape[1] / max_pixels)))
+    step = overlay_step(image.shape[:2], max_pixels)
     if step > 1:
         image, label = image[::step, ::step], label[::step, ::step]
     out = to_display_rgb(image)

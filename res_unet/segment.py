@@ -59,6 +59,7 @@ from res_unet.runfolder import (
     read_json,
     run_config,
 )
+from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
 LABEL_SUFFIX = "_predseg.png"
@@ -141,14 +142,24 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
                   ) -> tuple[np.ndarray, int]:
     """Segment one image and write its outputs (``output_paths``), each atomically.
 
+    A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
+    bands, see :func:`res_unet.imagery.open_image_rows`) is never read whole: it is
+    segmented strip by strip from windows, and only the (H, W) uint8 label is held.
     Returns (label (H, W) uint8 with LABEL_NODATA at nodata, pixel count). Raises UserError
     for unreadable images or a band count the models do not take.
     """
     cfg = segmenter.cfg
-    image, meta = imagery.load_image(pair, cfg, for_model=True)
-    segmenter.check_dtype(image, pair.image)
-    nodata = nodata_values(meta, cfg.NODATA_ZERO)
     with contextlib.ExitStack() as stack:
+        rows = imagery.open_image_rows(pair, cfg)
+        if rows is not None:
+            stack.enter_context(rows)
+        image: np.ndarray | RowSource
+        if rows is not None and segmenter.uses_strips(rows.shape[:2]):
+            image, meta = rows, rows.meta
+        else:
+            image, meta = imagery.load_image(pair, cfg, for_model=True)
+        segmenter.check_dtype(image, pair.image)
+        nodata = nodata_values(meta, cfg.NODATA_ZERO)
         sink = None
         if "probs" in paths:
             sink = stack.enter_context(_probability_file(paths["probs"], image.shape[:2],
@@ -158,14 +169,17 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
         except tf.errors.ResourceExhaustedError:
             raise UserError(f"{pair.image}: out of memory at batch size {cfg.BATCH_SIZE}; lower "
                             "--batch-size (or --tile-size)") from None
+        step = report.overlay_step(label.shape)
+        shown = every_nth(image, step)
+        imagery.write_png(paths["overlay"], report.overlay_image(
+            shown, label[::step, ::step], segmenter.n_classes))
     if "geotiff" in paths:
         imagery.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
     if "geojson" in paths:
         collection = postprocess.mask_to_geojson(label, meta.transform, meta.crs)
         write_atomic(paths["geojson"], json.dumps(collection))
-    imagery.write_png(paths["overlay"], report.overlay_image(image, label, segmenter.n_classes))
     imagery.write_png(paths["label"], label)
-    return label, image.shape[0] * image.shape[1]
+    return label, label.shape[0] * label.shape[1]
 
 
 # Evaluation --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from skimage.transform import resize
@@ -268,6 +269,51 @@ class TileBlender:
         return self.pop_rows(self.shape_hw[0])
 
 
+# Images as bands of rows ---------------------------------------------------------------------
+
+
+class RowSource(Protocol):
+    """An (H, W, B) image read a band of rows at a time: an array in memory
+    (:class:`ArrayRows`), a raster on disk read in windows
+    (:class:`res_unet.imagery.RasterRows`), or another source at a coarser scale
+    (:class:`DownsampledRows`)."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` (clipped to the image) as an (rows, W, B) array."""
+        ...
+
+
+class ArrayRows:
+    """An image in memory as a :class:`RowSource` (rows are views, no copies)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
+        self.dtype = image.dtype
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        return self.image[max(r0, 0):min(r1, self.shape[0])]
+
+
+def as_rows(image: np.ndarray | RowSource) -> RowSource:
+    """``image`` as a :class:`RowSource` (arrays are wrapped, sources returned as they are)."""
+    return ArrayRows(image) if isinstance(image, np.ndarray) else image
+
+
+def every_nth(image: np.ndarray | RowSource, step: int, block_rows: int = 1024) -> np.ndarray:
+    """``image[::step, ::step]`` of an array or a :class:`RowSource` (read a band of rows at a
+    time, so only the result is held)."""
+    if isinstance(image, np.ndarray):
+        return image[::step, ::step]
+    block = max(step, block_rows - block_rows % step)
+    parts = [image.rows(r0, r0 + block)[::step, ::step]
+             for r0 in range(0, image.shape[0], block)]
+    return np.concatenate(parts)
+
+
 # Working scale (DOWNSAMPLE) -------------------------------------------------------------------
 #
 # A model trained with DOWNSAMPLE = k sees the imagery k times coarser, so one tile covers k
@@ -303,6 +349,23 @@ def downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
     return mean.astype(image.dtype, copy=False)
 
 
+class DownsampledRows:
+    """:func:`downsample_image` of a :class:`RowSource`, a band of rows at a time: rows
+    ``r0:r1`` of the result read rows ``factor * r0 : factor * r1`` of the source, so any
+    split gives the same values as down-sampling the whole image."""
+
+    def __init__(self, source: RowSource, factor: int) -> None:
+        self.source, self.factor = source, int(factor)
+        h, w = downsampled_shape(source.shape[:2], self.factor)
+        self.shape = (h, w, source.shape[2])
+        self.dtype = source.dtype
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        r0, r1 = max(r0, 0), min(r1, self.shape[0])
+        k = self.factor
+        return downsample_image(self.source.rows(k * r0, min(k * r1, self.source.shape[0])), k)
+
+
 def downsample_label(label: np.ndarray, factor: int) -> np.ndarray:
     """Majority class of each ``factor`` x ``factor`` block of an (H, W) label map (ties go
     to the lower class value). ``factor`` 1 returns the label itself."""
@@ -331,18 +394,46 @@ def _upsample_axis_weights(n_out: int, n_in: int, factor: int, start: int = 0
 
 
 def upsample_rows(small: np.ndarray, factor: int, out_hw: Sequence[int], r0: int = 0,
-                  r1: int | None = None) -> np.ndarray:
+                  r1: int | None = None, small_first_row: int = 0,
+                  small_height: int | None = None) -> np.ndarray:
     """Rows ``r0:r1`` of the bilinear up-sampling of ``small`` (h, w, C) float to ``out_hw``.
 
     Inverse geometry of :func:`downsample_image`; edges are clamped. Any split into row
     ranges gives the same values as the whole, so large scenes can be done strip by strip.
+    ``small`` may hold only rows ``small_first_row:`` of a map ``small_height`` rows high
+    (default: all of it); it must include the rows :func:`upsample_source_rows` names.
     """
     out_h, out_w = int(out_hw[0]), int(out_hw[1])
     r1 = out_h if r1 is None else r1
     if factor == 1:
-        return small[r0:r1]
-    rlo, rhi, rw = _upsample_axis_weights(r1 - r0, small.shape[0], factor, r0)
+        return small[r0 - small_first_row:r1 - small_first_row]
+    total = small.shape[0] + small_first_row if small_height is None else small_height
+    rlo, rhi, rw = _upsample_axis_weights(r1 - r0, total, factor, r0)
+    rlo, rhi = rlo - small_first_row, rhi - small_first_row
+    if len(rlo) and (rlo.min() < 0 or rhi.max() >= small.shape[0]):
+        raise ValueError(f"rows {r0}:{r1} need small rows {rlo.min() + small_first_row}.."
+                         f"{rhi.max() + small_first_row}, not all held")
     clo, chi, cw = _upsample_axis_weights(out_w, small.shape[1], factor)
     rows = small[rlo] * (1 - rw)[:, None, None] + small[rhi] * rw[:, None, None]
     return (rows[:, clo] * (1 - cw)[None, :, None] + rows[:, chi] * cw[None, :, None]
             ).astype(np.float32, copy=False)
+
+
+def upsample_source_rows(r0: int, r1: int, factor: int, small_height: int) -> tuple[int, int]:
+    """The rows [lo, hi) of the small map that output rows [r0, r1) of
+    :func:`upsample_rows` read."""
+    lo, hi, _ = _upsample_axis_weights(max(r1 - r0, 1), small_height, factor, r0)
+    return int(lo.min()), int(hi.max()) + 1
+
+
+def upsample_ready_rows(small_rows: int, factor: int, small_height: int, out_height: int
+                        ) -> int:
+    """How many output rows :func:`upsample_rows` can finish once the first ``small_rows``
+    rows of a ``small_height``-row map are known (all of them at the end)."""
+    if small_rows >= small_height:
+        return out_height
+    if small_rows < 2:
+        return 0
+    # Output row R reads small rows lo, lo + 1 with lo = floor((R + 0.5) / factor - 0.5);
+    # lo + 1 < small_rows  <=>  R < factor * small_rows - (factor + 1) / 2.
+    return max(0, min(out_height, (2 * factor * small_rows - factor) // 2))

@@ -393,6 +393,55 @@ def test_downsample_segmenter_predicts_at_scale_and_interpolates_back(per_pixel)
     np.testing.assert_array_equal(seg.segment(img), expected[..., 0] >= 0.5)
 
 
+@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("out_h", [1, 7, 64, 95])
+def test_upsample_strips_equal_the_whole_map(factor, out_h):
+    """Small-scale strips of any sizes, up-sampled as they come, give exactly the
+    up-sampling of the whole small map."""
+    rng = np.random.default_rng(out_h)
+    small_h = -(-out_h // factor)
+    small = rng.random((small_h, 9, 2), dtype=np.float32)
+    whole = tiling.upsample_rows(small, factor, (out_h, 9 * factor - 1))
+    cuts = sorted(set(rng.integers(1, max(small_h, 2), 3).tolist()) | {0, small_h})
+    strips = [(a, small[a:b]) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    pieces = list(predict.upsample_strips(strips, factor, small_h, (out_h, 9 * factor - 1)))
+    assert [r0 for r0, _ in pieces] == sorted(r0 for r0, _ in pieces)
+    np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), whole)
+
+
+class CountingRows(tiling.ArrayRows):
+    """An in-memory image that records the bands of rows asked of it."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        super().__init__(image)
+        self.asked: list[tuple[int, int]] = []
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        self.asked.append((r0, r1))
+        return super().rows(r0, r1).copy()
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_segmenting_a_row_source_reads_bands_and_equals_the_whole_image(resunet_binary,
+                                                                        downsample):
+    """A scene read a band of rows at a time (as a GeoTIFF in windows) gives the same label
+    map as the image in memory, and no band asked for is taller than a tile (times the
+    working scale) or the nodata blocks."""
+    rng = np.random.default_rng(21)
+    img = rng.integers(0, 256, (600, 90, 3), dtype=np.uint8)
+    img[:5] = 0
+    model = dataclasses.replace(resunet_binary, downsample=downsample)
+    cfg = tiny_config(THRESHOLD=0.5)
+    whole = predict.Segmenter([model], cfg).segment(img, nodata=[0.0])
+    source = CountingRows(img)
+    streamed = predict.Segmenter([model], cfg, full_max_values=0).segment(source, [0.0])
+    np.testing.assert_array_equal(streamed, whole)
+    # Bands of one tile (times the working scale), an up-sampled strip of about that, or a
+    # block of the nodata pass: never the whole image.
+    tallest = max(r1 - r0 for r0, r1 in source.asked)
+    assert tallest <= max(2 * TILE * downsample, predict.ROW_BLOCK) < len(img)
+
+
 def test_ensemble_members_must_share_the_working_scale(per_pixel):
     coarse = dataclasses.replace(per_pixel, downsample=2)
     with pytest.raises(UserError, match="DOWNSAMPLE"):
