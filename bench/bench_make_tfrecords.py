@@ -73,8 +73,8 @@ def run_variant(fit_mode: str, workers: int, limit: int | None) -> dict:
         stop.set()
         sampler.join()
         out_bytes = sum(p.stat().st_size for p in (Path(tmp) / "ds").iterdir())
-    n_images = sum(c["images"] for c in manifest["counts"].values())
-    n_examples = sum(c["examples"] for c in manifest["counts"].values())
+    n_images = sum(c.images for c in manifest.counts.values())
+    n_examples = sum(c.examples for c in manifest.counts.values())
     return {
         "fit_mode": fit_mode, "workers": workers, "source_images": n_images,
         "examples": n_examples, "wall_s": round(wall, 2),

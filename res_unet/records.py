@@ -381,14 +381,14 @@ class ShardWriter:
     complete; leaving the ``with`` block by an exception removes the shard in progress.
     Compression and writing run on a background thread (TFRecordWriter releases the GIL), so
     they overlap with preparing the next examples; at most ``_WRITE_BACKLOG`` records wait.
-    ``shards`` lists the finished shards as {"file": name, "count": n}.
+    ``shards`` lists the finished shards (without their sha256).
     """
 
     def __init__(self, folder: Path, root: str, split: str, per_shard: int,
                  compression: str | None) -> None:
         self.folder, self.root, self.split = folder, root, split
         self.per_shard, self.compression = per_shard, compression
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[Shard] = []
         self._stack: contextlib.ExitStack | None = None
         self._writer: Any = None
         self._count = 0
@@ -443,7 +443,7 @@ class ShardWriter:
         self._writer.close()
         self._stack.close()
         self._stack = None
-        self.shards.append({"file": self._name, "count": self._count})
+        self.shards.append(Shard(self._name, self._count))
 
     def _abort(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Drop the shard in progress: stop queued writes, close it, delete its temp file."""
@@ -611,52 +611,50 @@ class _DatasetBuilder:
         kept.append((example.image, example.label, title))
 
     def manifest(self, writers: dict[str, ShardWriter], images_dir: Path,
-                 labels_dir: Path) -> dict[str, Any]:
+                 labels_dir: Path) -> Manifest:
         cfg = self.cfg
         if self.band_stats.n == 0:
             raise UserError(f"{images_dir}: no training examples were written (all tiles were "
                             "empty?); lower MIN_FOREGROUND_FRACTION or raise EMPTY_TILE_KEEP")
         band_mean, band_std = self.band_stats.result()
         hasher = hashlib.sha256()
-        shards: dict[str, list[dict[str, Any]]] = {}
-        for split in SPLITS:
-            shards[split] = [dict(s, sha256=_file_sha256(self.folder / s["file"], hasher))
-                             for s in writers[split].shards]
+        # One hasher over every shard in order (train, then validation), then the config.
+        shards = {split: [dataclasses.replace(s, sha256=_file_sha256(self.folder / s.file,
+                                                                     hasher))
+                          for s in writers[split].shards] for split in SPLITS}
         hasher.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
         total = int(self.class_counts.sum())
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "res_unet_version": res_unet.__version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "content_hash": "sha256:" + hasher.hexdigest(),
-            "counts": {s: {"images": len(self.sources[s]),
-                           "examples": sum(x["count"] for x in shards[s]),
-                           "unaugmented": self.unaugmented[s]} for s in SPLITS},
-            "files": {s: [p.image.name for p in sorted(self.sources[s], key=lambda p: p.stem)]
-                      for s in SPLITS},
-            "label_files": {s: [p.label.name if p.label else None
-                                for p in sorted(self.sources[s], key=lambda p: p.stem)]
-                            for s in SPLITS},
-            "images_dir": str(Path(images_dir).resolve()),
-            "labels_dir": str(Path(labels_dir).resolve()),
-            "empty_tiles_dropped": self.empty_dropped,
-            "class_pixel_counts": self.class_counts.tolist(),
-            "class_pixel_frequency": (self.class_counts / max(total, 1)).tolist(),
-            "band_mean": band_mean,
-            "band_std": band_std,
-            "n_bands": len(band_mean),
-            "n_label_classes": self.n_classes,
-            "nclasses": cfg.NCLASSES,
-            "target_size": list(cfg.TARGET_SIZE),
-            "dtype": self.dtype,
-            "fit_mode": cfg.FIT_MODE,
-            "downsample": cfg.DOWNSAMPLE,
-            "compression": cfg.SHARD_COMPRESSION,
-            "shards": shards,
-            "samples_figure": SAMPLES if cfg.DOPLOT else None,
-            "config": cfg.to_dict(),
-        }
+        by_stem = {s: sorted(self.sources[s], key=lambda p: p.stem) for s in SPLITS}
+        assert self.dtype is not None  # training examples were written (checked above)
+        return Manifest(
+            res_unet_version=res_unet.__version__,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            content_hash="sha256:" + hasher.hexdigest(),
+            counts={s: SplitCounts(images=len(self.sources[s]),
+                                   examples=sum(x.count for x in shards[s]),
+                                   unaugmented=self.unaugmented[s]) for s in SPLITS},
+            files={s: [p.image.name for p in by_stem[s]] for s in SPLITS},
+            label_files={s: [p.label.name if p.label else None for p in by_stem[s]]
+                         for s in SPLITS},
+            images_dir=str(Path(images_dir).resolve()),
+            labels_dir=str(Path(labels_dir).resolve()),
+            empty_tiles_dropped=self.empty_dropped,
+            class_pixel_counts=self.class_counts.tolist(),
+            class_pixel_frequency=(self.class_counts / max(total, 1)).tolist(),
+            band_mean=band_mean,
+            band_std=band_std,
+            n_bands=len(band_mean),
+            n_label_classes=self.n_classes,
+            nclasses=cfg.NCLASSES,
+            target_size=list(cfg.TARGET_SIZE),
+            dtype=self.dtype,
+            fit_mode=cfg.FIT_MODE,
+            downsample=cfg.DOWNSAMPLE,
+            compression=cfg.SHARD_COMPRESSION,
+            shards=shards,
+            samples_figure=SAMPLES if cfg.DOPLOT else None,
+            config=cfg.to_dict(),
+        )
 
 
 def _tasks(cfg: Config, train: list[Pair], validation: list[Pair]) -> list[_Task]:
@@ -669,7 +667,7 @@ def _tasks(cfg: Config, train: list[Pair], validation: list[Pair]) -> list[_Task
 
 def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
                  out_dir: str | os.PathLike, workers: int = 1,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False) -> Manifest:
     """Build a TFRecord dataset in ``out_dir`` from image and label folders.
 
     Every pair is read and checked before anything is written (all problems reported at
@@ -716,7 +714,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
 
 
 def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
-           images_dir: Path, labels_dir: Path) -> dict[str, Any]:
+           images_dir: Path, labels_dir: Path) -> Manifest:
     """Write the whole dataset into ``staging``, manifest last; returns the manifest."""
     builder = _DatasetBuilder(staging, cfg)
     writers = {s: ShardWriter(staging, cfg.ROOT_STRING, s, cfg.IMS_PER_SHARD,
@@ -733,16 +731,111 @@ def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
                            builder.samples["validation"], cfg.n_label_classes,
                            cfg.class_names)
     save_config(cfg, staging / CONFIG)
-    write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    manifest.write(staging)
     return manifest
+
+
+# The manifest ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """What one split of a dataset holds."""
+
+    images: int  # source images
+    examples: int  # examples written, augmented copies included
+    unaugmented: int  # examples that are not augmented copies
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard file of a split."""
+
+    file: str  # name in the dataset folder
+    count: int  # examples in it
+    sha256: str | None = None  # hex digest of its bytes; None in datasets made before hashing
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """``manifest.json``: what a dataset holds and how it was made, written last by
+    make_tfrecords. The JSON keys are the field names, in this order.
+
+    ``counts``, ``files`` (image file names, sorted by stem), ``label_files`` (None for an
+    image without a label) and ``shards`` are keyed by split. ``class_pixel_counts`` and
+    ``class_pixel_frequency`` count the label pixels of the training examples (augmented
+    copies included); ``band_mean`` and ``band_std`` are per band over the raw pixels of
+    the unaugmented training examples. ``config`` is the building config as a dict.
+    """
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    res_unet_version: str
+    created: str  # ISO 8601, UTC, to the second
+    content_hash: str  # "sha256:" + digest of every shard's bytes in order, then the config
+    counts: dict[str, SplitCounts]
+    files: dict[str, list[str]]
+    label_files: dict[str, list[str | None]]
+    images_dir: str
+    labels_dir: str
+    empty_tiles_dropped: int
+    class_pixel_counts: list[int]
+    class_pixel_frequency: list[float]
+    band_mean: list[float]
+    band_std: list[float]
+    n_bands: int
+    n_label_classes: int
+    nclasses: int
+    target_size: list[int]
+    dtype: str  # "uint8" or "uint16"
+    fit_mode: str
+    downsample: int = 1  # absent from datasets made before DOWNSAMPLE existed
+    compression: str | None  # "GZIP" or None
+    shards: dict[str, list[Shard]]
+    samples_figure: str | None
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data (nested dataclasses as dicts)."""
+        return dataclasses.asdict(self)
+
+    def write(self, folder: Path) -> None:
+        """Write ``folder``/manifest.json atomically."""
+        write_atomic(folder / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> Manifest:
+        """Parse the JSON data of ``path``; raises UserError (one line, naming ``path``) for
+        a file that is not a manifest, of another format version or missing a field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f"{path}: is not a manifest written by make_tfrecords; run "
+                            "make_tfrecords first")
+        fix = "run make_tfrecords again with --overwrite"
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path}: dataset format version {data.get('format_version')}, but "
+                            f"this res_unet reads version {FORMAT_VERSION}; {fix}")
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields
+                   if f.name not in data and f.default is dataclasses.MISSING]
+        if missing:
+            raise UserError(f"{path}: the manifest has no {', '.join(missing)}; {fix}")
+        values = {f.name: data[f.name] for f in fields if f.name in data}
+        try:
+            values["counts"] = {s: SplitCounts(**data["counts"][s]) for s in SPLITS}
+            values["shards"] = {s: [Shard(**shard) for shard in data["shards"][s]]
+                                for s in SPLITS}
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{path}: damaged counts or shards in the manifest ({exc}); "
+                            f"{fix}") from None
+        return cls(**values)
 
 
 # Reading a dataset ---------------------------------------------------------------------
 
-def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
     """The manifest of a dataset folder, after checking that every listed shard exists.
 
-    Raises UserError when the folder is not a complete dataset made by make_tfrecords.
+    Raises UserError when the folder is not a complete dataset made by make_tfrecords, or
+    one of another format version.
     """
     folder = Path(dataset_dir)
     path = folder / MANIFEST
@@ -750,41 +843,38 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{folder}: is not a dataset made by make_tfrecords (no {MANIFEST}); "
                         "run make_tfrecords first")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc}); run make_tfrecords again with "
                         "--overwrite") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: is not a manifest written by make_tfrecords; run "
-                        "make_tfrecords first")
+    manifest = Manifest.from_dict(data, path)
     for split in SPLITS:
-        for shard in manifest["shards"][split]:
-            if not (folder / shard["file"]).is_file():
-                raise UserError(f"{folder / shard['file']}: shard listed in {MANIFEST} is "
+        for shard in manifest.shards[split]:
+            if not (folder / shard.file).is_file():
+                raise UserError(f"{folder / shard.file}: shard listed in {MANIFEST} is "
                                 "missing; run make_tfrecords again with --overwrite")
     return manifest
 
 
-def verify_shards(dataset_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+def verify_shards(dataset_dir: str | os.PathLike, manifest: Manifest) -> None:
     """Check every shard against the SHA-256 the manifest recorded for it (about 1 s per
     500 MB); raises UserError naming the first damaged or changed shard."""
     folder = Path(dataset_dir)
     for split in SPLITS:
-        for shard in manifest["shards"][split]:
-            expected = shard.get("sha256")
-            if expected is None:  # datasets made before shards were hashed
+        for shard in manifest.shards[split]:
+            if shard.sha256 is None:  # datasets made before shards were hashed
                 continue
-            path = folder / shard["file"]
-            if _file_sha256(path, hashlib.sha256()) != expected:
+            path = folder / shard.file
+            if _file_sha256(path, hashlib.sha256()) != shard.sha256:
                 raise UserError(f"{path}: shard is damaged or changed since make_tfrecords "
                                 f"wrote it (its checksum differs from {MANIFEST}); rebuild "
                                 "the dataset with make_tfrecords --overwrite")
 
 
-def _shard_paths(folder: Path, manifest: dict[str, Any], split: str) -> list[str]:
+def _shard_paths(folder: Path, manifest: Manifest, split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return [str(folder / s["file"]) for s in manifest["shards"][split]]
+    return [str(folder / s.file) for s in manifest.shards[split]]
 
 
 def read_examples(dataset_dir: str | os.PathLike,
@@ -800,7 +890,7 @@ def read_examples(dataset_dir: str | os.PathLike,
     manifest = read_manifest(folder)
     files = _shard_paths(folder, manifest, split)
     records = tf.data.TFRecordDataset(tf.constant(files, dtype=tf.string),
-                                      compression_type=manifest["compression"] or "")
+                                      compression_type=manifest.compression or "")
     return (parse_example(record) for record in records.as_numpy_iterator())
 
 
@@ -822,12 +912,12 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
     folder = Path(dataset_dir)
     manifest = read_manifest(folder)
     files = _shard_paths(folder, manifest, split)
-    h, w = manifest["target_size"]
-    bands, n_classes = manifest["n_bands"], manifest["n_label_classes"]
-    binary = manifest["nclasses"] == 1
-    dtype = tf.uint8 if manifest["dtype"] == "uint8" else tf.uint16
-    compression = manifest["compression"] or ""
-    count = manifest["counts"][split]["examples"]
+    h, w = manifest.target_size
+    bands, n_classes = manifest.n_bands, manifest.n_label_classes
+    binary = manifest.nclasses == 1
+    dtype = tf.uint8 if manifest.dtype == "uint8" else tf.uint16
+    compression = manifest.compression or ""
+    count = manifest.counts[split].examples
     autotune = tf.data.AUTOTUNE
 
     # An empty split (no validation) gives an empty dataset, not an error.
@@ -843,7 +933,7 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
     if cache:
         ds = ds.cache()
     if shuffle:
-        example_bytes = h * w * (bands * np.dtype(manifest["dtype"]).itemsize + 1)
+        example_bytes = h * w * (bands * np.dtype(manifest.dtype).itemsize + 1)
         buffer = int(min(count, max(4 * batch_size, _SHUFFLE_BYTES // example_bytes)))
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -876,22 +966,21 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
     return ds.prefetch(autotune)
 
 
-def dataset_summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
+def dataset_summary(manifest: Manifest, out_dir: str | os.PathLike) -> str:
     """A few lines for the user: examples and sources per split, shards, where things are."""
     out = Path(out_dir)
     lines = []
     for split in SPLITS:
-        counts = manifest["counts"][split]
-        lines.append(f"{split:>10}: {counts['examples']} examples from "
-                     f"{counts['images']} images in "
-                     f"{len(manifest['shards'][split])} shards")
-    if manifest["empty_tiles_dropped"]:
-        lines.append(f"{'':>10}  ({manifest['empty_tiles_dropped']} empty training tiles "
+        counts = manifest.counts[split]
+        lines.append(f"{split:>10}: {counts.examples} examples from {counts.images} images "
+                     f"in {len(manifest.shards[split])} shards")
+    if manifest.empty_tiles_dropped:
+        lines.append(f"{'':>10}  ({manifest.empty_tiles_dropped} empty training tiles "
                      "dropped)")
-    freq = ", ".join(f"{f:.3f}" for f in manifest["class_pixel_frequency"])
+    freq = ", ".join(f"{f:.3f}" for f in manifest.class_pixel_frequency)
     lines.append(f"class pixel frequency (train): {freq}")
     lines.append(f"manifest: {out / MANIFEST}")
-    if manifest.get("samples_figure"):
-        lines.append(f"samples:  {out / manifest['samples_figure']}")
+    if manifest.samples_figure:
+        lines.append(f"samples:  {out / manifest.samples_figure}")
     return "\n".join(lines)
 

@@ -81,7 +81,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
         train.train(tiny_config(MAX_EPOCHS=1), tiny_dataset, "/proc/res_unet_run",
                     progress=False)
     with pytest.raises(UserError, match="/proc/res_unet_ds: cannot write there"):
-        records.make_dataset(tiny_config(), manifest["images_dir"], manifest["labels_dir"],
+        records.make_dataset(tiny_config(), manifest.images_dir, manifest.labels_dir,
                              "/proc/res_unet_ds")
     images, _ = make_demo_dataset(tmp_path / "demo", 1, (64, 64), seed=1)
     run = tmp_path / "run"

@@ -148,10 +148,10 @@ def test_shard_writer_splits_and_round_trips(tmp_path, compression):
     with records.ShardWriter(tmp_path, "lakes", "train", 3, compression) as writer:
         for e in examples:
             writer.write(records.serialize_example(e))
-    assert writer.shards == [{"file": f"lakes-train-0000{i}.tfrec", "count": n}
+    assert writer.shards == [records.Shard(f"lakes-train-0000{i}.tfrec", n)
                              for i, n in enumerate((3, 3, 1))]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [s["file"] for s in writer.shards]
-    files = [str(tmp_path / s["file"]) for s in writer.shards]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [s.file for s in writer.shards]
+    files = [str(tmp_path / s.file) for s in writer.shards]
     raw = tf.data.TFRecordDataset(files, compression_type=compression or "")
     back = [records.parse_example(r) for r in raw.as_numpy_iterator()]
     assert [m["stem"] for _, _, m in back] == [e.stem for e in examples]
@@ -191,13 +191,13 @@ def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
     cfg = make_config(N_DATA_BANDS=bands, SHARD_COMPRESSION=compression)
     manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
-    assert manifest["dtype"] == dtype and manifest["n_bands"] == bands
-    assert manifest["compression"] == compression
+    assert manifest.dtype == dtype and manifest.n_bands == bands
+    assert manifest.compression == compression
     for split in records.SPLITS:
-        [stem] = [Path(f).stem for f in manifest["files"][split]]
+        [stem] = [Path(f).stem for f in manifest.files[split]]
         expected = expected_tiles(*sources[stem])
         got = list(records.read_examples(tmp_path / "ds", split))
-        assert len(got) == len(expected) == manifest["counts"][split]["examples"] == 6
+        assert len(got) == len(expected) == manifest.counts[split].examples == 6
         for (img, lab, meta), (exp_img, exp_lab) in zip(got, expected, strict=True):
             assert img.dtype == dtype and np.array_equal(img, exp_img)
             assert np.array_equal(lab, exp_lab) and meta["stem"] == stem
@@ -256,6 +256,59 @@ def test_read_manifest_refuses_non_datasets(tmp_path):
         records.read_manifest(tmp_path / "ds")
 
 
+MANIFEST_KEYS = [
+    "format", "format_version", "res_unet_version", "created", "content_hash", "counts",
+    "files", "label_files", "images_dir", "labels_dir", "empty_tiles_dropped",
+    "class_pixel_counts", "class_pixel_frequency", "band_mean", "band_std", "n_bands",
+    "n_label_classes", "nclasses", "target_size", "dtype", "fit_mode", "downsample",
+    "compression", "shards", "samples_figure", "config"]
+
+
+def test_manifest_file_is_the_typed_manifest(tmp_path):
+    """manifest.json keeps its keys and their order, and reads back to the same JSON."""
+    sources = tmp_path / "src"
+    write_sources(sources, "uint8", 3)
+    built = records.make_dataset(make_config(), sources / "images", sources / "labels",
+                                 tmp_path / "ds")
+    text = (tmp_path / "ds/manifest.json").read_text()
+    data = json.loads(text)
+    assert list(data) == MANIFEST_KEYS
+    assert list(data["counts"]["train"]) == ["images", "examples", "unaugmented"]
+    assert list(data["shards"]["train"][0]) == ["file", "count", "sha256"]
+    manifest = records.read_manifest(tmp_path / "ds")
+    assert manifest == built
+    assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text
+
+
+def test_manifest_of_another_version_or_missing_a_field_is_refused(tmp_path):
+    sources = tmp_path / "src"
+    write_sources(sources, "uint8", 3)
+    records.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    path = tmp_path / "ds/manifest.json"
+    good = json.loads(path.read_text())
+
+    def read_with(drop=(), **changes):
+        data = {k: v for k, v in {**good, **changes}.items() if k not in drop}
+        path.write_text(json.dumps(data))
+        return records.read_manifest(tmp_path / "ds")
+
+    with pytest.raises(UserError, match=r"manifest.json: dataset format version 2, but this "
+                                        r"res_unet reads version 1; run make_tfrecords again "
+                                        r"with --overwrite$"):
+        read_with(format_version=2)
+    with pytest.raises(UserError, match=r"manifest.json: the manifest has no band_mean, "
+                                        r"n_bands; run make_tfrecords again with --overwrite$"):
+        read_with(drop=("band_mean", "n_bands"))
+    with pytest.raises(UserError, match="damaged counts or shards"):
+        read_with(counts={"train": {"images": 1}})
+    # Datasets made before DOWNSAMPLE or shard checksums existed still read.
+    unhashed = {s: [{"file": x["file"], "count": x["count"]} for x in good["shards"][s]]
+                for s in records.SPLITS}
+    old = read_with(drop=("downsample",), shards=unhashed)
+    assert old.downsample == 1 and old.shards["train"][0].sha256 is None
+    records.verify_shards(tmp_path / "ds", old)
+
+
 def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch):
     write_sources(tmp_path / "src", "uint8", 3, shape=(40, 72))  # 3 x 5 tiles of 16
     cfg = make_config(DO_AUG=True, AUG_COPIES=1, IMS_PER_SHARD=7)
@@ -268,8 +321,8 @@ def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch
     assert [len(t.fits) for t in tasks] == [2] * 7 + [1] + [5] * 3
     assert [t.last for t in tasks].count(True) == 2
     split = records.make_dataset(cfg, *src, tmp_path / "split")
-    assert split["content_hash"] == whole["content_hash"]
-    assert split["counts"] == whole["counts"] and split["files"] == whole["files"]
+    assert split.content_hash == whole.content_hash
+    assert split.counts == whole.counts and split.files == whole.files
 
 
 def test_downsampled_dataset_holds_the_working_scale(tmp_path):
@@ -282,8 +335,8 @@ def test_downsampled_dataset_holds_the_working_scale(tmp_path):
     cfg = make_config(DOWNSAMPLE=2)
     manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
-    assert manifest["downsample"] == 2
-    [stem] = [Path(f).stem for f in manifest["files"]["train"]]
+    assert manifest.downsample == 2
+    [stem] = [Path(f).stem for f in manifest.files["train"]]
     image, label = sources[stem]
     expected = expected_tiles(downsample_image(image, 2), downsample_label(label, 2))
     got = list(records.read_examples(tmp_path / "ds", "train"))
