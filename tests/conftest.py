@@ -31,8 +31,8 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """12 synthetic 128x128 scenes as 64x64 tiles in a make_tfrecords dataset (binary)."""
+    from res_unet.dataset import make_dataset
     from res_unet.demo import make_demo_dataset
-    from res_unet.records import make_dataset
 
     root = tmp_path_factory.mktemp("tiny")
     images, labels = make_demo_dataset(root / "data", 12, (128, 128), seed=3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from res_unet import records
+from res_unet import dataset, records
 from res_unet.cli import run_command
 from res_unet.config import config_from_dict, load_config
 from res_unet.demo import make_demo_dataset
@@ -188,7 +188,7 @@ def test_interrupted_run_leaves_no_output(small, monkeypatch):
     config = write_config(small["config"], dict(FAST_CONFIG, DO_AUG=True, AUG_COPIES=1,
                                                 IMS_PER_SHARD=1))
     cfg = load_config(config)
-    real_augment = records.augment_pair
+    real_augment = dataset.augment_pair
     calls = []
 
     def augment_then_interrupt(*args):
@@ -198,10 +198,10 @@ def test_interrupted_run_leaves_no_output(small, monkeypatch):
             raise KeyboardInterrupt
         return real_augment(*args)
 
-    monkeypatch.setattr(records, "augment_pair", augment_then_interrupt)
+    monkeypatch.setattr(dataset, "augment_pair", augment_then_interrupt)
     sources = folder_digest(small["tmp"] / "data")
     with pytest.raises(KeyboardInterrupt):
-        records.make_dataset(cfg, small["images"], small["labels"], small["out"])
+        dataset.make_dataset(cfg, small["images"], small["labels"], small["out"])
     assert calls[-1], "the interruption should come after a finished shard"
     assert not small["out"].exists()
     assert list(small["tmp"].rglob("*.tfrec")) == [] and partial_dirs(small["tmp"]) == []
@@ -245,7 +245,7 @@ def test_tile_mode_counts_and_empty_tile_dropping(tmp_path):
     n_tiles = len(tile_grid((300, 500), (128, 128), 0.0))
     base = dict(FAST_CONFIG, TARGET_SIZE=[128, 128], FIT_MODE="tile", TILE_OVERLAP=0.0)
     cfg = config_from_dict(base)[0]
-    manifest = records.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
                                     tmp_path / "all")
     assert n_tiles == 12
     assert {s: c.examples for s, c in manifest.counts.items()} == {
@@ -255,7 +255,7 @@ def test_tile_mode_counts_and_empty_tile_dropping(tmp_path):
     assert origins == tile_grid((300, 500), (128, 128), 0.0)
 
     cfg = config_from_dict(dict(base, MIN_FOREGROUND_FRACTION=0.1, EMPTY_TILE_KEEP=0.0))[0]
-    manifest = records.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
                                     tmp_path / "dropped")
     assert manifest.counts["train"].examples == 1
     assert manifest.counts["validation"].examples == n_tiles
@@ -321,7 +321,7 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, capsys, case):
 def test_all_bad_files_are_listed_before_anything_is_written(small, capsys, monkeypatch):
     write_png(small["labels"] / "demo_000.png", np.full((32, 40), 9, np.uint8))
     write_png(small["labels"] / "demo_003.png", np.full((32, 40), 8, np.uint8))
-    monkeypatch.setattr(records, "_staging_dir", None)  # must not be reached
+    monkeypatch.setattr(dataset, "_staging_dir", None)  # must not be reached
     args = argv(small["config"], small["images"], small["labels"], small["out"])
     assert run_command(main, args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]

@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 import tifffile
 
-from res_unet import records
+from res_unet import dataset, records
 from res_unet.config import config_from_dict
 from res_unet.errors import UserError
-from res_unet.imagery import write_png
+from res_unet.imagery import find_pairs, write_png
 from res_unet.tiling import tile_grid
 
 
@@ -57,7 +57,7 @@ def test_tile_mode_gives_the_tile_grid():
     cfg = make_config(TARGET_SIZE=[128, 128])
     image = np.zeros((300, 500, 3), np.uint8)
     label = np.zeros((300, 500), np.uint8)
-    fitted = records.fit_examples(image, label, cfg)
+    fitted = dataset.fit_examples(image, label, cfg)
     assert len(fitted) == len(tile_grid((300, 500), (128, 128), 0.0)) == 3 * 4
     assert {(r, c) for _, _, r, c in fitted} == {(r, c) for r in (0, 128, 172)
                                                  for c in (0, 128, 256, 372)}
@@ -69,7 +69,7 @@ def test_resize_mode_keeps_aspect_and_label_values():
     image = np.full((20, 40, 3), 7, np.uint8)
     label = np.zeros((20, 40), np.uint8)
     label[:, 20:] = 1
-    [(img, lab, r, c)] = records.fit_examples(image, label, cfg)
+    [(img, lab, r, c)] = dataset.fit_examples(image, label, cfg)
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and (img == 7).all()
     assert set(np.unique(lab)) == {0, 1} and (r, c) == (0, 0)
     # Scaled 0.8, not stretched: the left half of each content row stays background.
@@ -79,9 +79,9 @@ def test_resize_mode_keeps_aspect_and_label_values():
 def test_is_empty_tile_hand_values():
     label = np.zeros((10, 10), np.uint8)
     label[0, :5] = 1
-    assert records.is_empty_tile(label, 0.1)
-    assert not records.is_empty_tile(label, 0.05)
-    assert not records.is_empty_tile(np.zeros((4, 4), np.uint8), 0.0)
+    assert dataset.is_empty_tile(label, 0.1)
+    assert not dataset.is_empty_tile(label, 0.05)
+    assert not dataset.is_empty_tile(np.zeros((4, 4), np.uint8), 0.0)
 
 
 def _tiles_with_empty_ones():
@@ -94,18 +94,18 @@ def _tiles_with_empty_ones():
 def test_empty_tiles_dropped_in_training_only():
     image, label = _tiles_with_empty_ones()
     cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.0)
-    train, dropped = records.source_examples(image, label, "s", "train", 0, cfg)
+    train, dropped = dataset.source_examples(image, label, "s", "train", 0, cfg)
     assert len(train) == 1 and dropped == 15 and (train[0].row, train[0].col) == (0, 0)
-    val, dropped = records.source_examples(image, label, "s", "validation", 0, cfg)
+    val, dropped = dataset.source_examples(image, label, "s", "validation", 0, cfg)
     assert len(val) == 16 and dropped == 0
 
 
 def test_empty_tile_keep_share_is_seeded():
     image, label = _tiles_with_empty_ones()
     cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.5)
-    kept = [(e.row, e.col) for e in records.source_examples(image, label, "s", "train", 3,
+    kept = [(e.row, e.col) for e in dataset.source_examples(image, label, "s", "train", 3,
                                                             cfg)[0]]
-    again = [(e.row, e.col) for e in records.source_examples(image, label, "s", "train", 3,
+    again = [(e.row, e.col) for e in dataset.source_examples(image, label, "s", "train", 3,
                                                              cfg)[0]]
     assert kept == again and 1 < len(kept) < 16
 
@@ -113,14 +113,14 @@ def test_empty_tile_keep_share_is_seeded():
 def test_augmented_copies_follow_each_training_example():
     image, label = _tiles_with_empty_ones()
     cfg = make_config(DO_AUG=True, AUG_COPIES=2, TARGET_SIZE=[32, 32])
-    train, _ = records.source_examples(image, label, "s", "train", 0, cfg)
+    train, _ = dataset.source_examples(image, label, "s", "train", 0, cfg)
     assert [e.copy for e in train] == [0, 1, 2] * 4
     assert np.array_equal(train[0].image, image[:32, :32])
     assert not np.array_equal(train[1].image, train[0].image)
-    val, _ = records.source_examples(image, label, "s", "validation", 0, cfg)
+    val, _ = dataset.source_examples(image, label, "s", "validation", 0, cfg)
     assert [e.copy for e in val] == [0] * 4
     # Seeds depend on the source index: another index gives other augmentations.
-    other, _ = records.source_examples(image, label, "s", "train", 1, cfg)
+    other, _ = dataset.source_examples(image, label, "s", "train", 1, cfg)
     assert not np.array_equal(other[1].image, train[1].image)
 
 
@@ -173,7 +173,7 @@ def test_shard_writer_interrupted_leaves_only_finished_shards(tmp_path):
 def test_band_stats_match_numpy():
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 65535, (5 + i, 3, 4), dtype=np.uint16) for i in range(4)]
-    stats = records._RunningBandStats()
+    stats = records.RunningBandStats()
     for im in images:
         stats.add(im)
     mean, std = stats.result()
@@ -189,7 +189,7 @@ def test_band_stats_match_numpy():
 def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
     sources = write_sources(tmp_path / "src", dtype, bands)
     cfg = make_config(N_DATA_BANDS=bands, SHARD_COMPRESSION=compression)
-    manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
     assert manifest.dtype == dtype and manifest.n_bands == bands
     assert manifest.compression == compression
@@ -221,7 +221,7 @@ def test_load_dataset_one_hot_flips_repeat(tmp_path):
         # Labels are a function of the pixel, so any flip must keep them consistent.
         write_png(tmp_path / f"src/labels/s{i}.png", (image[..., 0] // 86).astype(np.uint8))
     cfg = make_config(NCLASSES=3, VALIDATION_SPLIT=0.0)
-    records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
+    dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
     plain = np.concatenate([x for x, _ in records.load_dataset(
         tmp_path / "ds", "train", 8, shuffle=False).as_numpy_iterator()])
     ds = records.load_dataset(tmp_path / "ds", "train", 3, shuffle=True, flips=True,
@@ -249,7 +249,7 @@ def test_read_manifest_refuses_non_datasets(tmp_path):
         records.read_examples(tmp_path, "train")
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    records.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    dataset.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
     manifest = json.loads((tmp_path / "ds/manifest.json").read_text())
     (tmp_path / "ds" / manifest["shards"]["train"][0]["file"]).unlink()
     with pytest.raises(UserError, match="missing"):
@@ -268,7 +268,7 @@ def test_manifest_file_is_the_typed_manifest(tmp_path):
     """manifest.json keeps its keys and their order, and reads back to the same JSON."""
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    built = records.make_dataset(make_config(), sources / "images", sources / "labels",
+    built = dataset.make_dataset(make_config(), sources / "images", sources / "labels",
                                  tmp_path / "ds")
     text = (tmp_path / "ds/manifest.json").read_text()
     data = json.loads(text)
@@ -283,7 +283,7 @@ def test_manifest_file_is_the_typed_manifest(tmp_path):
 def test_manifest_of_another_version_or_missing_a_field_is_refused(tmp_path):
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    records.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    dataset.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
     path = tmp_path / "ds/manifest.json"
     good = json.loads(path.read_text())
 
@@ -313,14 +313,14 @@ def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch
     write_sources(tmp_path / "src", "uint8", 3, shape=(40, 72))  # 3 x 5 tiles of 16
     cfg = make_config(DO_AUG=True, AUG_COPIES=1, IMS_PER_SHARD=7)
     src = (tmp_path / "src/images", tmp_path / "src/labels")
-    whole = records.make_dataset(cfg, *src, tmp_path / "whole")
-    monkeypatch.setattr(records, "_EXAMPLES_PER_TASK", 5)  # 2 tiles (+ copies) per task
-    tasks = records._split_tasks(records._tasks(cfg, *[[p] for p in records.find_pairs(
+    whole = dataset.make_dataset(cfg, *src, tmp_path / "whole")
+    monkeypatch.setattr(dataset, "_EXAMPLES_PER_TASK", 5)  # 2 tiles (+ copies) per task
+    tasks = dataset._split_tasks(dataset._tasks(cfg, *[[p] for p in find_pairs(
         *src)]), [(40, 72), (40, 72)])
     # Training: 15 tiles, 2 per task (each has a copy); validation: 5 per task.
     assert [len(t.fits) for t in tasks] == [2] * 7 + [1] + [5] * 3
     assert [t.last for t in tasks].count(True) == 2
-    split = records.make_dataset(cfg, *src, tmp_path / "split")
+    split = dataset.make_dataset(cfg, *src, tmp_path / "split")
     assert split.content_hash == whole.content_hash
     assert split.counts == whole.counts and split.files == whole.files
 
@@ -333,7 +333,7 @@ def test_downsampled_dataset_holds_the_working_scale(tmp_path):
 
     sources = write_sources(tmp_path / "src", "uint8", 3, shape=(64, 96))
     cfg = make_config(DOWNSAMPLE=2)
-    manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
     assert manifest.downsample == 2
     [stem] = [Path(f).stem for f in manifest.files["train"]]
