@@ -51,7 +51,7 @@ def run_variant(fit_mode: str, workers: int, limit: int | None) -> dict:
 
     quiet_tensorflow()
     from res_unet.config import config_from_dict
-    from res_unet.records import make_dataset
+    from res_unet.dataset import make_dataset
 
     cfg, _ = config_from_dict({"TARGET_SIZE": [256, 256], "FIT_MODE": fit_mode,
                                "AUG_COPIES": 3, "SPLIT_GROUP_PATTERN": GROUP_PATTERN})
@@ -73,8 +73,8 @@ def run_variant(fit_mode: str, workers: int, limit: int | None) -> dict:
         stop.set()
         sampler.join()
         out_bytes = sum(p.stat().st_size for p in (Path(tmp) / "ds").iterdir())
-    n_images = sum(c["images"] for c in manifest["counts"].values())
-    n_examples = sum(c["examples"] for c in manifest["counts"].values())
+    n_images = sum(c.images for c in manifest.counts.values())
+    n_examples = sum(c.examples for c in manifest.counts.values())
     return {
         "fit_mode": fit_mode, "workers": workers, "source_images": n_images,
         "examples": n_examples, "wall_s": round(wall, 2),

@@ -69,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from res_unet import devices, records, segment, train
+    from res_unet.dataset import make_dataset
 
     source = DATA / args.dataset
     if not source.is_dir():
@@ -81,10 +82,9 @@ def main() -> None:
         key = "-".join(str(getattr(cfg, k)) for k in DATASET_KEYS).replace(" ", "")
         digest = hashlib.sha256(key.encode()).hexdigest()[:8]
         data_dir = args.out / f"{args.dataset}-dataset-{digest}"
-        if not (data_dir / "manifest.json").is_file():
+        if not (data_dir / records.MANIFEST).is_file():
             with contextlib.redirect_stdout(sys.stderr):
-                records.make_dataset(cfg, source / "images", source / "labels", data_dir,
-                                     workers=2)
+                make_dataset(cfg, source / "images", source / "labels", data_dir, workers=2)
         run_dir = args.out / f"{args.dataset}-{name.split(' (')[0].replace(', ', '-')}"
         run_dir = run_dir.with_name(run_dir.name.replace(" ", "_"))
         started = time.time()

@@ -269,7 +269,7 @@ def make_loss(cfg: Config, class_weights: Sequence[float] | None = None) -> Segm
     if class_weights is None:
         if cfg.CLASS_WEIGHTS == "auto":
             raise ValueError("CLASS_WEIGHTS='auto': pass class_weights computed with "
-                             "class_weights_from_frequency(manifest['class_pixel_frequency'])")
+                             "class_weights_from_frequency(manifest.class_pixel_frequency)")
         class_weights = cfg.CLASS_WEIGHTS
     if class_weights is not None:
         _check_weights(class_weights, cfg.n_label_classes)

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     # The config first: a typo is reported in a fraction of a second, before TensorFlow.
     cfg = load_config(args.config)
     quiet_tensorflow()
-    from res_unet import records
+    from res_unet import dataset, records
 
-    manifest = records.make_dataset(cfg, args.images, args.labels, args.out,
+    manifest = dataset.make_dataset(cfg, args.images, args.labels, args.out,
                                     workers=args.workers, overwrite=args.overwrite)
     print(records.dataset_summary(manifest, args.out))
     return 0

@@ -219,8 +219,8 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     """
     run_dir = Path(run_dir)
     manifest = records.read_manifest(data_dir)
-    names = set(manifest["files"]["validation"])
-    images_dir, labels_dir = Path(manifest["images_dir"]), Path(manifest["labels_dir"])
+    names = set(manifest.files["validation"])
+    images_dir, labels_dir = Path(manifest.images_dir), Path(manifest.labels_dir)
     if not names:
         return None
     cfg = inference_config([run_dir])

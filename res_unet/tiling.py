@@ -1,6 +1,6 @@
 """Fitting images to the model input size: overlapping tiles, or resize-and-pad, and back.
 
-Both dataset building (records) and segmentation (predict) go through these functions, so
+Both dataset building (dataset) and segmentation (predict) go through these functions, so
 training and inference see images prepared the same way:
 
 - ``FIT_MODE='tile'`` / ``INFER_MODE='tile'``: :func:`tile_grid` lists tile origins that cover

@@ -78,35 +78,36 @@ from res_unet.runfolder import (
 # Checks against the dataset ----------------------------------------------------------------
 
 
-def check_config_against_manifest(cfg: Config, manifest: dict[str, Any], data_dir: Path) -> None:
+def check_config_against_manifest(cfg: Config, manifest: records.Manifest,
+                                  data_dir: Path) -> None:
     """Fail with one line per mismatch between the config and the dataset it trains on."""
     problems = []
-    if manifest["n_bands"] != cfg.N_DATA_BANDS:
-        problems.append(f"{data_dir}: the dataset has {manifest['n_bands']} bands but "
+    if manifest.n_bands != cfg.N_DATA_BANDS:
+        problems.append(f"{data_dir}: the dataset has {manifest.n_bands} bands but "
                         f"N_DATA_BANDS={cfg.N_DATA_BANDS}; set N_DATA_BANDS to "
-                        f"{manifest['n_bands']} or rebuild the dataset")
-    if manifest["n_label_classes"] != cfg.n_label_classes:
-        problems.append(f"{data_dir}: the dataset has {manifest['n_label_classes']} label "
+                        f"{manifest.n_bands} or rebuild the dataset")
+    if manifest.n_label_classes != cfg.n_label_classes:
+        problems.append(f"{data_dir}: the dataset has {manifest.n_label_classes} label "
                         f"classes but NCLASSES={cfg.NCLASSES} means {cfg.n_label_classes}; "
                         "use the NCLASSES the dataset was made with")
-    if list(manifest["target_size"]) != list(cfg.TARGET_SIZE):
-        problems.append(f"{data_dir}: the dataset's examples are {manifest['target_size']} but "
+    if list(manifest.target_size) != list(cfg.TARGET_SIZE):
+        problems.append(f"{data_dir}: the dataset's examples are {manifest.target_size} but "
                         f"TARGET_SIZE={cfg.TARGET_SIZE}; use the dataset's size or rebuild it")
-    if int(manifest.get("downsample", 1)) != cfg.DOWNSAMPLE:
+    if manifest.downsample != cfg.DOWNSAMPLE:
         problems.append(f"{data_dir}: the dataset was made with DOWNSAMPLE="
-                        f"{manifest.get('downsample', 1)} but the config says DOWNSAMPLE="
+                        f"{manifest.downsample} but the config says DOWNSAMPLE="
                         f"{cfg.DOWNSAMPLE}; use the dataset's value or rebuild it")
-    if manifest["counts"]["train"]["examples"] == 0 and cfg.DO_TRAIN:
+    if manifest.counts["train"].examples == 0 and cfg.DO_TRAIN:
         problems.append(f"{data_dir}: the training split is empty; add images or lower "
                         "VALIDATION_SPLIT")
     if problems:
         raise UserError("\n".join(problems))
 
 
-def resolve_class_weights(cfg: Config, manifest: dict[str, Any]) -> list[float] | None:
+def resolve_class_weights(cfg: Config, manifest: records.Manifest) -> list[float] | None:
     """CLASS_WEIGHTS as a list: 'auto' uses the training split's class pixel frequencies."""
     if cfg.CLASS_WEIGHTS == "auto":
-        return losses.class_weights_from_frequency(manifest["class_pixel_frequency"],
+        return losses.class_weights_from_frequency(manifest.class_pixel_frequency,
                                                    ignore_class=cfg.IGNORE_CLASS)
     return cfg.CLASS_WEIGHTS
 
@@ -148,7 +149,7 @@ class TrainState:
 class Trainer:
     """Builds the model under a strategy and runs the epoch loop."""
 
-    def __init__(self, cfg: Config, manifest: dict[str, Any], strategy: tf.distribute.Strategy,
+    def __init__(self, cfg: Config, manifest: records.Manifest, strategy: tf.distribute.Strategy,
                  precision: str):
         self.cfg = cfg
         self.manifest = manifest
@@ -158,7 +159,7 @@ class Trainer:
         keras.mixed_precision.set_global_policy(precision)
         keras.utils.set_random_seed(cfg.SEED)
         with strategy.scope():
-            self.model = build_model(cfg, manifest["band_mean"], manifest["band_std"])
+            self.model = build_model(cfg, manifest.band_mean, manifest.band_std)
             self.loss_fn = losses.make_loss(cfg, resolve_class_weights(cfg, manifest))
             optimizer = keras.optimizers.Adam(learning_rate=schedule.learning_rate(0, cfg))
             if precision == "mixed_float16":
@@ -355,7 +356,7 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
     n_classes = cfg.n_label_classes
     binary = cfg.NCLASSES == 1
     dataset = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False)
-    dtype = records.read_manifest(data_dir)["dtype"]
+    dtype = records.read_manifest(data_dir).dtype
     predict = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     sweep = metrics.ThresholdSweep() if binary else None
@@ -527,7 +528,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     """The epoch loop: schedule, train, validate, early stopping, checkpoints, backup."""
     strategy, model = trainer.strategy, trainer.model
     manifest = trainer.manifest
-    n_train = manifest["counts"]["train"]["examples"]
+    n_train = manifest.counts["train"].examples
     steps = cfg.STEPS_PER_EPOCH or max(1, math.ceil(n_train / cfg.BATCH_SIZE))
     train_ds = records.load_dataset(data_dir, "train", cfg.BATCH_SIZE, shuffle=True, flips=True,
                                     repeat=True, cache=True, seed=cfg.SEED)
@@ -540,7 +541,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     iterator = iter(train_dist)
     writer = tf.summary.create_file_writer(str(run_dir / TENSORBOARD_DIR)) \
         if cfg.TENSORBOARD and chief else None
-    has_validation = manifest["counts"]["validation"]["examples"] > 0
+    has_validation = manifest.counts["validation"].examples > 0
     best_weights = None
 
     for epoch in range(state.next_epoch, cfg.MAX_EPOCHS):
@@ -597,7 +598,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     return state
 
 
-def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: TrainState,
+def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state: TrainState,
                 evaluation: dict[str, Any], wall_seconds: float) -> ModelCard:
     history = state.history
     return ModelCard(
@@ -607,15 +608,15 @@ def _model_card(cfg: Config, manifest: dict[str, Any], trainer: Trainer, state: 
         parameters=int(trainer.model.count_params()),
         flops_per_image=int(count_flops(trainer.model)),
         input=CardInput(size=list(cfg.TARGET_SIZE), bands=cfg.N_DATA_BANDS,
-                        dtype=manifest["dtype"], band_mean=manifest["band_mean"],
-                        band_std=manifest["band_std"], downsample=cfg.DOWNSAMPLE),
+                        dtype=manifest.dtype, band_mean=manifest.band_mean,
+                        band_std=manifest.band_std, downsample=cfg.DOWNSAMPLE),
         classes=cfg.n_label_classes,
         class_names=cfg.class_names,
         binary=cfg.NCLASSES == 1,
         ignore_class=cfg.IGNORE_CLASS,
         threshold=evaluation.get("optimal_threshold", 0.5 if cfg.NCLASSES == 1 else None),
-        dataset={"content_hash": manifest["content_hash"], "counts": manifest["counts"],
-                 "fit_mode": cfg.FIT_MODE},
+        dataset={"content_hash": manifest.content_hash,
+                 "counts": manifest.to_dict()["counts"], "fit_mode": cfg.FIT_MODE},
         training=TrainingFacts(
             epochs_run=len(history), best_epoch=state.best_epoch,
             best_val_loss=None if math.isinf(state.best_val_loss) else state.best_val_loss,

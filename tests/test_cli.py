@@ -74,6 +74,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
     from conftest import tiny_config
 
     from res_unet import records, segment, train
+    from res_unet.dataset import make_dataset
     from res_unet.demo import make_demo_dataset
 
     manifest = records.read_manifest(tiny_dataset)
@@ -81,8 +82,8 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
         train.train(tiny_config(MAX_EPOCHS=1), tiny_dataset, "/proc/res_unet_run",
                     progress=False)
     with pytest.raises(UserError, match="/proc/res_unet_ds: cannot write there"):
-        records.make_dataset(tiny_config(), manifest["images_dir"], manifest["labels_dir"],
-                             "/proc/res_unet_ds")
+        make_dataset(tiny_config(), manifest.images_dir, manifest.labels_dir,
+                     "/proc/res_unet_ds")
     images, _ = make_demo_dataset(tmp_path / "demo", 1, (64, 64), seed=1)
     run = tmp_path / "run"
     train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from res_unet import records
+from res_unet import dataset, records
 from res_unet.cli import run_command
 from res_unet.config import config_from_dict, load_config
 from res_unet.demo import make_demo_dataset
@@ -73,22 +73,22 @@ def small(tmp_path):
 def test_demo_run_writes_dataset_and_summary(demo, capsys, tmp_path):
     out, manifest = demo["out"], demo["manifest"]
     shard_files = sorted(p.name for p in out.glob("*.tfrec"))
-    listed = [s["file"] for split in records.SPLITS for s in manifest["shards"][split]]
+    listed = [s.file for split in records.SPLITS for s in manifest.shards[split]]
     assert shard_files == sorted(listed)
     assert all(re.fullmatch(r"data-(train|validation)-\d{5}\.tfrec", f) for f in listed)
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_config(out / "config.json").to_dict() == manifest["config"]
-    counts = manifest["counts"]
-    assert counts["train"]["images"] + counts["validation"]["images"] == 12
-    assert counts["validation"]["images"] == 3
-    assert counts["train"]["examples"] == 3 * counts["train"]["images"]  # 1 + AUG_COPIES
-    assert counts["validation"]["examples"] == counts["validation"]["images"]
-    assert [s["count"] for s in manifest["shards"]["train"]] == [8, 8, 8, 3]
-    assert not set(manifest["files"]["train"]) & set(manifest["files"]["validation"])
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", manifest["content_hash"])
-    assert manifest["target_size"] == [64, 64] and manifest["dtype"] == "uint8"
-    assert manifest["n_bands"] == 3 and manifest["n_label_classes"] == 2
-    assert manifest["res_unet_version"]
+    assert load_config(out / "config.json").to_dict() == manifest.config
+    train, validation = manifest.counts["train"], manifest.counts["validation"]
+    assert train.images + validation.images == 12
+    assert validation.images == 3
+    assert train.examples == 3 * train.images  # 1 + AUG_COPIES
+    assert validation.examples == validation.images
+    assert [s.count for s in manifest.shards["train"]] == [8, 8, 8, 3]
+    assert not set(manifest.files["train"]) & set(manifest.files["validation"])
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", manifest.content_hash)
+    assert manifest.target_size == [64, 64] and manifest.dtype == "uint8"
+    assert manifest.n_bands == 3 and manifest.n_label_classes == 2
+    assert manifest.res_unet_version
     assert partial_dirs(demo["root"]) == []
     # The command's own summary, via the module entry point's main().
     assert main(argv(demo["config"], demo["images"], demo["labels"], tmp_path / "ds")) == 0
@@ -101,24 +101,23 @@ def test_demo_run_writes_dataset_and_summary(demo, capsys, tmp_path):
 def test_manifest_statistics_match_the_examples(demo):
     manifest = demo["manifest"]
     train = list(records.read_examples(demo["out"], "train"))
-    assert len(train) == manifest["counts"]["train"]["examples"]
+    assert len(train) == manifest.counts["train"].examples
     counts = sum(np.bincount(lab.ravel(), minlength=2) for _, lab, _ in train)
-    assert manifest["class_pixel_counts"] == counts.tolist()
-    assert sum(manifest["class_pixel_frequency"]) == pytest.approx(1.0)
-    assert manifest["class_pixel_frequency"] == pytest.approx((counts / counts.sum()).tolist())
+    assert manifest.class_pixel_counts == counts.tolist()
+    assert sum(manifest.class_pixel_frequency) == pytest.approx(1.0)
+    assert manifest.class_pixel_frequency == pytest.approx((counts / counts.sum()).tolist())
     originals = np.stack([img for img, _, meta in train if meta["copy"] == 0])
-    assert len(originals) == manifest["counts"]["train"]["unaugmented"] == 9
+    assert len(originals) == manifest.counts["train"].unaugmented == 9
     flat = originals.reshape(-1, 3).astype(np.float64)
-    assert manifest["band_mean"] == pytest.approx(flat.mean(axis=0).tolist(), rel=1e-9)
-    assert manifest["band_std"] == pytest.approx(flat.std(axis=0).tolist(), rel=1e-9)
+    assert manifest.band_mean == pytest.approx(flat.mean(axis=0).tolist(), rel=1e-9)
+    assert manifest.band_std == pytest.approx(flat.std(axis=0).tolist(), rel=1e-9)
 
 
 def test_validation_is_the_fitted_sources_unaugmented(demo):
     cfg = load_config(demo["config"])
     pairs = {p.image.name: p for p in find_pairs(demo["images"], demo["labels"])}
     val = list(records.read_examples(demo["out"], "validation"))
-    assert [meta["stem"] + ".png" for _, _, meta in val] == demo["manifest"]["files"][
-        "validation"]
+    assert [meta["stem"] + ".png" for _, _, meta in val] == demo["manifest"].files["validation"]
     for image, label, meta in val:
         source_image, source_label, _ = load_pair(pairs[meta["stem"] + ".png"], cfg)
         assert meta["copy"] == 0
@@ -131,7 +130,7 @@ def test_two_workers_write_identical_bytes(demo, tmp_path):
     assert main(argv(demo["config"], demo["images"], demo["labels"], out,
                      "--workers", "2")) == 0
     manifest = records.read_manifest(out)
-    assert manifest["content_hash"] == demo["manifest"]["content_hash"]
+    assert manifest.content_hash == demo["manifest"].content_hash
     for shard in demo["out"].glob("*.tfrec"):
         assert (out / shard.name).read_bytes() == shard.read_bytes()
 
@@ -162,7 +161,7 @@ def test_existing_dataset_needs_overwrite(small, capsys):
     assert names == ["config.json", "data-train-00000.tfrec", "data-validation-00000.tfrec",
                      "manifest.json", "notes.txt"]
     assert (small["out"] / "notes.txt").read_text() == "mine"
-    assert records.read_manifest(small["out"])["config"]["IMS_PER_SHARD"] == 10
+    assert records.read_manifest(small["out"]).config["IMS_PER_SHARD"] == 10
 
 
 def test_out_folder_that_is_an_input_is_refused(small, capsys):
@@ -189,7 +188,7 @@ def test_interrupted_run_leaves_no_output(small, monkeypatch):
     config = write_config(small["config"], dict(FAST_CONFIG, DO_AUG=True, AUG_COPIES=1,
                                                 IMS_PER_SHARD=1))
     cfg = load_config(config)
-    real_augment = records.augment_pair
+    real_augment = dataset.augment_pair
     calls = []
 
     def augment_then_interrupt(*args):
@@ -199,10 +198,10 @@ def test_interrupted_run_leaves_no_output(small, monkeypatch):
             raise KeyboardInterrupt
         return real_augment(*args)
 
-    monkeypatch.setattr(records, "augment_pair", augment_then_interrupt)
+    monkeypatch.setattr(dataset, "augment_pair", augment_then_interrupt)
     sources = folder_digest(small["tmp"] / "data")
     with pytest.raises(KeyboardInterrupt):
-        records.make_dataset(cfg, small["images"], small["labels"], small["out"])
+        dataset.make_dataset(cfg, small["images"], small["labels"], small["out"])
     assert calls[-1], "the interruption should come after a finished shard"
     assert not small["out"].exists()
     assert list(small["tmp"].rglob("*.tfrec")) == [] and partial_dirs(small["tmp"]) == []
@@ -228,7 +227,7 @@ def test_failed_overwrite_keeps_the_old_dataset(small, monkeypatch):
         main([*args, "--overwrite"])
     assert folder_digest(small["out"]) == before
     assert partial_dirs(small["tmp"]) == []
-    assert records.read_manifest(small["out"])["counts"]["train"]["examples"] == 2
+    assert records.read_manifest(small["out"]).counts["train"].examples == 2
 
 
 # Tile mode --------------------------------------------------------------------------------
@@ -246,21 +245,21 @@ def test_tile_mode_counts_and_empty_tile_dropping(tmp_path):
     n_tiles = len(tile_grid((300, 500), (128, 128), 0.0))
     base = dict(FAST_CONFIG, TARGET_SIZE=[128, 128], FIT_MODE="tile", TILE_OVERLAP=0.0)
     cfg = config_from_dict(base)[0]
-    manifest = records.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
                                     tmp_path / "all")
     assert n_tiles == 12
-    assert {s: c["examples"] for s, c in manifest["counts"].items()} == {
+    assert {s: c.examples for s, c in manifest.counts.items()} == {
         "train": n_tiles, "validation": n_tiles}
     origins = [(m["row"], m["col"]) for _, _, m in records.read_examples(tmp_path / "all",
                                                                          "train")]
     assert origins == tile_grid((300, 500), (128, 128), 0.0)
 
     cfg = config_from_dict(dict(base, MIN_FOREGROUND_FRACTION=0.1, EMPTY_TILE_KEEP=0.0))[0]
-    manifest = records.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "images", tmp_path / "labels",
                                     tmp_path / "dropped")
-    assert manifest["counts"]["train"]["examples"] == 1
-    assert manifest["counts"]["validation"]["examples"] == n_tiles
-    assert manifest["empty_tiles_dropped"] == n_tiles - 1
+    assert manifest.counts["train"].examples == 1
+    assert manifest.counts["validation"].examples == n_tiles
+    assert manifest.empty_tiles_dropped == n_tiles - 1
 
 
 # Bad input: one line naming the file, and no output ---------------------------------------
@@ -322,7 +321,7 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, capsys, case):
 def test_all_bad_files_are_listed_before_anything_is_written(small, capsys, monkeypatch):
     write_png(small["labels"] / "demo_000.png", np.full((32, 40), 9, np.uint8))
     write_png(small["labels"] / "demo_003.png", np.full((32, 40), 8, np.uint8))
-    monkeypatch.setattr(records, "_staging_dir", None)  # must not be reached
+    monkeypatch.setattr(dataset, "_staging_dir", None)  # must not be reached
     args = argv(small["config"], small["images"], small["labels"], small["out"])
     assert run_command(main, args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -347,12 +346,11 @@ def test_lakes_subset_split_by_lake_in_tile_mode(tmp_path):
     assert main(argv(config, tmp_path / "images", tmp_path / "labels", tmp_path / "ds")) == 0
     manifest = records.read_manifest(tmp_path / "ds")
     lake = re.compile(r"^(.*)_s2cloudless")
-    lakes = {s: {lake.match(f).group(1) for f in manifest["files"][s]} for s in records.SPLITS}
+    lakes = {s: {lake.match(f).group(1) for f in manifest.files[s]} for s in records.SPLITS}
     assert lakes["train"] and lakes["validation"]
     assert not lakes["train"] & lakes["validation"]
-    assert sum(c["images"] for c in manifest["counts"].values()) == 10
-    assert manifest["counts"]["validation"]["examples"] > manifest["counts"]["validation"][
-        "images"]
-    assert 0.0 < manifest["class_pixel_frequency"][1] < 0.5
+    assert sum(c.images for c in manifest.counts.values()) == 10
+    assert manifest.counts["validation"].examples > manifest.counts["validation"].images
+    assert 0.0 < manifest.class_pixel_frequency[1] < 0.5
     assert (tmp_path / "ds/samples.png").exists()
     assert all(p.is_symlink() for p in (tmp_path / "images").iterdir())

@@ -461,10 +461,10 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
                     threshold=0.5)
     manifest = records.read_manifest(tiny_dataset)
     result = segment.evaluate_scenes(run, tiny_dataset, progress=False)
-    assert result is not None and result["images"] == len(manifest["files"]["validation"])
+    assert result is not None and result["images"] == len(manifest.files["validation"])
     assert result["tta"] is True
-    pairs = [p for p in imagery.find_pairs(manifest["images_dir"], manifest["labels_dir"])
-             if p.image.name in manifest["files"]["validation"]]
+    pairs = [p for p in imagery.find_pairs(manifest.images_dir, manifest.labels_dir)
+             if p.image.name in manifest.files["validation"]]
     counts = 0
     for pair in pairs:
         image, _ = imagery.load_image(pair, cfg)

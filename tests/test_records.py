@@ -1,4 +1,4 @@
-"""Tests for res_unet.records: example fitting, the shard format and the dataset readers."""
+"""Tests for res_unet.records: the shard format, the manifest and the dataset readers."""
 
 from __future__ import annotations
 
@@ -8,121 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-import tifffile
+from conftest import expected_tiles, make_config, write_sources
 
-from res_unet import records
-from res_unet.config import config_from_dict
+from res_unet import dataset, records
 from res_unet.errors import UserError
 from res_unet.imagery import write_png
-from res_unet.tiling import tile_grid
-
-
-def make_config(**overrides):
-    base = {"TARGET_SIZE": [16, 16], "FIT_MODE": "tile", "TILE_OVERLAP": 0.0,
-            "DO_AUG": False, "VALIDATION_SPLIT": 0.5, "IMS_PER_SHARD": 4, "DOPLOT": False}
-    base.update(overrides)
-    return config_from_dict(base)[0]
-
-
-def write_sources(root: Path, dtype: str, bands: int, n_classes: int = 2,
-                  shape=(32, 48), n_images: int = 2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Random images (PNG for uint8 RGB, TIFF otherwise) and labels; returns {stem: arrays}."""
-    rng = np.random.default_rng(5)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir(parents=True)
-    sources = {}
-    for i in range(n_images):
-        stem = f"src{i}"
-        top = 255 if dtype == "uint8" else 65535
-        image = rng.integers(0, top + 1, (*shape, bands), dtype=dtype)
-        label = rng.integers(0, n_classes, shape, dtype=np.uint8)
-        if dtype == "uint8" and bands == 3:
-            write_png(root / "images" / f"{stem}.png", image)
-        else:
-            tifffile.imwrite(root / "images" / f"{stem}.tif", image, photometric="minisblack",
-                             planarconfig="contig")
-        write_png(root / "labels" / f"{stem}.png", label)
-        sources[stem] = (image, label)
-    return sources
-
-
-def expected_tiles(image, label, tile=(16, 16)):
-    return [(image[r:r + tile[0], c:c + tile[1]], label[r:r + tile[0], c:c + tile[1]])
-            for r, c in tile_grid(image.shape[:2], tile, 0.0)]
-
-
-# Fitting and example selection ------------------------------------------------------------
-
-def test_tile_mode_gives_the_tile_grid():
-    cfg = make_config(TARGET_SIZE=[128, 128])
-    image = np.zeros((300, 500, 3), np.uint8)
-    label = np.zeros((300, 500), np.uint8)
-    fitted = records.fit_examples(image, label, cfg)
-    assert len(fitted) == len(tile_grid((300, 500), (128, 128), 0.0)) == 3 * 4
-    assert {(r, c) for _, _, r, c in fitted} == {(r, c) for r in (0, 128, 172)
-                                                 for c in (0, 128, 256, 372)}
-    assert all(i.shape == (128, 128, 3) and lab.shape == (128, 128) for i, lab, _, _ in fitted)
-
-
-def test_resize_mode_keeps_aspect_and_label_values():
-    cfg = make_config(FIT_MODE="resize", TARGET_SIZE=[32, 32])
-    image = np.full((20, 40, 3), 7, np.uint8)
-    label = np.zeros((20, 40), np.uint8)
-    label[:, 20:] = 1
-    [(img, lab, r, c)] = records.fit_examples(image, label, cfg)
-    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and (img == 7).all()
-    assert set(np.unique(lab)) == {0, 1} and (r, c) == (0, 0)
-    # Scaled 0.8, not stretched: the left half of each content row stays background.
-    assert (lab[:, :16] == 0).all() and (lab[:, 16:] == 1).all()
-
-
-def test_is_empty_tile_hand_values():
-    label = np.zeros((10, 10), np.uint8)
-    label[0, :5] = 1
-    assert records.is_empty_tile(label, 0.1)
-    assert not records.is_empty_tile(label, 0.05)
-    assert not records.is_empty_tile(np.zeros((4, 4), np.uint8), 0.0)
-
-
-def _tiles_with_empty_ones():
-    image = np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3).astype(np.uint8)
-    label = np.zeros((64, 64), np.uint8)
-    label[:16, :16] = 1  # one foreground tile out of 16
-    return image, label
-
-
-def test_empty_tiles_dropped_in_training_only():
-    image, label = _tiles_with_empty_ones()
-    cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.0)
-    train, dropped = records.source_examples(image, label, "s", "train", 0, cfg)
-    assert len(train) == 1 and dropped == 15 and (train[0].row, train[0].col) == (0, 0)
-    val, dropped = records.source_examples(image, label, "s", "validation", 0, cfg)
-    assert len(val) == 16 and dropped == 0
-
-
-def test_empty_tile_keep_share_is_seeded():
-    image, label = _tiles_with_empty_ones()
-    cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.5)
-    kept = [(e.row, e.col) for e in records.source_examples(image, label, "s", "train", 3,
-                                                            cfg)[0]]
-    again = [(e.row, e.col) for e in records.source_examples(image, label, "s", "train", 3,
-                                                             cfg)[0]]
-    assert kept == again and 1 < len(kept) < 16
-
-
-def test_augmented_copies_follow_each_training_example():
-    image, label = _tiles_with_empty_ones()
-    cfg = make_config(DO_AUG=True, AUG_COPIES=2, TARGET_SIZE=[32, 32])
-    train, _ = records.source_examples(image, label, "s", "train", 0, cfg)
-    assert [e.copy for e in train] == [0, 1, 2] * 4
-    assert np.array_equal(train[0].image, image[:32, :32])
-    assert not np.array_equal(train[1].image, train[0].image)
-    val, _ = records.source_examples(image, label, "s", "validation", 0, cfg)
-    assert [e.copy for e in val] == [0] * 4
-    # Seeds depend on the source index: another index gives other augmentations.
-    other, _ = records.source_examples(image, label, "s", "train", 1, cfg)
-    assert not np.array_equal(other[1].image, train[1].image)
-
 
 # Shard format -----------------------------------------------------------------------------
 
@@ -148,10 +38,10 @@ def test_shard_writer_splits_and_round_trips(tmp_path, compression):
     with records.ShardWriter(tmp_path, "lakes", "train", 3, compression) as writer:
         for e in examples:
             writer.write(records.serialize_example(e))
-    assert writer.shards == [{"file": f"lakes-train-0000{i}.tfrec", "count": n}
+    assert writer.shards == [records.Shard(f"lakes-train-0000{i}.tfrec", n)
                              for i, n in enumerate((3, 3, 1))]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [s["file"] for s in writer.shards]
-    files = [str(tmp_path / s["file"]) for s in writer.shards]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [s.file for s in writer.shards]
+    files = [str(tmp_path / s.file) for s in writer.shards]
     raw = tf.data.TFRecordDataset(files, compression_type=compression or "")
     back = [records.parse_example(r) for r in raw.as_numpy_iterator()]
     assert [m["stem"] for _, _, m in back] == [e.stem for e in examples]
@@ -173,7 +63,7 @@ def test_shard_writer_interrupted_leaves_only_finished_shards(tmp_path):
 def test_band_stats_match_numpy():
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 65535, (5 + i, 3, 4), dtype=np.uint16) for i in range(4)]
-    stats = records._RunningBandStats()
+    stats = records.RunningBandStats()
     for im in images:
         stats.add(im)
     mean, std = stats.result()
@@ -189,15 +79,15 @@ def test_band_stats_match_numpy():
 def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
     sources = write_sources(tmp_path / "src", dtype, bands)
     cfg = make_config(N_DATA_BANDS=bands, SHARD_COMPRESSION=compression)
-    manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
+    manifest = dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
-    assert manifest["dtype"] == dtype and manifest["n_bands"] == bands
-    assert manifest["compression"] == compression
+    assert manifest.dtype == dtype and manifest.n_bands == bands
+    assert manifest.compression == compression
     for split in records.SPLITS:
-        [stem] = [Path(f).stem for f in manifest["files"][split]]
+        [stem] = [Path(f).stem for f in manifest.files[split]]
         expected = expected_tiles(*sources[stem])
         got = list(records.read_examples(tmp_path / "ds", split))
-        assert len(got) == len(expected) == manifest["counts"][split]["examples"] == 6
+        assert len(got) == len(expected) == manifest.counts[split].examples == 6
         for (img, lab, meta), (exp_img, exp_lab) in zip(got, expected, strict=True):
             assert img.dtype == dtype and np.array_equal(img, exp_img)
             assert np.array_equal(lab, exp_lab) and meta["stem"] == stem
@@ -221,7 +111,7 @@ def test_load_dataset_one_hot_flips_repeat(tmp_path):
         # Labels are a function of the pixel, so any flip must keep them consistent.
         write_png(tmp_path / f"src/labels/s{i}.png", (image[..., 0] // 86).astype(np.uint8))
     cfg = make_config(NCLASSES=3, VALIDATION_SPLIT=0.0)
-    records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
+    dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
     plain = np.concatenate([x for x, _ in records.load_dataset(
         tmp_path / "ds", "train", 8, shuffle=False).as_numpy_iterator()])
     ds = records.load_dataset(tmp_path / "ds", "train", 3, shuffle=True, flips=True,
@@ -249,47 +139,61 @@ def test_read_manifest_refuses_non_datasets(tmp_path):
         records.read_examples(tmp_path, "train")
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    records.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    dataset.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
     manifest = json.loads((tmp_path / "ds/manifest.json").read_text())
     (tmp_path / "ds" / manifest["shards"]["train"][0]["file"]).unlink()
     with pytest.raises(UserError, match="missing"):
         records.read_manifest(tmp_path / "ds")
 
 
-def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch):
-    write_sources(tmp_path / "src", "uint8", 3, shape=(40, 72))  # 3 x 5 tiles of 16
-    cfg = make_config(DO_AUG=True, AUG_COPIES=1, IMS_PER_SHARD=7)
-    src = (tmp_path / "src/images", tmp_path / "src/labels")
-    whole = records.make_dataset(cfg, *src, tmp_path / "whole")
-    monkeypatch.setattr(records, "_EXAMPLES_PER_TASK", 5)  # 2 tiles (+ copies) per task
-    tasks = records._split_tasks(records._tasks(cfg, *[[p] for p in records.find_pairs(
-        *src)]), [(40, 72), (40, 72)])
-    # Training: 15 tiles, 2 per task (each has a copy); validation: 5 per task.
-    assert [len(t.fits) for t in tasks] == [2] * 7 + [1] + [5] * 3
-    assert [t.last for t in tasks].count(True) == 2
-    split = records.make_dataset(cfg, *src, tmp_path / "split")
-    assert split["content_hash"] == whole["content_hash"]
-    assert split["counts"] == whole["counts"] and split["files"] == whole["files"]
+MANIFEST_KEYS = [
+    "format", "format_version", "res_unet_version", "created", "content_hash", "counts",
+    "files", "label_files", "images_dir", "labels_dir", "empty_tiles_dropped",
+    "class_pixel_counts", "class_pixel_frequency", "band_mean", "band_std", "n_bands",
+    "n_label_classes", "nclasses", "target_size", "dtype", "fit_mode", "downsample",
+    "compression", "shards", "samples_figure", "config"]
 
 
-def test_downsampled_dataset_holds_the_working_scale(tmp_path):
-    """DOWNSAMPLE=2: examples are tiles of the block-mean image and majority label; the
-    manifest records the factor, and training refuses a config that disagrees."""
-    from res_unet import train
-    from res_unet.tiling import downsample_image, downsample_label
+def test_manifest_file_is_the_typed_manifest(tmp_path):
+    """manifest.json keeps its keys and their order, and reads back to the same JSON."""
+    sources = tmp_path / "src"
+    write_sources(sources, "uint8", 3)
+    built = dataset.make_dataset(make_config(), sources / "images", sources / "labels",
+                                 tmp_path / "ds")
+    text = (tmp_path / "ds/manifest.json").read_text()
+    data = json.loads(text)
+    assert list(data) == MANIFEST_KEYS
+    assert list(data["counts"]["train"]) == ["images", "examples", "unaugmented"]
+    assert list(data["shards"]["train"][0]) == ["file", "count", "sha256"]
+    manifest = records.read_manifest(tmp_path / "ds")
+    assert manifest == built
+    assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text
 
-    sources = write_sources(tmp_path / "src", "uint8", 3, shape=(64, 96))
-    cfg = make_config(DOWNSAMPLE=2)
-    manifest = records.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
-                                    tmp_path / "ds")
-    assert manifest["downsample"] == 2
-    [stem] = [Path(f).stem for f in manifest["files"]["train"]]
-    image, label = sources[stem]
-    expected = expected_tiles(downsample_image(image, 2), downsample_label(label, 2))
-    got = list(records.read_examples(tmp_path / "ds", "train"))
-    assert len(got) == len(expected) == 6  # a 32 x 48 working image in 16-px tiles
-    for (img, lab, _), (exp_img, exp_lab) in zip(got, expected, strict=True):
-        np.testing.assert_array_equal(img, exp_img)
-        np.testing.assert_array_equal(lab, exp_lab)
-    with pytest.raises(UserError, match="DOWNSAMPLE=2 but the config says DOWNSAMPLE=1"):
-        train.check_config_against_manifest(make_config(), manifest, tmp_path / "ds")
+
+def test_manifest_of_another_version_or_missing_a_field_is_refused(tmp_path):
+    sources = tmp_path / "src"
+    write_sources(sources, "uint8", 3)
+    dataset.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    path = tmp_path / "ds/manifest.json"
+    good = json.loads(path.read_text())
+
+    def read_with(drop=(), **changes):
+        data = {k: v for k, v in {**good, **changes}.items() if k not in drop}
+        path.write_text(json.dumps(data))
+        return records.read_manifest(tmp_path / "ds")
+
+    with pytest.raises(UserError, match=r"manifest.json: dataset format version 2, but this "
+                                        r"res_unet reads version 1; run make_tfrecords again "
+                                        r"with --overwrite$"):
+        read_with(format_version=2)
+    with pytest.raises(UserError, match=r"manifest.json: the manifest has no band_mean, "
+                                        r"n_bands; run make_tfrecords again with --overwrite$"):
+        read_with(drop=("band_mean", "n_bands"))
+    with pytest.raises(UserError, match="damaged counts or shards"):
+        read_with(counts={"train": {"images": 1}})
+    # Datasets made before DOWNSAMPLE or shard checksums existed still read.
+    unhashed = {s: [{"file": x["file"], "count": x["count"]} for x in good["shards"][s]]
+                for s in records.SPLITS}
+    old = read_with(drop=("downsample",), shards=unhashed)
+    assert old.downsample == 1 and old.shards["train"][0].sha256 is None
+    records.verify_shards(tmp_path / "ds", old)

@@ -50,7 +50,7 @@ def test_training_reduces_the_loss(tiny_dataset):
     cfg = tiny_config(MAX_EPOCHS=1)
     manifest = records.read_manifest(tiny_dataset)
     keras.utils.set_random_seed(cfg.SEED)
-    untrained = build_model(cfg, manifest["band_mean"], manifest["band_std"])
+    untrained = build_model(cfg, manifest.band_mean, manifest.band_std)
     before = dataset_loss(cfg, tiny_dataset, untrained)
     trainer = train.Trainer(cfg, manifest, devices.make_strategy(), "float32")
     ds = records.load_dataset(tiny_dataset, "train", 8, shuffle=True, repeat=True, seed=1)
@@ -94,8 +94,8 @@ def test_saved_model_reloads_without_custom_objects(trained_run, tiny_dataset):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     model = keras.models.load_model(run / "model.keras", compile=False)
-    rebuilt = build_model(cfg, *[records.read_manifest(tiny_dataset)[k]
-                                 for k in ("band_mean", "band_std")])
+    manifest = records.read_manifest(tiny_dataset)
+    rebuilt = build_model(cfg, manifest.band_mean, manifest.band_std)
     rebuilt.load_weights(run / "best.weights.h5")
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     np.testing.assert_allclose(model(x), rebuilt(x), atol=1e-6)
@@ -240,7 +240,7 @@ def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkey
     assert not (tmp_path / "saved_model").exists(), "export_saved_model=False skips it"
     assert card.training.best_epoch == 2
     manifest = records.read_manifest(tiny_dataset)
-    best = build_model(cfg, manifest["band_mean"], manifest["band_std"])
+    best = build_model(cfg, manifest.band_mean, manifest.band_std)
     best.load_weights(tmp_path / "best.weights.h5")
     final = keras.models.load_model(tmp_path / "model.keras", compile=False)
     for a, b in zip(best.get_weights(), final.get_weights(), strict=True):
@@ -288,7 +288,7 @@ def test_folder_without_shards(tmp_path):
 
 def test_weights_that_do_not_fit(tiny_dataset, tmp_path):
     manifest = records.read_manifest(tiny_dataset)
-    other = build_model(tiny_config(FILTERS=8), manifest["band_mean"], manifest["band_std"])
+    other = build_model(tiny_config(FILTERS=8), manifest.band_mean, manifest.band_std)
     other.save_weights(tmp_path / "other.weights.h5")
     cfg = tiny_config(HOT_START=True, INITIAL_WEIGHTS=str(tmp_path / "other.weights.h5"))
     with pytest.raises(UserError, match="do not fit the model"):
