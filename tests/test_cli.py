@@ -71,7 +71,7 @@ def test_check_writable(tmp_path):
 def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
     """/proc accepts no new files, as a read-only mount or a folder without permission
     would not: each command says so at once instead of failing after the work."""
-    from conftest import tiny_config
+    from helpers import make_config
 
     from res_unet import records, segment, train
     from res_unet.dataset import make_dataset
@@ -79,14 +79,14 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
 
     manifest = records.read_manifest(tiny_dataset)
     with pytest.raises(UserError, match="/proc/res_unet_run: cannot write there"):
-        train.train(tiny_config(MAX_EPOCHS=1), tiny_dataset, "/proc/res_unet_run",
+        train.train(make_config(MAX_EPOCHS=1), tiny_dataset, "/proc/res_unet_run",
                     progress=False)
     with pytest.raises(UserError, match="/proc/res_unet_ds: cannot write there"):
-        make_dataset(tiny_config(), manifest.images_dir, manifest.labels_dir,
+        make_dataset(make_config(), manifest.images_dir, manifest.labels_dir,
                      "/proc/res_unet_ds")
     images, _ = make_demo_dataset(tmp_path / "demo", 1, (64, 64), seed=1)
     run = tmp_path / "run"
-    train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,
+    train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,
                 progress=False, export_saved_model=False)
     cfg = segment.inference_config([run])
     with pytest.raises(UserError, match="/proc/res_unet_seg: cannot write there"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import expected_tiles, make_config, write_sources
+from helpers import expected_tiles, make_config, write_sources
 
 from res_unet import dataset, records
 from res_unet.errors import UserError
@@ -17,7 +17,7 @@ from res_unet.tiling import tile_grid
 # Fitting and example selection ------------------------------------------------------------
 
 def test_tile_mode_gives_the_tile_grid():
-    cfg = make_config(TARGET_SIZE=[128, 128])
+    cfg = make_config("tiles16", TARGET_SIZE=[128, 128])
     image = np.zeros((300, 500, 3), np.uint8)
     label = np.zeros((300, 500), np.uint8)
     fitted = dataset.fit_examples(image, label, cfg)
@@ -28,7 +28,7 @@ def test_tile_mode_gives_the_tile_grid():
 
 
 def test_resize_mode_keeps_aspect_and_label_values():
-    cfg = make_config(FIT_MODE="resize", TARGET_SIZE=[32, 32])
+    cfg = make_config("tiles16", FIT_MODE="resize", TARGET_SIZE=[32, 32])
     image = np.full((20, 40, 3), 7, np.uint8)
     label = np.zeros((20, 40), np.uint8)
     label[:, 20:] = 1
@@ -56,7 +56,7 @@ def _tiles_with_empty_ones():
 
 def test_empty_tiles_dropped_in_training_only():
     image, label = _tiles_with_empty_ones()
-    cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.0)
+    cfg = make_config("tiles16", MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.0)
     train, dropped = dataset.source_examples(image, label, "s", "train", 0, cfg)
     assert len(train) == 1 and dropped == 15 and (train[0].row, train[0].col) == (0, 0)
     val, dropped = dataset.source_examples(image, label, "s", "validation", 0, cfg)
@@ -65,7 +65,7 @@ def test_empty_tiles_dropped_in_training_only():
 
 def test_empty_tile_keep_share_is_seeded():
     image, label = _tiles_with_empty_ones()
-    cfg = make_config(MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.5)
+    cfg = make_config("tiles16", MIN_FOREGROUND_FRACTION=0.5, EMPTY_TILE_KEEP=0.5)
     kept = [(e.row, e.col) for e in dataset.source_examples(image, label, "s", "train", 3,
                                                             cfg)[0]]
     again = [(e.row, e.col) for e in dataset.source_examples(image, label, "s", "train", 3,
@@ -75,7 +75,7 @@ def test_empty_tile_keep_share_is_seeded():
 
 def test_augmented_copies_follow_each_training_example():
     image, label = _tiles_with_empty_ones()
-    cfg = make_config(DO_AUG=True, AUG_COPIES=2, TARGET_SIZE=[32, 32])
+    cfg = make_config("tiles16", DO_AUG=True, AUG_COPIES=2, TARGET_SIZE=[32, 32])
     train, _ = dataset.source_examples(image, label, "s", "train", 0, cfg)
     assert [e.copy for e in train] == [0, 1, 2] * 4
     assert np.array_equal(train[0].image, image[:32, :32])
@@ -91,7 +91,7 @@ def test_augmented_copies_follow_each_training_example():
 
 def test_big_scenes_split_into_tasks_give_the_same_dataset(tmp_path, monkeypatch):
     write_sources(tmp_path / "src", "uint8", 3, shape=(40, 72))  # 3 x 5 tiles of 16
-    cfg = make_config(DO_AUG=True, AUG_COPIES=1, IMS_PER_SHARD=7)
+    cfg = make_config("tiles16", DO_AUG=True, AUG_COPIES=1, IMS_PER_SHARD=7)
     src = (tmp_path / "src/images", tmp_path / "src/labels")
     whole = dataset.make_dataset(cfg, *src, tmp_path / "whole")
     monkeypatch.setattr(dataset, "_EXAMPLES_PER_TASK", 5)  # 2 tiles (+ copies) per task
@@ -112,7 +112,7 @@ def test_downsampled_dataset_holds_the_working_scale(tmp_path):
     from res_unet.tiling import downsample_image, downsample_label
 
     sources = write_sources(tmp_path / "src", "uint8", 3, shape=(64, 96))
-    cfg = make_config(DOWNSAMPLE=2)
+    cfg = make_config("tiles16", DOWNSAMPLE=2)
     manifest = dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
     assert manifest.downsample == 2
@@ -125,4 +125,4 @@ def test_downsampled_dataset_holds_the_working_scale(tmp_path):
         np.testing.assert_array_equal(img, exp_img)
         np.testing.assert_array_equal(lab, exp_lab)
     with pytest.raises(UserError, match="DOWNSAMPLE=2 but the config says DOWNSAMPLE=1"):
-        train.check_config_against_manifest(make_config(), manifest, tmp_path / "ds")
+        train.check_config_against_manifest(make_config("tiles16"), manifest, tmp_path / "ds")

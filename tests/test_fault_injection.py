@@ -77,10 +77,10 @@ def temporaries(*folders: Path) -> list[Path]:
 def sources(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("faults")
     images, labels = make_demo_dataset(root / "data", 16, (192, 192), seed=5)
-    from conftest import tiny_config
+    from helpers import make_config
 
     config = root / "config.json"
-    save_config(tiny_config(AUG_COPIES=2, MAX_EPOCHS=3, STEPS_PER_EPOCH=6), config)
+    save_config(make_config(AUG_COPIES=2, MAX_EPOCHS=3, STEPS_PER_EPOCH=6), config)
     return Path(images), Path(labels), config
 
 

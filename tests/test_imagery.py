@@ -9,6 +9,7 @@ import pytest
 import rasterio
 import tifffile
 from affine import Affine
+from helpers import shared_data
 from PIL import Image
 from rasterio.crs import CRS
 
@@ -29,8 +30,6 @@ from res_unet.imagery import (
     write_geotiff,
     write_png,
 )
-
-LAKES = Path(__file__).parents[2] / "shared" / "data" / "lakes"
 
 
 def make_cfg(**keys):
@@ -574,9 +573,9 @@ def test_writers_reject_arrays_they_cannot_store(tmp_path):
 
 # Real data ----------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not LAKES.exists(), reason="../shared/data/lakes is absent")
 def test_reads_a_real_lakes_pair():
-    pairs = find_pairs(LAKES / "images", LAKES / "labels")
+    lakes = shared_data("lakes")
+    pairs = find_pairs(lakes / "images", lakes / "labels")
     assert len(pairs) == 154
     image, label, meta = load_pair(pairs[0], make_cfg(NCLASSES=1, N_DATA_BANDS=3))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8

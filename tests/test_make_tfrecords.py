@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import shared_data
 
 from res_unet import dataset, records
 from res_unet.cli import run_command
@@ -21,7 +22,6 @@ from res_unet.imagery import find_pairs, load_pair, write_png
 from res_unet.make_tfrecords import main
 from res_unet.tiling import resize_to_fit, tile_grid
 
-SHARED_LAKES = Path(__file__).parents[2] / "shared/data/lakes"
 DEMO_CONFIG = {"TARGET_SIZE": [64, 64], "AUG_COPIES": 2, "IMS_PER_SHARD": 8,
                "VALIDATION_SPLIT": 0.25, "SEED": 3}
 FAST_CONFIG = {"TARGET_SIZE": [32, 32], "DO_AUG": False, "DOPLOT": False,
@@ -331,13 +331,13 @@ def test_all_bad_files_are_listed_before_anything_is_written(small, capsys, monk
 
 # Real data --------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not SHARED_LAKES.exists(), reason="needs ../shared/data/lakes")
 def test_lakes_subset_split_by_lake_in_tile_mode(tmp_path):
-    names = sorted(p.stem for p in (SHARED_LAKES / "images").glob("*.jpg"))[:10]
+    lakes = shared_data("lakes")
+    names = sorted(p.stem for p in (lakes / "images").glob("*.jpg"))[:10]
     for kind, suffix in (("images", ".jpg"), ("labels", ".png")):
         (tmp_path / kind).mkdir()
         for name in names:
-            os.symlink(SHARED_LAKES / kind / f"{name}{suffix}", tmp_path / kind / f"{name}"
+            os.symlink(lakes / kind / f"{name}{suffix}", tmp_path / kind / f"{name}"
                        f"{suffix}")
     config = write_config(tmp_path / "lakes.json", {
         "TARGET_SIZE": [256, 256], "FIT_MODE": "tile", "SPLIT_GROUP_PATTERN":

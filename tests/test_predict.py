@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from helpers import BAND_MEAN, BAND_STD, TILE, make_config, pixel_model, pixel_prob, write_run
 
 from res_unet import (
     LoadedModel,
@@ -20,81 +22,26 @@ from res_unet import (
     segment,
     tiling,
 )
-from res_unet.config import Config, config_from_dict, save_config
+from res_unet.config import save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
-from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
 from res_unet.seg_images_in_folder import parse_shard
 from res_unet.segment import inference_config
 from res_unet.tiling import blend_window, tile_grid
-
-TILE = 32
-BAND_MEAN, BAND_STD = [120.0, 110.0, 100.0], [50.0, 45.0, 40.0]
-
-
-# Helpers shared with test_seg_images_in_folder -----------------------------------------------
-
-def tiny_config(nclasses: int = 1, **extra) -> Config:
-    """A small resunet config: 32x32 input, FILTERS 4, DEPTH 2, 3 bands."""
-    cfg, _ = config_from_dict({"TARGET_SIZE": [TILE, TILE], "FILTERS": 4, "DEPTH": 2,
-                               "N_DATA_BANDS": 3, "NCLASSES": nclasses, "DROPOUT": 0.0,
-                               "BATCH_SIZE": 4, **extra})
-    return cfg
-
-
-def pixel_model(gain: float = 0.05, centre: float = 128.0, size: int = TILE) -> keras.Model:
-    """A per-pixel model p = sigmoid(gain * (band0 - centre)): flip/rotation-equivariant and
-    independent of the tile it sees, so tiled prediction must reproduce it exactly."""
-    inputs = keras.Input((size, size, 3))
-    outputs = keras.layers.Conv2D(
-        1, 1, activation="sigmoid",
-        kernel_initializer=keras.initializers.Constant(
-            np.array([gain, 0.0, 0.0], np.float32).reshape(1, 1, 3, 1)),
-        bias_initializer=keras.initializers.Constant(-gain * centre))(inputs)
-    return keras.Model(inputs, outputs)
-
-
-def pixel_prob(image: np.ndarray, gain: float = 0.05, centre: float = 128.0) -> np.ndarray:
-    """What :func:`pixel_model` predicts, (H, W, 1) float32."""
-    z = gain * (image[..., :1].astype(np.float64) - centre)
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-
-
-def write_run(run_dir: Path, model: keras.Model, cfg: Config, threshold: float | None = 0.5
-              ) -> Path:
-    """A minimal run folder as train_resunet writes it: model.keras, best.weights.h5,
-    config.json and model_card.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.save(run_dir / "model.keras")
-    model.save_weights(run_dir / "best.weights.h5")
-    save_config(cfg, run_dir / "config.json")
-    ModelCard(
-        res_unet_version="test", model=cfg.MODEL, encoder=None,
-        parameters=model.count_params(), flops_per_image=0,
-        input=CardInput(size=list(cfg.TARGET_SIZE), bands=cfg.N_DATA_BANDS, dtype="uint8",
-                        band_mean=BAND_MEAN, band_std=BAND_STD),
-        classes=cfg.n_label_classes, class_names=cfg.class_names, binary=cfg.NCLASSES == 1,
-        ignore_class=None, threshold=threshold if cfg.NCLASSES == 1 else None, dataset={},
-        training=TrainingFacts(epochs_run=1, best_epoch=1, best_val_loss=None,
-                               train_seconds=0.0, images_per_second=None,
-                               precision="float32", strategy="test", replicas=1),
-        validation={}, versions={}, device="test", wall_seconds=0.0, files={},
-        config=cfg.to_dict()).write(run_dir)
-    return run_dir
-
 
 # Fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def resunet_binary() -> LoadedModel:
     keras.utils.set_random_seed(1)
-    return LoadedModel.from_model(build_model(tiny_config(), BAND_MEAN, BAND_STD))
+    return LoadedModel.from_model(build_model(make_config("model"), BAND_MEAN, BAND_STD))
 
 
 @pytest.fixture(scope="module")
 def resunet_multi() -> LoadedModel:
     keras.utils.set_random_seed(2)
-    return LoadedModel.from_model(build_model(tiny_config(3), BAND_MEAN, BAND_STD))
+    cfg = make_config("model", NCLASSES=3)
+    return LoadedModel.from_model(build_model(cfg, BAND_MEAN, BAND_STD))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +98,7 @@ def test_tiled_and_resize_agree_at_target_size(resunet_binary):
     tiled = predict.predict_tiled([resunet_binary], img, (TILE, TILE), 0.25)
     resized = predict.predict_resize([resunet_binary], img)
     np.testing.assert_allclose(tiled, resized, atol=1e-6)
-    seg = predict.Segmenter([resunet_binary], tiny_config())
+    seg = predict.Segmenter([resunet_binary], make_config("model"))
     assert seg.mode_for((TILE, TILE)) == "resize"
     assert seg.mode_for((TILE + 1, TILE)) == "tile"
 
@@ -199,7 +146,7 @@ def test_ensemble_averages_members():
 
 def test_ensemble_members_must_agree(resunet_binary, resunet_multi):
     with pytest.raises(UserError, match="same classes"):
-        predict.Segmenter([resunet_binary, resunet_multi], tiny_config())
+        predict.Segmenter([resunet_binary, resunet_multi], make_config("model"))
 
 
 # Memory-bounded strips -----------------------------------------------------------------------
@@ -217,7 +164,7 @@ def test_strips_equal_whole_image(fixture, image, request):
 
 
 def test_strip_labels_equal_full_labels(resunet_binary, image):
-    cfg = tiny_config(THRESHOLD=0.5, MEDIAN_FILTER_VALUE=2, MIN_OBJECT_AREA=20,
+    cfg = make_config("model", THRESHOLD=0.5, MEDIAN_FILTER_VALUE=2, MIN_OBJECT_AREA=20,
                       MIN_HOLE_AREA=10, OPENING_RADIUS=1)
     full = predict.Segmenter([resunet_binary], cfg)
     strips = predict.Segmenter([resunet_binary], cfg, full_max_values=0)
@@ -230,7 +177,7 @@ def test_strip_labels_equal_full_labels(resunet_binary, image):
 def test_strip_otsu_close_to_full_otsu(per_pixel):
     rng = np.random.default_rng(5)
     img = np.clip(rng.normal(128, 40, (120, 90, 3)), 0, 255).astype(np.uint8)
-    cfg = tiny_config(THRESHOLD="otsu")
+    cfg = make_config("model", THRESHOLD="otsu")
     full = predict.Segmenter([per_pixel], cfg).segment(img)
     strips = predict.Segmenter([per_pixel], cfg, full_max_values=0).segment(img)
     # Otsu's threshold is only defined to a histogram bin; one grey level here is ~1 %.
@@ -252,10 +199,10 @@ def test_card_threshold_used_unless_overridden(per_pixel):
     img = np.zeros((TILE, TILE, 3), np.uint8)
     img[..., 0] = np.arange(TILE * TILE).reshape(TILE, TILE) % 256
     prob = pixel_prob(img)[..., 0]
-    card = predict.Segmenter([per_pixel], tiny_config())
+    card = predict.Segmenter([per_pixel], make_config("model"))
     assert card.threshold_setting == 0.3
     np.testing.assert_array_equal(card.segment(img), prob >= 0.3)
-    override = predict.Segmenter([per_pixel], tiny_config(THRESHOLD=0.7))
+    override = predict.Segmenter([per_pixel], make_config("model", THRESHOLD=0.7))
     assert override.threshold_setting == 0.7
     np.testing.assert_array_equal(override.segment(img), prob >= 0.7)
     assert (prob >= 0.3).sum() > (prob >= 0.7).sum()
@@ -265,11 +212,11 @@ def test_nodata_pixels_are_255(per_pixel):
     img = np.full((50, 40, 3), 200, np.uint8)
     img[:10, :] = 0
     img[20, 5] = (7, 7, 7)
-    seg = predict.Segmenter([per_pixel], tiny_config())
+    seg = predict.Segmenter([per_pixel], make_config("model"))
     label = seg.segment(img, nodata=[0.0, 7.0])
     assert np.all(label[:10] == 255) and label[20, 5] == 255
     assert np.all(label[10:20] == 1)
-    strips = predict.Segmenter([per_pixel], tiny_config(), full_max_values=0)
+    strips = predict.Segmenter([per_pixel], make_config("model"), full_max_values=0)
     np.testing.assert_array_equal(strips.segment(img, nodata=[0.0, 7.0]), label)
     meta = imagery.RasterMeta(path=Path("x.tif"), nodata=7.0)
     assert predict.nodata_values(meta, nodata_zero=True) == [7.0, 0.0]
@@ -280,7 +227,7 @@ def test_otsu_ignores_nodata(per_pixel):
     # counted, Otsu separates nodata from the rest and calls the dark pixels foreground.
     img = np.zeros((40, 40, 3), np.uint8)
     img[28:34], img[34:] = 140, 200
-    cfg = tiny_config(THRESHOLD="otsu")
+    cfg = make_config("model", THRESHOLD="otsu")
     assert np.all(predict.Segmenter([per_pixel], cfg).segment(img)[28:34] == 1)
     for limit in (predict.FULL_MAX_VALUES, 0):
         label = predict.Segmenter([per_pixel], cfg, full_max_values=limit).segment(img, [0.0])
@@ -307,7 +254,7 @@ def test_overlay_colours_foreground_only():
 
 def test_load_run_and_rebuild(tmp_path):
     keras.utils.set_random_seed(6)
-    cfg = tiny_config()
+    cfg = make_config("model")
     model = build_model(cfg, BAND_MEAN, BAND_STD)
     run = write_run(tmp_path / "run", model, cfg, threshold=0.42)
     loaded = load_run(run)
@@ -330,7 +277,7 @@ def test_not_a_run_folder(tmp_path):
 
 
 def test_inference_config_layers(tmp_path):
-    cfg = tiny_config(EXTRA_BAND_DIRS=["train_bands"], MEDIAN_FILTER_VALUE=3)
+    cfg = make_config("model", EXTRA_BAND_DIRS=["train_bands"], MEDIAN_FILTER_VALUE=3)
     run = tmp_path / "run"
     run.mkdir()
     save_config(cfg, run / "config.json")
@@ -359,7 +306,7 @@ def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary,
 
     images = tmp_path / "images"
     imagery.write_png(images / "scene.png", image)
-    cfg = tiny_config(THRESHOLD=0.5)
+    cfg = make_config("model", THRESHOLD=0.5)
     summary = segment.segment_folder(cfg, [resunet_binary], images, tmp_path / "out",
                                      save_probs=True, progress=False, full_max_values=0)
     assert summary["done"] == 1 and summary["failed"] == 0
@@ -381,13 +328,13 @@ def test_downsample_segmenter_predicts_at_scale_and_interpolates_back(per_pixel)
     rng = np.random.default_rng(11)
     img = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
     model = dataclasses.replace(per_pixel, downsample=2)
-    seg = predict.Segmenter([model], tiny_config(THRESHOLD=0.5))
+    seg = predict.Segmenter([model], make_config("model", THRESHOLD=0.5))
     small = tiling.downsample_image(img, 2)
     expected = tiling.upsample_rows(pixel_prob(small), 2, img.shape[:2])
     prob = seg.probabilities(img)
     assert prob.shape == (90, 70, 1)
     np.testing.assert_allclose(prob, expected, atol=1e-5)
-    strips = predict.Segmenter([model], tiny_config(THRESHOLD=0.5), full_max_values=0)
+    strips = predict.Segmenter([model], make_config("model", THRESHOLD=0.5), full_max_values=0)
     assert strips.uses_strips(img.shape[:2])
     np.testing.assert_array_equal(strips.segment(img), seg.segment(img))
     np.testing.assert_array_equal(seg.segment(img), expected[..., 0] >= 0.5)
@@ -403,7 +350,7 @@ def test_upsample_strips_equal_the_whole_map(factor, out_h):
     small = rng.random((small_h, 9, 2), dtype=np.float32)
     whole = tiling.upsample_rows(small, factor, (out_h, 9 * factor - 1))
     cuts = sorted(set(rng.integers(1, max(small_h, 2), 3).tolist()) | {0, small_h})
-    strips = [(a, small[a:b]) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    strips = [(a, small[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
     pieces = list(predict.upsample_strips(strips, factor, small_h, (out_h, 9 * factor - 1)))
     assert [r0 for r0, _ in pieces] == sorted(r0 for r0, _ in pieces)
     np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), whole)
@@ -431,7 +378,7 @@ def test_segmenting_a_row_source_reads_bands_and_equals_the_whole_image(resunet_
     img = rng.integers(0, 256, (600, 90, 3), dtype=np.uint8)
     img[:5] = 0
     model = dataclasses.replace(resunet_binary, downsample=downsample)
-    cfg = tiny_config(THRESHOLD=0.5)
+    cfg = make_config("model", THRESHOLD=0.5)
     whole = predict.Segmenter([model], cfg).segment(img, nodata=[0.0])
     source = CountingRows(img)
     streamed = predict.Segmenter([model], cfg, full_max_values=0).segment(source, [0.0])
@@ -445,7 +392,7 @@ def test_segmenting_a_row_source_reads_bands_and_equals_the_whole_image(resunet_
 def test_ensemble_members_must_share_the_working_scale(per_pixel):
     coarse = dataclasses.replace(per_pixel, downsample=2)
     with pytest.raises(UserError, match="DOWNSAMPLE"):
-        predict.Segmenter([per_pixel, coarse], tiny_config())
+        predict.Segmenter([per_pixel, coarse], make_config("model"))
 
 
 # Whole validation scenes ---------------------------------------------------------------------
@@ -456,7 +403,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     computed by hand from the same probabilities; the card then carries that threshold."""
     from res_unet import imagery, metrics, records
 
-    cfg = tiny_config(TARGET_SIZE=[64, 64], TESTTIMEAUG=True)
+    cfg = make_config("model", TARGET_SIZE=[64, 64], TESTTIMEAUG=True)
     run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0, size=64), cfg,
                     threshold=0.5)
     manifest = records.read_manifest(tiny_dataset)
@@ -488,7 +435,7 @@ def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, cap
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["images_dir"] = str(tmp_path / "gone")
     (data / "manifest.json").write_text(json.dumps(manifest))
-    cfg = tiny_config(TARGET_SIZE=[64, 64])
+    cfg = make_config("model", TARGET_SIZE=[64, 64])
     run = write_run(tmp_path / "run", pixel_model(size=64), cfg, threshold=0.4)
     assert segment.evaluate_scenes(run, data, progress=False) is None
     assert "scene evaluation skipped" in capsys.readouterr().err
@@ -497,7 +444,7 @@ def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, cap
 
 def test_truncated_model_files_are_reported_as_damaged(tmp_path):
     keras.utils.set_random_seed(6)
-    cfg = tiny_config()
+    cfg = make_config("model")
     run = write_run(tmp_path / "run", build_model(cfg, BAND_MEAN, BAND_STD), cfg)
     full = run / "model.keras"
     full.write_bytes(full.read_bytes()[: full.stat().st_size // 2])

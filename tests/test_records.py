@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import expected_tiles, make_config, write_sources
+from helpers import expected_tiles, make_config, write_sources
 
 from res_unet import dataset, records
 from res_unet.errors import UserError
@@ -78,7 +78,7 @@ def test_band_stats_match_numpy():
 @pytest.mark.parametrize(("dtype", "bands"), [("uint8", 3), ("uint16", 6)])
 def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
     sources = write_sources(tmp_path / "src", dtype, bands)
-    cfg = make_config(N_DATA_BANDS=bands, SHARD_COMPRESSION=compression)
+    cfg = make_config("tiles16", N_DATA_BANDS=bands, SHARD_COMPRESSION=compression)
     manifest = dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels",
                                     tmp_path / "ds")
     assert manifest.dtype == dtype and manifest.n_bands == bands
@@ -110,7 +110,7 @@ def test_load_dataset_one_hot_flips_repeat(tmp_path):
         write_png(tmp_path / f"src/images/s{i}.png", image)
         # Labels are a function of the pixel, so any flip must keep them consistent.
         write_png(tmp_path / f"src/labels/s{i}.png", (image[..., 0] // 86).astype(np.uint8))
-    cfg = make_config(NCLASSES=3, VALIDATION_SPLIT=0.0)
+    cfg = make_config("tiles16", NCLASSES=3, VALIDATION_SPLIT=0.0)
     dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
     plain = np.concatenate([x for x, _ in records.load_dataset(
         tmp_path / "ds", "train", 8, shuffle=False).as_numpy_iterator()])
@@ -139,7 +139,8 @@ def test_read_manifest_refuses_non_datasets(tmp_path):
         records.read_examples(tmp_path, "train")
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    dataset.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    dataset.make_dataset(make_config("tiles16"), sources / "images", sources / "labels",
+                         tmp_path / "ds")
     manifest = json.loads((tmp_path / "ds/manifest.json").read_text())
     (tmp_path / "ds" / manifest["shards"]["train"][0]["file"]).unlink()
     with pytest.raises(UserError, match="missing"):
@@ -158,7 +159,7 @@ def test_manifest_file_is_the_typed_manifest(tmp_path):
     """manifest.json keeps its keys and their order, and reads back to the same JSON."""
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    built = dataset.make_dataset(make_config(), sources / "images", sources / "labels",
+    built = dataset.make_dataset(make_config("tiles16"), sources / "images", sources / "labels",
                                  tmp_path / "ds")
     text = (tmp_path / "ds/manifest.json").read_text()
     data = json.loads(text)
@@ -173,7 +174,8 @@ def test_manifest_file_is_the_typed_manifest(tmp_path):
 def test_manifest_of_another_version_or_missing_a_field_is_refused(tmp_path):
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
-    dataset.make_dataset(make_config(), sources / "images", sources / "labels", tmp_path / "ds")
+    dataset.make_dataset(make_config("tiles16"), sources / "images", sources / "labels",
+                         tmp_path / "ds")
     path = tmp_path / "ds/manifest.json"
     good = json.loads(path.read_text())
 

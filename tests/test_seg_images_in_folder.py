@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from helpers import BAND_MEAN, BAND_STD, make_config, pixel_model, pixel_prob, write_run
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
-from test_predict import pixel_model, pixel_prob, tiny_config, write_run
 
 from res_unet import imagery
 from res_unet.cli import run_command
@@ -28,7 +28,7 @@ def seg(*args: str) -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A binary run folder whose model is p = sigmoid(0.05 (band0 - 128)), threshold 0.3."""
-    return write_run(tmp_path_factory.mktemp("runs") / "run", pixel_model(), tiny_config(),
+    return write_run(tmp_path_factory.mktemp("runs") / "run", pixel_model(), make_config("model"),
                      threshold=0.3)
 
 
@@ -156,7 +156,8 @@ def test_resume_refuses_outputs_of_another_model_or_setting(run, images, tmp_pat
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--out", out) == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
-    other = write_run(tmp_path / "other", pixel_model(gain=-0.05), tiny_config(), threshold=0.3)
+    other = write_run(tmp_path / "other", pixel_model(gain=-0.05), make_config("model"),
+                      threshold=0.3)
     capsys.readouterr()
     assert seg("--model", other, "--images", images, "--out", out) == 2
     err = capsys.readouterr().err
@@ -320,9 +321,7 @@ def test_not_a_run_folder_is_a_usage_error(images, tmp_path, capsys):
 
 
 def test_ensemble_members_must_agree(run, images, tmp_path, capsys):
-    multi_cfg = tiny_config(3)
-    from test_predict import BAND_MEAN, BAND_STD
-
+    multi_cfg = make_config("model", NCLASSES=3)
     from res_unet.models import build_model
 
     other = write_run(tmp_path / "multi", build_model(multi_cfg, BAND_MEAN, BAND_STD), multi_cfg)

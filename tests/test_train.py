@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
+from helpers import make_config
 
 from res_unet import devices, records, runfolder, train
 from res_unet.config import save_config
@@ -40,14 +40,14 @@ def dataset_loss(cfg, data: Path, model) -> float:
 @pytest.fixture(scope="module")
 def trained_run(tiny_dataset, tmp_path_factory):
     """One short training run shared by the output tests."""
-    cfg = tiny_config(MAX_EPOCHS=3, DOPLOT=True)
+    cfg = make_config(MAX_EPOCHS=3, DOPLOT=True)
     run = tmp_path_factory.mktemp("run")
     card = train.train(cfg, tiny_dataset, run, progress=False)
     return cfg, run, card
 
 
 def test_training_reduces_the_loss(tiny_dataset):
-    cfg = tiny_config(MAX_EPOCHS=1)
+    cfg = make_config(MAX_EPOCHS=1)
     manifest = records.read_manifest(tiny_dataset)
     keras.utils.set_random_seed(cfg.SEED)
     untrained = build_model(cfg, manifest.band_mean, manifest.band_std)
@@ -104,7 +104,7 @@ def test_saved_model_reloads_without_custom_objects(trained_run, tiny_dataset):
 def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_path):
     _, run, _ = trained_run
     before = json.loads((run / "evaluation.json").read_text())
-    card = train.train(tiny_config(MAX_EPOCHS=3, DO_TRAIN=False), tiny_dataset, run,
+    card = train.train(make_config(MAX_EPOCHS=3, DO_TRAIN=False), tiny_dataset, run,
                        progress=False, export_saved_model=False)
     after = json.loads((run / "evaluation.json").read_text())
     assert after["scores"]["confusion_matrix"] == before["scores"]["confusion_matrix"]
@@ -115,7 +115,7 @@ def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_
 
 
 def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypatch):
-    cfg = tiny_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=2)
+    cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=2)
     calls = []
     original = train.Trainer.train_epoch
 
@@ -147,7 +147,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
 @pytest.fixture
 def killed_run(tiny_dataset, tmp_path, monkeypatch):
     """A run folder whose training was killed in its second epoch (backup of epoch 1)."""
-    cfg = tiny_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1)
+    cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1)
     original = train.Trainer.train_epoch
 
     def dies_in_epoch_two(self, iterator, steps, epoch, progress):
@@ -172,11 +172,11 @@ def test_resume_with_a_changed_config_names_the_change(killed_run, tiny_dataset)
     before = snapshot(run)
     with pytest.raises(UserError, match=r"started with another config \(FILTERS 4 -> 8\); "
                                         r"resume with its config.json, or pass --overwrite"):
-        train.train(tiny_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, FILTERS=8), tiny_dataset, run,
+        train.train(make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, FILTERS=8), tiny_dataset, run,
                     progress=False, export_saved_model=False)
     assert snapshot(run) == before, "a refused command changes nothing"
     # more epochs is not another model: it resumes
-    card = train.train(tiny_config(MAX_EPOCHS=4, STEPS_PER_EPOCH=1), tiny_dataset, run,
+    card = train.train(make_config(MAX_EPOCHS=4, STEPS_PER_EPOCH=1), tiny_dataset, run,
                        progress=False, export_saved_model=False)
     assert card.training.epochs_run == 4
 
@@ -197,7 +197,7 @@ def test_failed_evaluate_only_leaves_the_run_folder_unchanged(trained_run, tiny_
     _, run, _ = trained_run
     before = snapshot(run)
     with pytest.raises(UserError):
-        train.train(tiny_config(MAX_EPOCHS=3, DO_TRAIN=False, FILTERS=8), tiny_dataset, run,
+        train.train(make_config(MAX_EPOCHS=3, DO_TRAIN=False, FILTERS=8), tiny_dataset, run,
                     progress=False, export_saved_model=False)
     assert snapshot(run) == before
 
@@ -205,16 +205,16 @@ def test_failed_evaluate_only_leaves_the_run_folder_unchanged(trained_run, tiny_
 def test_finished_run_is_never_replaced_without_overwrite(tiny_dataset, tmp_path, capsys):
     """Training into a folder that holds a finished run stops with one line and leaves the
     run untouched; --overwrite replaces it; the dataset folder is never a run folder."""
-    cfg = tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
     run = tmp_path / "run"
     train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(UserError, match=r"holds a finished training run \(best epoch 1 of 1\); "
                                         r"choose another --out, or pass --overwrite"):
-        train.train(tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1, FILTERS=2), tiny_dataset, run,
+        train.train(make_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1, FILTERS=2), tiny_dataset, run,
                     progress=False, export_saved_model=False)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    card = train.train(tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1), tiny_dataset, run,
+    card = train.train(make_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1), tiny_dataset, run,
                        progress=False, export_saved_model=False, overwrite=True)
     assert card.training.epochs_run == 2
     assert "--overwrite: removed the previous run" in capsys.readouterr().out
@@ -226,7 +226,7 @@ def test_finished_run_is_never_replaced_without_overwrite(tiny_dataset, tmp_path
 
 
 def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkeypatch):
-    cfg = tiny_config(MAX_EPOCHS=6, PATIENCE=2, STEPS_PER_EPOCH=1)
+    cfg = make_config(MAX_EPOCHS=6, PATIENCE=2, STEPS_PER_EPOCH=1)
     losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])
     original = train.Trainer.evaluate_loss
 
@@ -251,7 +251,7 @@ def test_time_budget_stops_after_the_epoch_that_reaches_it(tiny_dataset, tmp_pat
                                                            monkeypatch):
     """MAX_TRAIN_MINUTES counts training time (here 40 s per scripted epoch): a 1.5-minute
     budget stops after epoch 3, the first whose total reaches 90 s."""
-    cfg = tiny_config(MAX_EPOCHS=8, PATIENCE=8, STEPS_PER_EPOCH=1, MAX_TRAIN_MINUTES=1.5)
+    cfg = make_config(MAX_EPOCHS=8, PATIENCE=8, STEPS_PER_EPOCH=1, MAX_TRAIN_MINUTES=1.5)
     original = train.Trainer.train_epoch
 
     def forty_seconds(self, *args, **kwargs):
@@ -274,39 +274,39 @@ def test_time_budget_stops_after_the_epoch_that_reaches_it(tiny_dataset, tmp_pat
 
 def test_mismatched_config_and_dataset(tiny_dataset, tmp_path):
     with pytest.raises(UserError, match="the dataset has 3 bands but N_DATA_BANDS=4"):
-        train.train(tiny_config(N_DATA_BANDS=4), tiny_dataset, tmp_path)
+        train.train(make_config(N_DATA_BANDS=4), tiny_dataset, tmp_path)
     with pytest.raises(UserError, match="2 label classes but NCLASSES=3"):
-        train.train(tiny_config(NCLASSES=3), tiny_dataset, tmp_path)
+        train.train(make_config(NCLASSES=3), tiny_dataset, tmp_path)
     with pytest.raises(UserError, match="examples are \\[64, 64\\] but TARGET_SIZE"):
-        train.train(tiny_config(TARGET_SIZE=[128, 128]), tiny_dataset, tmp_path)
+        train.train(make_config(TARGET_SIZE=[128, 128]), tiny_dataset, tmp_path)
 
 
 def test_folder_without_shards(tmp_path):
     with pytest.raises(UserError, match="make_tfrecords"):
-        train.train(tiny_config(), tmp_path, tmp_path / "run")
+        train.train(make_config(), tmp_path, tmp_path / "run")
 
 
 def test_weights_that_do_not_fit(tiny_dataset, tmp_path):
     manifest = records.read_manifest(tiny_dataset)
-    other = build_model(tiny_config(FILTERS=8), manifest.band_mean, manifest.band_std)
+    other = build_model(make_config(FILTERS=8), manifest.band_mean, manifest.band_std)
     other.save_weights(tmp_path / "other.weights.h5")
-    cfg = tiny_config(HOT_START=True, INITIAL_WEIGHTS=str(tmp_path / "other.weights.h5"))
+    cfg = make_config(HOT_START=True, INITIAL_WEIGHTS=str(tmp_path / "other.weights.h5"))
     with pytest.raises(UserError, match="do not fit the model"):
         train.train(cfg, tiny_dataset, tmp_path / "run")
     with pytest.raises(UserError, match="weights file not found"):
-        train.train(tiny_config(DO_TRAIN=False), tiny_dataset, tmp_path / "empty")
+        train.train(make_config(DO_TRAIN=False), tiny_dataset, tmp_path / "empty")
 
 
 def test_precision_resolution(monkeypatch):
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
-    assert devices.resolve_precision(tiny_config(PRECISION="auto")) == "mixed_bfloat16"
+    assert devices.resolve_precision(make_config(PRECISION="auto")) == "mixed_bfloat16"
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
-    assert devices.resolve_precision(tiny_config(PRECISION="auto")) == "float32"
-    assert devices.resolve_precision(tiny_config(PRECISION="float32")) == "float32"
+    assert devices.resolve_precision(make_config(PRECISION="auto")) == "float32"
+    assert devices.resolve_precision(make_config(PRECISION="float32")) == "float32"
 
 
 def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
-    card = train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
+    card = train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
                        tiny_dataset, tmp_path, progress=False, export_saved_model=False)
     keras.mixed_precision.set_global_policy("float32")
     assert card.training.precision == "mixed_bfloat16"
@@ -341,7 +341,7 @@ def _run_workers(args_list, envs, timeout=600):
 
 
 def test_mirrored_strategy_over_two_cpu_devices(tiny_dataset, tmp_path):
-    cfg = tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2)
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2)
     save_config(cfg, tmp_path / "c.json")
     [card] = _run_workers([["mirrored", str(tmp_path / "c.json"), str(tiny_dataset),
                             str(tmp_path / "run")]], [{}])
@@ -364,7 +364,7 @@ def _free_ports(n):
 
 
 def test_two_worker_multi_worker_mirrored_run(tiny_dataset, tmp_path):
-    cfg = tiny_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=2)
+    cfg = make_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=2)
     save_config(cfg, tmp_path / "c.json")
     workers = [f"localhost:{p}" for p in _free_ports(2)]
     envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
@@ -385,7 +385,7 @@ def test_frozen_encoder_trains_only_after_unfreezing(tiny_dataset, tmp_path, mon
     weights = tmp_path / "b0.weights.h5"
     keras.applications.EfficientNetB0(include_top=False, weights=None,
                                       input_shape=(64, 64, 3)).save_weights(weights)
-    cfg = tiny_config(MODEL="efficientnet_unet", ENCODER="B0", ENCODER_WEIGHTS=str(weights),
+    cfg = make_config(MODEL="efficientnet_unet", ENCODER="B0", ENCODER_WEIGHTS=str(weights),
                       FREEZE_ENCODER_EPOCHS=1, MAX_EPOCHS=2, STEPS_PER_EPOCH=2)
     snapshots = []
     original = train.Trainer.train_epoch
@@ -415,12 +415,12 @@ def test_tensorboard_without_the_package_is_one_clear_line(tiny_dataset, tmp_pat
                                                            monkeypatch):
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="needs the tensorboard package"):
-        train.train(tiny_config(TENSORBOARD=True), tiny_dataset, tmp_path)
+        train.train(make_config(TENSORBOARD=True), tiny_dataset, tmp_path)
 
 
 def test_tensorboard_logs(tiny_dataset, tmp_path):
     pytest.importorskip("tensorboard")
-    train.train(tiny_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, TENSORBOARD=True), tiny_dataset,
+    train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, TENSORBOARD=True), tiny_dataset,
                 tmp_path, progress=False, export_saved_model=False)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -434,5 +434,5 @@ def test_damaged_shard_is_named_before_training(tiny_dataset, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(UserError, match=f"{shard.name}: shard is damaged or changed since "
                                         "make_tfrecords wrote it"):
-        train.train(tiny_config(MAX_EPOCHS=1), data, tmp_path / "run", progress=False)
+        train.train(make_config(MAX_EPOCHS=1), data, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from helpers import shared_data
 
 from res_unet import imagery, metrics, predict, runfolder, segment
 from res_unet.demo import synthesize_scene
@@ -56,9 +56,7 @@ def test_shipped_model_on_held_out_real_scenes(name):
     """A few of the validation scenes the model never trained on (its own split), segmented
     as users run it: the score stays near the model card's."""
     folder, count, score, lowest = REAL_DATA_CHECKS[name]
-    source = SHARED_DATA / folder
-    if not source.is_dir():
-        pytest.skip(f"{source} not present")
+    source = shared_data(folder)
     run = WEIGHTS / name
     cfg = segment.inference_config([run])
     pairs = imagery.find_pairs(source / "images", source / "labels", cfg.USEMASK)
