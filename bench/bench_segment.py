@@ -104,7 +104,7 @@ def untrained_run(run_dir: Path) -> Path:
 def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int | None
                 ) -> dict[str, Any]:
     """Mpx/s and peak RSS of each variant over the first ``scenes`` full-resolution scenes."""
-    from res_unet import imagery, predict, runfolder, segment
+    from res_unet import imagery, predict, runfolder
     from res_unet.tiling import tile_origins
 
     pairs = imagery.find_images(DATA / "lakes_fullres" / "images")[:scenes]
@@ -113,12 +113,12 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
                                  "DO_CRF_REFINE": False}
     if batch_size:
         overrides["BATCH_SIZE"] = batch_size
-    base = segment.inference_config([run_dir], None, overrides)
+    base = runfolder.inference_config([run_dir], None, overrides)
     model = runfolder.load_run(run_dir, base.TARGET_SIZE)
     results: dict[str, Any] = {"scenes": [p.image.name for p in pairs], "variants": {}}
     for variant in variants:
         extra = {"tta": {"TESTTIMEAUG": True}, "crf": {"DO_CRF_REFINE": True}}.get(variant, {})
-        cfg = segment.inference_config([run_dir], None, {**overrides, **extra})
+        cfg = runfolder.inference_config([run_dir], None, {**overrides, **extra})
         segmenter = predict.Segmenter([model], cfg,
                                       full_max_values=0 if variant == "strips"
                                       else predict.FULL_MAX_VALUES)
@@ -162,11 +162,11 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
 
 def bench_quality(run_dir: Path, max_images: int | None) -> dict[str, Any]:
     """IoU on the run's lakes validation split with each post-processing step."""
-    from res_unet import imagery, metrics, postprocess, predict, runfolder, segment
+    from res_unet import imagery, metrics, postprocess, predict, runfolder
     from res_unet.config import config_from_dict
     from res_unet.split import split_pairs
 
-    cfg = segment.inference_config([run_dir], None, {})
+    cfg = runfolder.inference_config([run_dir], None, {})
     pairs = imagery.find_pairs(DATA / "lakes" / "images", DATA / "lakes" / "labels")
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
     validation = validation[:max_images] if max_images else validation

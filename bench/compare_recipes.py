@@ -6,7 +6,7 @@
 For each recipe: build its dataset (make_tfrecords), train it for the same training time
 (MAX_TRAIN_MINUTES; validation excluded), then segment the whole validation scenes at full
 resolution as seg_images_in_folder does (tiles, blending, no TTA, no CRF) and score them
-(``res_unet.segment.evaluate_scenes``). Binary scores are given at 0.5 and at the
+(``res_unet.scoring.evaluate_scenes``). Binary scores are given at 0.5 and at the
 scene-optimal threshold. The recipes differ from the shipped configs only in the keys listed
 in ``RECIPES``. Needs ../shared/data (see its README); run by hand, one at a time.
 """
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", help="names of recipes to run (default all)")
     args = parser.parse_args()
 
-    from res_unet import devices, records, segment, train
+    from res_unet import devices, records, scoring, train
     from res_unet.dataset import make_dataset
 
     source = DATA / args.dataset
@@ -92,7 +92,7 @@ def main() -> None:
         with contextlib.redirect_stdout(sys.stderr):
             card = train.train(cfg, data_dir, run_dir, progress=False,
                                export_saved_model=False)
-            scenes = segment.evaluate_scenes(run_dir, data_dir, progress=False)
+            scenes = scoring.evaluate_scenes(run_dir, data_dir, progress=False)
         assert scenes is not None
         row = {"recipe": name, "config": base, "overrides": overrides,
                "parameters": card.parameters,

@@ -38,9 +38,9 @@ _API = {
     "LoadedModel": ("res_unet.runfolder", "LoadedModel"),
     "load_run": ("res_unet.runfolder", "load_run"),
     "Segmenter": ("res_unet.predict", "Segmenter"),
-    "inference_config": ("res_unet.segment", "inference_config"),
+    "inference_config": ("res_unet.runfolder", "inference_config"),
     "segment_folder": ("res_unet.segment", "segment_folder"),
-    "evaluate_scenes": ("res_unet.segment", "evaluate_scenes"),
+    "evaluate_scenes": ("res_unet.scoring", "evaluate_scenes"),
 }
 __all__ = ["__version__", *sorted(_API)]
 

@@ -436,14 +436,20 @@ def load_image(pair: Pair, cfg: Config, for_model: bool = False
     return _append_bands(image, pair.image, pair.extra_bands), meta
 
 
+# GDAL block cache while a scene is read in windows, MB: about two bands of tile rows of a
+# 30000-px-wide RGB scene, so overlapping windows rarely decode a block twice.
+WINDOW_CACHE_MB = 128
+
+
 class RasterRows:
     """A raster GDAL can read in windows (GeoTIFF and the like), read a band of rows at a
     time: the :class:`res_unet.tiling.RowSource` that lets scenes larger than memory be
     segmented. Rows come back as :func:`load_image` would give them (uint8/uint16, the same
     checks on other pixel types, window by window). Close it, or use it in a ``with``."""
 
-    def __init__(self, path: Path, dataset: Any, meta: RasterMeta) -> None:
-        self.path, self.meta, self._ds = path, meta, dataset
+    def __init__(self, path: Path, dataset: Any, meta: RasterMeta,
+                 env: contextlib.ExitStack) -> None:
+        self.path, self.meta, self._ds, self._env = path, meta, dataset, env
         self.shape = (int(dataset.height), int(dataset.width), int(dataset.count))
         native = np.dtype(dataset.dtypes[0])
         self.dtype = native if native in (np.uint8, np.uint16) else np.dtype(
@@ -457,6 +463,7 @@ class RasterRows:
 
     def close(self) -> None:
         self._ds.close()
+        self._env.close()
 
     def __enter__(self) -> RasterRows:
         return self
@@ -472,22 +479,27 @@ def open_image_rows(pair: Pair, cfg: Config) -> RasterRows | None:
     which reads the image whole and gives the messages for the other cases."""
     if pair.extra_bands or pair.image.suffix.lower() not in _TIFF_SUFFIXES:
         return None
+    env = contextlib.ExitStack()
+    # GDAL keeps decoded blocks up to 5 % of RAM by default: most of a big scene, read once.
+    env.enter_context(rasterio.Env(GDAL_CACHEMAX=WINDOW_CACHE_MB))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             dataset = rasterio.open(pair.image)
     except rasterio.errors.RasterioError:
+        env.close()
         return None
     usable = (not dataset.subdatasets and dataset.count == cfg.N_DATA_BANDS
               and len(set(dataset.dtypes)) == 1 and np.dtype(dataset.dtypes[0]).kind in "uifb")
     if not usable:
         dataset.close()
+        env.close()
         return None
     plain = _not_georeferenced(dataset)
     meta = RasterMeta(path=pair.image, crs=dataset.crs,
                       transform=None if plain else dataset.transform,
                       nodata=None if dataset.nodata is None else float(dataset.nodata))
-    return RasterRows(pair.image, dataset, meta)
+    return RasterRows(pair.image, dataset, meta, env)
 
 
 def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
@@ -692,6 +704,49 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     image = Image.fromarray(np.ascontiguousarray(array))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+@contextlib.contextmanager
+def png_writer(path: str | os.PathLike, shape_hw: Sequence[int]
+               ) -> Iterator[Callable[[int, np.ndarray], None]]:
+    """Open an 8-bit greyscale PNG of ``shape_hw`` for writing in row strips, top to bottom.
+
+    Yields ``write(first_row, rows)`` taking (rows, W) uint8 arrays in order; the file is
+    renamed into place when the block ends without error (after every row came), so a label
+    map larger than memory never needs to be held whole. Pixel values are written as they
+    are, as :func:`write_png` does (the bytes differ: another zlib stream).
+    """
+    height, width = int(shape_hw[0]), int(shape_hw[1])
+    next_row = 0
+
+    def chunk(fh: Any, kind: bytes, data: bytes) -> None:
+        fh.write(struct.pack(">I", len(data)) + kind + data)
+        fh.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        compressor = zlib.compressobj(6)
+
+        def write(first_row: int, rows: np.ndarray) -> None:
+            nonlocal next_row
+            if first_row != next_row or rows.shape[1:] != (width,) or rows.dtype != np.uint8:
+                raise ValueError(f"png_writer wants uint8 rows of width {width} from row "
+                                 f"{next_row}; got {rows.dtype} {rows.shape} at {first_row}")
+            filtered = np.zeros((len(rows), width + 1), np.uint8)  # filter type 0 per row
+            filtered[:, 1:] = rows
+            data = compressor.compress(filtered.tobytes())
+            if data:
+                chunk(fh, b"IDAT", data)
+            next_row += len(rows)
+
+        yield write
+        if next_row != height:
+            raise ValueError(f"png_writer got {next_row} of {height} rows")
+        chunk(fh, b"IDAT", compressor.flush())
+        chunk(fh, b"IEND", b"")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _geotiff_profile(shape_hw: Sequence[int], count: int, dtype: np.dtype, meta: RasterMeta,

@@ -419,6 +419,12 @@ def postprocess(prob: np.ndarray, image: np.ndarray | None, cfg: Config,
     return clean_label(probs_to_label(prob, cut), cfg, n_classes)
 
 
+def cleans_labels(cfg: Config) -> bool:
+    """Whether :func:`clean_label` changes anything under ``cfg`` (some step is on)."""
+    return (cfg.MEDIAN_FILTER_VALUE > 1 or cfg.OPENING_RADIUS > 0 or cfg.CLOSING_RADIUS > 0
+            or cfg.MIN_OBJECT_AREA > 1 or cfg.MIN_HOLE_AREA > 1)
+
+
 def clean_label(label: np.ndarray, cfg: Config, n_classes: int) -> np.ndarray:
     """The label clean-up of :func:`postprocess` on a (H, W) uint8 class map: majority
     filter (MEDIAN_FILTER_VALUE) -> opening -> closing -> small objects -> small holes.

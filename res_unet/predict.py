@@ -244,6 +244,7 @@ def nodata_mask(image: np.ndarray, values: Sequence[float]) -> np.ndarray:
 
 
 ProbabilitySink = Callable[[int, np.ndarray], None]
+LabelSink = Callable[[int, np.ndarray], None]
 
 
 class Segmenter:
@@ -370,21 +371,31 @@ class Segmenter:
         strippable = self.mode_for(shape_hw) == "tile" or self.downsample > 1
         return big and strippable and not self.cfg.DO_CRF_REFINE
 
+    @property
+    def streams_labels(self) -> bool:
+        """Whether strips of the label map are final as they come (no clean-up step and no
+        Otsu threshold needs the whole map), so :meth:`segment` can hand them out."""
+        return self.threshold_setting != "otsu" and not postprocess.cleans_labels(self.cfg)
+
     def segment(self, image: np.ndarray | RowSource, nodata: Sequence[float] = (),
-                on_probs: ProbabilitySink | None = None) -> np.ndarray:
+                on_probs: ProbabilitySink | None = None,
+                on_label: LabelSink | None = None) -> np.ndarray | None:
         """Raw (H, W, B) image -> post-processed (H, W) uint8 label map.
 
         Pixels whose bands all equal a ``nodata`` value are LABEL_NODATA (255). ``on_probs``
         receives the probabilities as (first_row, (rows, W, C) float32) pieces covering the
         image top to bottom, NaN at nodata pixels (for saving them). ``image`` may be a
         :class:`res_unet.tiling.RowSource` (a scene read in windows); images that are not
-        segmented strip by strip (:meth:`uses_strips`) are then read whole.
+        segmented strip by strip (:meth:`uses_strips`) are then read whole. With
+        ``on_label``, an image segmented strip by strip whose label strips are final
+        (:attr:`streams_labels`) hands them to it as (first_row, (rows, W) uint8) pieces,
+        top to bottom, and None is returned: the whole label map is never held.
         """
         if image.shape[-1] != self.n_bands:
             raise ValueError(f"image has {image.shape[-1]} bands, the model takes {self.n_bands}")
         self.check_dtype(image)
         if self.uses_strips(image.shape[:2]):
-            return self._segment_strips(as_rows(image), nodata, on_probs)
+            return self._segment_strips(as_rows(image), nodata, on_probs, on_label)
         if not isinstance(image, np.ndarray):
             image = image.rows(0, image.shape[0])
         prob = self.probabilities(image)
@@ -403,10 +414,12 @@ class Segmenter:
         return label
 
     def _segment_strips(self, source: RowSource, nodata: Sequence[float],
-                        on_probs: ProbabilitySink | None) -> np.ndarray:
+                        on_probs: ProbabilitySink | None, on_label: LabelSink | None = None
+                        ) -> np.ndarray | None:
         otsu = self.threshold_setting == "otsu"
         cut = 0.5 if otsu or self.n_outputs != 1 else float(self.threshold_setting)
-        store = np.empty(source.shape[:2], np.uint16 if otsu else np.uint8)
+        stream = on_label is not None and self.streams_labels
+        store = None if stream else np.empty(source.shape[:2], np.uint16 if otsu else np.uint8)
         counts = np.zeros(_OTSU_LEVELS + 1, np.int64)
 
         def invalid_rows(r0: int, r1: int) -> np.ndarray:
@@ -421,11 +434,17 @@ class Segmenter:
                 quantised = np.rint(prob[..., 0] * _OTSU_LEVELS).astype(np.uint16)
                 store[rows] = quantised
                 counts += np.bincount(quantised[~invalid], minlength=_OTSU_LEVELS + 1)
+            elif stream:
+                label_rows = postprocess.probs_to_label(prob, cut)
+                label_rows[invalid] = LABEL_NODATA
+                on_label(r0, label_rows)
             else:
                 store[rows] = postprocess.probs_to_label(prob, cut)
             if on_probs is not None:
                 prob[invalid] = np.nan
                 on_probs(r0, prob)
+        if stream:
+            return None
         if otsu:
             # Otsu's threshold is a histogram level; that level itself is background.
             level = math.floor(postprocess.otsu_from_histogram(counts) * _OTSU_LEVELS

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.atomic import write_atomic
-from res_unet.config import Config, config_from_dict
+from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
 from res_unet.errors import UserError
 from res_unet.models import build_model
 
@@ -349,3 +349,34 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
                        threshold=None if card.threshold is None else float(card.threshold),
                        downsample=int(spec.downsample), input_dtype=spec.dtype,
                        run_dir=run_dir, card=card, weights=source)
+
+
+# Settings to segment with ------------------------------------------------------------------
+
+# Config keys a segmentation --config may set; everything else comes from the run folder.
+INFERENCE_KEYS = (
+    *(f.name for f in dataclasses.fields(Config) if f.metadata["group"] == "segmentation"),
+    "TILE_OVERLAP", "BATCH_SIZE", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS", "SET_GPU",
+)
+
+
+def inference_config(run_dirs: Sequence[str | os.PathLike], config_path: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> Config:
+    """The settings to segment with: the first run's config.json, then the segmentation keys
+    (``INFERENCE_KEYS``) set in ``config_path``, then ``overrides`` (command-line flags).
+
+    EXTRA_BAND_DIRS of the run describe its training images, so they are dropped unless
+    ``config_path`` names the new images' extra-band folders. Raises UserError for invalid
+    values, naming the source.
+    """
+    if not run_dirs:
+        raise UserError("command line: no --model given; pass a run folder of train_resunet")
+    values = run_config(run_dirs[0]).to_dict()
+    values["EXTRA_BAND_DIRS"] = []
+    if config_path is not None:
+        user = load_config(config_path)
+        raw, _ = upgrade_keys(read_json(Path(config_path)), str(config_path))
+        values.update({k: getattr(user, k) for k in raw if k in INFERENCE_KEYS})
+    values.update(overrides or {})
+    cfg, _ = config_from_dict(values, source="command line")
+    return cfg

@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if run_config.exists():
         select_devices(load_config(run_config).SET_GPU)
     quiet_tensorflow()
-    from res_unet import segment
+    from res_unet import runfolder, segment
 
     shard = parse_shard(args.shard)
-    cfg = segment.inference_config(args.model, args.config, _overrides(args))
+    cfg = runfolder.inference_config(args.model, args.config, _overrides(args))
     summary = segment.segment_folder(cfg, args.model, args.images, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,

@@ -4,23 +4,24 @@
 loads the run folders (:func:`res_unet.runfolder.load_run`), segments each image with a
 :class:`res_unet.predict.Segmenter` and writes its outputs (:func:`output_paths`), each
 atomically, so an interrupted run resumes where it stopped; with labels it scores every
-image (scores.csv) and draws a few (examples.png). :func:`evaluate_scenes` scores a run on
-its dataset's whole validation images the same way, and sets the card's threshold there.
+image (scores.csv, :mod:`res_unet.scoring`) and draws a few (examples.png).
 
-Memory: an image is read whole (uint8/uint16, H*W*B bytes); see :mod:`res_unet.predict` for
-what segmenting it holds. A 20000 x 20000 RGB scene thus needs about 1.2 GB for the image,
-0.4 GB for the label and a few more label-sized temporaries for clean-up. The overlay of
-images above ``report.OVERLAY_MAX_PIXELS`` is drawn on a sub-sampled grid (it is for viewing;
-the label files are full size).
+Memory. Images are read whole (uint8/uint16, H*W*B bytes), except large single-page
+GeoTIFFs (and other rasters GDAL reads in windows) with the model's bands: those are read a
+band of tile rows at a time, and their label strips go straight to the label PNG and GeoTIFF
+as they are finished, unless a clean-up step (MEDIAN_FILTER_VALUE, OPENING_RADIUS,
+CLOSING_RADIUS, MIN_OBJECT_AREA, MIN_HOLE_AREA, which need whole connected components), an
+Otsu threshold, GeoJSON or scoring against a label needs the whole (H, W) uint8 label map
+(1 byte per pixel). JPEG and PNG cannot be read in windows. The dense CRF needs the whole
+probability map. The overlay of images above ``report.OVERLAY_MAX_PIXELS`` is drawn from
+every n-th row and column (it is for viewing; the label files are full size).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 import rasterio.errors
 import tensorflow as tf
 
-from res_unet import __version__, imagery, metrics, postprocess, records, report
+from res_unet import __version__, imagery, metrics, postprocess, report, scoring
 from res_unet.atomic import (
     atomic_path,
     check_writable,
@@ -39,7 +40,7 @@ from res_unet.atomic import (
     write_atomic,
     write_csv,
 )
-from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
+from res_unet.config import Config
 from res_unet.errors import UserError
 from res_unet.predict import (
     FULL_MAX_VALUES,
@@ -50,53 +51,12 @@ from res_unet.predict import (
     tta_transforms,
 )
 from res_unet.progress import progress_bar, say
-from res_unet.runfolder import (
-    CARD,
-    EVALUATION,
-    LoadedModel,
-    ModelCard,
-    load_run,
-    read_json,
-    run_config,
-)
+from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run
 from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
 LABEL_SUFFIX = "_predseg.png"
 SEGMENTATION_CONFIG = "segmentation_config.json"
-# With labels, the first few scored images are drawn (image | label | prediction), each
-# shown at most this many pixels on its longer side.
-FIGURE_ROWS = 4
-FIGURE_MAX_SIDE = 512
-
-# Config keys a segmentation --config may set; everything else comes from the run folder.
-INFERENCE_KEYS = (
-    *(f.name for f in dataclasses.fields(Config) if f.metadata["group"] == "segmentation"),
-    "TILE_OVERLAP", "BATCH_SIZE", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS", "SET_GPU",
-)
-
-
-def inference_config(run_dirs: Sequence[str | os.PathLike], config_path: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> Config:
-    """The settings to segment with: the first run's config.json, then the segmentation keys
-    (``INFERENCE_KEYS``) set in ``config_path``, then ``overrides`` (command-line flags).
-
-    EXTRA_BAND_DIRS of the run describe its training images, so they are dropped unless
-    ``config_path`` names the new images' extra-band folders. Raises UserError for invalid
-    values, naming the source.
-    """
-    if not run_dirs:
-        raise UserError("command line: no --model given; pass a run folder of train_resunet")
-    values = run_config(run_dirs[0]).to_dict()
-    values["EXTRA_BAND_DIRS"] = []
-    if config_path is not None:
-        user = load_config(config_path)
-        raw, _ = upgrade_keys(read_json(Path(config_path)), str(config_path))
-        values.update({k: getattr(user, k) for k in raw if k in INFERENCE_KEYS})
-    values.update(overrides or {})
-    cfg, _ = config_from_dict(values, source="command line")
-    return cfg
-
 
 # Outputs -----------------------------------------------------------------------------------
 
@@ -138,15 +98,18 @@ def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
     return paths
 
 
-def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Path]
-                  ) -> tuple[np.ndarray, int]:
+def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Path],
+                  keep_label: bool = True) -> tuple[np.ndarray | None, int]:
     """Segment one image and write its outputs (``output_paths``), each atomically.
 
     A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
     bands, see :func:`res_unet.imagery.open_image_rows`) is never read whole: it is
-    segmented strip by strip from windows, and only the (H, W) uint8 label is held.
-    Returns (label (H, W) uint8 with LABEL_NODATA at nodata, pixel count). Raises UserError
-    for unreadable images or a band count the models do not take.
+    segmented strip by strip from windows. Unless ``keep_label`` (or GeoJSON, a clean-up
+    step or an Otsu threshold needs the whole map), its label strips then go straight to the
+    output files as they are finished, and the label map is never held whole either.
+    Returns (label (H, W) uint8 with LABEL_NODATA at nodata, or None when it was streamed;
+    pixel count). Raises UserError for unreadable images or a band count the models do not
+    take.
     """
     cfg = segmenter.cfg
     with contextlib.ExitStack() as stack:
@@ -160,19 +123,42 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
             image, meta = imagery.load_image(pair, cfg, for_model=True)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
+        shape_hw = image.shape[:2]
         sink = None
         if "probs" in paths:
-            sink = stack.enter_context(_probability_file(paths["probs"], image.shape[:2],
+            sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
                                                          segmenter.n_outputs, meta))
+        stream = (isinstance(image, imagery.RasterRows) and segmenter.streams_labels
+                  and not keep_label and "geojson" not in paths)
+        step = report.overlay_step(shape_hw)
+        shown: list[tuple[np.ndarray, np.ndarray]] = []
+        on_label = None
+        if stream:
+            writers = [stack.enter_context(imagery.png_writer(paths["label"], shape_hw))]
+            if "geotiff" in paths:
+                writers.append(stack.enter_context(imagery.geotiff_writer(
+                    paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA)))
+
+            def on_label(r0: int, label_rows: np.ndarray) -> None:
+                for write in writers:
+                    write(r0, label_rows)
+                first = -r0 % step
+                if first < len(label_rows):
+                    pixels = image.rows(r0 + first, r0 + len(label_rows))
+                    shown.append((pixels[::step, ::step], label_rows[first::step, ::step]))
+
         try:
-            label = segmenter.segment(image, nodata, sink)
+            label = segmenter.segment(image, nodata, sink, on_label)
         except tf.errors.ResourceExhaustedError:
             raise UserError(f"{pair.image}: out of memory at batch size {cfg.BATCH_SIZE}; lower "
                             "--batch-size (or --tile-size)") from None
-        step = report.overlay_step(label.shape)
-        shown = every_nth(image, step)
+        if label is not None:
+            shown = [(every_nth(image, step), label[::step, ::step])]
         imagery.write_png(paths["overlay"], report.overlay_image(
-            shown, label[::step, ::step], segmenter.n_classes))
+            np.concatenate([s[0] for s in shown]), np.concatenate([s[1] for s in shown]),
+            segmenter.n_classes))
+    if label is None:
+        return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
         imagery.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
     if "geojson" in paths:
@@ -180,111 +166,6 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
         write_atomic(paths["geojson"], json.dumps(collection))
     imagery.write_png(paths["label"], label)
     return label, label.shape[0] * label.shape[1]
-
-
-# Evaluation --------------------------------------------------------------------------------
-
-def read_truth(pair: imagery.Pair, cfg: Config, shape: tuple[int, int]) -> np.ndarray:
-    """The pair's label file as class indices (H, W); raises UserError unless it is ``shape``
-    (the image's, as rows and columns)."""
-    truth = imagery.prepare_label(imagery.read_label(pair.label), cfg, pair.label)
-    if truth.shape != shape:
-        raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
-                        f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
-                        "must cover their image pixel for pixel")
-    return truth
-
-
-def score_label(label: np.ndarray, truth: np.ndarray, cfg: Config, n_classes: int
-                ) -> np.ndarray:
-    """Confusion matrix (n_classes x n_classes, rows truth) of a predicted label map against
-    the true one; nodata predictions and IGNORE_CLASS truth pixels are not counted."""
-    valid = label != LABEL_NODATA
-    return metrics.confusion_matrix(truth[valid], label[valid], n_classes,
-                                    ignore_class=cfg.IGNORE_CLASS)
-
-
-def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                    progress: bool = True) -> dict[str, Any] | None:
-    """Score a run on the whole validation scenes of its dataset, segmented as users run
-    seg_images_in_folder (working scale, tiles, blending and the TTA the config enables),
-    and for binary models choose the threshold there.
-
-    The validation images are those the dataset manifest lists, read from the folders it
-    was built from, at full resolution against their full-resolution labels. Writes
-    ``scenes`` into the run's evaluation.json and model card and, for binary models, sets
-    the card's threshold to the scene-optimal one (so segmentation uses it by default).
-    Returns the scene evaluation, or None (with a notice) when the dataset has no
-    validation split or its source images are no longer where they were.
-    """
-    run_dir = Path(run_dir)
-    manifest = records.read_manifest(data_dir)
-    names = set(manifest.files["validation"])
-    images_dir, labels_dir = Path(manifest.images_dir), Path(manifest.labels_dir)
-    if not names:
-        return None
-    cfg = inference_config([run_dir])
-    try:
-        pairs = [p for p in imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK,
-                                               cfg.EXTRA_BAND_DIRS) if p.image.name in names]
-    except UserError as exc:
-        say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
-        return None
-    if len(pairs) != len(names):
-        say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
-             f"longer in {images_dir}")
-        return None
-    model = load_run(run_dir)
-    segmenter = Segmenter([model], cfg)
-    n_classes = model.n_classes
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    sweep = metrics.ThresholdSweep() if model.binary else None
-    started = time.perf_counter()
-    pixels = 0
-    for pair in progress_bar(pairs, enabled=progress):
-        image, _ = imagery.load_image(pair, cfg)
-        truth = read_truth(pair, cfg, image.shape[:2])
-        prob = segmenter.probabilities(image)
-        pixels += truth.size
-        valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)
-        if sweep is not None:
-            sweep.update(truth[valid], prob[..., 0][valid])
-        cm += metrics.confusion_matrix(truth, postprocess.probs_to_label(prob), n_classes,
-                                       ignore_class=cfg.IGNORE_CLASS)
-    seconds = time.perf_counter() - started
-    result: dict[str, Any] = {
-        "images": len(pairs), "megapixels": round(pixels / 1e6, 2),
-        "seconds": round(seconds, 1), "downsample": segmenter.downsample,
-        "tta": cfg.TESTTIMEAUG, "tile_overlap": cfg.TILE_OVERLAP,
-        **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
-    card = ModelCard.read(run_dir)
-    card.validation["scenes"] = {k: v for k, v in result.items() if k != "threshold_sweep"}
-    if "optimal_threshold" in result:
-        card.threshold = result["optimal_threshold"]
-        card.threshold_source = "whole validation scenes"
-    evaluation = read_json(run_dir / EVALUATION) if (run_dir / EVALUATION).is_file() else {}
-    evaluation["scenes"] = result
-    write_atomic(run_dir / EVALUATION, json.dumps(evaluation, indent=2, default=float))
-    card.write(run_dir)
-    return result
-
-
-def _figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
-    image, _ = imagery.load_image(pair, cfg)
-    step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
-    return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
-
-
-def _score_row(name: str, cm: np.ndarray, cfg: Config) -> dict[str, Any]:
-    scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
-    row: dict[str, Any] = {"image": name, "n_pixels": scores["n_pixels"],
-                           "pixel_accuracy": scores["pixel_accuracy"],
-                           "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"]}
-    row.update({f"iou_{k}": v for k, v in enumerate(scores["iou"])})
-    row.update({f"dice_{k}": v for k, v in enumerate(scores["dice"])})
-    return row
 
 
 # The folder --------------------------------------------------------------------------------
@@ -387,8 +268,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
 
     ``runs`` are run folders (or loaded models) forming an ensemble; ``cfg`` comes from
-    :func:`inference_config`. Per image NAME: see :func:`output_paths`. Images whose outputs
-    all exist are skipped unless ``overwrite``; an unreadable image is reported on one line
+    :func:`res_unet.runfolder.inference_config`. Per image NAME: see :func:`output_paths`.
+    Images whose outputs all exist are skipped unless ``overwrite``; an unreadable image is
+    reported on one line
     and counted as failed. With ``labels_dir`` the predictions are scored (scores.csv, or
     scores_shard{i}of{n}.csv: one row per image and an 'ALL' row from the summed confusion
     matrix) and the first FIGURE_ROWS scored images are drawn in examples.png. Writes
@@ -443,7 +325,8 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                 label = imagery.read_label(paths["label"]) if pair.label is not None else None
             else:
                 t0 = time.perf_counter()
-                label, pixels = segment_image(segmenter, pair, paths)
+                label, pixels = segment_image(segmenter, pair, paths,
+                                              keep_label=pair.label is not None)
                 busy += time.perf_counter() - t0
                 megapixels += pixels / 1e6
                 done += 1
@@ -454,15 +337,15 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
             continue
         # The image is segmented; a label that cannot be used only leaves it unscored.
         try:
-            truth = read_truth(pair, cfg, label.shape)
+            truth = scoring.read_truth(pair, cfg, label.shape)
         except problems as exc:
             unscored.append(_problem(pair.label, exc, "not scored"))
             continue
-        cm = score_label(label, truth, cfg, n)
+        cm = scoring.score_label(label, truth, cfg, n)
         total_cm += cm
-        rows.append(_score_row(pair.stem, cm, cfg))
-        if len(figure) < FIGURE_ROWS:
-            figure.append(_figure_example(pair, label, truth, cfg))
+        rows.append(scoring.score_row(pair.stem, cm, cfg))
+        if len(figure) < scoring.FIGURE_ROWS:
+            figure.append(scoring.figure_example(pair, label, truth, cfg))
             figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
                                  if rows[-1]["mean_iou"] is not None else pair.stem)
 
@@ -475,7 +358,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
         "out_dir": str(out_dir),
     }
     if labels_dir is not None and rows:
-        rows.append(_score_row("ALL", total_cm, cfg))
+        rows.append(scoring.score_row("ALL", total_cm, cfg))
         name = "scores.csv" if count == 1 else f"scores_shard{index}of{count}.csv"
         write_csv(out_dir / name, rows, float_format=".6f")
         summary["scores_file"] = str(out_dir / name)

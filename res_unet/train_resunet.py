@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     scenes = None
     # Only the process that wrote the run folder scores it (other workers have none).
     if not args.no_scene_eval and devices.is_chief():
-        from res_unet import segment
+        from res_unet import scoring
 
-        scenes = segment.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
+        scenes = scoring.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
     scores = card.validation["scores_at_threshold"] or card.validation["scores"]
     summary = {"run_folder": args.out, "epochs_run": card.training.epochs_run,
                "best_epoch": card.training.best_epoch,

@@ -73,7 +73,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
     would not: each command says so at once instead of failing after the work."""
     from helpers import make_config
 
-    from res_unet import records, segment, train
+    from res_unet import records, runfolder, segment, train
     from res_unet.dataset import make_dataset
     from res_unet.demo import make_demo_dataset
 
@@ -88,6 +88,6 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,
                 progress=False, export_saved_model=False)
-    cfg = segment.inference_config([run])
+    cfg = runfolder.inference_config([run])
     with pytest.raises(UserError, match="/proc/res_unet_seg: cannot write there"):
         segment.segment_folder(cfg, [run], images, "/proc/res_unet_seg", progress=False)

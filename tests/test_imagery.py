@@ -596,3 +596,21 @@ def test_dangling_symlink_among_images_is_named(tmp_path):
     with pytest.raises(UserError, match=r"b\.png: is a link to .*moved/b\.png, which does not "
                                         r"exist \(1 broken link among the images\)"):
         find_pairs(images, labels)
+
+
+def test_png_writer_streams_rows_and_leaves_nothing_when_incomplete(tmp_path):
+    from res_unet.imagery import png_writer
+
+    label = np.random.default_rng(3).integers(0, 7, (45, 31)).astype(np.uint8)
+    with png_writer(tmp_path / "l.png", label.shape) as write:
+        for r0 in range(0, 45, 10):
+            write(r0, label[r0:r0 + 10])
+    np.testing.assert_array_equal(read_label(tmp_path / "l.png"), label)
+    with pytest.raises(ValueError, match="got 10 of 45 rows"), \
+            png_writer(tmp_path / "part.png", label.shape) as write:
+        write(0, label[:10])
+    with pytest.raises(ValueError, match="from row 10"), \
+            png_writer(tmp_path / "order.png", label.shape) as write:
+        write(0, label[:10])
+        write(20, label[20:30])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png"], "no partial or temp file"

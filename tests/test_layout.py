@@ -36,6 +36,7 @@ LAYERS = [
     ["train"],
     ["postprocess"],
     ["predict"],
+    ["scoring"],
     ["segment"],
     ["make_tfrecords", "train_resunet", "seg_images_in_folder", "demo"],
 ]

@@ -19,14 +19,15 @@ from res_unet import (
     postprocess,
     predict,
     report,
+    scoring,
     segment,
     tiling,
 )
 from res_unet.config import save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
+from res_unet.runfolder import inference_config
 from res_unet.seg_images_in_folder import parse_shard
-from res_unet.segment import inference_config
 from res_unet.tiling import blend_window, tile_grid
 
 # Fixtures ------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0, size=64), cfg,
                     threshold=0.5)
     manifest = records.read_manifest(tiny_dataset)
-    result = segment.evaluate_scenes(run, tiny_dataset, progress=False)
+    result = scoring.evaluate_scenes(run, tiny_dataset, progress=False)
     assert result is not None and result["images"] == len(manifest.files["validation"])
     assert result["tta"] is True
     pairs = [p for p in imagery.find_pairs(manifest.images_dir, manifest.labels_dir)
@@ -415,7 +416,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     counts = 0
     for pair in pairs:
         image, _ = imagery.load_image(pair, cfg)
-        truth = segment.read_truth(pair, cfg, image.shape[:2])
+        truth = scoring.read_truth(pair, cfg, image.shape[:2])
         counts = counts + metrics.threshold_counts(truth, pixel_prob(image, 0.03, 110.0)[..., 0])
     best, ious = metrics.threshold_from_counts(counts)
     assert result["optimal_threshold"] == best
@@ -437,7 +438,7 @@ def test_evaluate_scenes_skips_when_the_images_moved(tiny_dataset, tmp_path, cap
     (data / "manifest.json").write_text(json.dumps(manifest))
     cfg = make_config("model", TARGET_SIZE=[64, 64])
     run = write_run(tmp_path / "run", pixel_model(size=64), cfg, threshold=0.4)
-    assert segment.evaluate_scenes(run, data, progress=False) is None
+    assert scoring.evaluate_scenes(run, data, progress=False) is None
     assert "scene evaluation skipped" in capsys.readouterr().err
     assert json.loads((run / "model_card.json").read_text())["threshold"] == 0.4
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,121 @@ def test_two_shard_processes_into_one_folder_equal_one_process(run, tmp_path):
     merged = {**rows(both / "scores_shard0of2.csv"), **rows(both / "scores_shard1of2.csv")}
     assert merged == rows(one / "scores.csv")
     assert no_temp_files(both)
+
+
+def write_scene_tif(path: Path, image: np.ndarray, nodata: float | None = 0) -> None:
+    """A tiled, compressed, georeferenced GeoTIFF, as orthomosaics come."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", height=image.shape[0],
+                       width=image.shape[1], count=image.shape[2], dtype=image.dtype.name,
+                       crs="EPSG:32633", transform=from_origin(5e5, 4.2e6, 0.5, 0.5),
+                       nodata=nodata, tiled=True, blockxsize=64, blockysize=64,
+                       compress="deflate") as ds:
+        ds.write(np.moveaxis(image, -1, 0))
+
+
+@pytest.mark.parametrize("downsample, settings", [(1, {}), (2, {}), (1, {"MIN_OBJECT_AREA": 4})])
+def test_large_geotiff_read_in_windows_equals_the_whole_image(run, tmp_path, monkeypatch,
+                                                              downsample, settings):
+    """A scene segmented from windows of its GeoTIFF (never read whole) gives the same
+    outputs as the same scene read whole and segmented in memory: label strips streamed
+    to the files as they come, or (with a clean-up step, which needs whole components) a
+    label map held whole."""
+    from res_unet import runfolder, segment
+    from res_unet.runfolder import ModelCard
+
+    if downsample > 1:
+        scaled = tmp_path / "run_ds"
+        shutil.copytree(run, scaled)
+        card = ModelCard.read(scaled)
+        card.input.downsample = downsample
+        card.write(scaled)
+        run = scaled
+    rng = np.random.default_rng(8)
+    image = half_image(300, 260, 100)
+    image[..., 1] = rng.integers(0, 256, image.shape[:2])
+    image[:7] = 0  # a nodata collar
+    write_scene_tif(tmp_path / "images" / "scene.tif", image)
+    cfg = runfolder.inference_config([run], overrides=settings)
+    streamed = []
+    monkeypatch.setattr(imagery, "png_writer", lambda *a, real=imagery.png_writer: (
+        streamed.append(a[0]), real(*a))[1])
+
+    def segment_to(out: Path, **kwargs) -> dict:
+        return segment.segment_folder(cfg, [run], tmp_path / "images", out, save_probs=True,
+                                      progress=False, **kwargs)
+
+    assert segment_to(tmp_path / "whole")["done"] == 1
+
+    def no_whole_reads(*args, **kwargs):
+        raise AssertionError("the scene was read whole")
+
+    monkeypatch.setattr(imagery, "load_image", no_whole_reads)
+    assert segment_to(tmp_path / "windows", full_max_values=0)["done"] == 1
+    assert len(streamed) == (0 if settings else 1), "label strips go straight to the files"
+    assert (tmp_path / "whole" / "scene_overlay.png").read_bytes() == (
+        tmp_path / "windows" / "scene_overlay.png").read_bytes()
+    np.testing.assert_array_equal(imagery.read_label(tmp_path / "whole" / "scene_predseg.png"),
+                                  imagery.read_label(tmp_path / "windows" / "scene_predseg.png"))
+    for name in ("scene_predseg.tif", "scene_probs.tif"):
+        with rasterio.open(tmp_path / "whole" / name) as a, \
+                rasterio.open(tmp_path / "windows" / name) as b:
+            assert (a.crs, a.transform) == (b.crs, b.transform)
+            np.testing.assert_equal(a.nodata, b.nodata)
+            np.testing.assert_array_equal(a.read(), b.read())
+    label = imagery.read_label(tmp_path / "windows" / "scene_predseg.png")
+    assert np.all(label[:7] == 255) and np.all(label[10:, :96] == 1)
+
+
+def test_large_geotiff_memory_does_not_grow_with_the_scene(tmp_path):
+    """Scenes of 2000 x 6000 and 8000 x 6000 RGB pixels (36 and 144 MB) segmented from
+    windows of their GeoTIFFs, label strips streamed to the files: the peak memory of the
+    process grows by about as much for both (a band of tiles, the model), not with the
+    scene, which is never held whole, nor its label map. bench/bench_big_scene.py measures
+    30000 x 30000 scenes."""
+    import subprocess
+    import sys
+
+    width, tile = 6000, 512
+    write_run(tmp_path / "run", pixel_model(size=tile),
+              make_config("model", TARGET_SIZE=[tile, tile]), threshold=0.5)
+    grew = {}
+    for height in (2000, 8000):
+        rows = np.arange(height, dtype=np.float32)[:, None]
+        cols = np.arange(width, dtype=np.float32)[None, :]
+        band = (128 + 100 * np.sin(rows / 700) * np.cos(cols / 900)).astype(np.uint8)
+        folder = tmp_path / f"images{height}"
+        write_scene_tif(folder / "scene.tif", np.stack([band, band // 2, 255 - band], -1),
+                        nodata=None)
+        del band
+        code = f"""
+import resource
+import numpy as np
+from res_unet import imagery, runfolder, segment
+def no_whole_reads(*args, **kwargs):
+    raise AssertionError("the scene was read whole")
+imagery.load_image = no_whole_reads
+run = {str(tmp_path / "run")!r}
+cfg = runfolder.inference_config([run])
+model = runfolder.load_run(run, cfg.TARGET_SIZE)
+model(np.zeros((cfg.BATCH_SIZE, {tile}, {tile}, 3), np.float32))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+summary = segment.segment_folder(cfg, [model], {str(folder)!r}, {str(folder) + "_out"!r},
+                                 progress=False, full_max_values=1_000_000)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(summary["done"], before, after)
+"""
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        done, before, after = map(int, result.stdout.split()[-3:])
+        assert done == 1
+        grew[height] = (after - before) / 1024
+    extra_pixels_mb = (8000 - 2000) * width * 4 / 2**20  # image + label of the extra rows
+    # Generous (allocator noise is tens of MB): holding the scene or its label would add
+    # at least the extra rows' bytes.
+    assert grew[8000] - grew[2000] < extra_pixels_mb, grew
+    print(f"peak RSS grew by {grew} MB; the extra rows hold {extra_pixels_mb:.0f} MB")
 
 
 def test_evaluation_scores(run, tmp_path, capsys):

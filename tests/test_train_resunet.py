@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
-from res_unet import predict, train, train_resunet
+from res_unet import scoring, train, train_resunet
 
 
-def _fake_card() -> dict:
+def _fake_card() -> SimpleNamespace:
+    """What train_resunet reads of the ModelCard that train() returns."""
     scores = {"mean_iou": 0.9, "iou": [0.95, 0.85]}
-    return {"validation": {"scores_at_threshold": scores, "scores": scores},
-            "training": {"epochs_run": 1, "best_epoch": 1, "train_seconds": 1.0},
-            "class_names": ["land", "water"], "threshold": 0.5}
+    return SimpleNamespace(
+        validation={"scores_at_threshold": scores, "scores": scores},
+        training=SimpleNamespace(epochs_run=1, best_epoch=1, train_seconds=1.0),
+        class_names=["land", "water"], threshold=0.5)
 
 
 def test_only_the_chief_scores_whole_scenes(tmp_path, monkeypatch, capsys):
@@ -20,7 +23,7 @@ def test_only_the_chief_scores_whole_scenes(tmp_path, monkeypatch, capsys):
     config.write_text("{}")
     calls = []
     monkeypatch.setattr(train, "train", lambda *a, **k: _fake_card())
-    monkeypatch.setattr(predict, "evaluate_scenes", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(scoring, "evaluate_scenes", lambda *a, **k: calls.append(a) or None)
     args = ["--config", str(config), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
             "--no-progress"]
     monkeypatch.setenv("TF_CONFIG", json.dumps({

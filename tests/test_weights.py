@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import shared_data
 
-from res_unet import imagery, metrics, predict, runfolder, segment
+from res_unet import imagery, metrics, predict, runfolder, scoring, segment
 from res_unet.demo import synthesize_scene
 from res_unet.split import split_pairs
 
@@ -41,7 +41,7 @@ def test_shipped_model_is_complete_and_small(run):
 def test_shipped_model_segments_an_image(run, tmp_path):
     image, _ = synthesize_scene(np.random.default_rng(0), (300, 420))
     imagery.write_png(tmp_path / "in" / "scene.png", image)
-    cfg = segment.inference_config([run], None, {"TESTTIMEAUG": False})
+    cfg = runfolder.inference_config([run], None, {"TESTTIMEAUG": False})
     summary = segment.segment_folder(cfg, [run], tmp_path / "in", tmp_path / "out",
                                      progress=False)
     assert summary["done"] == 1 and summary["failed"] == 0
@@ -58,7 +58,7 @@ def test_shipped_model_on_held_out_real_scenes(name):
     folder, count, score, lowest = REAL_DATA_CHECKS[name]
     source = shared_data(folder)
     run = WEIGHTS / name
-    cfg = segment.inference_config([run])
+    cfg = runfolder.inference_config([run])
     pairs = imagery.find_pairs(source / "images", source / "labels", cfg.USEMASK)
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
     segmenter = predict.Segmenter([runfolder.load_run(run)], cfg)
@@ -66,8 +66,8 @@ def test_shipped_model_on_held_out_real_scenes(name):
     cm = np.zeros((n, n), np.int64)
     for pair in validation[::max(1, len(validation) // count)][:count]:
         image, _ = imagery.load_image(pair, cfg)
-        truth = segment.read_truth(pair, cfg, image.shape[:2])
-        cm += segment.score_label(segmenter.segment(image), truth, cfg, n)
+        truth = scoring.read_truth(pair, cfg, image.shape[:2])
+        cm += scoring.score_label(segmenter.segment(image), truth, cfg, n)
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     value = scores["iou"][1] if score == "water_iou" else scores["mean_iou"]
     assert value >= lowest, scores

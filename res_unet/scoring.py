@@ -1,0 +1,130 @@
+"""Scoring segmentations against labels: per image, per folder, and on a run's whole
+validation scenes (:func:`evaluate_scenes`, which also sets the run's binary threshold where
+the model is deployed: on whole scenes, tiled, blended, with the configured TTA)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from res_unet import imagery, metrics, postprocess, records
+from res_unet.atomic import write_atomic
+from res_unet.config import Config
+from res_unet.errors import UserError
+from res_unet.predict import LABEL_NODATA, Segmenter
+from res_unet.progress import progress_bar, say
+from res_unet.runfolder import EVALUATION, ModelCard, inference_config, load_run, read_json
+
+# With labels, the first few scored images are drawn (image | label | prediction), each
+# shown at most this many pixels on its longer side.
+FIGURE_ROWS = 4
+FIGURE_MAX_SIDE = 512
+
+
+def read_truth(pair: imagery.Pair, cfg: Config, shape: tuple[int, int]) -> np.ndarray:
+    """The pair's label file as class indices (H, W); raises UserError unless it is ``shape``
+    (the image's, as rows and columns)."""
+    truth = imagery.prepare_label(imagery.read_label(pair.label), cfg, pair.label)
+    if truth.shape != shape:
+        raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
+                        f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
+                        "must cover their image pixel for pixel")
+    return truth
+
+
+def score_label(label: np.ndarray, truth: np.ndarray, cfg: Config, n_classes: int
+                ) -> np.ndarray:
+    """Confusion matrix (n_classes x n_classes, rows truth) of a predicted label map against
+    the true one; nodata predictions and IGNORE_CLASS truth pixels are not counted."""
+    valid = label != LABEL_NODATA
+    return metrics.confusion_matrix(truth[valid], label[valid], n_classes,
+                                    ignore_class=cfg.IGNORE_CLASS)
+
+
+def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                    progress: bool = True) -> dict[str, Any] | None:
+    """Score a run on the whole validation scenes of its dataset, segmented as users run
+    seg_images_in_folder (working scale, tiles, blending and the TTA the config enables),
+    and for binary models choose the threshold there.
+
+    The validation images are those the dataset manifest lists, read from the folders it
+    was built from, at full resolution against their full-resolution labels. Writes
+    ``scenes`` into the run's evaluation.json and model card and, for binary models, sets
+    the card's threshold to the scene-optimal one (so segmentation uses it by default).
+    Returns the scene evaluation, or None (with a notice) when the dataset has no
+    validation split or its source images are no longer where they were.
+    """
+    run_dir = Path(run_dir)
+    manifest = records.read_manifest(data_dir)
+    names = set(manifest.files["validation"])
+    images_dir, labels_dir = Path(manifest.images_dir), Path(manifest.labels_dir)
+    if not names:
+        return None
+    cfg = inference_config([run_dir])
+    try:
+        pairs = [p for p in imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK,
+                                               cfg.EXTRA_BAND_DIRS) if p.image.name in names]
+    except UserError as exc:
+        say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
+        return None
+    if len(pairs) != len(names):
+        say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
+             f"longer in {images_dir}")
+        return None
+    model = load_run(run_dir)
+    segmenter = Segmenter([model], cfg)
+    n_classes = model.n_classes
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    sweep = metrics.ThresholdSweep() if model.binary else None
+    started = time.perf_counter()
+    pixels = 0
+    for pair in progress_bar(pairs, enabled=progress):
+        image, _ = imagery.load_image(pair, cfg)
+        truth = read_truth(pair, cfg, image.shape[:2])
+        prob = segmenter.probabilities(image)
+        pixels += truth.size
+        valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)
+        if sweep is not None:
+            sweep.update(truth[valid], prob[..., 0][valid])
+        cm += metrics.confusion_matrix(truth, postprocess.probs_to_label(prob), n_classes,
+                                       ignore_class=cfg.IGNORE_CLASS)
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "images": len(pairs), "megapixels": round(pixels / 1e6, 2),
+        "seconds": round(seconds, 1), "downsample": segmenter.downsample,
+        "tta": cfg.TESTTIMEAUG, "tile_overlap": cfg.TILE_OVERLAP,
+        **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
+    card = ModelCard.read(run_dir)
+    card.validation["scenes"] = {k: v for k, v in result.items() if k != "threshold_sweep"}
+    if "optimal_threshold" in result:
+        card.threshold = result["optimal_threshold"]
+        card.threshold_source = "whole validation scenes"
+    evaluation = read_json(run_dir / EVALUATION) if (run_dir / EVALUATION).is_file() else {}
+    evaluation["scenes"] = result
+    write_atomic(run_dir / EVALUATION, json.dumps(evaluation, indent=2, default=float))
+    card.write(run_dir)
+    return result
+
+
+def figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
+    image, _ = imagery.load_image(pair, cfg)
+    step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
+    return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
+
+
+def score_row(name: str, cm: np.ndarray, cfg: Config) -> dict[str, Any]:
+    scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
+    row: dict[str, Any] = {"image": name, "n_pixels": scores["n_pixels"],
+                           "pixel_accuracy": scores["pixel_accuracy"],
+                           "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"]}
+    row.update({f"iou_{k}": v for k, v in enumerate(scores["iou"])})
+    row.update({f"dice_{k}": v for k, v in enumerate(scores["dice"])})
+    return row
