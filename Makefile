@@ -13,7 +13,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,pretrained]"
+	$(BIN)/python -m pip install --quiet -e ".[test,pretrained,openvino]"
 	touch $@
 
 demo: $(VENV)/.installed

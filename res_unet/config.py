@@ -216,6 +216,11 @@ class Config:
     INFER_MODE: str = _key("auto", "'auto' (tile images larger than TARGET_SIZE, else "
                            "resize), 'tile' or 'resize'.", choices=("auto", "tile", "resize"),
                            group="segmentation")
+    INFER_RUNTIME: str = _key("tensorflow", "What runs the model when segmenting: "
+                              "'tensorflow', 'openvino' (pip install 'res_unet[openvino]'; "
+                              "about 2x faster on CPUs, same masks) or 'auto' (OpenVINO when "
+                              "installed).", choices=("tensorflow", "openvino", "auto"),
+                              group="segmentation")
     BLEND_WINDOW: str = _key("hann", "Tile blending window: 'hann', 'spline' or 'flat'.",
                              choices=("hann", "spline", "flat"), group="segmentation")
     TESTTIMEAUG: bool = _key(False, "Average predictions over flips.", group="segmentation")

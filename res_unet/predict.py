@@ -278,6 +278,8 @@ class Segmenter:
                                 f"{first.run_dir} at {first.downsample}; ensemble members "
                                 "must work at the same scale")
         self.models = list(models)
+        for model in self.models:
+            model.use_runtime(cfg.INFER_RUNTIME)
         self.cfg = cfg
         self.tile_hw = first.tile_hw
         self.downsample = first.downsample

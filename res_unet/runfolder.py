@@ -11,6 +11,7 @@ the other for file names: they are the constants below.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -252,6 +253,7 @@ class LoadedModel:
     run_dir: Path | None = None
     card: ModelCard | None = None
     weights: Path | None = None
+    runtime: str = "tensorflow"
     _fn: Any = field(default=None, repr=False)
 
     @property
@@ -273,14 +275,44 @@ class LoadedModel:
         return cls(model=model, tile_hw=(hw[0], hw[1]), n_bands=int(shape[-1]),
                    n_outputs=int(model.output_shape[-1]), threshold=threshold)
 
+    def use_runtime(self, runtime: str) -> None:
+        """Run the model with 'tensorflow', 'openvino' or 'auto' (OpenVINO when installed).
+
+        OpenVINO compiles the Keras model for this CPU on first use (a few seconds) and
+        gives the same probabilities to about 1e-5. Raises UserError when 'openvino' is
+        asked for and the package is missing."""
+        if runtime == "auto":
+            runtime = "openvino" if importlib.util.find_spec("openvino") else "tensorflow"
+        elif runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+            raise UserError("INFER_RUNTIME 'openvino' needs the openvino package: pip install "
+                            "'res_unet[openvino]' (or use --runtime tensorflow)")
+        if runtime != self.runtime:
+            self.runtime, self._fn = runtime, None
+
+    def _compile(self) -> Any:
+        model = self.model
+        if self.runtime == "openvino":
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(ov.convert_model(model), "CPU")
+            request = compiled.create_infer_request()
+
+            def run_openvino(batch: np.ndarray) -> np.ndarray:
+                request.infer({0: batch})
+                # The output tensor is the request's buffer, reused by the next call.
+                return np.array(request.get_output_tensor(0).data, np.float32)
+
+            return run_openvino
+        spec = tf.TensorSpec([None, *self.tile_hw, self.n_bands], tf.float32)
+        function = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
+                               input_signature=[spec])
+        return lambda batch: function(tf.constant(batch, tf.float32)).numpy()
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, h, w, n_outputs) float32 of a float32 batch (N, h, w, n_bands)."""
         if self._fn is None:
-            model = self.model
-            spec = tf.TensorSpec([None, *self.tile_hw, self.n_bands], tf.float32)
-            self._fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
-                                   input_signature=[spec])
-        return self._fn(tf.constant(batch, tf.float32)).numpy()
+            self._fn = self._compile()
+        return self._fn(np.ascontiguousarray(batch, np.float32))
 
 
 def check_run_folder(run_dir: Path) -> None:

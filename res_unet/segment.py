@@ -183,7 +183,9 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 
 
 # Keys that do not change what a finished image's outputs contain.
-_NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS")
+# (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does.)
+_NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
+                 "INFER_RUNTIME")
 
 
 def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,

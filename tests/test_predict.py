@@ -455,3 +455,32 @@ def test_truncated_model_files_are_reported_as_damaged(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(UserError, match=r"best\.weights\.h5: the file is damaged or truncated"):
         load_run(run, (64, 64))
+
+
+# Runtimes ------------------------------------------------------------------------------------
+
+def test_openvino_runtime_gives_the_tensorflow_masks(resunet_binary, image):
+    """INFER_RUNTIME 'openvino' runs the same model: probabilities equal TensorFlow's to
+    float rounding, so the masks are the same."""
+    pytest.importorskip("openvino")
+    cfg = make_config("model", THRESHOLD=0.5)
+    tf_probs = predict.Segmenter([resunet_binary], cfg).probabilities(image)
+    ov_model = dataclasses.replace(resunet_binary, _fn=None)
+    ov_segmenter = predict.Segmenter([ov_model], make_config("model", THRESHOLD=0.5,
+                                                             INFER_RUNTIME="openvino"))
+    assert ov_model.runtime == "openvino"
+    np.testing.assert_allclose(ov_segmenter.probabilities(image), tf_probs, atol=1e-4)
+    assert resunet_binary.runtime == "tensorflow", "the TensorFlow model was left as it was"
+
+
+def test_openvino_runtime_without_the_package_is_one_line(resunet_binary, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    model = dataclasses.replace(resunet_binary, _fn=None)
+    with pytest.raises(UserError, match=r"pip install 'res_unet\[openvino\]'"):
+        predict.Segmenter([model], make_config("model", INFER_RUNTIME="openvino"))
+    predict.Segmenter([model], make_config("model", INFER_RUNTIME="auto"))
+    assert model.runtime == "tensorflow", "'auto' falls back to TensorFlow"

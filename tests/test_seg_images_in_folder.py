@@ -454,3 +454,15 @@ def test_ensemble_of_same_run_matches_single(run, images, tmp_path):
     for stem in "abc":
         np.testing.assert_array_equal(imagery.read_label(single / f"{stem}_predseg.png"),
                                       imagery.read_label(double / f"{stem}_predseg.png"))
+
+
+def test_runtime_flag_openvino_gives_the_same_masks(run, images, tmp_path):
+    pytest.importorskip("openvino")
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "tf") == 0
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "ov",
+               "--runtime", "openvino") == 0
+    for stem in ("a", "b", "c"):
+        np.testing.assert_array_equal(imagery.read_label(tmp_path / "tf" / f"{stem}_predseg.png"),
+                                      imagery.read_label(tmp_path / "ov" / f"{stem}_predseg.png"))
+    config = json.loads((tmp_path / "ov" / "segmentation_config.json").read_text())
+    assert config["config"]["INFER_RUNTIME"] == "openvino"
