@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.work)
-    scene = work / "images" / f"scene_{args.side}.tif"
+    scene = work / f"images_{args.side}" / "scene.tif"
     if not scene.exists():
         started = time.perf_counter()
         write_scene(scene, args.side)

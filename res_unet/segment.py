@@ -144,8 +144,9 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
                     write(r0, label_rows)
                 first = -r0 % step
                 if first < len(label_rows):
-                    pixels = image.rows(r0 + first, r0 + len(label_rows))
-                    shown.append((pixels[::step, ::step], label_rows[first::step, ::step]))
+                    # Copies: a strided view would keep the whole strip alive.
+                    pixels = image.rows(r0 + first, r0 + len(label_rows))[::step, ::step]
+                    shown.append((pixels.copy(), label_rows[first::step, ::step].copy()))
 
         try:
             label = segmenter.segment(image, nodata, sink, on_label)

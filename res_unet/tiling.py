@@ -309,7 +309,8 @@ def every_nth(image: np.ndarray | RowSource, step: int, block_rows: int = 1024) 
     if isinstance(image, np.ndarray):
         return image[::step, ::step]
     block = max(step, block_rows - block_rows % step)
-    parts = [image.rows(r0, r0 + block)[::step, ::step]
+    # Copies: a strided view would keep each whole band alive until the end.
+    parts = [image.rows(r0, r0 + block)[::step, ::step].copy()
              for r0 in range(0, image.shape[0], block)]
     return np.concatenate(parts)
 

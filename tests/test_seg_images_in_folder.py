@@ -367,7 +367,7 @@ def test_large_geotiff_memory_does_not_grow_with_the_scene(tmp_path):
                         nodata=None)
         del band
         code = f"""
-import resource
+import resource, tracemalloc
 import numpy as np
 from res_unet import imagery, runfolder, segment
 def no_whole_reads(*args, **kwargs):
@@ -378,22 +378,28 @@ cfg = runfolder.inference_config([run])
 model = runfolder.load_run(run, cfg.TARGET_SIZE)
 model(np.zeros((cfg.BATCH_SIZE, {tile}, {tile}, 3), np.float32))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
 summary = segment.segment_folder(cfg, [model], {str(folder)!r}, {str(folder) + "_out"!r},
                                  progress=False, full_max_values=1_000_000)
+peak = tracemalloc.get_traced_memory()[1]
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(summary["done"], before, after)
+print(summary["done"], before, after, peak)
 """
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 timeout=600, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
         assert result.returncode == 0, result.stderr[-2000:]
-        done, before, after = map(int, result.stdout.split()[-3:])
+        done, before, after, peak = map(int, result.stdout.split()[-4:])
         assert done == 1
-        grew[height] = (after - before) / 1024
-    extra_pixels_mb = (8000 - 2000) * width * 4 / 2**20  # image + label of the extra rows
-    # Generous (allocator noise is tens of MB): holding the scene or its label would add
-    # at least the extra rows' bytes.
-    assert grew[8000] - grew[2000] < extra_pixels_mb, grew
-    print(f"peak RSS grew by {grew} MB; the extra rows hold {extra_pixels_mb:.0f} MB")
+        grew[height] = ((after - before) / 1024, peak / 2**20)
+    # Arrays (numpy, traced exactly): a band of tiles, a strip of probabilities and, the
+    # largest part, the overlay (at most OVERLAY_MAX_PIXELS: 12 M pixels for both scenes,
+    # the 8000-row one drawn from every other row and column). Holding the scene or its
+    # label would add 137 + 46 MB to the 8000-row figure.
+    assert grew[8000][1] - grew[2000][1] < 40, grew
+    # Resident memory (TensorFlow's and GDAL's allocations too; allocator noise is tens of
+    # MB): holding the scene or its label would add at least the extra rows' bytes.
+    assert grew[8000][0] - grew[2000][0] < (8000 - 2000) * width * 4 / 2**20, grew
+    print(f"(peak RSS growth, numpy peak) in MB by height: {grew}")
 
 
 def test_evaluation_scores(run, tmp_path, capsys):
