@@ -4,8 +4,9 @@ A run folder holds the weights (``best.weights.h5`` and/or ``model.keras``), the
 was trained with (``config.json``) and a :class:`ModelCard` (``model_card.json``): what the
 model takes (size, bands, data type, band statistics, working scale), what it gives
 (classes, binary threshold) and how it was made. Training writes it through
-:meth:`ModelCard.write`; segmentation reads it through :func:`load_run`. Neither reaches into
-the other for file names: they are the constants below.
+:meth:`ModelCard.write`; segmentation reads it through :func:`load_run` (the model) and
+:func:`inference_config` (the settings). Neither reaches into the other for file names:
+they are the constants below.
 """
 
 from __future__ import annotations
