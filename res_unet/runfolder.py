@@ -295,7 +295,11 @@ class LoadedModel:
         if self.runtime == "openvino":
             import openvino as ov
 
-            compiled = ov.Core().compile_model(ov.convert_model(model), "CPU")
+            with warnings.catch_warnings():
+                # Keras warns that the traced input's structure differs from its own name.
+                warnings.simplefilter("ignore", UserWarning)
+                converted = ov.convert_model(model)
+            compiled = ov.Core().compile_model(converted, "CPU")
             request = compiled.create_infer_request()
 
             def run_openvino(batch: np.ndarray) -> np.ndarray:
