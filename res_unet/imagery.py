@@ -144,15 +144,19 @@ def _not_georeferenced(ds: Any) -> bool:
     return ds.crs is None and ds.transform.is_identity
 
 
+def _gdal_meta(path: Path, ds: Any) -> RasterMeta:
+    """The georeferencing of an open rasterio dataset (none for a plain, ungeoreferenced file)."""
+    plain = _not_georeferenced(ds)
+    return RasterMeta(path=path, crs=ds.crs, transform=None if plain else ds.transform,
+                      nodata=None if ds.nodata is None else float(ds.nodata))
+
+
 def _read_gdal(path: Path, pixels: bool = True) -> tuple[np.ndarray | None, RasterMeta, bool]:
     """Read with rasterio: (pixels (H, W, B) or None, meta, whether the file is multi-page)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
-            plain = _not_georeferenced(ds)
-            meta = RasterMeta(path=path, crs=ds.crs,
-                              transform=None if plain else ds.transform,
-                              nodata=None if ds.nodata is None else float(ds.nodata))
+            meta = _gdal_meta(path, ds)
             multipage = bool(ds.subdatasets) and path.suffix.lower() in _TIFF_SUFFIXES
             if not pixels or multipage:
                 return None, meta, multipage
@@ -495,11 +499,7 @@ def open_image_rows(pair: Pair, cfg: Config) -> RasterRows | None:
         dataset.close()
         env.close()
         return None
-    plain = _not_georeferenced(dataset)
-    meta = RasterMeta(path=pair.image, crs=dataset.crs,
-                      transform=None if plain else dataset.transform,
-                      nodata=None if dataset.nodata is None else float(dataset.nodata))
-    return RasterRows(pair.image, dataset, meta, env)
+    return RasterRows(pair.image, dataset, _gdal_meta(pair.image, dataset), env)
 
 
 def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray, RasterMeta]:

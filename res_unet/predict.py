@@ -53,7 +53,6 @@ from res_unet.tiling import (
     downsampled_shape,
     extract_tile,
     resize_to_fit,
-    tile_grid,
     tile_origins,
     undo_fit,
     upsample_ready_rows,
@@ -164,8 +163,7 @@ def predict_tiled(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Seq
     """
     th, tw = int(tile_hw[0]), int(tile_hw[1])
     blender = TileBlender(image.shape[:2], models[0].n_outputs, blend_window((th, tw), window))
-    tiles = ((r, c, extract_tile(image, r, c, (th, tw)))
-             for r, c in tile_grid(image.shape[:2], (th, tw), overlap))
+    tiles = _tiles_by_row(as_rows(image), (th, tw), overlap)
     for r, c, prob in _predict_tiles(models, tiles, batch_size, tta, rot90):
         blender.add(prob, r, c)
     return blender.result()

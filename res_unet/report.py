@@ -65,11 +65,9 @@ def overlay_image(image: np.ndarray, label: np.ndarray, n_classes: int,
     if step > 1:
         image, label = image[::step, ::step], label[::step, ::step]
     out = to_display_rgb(image)
-    if n_classes == 2:
-        colours = {1: np.array(BINARY_COLOUR, np.uint16)}
-    else:
-        colours = {k: CLASS_COLOURS[k % len(CLASS_COLOURS)].astype(np.uint16)
-                   for k in range(n_classes)}
+    palette = class_colours(n_classes).astype(np.uint16)
+    # Binary maps leave the background (class 0) uncoloured.
+    colours = {k: palette[k] for k in range(1 if n_classes == 2 else 0, n_classes)}
     edge = np.zeros(label.shape, bool)
     differs = label[:, 1:] != label[:, :-1]
     edge[:, 1:] |= differs

@@ -75,7 +75,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         return None
     if len(pairs) != len(names):
         say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
-             f"longer in {images_dir}")
+            f"longer in {images_dir}")
         return None
     model = load_run(run_dir)
     segmenter = Segmenter([model], cfg)
@@ -113,7 +113,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
 
 
 def figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
     image, _ = imagery.load_image(pair, cfg)
     step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
