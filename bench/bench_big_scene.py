@@ -26,20 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags of this CPU that matter for TensorFlow on a CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16",
-                                            "amx_bf16", "amx_tile"))
 
 
 def write_scene(path: Path, side: int, block_rows: int = 1024) -> None:

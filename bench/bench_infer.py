@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 import numpy as np
 import tensorflow as tf
-from bench_train import matmul_peak
+from common import matmul_peak
 
 from res_unet.config import config_from_dict
 from res_unet.devices import cpu_supports_bf16, device_description

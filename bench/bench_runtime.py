@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 import numpy as np
 import tensorflow as tf
+from common import matmul_peak
 
 from res_unet.imagery import read_image
 from res_unet.models import build_model
@@ -101,21 +102,6 @@ def machine() -> dict:
             "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
             "load_average": list(os.getloadavg()), "versions": versions}
-
-
-def matmul_peak(n: int = 2048, repeats: int = 20, dtype: tf.DType = tf.float32) -> float:
-    """Measured matmul GFLOP/s for square n x n matrices (best of three timings)."""
-    a = tf.cast(tf.random.uniform((n, n), dtype=tf.float32), dtype)
-    step = tf.function(lambda x: tf.matmul(x, x))
-    step(a).numpy()
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = step(a)
-        out.numpy()
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 # Runtimes ------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-import psutil
+from common import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -48,33 +47,6 @@ STEPS = {
     "min_object_100": {"MIN_OBJECT_AREA": 100},
     "min_hole_100": {"MIN_HOLE_AREA": 100},
 }
-
-
-class PeakMemory:
-    """Peak resident set size (bytes) of this process while the block runs."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
-        self.process = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self.start = self.process.memory_info().rss
-        self.peak = self.start
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 def untrained_run(run_dir: Path) -> Path:

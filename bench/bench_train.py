@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,24 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 import numpy as np
 import tensorflow as tf
+from common import matmul_peak
 
 from res_unet.config import config_from_dict
 from res_unet.devices import cpu_supports_bf16, device_description
 from res_unet.models.helpers import count_flops
 from res_unet.train import Trainer
-
-
-def matmul_peak(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
-    """Measured matmul GFLOP/s for square n x n matrices of ``dtype``."""
-    a = tf.random.uniform((n, n), dtype=tf.float32)
-    a = tf.cast(a, dtype)
-    step = tf.function(lambda x: tf.matmul(x, x))
-    step(a).numpy()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = step(a)
-    out.numpy()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def bench_precision(precision: str, size: int, batch: int, steps: int, filters: int,

@@ -41,6 +41,7 @@ EVALUATION = "evaluation.json"
 HISTORY = "history.csv"
 BACKUP_DIR = "backup"
 STATE_FILE = "train_state.json"
+SNAPSHOTS_FILE = "snapshots.npz"  # in BACKUP_DIR: the epochs AVERAGE_LAST_EPOCHS averages
 CURVES = "curves.png"
 LR_FIGURE = "lr_schedule.png"
 EXAMPLES_FIGURE = "val_examples.png"
@@ -88,6 +89,7 @@ class TrainingFacts:
     precision: str
     strategy: str
     replicas: int
+    averaged_epochs: list[int] | None = None  # AVERAGE_LAST_EPOCHS: the epochs averaged
 
 
 @dataclass

@@ -65,6 +65,7 @@ from res_unet.runfolder import (
     HISTORY,
     LR_FIGURE,
     SAVED_MODEL,
+    SNAPSHOTS_FILE,
     STATE_FILE,
     TENSORBOARD_DIR,
     CardInput,
@@ -144,6 +145,7 @@ class TrainState:
     wait: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    averaged_epochs: list[int] = field(default_factory=list)
 
 
 class Trainer:
@@ -340,6 +342,56 @@ class Backup:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Snapshots:
+    """The weights at the end of the last ``keep`` epochs, for AVERAGE_LAST_EPOCHS.
+
+    On the chief they are also kept in the backup folder, so that a killed and resumed run
+    averages the same epochs as one that was never interrupted.
+    """
+
+    def __init__(self, keep: int, folder: Path | None):
+        self.keep = keep
+        self.path = folder / SNAPSHOTS_FILE if folder is not None else None
+        self.epochs: list[int] = []
+        self.weights: list[list[np.ndarray]] = []
+
+    def restore(self, next_epoch: int) -> None:
+        """Read the saved snapshots of epochs before ``next_epoch`` (those a resumed run
+        has already trained)."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            with np.load(self.path) as saved:
+                epochs = [int(e) for e in saved["epochs"]]
+                n_arrays = int(saved["n_arrays"])
+                weights = [[saved[f"s{i}_{j}"] for j in range(n_arrays)]
+                           for i in range(len(epochs))]
+        except (OSError, KeyError, ValueError) as exc:
+            raise UserError(f"{self.path}: the weight snapshots of the unfinished run are "
+                            f"damaged ({type(exc).__name__}); pass --overwrite to start this "
+                            "run afresh") from None
+        kept = [(e, w) for e, w in zip(epochs, weights, strict=True) if e < next_epoch]
+        self.epochs = [e for e, _ in kept][-self.keep:]
+        self.weights = [w for _, w in kept][-self.keep:]
+
+    def add(self, epoch: int, weights: list[np.ndarray]) -> None:
+        """Keep the weights at the end of ``epoch`` (0-based), dropping the oldest."""
+        self.epochs = [*self.epochs, epoch][-self.keep:]
+        self.weights = [*self.weights, [np.array(w) for w in weights]][-self.keep:]
+        if self.path is not None:
+            arrays = {f"s{i}_{j}": w for i, ws in enumerate(self.weights)
+                      for j, w in enumerate(ws)}
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, epochs=np.array(self.epochs), n_arrays=len(weights), **arrays)
+
+    def average(self) -> list[np.ndarray]:
+        """The element-wise mean of the kept snapshots; integer variables (counters, seeds)
+        are taken from the newest."""
+        return [np.mean(np.stack(ws), axis=0).astype(ws[-1].dtype)
+                if np.issubdtype(ws[-1].dtype, np.floating) else ws[-1]
+                for ws in zip(*self.weights, strict=True)]
 
 
 # Evaluation -------------------------------------------------------------------------------
@@ -543,6 +595,10 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         if cfg.TENSORBOARD and chief else None
     has_validation = manifest.counts["validation"].examples > 0
     best_weights = None
+    snapshots = None
+    if cfg.AVERAGE_LAST_EPOCHS > 1:
+        snapshots = Snapshots(cfg.AVERAGE_LAST_EPOCHS, backup.dir if chief else None)
+        snapshots.restore(state.next_epoch)
 
     for epoch in range(state.next_epoch, cfg.MAX_EPOCHS):
         frozen = epoch < cfg.FREEZE_ENCODER_EPOCHS
@@ -578,6 +634,8 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         else:
             state.wait += 1
         state.next_epoch = epoch + 1
+        if snapshots is not None:
+            snapshots.add(epoch, model.get_weights())
         if chief:
             write_csv(run_dir / HISTORY, state.history)
         backup.save(state)
@@ -589,6 +647,11 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
             print(f"time budget reached: {state.train_seconds / 60:.1f} of MAX_TRAIN_MINUTES="
                   f"{cfg.MAX_TRAIN_MINUTES} minutes trained; best epoch {state.best_epoch}")
             break
+    if snapshots is not None and len(snapshots.epochs) > 1 and _keep_average(
+            trainer, snapshots, state, val_dist if has_validation else None):
+        if chief:
+            _save_weights(model, run_dir / BEST_WEIGHTS)
+        return state
     # Restore the best weights, as early stopping promises. Each worker kept its own copy
     # (they are identical across workers); a resumed run without a new best reads the file.
     if best_weights is not None:
@@ -596,6 +659,31 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     elif (run_dir / BEST_WEIGHTS).exists():
         model.load_weights(run_dir / BEST_WEIGHTS)
     return state
+
+
+def _keep_average(trainer: Trainer, snapshots: Snapshots, state: TrainState,
+                  val_dist) -> bool:
+    """Load the average of the snapshots into the model and keep it when its validation
+    loss is at most the best epoch's (always, without a validation split). Returns whether
+    it was kept; when not, the model holds the average and the caller restores the best."""
+    trainer.model.set_weights(snapshots.average())
+    epochs = f"epochs {snapshots.epochs[0] + 1}-{snapshots.epochs[-1] + 1}"
+    if val_dist is None:
+        state.averaged_epochs = [e + 1 for e in snapshots.epochs]
+        print(f"weights averaged over {epochs}")
+        return True
+    val_loss, val_cm = trainer.evaluate_loss(val_dist)
+    val_iou, _ = _iou_and_dice(val_cm, trainer.cfg.IGNORE_CLASS)
+    if val_loss <= state.best_val_loss:
+        print(f"weights averaged over {epochs}: val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
+              f" (best epoch {state.best_epoch}: {state.best_val_loss:.4f}); kept the average")
+        state.averaged_epochs = [e + 1 for e in snapshots.epochs]
+        state.best_val_loss = val_loss
+        return True
+    print(f"weights averaged over {epochs}: val_loss {val_loss:.4f} val_iou {val_iou:.3f}, "
+          f"not better than best epoch {state.best_epoch} ({state.best_val_loss:.4f}); kept "
+          "the best epoch")
+    return False
 
 
 def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state: TrainState,
@@ -624,7 +712,8 @@ def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state
             images_per_second=round(float(np.mean([h["images_per_second"] for h in history])),
                                     2) if history else None,
             precision=trainer.precision, strategy=strategy_name(trainer.strategy),
-            replicas=trainer.strategy.num_replicas_in_sync),
+            replicas=trainer.strategy.num_replicas_in_sync,
+            averaged_epochs=state.averaged_epochs or None),
         validation={"scores": evaluation["scores"],
                     "scores_at_threshold": evaluation.get("scores_at_optimal_threshold")},
         versions={"python": platform.python_version(), "tensorflow": tf.__version__,

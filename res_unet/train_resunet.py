@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = card.validation["scores_at_threshold"] or card.validation["scores"]
     summary = {"run_folder": args.out, "epochs_run": card.training.epochs_run,
                "best_epoch": card.training.best_epoch,
+               "averaged_epochs": card.training.averaged_epochs,
                "validation_mean_iou": scores["mean_iou"],
                "validation_iou": dict(zip(card.class_names, scores["iou"], strict=True)),
                "threshold": card.threshold, "train_seconds": card.training.train_seconds}

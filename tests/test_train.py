@@ -436,3 +436,97 @@ def test_damaged_shard_is_named_before_training(tiny_dataset, tmp_path):
                                         "make_tfrecords wrote it"):
         train.train(make_config(MAX_EPOCHS=1), data, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def recording_epochs(monkeypatch, kill_at: int | None = None) -> dict[int, list[np.ndarray]]:
+    """Record the model's weights at the end of each epoch (0-based), optionally dying
+    at the start of epoch ``kill_at``."""
+    seen: dict[int, list[np.ndarray]] = {}
+    original = train.Trainer.train_epoch
+
+    def recorded(self, iterator, steps, epoch, progress):
+        if epoch == kill_at:
+            raise KeyboardInterrupt
+        out = original(self, iterator, steps, epoch, progress)
+        seen[epoch] = [np.array(w) for w in self.model.get_weights()]
+        return out
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", recorded)
+    return seen
+
+
+def scripted_val_losses(monkeypatch, values: list[float]) -> None:
+    losses = iter(values)
+    original = train.Trainer.evaluate_loss
+
+    def scripted(self, dataset):
+        _, cm = original(self, dataset)
+        return next(losses), cm
+
+    monkeypatch.setattr(train.Trainer, "evaluate_loss", scripted)
+
+
+def assert_weights(path: Path, expected: list[np.ndarray]) -> None:
+    final = keras.models.load_model(path, compile=False)
+    for got, want in zip(final.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def mean_weights(*snapshots: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.mean(ws, axis=0) if np.issubdtype(ws[-1].dtype, np.floating) else ws[-1]
+            for ws in zip(*snapshots, strict=True)]
+
+
+def test_weight_averaging_keeps_the_mean_of_the_last_epochs(tiny_dataset, tmp_path,
+                                                            monkeypatch):
+    cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, AVERAGE_LAST_EPOCHS=2)
+    seen = recording_epochs(monkeypatch)
+    scripted_val_losses(monkeypatch, [0.5, 0.4, 0.45, 0.3])  # the 4th scores the average
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert card.training.averaged_epochs == [2, 3]
+    assert card.training.best_epoch == 2
+    averaged = mean_weights(seen[1], seen[2])
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))
+    assert_weights(tmp_path / "model.keras", averaged)
+    manifest = records.read_manifest(tiny_dataset)
+    best = build_model(cfg, manifest.band_mean, manifest.band_std)
+    best.load_weights(tmp_path / "best.weights.h5")
+    for got, want in zip(best.get_weights(), averaged, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    card_json = json.loads((tmp_path / "model_card.json").read_text())
+    assert card_json["training"]["averaged_epochs"] == [2, 3]
+
+
+def test_a_worse_average_gives_way_to_the_best_epoch(tiny_dataset, tmp_path, monkeypatch):
+    cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, AVERAGE_LAST_EPOCHS=3)
+    seen = recording_epochs(monkeypatch)
+    scripted_val_losses(monkeypatch, [0.5, 0.4, 0.45, 0.41])
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert card.training.averaged_epochs is None
+    assert card.training.best_epoch == 2
+    assert_weights(tmp_path / "model.keras", seen[1])
+
+
+def test_a_resumed_run_averages_the_same_epochs(tiny_dataset, tmp_path, monkeypatch):
+    """Killed at the start of epoch 3: the resumed run averages epoch 2 (read back from the
+    backup) with epoch 3, as an uninterrupted run would."""
+    cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, AVERAGE_LAST_EPOCHS=2)
+    seen = recording_epochs(monkeypatch, kill_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert (tmp_path / "backup" / runfolder.SNAPSHOTS_FILE).exists()
+    before = dict(seen)
+    monkeypatch.undo()
+    seen = recording_epochs(monkeypatch)
+    scripted_val_losses(monkeypatch, [0.2, 0.1])  # epoch 3, then the average
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert sorted(seen) == [2]
+    assert card.training.averaged_epochs == [2, 3]
+    assert_weights(tmp_path / "model.keras", mean_weights(before[1], seen[2]))
+    assert not (tmp_path / "backup").exists()
+
+
+def test_damaged_snapshots_are_one_line(tmp_path):
+    (tmp_path / runfolder.SNAPSHOTS_FILE).write_bytes(b"not an npz")
+    with pytest.raises(UserError, match=r"snapshots.*damaged.*--overwrite"):
+        train.Snapshots(2, tmp_path).restore(3)
