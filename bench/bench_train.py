@@ -2,13 +2,16 @@
 
     python bench/bench_train.py [--model resunet|efficientnet_unet] [--encoder lite0]
                                 [--size 256] [--batch 8] [--steps 20] [--filters 16]
-                                [--precisions float32 mixed_bfloat16]
+                                [--precisions float32 mixed_bfloat16] [--dropout 0.1]
+                                [--no-confusion] [--inter-op N] [--intra-op N]
 
 For each precision: images/s of the real training step (res_unet.train.Trainer, the same
 code train_resunet runs) on random data held in memory, the model's forward FLOPs per image,
 training FLOPs (3x forward: forward + two backward matmuls per layer), achieved GFLOP/s, model
 FLOPs utilisation against the float32 / bfloat16 matmul peak measured here, and peak RSS.
-Run by hand on an otherwise idle machine; CI does not time anything.
+The switches isolate overheads: ``--no-confusion`` drops the per-step confusion matrix (the
+training IoU), ``--dropout 0`` the dropout layers, ``--inter-op`` / ``--intra-op`` set
+TensorFlow's thread pools. Run by hand on an otherwise idle machine; CI does not time anything.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 import numpy as np
 import tensorflow as tf
-from common import matmul_peak
+from common import cpu_flags, matmul_peak
 
 from res_unet.config import config_from_dict
 from res_unet.devices import cpu_supports_bf16, device_description
@@ -36,9 +39,10 @@ from res_unet.train import Trainer
 
 
 def bench_precision(precision: str, size: int, batch: int, steps: int, filters: int,
-                    depth: int, model: str = "resunet", encoder: str = "B0") -> dict:
+                    depth: int, model: str = "resunet", encoder: str = "B0",
+                    dropout: float = 0.1) -> dict:
     cfg, _ = config_from_dict({"TARGET_SIZE": [size, size], "BATCH_SIZE": batch,
-                               "MODEL": model, "ENCODER": encoder,
+                               "MODEL": model, "ENCODER": encoder, "DROPOUT": dropout,
                                "FILTERS": filters, "DEPTH": depth, "PRECISION": precision,
                                "MAX_LR": 1e-3, "START_LR": 1e-3, "RAMPUP_EPOCHS": 0})
     # The manifest fields the Trainer reads; no dataset is built for this benchmark.
@@ -76,12 +80,22 @@ def main() -> None:
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--no-confusion", action="store_true")
+    parser.add_argument("--inter-op", type=int, default=0, help="0: TensorFlow's default")
+    parser.add_argument("--intra-op", type=int, default=0, help="0: TensorFlow's default")
     args = parser.parse_args()
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    if args.no_confusion:
+        from res_unet import metrics
+
+        metrics.batch_confusion = lambda y, prob, n, *a, **k: tf.zeros((n, n), tf.float64)
     peaks = {"float32": matmul_peak(tf.float32), "mixed_bfloat16": matmul_peak(tf.bfloat16)}
     results = []
     for precision in args.precisions:
         row = bench_precision(precision, args.size, args.batch, args.steps, args.filters,
-                              args.depth, args.model, args.encoder)
+                              args.depth, args.model, args.encoder, args.dropout)
         peak = peaks.get(precision, peaks["float32"])
         row["matmul_peak_gflops_per_second"] = round(peak, 1)
         row["mfu"] = round(row["achieved_gflops_per_second"] / peak, 4)
@@ -91,7 +105,10 @@ def main() -> None:
         "encoder": args.encoder if args.model == "efficientnet_unet" else None,
         "device": device_description(),
         "cpu_bf16": cpu_supports_bf16(), "tensorflow": tf.__version__,
+        "cpu_flags": cpu_flags(),
         "size": args.size, "batch": args.batch, "filters": args.filters, "depth": args.depth,
+        "dropout": args.dropout, "confusion_per_step": not args.no_confusion,
+        "inter_op": args.inter_op, "intra_op": args.intra_op,
         "results": results,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }, indent=2))

@@ -530,3 +530,28 @@ def test_damaged_snapshots_are_one_line(tmp_path):
     (tmp_path / runfolder.SNAPSHOTS_FILE).write_bytes(b"not an npz")
     with pytest.raises(UserError, match=r"snapshots.*damaged.*--overwrite"):
         train.Snapshots(2, tmp_path).restore(3)
+
+
+def test_training_on_every_image_averages_without_a_validation_split(tmp_path, capsys):
+    """VALIDATION_SPLIT 0 (a final model trained on all the data): the run finishes, the
+    average of the last epochs is kept as is, and the command's summary says so."""
+    from res_unet import train_resunet
+    from res_unet.dataset import make_dataset
+    from res_unet.demo import make_demo_dataset
+
+    cfg = make_config(VALIDATION_SPLIT=0.0, MAX_EPOCHS=3, STEPS_PER_EPOCH=1,
+                      AVERAGE_LAST_EPOCHS=2)
+    images, labels = make_demo_dataset(tmp_path / "data", 4, (128, 128), seed=5)
+    make_dataset(cfg, images, labels, tmp_path / "dataset")
+    config = tmp_path / "all.json"
+    save_config(cfg, config)
+    assert train_resunet.main(["--config", str(config), "--data", str(tmp_path / "dataset"),
+                               "--out", str(tmp_path / "run"), "--no-progress",
+                               "--no-export"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["averaged_epochs"] == [2, 3]
+    assert "validation_scenes" not in summary
+    card = runfolder.read_finished_card(tmp_path / "run")
+    assert card.training.averaged_epochs == [2, 3]
+    assert (tmp_path / "run" / "model.keras").exists()

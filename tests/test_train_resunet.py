@@ -13,7 +13,8 @@ def _fake_card() -> SimpleNamespace:
     scores = {"mean_iou": 0.9, "iou": [0.95, 0.85]}
     return SimpleNamespace(
         validation={"scores_at_threshold": scores, "scores": scores},
-        training=SimpleNamespace(epochs_run=1, best_epoch=1, train_seconds=1.0),
+        training=SimpleNamespace(epochs_run=1, best_epoch=1, train_seconds=1.0,
+                                 averaged_epochs=None),
         class_names=["land", "water"], threshold=0.5)
 
 
