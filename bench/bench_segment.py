@@ -55,6 +55,8 @@ def untrained_run(run_dir: Path) -> Path:
 
     from res_unet.config import config_from_dict, save_config
     from res_unet.models import build_model
+    from res_unet.models.helpers import count_flops
+    from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
 
     cfg, _ = config_from_dict({"TARGET_SIZE": [256, 256], "FILTERS": 16, "DEPTH": 4,
                                "N_DATA_BANDS": 3, "NCLASSES": 1, "BATCH_SIZE": 8})
@@ -65,11 +67,18 @@ def untrained_run(run_dir: Path) -> Path:
     model.save(run_dir / "model.keras")
     model.save_weights(run_dir / "best.weights.h5")
     save_config(cfg, run_dir / "config.json")
-    card = {"model": "resunet", "binary": True, "classes": 2, "threshold": 0.5,
-            "parameters": int(model.count_params()),
-            "input": {"size": [256, 256], "bands": 3, "dtype": "uint8", "band_mean": mean,
-                      "band_std": std}}
-    (run_dir / "model_card.json").write_text(json.dumps(card))
+    ModelCard(
+        res_unet_version="bench", model=cfg.MODEL, encoder=None,
+        parameters=int(model.count_params()), flops_per_image=int(count_flops(model)),
+        input=CardInput(size=[256, 256], bands=3, dtype="uint8", band_mean=mean,
+                        band_std=std),
+        classes=2, class_names=cfg.class_names, binary=True, ignore_class=None,
+        threshold=0.5, dataset={},
+        training=TrainingFacts(epochs_run=0, best_epoch=0, best_val_loss=None,
+                               train_seconds=0.0, images_per_second=None,
+                               precision="float32", strategy="untrained", replicas=1),
+        validation={}, versions={}, device="", wall_seconds=0.0, files={},
+        config=cfg.to_dict()).write(run_dir)
     return run_dir
 
 

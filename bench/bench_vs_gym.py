@@ -67,10 +67,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from common import cpu_flags, matmul_peak
+
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
 # The SIMD flags that decide TensorFlow's CPU speed.
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 # Gym derives paths by str.replace of these words anywhere in a path: keep them out of --work.
 GYM_PATH_WORDS = ("images", "label", "config", "weights", "modelOut", ".json", ".h5")
 
@@ -115,7 +116,7 @@ GYM_NOTES = [
 # Shared by both sides (stdlib only at import time: Gym's interpreter runs this file too) ---
 
 def cpu_facts() -> dict[str, Any]:
-    """CPU model, the flags of CPU_FLAGS present (from /proc/cpuinfo) and the core count."""
+    """CPU model, the flags of common.CPU_FLAGS present (from /proc/cpuinfo) and the core count."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -124,24 +125,8 @@ def cpu_facts() -> dict[str, Any]:
     for line in lines:
         key, _, value = line.partition(":")
         field.setdefault(key.strip(), value.strip())
-    flags = set(field.get("flags", "").split())
-    return {"model": field.get("model name"), "cpus": os.cpu_count(),
-            "flags": sorted(f for f in flags if f in CPU_FLAGS)}
+    return {"model": field.get("model name"), "cpus": os.cpu_count(), "flags": cpu_flags()}
 
-
-def matmul_peak(tf: Any, n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul GFLOP/s for n x n matrices, best of three timings."""
-    a = tf.random.uniform((n, n), dtype=tf.float32)
-    step = tf.function(lambda x: tf.matmul(x, x))
-    step(a).numpy()
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = step(a)
-        out.numpy()
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def kernel_flops(model: Any) -> int:
@@ -193,7 +178,7 @@ def gym_train_stage(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     asked = _keep_float32(tf)
-    peak = matmul_peak(tf)
+    peak = matmul_peak()
     original_fit = tf.keras.Model.fit
     result: dict[str, Any] = {"matmul_peak_gflops": round(peak, 1)}
 
@@ -310,7 +295,7 @@ def res_train_stage(args: argparse.Namespace) -> None:
     from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
     from res_unet.train import Trainer
 
-    peak = matmul_peak(tf)
+    peak = matmul_peak()
     cfg, _ = config_from_dict({**RES_CONFIG, "FILTERS": args.filters})
     manifest = records.read_manifest(args.dataset)
     trainer = Trainer(cfg, manifest, tf.distribute.get_strategy(), "float32")

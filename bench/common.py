@@ -1,6 +1,8 @@
 """What every benchmark needs: the CPU's flags, its measured matmul peak, peak memory.
 
 Imported by the scripts beside it (``python bench/NAME.py`` puts this folder on the path).
+Standard library only at import time: bench_vs_gym.py also runs under Segmentation Gym's own
+interpreter, which has TensorFlow but not psutil.
 """
 
 from __future__ import annotations
@@ -8,8 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-
-import psutil
 
 # The SIMD flags that decide TensorFlow's CPU speed and whether bfloat16 is native.
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -50,6 +50,8 @@ class PeakMemory:
     thread, so TensorFlow's own allocations count)."""
 
     def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
         self.interval = interval
         self.process = psutil.Process()
         self.peak = 0

@@ -14,9 +14,12 @@ from res_unet.split import split_pairs
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 RUNS = sorted(p for p in WEIGHTS.iterdir() if (p / "model_card.json").exists())
-# shipped model -> (shared data folder, held-out scenes scored here, score, lowest value).
-# The bounds sit below what these subsets scored at shipping (lakes water IoU 0.9+, Dubai
-# mean IoU 0.477 on its 4 images, 0.585 on all 18) and far above an untrained model's.
+# shipped model -> (shared data folder, scenes scored here, score, lowest value). The scenes
+# are the model's own validation split; a model trained on every image (VALIDATION_SPLIT 0,
+# like dubai_lite0) has none, and is then checked on a spread of all the scenes (seen in
+# training: this guards the shipped file, its README gives the recipe's held-out figure).
+# The bounds sit below what these subsets scored at shipping and far above an untrained
+# model's.
 REAL_DATA_CHECKS = {
     "lakes_lite0": ("lakes", 6, "water_iou", 0.85),
     "dubai_lite0": ("dubai", 4, "mean_iou", 0.42),
@@ -34,7 +37,11 @@ def test_shipped_model_is_complete_and_small(run):
     size = sum(f.stat().st_size for f in run.iterdir())
     assert size < 30 * 2**20, f"{run.name} is {size / 2**20:.1f} MB; keep shipped models small"
     card = json.loads((run / "model_card.json").read_text())
-    assert card["validation"]["scores"]["mean_iou"] > 0.5
+    if card["config"]["VALIDATION_SPLIT"] > 0:
+        assert card["validation"]["scores"]["mean_iou"] > 0.5
+    else:  # trained on every image: no held-out figure, and none made up
+        assert card["validation"]["scores"]["mean_iou"] is None
+        assert "held out" in (run / "README.md").read_text()
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[p.name for p in RUNS])
@@ -53,14 +60,15 @@ def test_shipped_model_segments_an_image(run, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(REAL_DATA_CHECKS))
 def test_shipped_model_on_held_out_real_scenes(name):
-    """A few of the validation scenes the model never trained on (its own split), segmented
-    as users run it: the score stays near the model card's."""
+    """A few real scenes (its own validation split when it has one), segmented as users run
+    it: the score stays near what it was at shipping."""
     folder, count, score, lowest = REAL_DATA_CHECKS[name]
     source = shared_data(folder)
     run = WEIGHTS / name
     cfg = runfolder.inference_config([run])
     pairs = imagery.find_pairs(source / "images", source / "labels", cfg.USEMASK)
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
+    validation = validation or pairs
     segmenter = predict.Segmenter([runfolder.load_run(run)], cfg)
     n = segmenter.n_classes
     cm = np.zeros((n, n), np.int64)
