@@ -690,6 +690,12 @@ def to_display_rgb(image: np.ndarray) -> np.ndarray:
 
 # Writing -----------------------------------------------------------------------------------
 
+# zlib level of the PNGs we write: 1 writes an RGB overlay about 4x faster than PIL's default 6
+# (0.07 vs 0.27 s for 0.8 Mpx, a third of segment_folder's time without TTA) for files about
+# 10 % larger; label maps compress well at any level.
+PNG_LEVEL = 1
+
+
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a PNG atomically: uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), or uint16
     (H, W) / (H, W, 1) grey. Values are written as they are (no scaling)."""
@@ -703,7 +709,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
                          f"{array.dtype} {array.shape}")
     image = Image.fromarray(np.ascontiguousarray(array))
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=PNG_LEVEL)
 
 
 @contextlib.contextmanager
@@ -726,7 +732,7 @@ def png_writer(path: str | os.PathLike, shape_hw: Sequence[int]
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(b"\x89PNG\r\n\x1a\n")
         chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-        compressor = zlib.compressobj(6)
+        compressor = zlib.compressobj(PNG_LEVEL)
 
         def write(first_row: int, rows: np.ndarray) -> None:
             nonlocal next_row
