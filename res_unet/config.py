@@ -209,8 +209,8 @@ class Config:
                                        "HOT_START.", group="training")
     AVERAGE_LAST_EPOCHS: int = _key(0, "Average the weights of the last N epochs when training "
                                     "ends (stochastic weight averaging); the average is kept "
-                                    "when its validation loss is at most the best epoch's. 0: "
-                                    "off.", lo=0, group="training")
+                                    "when its validation loss is at most the best epoch's. 0 "
+                                    "or 1: off.", lo=0, group="training")
     INITIAL_EPOCH: int = _key(0, "Epoch number to start counting from (schedule included).",
                               lo=0, group="training")
     TENSORBOARD: bool = _key(False, "Write TensorBoard logs in the run folder.",

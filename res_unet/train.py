@@ -669,21 +669,20 @@ def _keep_average(trainer: Trainer, snapshots: Snapshots, state: TrainState,
     trainer.model.set_weights(snapshots.average())
     epochs = f"epochs {snapshots.epochs[0] + 1}-{snapshots.epochs[-1] + 1}"
     if val_dist is None:
-        state.averaged_epochs = [e + 1 for e in snapshots.epochs]
         print(f"weights averaged over {epochs}")
-        return True
-    val_loss, val_cm = trainer.evaluate_loss(val_dist)
-    val_iou, _ = _iou_and_dice(val_cm, trainer.cfg.IGNORE_CLASS)
-    if val_loss <= state.best_val_loss:
-        print(f"weights averaged over {epochs}: val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
-              f" (best epoch {state.best_epoch}: {state.best_val_loss:.4f}); kept the average")
-        state.averaged_epochs = [e + 1 for e in snapshots.epochs]
+    else:
+        val_loss, val_cm = trainer.evaluate_loss(val_dist)
+        val_iou, _ = _iou_and_dice(val_cm, trainer.cfg.IGNORE_CLASS)
+        scored = f"weights averaged over {epochs}: val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
+        if val_loss > state.best_val_loss:
+            print(f"{scored}, not better than best epoch {state.best_epoch} "
+                  f"({state.best_val_loss:.4f}); kept the best epoch")
+            return False
+        print(f"{scored} (best epoch {state.best_epoch}: {state.best_val_loss:.4f}); kept the "
+              "average")
         state.best_val_loss = val_loss
-        return True
-    print(f"weights averaged over {epochs}: val_loss {val_loss:.4f} val_iou {val_iou:.3f}, "
-          f"not better than best epoch {state.best_epoch} ({state.best_val_loss:.4f}); kept "
-          "the best epoch")
-    return False
+    state.averaged_epochs = [e + 1 for e in snapshots.epochs]
+    return True
 
 
 def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state: TrainState,
