@@ -583,7 +583,8 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     n_train = manifest.counts["train"].examples
     steps = cfg.STEPS_PER_EPOCH or max(1, math.ceil(n_train / cfg.BATCH_SIZE))
     train_ds = records.load_dataset(data_dir, "train", cfg.BATCH_SIZE, shuffle=True, flips=True,
-                                    repeat=True, cache=True, seed=cfg.SEED)
+                                    repeat=True, cache=True, seed=cfg.SEED,
+                                    color=cfg.AUG_COLOR)
     val_ds = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False,
                                   cache=True)
     options = tf.data.Options()

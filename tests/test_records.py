@@ -132,6 +132,63 @@ def test_load_dataset_one_hot_flips_repeat(tmp_path):
     assert list(records.read_examples(tmp_path / "ds", "validation")) == []
 
 
+def test_photometric_jitter_bounds_and_nodata():
+    tf.random.set_seed(5)
+    strength = 0.4
+    # A constant image: contrast has no effect, so each band is the value times its gain.
+    flat = np.full((8, 8, 4), 100.0, np.float32)
+    flat[0, 0] = 0.0  # nodata in every band stays nodata
+    flat[1, 1, 2] = 0.0  # a zero in one band only is an ordinary dark value
+    gains = []
+    for _ in range(200):
+        out = records.photometric_jitter(tf.constant(flat), strength, 255.0).numpy()
+        assert np.array_equal(out[0, 0], np.zeros(4))
+        assert np.all(out[1, 1] >= 0) and np.all(out[1, 1, [0, 1, 3]] > 0)
+        gains.append(out[4, 4] / 100.0)
+        assert np.all((out >= 0) & (out <= 255))
+    gains = np.array(gains)
+    # The nodata pixel stays out of the mean: a flat image's valid pixels keep equal values.
+    assert np.allclose(out[2:, 2:], out[4, 4], rtol=1e-5)
+    log = np.log(gains[np.all(gains < 2.55, axis=1)])  # unclipped draws
+    assert np.abs(log).max() <= 1.25 * strength + 1e-5
+    assert log.std() > 0.15  # brightness varies from draw to draw ...
+    assert np.abs(log - log.mean(axis=1, keepdims=True)).max() > 0.02  # ... and so does tint
+    # Contrast about the mean: the mean moves only with the gain, the spread with both.
+    two = np.zeros((8, 8, 1), np.float32) + 60.0
+    two[:4] = 140.0
+    contrasts = []
+    for _ in range(100):
+        out = records.photometric_jitter(tf.constant(two), strength, 65535.0).numpy()
+        contrasts.append((np.ptp(out) / 80.0) / (out.mean() / 100.0))
+    assert np.abs(np.log(contrasts)).max() <= strength / 2 + 1e-4
+    assert min(contrasts) < 0.92 and max(contrasts) > 1.08
+    # Clipped to the stored type's range.
+    bright = np.full((4, 4, 3), 250.0, np.float32)
+    outs = [records.photometric_jitter(tf.constant(bright), 1.0, 255.0).numpy()
+            for _ in range(20)]
+    assert max(o.max() for o in outs) == 255.0
+
+
+def test_load_dataset_color_jitters_images_not_labels(tmp_path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "src/images").mkdir(parents=True)
+    (tmp_path / "src/labels").mkdir(parents=True)
+    image = rng.integers(1, 255, (16, 16, 3), dtype=np.uint8)
+    write_png(tmp_path / "src/images/s.png", image)
+    write_png(tmp_path / "src/labels/s.png", (image[..., 0] > 128).astype(np.uint8))
+    cfg = make_config("tiles16", NCLASSES=1, VALIDATION_SPLIT=0.0, DO_AUG=False)
+    dataset.make_dataset(cfg, tmp_path / "src/images", tmp_path / "src/labels", tmp_path / "ds")
+    (plain, label), = records.load_dataset(tmp_path / "ds", "train", 1,
+                                           shuffle=False).as_numpy_iterator()
+    ds = records.load_dataset(tmp_path / "ds", "train", 1, shuffle=True, repeat=True, seed=2,
+                              color=0.5)
+    seen = list(ds.take(4).as_numpy_iterator())
+    for x, y in seen:
+        assert np.array_equal(y, label) and not np.array_equal(x, plain)
+        assert x.min() >= 0 and x.max() <= 255
+    assert not np.array_equal(seen[0][0], seen[1][0])  # fresh draws every time
+
+
 def test_read_manifest_refuses_non_datasets(tmp_path):
     with pytest.raises(UserError, match="run make_tfrecords first"):
         records.read_manifest(tmp_path)

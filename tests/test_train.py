@@ -555,3 +555,20 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     card = runfolder.read_finished_card(tmp_path / "run")
     assert card.training.averaged_epochs == [2, 3]
     assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, monkeypatch):
+    """AUG_COLOR is applied on the fly to training batches; validation images stay as stored."""
+    calls = []
+    original = records.load_dataset
+
+    def spy(data, split, *args, **kwargs):
+        calls.append((split, kwargs.get("color", 0.0)))
+        return original(data, split, *args, **kwargs)
+
+    monkeypatch.setattr(records, "load_dataset", spy)
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, AUG_COLOR=0.3)
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert card.training.epochs_run == 1
+    assert ("train", 0.3) in calls
+    assert all(color == 0.0 for split, color in calls if split == "validation")
