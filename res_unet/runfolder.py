@@ -41,7 +41,9 @@ EVALUATION = "evaluation.json"
 HISTORY = "history.csv"
 BACKUP_DIR = "backup"
 STATE_FILE = "train_state.json"
-SNAPSHOTS_FILE = "snapshots.npz"  # in BACKUP_DIR: the epochs AVERAGE_LAST_EPOCHS averages
+# In BACKUP_DIR, one file per epoch that AVERAGE_LAST_EPOCHS averages (0-based epoch number).
+SNAPSHOT_FILE = "snapshot_{epoch:04d}.npz"
+SNAPSHOT_GLOB = "snapshot_*.npz"
 CURVES = "curves.png"
 LR_FIGURE = "lr_schedule.png"
 EXAMPLES_FIGURE = "val_examples.png"

@@ -23,6 +23,7 @@ import platform
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ from res_unet.runfolder import (
     HISTORY,
     LR_FIGURE,
     SAVED_MODEL,
-    SNAPSHOTS_FILE,
+    SNAPSHOT_FILE,
+    SNAPSHOT_GLOB,
     STATE_FILE,
     TENSORBOARD_DIR,
     CardInput,
@@ -347,44 +349,56 @@ class Backup:
 class Snapshots:
     """The weights at the end of the last ``keep`` epochs, for AVERAGE_LAST_EPOCHS.
 
-    On the chief they are also kept in the backup folder, so that a killed and resumed run
-    averages the same epochs as one that was never interrupted.
+    On the chief each epoch's weights are also written to the backup folder (one file per
+    epoch, so an epoch costs one model's worth of writing whatever ``keep`` is), so that a
+    killed and resumed run averages the same epochs as one that was never interrupted.
     """
 
     def __init__(self, keep: int, folder: Path | None):
         self.keep = keep
-        self.path = folder / SNAPSHOTS_FILE if folder is not None else None
+        self.folder = folder
         self.epochs: list[int] = []
         self.weights: list[list[np.ndarray]] = []
+
+    def _saved(self) -> dict[int, Path]:
+        """The snapshot files in the backup folder, by epoch."""
+        if self.folder is None or not self.folder.is_dir():
+            return {}
+        found = {}
+        for path in self.folder.glob(SNAPSHOT_GLOB):
+            number = path.stem.rpartition("_")[2]
+            if number.isdigit():
+                found[int(number)] = path
+        return found
 
     def restore(self, next_epoch: int) -> None:
         """Read the saved snapshots of epochs before ``next_epoch`` (those a resumed run
         has already trained)."""
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            with np.load(self.path) as saved:
-                epochs = [int(e) for e in saved["epochs"]]
-                n_arrays = int(saved["n_arrays"])
-                weights = [[saved[f"s{i}_{j}"] for j in range(n_arrays)]
-                           for i in range(len(epochs))]
-        except (OSError, KeyError, ValueError) as exc:
-            raise UserError(f"{self.path}: the weight snapshots of the unfinished run are "
-                            f"damaged ({type(exc).__name__}); pass --overwrite to start this "
-                            "run afresh") from None
-        kept = [(e, w) for e, w in zip(epochs, weights, strict=True) if e < next_epoch]
-        self.epochs = [e for e, _ in kept][-self.keep:]
-        self.weights = [w for _, w in kept][-self.keep:]
+        saved = self._saved()
+        for epoch in sorted(e for e in saved if e < next_epoch)[-self.keep:]:
+            path = saved[epoch]
+            try:
+                with np.load(path) as arrays:
+                    weights = [arrays[f"w{j}"] for j in range(int(arrays["n_arrays"]))]
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise UserError(f"{path}: a weight snapshot of the unfinished run is damaged "
+                                f"({type(exc).__name__}); pass --overwrite to start this run "
+                                "afresh") from None
+            self.epochs.append(epoch)
+            self.weights.append(weights)
 
     def add(self, epoch: int, weights: list[np.ndarray]) -> None:
         """Keep the weights at the end of ``epoch`` (0-based), dropping the oldest."""
         self.epochs = [*self.epochs, epoch][-self.keep:]
         self.weights = [*self.weights, [np.array(w) for w in weights]][-self.keep:]
-        if self.path is not None:
-            arrays = {f"s{i}_{j}": w for i, ws in enumerate(self.weights)
-                      for j, w in enumerate(ws)}
-            with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, epochs=np.array(self.epochs), n_arrays=len(weights), **arrays)
+        if self.folder is None:
+            return
+        path = self.folder / SNAPSHOT_FILE.format(epoch=epoch)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, n_arrays=len(weights), **{f"w{j}": w for j, w in enumerate(weights)})
+        for old, old_path in self._saved().items():
+            if old not in self.epochs:
+                old_path.unlink(missing_ok=True)
 
     def average(self) -> list[np.ndarray]:
         """The element-wise mean of the kept snapshots; integer variables (counters, seeds)

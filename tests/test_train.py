@@ -514,7 +514,9 @@ def test_a_resumed_run_averages_the_same_epochs(tiny_dataset, tmp_path, monkeypa
     seen = recording_epochs(monkeypatch, kill_at=2)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
-    assert (tmp_path / "backup" / runfolder.SNAPSHOTS_FILE).exists()
+    # One file per epoch that can still be averaged: epochs 1 and 2 (0-based 0 and 1).
+    assert sorted(p.name for p in (tmp_path / "backup").glob(runfolder.SNAPSHOT_GLOB)) == [
+        runfolder.SNAPSHOT_FILE.format(epoch=e) for e in (0, 1)]
     before = dict(seen)
     monkeypatch.undo()
     seen = recording_epochs(monkeypatch)
@@ -527,9 +529,35 @@ def test_a_resumed_run_averages_the_same_epochs(tiny_dataset, tmp_path, monkeypa
 
 
 def test_damaged_snapshots_are_one_line(tmp_path):
-    (tmp_path / runfolder.SNAPSHOTS_FILE).write_bytes(b"not an npz")
-    with pytest.raises(UserError, match=r"snapshots.*damaged.*--overwrite"):
+    (tmp_path / runfolder.SNAPSHOT_FILE.format(epoch=1)).write_bytes(b"not an npz")
+    with pytest.raises(UserError, match=r"snapshot_0001.npz: a weight snapshot.*damaged.*"
+                                        r"--overwrite"):
         train.Snapshots(2, tmp_path).restore(3)
+    train.Snapshots(2, tmp_path).restore(1)  # a later epoch's file is not read
+
+
+def test_snapshots_write_one_file_per_epoch_and_keep_only_the_window(tmp_path):
+    snapshots = train.Snapshots(2, tmp_path)
+    written = []
+    for epoch in range(4):
+        weights = [np.full((3,), epoch, np.float32), np.array(epoch, np.int64)]
+        snapshots.add(epoch, weights)
+        written.append(weights)
+        names = sorted(p.name for p in tmp_path.glob(runfolder.SNAPSHOT_GLOB))
+        assert names == [runfolder.SNAPSHOT_FILE.format(epoch=e)
+                         for e in range(max(0, epoch - 1), epoch + 1)]
+    # A run resumed before epoch 4 reads back epochs 2 and 3; one resumed before epoch 3
+    # (the kill came after epoch 3's snapshot but before its backup) reads only epoch 2.
+    back = train.Snapshots(2, tmp_path)
+    back.restore(4)
+    assert back.epochs == [2, 3]
+    for got, want in zip(back.weights, written[2:], strict=True):
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert np.array_equal(back.average()[0], np.full((3,), 2.5, np.float32))
+    assert back.average()[1] == 3
+    early = train.Snapshots(2, tmp_path)
+    early.restore(3)
+    assert early.epochs == [2]
 
 
 def test_training_on_every_image_averages_without_a_validation_split(tmp_path, capsys):
