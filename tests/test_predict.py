@@ -14,6 +14,7 @@ from helpers import BAND_MEAN, BAND_STD, TILE, make_config, pixel_model, pixel_p
 
 from res_unet import (
     LoadedModel,
+    atomic,
     imagery,
     load_run,
     postprocess,
@@ -471,6 +472,48 @@ def test_openvino_runtime_gives_the_tensorflow_masks(resunet_binary, image):
     assert ov_model.runtime == "openvino"
     np.testing.assert_allclose(ov_segmenter.probabilities(image), tf_probs, atol=1e-4)
     assert resunet_binary.runtime == "tensorflow", "the TensorFlow model was left as it was"
+
+
+def test_openvino_conversion_is_cached_by_weights_content(tmp_path, monkeypatch, image):
+    """The first OpenVINO run converts and keeps the result; later runs of the same weights
+    read it (no conversion), a damaged entry is converted again, other weights get their own
+    entry, and an unwritable cache only costs time."""
+    ov = pytest.importorskip("openvino")
+    monkeypatch.setenv("RES_UNET_CACHE_DIR", str(tmp_path / "cache"))
+    keras.utils.set_random_seed(7)
+    cfg = make_config("model", THRESHOLD=0.5, INFER_RUNTIME="openvino")
+    run = write_run(tmp_path / "run", build_model(cfg, BAND_MEAN, BAND_STD), cfg)
+    entries = tmp_path / "cache" / "openvino"
+    stale = entries / ".0123.99999999@nohost-abc"
+    stale.mkdir(parents=True)
+    dead = entries / f".0123.{2**22 + 12345}@{atomic._host()}-abc"  # beyond any pid
+    dead.mkdir()
+    conversions = []
+    real_convert = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda m: conversions.append(1) or real_convert(m))
+
+    def probabilities() -> np.ndarray:
+        return predict.Segmenter([load_run(run)], cfg).probabilities(image)
+
+    first = probabilities()
+    assert len(conversions) == 1
+    [entry] = [p for p in entries.iterdir() if not p.name.startswith(".")]
+    assert {p.name for p in entry.iterdir()} == {"model.xml", "model.bin"}
+    assert stale.exists(), "another host's temporaries are left alone"
+    assert [p.name for p in entries.iterdir() if p.name.startswith(".")] == [stale.name]
+    np.testing.assert_array_equal(probabilities(), first)  # float32 kept, not float16
+    assert len(conversions) == 1
+    (entry / "model.xml").write_text("<net broken")
+    np.testing.assert_array_equal(probabilities(), first)
+    assert len(conversions) == 2 and (entry / "model.xml").read_text().startswith("<?xml")
+    (run / "model.keras").unlink()  # other weights file: its own entry
+    probabilities()
+    assert len(conversions) == 3 and len([p for p in entries.iterdir()
+                                          if not p.name.startswith(".")]) == 2
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("RES_UNET_CACHE_DIR", str(tmp_path / "file"))
+    probabilities()
+    assert len(conversions) == 4
 
 
 def test_openvino_runtime_without_the_package_is_one_line(resunet_binary, monkeypatch):
