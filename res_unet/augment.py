@@ -1,4 +1,6 @@
-"""Random geometric augmentation of an (image, label) pair, for the training split only.
+"""Random augmentation, for the training split only: geometric changes of an (image, label)
+pair written into the dataset (:func:`augment_pair`), and photometric jitter drawn afresh on
+the fly while training (:func:`photometric_jitter`).
 
 Flips and 90-degree rotations are exact array operations. Rotation by a small angle, zoom
 and shift are combined into one affine map about the image centre and applied once per band:
@@ -8,6 +10,8 @@ look like a class of its own.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import affine_transform
@@ -74,3 +78,27 @@ def augment_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     new_bands = np.stack([_to_dtype(_warp(bands[..., b], matrix, offset, order=1), image.dtype)
                           for b in range(bands.shape[-1])], axis=-1)
     return (new_bands if image.ndim == 3 else new_bands[..., 0]), new_label
+
+
+def photometric_jitter(image: Any, strength: float, dtype: str | np.dtype) -> Any:
+    """One random brightness, contrast and per-band gain change of a float (H, W, B) image.
+
+    With s = ``strength``: the contrast about the mean of the image's valid pixels is scaled
+    by exp(U(-s/2, s/2)), then every band by exp(U(-s, s)) (brightness) times its own
+    exp(U(-s/4, s/4)) (tint); the result is clipped to the range of ``dtype``, the integer
+    type the pixels are stored in. Pixels that are zero in every band (nodata, padding) stay
+    zero. Draws come from TensorFlow's global random state.
+    """
+    import tensorflow as tf
+
+    bands = tf.shape(image)[-1]
+    contrast = tf.exp(tf.random.uniform([], -strength / 2, strength / 2))
+    gain = tf.exp(tf.random.uniform([], -strength, strength)
+                  + tf.random.uniform([bands], -strength / 4, strength / 4))
+    nodata = tf.reduce_all(image == 0, axis=-1, keepdims=True)
+    valid = tf.cast(tf.logical_not(nodata), image.dtype)
+    mean = (tf.reduce_sum(image * valid, axis=[0, 1], keepdims=True)
+            / tf.maximum(tf.reduce_sum(valid), 1.0))
+    top = float(np.iinfo(dtype).max)
+    out = tf.clip_by_value(((image - mean) * contrast + mean) * gain, 0.0, top)
+    return tf.where(nodata, image, out)

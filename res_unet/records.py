@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from res_unet.atomic import atomic_path, write_atomic
+from res_unet.augment import photometric_jitter
 from res_unet.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -405,29 +406,6 @@ def read_examples(dataset_dir: str | os.PathLike,
     return (parse_example(record) for record in records.as_numpy_iterator())
 
 
-def photometric_jitter(image: Any, strength: float, top: float) -> Any:
-    """One random brightness, contrast and per-band gain change of a float (H, W, B) image.
-
-    With s = ``strength``: the contrast about the mean of the image's valid pixels is scaled
-    by exp(U(-s/2, s/2)), then every band by exp(U(-s, s)) (brightness) times its own
-    exp(U(-s/4, s/4)) (tint); the result is clipped to [0, ``top``], the range of the stored
-    pixel type. Pixels that are zero in every band (nodata, padding) stay zero. Draws come
-    from TensorFlow's global random state.
-    """
-    import tensorflow as tf
-
-    bands = tf.shape(image)[-1]
-    contrast = tf.exp(tf.random.uniform([], -strength / 2, strength / 2))
-    gain = tf.exp(tf.random.uniform([], -strength, strength)
-                  + tf.random.uniform([bands], -strength / 4, strength / 4))
-    nodata = tf.reduce_all(image == 0, axis=-1, keepdims=True)
-    valid = tf.cast(tf.logical_not(nodata), image.dtype)
-    mean = (tf.reduce_sum(image * valid, axis=[0, 1], keepdims=True)
-            / tf.maximum(tf.reduce_sum(valid), 1.0))
-    out = tf.clip_by_value(((image - mean) * contrast + mean) * gain, 0.0, top)
-    return tf.where(nodata, image, out)
-
-
 def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
                  shuffle: bool = True, flips: bool = False, repeat: bool = False,
                  cache: bool = False, seed: int | None = None, color: float = 0.0) -> Any:
@@ -437,10 +415,9 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
     (batch, H, W, 1) 0/1 for binary datasets (NCLASSES=1), one-hot (batch, H, W, N)
     otherwise; an empty split gives an empty dataset. Without ``shuffle`` examples come in
     shard order; with it shards are read interleaved in parallel and shuffled, and so are
-    examples (buffer of about 128 MB). ``flips`` applies the same random horizontal and
-    vertical flips to image and label; ``color`` > 0 applies :func:`photometric_jitter` of
-    that strength to every image; ``cache`` keeps the decompressed records in memory after
-    the first pass; ``repeat`` repeats forever and drops the last incomplete batch.
+    examples (buffer of about 128 MB). ``flips``: the same random flips of image and label;
+    ``color`` > 0: :func:`photometric_jitter` of that strength; ``cache`` keeps the records
+    in memory after the first pass; ``repeat`` repeats forever, dropping the last part batch.
     """
     import tensorflow as tf
 
@@ -471,8 +448,7 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
         example_bytes = h * w * (bands * np.dtype(manifest.dtype).itemsize + 1)
         buffer = int(min(count, max(4 * batch_size, _SHUFFLE_BYTES // example_bytes)))
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    ds = ds.repeat() if repeat else ds
     spec = {"image": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.string)}
 
@@ -498,8 +474,7 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
     if flips:
         ds = ds.map(flip, num_parallel_calls=autotune)
     if color > 0:
-        top = float(np.iinfo(manifest.dtype).max)
-        ds = ds.map(lambda image, label: (photometric_jitter(image, color, top), label),
+        ds = ds.map(lambda x, y: (photometric_jitter(x, color, manifest.dtype), y),
                     num_parallel_calls=autotune)
     ds = ds.batch(batch_size, drop_remainder=repeat, num_parallel_calls=autotune)
     return ds.prefetch(autotune)

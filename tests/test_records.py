@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from helpers import expected_tiles, make_config, write_sources
 
-from res_unet import dataset, records
+from res_unet import augment, dataset, records
 from res_unet.errors import UserError
 from res_unet.imagery import write_png
 
@@ -141,7 +141,7 @@ def test_photometric_jitter_bounds_and_nodata():
     flat[1, 1, 2] = 0.0  # a zero in one band only is an ordinary dark value
     gains = []
     for _ in range(200):
-        out = records.photometric_jitter(tf.constant(flat), strength, 255.0).numpy()
+        out = augment.photometric_jitter(tf.constant(flat), strength, "uint8").numpy()
         assert np.array_equal(out[0, 0], np.zeros(4))
         assert np.all(out[1, 1] >= 0) and np.all(out[1, 1, [0, 1, 3]] > 0)
         gains.append(out[4, 4] / 100.0)
@@ -158,13 +158,13 @@ def test_photometric_jitter_bounds_and_nodata():
     two[:4] = 140.0
     contrasts = []
     for _ in range(100):
-        out = records.photometric_jitter(tf.constant(two), strength, 65535.0).numpy()
+        out = augment.photometric_jitter(tf.constant(two), strength, "uint16").numpy()
         contrasts.append((np.ptp(out) / 80.0) / (out.mean() / 100.0))
     assert np.abs(np.log(contrasts)).max() <= strength / 2 + 1e-4
     assert min(contrasts) < 0.92 and max(contrasts) > 1.08
     # Clipped to the stored type's range.
     bright = np.full((4, 4, 3), 250.0, np.float32)
-    outs = [records.photometric_jitter(tf.constant(bright), 1.0, 255.0).numpy()
+    outs = [augment.photometric_jitter(tf.constant(bright), 1.0, "uint8").numpy()
             for _ in range(20)]
     assert max(o.max() for o in outs) == 255.0
 
