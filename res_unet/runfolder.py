@@ -33,6 +33,7 @@ from res_unet.atomic import clean_stale_temporaries, owner_tag, usual_mode, writ
 from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
 from res_unet.errors import UserError
 from res_unet.models import build_model
+from res_unet.records import file_sha256
 
 BEST_WEIGHTS = "best.weights.h5"
 FULL_MODEL = "model.keras"
@@ -345,9 +346,7 @@ class LoadedModel:
         from res_unet import __version__
 
         digest = hashlib.sha256()
-        with open(self.weights, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        file_sha256(self.weights, digest)
         digest.update(repr((self.tile_hw, self.n_bands, ov.__version__, keras.__version__,
                             __version__)).encode())
         return cache_dir() / "openvino" / digest.hexdigest()[:32]
