@@ -126,10 +126,11 @@ class Config:
     AUG_COLOR: float = _key(0.0, "Strength s of random photometric jitter, drawn afresh for "
                             "every training example in every epoch by train_resunet (the "
                             "dataset is not rebuilt): brightness gain exp(U(-s, s)), contrast "
-                            "about the image's mean exp(U(-s/2, s/2)), and a gain per band "
-                            "exp(U(-s/4, s/4)); 0 = off. Helps models meet imagery brighter, "
-                            "darker or differently tinted than the training images (other "
-                            "dates, sensors, tiles).", lo=0.0, hi=1.0, group="augmentation")
+                            "about the mean of the image's valid (not all-zero) pixels "
+                            "exp(U(-s/2, s/2)), and a gain per band exp(U(-s/4, s/4)); 0 = "
+                            "off. Helps models meet imagery brighter, darker or differently "
+                            "tinted than the training images (other dates, sensors, tiles).",
+                            lo=0.0, hi=1.0, group="augmentation")
 
     # Model
     MODEL: str = _key("resunet", "Architecture: " + _either(
