@@ -3,14 +3,17 @@
     python bench/bench_train.py [--model resunet|efficientnet_unet] [--encoder lite0]
                                 [--size 256] [--batch 8] [--steps 20] [--filters 16]
                                 [--precisions float32 mixed_bfloat16] [--dropout 0.1]
-                                [--no-confusion] [--inter-op N] [--intra-op N]
+                                [--no-confusion] [--keras-batchnorm]
+                                [--inter-op N] [--intra-op N]
 
 For each precision: images/s of the real training step (res_unet.train.Trainer, the same
 code train_resunet runs) on random data held in memory, the model's forward FLOPs per image,
 training FLOPs (3x forward: forward + two backward matmuls per layer), achieved GFLOP/s, model
 FLOPs utilisation against the float32 / bfloat16 matmul peak measured here, and peak RSS.
 The switches isolate overheads: ``--no-confusion`` drops the per-step confusion matrix (the
-training IoU), ``--dropout 0`` the dropout layers, ``--inter-op`` / ``--intra-op`` set
+training IoU), ``--dropout 0`` the dropout layers, ``--keras-batchnorm`` runs BatchNorm
+as Keras's separate ops instead of TensorFlow's fused kernel (the default in training,
+``res_unet.models.helpers.fuse_batchnorm``), ``--inter-op`` / ``--intra-op`` set
 TensorFlow's thread pools. Run by hand on an otherwise idle machine; CI does not time anything.
 """
 
@@ -40,7 +43,7 @@ from res_unet.train import Trainer
 
 def bench_precision(precision: str, size: int, batch: int, steps: int, filters: int,
                     depth: int, model: str = "resunet", encoder: str = "B0",
-                    dropout: float = 0.1) -> dict:
+                    dropout: float = 0.1, fused_batchnorm: bool = True) -> dict:
     cfg, _ = config_from_dict({"TARGET_SIZE": [size, size], "BATCH_SIZE": batch,
                                "MODEL": model, "ENCODER": encoder, "DROPOUT": dropout,
                                "FILTERS": filters, "DEPTH": depth, "PRECISION": precision,
@@ -48,7 +51,7 @@ def bench_precision(precision: str, size: int, batch: int, steps: int, filters: 
     # The manifest fields the Trainer reads; no dataset is built for this benchmark.
     manifest = SimpleNamespace(band_mean=[100.0] * 3, band_std=[50.0] * 3,
                                class_pixel_frequency=[0.8, 0.2])
-    trainer = Trainer(cfg, manifest, tf.distribute.get_strategy(), precision)
+    trainer = Trainer(cfg, manifest, tf.distribute.get_strategy(), precision, fused_batchnorm)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch * 4, size, size, 3)).astype("float32")
     y = (rng.uniform(size=(batch * 4, size, size, 1)) > 0.8).astype("float32")
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--no-confusion", action="store_true")
+    parser.add_argument("--keras-batchnorm", action="store_true",
+                        help="Keras's own BatchNorm ops instead of the fused kernel")
     parser.add_argument("--inter-op", type=int, default=0, help="0: TensorFlow's default")
     parser.add_argument("--intra-op", type=int, default=0, help="0: TensorFlow's default")
     args = parser.parse_args()
@@ -95,7 +100,8 @@ def main() -> None:
     results = []
     for precision in args.precisions:
         row = bench_precision(precision, args.size, args.batch, args.steps, args.filters,
-                              args.depth, args.model, args.encoder, args.dropout)
+                              args.depth, args.model, args.encoder, args.dropout,
+                              not args.keras_batchnorm)
         peak = peaks.get(precision, peaks["float32"])
         row["matmul_peak_gflops_per_second"] = round(peak, 1)
         row["mfu"] = round(row["achieved_gflops_per_second"] / peak, 4)
@@ -108,6 +114,7 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "size": args.size, "batch": args.batch, "filters": args.filters, "depth": args.depth,
         "dropout": args.dropout, "confusion_per_step": not args.no_confusion,
+        "fused_batchnorm": not args.keras_batchnorm,
         "inter_op": args.inter_op, "intra_op": args.intra_op,
         "results": results,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

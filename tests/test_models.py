@@ -14,8 +14,8 @@ from res_unet.config import config_from_dict
 from res_unet.errors import UserError
 from res_unet.models import MODELS, build_model
 from res_unet.models.efficientnet_unet import read_encoder_weights
-from res_unet.models.helpers import count_flops, set_encoder_trainable
-from res_unet.models.layers import BilinearUpSampling2D, inflate_stem_kernel
+from res_unet.models.helpers import count_flops, fuse_batchnorm, set_encoder_trainable
+from res_unet.models.layers import BilinearUpSampling2D, inflate_stem_kernel, leaf_layers
 
 SMALL = {"TARGET_SIZE": [64, 64], "FILTERS": 8, "DEPTH": 3, "DROPOUT": 0.0}
 
@@ -351,6 +351,76 @@ def test_set_encoder_trainable_freezes_weights_and_batchnorm():
 
     with pytest.raises(ValueError, match="no pretrained encoder"):
         set_encoder_trainable(build("resunet", 3), False)
+
+
+def _training_pass(net: keras.Model, x: np.ndarray):
+    """Probabilities and gradients of one training-mode pass (a fixed, made-up loss)."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        prob = net(x, training=True)
+        loss = tf.reduce_mean(tf.square(prob - 0.3))
+    return np.array(prob), [np.array(g) for g in tape.gradient(loss, net.trainable_weights)]
+
+
+@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
+def test_fused_batchnorm_trains_exactly_as_keras_does(model, tmp_path):
+    keras.utils.set_random_seed(3)
+    plain = build(model, 3, NCLASSES=3)
+    fused = build(model, 3, NCLASSES=3)
+    fused.set_weights(plain.get_weights())
+    for layer in leaf_layers(plain) + leaf_layers(fused):
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0  # the decoder's and B0's drop-connect masks are random
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization)
+               for layer in leaf_layers(plain))
+    assert fuse_batchnorm(fused) == n_bn > 0
+    x = raw_images((4, 64, 64, 3))
+    prob_plain, grads_plain = _training_pass(plain, x)
+    prob_fused, grads_fused = _training_pass(fused, x)
+    np.testing.assert_allclose(prob_fused, prob_plain, atol=1e-4)  # rounding over ~50 layers
+    # Within float32 rounding of the largest gradient (some, e.g. biases before a
+    # BatchNorm, are zero up to rounding).
+    scale = max(np.abs(g).max() for g in grads_plain)
+    for g_fused, g_plain in zip(grads_fused, grads_plain, strict=True):
+        np.testing.assert_allclose(g_fused, g_plain, atol=1e-4 * scale)
+    # Moving statistics (updated by both passes) agree, so do inference outputs.
+    for w_fused, w_plain in zip(fused.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(w_fused, w_plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(fused(x, training=False)),
+                               np.array(plain(x, training=False)), atol=1e-5)
+    # Still plain Keras layers: the saved file reloads without custom objects.
+    assert {type(layer) for layer in leaf_layers(fused)} == {
+        type(layer) for layer in leaf_layers(plain)}
+    fused.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.array(again(x)), np.array(fused(x)), atol=1e-6)
+
+
+def test_fused_batchnorm_leaves_frozen_and_unsupported_layers_alone():
+    inputs = keras.Input((8, 8, 2))
+    frozen = keras.layers.BatchNormalization(name="frozen")
+    renorm = keras.layers.BatchNormalization(renorm=True, name="renorm")
+    flat = keras.layers.BatchNormalization(name="flat")
+    y = renorm(frozen(inputs))
+    net = keras.Model(inputs, [y, flat(keras.layers.Reshape((64, 2))(y))])
+    assert fuse_batchnorm(net) == 1  # only 'frozen' is a 4-D, plain BatchNorm
+    frozen.trainable = False
+    before = np.array(frozen.moving_mean)
+    net(raw_images((2, 8, 8, 2)), training=True)
+    np.testing.assert_array_equal(np.array(frozen.moving_mean), before)
+
+
+def test_fused_batchnorm_under_mixed_bfloat16():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        net = build("resunet", 3)
+        fuse_batchnorm(net)
+        prob, grads = _training_pass(net, raw_images((2, 64, 64, 3)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert prob.dtype == np.float32 and np.isfinite(prob).all()
+    assert all(np.isfinite(g).all() for g in grads)
 
 
 def test_count_flops_matches_a_hand_count():
