@@ -23,13 +23,16 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN kernels)
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf
 from common import matmul_peak
 
 from res_unet.config import config_from_dict
-from res_unet.devices import cpu_supports_bf16, device_description
+from res_unet.devices import cpu_supports_bf16, device_description, onednn_enabled
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
 
@@ -85,7 +88,8 @@ def main() -> None:
             rows.append(row)
     print(json.dumps({
         "benchmark": "forward pass", "device": device_description(),
-        "cpu_bf16": cpu_supports_bf16(), "tensorflow": tf.__version__, "size": args.size,
+        "cpu_bf16": cpu_supports_bf16(), "onednn": onednn_enabled(),
+        "tensorflow": tf.__version__, "size": args.size,
         "batch": args.batch, "results": rows,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }, indent=2))

@@ -30,13 +30,16 @@ from types import SimpleNamespace
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN kernels)
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf
 from common import cpu_flags, matmul_peak
 
 from res_unet.config import config_from_dict
-from res_unet.devices import cpu_supports_bf16, device_description
+from res_unet.devices import cpu_supports_bf16, device_description, onednn_enabled
 from res_unet.models.helpers import count_flops
 from res_unet.train import Trainer
 
@@ -111,7 +114,7 @@ def main() -> None:
         "encoder": args.encoder if args.model == "efficientnet_unet" else None,
         "device": device_description(),
         "cpu_bf16": cpu_supports_bf16(), "tensorflow": tf.__version__,
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": cpu_flags(), "onednn": onednn_enabled(),
         "size": args.size, "batch": args.batch, "filters": args.filters, "depth": args.depth,
         "dropout": args.dropout, "confusion_per_step": not args.no_confusion,
         "fused_batchnorm": not args.keras_batchnorm,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import res_unet  # noqa: F401  (before any test module loads TensorFlow: it sets oneDNN on)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
