@@ -2,7 +2,7 @@
 
     python bench/bench_vs_gym.py --gym-src /work/gym/src --gym-python /work/gym/venv/bin/python
         --data ../shared/data/lakes [--images 154] [--scenes 40] [--warmup 3] [--steps 10]
-        [--repeats 2] [--gym-graph] [--work DIR] [--out result.json]
+        [--repeats 2] [--gym-onednn] [--gym-graph] [--work DIR] [--out result.json]
 
 Segmentation Gym (github Doodleverse/segmentation_gym) runs from its own source tree and its
 own environment (TensorFlow 2.12, doodleverse-utils; see the setup below); res_unet from this
@@ -17,7 +17,10 @@ driver that this file becomes when Gym's interpreter runs it):
   saves the weights, then stops the script (the rest is evaluation and plots);
 - ``doodleverse_utils.prediction_imports.do_seg`` is timed per scene;
 - ``ONEDNN_MAX_CPU_ISA=AVX2``: TensorFlow 2.12 corrupts its heap in the first backward pass
-  with oneDNN's AVX-512 kernels (no effect on AVX2-only CPUs).
+  with oneDNN's AVX-512 kernels (no effect on AVX2-only CPUs);
+- ``--gym-onednn``: ``TF_ENABLE_ONEDNN_OPTS=1`` for Gym too. res_unet turns TensorFlow's
+  oneDNN kernels on itself; TensorFlow leaves them off on CPUs without AVX-512 VNNI/BF16 or
+  AMX, so without this flag Gym runs as its users get it, with it both use the same kernels.
 Gym writes resized copies beside its inputs and outputs into its scene folder, so it gets
 folders of symlinks in the scratch folder (``--work``), never the data itself.
 
@@ -287,6 +290,9 @@ def res_train_stage(args: argparse.Namespace) -> None:
     on the dataset make_tfrecords built; optionally write a run folder for segmentation."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
+    import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN kernels)
+
+    # isort: split
     import tensorflow as tf
 
     from res_unet import records
@@ -382,6 +388,16 @@ def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
+def gym_env_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The environment variables Gym's processes get on top of this one's: the AVX2 limit,
+    and with ``--gym-onednn`` TensorFlow's oneDNN kernels, which res_unet turns on itself
+    and TensorFlow 2.12 enables by default only on AVX-512 VNNI/BF16 or AMX CPUs."""
+    settings = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    if args.gym_onednn:
+        settings["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    return settings
+
+
 class Harness:
     """The scratch folders, environments and timings of one benchmark run."""
 
@@ -393,7 +409,7 @@ class Harness:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1",
                     "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        self.gym_env = {**env, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        self.gym_env = {**env, **gym_env_settings(args)}
         self.res_env = {**env, "PYTHONPATH": str(REPO)}
         self.images, self.labels = pairs_of(args.data, args.images)
         self.scenes = sorted((args.data / "images").glob("*.jpg"))[:args.scenes]
@@ -530,7 +546,7 @@ class Harness:
                          "scene_megapixels": round(self.scene_mpx, 3), "size": SIZE,
                          "batch": BATCH, "warmup_steps": args.warmup, "steps": args.steps,
                          "repeats": args.repeats, "precision": "float32",
-                         "gym_env": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+                         "gym_env": gym_env_settings(args),
                          "gym_config": GYM_CONFIG, "res_unet_config": RES_CONFIG},
             "segmentation_models": "the weights of each toolbox's timed training steps: Gym "
                                    "resunet FILTERS 8 KERNEL 7, res_unet FILTERS 8 "
@@ -560,6 +576,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-tta", action="store_true",
                         help="skip res_unet's TTA segmentation (about half the run time)")
+    parser.add_argument("--gym-onednn", action="store_true",
+                        help="run Gym with TF_ENABLE_ONEDNN_OPTS=1 too (res_unet sets it)")
     parser.add_argument("--gym-graph", action="store_true",
                         help="also time Gym's training step in graph mode (run_eagerly off)")
     parser.add_argument("--work", type=Path,
