@@ -53,6 +53,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Run from a checkout without installing: make the repository's package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN kernels)
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf

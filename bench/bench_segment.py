@@ -37,6 +37,7 @@ DATA = REPO.parent / "shared" / "data"
 # Run from a checkout without installing: make the repository's package importable.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+import res_unet  # noqa: E402, F401  (before TensorFlow loads: it turns on the oneDNN kernels)
 
 # Post-processing steps scored one at a time on top of the thresholded prediction.
 STEPS = {

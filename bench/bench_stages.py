@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+import res_unet  # noqa: E402, F401  (before TensorFlow loads: it turns on the oneDNN kernels)
 
 
 class StageTimer:
@@ -172,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import tensorflow as tf
 
+    from res_unet.devices import onednn_enabled
+
     peak = matmul_peak(tf.float32)
     out: dict[str, Any] = {"model": str(args.model), "runtime": args.runtime,
                            "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+                           "onednn": onednn_enabled(),
                            "matmul_fp32_gflops": round(peak, 1), "variants": {}}
     for variant in args.variants.split(","):
         out["variants"][variant] = run_variant(args.model, args.images, args.limit,
