@@ -65,8 +65,7 @@ from res_unet.imagery import read_image
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
 from res_unet.predict import Segmenter
-from res_unet.runfolder import LoadedModel, load_run, run_config
-from res_unet.segment import inference_config
+from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
