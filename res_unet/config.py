@@ -96,6 +96,11 @@ class Config:
                                            "whole match) names a group kept on one side of the "
                                            "split, e.g. '^(.*)_s2cloudless' or '^(tile\\\\d+)'.",
                                            group="data")
+    VALIDATION_GROUPS: list[str] = _key([], "Groups (of SPLIT_GROUP_PATTERN, or file stems "
+                                        "without one) to hold out for validation, by name, "
+                                        "e.g. ['tile4', 'tile5']; replaces the seeded pick of "
+                                        "VALIDATION_SPLIT. Empty: pick by VALIDATION_SPLIT.",
+                                        group="data")
     SEED: int = _key(42, "Seed for the split, augmentation and weight initialisation.", lo=0,
                      group="data")
     IMS_PER_SHARD: int = _key(100, "Examples per TFRecord shard.", lo=1, group="data")
@@ -482,6 +487,8 @@ def _check_consistency(c: Config, source: str) -> list[str]:
             re.compile(c.SPLIT_GROUP_PATTERN)
         except re.error as exc:
             p.append(f"{source}: SPLIT_GROUP_PATTERN is not a valid regex ({exc})")
+    if c.VALIDATION_GROUPS and len(set(c.VALIDATION_GROUPS)) != len(c.VALIDATION_GROUPS):
+        p.append(f"{source}: VALIDATION_GROUPS names a group twice; list each once")
     return p
 
 

@@ -486,7 +486,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
         raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
                         "and labels with the same names in --labels")
     train, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED,
-                                    cfg.SPLIT_GROUP_PATTERN)
+                                    cfg.SPLIT_GROUP_PATTERN, cfg.VALIDATION_GROUPS)
     tasks = _tasks(cfg, train, validation)
     with _Workers(max(1, workers)) as procs:
         tasks = _split_tasks(tasks, _check_sources(tasks, procs))

@@ -61,18 +61,23 @@ def group_pairs(pairs: Sequence[Pair], group_pattern: str | None) -> dict[str, l
 
 
 def split_pairs(pairs: Sequence[Pair], validation_split: float, seed: int,
-                group_pattern: str | None = None) -> tuple[list[Pair], list[Pair]]:
+                group_pattern: str | None = None,
+                validation_groups: Sequence[str] = ()) -> tuple[list[Pair], list[Pair]]:
     """Split pairs into (train, validation) by group, deterministically from ``seed``.
 
     ``validation_split`` in [0, 1) is the target share of source images in validation; whole
     groups are assigned, so the share is met as closely as the group sizes allow. Validation
     gets at least one group and training keeps at least one when ``validation_split > 0``.
-    Both lists are sorted by stem; the result does not depend on the order of ``pairs``.
-    Raises UserError when a split is asked for but all images form a single group.
+    ``validation_groups``, when given, names the held-out groups instead (the share and seed
+    are then not used). Both lists are sorted by stem; the result does not depend on the
+    order of ``pairs``. Raises UserError when a split is asked for but all images form a
+    single group, or when a named group has no images or would leave none for training.
     """
     if not 0 <= validation_split < 1:
         raise UserError(f"VALIDATION_SPLIT={validation_split} must be in [0, 1)")
     groups = group_pairs(pairs, group_pattern)
+    if validation_groups:
+        return _split_named(groups, validation_groups, group_pattern)
     if validation_split == 0 or not pairs:
         return sorted(pairs, key=lambda p: p.stem), []
     if len(groups) < 2:
@@ -100,4 +105,25 @@ def split_pairs(pairs: Sequence[Pair], validation_split: float, seed: int,
     chosen = set(validation)
     train = [p for name in names if name not in chosen for p in groups[name]]
     val = [p for name in names if name in chosen for p in groups[name]]
+    return sorted(train, key=lambda p: p.stem), sorted(val, key=lambda p: p.stem)
+
+
+def _split_named(groups: dict[str, list[Pair]], names: Sequence[str],
+                 group_pattern: str | None) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation) with the groups ``names`` in validation; UserError naming the
+    groups that exist when one is missing, or when nothing would be left to train on."""
+    missing = [n for n in names if n not in groups]
+    if missing:
+        known = [g for g in groups if not g.startswith("\0")]
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        what = (f"the groups of SPLIT_GROUP_PATTERN {group_pattern!r}" if group_pattern
+                else "the file stems")
+        raise UserError(f"VALIDATION_GROUPS names {', '.join(map(repr, missing))}, not among "
+                        f"{what} ({shown or 'none'}); fix the names or the pattern")
+    chosen = set(names)
+    if len(chosen) == len(groups):
+        raise UserError("VALIDATION_GROUPS holds out every group, leaving nothing to train "
+                        "on; name fewer groups")
+    train = [p for name, ps in groups.items() if name not in chosen for p in ps]
+    val = [p for name, ps in groups.items() if name in chosen for p in ps]
     return sorted(train, key=lambda p: p.stem), sorted(val, key=lambda p: p.stem)

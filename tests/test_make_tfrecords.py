@@ -294,6 +294,9 @@ def _bad_input_case(case: str, tmp: Path) -> tuple[list[str], str]:
     elif case == "label out of range":
         write_png(labels / "demo_002.png", np.full((32, 32), 7, np.uint8))
         expect = "demo_002.png"
+    elif case == "unknown validation group":
+        values["VALIDATION_GROUPS"] = ["demo_007"]
+        expect = "VALIDATION_GROUPS names 'demo_007'"
     elif case == "unwritable output":
         (tmp / "afile").write_text("x")
         out = tmp / "afile" / "ds"
@@ -304,7 +307,7 @@ def _bad_input_case(case: str, tmp: Path) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("case", ["empty folder", "not an image", "corrupt jpeg",
                                   "missing label", "wrong band count", "label out of range",
-                                  "unwritable output"])
+                                  "unknown validation group", "unwritable output"])
 def test_bad_input_is_one_clear_error_and_no_output(tmp_path, capsys, case):
     args, expect = _bad_input_case(case, tmp_path)
     assert run_command(main, args) == 2
@@ -327,6 +330,16 @@ def test_all_bad_files_are_listed_before_anything_is_written(small, capsys, monk
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(lines) == 2
     assert "demo_000.png" in lines[0] and "demo_003.png" in lines[1]
+
+
+def test_named_validation_groups_go_to_validation(small):
+    values = json.loads(small["config"].read_text())
+    values.update(VALIDATION_SPLIT=0.0, VALIDATION_GROUPS=["demo_001", "demo_003"])
+    config = write_config(small["config"], values)
+    assert main(argv(config, small["images"], small["labels"], small["out"])) == 0
+    manifest = records.read_manifest(small["out"])
+    assert [Path(f).stem for f in manifest.files["validation"]] == ["demo_001", "demo_003"]
+    assert "demo_001" not in {Path(f).stem for f in manifest.files["train"]}
 
 
 # Real data --------------------------------------------------------------------------------

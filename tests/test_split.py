@@ -108,3 +108,23 @@ def test_one_group_with_a_split_is_an_error():
         split_pairs(pairs, 0.2, 0, LAKE_PATTERN)
     with pytest.raises(UserError, match="only 1 image"):
         split_pairs(make_pairs(["solo"]), 0.2, 0)
+
+
+def test_named_validation_groups_are_held_out_whatever_the_seed():
+    pairs = make_pairs([f"tile{t}_image_part_{i:03d}" for t in (1, 2, 4, 5) for i in range(3)])
+    for seed in (0, 1, 2):
+        train, val = split_pairs(pairs, 0.5, seed, r"^(tile\d+)", ["tile4", "tile1"])
+        assert {s.split("_")[0] for s in stems(val)} == {"tile1", "tile4"}
+        assert {s.split("_")[0] for s in stems(train)} == {"tile2", "tile5"}
+        assert len(val) == 6 and stems(val) == sorted(stems(val))
+    # Without a pattern the groups are the file stems.
+    train, val = split_pairs(pairs, 0.0, 0, None, ["tile2_image_part_001"])
+    assert stems(val) == ["tile2_image_part_001"] and len(train) == 11
+
+
+def test_named_validation_group_missing_or_all_is_one_clear_error():
+    pairs = make_pairs([f"tile{t}_image_part_{i:03d}" for t in (1, 2) for i in range(3)])
+    with pytest.raises(UserError, match=r"'tile3'.*tile1, tile2.*fix the names"):
+        split_pairs(pairs, 0.2, 0, r"^(tile\d+)", ["tile1", "tile3"])
+    with pytest.raises(UserError, match="every group"):
+        split_pairs(pairs, 0.2, 0, r"^(tile\d+)", ["tile1", "tile2"])
