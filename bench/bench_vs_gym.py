@@ -2,7 +2,8 @@
 
     python bench/bench_vs_gym.py --gym-src /work/gym/src --gym-python /work/gym/venv/bin/python
         --data ../shared/data/lakes [--images 154] [--scenes 40] [--warmup 3] [--steps 10]
-        [--repeats 2] [--gym-onednn] [--gym-graph] [--work DIR] [--out result.json]
+        [--repeats 2] [--gym-onednn] [--gym-graph] [--lite lite2 ...] [--no-segment]
+        [--work DIR] [--out result.json]
 
 Segmentation Gym (github Doodleverse/segmentation_gym) runs from its own source tree and its
 own environment (TensorFlow 2.12, doodleverse-utils; see the setup below); res_unet from this
@@ -32,8 +33,11 @@ Per repeat, each toolbox in its own fresh processes, alternating Gym, res_unet:
    toolbox's own dataset by its own pipeline: Gym resunet FILTERS 8 KERNEL 7 (6.2 M
    parameters, dice loss, compiled with run_eagerly=True as Gym does; ``--gym-graph`` also
    times it in graph mode) vs the res_unet residual U-Net with KERNEL_SIZE 7, FILTERS 8
-   (2.5 M) and FILTERS 13 (6.5 M, size-matched), its default loss; forward FLOPs
-   counted from the kernels (Conv2D, Conv2DTranspose, Dense), training FLOPs = 3x forward,
+   (2.5 M) and FILTERS 13 (6.5 M, size-matched), its default loss; with ``--lite``, also
+   the EfficientNet-Lite U-Nets named (ImageNet encoder; Lite2 5.5 M, the largest the
+   toolbox offers offline); forward FLOPs
+   counted from the kernels (Conv2D, DepthwiseConv2D, Conv2DTranspose, Dense), training
+   FLOPs = 3x forward,
    MFU against the float32 matmul peak measured in res_unet's processes of this run;
 3. segmentation: Mpx/s of the source pixels of ``--scenes`` lakes scenes: Gym's default
    (each scene resized to 256 px and the mask back) vs res_unet seg_images_in_folder on
@@ -302,7 +306,11 @@ def res_train_stage(args: argparse.Namespace) -> None:
     from res_unet.train import Trainer
 
     peak = matmul_peak()
-    cfg, _ = config_from_dict({**RES_CONFIG, "FILTERS": args.filters})
+    values = {**RES_CONFIG, "FILTERS": args.filters or 8}
+    if args.encoder:
+        values.update(MODEL="efficientnet_unet", ENCODER=args.encoder,
+                      ENCODER_WEIGHTS="imagenet", KERNEL_SIZE=3)
+    cfg, _ = config_from_dict(values)
     manifest = records.read_manifest(args.dataset)
     trainer = Trainer(cfg, manifest, tf.distribute.get_strategy(), "float32")
     dataset = records.load_dataset(args.dataset, "train", cfg.BATCH_SIZE, shuffle=True,
@@ -486,6 +494,14 @@ class Harness:
                  "--filters", str(filters), *steps, *run_out], rep / f"res_train_f{filters}.log")
             self.record(f"train/res_unet_f{filters}_k7",
                         {**result, "process_seconds": round(seconds, 1)})
+        for encoder in args.lite:
+            seconds, result, _ = self.res(
+                [self.me, "--stage", "res-train", "--dataset", str(res / "dataset"),
+                 "--encoder", encoder, *steps], rep / f"res_train_{encoder}.log")
+            self.record(f"train/res_unet_{encoder}_unet",
+                        {**result, "process_seconds": round(seconds, 1)})
+        if args.no_segment:
+            return
 
         # 3. segmentation of the scenes
         seconds, result = self.gym(
@@ -578,6 +594,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip res_unet's TTA segmentation (about half the run time)")
     parser.add_argument("--gym-onednn", action="store_true",
                         help="run Gym with TF_ENABLE_ONEDNN_OPTS=1 too (res_unet sets it)")
+    parser.add_argument("--lite", nargs="*", default=[], choices=("lite0", "lite1", "lite2"),
+                        help="also time the training step of these Lite U-Nets (ImageNet "
+                             "encoder, the shipped recipe's model) on the same dataset")
+    parser.add_argument("--no-segment", action="store_true",
+                        help="skip the segmentation stage (datasets and training only)")
     parser.add_argument("--gym-graph", action="store_true",
                         help="also time Gym's training step in graph mode (run_eagerly off)")
     parser.add_argument("--work", type=Path,
@@ -590,6 +611,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "--dataset", "--run-out"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     parser.add_argument("--filters", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--encoder", help=argparse.SUPPRESS)
     parser.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

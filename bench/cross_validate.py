@@ -1,0 +1,104 @@
+"""Cross-validate a training recipe over named groups (tiles, lakes); prints JSON.
+
+    python bench/cross_validate.py --config config/dubai_lite.json \\
+        --data ../shared/data/dubai --folds tile1,tile2 tile4,tile5 tile6,tile7 \\
+        --out /tmp/cv_dubai
+
+For each fold: build the dataset with those groups held out (VALIDATION_GROUPS), train the
+config as train_resunet does, then segment the fold's whole validation scenes at full
+resolution as seg_images_in_folder does (tiles, blending, the config's TTA) and score them
+(``res_unet.scoring.evaluate_scenes``). The result gives each fold's scores and the pooled
+scores of all folds' confusion matrices together: every image is scored once, by the model
+that never saw its group. Folds already finished in ``--out`` are read, not retrained; a fold
+killed part-way resumes from its run folder. Run by hand, one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import res_unet  # noqa: E402,F401  (before TensorFlow: turns on oneDNN)
+from res_unet.config import config_from_dict, load_config  # noqa: E402
+
+
+def fold_config(path: Path, groups: list[str], overrides: dict):
+    """The config at ``path`` with ``overrides`` and ``groups`` held out for validation."""
+    values = load_config(path).to_dict()
+    values.update(overrides)
+    values.update({"VALIDATION_GROUPS": groups, "DOPLOT": False})
+    return config_from_dict(values, source=f"{path} + fold {','.join(groups)}")[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder with images/ and labels/")
+    parser.add_argument("--folds", nargs="+", required=True,
+                        help="one argument per fold: its held-out groups, comma-separated")
+    parser.add_argument("--out", type=Path, required=True, help="work folder")
+    parser.add_argument("--set", default="{}",
+                        help="JSON object of config keys that override --config")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from res_unet import devices, metrics, records, scoring, train
+    from res_unet.dataset import make_dataset
+    from res_unet.runfolder import EVALUATION, read_json
+
+    overrides = json.loads(args.set)
+    rows, pooled = [], None
+    for fold in args.folds:
+        groups = fold.split(",")
+        cfg = fold_config(args.config, groups, overrides)
+        name = "-".join(groups)
+        data_dir, run_dir = args.out / f"{name}-data", args.out / name
+        started = time.time()
+        evaluation = read_json(run_dir / EVALUATION) if (run_dir / EVALUATION).is_file() else {}
+        with contextlib.redirect_stdout(sys.stderr):
+            if "scenes" not in evaluation:
+                if not (data_dir / records.MANIFEST).is_file():
+                    make_dataset(cfg, args.data / "images", args.data / "labels", data_dir,
+                                 workers=2)
+                train.train(cfg, data_dir, run_dir, progress=False, export_saved_model=False)
+                scoring.evaluate_scenes(run_dir, data_dir, progress=False)
+                evaluation = read_json(run_dir / EVALUATION)
+        scenes = evaluation["scenes"]["scores"]
+        card = read_json(run_dir / "model_card.json")
+        cm = np.asarray(scenes["confusion_matrix"], np.int64)
+        pooled = cm if pooled is None else pooled + cm
+        row = {"fold": groups, "images": evaluation["scenes"]["images"],
+               "tta": evaluation["scenes"]["tta"],
+               "train_seconds": card.get("training", {}).get("train_seconds"),
+               "best_epoch": card.get("training", {}).get("best_epoch"),
+               "wall_seconds": round(time.time() - started, 1),
+               "mean_iou": scenes["mean_iou"],
+               "iou": dict(zip(cfg.class_names, scenes["iou"], strict=True)),
+               "pixel_accuracy": scenes["pixel_accuracy"]}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    scores = metrics.scores_from_confusion(pooled, ignore_class=cfg.IGNORE_CLASS)
+    fold_means = [r["mean_iou"] for r in rows]
+    print(json.dumps({
+        "benchmark": "cross-validation over groups, whole scenes", "config": str(args.config),
+        "overrides": overrides, "device": devices.device_description(), "folds": rows,
+        "mean_of_fold_mean_iou": float(np.mean(fold_means)),
+        "pooled": {"mean_iou": scores["mean_iou"],
+                   "iou": dict(zip(cfg.class_names, scores["iou"], strict=True)),
+                   "pixel_accuracy": scores["pixel_accuracy"]}}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
