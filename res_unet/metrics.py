@@ -84,7 +84,8 @@ def scores_from_confusion(cm: np.ndarray, ignore_class: int | None = None) -> di
     Overall: mean_iou and mean_dice (mean over classes with a defined value),
     frequency_weighted_iou (sum of iou weighted by each class's share of true pixels),
     pixel_accuracy, kappa (Cohen), mcc (multiclass Matthews correlation, Gorodkin 2004;
-    0 when undefined, as in scikit-learn), n_pixels, and confusion_matrix (list of lists).
+    0 when undefined over scored pixels, as in scikit-learn; None with no pixels), n_pixels,
+    and confusion_matrix (list of lists).
     """
     cm = np.array(cm, dtype=np.int64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
@@ -112,7 +113,8 @@ def scores_from_confusion(cm: np.ndarray, ignore_class: int | None = None) -> di
     expected = float(np.sum(rows * cols) / total**2) if total else math.nan
     kappa = (accuracy - expected) / (1 - expected) if total and expected < 1 else math.nan
     mcc_den = math.sqrt((total**2 - np.sum(cols**2)) * (total**2 - np.sum(rows**2)))
-    mcc = float((diag.sum() * total - np.sum(cols * rows)) / mcc_den) if mcc_den > 0 else 0.0
+    mcc = float((diag.sum() * total - np.sum(cols * rows)) / mcc_den) if mcc_den > 0 else (
+        0.0 if total else math.nan)
 
     scores = {
         "iou": iou, "dice": dice, "precision": precision, "recall": recall,

@@ -446,6 +446,9 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
             examples.append((np.round(x[i].numpy()).astype(dtype), truth[i], pred[i]))
     result: dict[str, Any] = {"split": "validation", "class_names": cfg.class_names,
                               **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
+    if not cm.any():
+        result["note"] = ("the dataset has no validation examples (VALIDATION_SPLIT 0 or an "
+                          "empty split): no scores; keep a held-out split to measure the model")
     return result, examples
 
 

@@ -108,7 +108,9 @@ def test_ignore_class_scores():
 def test_empty_confusion_matrix_is_json_ready():
     s = scores_from_confusion(np.zeros((2, 2), np.int64))
     assert s["mean_iou"] is None and s["pixel_accuracy"] is None and s["kappa"] is None
-    assert s["mcc"] == 0.0
+    assert s["mcc"] is None
+    # One class only: defined (pixels were scored) but without correlation.
+    assert scores_from_confusion(np.array([[5, 0], [0, 0]]))["mcc"] == 0.0
     json.dumps(s, allow_nan=False)
 
 

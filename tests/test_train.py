@@ -606,6 +606,9 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     card = runfolder.read_finished_card(tmp_path / "run")
     assert card.training.averaged_epochs == [2, 3]
     assert (tmp_path / "run" / "model.keras").exists()
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert evaluation["scores"]["n_pixels"] == 0 and evaluation["scores"]["mcc"] is None
+    assert "no validation examples" in evaluation["note"]
 
 
 def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, monkeypatch):
