@@ -154,6 +154,7 @@ def test_out_of_range(raw, expected):
     ({"THRESHOLD": "max"}, "must be a number, 'otsu' or null"),
     ({"HOT_START": True}, "HOT_START needs INITIAL_WEIGHTS"),
     ({"SPLIT_GROUP_PATTERN": "(unclosed"}, "not a valid regex"),
+    ({"VALIDATION_GROUPS": ["tile4", "tile5", "tile4"]}, "names a group twice"),
     ({"REMAP_CLASSES": {"x": 1}}, "REMAP_CLASSES key 'x'"),
 ])
 def test_inconsistent_values(raw, expected):
