@@ -35,10 +35,9 @@ Per repeat, each toolbox in its own fresh processes, alternating Gym, res_unet:
    times it in graph mode) vs the res_unet residual U-Net with KERNEL_SIZE 7, FILTERS 8
    (2.5 M) and FILTERS 13 (6.5 M, size-matched), its default loss; with ``--lite``, also
    the EfficientNet-Lite U-Nets named (ImageNet encoder; Lite2 5.5 M, the largest the
-   toolbox offers offline); forward FLOPs
-   counted from the kernels (Conv2D, DepthwiseConv2D, Conv2DTranspose, Dense), training
-   FLOPs = 3x forward,
-   MFU against the float32 matmul peak measured in res_unet's processes of this run;
+   toolbox offers offline); forward FLOPs counted from the kernels (Conv2D,
+   DepthwiseConv2D, Conv2DTranspose, Dense), training FLOPs = 3x forward, MFU against the
+   float32 matmul peak measured in res_unet's processes of this run;
 3. segmentation: Mpx/s of the source pixels of ``--scenes`` lakes scenes: Gym's default
    (each scene resized to 256 px and the mask back) vs res_unet seg_images_in_folder on
    full-resolution 256-px tiles (overlap 0.25), without and with TTA (4 flips; ``--no-tta``
@@ -487,19 +486,15 @@ class Harness:
             if mode in result:
                 self.record(f"train/gym_resunet_f8_k7_{mode}",
                             {**result[mode], **shared, "process_seconds": round(seconds, 1)})
-        for filters in (8, 13):
-            run_out = ["--run-out", str(res / "run_f8")] if filters == 8 else []
+        # (row name, log name, model arguments); FILTERS 8's weights segment in step 3.
+        models = [("res_unet_f8_k7", "f8", ["--filters", "8", "--run-out", str(res / "run_f8")]),
+                  ("res_unet_f13_k7", "f13", ["--filters", "13"])]
+        models += [(f"res_unet_{e}_unet", e, ["--encoder", e]) for e in args.lite]
+        for name, log, model_args in models:
             seconds, result, _ = self.res(
                 [self.me, "--stage", "res-train", "--dataset", str(res / "dataset"),
-                 "--filters", str(filters), *steps, *run_out], rep / f"res_train_f{filters}.log")
-            self.record(f"train/res_unet_f{filters}_k7",
-                        {**result, "process_seconds": round(seconds, 1)})
-        for encoder in args.lite:
-            seconds, result, _ = self.res(
-                [self.me, "--stage", "res-train", "--dataset", str(res / "dataset"),
-                 "--encoder", encoder, *steps], rep / f"res_train_{encoder}.log")
-            self.record(f"train/res_unet_{encoder}_unet",
-                        {**result, "process_seconds": round(seconds, 1)})
+                 *model_args, *steps], rep / f"res_train_{log}.log")
+            self.record(f"train/{name}", {**result, "process_seconds": round(seconds, 1)})
         if args.no_segment:
             return
 

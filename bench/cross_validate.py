@@ -56,7 +56,7 @@ def main() -> None:
 
     from res_unet import devices, metrics, records, scoring, train
     from res_unet.dataset import make_dataset
-    from res_unet.runfolder import EVALUATION, read_json
+    from res_unet.runfolder import EVALUATION, ModelCard, read_json
 
     overrides = json.loads(args.set)
     rows, pooled = [], None
@@ -76,13 +76,12 @@ def main() -> None:
                 scoring.evaluate_scenes(run_dir, data_dir, progress=False)
                 evaluation = read_json(run_dir / EVALUATION)
         scenes = evaluation["scenes"]["scores"]
-        card = read_json(run_dir / "model_card.json")
+        training = ModelCard.read(run_dir).training
         cm = np.asarray(scenes["confusion_matrix"], np.int64)
         pooled = cm if pooled is None else pooled + cm
         row = {"fold": groups, "images": evaluation["scenes"]["images"],
                "tta": evaluation["scenes"]["tta"],
-               "train_seconds": card.get("training", {}).get("train_seconds"),
-               "best_epoch": card.get("training", {}).get("best_epoch"),
+               "train_seconds": training.train_seconds, "best_epoch": training.best_epoch,
                "wall_seconds": round(time.time() - started, 1),
                "mean_iou": scenes["mean_iou"],
                "iou": dict(zip(cfg.class_names, scenes["iou"], strict=True)),
