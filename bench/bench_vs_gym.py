@@ -2,7 +2,8 @@
 
     python bench/bench_vs_gym.py --gym-src /work/gym/src --gym-python /work/gym/venv/bin/python
         --data ../shared/data/lakes [--images 154] [--scenes 40] [--warmup 3] [--steps 10]
-        [--repeats 2] [--gym-onednn] [--gym-graph] [--lite lite2 ...] [--no-segment]
+        [--repeats 2] [--gym-onednn] [--gym-graph] [--lite lite2 ...] [--resunet 6:5 ...]
+        [--no-segment]
         [--work DIR] [--out result.json]
 
 Segmentation Gym (github Doodleverse/segmentation_gym) runs from its own source tree and its
@@ -33,7 +34,10 @@ Per repeat, each toolbox in its own fresh processes, alternating Gym, res_unet:
    toolbox's own dataset by its own pipeline: Gym resunet FILTERS 8 KERNEL 7 (6.2 M
    parameters, dice loss, compiled with run_eagerly=True as Gym does; ``--gym-graph`` also
    times it in graph mode) vs the res_unet residual U-Net with KERNEL_SIZE 7, FILTERS 8
-   (2.5 M) and FILTERS 13 (6.5 M, size-matched), its default loss; with ``--lite``, also
+   (2.5 M) and FILTERS 13 (6.5 M, size-matched at Gym's depth), its default loss; with
+   ``--resunet F:D``, also residual U-Nets of FILTERS F and DEPTH D, KERNEL_SIZE 7 (6:5 is
+   5.6 M parameters, 7:5 is 7.6 M: one level deeper and narrower, they bracket Gym's size
+   with a quarter to a third of its FLOPs); with ``--lite``, also
    the EfficientNet-Lite U-Nets named (ImageNet encoder; Lite2 5.5 M, the largest the
    toolbox offers offline); forward FLOPs counted from the kernels (Conv2D,
    DepthwiseConv2D, Conv2DTranspose, Dense), training FLOPs = 3x forward, MFU against the
@@ -305,7 +309,7 @@ def res_train_stage(args: argparse.Namespace) -> None:
     from res_unet.train import Trainer
 
     peak = matmul_peak()
-    values = {**RES_CONFIG, "FILTERS": args.filters or 8}
+    values = {**RES_CONFIG, "FILTERS": args.filters or 8, "DEPTH": args.depth or 4}
     if args.encoder:
         values.update(MODEL="efficientnet_unet", ENCODER=args.encoder,
                       ENCODER_WEIGHTS="imagenet", KERNEL_SIZE=3)
@@ -489,6 +493,8 @@ class Harness:
         # (row name, log name, model arguments); FILTERS 8's weights segment in step 3.
         models = [("res_unet_f8_k7", "f8", ["--filters", "8", "--run-out", str(res / "run_f8")]),
                   ("res_unet_f13_k7", "f13", ["--filters", "13"])]
+        models += [(f"res_unet_f{f}_d{d}_k7", f"f{f}d{d}", ["--filters", str(f), "--depth", str(d)])
+                   for f, d in args.resunet]
         models += [(f"res_unet_{e}_unet", e, ["--encoder", e]) for e in args.lite]
         for name, log, model_args in models:
             seconds, result, _ = self.res(
@@ -571,6 +577,17 @@ class Harness:
             "results": results}
 
 
+def filters_depth(text: str) -> tuple[int, int]:
+    """'6:5' -> (6, 5): a residual U-Net's FILTERS and DEPTH for ``--resunet``."""
+    try:
+        filters, depth = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FILTERS:DEPTH, e.g. 6:5") from None
+    if filters < 1 or not 1 <= depth <= 7:
+        raise argparse.ArgumentTypeError(f"{text!r}: FILTERS >= 1 and DEPTH 1-7")
+    return filters, depth
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -592,6 +609,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lite", nargs="*", default=[], choices=("lite0", "lite1", "lite2"),
                         help="also time the training step of these Lite U-Nets (ImageNet "
                              "encoder, the shipped recipe's model) on the same dataset")
+    parser.add_argument("--resunet", nargs="*", default=[], type=filters_depth,
+                        metavar="F:D",
+                        help="also time residual U-Nets of FILTERS F and DEPTH D (KERNEL_SIZE "
+                             "7), e.g. 6:5 and 7:5, which bracket Gym's parameter count")
     parser.add_argument("--no-segment", action="store_true",
                         help="skip the segmentation stage (datasets and training only)")
     parser.add_argument("--gym-graph", action="store_true",
@@ -606,6 +627,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "--dataset", "--run-out"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     parser.add_argument("--filters", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--encoder", help=argparse.SUPPRESS)
     parser.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -34,6 +34,13 @@ DATA = REPO.parent / "shared" / "data"
 RECIPES = {
     "lakes": {
         "resunet (lakes_resunet.json)": ("config/lakes_resunet.json", {}),
+        # Gym's parameter count (6.2 M) two ways: Gym's depth and wider, or deeper and narrower.
+        "resunet F13 K7 D4 (lakes_resunet.json)": (
+            "config/lakes_resunet.json",
+            {"FILTERS": 13, "KERNEL_SIZE": 7, "DEPTH": 4, "STEPS_PER_EPOCH": 30}),
+        "resunet F6 K7 D5 (lakes_resunet.json)": (
+            "config/lakes_resunet.json",
+            {"FILTERS": 6, "KERNEL_SIZE": 7, "DEPTH": 5, "STEPS_PER_EPOCH": 30}),
         "lite0 random, DOWNSAMPLE 2": ("config/lakes_lite.json", {"ENCODER_WEIGHTS": None}),
         "lite0 ImageNet, DOWNSAMPLE 1": ("config/lakes_lite.json", {"DOWNSAMPLE": 1}),
         "lite0 ImageNet, DOWNSAMPLE 2": ("config/lakes_lite.json", {}),
