@@ -11,6 +11,11 @@ resolution as seg_images_in_folder does (tiles, blending, the config's TTA) and 
 scores of all folds' confusion matrices together: every image is scored once, by the model
 that never saw its group. Folds already finished in ``--out`` are read, not retrained; a fold
 killed part-way resumes from its run folder. Run by hand, one at a time.
+
+The held-out groups are what each fold is scored on, so they must not choose its weights:
+folds train with ``KEEP_WEIGHTS`` 'last' (the last epoch, or the AVERAGE_LAST_EPOCHS
+average; no early stopping), unless ``--set '{"KEEP_WEIGHTS": "best"}'`` asks for the
+best epoch on the held-out groups (optimistic: selection on the test fold).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from res_unet.config import config_from_dict, load_config  # noqa: E402
 def fold_config(path: Path, groups: list[str], overrides: dict):
     """The config at ``path`` with ``overrides`` and ``groups`` held out for validation."""
     values = load_config(path).to_dict()
+    values["KEEP_WEIGHTS"] = "last"
     values.update(overrides)
     values.update({"VALIDATION_GROUPS": groups, "DOPLOT": False})
     return config_from_dict(values, source=f"{path} + fold {','.join(groups)}")[0]
@@ -82,6 +88,7 @@ def main() -> None:
         row = {"fold": groups, "images": evaluation["scenes"]["images"],
                "tta": evaluation["scenes"]["tta"],
                "train_seconds": training.train_seconds, "best_epoch": training.best_epoch,
+               "kept_epoch": training.kept_epoch, "averaged_epochs": training.averaged_epochs,
                "wall_seconds": round(time.time() - started, 1),
                "mean_iou": scenes["mean_iou"],
                "iou": dict(zip(cfg.class_names, scenes["iou"], strict=True)),
@@ -92,7 +99,8 @@ def main() -> None:
     fold_means = [r["mean_iou"] for r in rows]
     print(json.dumps({
         "benchmark": "cross-validation over groups, whole scenes", "config": str(args.config),
-        "overrides": overrides, "device": devices.device_description(), "folds": rows,
+        "overrides": overrides, "keep_weights": cfg.KEEP_WEIGHTS,
+        "device": devices.device_description(), "folds": rows,
         "mean_of_fold_mean_iou": float(np.mean(fold_means)),
         "pooled": {"mean_iou": scores["mean_iou"],
                    "iou": dict(zip(cfg.class_names, scores["iou"], strict=True)),

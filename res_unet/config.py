@@ -224,6 +224,13 @@ class Config:
                                     "ends (stochastic weight averaging); the average is kept "
                                     "when its validation loss is at most the best epoch's. 0 "
                                     "or 1: off.", lo=0, group="training")
+    KEEP_WEIGHTS: str = _key("best", "Weights a run keeps when training ends: 'best' (the "
+                             "epoch of lowest validation loss, with early stopping after "
+                             "PATIENCE epochs; the AVERAGE_LAST_EPOCHS average when it "
+                             "validates no worse) or 'last' (the last epoch's, or the "
+                             "average, and no early stopping: validation is watched, never "
+                             "used to choose, as cross-validation needs).",
+                             choices=("best", "last"), group="training")
     INITIAL_EPOCH: int = _key(0, "Epoch number to start counting from (schedule included).",
                               lo=0, group="training")
     TENSORBOARD: bool = _key(False, "Write TensorBoard logs in the run folder.",

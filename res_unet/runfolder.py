@@ -95,6 +95,7 @@ class TrainingFacts:
     strategy: str
     replicas: int
     averaged_epochs: list[int] | None = None  # AVERAGE_LAST_EPOCHS: the epochs averaged
+    kept_epoch: int | None = None  # KEEP_WEIGHTS 'last': the epoch kept (None: the best)
 
 
 @dataclass

@@ -148,6 +148,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     averaged_epochs: list[int] = field(default_factory=list)
+    kept_epoch: int | None = None  # KEEP_WEIGHTS 'last': the epoch whose weights were kept
 
 
 class Trainer:
@@ -488,8 +489,8 @@ def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: boo
 
 # Keys that may change when a killed run resumes: when to stop, what to draw or log, and
 # how to segment later. Anything else would train another model on the same weights.
-RESUMABLE_KEYS = ("MAX_EPOCHS", "PATIENCE", "MAX_TRAIN_MINUTES", "STEPS_PER_EPOCH", "DOPLOT",
-                  "TENSORBOARD", "SET_GPU")
+RESUMABLE_KEYS = ("MAX_EPOCHS", "PATIENCE", "MAX_TRAIN_MINUTES", "STEPS_PER_EPOCH",
+                  "KEEP_WEIGHTS", "DOPLOT", "TENSORBOARD", "SET_GPU")
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
@@ -663,7 +664,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         if chief:
             write_csv(run_dir / HISTORY, state.history)
         backup.save(state)
-        if state.wait >= cfg.PATIENCE:
+        if state.wait >= cfg.PATIENCE and cfg.KEEP_WEIGHTS == "best":
             print(f"early stopping: no val_loss improvement for {cfg.PATIENCE} epochs; best "
                   f"epoch {state.best_epoch}")
             break
@@ -672,7 +673,17 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
                   f"{cfg.MAX_TRAIN_MINUTES} minutes trained; best epoch {state.best_epoch}")
             break
     if snapshots is not None and len(snapshots.epochs) > 1 and _keep_average(
-            trainer, snapshots, state, val_dist if has_validation else None):
+            trainer, snapshots, state, val_dist if has_validation and cfg.KEEP_WEIGHTS == "best"
+            else None):
+        if chief:
+            _save_weights(model, run_dir / BEST_WEIGHTS)
+        return state
+    if cfg.KEEP_WEIGHTS == "last":
+        # The model holds the weights of the last epoch trained (a resumed run that had
+        # finished its epochs holds them from the backup).
+        print(f"kept the last epoch, {state.next_epoch} (KEEP_WEIGHTS 'last'; best on "
+              f"validation: epoch {state.best_epoch})")
+        state.kept_epoch = state.next_epoch
         if chief:
             _save_weights(model, run_dir / BEST_WEIGHTS)
         return state
@@ -736,7 +747,8 @@ def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state
                                     2) if history else None,
             precision=trainer.precision, strategy=strategy_name(trainer.strategy),
             replicas=trainer.strategy.num_replicas_in_sync,
-            averaged_epochs=state.averaged_epochs or None),
+            averaged_epochs=state.averaged_epochs or None,
+            kept_epoch=state.kept_epoch if not state.averaged_epochs else None),
         validation={"scores": evaluation["scores"],
                     "scores_at_threshold": evaluation.get("scores_at_optimal_threshold")},
         versions={"python": platform.python_version(), "tensorflow": tf.__version__,

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"run_folder": args.out, "epochs_run": card.training.epochs_run,
                "best_epoch": card.training.best_epoch,
                "averaged_epochs": card.training.averaged_epochs,
+               "kept_epoch": card.training.kept_epoch,
                "validation_mean_iou": scores["mean_iou"],
                "validation_iou": dict(zip(card.class_names, scores["iou"], strict=True)),
                "threshold": card.threshold, "train_seconds": card.training.train_seconds}

@@ -198,10 +198,11 @@ def test_resume_with_a_changed_config_names_the_change(killed_run, tiny_dataset)
         train.train(make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, FILTERS=8), tiny_dataset, run,
                     progress=False, export_saved_model=False)
     assert snapshot(run) == before, "a refused command changes nothing"
-    # more epochs is not another model: it resumes
-    card = train.train(make_config(MAX_EPOCHS=4, STEPS_PER_EPOCH=1), tiny_dataset, run,
-                       progress=False, export_saved_model=False)
+    # more epochs, or keeping the last epoch, is not another model: it resumes
+    card = train.train(make_config(MAX_EPOCHS=4, STEPS_PER_EPOCH=1, KEEP_WEIGHTS="last"),
+                       tiny_dataset, run, progress=False, export_saved_model=False)
     assert card.training.epochs_run == 4
+    assert card.training.kept_epoch == 4
 
 
 def test_damaged_backup_is_one_line_and_overwrite_starts_afresh(killed_run, tiny_dataset):
@@ -528,6 +529,36 @@ def test_a_worse_average_gives_way_to_the_best_epoch(tiny_dataset, tmp_path, mon
     assert card.training.averaged_epochs is None
     assert card.training.best_epoch == 2
     assert_weights(tmp_path / "model.keras", seen[1])
+
+
+def test_keep_last_keeps_the_last_epoch_and_never_stops_early(tiny_dataset, tmp_path,
+                                                             monkeypatch):
+    """KEEP_WEIGHTS 'last' (cross-validation): validation gets worse after epoch 1, which
+    would stop a 'best' run after PATIENCE 1, yet all epochs run and the last is kept."""
+    cfg = make_config(MAX_EPOCHS=3, PATIENCE=1, STEPS_PER_EPOCH=1, KEEP_WEIGHTS="last")
+    seen = recording_epochs(monkeypatch)
+    scripted_val_losses(monkeypatch, [0.3, 0.4, 0.5])
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert card.training.epochs_run == 3
+    assert card.training.best_epoch == 1, "the best epoch is still reported"
+    assert card.training.kept_epoch == 3
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[0], seen[2], strict=True))
+    assert_weights(tmp_path / "model.keras", seen[2])
+    card_json = json.loads((tmp_path / "model_card.json").read_text())
+    assert card_json["training"]["kept_epoch"] == 3
+
+
+def test_keep_last_keeps_the_average_without_scoring_it(tiny_dataset, tmp_path, monkeypatch):
+    """With AVERAGE_LAST_EPOCHS the average is kept as it is: three scripted validation
+    losses (one per epoch) and no fourth call that would score the average."""
+    cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, AVERAGE_LAST_EPOCHS=2,
+                      KEEP_WEIGHTS="last")
+    seen = recording_epochs(monkeypatch)
+    scripted_val_losses(monkeypatch, [0.3, 0.4, 0.5])
+    card = train.train(cfg, tiny_dataset, tmp_path, progress=False, export_saved_model=False)
+    assert card.training.averaged_epochs == [2, 3]
+    assert card.training.kept_epoch is None
+    assert_weights(tmp_path / "model.keras", mean_weights(seen[1], seen[2]))
 
 
 def test_a_resumed_run_averages_the_same_epochs(tiny_dataset, tmp_path, monkeypatch):
