@@ -420,7 +420,10 @@ class Harness:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1",
                     "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        self.gym_env = {**env, **gym_env_settings(args)}
+        # Importing res_unet (here or in filters_depth) sets TF_ENABLE_ONEDNN_OPTS for this
+        # process; Gym gets oneDNN only when --gym-onednn asks for it.
+        gym_env = {k: v for k, v in env.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        self.gym_env = {**gym_env, **gym_env_settings(args)}
         self.res_env = {**env, "PYTHONPATH": str(REPO)}
         self.images, self.labels = pairs_of(args.data, args.images)
         self.scenes = sorted((args.data / "images").glob("*.jpg"))[:args.scenes]
@@ -583,8 +586,14 @@ def filters_depth(text: str) -> tuple[int, int]:
         filters, depth = (int(v) for v in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not FILTERS:DEPTH, e.g. 6:5") from None
-    if filters < 1 or not 1 <= depth <= 7:
-        raise argparse.ArgumentTypeError(f"{text!r}: FILTERS >= 1 and DEPTH 1-7")
+    sys.path.insert(0, str(REPO))
+    from res_unet.config import config_from_dict
+    from res_unet.errors import UserError
+
+    try:  # the config's own bounds (FILTERS 1-1024, DEPTH 1-7)
+        config_from_dict({"FILTERS": filters, "DEPTH": depth}, source=f"--resunet {text}")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return filters, depth
 
 
