@@ -91,11 +91,9 @@ def manifest_without_time(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_make_tfrecords_killed_then_rerun(sources, tmp_path, point):
+def test_make_tfrecords_killed_then_rerun(sources, trained, tmp_path, point):
     images, labels, config = sources
-    reference = tmp_path / "reference"
-    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
-                "--out", reference))
+    reference, _ = trained  # the same command's uninterrupted output
     out = tmp_path / "data" / "dataset"
     # killed while shards are written into the staging folder beside --out
     run_and_kill(command("make_tfrecords", "--config", config, "--images", images,
@@ -121,13 +119,22 @@ def trained(sources, tmp_path_factory) -> tuple[Path, Path]:
     return root / "dataset", root / "run"
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_seg_images_in_folder_killed_then_rerun(sources, trained, tmp_path, point):
+@pytest.fixture(scope="module")
+def segmented(sources, trained, tmp_path_factory) -> Path:
+    """The uninterrupted seg_images_in_folder output the killed runs are compared with."""
     images, _, _ = sources
     _, run_dir = trained
-    reference = tmp_path / "reference"
+    reference = tmp_path_factory.mktemp("segmented") / "reference"
     run(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
                 reference))
+    return reference
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_seg_images_in_folder_killed_then_rerun(sources, trained, segmented, tmp_path, point):
+    images, _, _ = sources
+    _, run_dir = trained
+    reference = segmented
     out = tmp_path / "out"
     run_and_kill(command("seg_images_in_folder", "--model", run_dir, "--images", images,
                          "--out", out), out, "*_predseg.png", point)

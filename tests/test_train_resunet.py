@@ -14,7 +14,7 @@ def _fake_card() -> SimpleNamespace:
     return SimpleNamespace(
         validation={"scores_at_threshold": scores, "scores": scores},
         training=SimpleNamespace(epochs_run=1, best_epoch=1, train_seconds=1.0,
-                                 averaged_epochs=None),
+                                 averaged_epochs=None, kept_epoch=None),
         class_names=["land", "water"], threshold=0.5)
 
 
