@@ -303,7 +303,10 @@ class LoadedModel:
         if self.runtime == "openvino":
             import openvino as ov
 
-            compiled = ov.Core().compile_model(self._openvino_model(), "CPU")
+            # OpenVINO runs in bfloat16 by default on CPUs with native bf16 (AVX512_BF16,
+            # AMX), which moves probabilities by ~1e-2 and flips pixels at the threshold.
+            compiled = ov.Core().compile_model(self._openvino_model(), "CPU",
+                                               {"INFERENCE_PRECISION_HINT": "f32"})
             request = compiled.create_infer_request()
 
             def run_openvino(batch: np.ndarray) -> np.ndarray:

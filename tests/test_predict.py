@@ -474,6 +474,25 @@ def test_openvino_runtime_gives_the_tensorflow_masks(resunet_binary, image):
     assert resunet_binary.runtime == "tensorflow", "the TensorFlow model was left as it was"
 
 
+def test_openvino_compiles_in_float32_on_every_cpu(resunet_binary, monkeypatch, image):
+    """OpenVINO defaults to bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), which flips
+    pixels at the threshold; the model is compiled with float32 asked for explicitly, so an
+    AVX2-only machine checks what a bf16 machine would run."""
+    ov = pytest.importorskip("openvino")
+    asked = []
+    compile_model = ov.Core.compile_model
+
+    def recording(self, model, device, config=None):
+        asked.append(dict(config or {}))
+        return compile_model(self, model, device, config or {})
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    ov_model = dataclasses.replace(resunet_binary, _fn=None)
+    predict.Segmenter([ov_model], make_config("model", THRESHOLD=0.5,
+                                              INFER_RUNTIME="openvino")).probabilities(image)
+    assert asked and all(str(c.get("INFERENCE_PRECISION_HINT")).lower() == "f32" for c in asked)
+
+
 def test_openvino_conversion_is_cached_by_weights_content(tmp_path, monkeypatch, image):
     """The first OpenVINO run converts and keeps the result; later runs of the same weights
     read it (no conversion), a damaged entry is converted again, other weights get their own
