@@ -17,7 +17,8 @@ Reports, in one process:
 - forward throughput (images/s, Mpx/s of model input, GFLOP/s, model FLOPs utilisation
   against the matmul peak) of each run folder at each tile configuration (BATCHxSIZE) for each
   runtime: ``tf`` (the tf.function of LoadedModel.__call__), ``tf_xla`` (jit_compile=True),
-  ``openvino`` (openvino.convert_model of the Keras model, CPU, f32, LATENCY hint, 2 threads),
+  ``openvino`` (res_unet.runfolder.openvino_runner of the converted Keras model: CPU, f32,
+  LATENCY hint, 2 threads),
   ``onnxruntime`` (CPUExecutionProvider, 2 intra-op threads); ``*_t1`` are the same with one
   thread. Runtimes are timed in interleaved rounds (the order rotating every round) so that
   machine drift hits each alike; the medians are quoted with min and max;
@@ -65,7 +66,7 @@ from res_unet.imagery import read_image
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
 from res_unet.predict import Segmenter
-from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
+from res_unet.runfolder import LoadedModel, inference_config, load_run, openvino_runner, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -116,25 +117,15 @@ def tf_runner(model: keras.Model, jit: bool) -> Runner:
     return lambda batch: fn(tf.constant(batch, tf.float32)).numpy()
 
 
-def openvino_runner(model: keras.Model, threads: int, precision: str = "f32",
-                    info: dict | None = None) -> Runner:
-    """OpenVINO CPU inference of the Keras model (batch dimension left dynamic)."""
+def bench_openvino_runner(model: keras.Model, threads: int, precision: str = "f32",
+                          info: dict | None = None) -> Runner:
+    """The library's OpenVINO runner with a LATENCY hint, ``threads`` threads and
+    ``precision`` (batch dimension left dynamic)."""
     import openvino as ov
 
-    core = ov.Core()
-    converted = ov.convert_model(model)
-    compiled = core.compile_model(converted, "CPU", {
+    return openvino_runner(ov.convert_model(model), {
         "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-        "INFERENCE_PRECISION_HINT": precision})
-    if info is not None:
-        info["compiled_precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
-    request = compiled.create_infer_request()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        # The result shares the request's output buffer: copy before the next call.
-        return np.array(request.infer({0: np.ascontiguousarray(batch, np.float32)})[0])
-    return run
+        "INFERENCE_PRECISION_HINT": precision}, info)
 
 
 def export_onnx(model: keras.Model, folder: Path) -> Path:
@@ -195,8 +186,8 @@ def make_runners(names: list[str], loaded: LoadedModel, work: Path,
                 runners[name] = tf_runner(model, jit=name == "tf_xla")
             elif name.startswith("openvino"):
                 precision = "bf16" if "bf16" in name else "f32"
-                runners[name] = openvino_runner(model, 1 if name.endswith("_t1") else 2,
-                                                precision, info)
+                runners[name] = bench_openvino_runner(model, 1 if name.endswith("_t1") else 2,
+                                                      precision, info)
             elif name.startswith("onnxruntime"):
                 if onnx_path is None:
                     folder = Path(tempfile.mkdtemp(dir=work))

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,20 +301,7 @@ class LoadedModel:
     def _compile(self) -> Any:
         model = self.model
         if self.runtime == "openvino":
-            import openvino as ov
-
-            # OpenVINO runs in bfloat16 by default on CPUs with native bf16 (AVX512_BF16,
-            # AMX), which moves probabilities by ~1e-2 and flips pixels at the threshold.
-            compiled = ov.Core().compile_model(self._openvino_model(), "CPU",
-                                               {"INFERENCE_PRECISION_HINT": "f32"})
-            request = compiled.create_infer_request()
-
-            def run_openvino(batch: np.ndarray) -> np.ndarray:
-                request.infer({0: batch})
-                # The output tensor is the request's buffer, reused by the next call.
-                return np.array(request.get_output_tensor(0).data, np.float32)
-
-            return run_openvino
+            return openvino_runner(self._openvino_model())
         spec = tf.TensorSpec([None, *self.tile_hw, self.n_bands], tf.float32)
         function = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
                                input_signature=[spec])
@@ -360,6 +347,31 @@ class LoadedModel:
         if self._fn is None:
             self._fn = self._compile()
         return self._fn(np.ascontiguousarray(batch, np.float32))
+
+
+def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
+                    info: dict[str, Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Compile an OpenVINO model for the CPU and return its batch -> float32 probabilities
+    call. Compiled in float32 unless ``options`` say otherwise: OpenVINO defaults to bfloat16
+    on CPUs with native bf16 (AVX512_BF16, AMX), which moves probabilities by ~1e-2 and flips
+    pixels at the threshold. ``options`` add OpenVINO CPU properties (threads, hints);
+    ``info``, when given, receives the precision and thread count actually compiled."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(converted, "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32", **(options or {})})
+    if info is not None:
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        info["compiled_precision"] = getattr(precision, "get_type_name", precision.__str__)()
+        info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+    request = compiled.create_infer_request()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        request.infer({0: np.ascontiguousarray(batch, np.float32)})
+        # The output tensor is the request's buffer, reused by the next call: copy it.
+        return np.array(request.get_output_tensor(0).data, np.float32)
+
+    return run
 
 
 def cache_dir() -> Path:

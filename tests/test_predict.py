@@ -493,6 +493,28 @@ def test_openvino_compiles_in_float32_on_every_cpu(resunet_binary, monkeypatch, 
     assert asked and all(str(c.get("INFERENCE_PRECISION_HINT")).lower() == "f32" for c in asked)
 
 
+def test_openvino_runner_options_and_returned_buffers(resunet_multi):
+    """The one OpenVINO runner (used by LoadedModel and bench_runtime) compiles float32 unless
+    told otherwise, takes extra CPU properties, reports what it compiled, gives TensorFlow's
+    probabilities, and returns arrays that the next call does not overwrite."""
+    ov = pytest.importorskip("openvino")
+    from res_unet.runfolder import openvino_runner
+
+    info: dict = {}
+    run = openvino_runner(ov.convert_model(resunet_multi.model),
+                          {"INFERENCE_NUM_THREADS": 1}, info)
+    assert info == {"compiled_precision": "f32", "threads": 1}
+    rng = np.random.default_rng(3)
+    first_batch = rng.uniform(0, 255, (2, *resunet_multi.tile_hw, 3)).astype(np.float32)
+    second_batch = rng.uniform(0, 255, (2, *resunet_multi.tile_hw, 3)).astype(np.float32)
+    first = run(first_batch)
+    kept = first.copy()
+    second = run(second_batch)
+    np.testing.assert_array_equal(first, kept)
+    assert first.dtype == np.float32 and first.shape == (2, *resunet_multi.tile_hw, 3)
+    np.testing.assert_allclose(second, resunet_multi(second_batch), atol=1e-4)
+
+
 def test_openvino_conversion_is_cached_by_weights_content(tmp_path, monkeypatch, image):
     """The first OpenVINO run converts and keeps the result; later runs of the same weights
     read it (no conversion), a damaged entry is converted again, other weights get their own
