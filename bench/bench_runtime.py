@@ -17,7 +17,7 @@ Reports, in one process:
 - forward throughput (images/s, Mpx/s of model input, GFLOP/s, model FLOPs utilisation
   against the matmul peak) of each run folder at each tile configuration (BATCHxSIZE) for each
   runtime: ``tf`` (the tf.function of LoadedModel.__call__), ``tf_xla`` (jit_compile=True),
-  ``openvino`` (res_unet.runfolder.openvino_runner of the converted Keras model: CPU, f32,
+  ``openvino`` (res_unet.ov_runtime.openvino_runner of the converted Keras model: CPU, f32,
   LATENCY hint, 2 threads),
   ``onnxruntime`` (CPUExecutionProvider, 2 intra-op threads); ``*_t1`` are the same with one
   thread. Runtimes are timed in interleaved rounds (the order rotating every round) so that
@@ -65,8 +65,9 @@ from common import matmul_peak
 from res_unet.imagery import read_image
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
+from res_unet.ov_runtime import openvino_runner
 from res_unet.predict import Segmenter
-from res_unet.runfolder import LoadedModel, inference_config, load_run, openvino_runner, run_config
+from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

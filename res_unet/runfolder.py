@@ -17,10 +17,9 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from res_unet.atomic import clean_stale_temporaries, owner_tag, usual_mode, write_atomic
+from res_unet.atomic import write_atomic
 from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
 from res_unet.errors import UserError
 from res_unet.models import build_model
+from res_unet.ov_runtime import cache_dir, openvino_runner, save_openvino
 from res_unet.records import file_sha256
 
 BEST_WEIGHTS = "best.weights.h5"
@@ -323,7 +323,7 @@ class LoadedModel:
             warnings.simplefilter("ignore", UserWarning)
             converted = ov.convert_model(self.model)
         if folder is not None:
-            _save_openvino(converted, folder)
+            save_openvino(converted, folder)
         return converted
 
     def _openvino_cache(self) -> Path | None:
@@ -347,62 +347,6 @@ class LoadedModel:
         if self._fn is None:
             self._fn = self._compile()
         return self._fn(np.ascontiguousarray(batch, np.float32))
-
-
-def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
-                    info: dict[str, Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Compile an OpenVINO model for the CPU and return its batch -> float32 probabilities
-    call. Compiled in float32 unless ``options`` say otherwise: OpenVINO defaults to bfloat16
-    on CPUs with native bf16 (AVX512_BF16, AMX), which moves probabilities by ~1e-2 and flips
-    pixels at the threshold. ``options`` add OpenVINO CPU properties (threads, hints);
-    ``info``, when given, receives the precision and thread count actually compiled."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(converted, "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32", **(options or {})})
-    if info is not None:
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-        info["compiled_precision"] = getattr(precision, "get_type_name", precision.__str__)()
-        info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
-    request = compiled.create_infer_request()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        request.infer({0: np.ascontiguousarray(batch, np.float32)})
-        # The output tensor is the request's buffer, reused by the next call: copy it.
-        return np.array(request.get_output_tensor(0).data, np.float32)
-
-    return run
-
-
-def cache_dir() -> Path:
-    """Where res_unet keeps what it can rebuild (converted models): RES_UNET_CACHE_DIR, else
-    $XDG_CACHE_HOME/res_unet, else ~/.cache/res_unet."""
-    if os.environ.get("RES_UNET_CACHE_DIR"):
-        return Path(os.environ["RES_UNET_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "res_unet"
-
-
-def _save_openvino(converted: Any, folder: Path) -> None:
-    """Write a converted model into the cache as one folder renamed into place (float32
-    weights, not OpenVINO's default float16 compression). A cache that cannot be written
-    (read-only home, full disk) is skipped: it only saves time."""
-    import openvino as ov
-
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(folder.parent)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{owner_tag()}-"))
-    except OSError:
-        return
-    try:
-        os.chmod(tmp, usual_mode(directory=True))
-        ov.save_model(converted, tmp / "model.xml", compress_to_fp16=False)
-        os.replace(tmp, folder)
-    except (OSError, RuntimeError):
-        pass  # another process filled the entry first, or the disk is full
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_run_folder(run_dir: Path) -> None:

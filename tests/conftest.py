@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Keep converted models (runfolder.cache_dir) out of the user's ~/.cache."""
+    """Keep converted models (ov_runtime.cache_dir) out of the user's ~/.cache."""
     os.environ["RES_UNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 

@@ -30,7 +30,7 @@ LAYERS = [
     ["augment", "split", "report"],
     ["records"],
     ["dataset"],
-    ["models", "losses", "metrics", "schedule"],
+    ["models", "losses", "metrics", "schedule", "ov_runtime"],
     ["runfolder"],
     ["devices"],
     ["train"],

@@ -498,7 +498,7 @@ def test_openvino_runner_options_and_returned_buffers(resunet_multi):
     told otherwise, takes extra CPU properties, reports what it compiled, gives TensorFlow's
     probabilities, and returns arrays that the next call does not overwrite."""
     ov = pytest.importorskip("openvino")
-    from res_unet.runfolder import openvino_runner
+    from res_unet.ov_runtime import openvino_runner
 
     info: dict = {}
     run = openvino_runner(ov.convert_model(resunet_multi.model),
