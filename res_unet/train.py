@@ -643,8 +643,12 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
                        input_wait_fraction=wait / seconds)
         state.history.append(log.as_row())
         state.train_seconds += seconds
+        # Without a validation split the val_ figures are the training ones (history.csv
+        # keeps them so that its columns stay the same); the line says so instead.
+        validation = (f"val_loss {val_loss:.4f} val_iou {log.val_mean_iou:.3f}"
+                      if has_validation else "no validation split")
         print(f"epoch {log.epoch}/{cfg.MAX_EPOCHS}: loss {loss:.4f} iou {log.mean_iou:.3f} | "
-              f"val_loss {val_loss:.4f} val_iou {log.val_mean_iou:.3f} | lr {lr:.2e} | "
+              f"{validation} | lr {lr:.2e} | "
               f"{log.images_per_second:.1f} img/s, input wait {100 * wait / seconds:.0f}%",
               flush=True)
         if writer is not None:

@@ -632,6 +632,9 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
                                "--no-export"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"):])
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3
+    assert all("no validation split" in line and "val_" not in line for line in epoch_lines)
     assert summary["averaged_epochs"] == [2, 3]
     assert "validation_scenes" not in summary
     card = runfolder.read_finished_card(tmp_path / "run")
