@@ -65,7 +65,7 @@ from common import matmul_peak
 from res_unet.imagery import read_image
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
-from res_unet.ov_runtime import openvino_runner
+from res_unet.ov_runtime import converted_model, openvino_runner
 from res_unet.predict import Segmenter
 from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
 
@@ -120,11 +120,9 @@ def tf_runner(model: keras.Model, jit: bool) -> Runner:
 
 def bench_openvino_runner(model: keras.Model, threads: int, precision: str = "f32",
                           info: dict | None = None) -> Runner:
-    """The library's OpenVINO runner with a LATENCY hint, ``threads`` threads and
-    ``precision`` (batch dimension left dynamic)."""
-    import openvino as ov
-
-    return openvino_runner(ov.convert_model(model), {
+    """The library's OpenVINO conversion and runner with a LATENCY hint, ``threads`` threads
+    and ``precision`` (batch dimension left dynamic)."""
+    return openvino_runner(converted_model(model), {
         "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
         "INFERENCE_PRECISION_HINT": precision}, info)
 

@@ -1,13 +1,14 @@
-"""The OpenVINO runtime of a loaded model: compiling it for this CPU
-(:func:`openvino_runner`, used by :class:`res_unet.runfolder.LoadedModel` and
-bench/bench_runtime.py) and keeping converted models in res_unet's cache
-(:func:`cache_dir`, :func:`save_openvino`). OpenVINO is imported only when used."""
+"""The OpenVINO runtime of a loaded model: converting a Keras model (:func:`converted_model`,
+through res_unet's conversion cache, :func:`cache_dir`) and compiling it for this CPU
+(:func:`openvino_runner`), for :class:`res_unet.runfolder.LoadedModel` and
+bench/bench_runtime.py. OpenVINO is imported only when used."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,27 @@ def cache_dir() -> Path:
     return Path(base) / "res_unet"
 
 
-def save_openvino(converted: Any, folder: Path) -> None:
+def converted_model(model: Any, folder: Path | None = None) -> Any:
+    """The Keras ``model`` converted to OpenVINO. With a cache ``folder`` (one per weights
+    file, see LoadedModel), read from it when it holds the conversion, else converted and
+    written there; a damaged entry is converted again and replaced."""
+    import openvino as ov
+
+    if folder is not None and (folder / "model.xml").is_file():
+        try:
+            return ov.Core().read_model(folder / "model.xml")
+        except RuntimeError:  # a damaged entry: convert again and replace it
+            shutil.rmtree(folder, ignore_errors=True)
+    with warnings.catch_warnings():
+        # Keras warns that the traced input's structure differs from its own name.
+        warnings.simplefilter("ignore", UserWarning)
+        converted = ov.convert_model(model)
+    if folder is not None:
+        _save_openvino(converted, folder)
+    return converted
+
+
+def _save_openvino(converted: Any, folder: Path) -> None:
     """Write a converted model into the cache as one folder renamed into place (float32
     weights, not OpenVINO's default float16 compression). A cache that cannot be written
     (read-only home, full disk) is skipped: it only saves time."""
