@@ -133,24 +133,38 @@ def sample_grid(path: str | os.PathLike, train: Sequence[Sample], validation: Se
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike) -> None:
     """Training curves from history.csv rows: loss and val_loss, mean IoU and val mean IoU
-    (and val dice) per epoch, with the best (lowest val_loss) epoch marked."""
+    (and val dice) per epoch, with the best (lowest val_loss) epoch marked. Rows without
+    validation figures (empty, or None: no validation split) draw the training curves only."""
     epochs = [int(row["epoch"]) for row in history]
+    validated = [row for row in history if _figure(row, "val_loss") is not None]
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax_loss, ax_iou = fig.subplots(1, 2)
     ax_loss.plot(epochs, [float(r["loss"]) for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [float(r["val_loss"]) for r in history], "o-", label="validation")
-    best = min(history, key=lambda r: float(r["val_loss"]))
-    ax_loss.axvline(int(best["epoch"]), color="grey", ls=":", label=f"best epoch {best['epoch']}")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_iou.plot(epochs, [float(r["mean_iou"]) for r in history], "o-", label="train mean IoU")
-    ax_iou.plot(epochs, [float(r["val_mean_iou"]) for r in history], "o-",
-                label="validation mean IoU")
-    ax_iou.plot(epochs, [float(r["val_dice"]) for r in history], "s--", label="validation dice")
+    if validated:
+        val_epochs = [int(r["epoch"]) for r in validated]
+        ax_loss.plot(val_epochs, [_figure(r, "val_loss") for r in validated], "o-",
+                     label="validation")
+        best = min(validated, key=lambda r: _figure(r, "val_loss"))
+        ax_loss.axvline(int(best["epoch"]), color="grey", ls=":",
+                        label=f"best epoch {best['epoch']}")
+        ax_iou.plot(val_epochs, [_figure(r, "val_mean_iou") for r in validated], "o-",
+                    label="validation mean IoU")
+        ax_iou.plot(val_epochs, [_figure(r, "val_dice") for r in validated], "s--",
+                    label="validation dice")
+    ax_loss.set(xlabel="epoch", ylabel="loss",
+                title="loss" if validated else "loss (no validation split)")
     ax_iou.set(xlabel="epoch", ylabel="score", title="IoU / dice (threshold 0.5)", ylim=(0, 1))
     for ax in (ax_loss, ax_iou):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def _figure(row: dict, key: str) -> float | None:
+    """``row[key]`` as a float; None when it is missing or empty (no validation split)."""
+    value = row.get(key)
+    return None if value is None or value == "" else float(value)
 
 
 def plot_lr_schedule(rates: Sequence[float], path: str | os.PathLike) -> None:

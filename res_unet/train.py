@@ -126,9 +126,9 @@ class EpochLog:
     lr: float
     loss: float
     mean_iou: float
-    val_loss: float
-    val_mean_iou: float
-    val_dice: float
+    val_loss: float | None  # None without a validation split (empty in history.csv)
+    val_mean_iou: float | None
+    val_dice: float | None
     seconds: float
     images_per_second: float
     input_wait_fraction: float
@@ -637,15 +637,17 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         train_iou, _ = _iou_and_dice(cm, cfg.IGNORE_CLASS)
         val_iou, val_dice = _iou_and_dice(val_cm, cfg.IGNORE_CLASS)
         log = EpochLog(epoch=epoch + 1, lr=lr, loss=loss, mean_iou=train_iou,
-                       val_loss=val_loss, val_mean_iou=val_iou, val_dice=val_dice,
+                       val_loss=val_loss if has_validation else None,
+                       val_mean_iou=val_iou if has_validation else None,
+                       val_dice=val_dice if has_validation else None,
                        seconds=seconds,
                        images_per_second=steps * cfg.BATCH_SIZE / seconds,
                        input_wait_fraction=wait / seconds)
         state.history.append(log.as_row())
         state.train_seconds += seconds
-        # Without a validation split the val_ figures are the training ones (history.csv
-        # keeps them so that its columns stay the same); the line says so instead.
-        validation = (f"val_loss {val_loss:.4f} val_iou {log.val_mean_iou:.3f}"
+        # Without a validation split history.csv leaves the val_ columns empty and the
+        # line says so; val_loss (the training loss then) still drives the best epoch.
+        validation = (f"val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
                       if has_validation else "no validation split")
         print(f"epoch {log.epoch}/{cfg.MAX_EPOCHS}: loss {loss:.4f} iou {log.mean_iou:.3f} | "
               f"{validation} | lr {lr:.2e} | "
@@ -654,7 +656,8 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         if writer is not None:
             with writer.as_default(step=epoch + 1):
                 for key, value in log.as_row().items():
-                    tf.summary.scalar(key, value)
+                    if value is not None:
+                        tf.summary.scalar(key, value)
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.best_epoch, state.wait = val_loss, epoch + 1, 0
             best_weights = model.get_weights()
@@ -745,7 +748,8 @@ def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state
                  "counts": manifest.to_dict()["counts"], "fit_mode": cfg.FIT_MODE},
         training=TrainingFacts(
             epochs_run=len(history), best_epoch=state.best_epoch,
-            best_val_loss=None if math.isinf(state.best_val_loss) else state.best_val_loss,
+            best_val_loss=None if math.isinf(state.best_val_loss)
+            or not manifest.counts["validation"].examples else state.best_val_loss,
             train_seconds=round(state.train_seconds, 1),
             images_per_second=round(float(np.mean([h["images_per_second"] for h in history])),
                                     2) if history else None,

@@ -113,3 +113,31 @@ def test_failed_figure_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         report.sample_grid(tmp_path / "s.png", [(image, image[..., 0], "x")], [], 2)
     assert list(tmp_path.iterdir()) == []
+
+
+def _history_rows(validated: bool) -> list[dict]:
+    """history.csv rows as csv.DictReader gives them: strings, empty without validation."""
+    return [{"epoch": str(e), "loss": str(1.0 / e), "mean_iou": str(0.2 * e),
+             "val_loss": str(1.2 / e) if validated else "",
+             "val_mean_iou": str(0.15 * e) if validated else "",
+             "val_dice": str(0.18 * e) if validated else ""} for e in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_training_curves_draw_validation_only_when_there_is_some(tmp_path, monkeypatch,
+                                                                 validated):
+    """Without a validation split (empty val_ cells) the curves show training alone: no copy
+    of the training line labelled validation, no best-epoch marker."""
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    report.plot_history(_history_rows(validated), tmp_path / "curves.png")
+    ax_loss, ax_iou = figures[0].axes
+    loss_labels = [line.get_label() for line in ax_loss.get_lines()]
+    iou_labels = [line.get_label() for line in ax_iou.get_lines()]
+    if validated:
+        assert loss_labels == ["train", "validation", "best epoch 3"]
+        assert iou_labels == ["train mean IoU", "validation mean IoU", "validation dice"]
+        np.testing.assert_allclose(ax_loss.get_lines()[1].get_ydata(), [1.2, 0.6, 0.4])
+    else:
+        assert loss_labels == ["train"] and iou_labels == ["train mean IoU"]
+        assert "no validation split" in ax_loss.get_title()

@@ -622,7 +622,7 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     from res_unet.demo import make_demo_dataset
 
     cfg = make_config(VALIDATION_SPLIT=0.0, MAX_EPOCHS=3, STEPS_PER_EPOCH=1,
-                      AVERAGE_LAST_EPOCHS=2)
+                      AVERAGE_LAST_EPOCHS=2, DOPLOT=True)
     images, labels = make_demo_dataset(tmp_path / "data", 4, (128, 128), seed=5)
     make_dataset(cfg, images, labels, tmp_path / "dataset")
     config = tmp_path / "all.json"
@@ -643,6 +643,14 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert evaluation["scores"]["n_pixels"] == 0 and evaluation["scores"]["mcc"] is None
     assert "no validation examples" in evaluation["note"]
+    # No training figures passed off as validation ones: empty val_ cells, no best_val_loss.
+    with open(tmp_path / "run" / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(row["loss"]) > 0 for row in rows)
+    assert all(row[key] == "" for row in rows
+               for key in ("val_loss", "val_mean_iou", "val_dice"))
+    assert card.training.best_val_loss is None
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
 
 
 def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, monkeypatch):
