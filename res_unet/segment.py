@@ -184,7 +184,8 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 
 
 # Keys that do not change what a finished image's outputs contain.
-# (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does.)
+# (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
+# all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
                  "INFER_RUNTIME")
 
@@ -200,10 +201,13 @@ def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
             hasher.update(np.ascontiguousarray(array).tobytes())
         digests.append(hasher.hexdigest())
     values = cfg.to_dict()
-    return {"weights": digests, "tile_size": list(segmenter.tile_hw),
-            "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
-            "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
-            "settings": {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS}}
+    fingerprint = {"weights": digests, "tile_size": list(segmenter.tile_hw),
+                   "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
+                   "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
+                   "settings": {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS}}
+    if cfg.INFER_RUNTIME == "openvino_bf16":  # float32 runtimes add no key: old folders match
+        fingerprint["precision"] = "bfloat16"
+    return fingerprint
 
 
 def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:

@@ -474,12 +474,9 @@ def test_openvino_runtime_gives_the_tensorflow_masks(resunet_binary, image):
     assert resunet_binary.runtime == "tensorflow", "the TensorFlow model was left as it was"
 
 
-def test_openvino_compiles_in_float32_on_every_cpu(resunet_binary, monkeypatch, image):
-    """OpenVINO defaults to bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), which flips
-    pixels at the threshold; the model is compiled with float32 asked for explicitly, so an
-    AVX2-only machine checks what a bf16 machine would run."""
-    ov = pytest.importorskip("openvino")
-    asked = []
+def _record_compile_configs(ov, monkeypatch) -> list[dict]:
+    """The config of every OpenVINO compile_model call from now on (the calls still run)."""
+    asked: list[dict] = []
     compile_model = ov.Core.compile_model
 
     def recording(self, model, device, config=None):
@@ -487,10 +484,35 @@ def test_openvino_compiles_in_float32_on_every_cpu(resunet_binary, monkeypatch, 
         return compile_model(self, model, device, config or {})
 
     monkeypatch.setattr(ov.Core, "compile_model", recording)
+    return asked
+
+
+def test_openvino_compiles_in_float32_on_every_cpu(resunet_binary, monkeypatch, image):
+    """OpenVINO defaults to bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), which flips
+    pixels at the threshold; the model is compiled with float32 asked for explicitly, so an
+    AVX2-only machine checks what a bf16 machine would run."""
+    ov = pytest.importorskip("openvino")
+    asked = _record_compile_configs(ov, monkeypatch)
     ov_model = dataclasses.replace(resunet_binary, _fn=None)
     predict.Segmenter([ov_model], make_config("model", THRESHOLD=0.5,
                                               INFER_RUNTIME="openvino")).probabilities(image)
     assert asked and all(str(c.get("INFERENCE_PRECISION_HINT")).lower() == "f32" for c in asked)
+
+
+def test_openvino_bf16_runtime_asks_for_bfloat16(resunet_binary, monkeypatch, image):
+    """INFER_RUNTIME 'openvino_bf16' compiles with the bf16 hint (bfloat16 where the CPU has
+    bf16 units, float32 elsewhere) and still gives the model's probabilities, to bf16
+    rounding."""
+    ov = pytest.importorskip("openvino")
+    asked = _record_compile_configs(ov, monkeypatch)
+    cfg = make_config("model", THRESHOLD=0.5)
+    tf_probs = predict.Segmenter([resunet_binary], cfg).probabilities(image)
+    ov_model = dataclasses.replace(resunet_binary, _fn=None)
+    probs = predict.Segmenter([ov_model], make_config(
+        "model", THRESHOLD=0.5, INFER_RUNTIME="openvino_bf16")).probabilities(image)
+    assert ov_model.runtime == "openvino_bf16"
+    assert asked and all(str(c["INFERENCE_PRECISION_HINT"]).lower() == "bf16" for c in asked)
+    assert probs.shape == tf_probs.shape and np.abs(probs - tf_probs).max() < 0.05
 
 
 def test_openvino_runner_options_and_returned_buffers(resunet_multi):

@@ -472,3 +472,31 @@ def test_runtime_flag_openvino_gives_the_same_masks(run, images, tmp_path):
                                       imagery.read_label(tmp_path / "ov" / f"{stem}_predseg.png"))
     config = json.loads((tmp_path / "ov" / "segmentation_config.json").read_text())
     assert config["config"]["INFER_RUNTIME"] == "openvino"
+
+
+def test_resume_across_runtimes_only_where_the_masks_are_the_same(run, images, tmp_path,
+                                                                   capsys):
+    """Float32 runtimes make the same masks, so a folder begun with one is finished with
+    another; bfloat16 ('openvino_bf16') moves a few pixels, so it is refused there."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out, "--runtime", "openvino") == 0
+    (out / "b_predseg.png").unlink()
+    capsys.readouterr()
+    assert seg("--model", run, "--images", images, "--out", out,
+               "--runtime", "tensorflow") == 0
+    assert "1 done, 2 skipped" in capsys.readouterr().out
+    assert seg("--model", run, "--images", images, "--out", out,
+               "--runtime", "openvino_bf16") == 2
+    err = capsys.readouterr().err
+    assert "with other precision" in err and len(err.strip().splitlines()) == 1
+    bf16 = tmp_path / "bf16"
+    assert seg("--model", run, "--images", images, "--out", bf16,
+               "--runtime", "openvino_bf16") == 0
+    config = json.loads((bf16 / "segmentation_config.json").read_text())
+    assert config["config"]["INFER_RUNTIME"] == "openvino_bf16"
+    assert config["fingerprint"]["precision"] == "bfloat16"
+    capsys.readouterr()
+    assert seg("--model", run, "--images", images, "--out", bf16,
+               "--runtime", "openvino_bf16") == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out
