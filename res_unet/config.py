@@ -229,7 +229,8 @@ class Config:
                              "PATIENCE epochs; the AVERAGE_LAST_EPOCHS average when it "
                              "validates no worse) or 'last' (the last epoch's, or the "
                              "average, and no early stopping: validation is watched, never "
-                             "used to choose, as cross-validation needs).",
+                             "used to choose, as cross-validation needs). Without a "
+                             "validation split 'best' keeps the last weights too.",
                              choices=("best", "last"), group="training")
     INITIAL_EPOCH: int = _key(0, "Epoch number to start counting from (schedule included).",
                               lo=0, group="training")

@@ -619,6 +619,9 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     writer = tf.summary.create_file_writer(str(run_dir / TENSORBOARD_DIR)) \
         if cfg.TENSORBOARD and chief else None
     has_validation = manifest.counts["validation"].examples > 0
+    # Without a validation split there is nothing to choose an epoch on (the training loss
+    # would pick the most overfitted one): no early stopping, the last weights are kept.
+    choose_best = cfg.KEEP_WEIGHTS == "best" and has_validation
     best_weights = None
     snapshots = None
     if cfg.AVERAGE_LAST_EPOCHS > 1:
@@ -671,7 +674,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         if chief:
             write_csv(run_dir / HISTORY, state.history)
         backup.save(state)
-        if state.wait >= cfg.PATIENCE and cfg.KEEP_WEIGHTS == "best":
+        if state.wait >= cfg.PATIENCE and choose_best:
             print(f"early stopping: no val_loss improvement for {cfg.PATIENCE} epochs; best "
                   f"epoch {state.best_epoch}")
             break
@@ -680,16 +683,16 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
                   f"{cfg.MAX_TRAIN_MINUTES} minutes trained; best epoch {state.best_epoch}")
             break
     if snapshots is not None and len(snapshots.epochs) > 1 and _keep_average(
-            trainer, snapshots, state, val_dist if has_validation and cfg.KEEP_WEIGHTS == "best"
-            else None):
+            trainer, snapshots, state, val_dist if choose_best else None):
         if chief:
             _save_weights(model, run_dir / BEST_WEIGHTS)
         return state
-    if cfg.KEEP_WEIGHTS == "last":
+    if not choose_best:
         # The model holds the weights of the last epoch trained (a resumed run that had
         # finished its epochs holds them from the backup).
-        print(f"kept the last epoch, {state.next_epoch} (KEEP_WEIGHTS 'last'; best on "
-              f"validation: epoch {state.best_epoch})")
+        why = (f"KEEP_WEIGHTS 'last'; best on validation: epoch {state.best_epoch}"
+               if has_validation else "no validation split to choose an epoch on")
+        print(f"kept the last epoch, {state.next_epoch} ({why})")
         state.kept_epoch = state.next_epoch
         if chief:
             _save_weights(model, run_dir / BEST_WEIGHTS)

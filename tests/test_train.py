@@ -653,6 +653,27 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
 
 
+def test_no_validation_split_keeps_the_last_weights_even_with_keep_best(tmp_path, capsys):
+    """KEEP_WEIGHTS 'best' (the default) with VALIDATION_SPLIT 0 has nothing to choose on: the
+    training loss would pick and early-stop on the most overfitted epoch. Every epoch runs
+    (PATIENCE 1 would otherwise stop on the first epoch without a lower loss) and the last
+    weights are kept, saying why."""
+    from res_unet.dataset import make_dataset
+    from res_unet.demo import make_demo_dataset
+
+    cfg = make_config(VALIDATION_SPLIT=0.0, MAX_EPOCHS=4, STEPS_PER_EPOCH=1, PATIENCE=1,
+                      KEEP_WEIGHTS="best", START_LR=0.05, MAX_LR=0.05, MIN_LR=0.05)
+    images, labels = make_demo_dataset(tmp_path / "data", 4, (128, 128), seed=5)
+    make_dataset(cfg, images, labels, tmp_path / "dataset")
+    card = train.train(cfg, tmp_path / "dataset", tmp_path / "run", progress=False,
+                       export_saved_model=False)
+    out = capsys.readouterr().out
+    assert card.training.epochs_run == 4 and "early stopping" not in out
+    assert card.training.kept_epoch == 4
+    assert "kept the last epoch, 4 (no validation split to choose an epoch on)" in out
+    assert card.training.best_val_loss is None
+
+
 def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, monkeypatch):
     """AUG_COLOR is applied on the fly to training batches; validation images stay as stored."""
     calls = []
