@@ -378,6 +378,12 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
+def key_choices(name: str) -> tuple:
+    """The values config key ``name`` accepts (its declared choices), e.g. for a command-line
+    flag that sets it, so that the flag and the key cannot drift apart."""
+    return _FIELDS[name].metadata["choices"]
+
+
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
-from res_unet.config import load_config
+from res_unet.config import key_choices, load_config
 from res_unet.errors import UserError
 
 
@@ -69,13 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for the outputs")
     parser.add_argument("--labels", help="folder of labels: score the predictions")
     parser.add_argument("--config", help="JSON whose segmentation keys override the run's")
-    parser.add_argument("--mode", choices=("auto", "tile", "resize"), help="INFER_MODE")
+    parser.add_argument("--mode", choices=key_choices("INFER_MODE"), help="INFER_MODE")
     parser.add_argument("--tile-size", type=_tile_size, metavar="ROWS[,COLS]",
                         help="model input / tile size (default: the training TARGET_SIZE)")
     parser.add_argument("--overlap", type=float, help="TILE_OVERLAP, fraction of the tile")
-    parser.add_argument("--window", choices=("hann", "spline", "flat"), help="BLEND_WINDOW")
+    parser.add_argument("--window", choices=key_choices("BLEND_WINDOW"), help="BLEND_WINDOW")
     parser.add_argument("--batch-size", type=int, help="tiles per batch (BATCH_SIZE)")
-    parser.add_argument("--runtime", choices=("tensorflow", "openvino", "openvino_bf16", "auto"),
+    parser.add_argument("--runtime", choices=key_choices("INFER_RUNTIME"),
                         help="what runs the model (INFER_RUNTIME); openvino: pip install "
                              "'res_unet[openvino]', about 2x faster on CPUs; openvino_bf16: "
                              "bfloat16 where the CPU has bf16 units, faster again, a few "

@@ -649,7 +649,8 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         state.history.append(log.as_row())
         state.train_seconds += seconds
         # Without a validation split history.csv leaves the val_ columns empty and the
-        # line says so; val_loss (the training loss then) still drives the best epoch.
+        # line says so; val_loss is then the training loss, which only names the reported
+        # best epoch (choose_best is False: the last weights are kept).
         validation = (f"val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
                       if has_validation else "no validation split")
         print(f"epoch {log.epoch}/{cfg.MAX_EPOCHS}: loss {loss:.4f} iou {log.mean_iou:.3f} | "
