@@ -117,6 +117,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        # A full disk fails in write() or fsync(), which name no file: name the output.
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from res_unet.atomic import write_atomic
 from res_unet.errors import UserError
+from res_unet.folders import check_plain_name
 from res_unet.models import ENCODERS, MODELS
 
 LOSS_TERMS = ("dice", "focal", "boundary", "ce")
@@ -505,6 +506,10 @@ def _check_consistency(c: Config, source: str) -> list[str]:
             re.compile(c.SPLIT_GROUP_PATTERN)
         except re.error as exc:
             p.append(f"{source}: SPLIT_GROUP_PATTERN is not a valid regex ({exc})")
+    try:
+        check_plain_name(c.ROOT_STRING, f"{source}: ROOT_STRING")
+    except UserError as exc:
+        p.append(str(exc))
     if c.VALIDATION_GROUPS and len(set(c.VALIDATION_GROUPS)) != len(c.VALIDATION_GROUPS):
         p.append(f"{source}: VALIDATION_GROUPS names a group twice; list each once")
     return p

@@ -15,6 +15,7 @@ last: an interrupted or failed run leaves the output folder as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,6 +44,7 @@ from res_unet.atomic import check_writable, clean_stale_temporaries, owner_tag, 
 from res_unet.augment import augment_pair
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
+from res_unet.folders import folder_lock
 from res_unet.imagery import Pair, find_pairs, load_pair
 from res_unet.records import (
     CONFIG,
@@ -71,6 +76,8 @@ _N_SAMPLES = 4
 _MAX_PROBLEMS = 20
 # Examples one worker task returns at most (big scenes are split into several tasks).
 _EXAMPLES_PER_TASK = 256
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
 T = TypeVar("T")
 
 
@@ -200,10 +207,33 @@ def _split_tasks(tasks: list[_Task], shapes: list[tuple[int, int]]) -> list[_Tas
     return out
 
 
-def _ignore_interrupts() -> None:
-    """Worker initializer: Ctrl-C is handled by the parent, which cancels pending work and
-    cleans up; workers finish their current image instead of dying mid-way."""
+def _init_worker(parent_pid: int) -> None:
+    """Worker initializer. Ctrl-C is handled by the parent, which cancels pending work and
+    cleans up; workers finish their current image instead of dying mid-way. A parent killed
+    outright (kill -9) cannot clean up: its workers then end with it, never orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent(parent_pid)
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (its parent) dies, whatever killed it.
+
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Elsewhere
+    a daemon thread polls the parent id once a second.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:  # the parent died before the call
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="end-with-parent").start()
 
 
 @dataclass
@@ -216,7 +246,8 @@ class _Workers:
     def __enter__(self) -> _Workers:
         if self.count > 1:
             self.pool = ProcessPoolExecutor(max_workers=self.count,
-                                            initializer=_ignore_interrupts,
+                                            initializer=_init_worker,
+                                            initargs=(os.getpid(),),
                                             mp_context=multiprocessing.get_context("spawn"))
         return self
 
@@ -295,8 +326,6 @@ def _dataset_files(folder: Path) -> list[Path]:
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse to replace an existing dataset (or our file names in a folder) unless asked."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
     if overwrite:
         return
     ours = _dataset_files(out)
@@ -326,16 +355,12 @@ def _staging_dir(out: Path) -> Path:
 
 
 def _install(staging: Path, out: Path) -> None:
-    """Move the finished dataset from ``staging`` to ``out``.
-
-    A new folder is one rename. In an existing folder the old manifest goes first (a folder
-    without one is refused by :func:`read_manifest`, so old and new shards are never read
-    together), then the old dataset files; the new files follow, the manifest last. Other
-    files in ``out`` are left alone.
+    """Move the finished dataset from ``staging`` into ``out`` (which exists: it holds the
+    lock). The old manifest goes first (a folder without one is refused by
+    :func:`read_manifest`, so old and new shards are never read together), then the old
+    dataset files; the new files follow, the manifest last. Other files in ``out`` are left
+    alone.
     """
-    if not out.exists():
-        os.rename(staging, out)
-        return
     (out / MANIFEST).unlink(missing_ok=True)
     for path in _dataset_files(out):
         path.unlink()
@@ -469,7 +494,8 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
     dataset was built.
     """
     out = Path(out_dir)
-    _check_output(out, overwrite)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
     inputs = [("images", images_dir), ("labels", labels_dir),
               *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)]
     for role, folder in inputs:
@@ -477,26 +503,29 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
             raise UserError(f"{out}: is also the {role} folder; write the dataset to another "
                             "--out (its files would be read as input next time)")
     check_writable(out)
-    # What a build killed outright (kill -9) left: its staging folder beside ``out``.
-    clean_stale_temporaries(out.parent)
-    clean_stale_temporaries(out)
-    pairs = find_pairs(images_dir, labels_dir, usemask=cfg.USEMASK,
-                       extra_band_dirs=cfg.EXTRA_BAND_DIRS)
-    if not pairs:
-        raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
-                        "and labels with the same names in --labels")
-    train, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED,
-                                    cfg.SPLIT_GROUP_PATTERN, cfg.VALIDATION_GROUPS)
-    tasks = _tasks(cfg, train, validation)
-    with _Workers(max(1, workers)) as procs:
-        tasks = _split_tasks(tasks, _check_sources(tasks, procs))
-        staging = _staging_dir(out)
-        try:
-            manifest = _build(cfg, tasks, procs, staging, Path(images_dir), Path(labels_dir))
-            _install(staging, out)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+    with folder_lock(out, "make_tfrecords"):
+        _check_output(out, overwrite)
+        # What a build killed outright (kill -9) left: its staging folder beside ``out``.
+        clean_stale_temporaries(out.parent)
+        clean_stale_temporaries(out)
+        pairs = find_pairs(images_dir, labels_dir, usemask=cfg.USEMASK,
+                           extra_band_dirs=cfg.EXTRA_BAND_DIRS)
+        if not pairs:
+            raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
+                            "and labels with the same names in --labels")
+        train, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED,
+                                        cfg.SPLIT_GROUP_PATTERN, cfg.VALIDATION_GROUPS)
+        tasks = _tasks(cfg, train, validation)
+        with _Workers(max(1, workers)) as procs:
+            tasks = _split_tasks(tasks, _check_sources(tasks, procs))
+            staging = _staging_dir(out)
+            try:
+                manifest = _build(cfg, tasks, procs, staging, Path(images_dir),
+                                  Path(labels_dir))
+                _install(staging, out)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
     return manifest
 
 

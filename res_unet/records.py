@@ -34,6 +34,7 @@ import numpy as np
 from res_unet.atomic import atomic_path, write_atomic
 from res_unet.augment import photometric_jitter
 from res_unet.errors import UserError
+from res_unet.folders import check_plain_name
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -338,6 +339,8 @@ class Manifest:
         except (KeyError, TypeError) as exc:
             raise UserError(f"{path}: damaged counts or shards in the manifest ({exc}); "
                             f"{fix}") from None
+        for shard in (s for split in SPLITS for s in values["shards"][split]):
+            check_plain_name(shard.file, f"{path}: shard file")  # paths stay in the folder
         return cls(**values)
 
 

@@ -187,14 +187,29 @@ def read_finished_card(run_dir: Path) -> ModelCard | None:
         return None
 
 
+def remove_output(path: Path) -> None:
+    """Remove an output file or folder at ``path``; a symbolic link there is removed
+    itself, never followed (what it points to is not ours)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
 def clear_run_folder(run_dir: Path) -> None:
-    """Remove every file a training run writes (``RUN_FILES``) from ``run_dir``."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    """Remove every file a training run writes (``RUN_FILES``) from ``run_dir``.
+
+    Everything is checked before anything is removed, and the model card goes first, so a
+    folder that cannot be cleared stays a finished run, never a card without weights.
+    """
+    present = [run_dir / name for name in (CARD, *RUN_FILES) if (run_dir / name).is_symlink()
+               or (run_dir / name).exists()]
+    for path in present:
+        if path.is_dir() and not path.is_symlink() and not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"{path}: cannot be removed (no write permission); fix its "
+                            "permissions or choose another --out")
+    for path in dict.fromkeys(present):
+        remove_output(path)
 
 
 # Weights ---------------------------------------------------------------------------------------
@@ -235,7 +250,8 @@ def load_weights_checked(model: keras.Model, path: Path) -> None:
                 model.set_weights(source.get_weights())
             else:
                 model.load_weights(path)
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        # (TypeError: a .keras file whose layers Keras cannot rebuild.)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: these weights do not fit the model built from the config "
                         f"({first[:200]}); use the config the weights were trained with") from None

@@ -42,6 +42,7 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config
 from res_unet.errors import UserError
+from res_unet.folders import folder_lock, settings_lock
 from res_unet.predict import (
     FULL_MAX_VALUES,
     LABEL_NODATA,
@@ -295,6 +296,21 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
     check_writable(out_dir)
+    # One command per folder for the whole run; shards of one job share it, and
+    # settings_lock below keeps shards of other models or settings out, whatever the timing.
+    with contextlib.ExitStack() as held:
+        held.enter_context(folder_lock(out_dir, "seg_images_in_folder", shared=count > 1))
+        return _segment_folder(held, cfg, runs, images_dir, out_dir, labels_dir, overwrite,
+                               shard, save_probs, geojson, progress, full_max_values, started)
+
+
+def _segment_folder(held: contextlib.ExitStack, cfg: Config,
+                    runs: Sequence[str | os.PathLike | LoadedModel], images_dir: Path,
+                    out_dir: Path, labels_dir: str | os.PathLike | None, overwrite: bool,
+                    shard: tuple[int, int], save_probs: bool, geojson: bool, progress: bool,
+                    full_max_values: int, started: float) -> dict[str, Any]:
+    """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
+    index, count = shard
     if labels_dir is not None:
         pairs = imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
     else:
@@ -308,6 +324,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     options = {"images": str(images_dir), "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "geojson": geojson}
     run_summary = _run_summary(models, segmenter, cfg, options)
+    if count > 1:
+        held.enter_context(settings_lock(out_dir, run_summary["fingerprint"],
+                                         "seg_images_in_folder"))
     if not overwrite and out_dir.is_dir():
         check_resumable(out_dir, run_summary["fingerprint"])
     clean_stale_temporaries(out_dir)

@@ -14,6 +14,7 @@ backup that a killed run resumes from. Every output is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -51,6 +52,7 @@ from res_unet.devices import (
     strategy_name,
 )
 from res_unet.errors import UserError
+from res_unet.folders import folder_lock
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops, fuse_batchnorm, set_encoder_trainable
 from res_unet.progress import progress_bar
@@ -76,6 +78,7 @@ from res_unet.runfolder import (
     clear_run_folder,
     load_weights_checked,
     read_finished_card,
+    remove_output,
 )
 
 # Checks against the dataset ----------------------------------------------------------------
@@ -304,8 +307,7 @@ def _export_saved_model(model: keras.Model, path: Path) -> None:
     tmp.chmod(usual_mode(directory=True))
     try:
         model.export(str(tmp), verbose=False)
-        if path.exists():
-            shutil.rmtree(path)
+        remove_output(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -335,7 +337,8 @@ class Backup:
         try:
             self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
             state = TrainState(**json.loads(state_path.read_text()))
-        except (tf.errors.OpError, ValueError, TypeError, OSError) as exc:
+        except (tf.errors.OpError, ValueError, TypeError, OSError, IndexError) as exc:
+            # (A truncated checkpoint data file raises IndexError "Read less bytes ...".)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"{self.dir}: the backup of the unfinished run is damaged "
                             f"({first[:160]}); pass --overwrite to start this run afresh"
@@ -516,7 +519,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
 
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
           strategy: tf.distribute.Strategy | None = None, progress: bool = True,
-          export_saved_model: bool = True, overwrite: bool = False) -> dict[str, Any]:
+          export_saved_model: bool = True, overwrite: bool = False) -> ModelCard:
     """Train (or, with DO_TRAIN=false, evaluate) a model; write the run folder.
 
     ``data_dir`` is a make_tfrecords dataset; ``run_dir`` receives best.weights.h5,
@@ -526,6 +529,18 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     ``overwrite`` (see :func:`run_folder_action`). Returns the model card.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
+    # One training per run folder; the other workers of a multi-worker run write nothing there.
+    lock = folder_lock(run_dir, "train_resunet") if is_chief() else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, data_dir, run_dir, strategy, progress, export_saved_model,
+                      overwrite)
+
+
+def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.Strategy | None,
+           progress: bool, export_saved_model: bool, overwrite: bool) -> ModelCard:
+    """The body of :func:`train`, run while ``run_dir`` is locked."""
     started = time.time()
     action = run_folder_action(run_dir, data_dir, cfg, overwrite)
     if cfg.TENSORBOARD and importlib.util.find_spec("tensorboard") is None:

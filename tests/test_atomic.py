@@ -65,3 +65,22 @@ def test_atomic_temp_names_carry_the_owner(tmp_path):
         assert tmp.name.startswith(f".x.weights.h5.{owner_tag()}-")
         assert tmp.name.endswith(".tmp.weights.h5")
         tmp.write_text("data")
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, capsys):
+    """write() and fsync() on a full disk raise errors that name no file: the output being
+    written is named, so the command's one line says where (not 'error: output:')."""
+    import errno
+
+    from res_unet.cli import run_command
+
+    target = tmp_path / "history.csv"
+
+    def fills_the_disk(argv):
+        with atomic_path(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert run_command(fills_the_disk, []) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {target}: No space left on device; free some space")
+    assert list(tmp_path.iterdir()) == []

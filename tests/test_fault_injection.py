@@ -164,3 +164,70 @@ def test_train_resunet_killed_then_rerun(sources, trained, tmp_path, point):
     assert [int(line.split(",")[0]) for line in
             (out / "history.csv").read_text().splitlines()[1:]] == [1, 2, 3]
     assert temporaries(out) == []
+
+
+def test_make_tfrecords_workers_end_with_a_killed_parent(sources, tmp_path):
+    """kill -9 of make_tfrecords --workers 2 mid-build: its worker processes end with it
+    within seconds instead of living on as orphans."""
+    import psutil
+
+    images, labels, config = sources
+    out = tmp_path / "data" / "dataset"
+    proc = subprocess.Popen(command("make_tfrecords", "--config", config, "--images", images,
+                                    "--labels", labels, "--out", out, "--workers", "2"),
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    workers: list[psutil.Process] = []
+    while len(workers) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no workers started"
+        # the spawn context's resource tracker is a child too; the workers run our module
+        workers = [c for c in parent.children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())]
+        time.sleep(0.05)
+    everyone = parent.children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(everyone, timeout=10)
+    assert not alive, f"orphaned workers still running: {[p.pid for p in alive]}"
+    # and the next build runs as usual
+    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
+                "--out", out, "--overwrite"))
+    assert (out / "manifest.json").is_file() and temporaries(out.parent) == []
+
+
+def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path):
+    """Two seg_images_in_folder runs with different models started together into one --out:
+    one finishes, the other stops with one line (exit 2), and every mask in the folder is
+    the finished one's, so a later run of that model resumes and scores nothing mixed."""
+    images, _, _ = sources
+    _, run_dir = trained
+    other = tmp_path / "other"
+    from helpers import make_config, pixel_model, write_run
+
+    write_run(other, pixel_model(size=64), make_config("model", TARGET_SIZE=[64, 64]),
+              threshold=0.5)
+    out = tmp_path / "out"
+    procs = {name: subprocess.Popen(command("seg_images_in_folder", "--model", model,
+                                            "--images", images, "--out", out),
+                                    cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, model in (("trained", run_dir), ("other", other))}
+    results = {name: (proc.wait(timeout=600), proc.stderr.read())
+               for name, proc in procs.items()}
+    codes = sorted(code for code, _ in results.values())
+    assert codes == [0, 2], results
+    winner = next(name for name, (code, _) in results.items() if code == 0)
+    loser_err = next(err for code, err in results.values() if code == 2)
+    assert ("in use by seg_images_in_folder (PID" in loser_err
+            or "holds segmentations made with other model weights" in loser_err), loser_err
+    # the winner's model alone made the folder: re-running it skips every image and the
+    # masks equal those of a clean folder segmented by it
+    winner_run = {"trained": run_dir, "other": other}[winner]
+    clean = tmp_path / "clean"
+    run(command("seg_images_in_folder", "--model", winner_run, "--images", images, "--out",
+                clean))
+    skip = ("segmentation_config.json",)
+    assert digest(out, skip) == digest(clean, skip)
+    assert not (out / ".res_unet.lock").exists()

@@ -23,7 +23,7 @@ PACKAGE = Path(res_unet.__file__).parent
 # "registry".
 LAYERS = [
     ["errors", "tiling"],
-    ["atomic", "progress", "cli"],
+    ["atomic", "folders", "progress", "cli"],
     ["registry"],
     ["config"],
     ["imagery"],
@@ -42,7 +42,7 @@ LAYERS = [
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Longer modules say why at the top of their docstring ("Why this module is long: ...").
-MAX_LINES = 500
+MAX_LINES = 600
 
 
 def _modules() -> dict[str, Path]:

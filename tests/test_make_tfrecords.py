@@ -18,6 +18,7 @@ from res_unet import dataset, records
 from res_unet.cli import run_command
 from res_unet.config import config_from_dict, load_config
 from res_unet.demo import make_demo_dataset
+from res_unet.errors import UserError
 from res_unet.imagery import find_pairs, load_pair, write_png
 from res_unet.make_tfrecords import main
 from res_unet.tiling import resize_to_fit, tile_grid
@@ -367,3 +368,44 @@ def test_lakes_subset_split_by_lake_in_tile_mode(tmp_path):
     assert 0.0 < manifest.class_pixel_frequency[1] < 0.5
     assert (tmp_path / "ds/samples.png").exists()
     assert all(p.is_symlink() for p in (tmp_path / "images").iterdir())
+
+
+def test_a_dataset_folder_in_use_is_refused_and_left_alone(small, capsys):
+    """Two builds into one --out at once: the second stops with one line naming the first
+    (its lock is held here, as the running build would hold it) and writes nothing."""
+    from res_unet.folders import folder_lock
+
+    args = argv(small["config"], small["images"], small["labels"], small["out"])
+    with folder_lock(small["out"], "make_tfrecords"):
+        assert run_command(main, args) == 2
+        err = capsys.readouterr().err
+        assert f"in use by make_tfrecords (PID {os.getpid()} on " in err
+        assert len(err.strip().splitlines()) == 1
+        assert [p.name for p in small["out"].iterdir()] == [".res_unet.lock"]
+    assert not small["out"].exists(), "the lock holder's exit leaves no empty folder"
+    assert main(args) == 0
+    assert not (small["out"] / ".res_unet.lock").exists()
+
+
+@pytest.mark.parametrize("root", ["../outside", "/tmp/abs", "sub/dir", ".hidden"])
+def test_root_string_must_be_a_plain_name(small, capsys, root):
+    """ROOT_STRING names the shard files: a path in it would write outside --out."""
+    write_config(small["config"], dict(FAST_CONFIG, ROOT_STRING=root))
+    args = argv(small["config"], small["images"], small["labels"], small["out"])
+    assert run_command(main, args) == 2
+    err = capsys.readouterr().err
+    assert "ROOT_STRING" in err and "must be a plain file name" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not small["out"].exists()
+    assert sorted(p.name for p in small["tmp"].iterdir()) == ["data", "fast.json"]
+
+
+def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(small):
+    assert main(argv(small["config"], small["images"], small["labels"], small["out"])) == 0
+    path = small["out"] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"]["train"][0]["file"] = "../../etc/passwd"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"manifest.json: shard file='../../etc/passwd' must "
+                                        "be a plain file name"):
+        records.read_manifest(small["out"])

@@ -500,3 +500,40 @@ def test_resume_across_runtimes_only_where_the_masks_are_the_same(run, images, t
     assert seg("--model", run, "--images", images, "--out", bf16,
                "--runtime", "openvino_bf16") == 0
     assert "0 done, 3 skipped" in capsys.readouterr().out
+
+
+def test_a_folder_in_use_is_refused_with_one_line(run, images, tmp_path, capsys):
+    """A second segmentation into a folder another one is writing stops at once, naming the
+    running one, whether it is a whole run or a shard; the folder is left as it was."""
+    from res_unet.folders import folder_lock
+
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with folder_lock(out, "seg_images_in_folder"):
+        for extra in ([], ["--shard", "0/2"], ["--overwrite"]):
+            assert seg("--model", run, "--images", images, "--out", out, *extra) == 2
+            err = capsys.readouterr().err
+            assert f"in use by seg_images_in_folder (PID {os.getpid()} on " in err, extra
+            assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_shards_of_another_model_are_refused_while_shards_run(run, images, tmp_path, capsys):
+    """--shard processes share a folder only with shards of the same model and settings:
+    one of another model is refused even with --overwrite, even before any mask exists."""
+    from res_unet.folders import folder_lock, settings_lock
+
+    out = tmp_path / "out"
+    other = write_run(tmp_path / "other", pixel_model(gain=-0.05), make_config("model"),
+                      threshold=0.3)
+    with folder_lock(out, "seg_images_in_folder", shared=True), \
+            settings_lock(out, {"weights": ["some other model"]}, "seg_images_in_folder"):
+        for model in (run, other):
+            assert seg("--model", model, "--images", images, "--out", out, "--shard", "1/2",
+                       "--overwrite") == 2
+            err = capsys.readouterr().err
+            assert "shards with other models or settings are writing here" in err
+    assert not out.exists() or not any(out.glob("*_predseg.png"))
+    assert seg("--model", other, "--images", images, "--out", out, "--shard", "1/2") == 0

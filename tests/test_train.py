@@ -689,3 +689,72 @@ def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, mo
     assert card.training.epochs_run == 1
     assert ("train", 0.3) in calls
     assert all(color == 0.0 for split, color in calls if split == "validation")
+
+
+def test_a_run_folder_in_use_is_refused(tiny_dataset, tmp_path):
+    """Two trainings into one run folder: the second stops with one line naming the first
+    and leaves nothing behind."""
+    from res_unet.folders import folder_lock
+
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
+    with folder_lock(tmp_path / "run", "train_resunet"):
+        with pytest.raises(UserError, match=rf"run: in use by train_resunet \(PID "
+                                            rf"{os.getpid()} on "):
+            train.train(cfg, tiny_dataset, tmp_path / "run", progress=False,
+                        export_saved_model=False)
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".res_unet.lock"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_backup_checkpoint_is_one_line(killed_run, tiny_dataset):
+    """A backup whose checkpoint data file was cut short (a full disk, a copy that stopped)
+    is reported as damaged, with --overwrite as the fix, not as an IndexError."""
+    cfg, run = killed_run
+    data = next((run / "backup").glob("ckpt-*.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"backup of the unfinished run is damaged.*pass "
+                                        r"--overwrite to start this run afresh"):
+        train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
+
+
+def test_overwrite_removes_a_symlink_never_what_it_points_to(tiny_dataset, tmp_path):
+    """--overwrite on a run folder whose saved_model/ is a symbolic link: the link goes, the
+    folder it points to stays whole, and the new run is complete."""
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
+    run = tmp_path / "run"
+    train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    (run / "saved_model").symlink_to(elsewhere, target_is_directory=True)
+    card = train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False,
+                       overwrite=True)
+    assert card.training.epochs_run == 1
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
+    assert not (run / "saved_model").exists() and not (run / "saved_model").is_symlink()
+    assert {"best.weights.h5", "model.keras", "model_card.json"} <= {p.name for p in
+                                                                    run.iterdir()}
+
+
+def test_hot_start_from_a_keras_file_keras_cannot_rebuild(tiny_dataset, tmp_path):
+    """A .keras file whose layer config Keras cannot deserialise is one line, not a
+    TypeError traceback."""
+    import zipfile
+
+    manifest = records.read_manifest(tiny_dataset)
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
+    build_model(cfg, manifest.band_mean, manifest.band_std).save(tmp_path / "good.keras")
+    with zipfile.ZipFile(tmp_path / "good.keras") as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(parts["config.json"])
+    config["config"]["layers"][-1]["config"]["bogus_argument"] = 1
+    parts["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "bad.keras", "w") as archive:
+        for name, data in parts.items():
+            archive.writestr(name, data)
+    hot = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, HOT_START=True,
+                      INITIAL_WEIGHTS=str(tmp_path / "bad.keras"))
+    with pytest.raises(UserError, match=r"bad.keras: these weights do not fit the model"):
+        train.train(hot, tiny_dataset, tmp_path / "run", progress=False,
+                    export_saved_model=False)
+    assert not (tmp_path / "run").exists()
