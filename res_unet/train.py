@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import json
 import math
@@ -534,8 +535,17 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     # One training per run folder; the other workers of a multi-worker run write nothing there.
     lock = folder_lock(run_dir, "train_resunet") if is_chief() else contextlib.nullcontext()
     with lock:
-        return _train(cfg, data_dir, run_dir, strategy, progress, export_saved_model,
-                      overwrite)
+        try:
+            return _train(cfg, data_dir, run_dir, strategy, progress, export_saved_model,
+                          overwrite)
+        except tf.errors.OpError as exc:
+            # TensorFlow reports a full disk (checkpoints, SavedModel) as its own error.
+            if _NO_SPACE not in str(exc):
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir)) from None
+
+
+_NO_SPACE = "No space left on device"
 
 
 def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.Strategy | None,
@@ -585,7 +595,9 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
             save_config(cfg, run_dir / CONFIG)
         try:
             state = _fit(trainer, cfg, data_dir, run_dir, state, backup, chief, progress)
-        except tf.errors.ResourceExhaustedError:
+        except tf.errors.ResourceExhaustedError as exc:
+            if _NO_SPACE in str(exc):
+                raise
             raise UserError(f"out of memory at BATCH_SIZE={cfg.BATCH_SIZE} and TARGET_SIZE="
                             f"{cfg.TARGET_SIZE}; lower BATCH_SIZE (or TARGET_SIZE)") from None
         except tf.errors.DataLossError as exc:

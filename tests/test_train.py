@@ -758,3 +758,24 @@ def test_hot_start_from_a_keras_file_keras_cannot_rebuild(tiny_dataset, tmp_path
         train.train(hot, tiny_dataset, tmp_path / "run", progress=False,
                     export_saved_model=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_in_tensorflow_names_the_run_folder(tiny_dataset, tmp_path, monkeypatch):
+    """TensorFlow reports a full disk (SaveV2 of a checkpoint or SavedModel) as
+    ResourceExhaustedError: that is neither a traceback nor 'out of memory', but the one
+    line every full disk gets, naming the run folder; the backup stays for the re-run."""
+    import errno
+
+    import tensorflow as tf
+
+    def disk_full(model, path):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{path}/variables/part-0; No space left on device [Op:SaveV2]")
+
+    monkeypatch.setattr(train, "_export_saved_model", disk_full)
+    run = tmp_path / "run"
+    with pytest.raises(OSError) as info:
+        train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,
+                    progress=False)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(run)
+    assert (run / "backup").is_dir() and not (run / "model_card.json").exists()
