@@ -11,7 +11,7 @@ as they are; keys from Segmentation Gym go through :func:`upgrade_keys`, which m
 ours or says plainly that it has no effect. Keys starting with ``_`` are comments.
 
 The MODEL and ENCODER choices, their descriptions and the size TARGET_SIZE must divide by
-come from the model registry, :data:`res_unet.models.MODELS`: plain data that imports
+come from the model registry, :data:`res_unet.registry.MODELS`: plain data that imports
 neither Keras nor the model files, so a config is checked before TensorFlow loads.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from res_unet.atomic import write_atomic
 from res_unet.errors import UserError
-from res_unet.models import ENCODERS, MODELS
+from res_unet.registry import ENCODERS, MODELS
 
 LOSS_TERMS = ("dice", "focal", "boundary", "ce")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")

@@ -18,9 +18,8 @@ import res_unet
 
 PACKAGE = Path(res_unet.__file__).parent
 
-# Layer by layer, left to right. The model files (models/*.py) count as one module,
-# "models"; the Keras-free registry in models/__init__.py, which the config reads, is
-# "registry".
+# Layer by layer, left to right. The model package (models/*.py) counts as one module,
+# "models"; the config reads the Keras-free architecture names from "registry".
 LAYERS = [
     ["errors", "tiling"],
     ["atomic", "progress", "cli"],
@@ -58,9 +57,8 @@ def _modules() -> dict[str, Path]:
 
 
 def _unit(module: str) -> str:
-    """The layer unit of a dotted module name under res_unet: models.x -> models, the
-    models package itself -> registry."""
-    return "registry" if module == "models" else module.split(".")[0]
+    """The layer unit of a dotted module name under res_unet: models.x -> models."""
+    return module.split(".")[0]
 
 
 def _runtime_nodes(tree: ast.AST):
