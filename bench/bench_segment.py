@@ -106,7 +106,7 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
                                       else predict.FULL_MAX_VALUES)
         per_scene = []
         for pair in pairs:
-            image, _ = imagery.load_image(pair, cfg)
+            image, _ = imagery.load_image(pair, cfg.N_DATA_BANDS)
             with PeakMemory() as memory:
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 label = segmenter.segment(image)
@@ -163,7 +163,7 @@ def bench_quality(run_dir: Path, max_images: int | None) -> dict[str, Any]:
     configs = {name: config_from_dict({**base, **over})[0] for name, over in settings.items()}
     cms = {name: np.zeros((2, 2), np.int64) for name in settings}
     for pair in validation:
-        image, truth, _ = imagery.load_pair(pair, cfg)
+        image, truth, _ = imagery.load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules)
         prob = segmenter.probabilities(image)
         for name, step_cfg in configs.items():
             label = postprocess.postprocess(prob, image, step_cfg, segmenter.card_threshold)

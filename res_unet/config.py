@@ -50,6 +50,22 @@ def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = 
     return field(default=default, metadata=meta)
 
 
+@dataclass(frozen=True)
+class LabelRules:
+    """How raw label values become class indices: NCLASSES (1 = binary), REMAP_CLASSES
+    (raw value -> class, applied first) and IGNORE_CLASS (a value allowed besides the
+    classes). :attr:`Config.label_rules` gives a config's."""
+
+    nclasses: int
+    remap: dict[str, int] = field(default_factory=dict)
+    ignore_class: int | None = None
+
+    @property
+    def n_label_classes(self) -> int:
+        """Number of distinct label values: 2 for binary (NCLASSES=1), else NCLASSES."""
+        return 2 if self.nclasses == 1 else self.nclasses
+
+
 @dataclass
 class Config:
     """Every setting of res_unet. Field names are the JSON keys; metadata holds the docs."""
@@ -291,7 +307,12 @@ class Config:
     @property
     def n_label_classes(self) -> int:
         """Number of distinct label values: 2 for binary (NCLASSES=1), else NCLASSES."""
-        return 2 if self.NCLASSES == 1 else self.NCLASSES
+        return self.label_rules.n_label_classes
+
+    @property
+    def label_rules(self) -> LabelRules:
+        """NCLASSES, REMAP_CLASSES and IGNORE_CLASS, for reading labels."""
+        return LabelRules(self.NCLASSES, dict(self.REMAP_CLASSES), self.IGNORE_CLASS)
 
     @property
     def class_names(self) -> list[str]:

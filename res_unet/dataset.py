@@ -162,7 +162,7 @@ def source_examples(image: np.ndarray, label: np.ndarray, stem: str, split: str,
 def load_scaled_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """The pair's image and label at the working scale: 1/DOWNSAMPLE of the source grid
     (block-mean image, majority label)."""
-    image, label, _ = load_pair(pair, cfg)
+    image, label, _ = load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules)
     return (downsample_image(image, cfg.DOWNSAMPLE),
             downsample_label(label, cfg.DOWNSAMPLE))
 
@@ -179,7 +179,7 @@ def _process_source(task: _Task) -> _SourceResult:
 def _check_source(task: _Task) -> tuple[str | None, str | None, tuple[int, int]]:
     """Worker entry point of the checking pass: (problem or None, image dtype, (H, W))."""
     try:
-        image, _, _ = load_pair(task.pair, task.cfg)
+        image, _, _ = load_pair(task.pair, task.cfg.N_DATA_BANDS, task.cfg.label_rules)
     except UserError as exc:
         return str(exc), None, (0, 0)
     return None, image.dtype.name, downsampled_shape(image.shape[:2], task.cfg.DOWNSAMPLE)

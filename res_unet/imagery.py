@@ -40,7 +40,7 @@ from PIL import Image
 from rasterio.windows import Window
 
 from res_unet.atomic import atomic_path
-from res_unet.config import Config
+from res_unet.config import LabelRules
 from res_unet.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -355,36 +355,37 @@ def _note_once(kind: str, message: str) -> None:
         print(f"note: {message}")
 
 
-def prepare_label(label: np.ndarray, cfg: Config, path: str | os.PathLike) -> np.ndarray:
-    """Turn a raw (H, W) uint8 label into class indices 0..cfg.n_label_classes-1.
+def prepare_label(label: np.ndarray, rules: LabelRules, path: str | os.PathLike
+                  ) -> np.ndarray:
+    """Turn a raw (H, W) uint8 label into class indices 0..rules.n_label_classes-1.
 
-    Applies REMAP_CLASSES first; then, for binary models (NCLASSES=1), a 0/255 mask becomes
-    0/1 with a printed note. Raises UserError naming ``path``, the values found and the fix
-    when a value is not a class (IGNORE_CLASS is allowed). Returns (H, W) uint8 (the input
-    itself when nothing changed).
+    Applies REMAP_CLASSES (``rules.remap``) first; then, for binary models (NCLASSES=1), a
+    0/255 mask becomes 0/1 with a printed note. Raises UserError naming ``path``, the values
+    found and the fix when a value is not a class (IGNORE_CLASS is allowed). Returns (H, W)
+    uint8 (the input itself when nothing changed).
     """
     path = Path(path)
-    if cfg.REMAP_CLASSES:
+    if rules.remap:
         lut = np.arange(256, dtype=np.uint8)
-        for key, value in cfg.REMAP_CLASSES.items():
+        for key, value in rules.remap.items():
             if 0 <= int(key) <= 255:
                 lut[int(key)] = value
         label = lut[label]
     counts = np.bincount(label.ravel(), minlength=256)
     present = [int(v) for v in np.flatnonzero(counts)]
-    if cfg.NCLASSES == 1 and 255 in present and set(present) <= {0, 255}:
+    if rules.nclasses == 1 and 255 in present and set(present) <= {0, 255}:
         _note_once("0/255", f"{path}: 0/255 mask read as 0/1 (and any further 0/255 masks)")
         return (label == 255).astype(np.uint8)
-    n = cfg.n_label_classes
-    bad = [v for v in present if v >= n and v != cfg.IGNORE_CLASS]
+    n = rules.n_label_classes
+    bad = [v for v in present if v >= n and v != rules.ignore_class]
     if bad:
-        raise UserError(_range_message(path, present, bad, cfg))
+        raise UserError(_range_message(path, present, bad, rules))
     return label
 
 
-def _range_message(path: Path, present: list[int], bad: list[int], cfg: Config) -> str:
-    n = cfg.n_label_classes
-    after = " (after REMAP_CLASSES)" if cfg.REMAP_CLASSES else ""
+def _range_message(path: Path, present: list[int], bad: list[int], rules: LabelRules) -> str:
+    n = rules.n_label_classes
+    after = " (after REMAP_CLASSES)" if rules.remap else ""
     fixes = []
     if path.suffix.lower() in (".jpg", ".jpeg"):
         fixes.append("JPEG compression invents label values: save labels as PNG")
@@ -397,22 +398,23 @@ def _range_message(path: Path, present: list[int], bad: list[int], cfg: Config) 
     if len(present) > n:
         fixes.append("merge values into classes with REMAP_CLASSES, e.g. "
                      f"{json.dumps({str(bad[0]): 0})}")
-    return (f"{path}: label values {_values_text(present)}{after} but NCLASSES={cfg.NCLASSES} "
+    return (f"{path}: label values {_values_text(present)}{after} but NCLASSES={rules.nclasses} "
             f"allows only 0..{n - 1} (found {_values_text(bad)}); " + ", or ".join(fixes))
 
 
-def load_image(pair: Pair, cfg: Config, for_model: bool = False
+def load_image(pair: Pair, n_bands: int, for_model: bool = False
                ) -> tuple[np.ndarray, RasterMeta]:
-    """Read a pair's image plus extra bands and check the band count against N_DATA_BANDS.
+    """Read a pair's image plus extra bands and check the band count against ``n_bands``
+    (the config's N_DATA_BANDS, image bands plus extra bands).
 
     A constant, fully opaque alpha band (255, or 65535 for uint16) one band beyond what the
     config expects from the image (RGBA for 3 bands, grey+alpha for 1) is dropped. Returns
-    (image (H, W, N_DATA_BANDS) uint8|uint16, meta). Raises UserError on a band mismatch;
-    ``for_model``: N_DATA_BANDS is a trained model's, which the message says cannot change.
+    (image (H, W, n_bands) uint8|uint16, meta). Raises UserError on a band mismatch;
+    ``for_model``: ``n_bands`` is a trained model's, which the message says cannot change.
     """
     raw, meta = _read_raw(pair.image, palette_indices=False)
     image = _as_image_dtype(raw, pair.image)
-    expected = cfg.N_DATA_BANDS - len(pair.extra_bands)
+    expected = n_bands - len(pair.extra_bands)
     found = image.shape[-1]
     alpha_hint = ""
     if found == expected + 1 and found in (2, 4):
@@ -421,7 +423,7 @@ def load_image(pair: Pair, cfg: Config, for_model: bool = False
             image = np.ascontiguousarray(image[..., :-1])
         else:
             alpha_hint = (" (the last band is an alpha channel with transparent pixels: set "
-                          f"N_DATA_BANDS to {cfg.N_DATA_BANDS + 1} to use it as data, or "
+                          f"N_DATA_BANDS to {n_bands + 1} to use it as data, or "
                           "re-save the image without transparency)")
     if image.shape[-1] != expected:
         extra = f" plus {_count(len(pair.extra_bands), 'extra band')}" if pair.extra_bands else ""
@@ -430,13 +432,13 @@ def load_image(pair: Pair, cfg: Config, for_model: bool = False
         convert = f", or convert this image to {expected} bands" if expected >= 1 else ""
         if for_model:
             raise UserError(f"{pair.image}: {_count(found, 'band')} found{extra} but the model "
-                            f"takes {_count(cfg.N_DATA_BANDS, 'band')} (as it was trained); "
+                            f"takes {_count(n_bands, 'band')} (as it was trained); "
                             f"convert this image to {expected} bands, or use a model trained "
                             f"on {total}-band imagery")
         fix = alpha_hint or (f"; set N_DATA_BANDS to {total}{counted} if all images are like "
                              f"this{convert}")
         raise UserError(f"{pair.image}: {_count(found, 'band')} found{extra} but N_DATA_BANDS "
-                        f"is {cfg.N_DATA_BANDS}{fix}")
+                        f"is {n_bands}{fix}")
     return _append_bands(image, pair.image, pair.extra_bands), meta
 
 
@@ -476,9 +478,9 @@ class RasterRows:
         self.close()
 
 
-def open_image_rows(pair: Pair, cfg: Config) -> RasterRows | None:
+def open_image_rows(pair: Pair, n_bands: int) -> RasterRows | None:
     """The pair's image as :class:`RasterRows` when it can be read in windows: a single-page
-    TIFF that GDAL reads, no extra-band folders, and exactly the model's N_DATA_BANDS bands
+    TIFF that GDAL reads, no extra-band folders, and exactly the model's ``n_bands`` bands
     (an alpha band to drop needs the whole image read). Else None: use :func:`load_image`,
     which reads the image whole and gives the messages for the other cases."""
     if pair.extra_bands or pair.image.suffix.lower() not in _TIFF_SUFFIXES:
@@ -493,7 +495,7 @@ def open_image_rows(pair: Pair, cfg: Config) -> RasterRows | None:
     except rasterio.errors.RasterioError:
         env.close()
         return None
-    usable = (not dataset.subdatasets and dataset.count == cfg.N_DATA_BANDS
+    usable = (not dataset.subdatasets and dataset.count == n_bands
               and len(set(dataset.dtypes)) == 1 and np.dtype(dataset.dtypes[0]).kind in "uifb")
     if not usable:
         dataset.close()
@@ -502,22 +504,24 @@ def open_image_rows(pair: Pair, cfg: Config) -> RasterRows | None:
     return RasterRows(pair.image, dataset, _gdal_meta(pair.image, dataset), env)
 
 
-def load_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
-    """Read one training example and check it against the config.
+def load_pair(pair: Pair, n_bands: int, rules: LabelRules
+              ) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
+    """Read one training example and check it against the config's N_DATA_BANDS
+    (``n_bands``) and label rules.
 
-    Returns (image (H, W, N_DATA_BANDS) uint8|uint16 raw values, label (H, W) uint8 class
-    indices 0..n_label_classes-1, meta of the image). Raises UserError for band-count or size
+    Returns (image (H, W, n_bands) uint8|uint16 raw values, label (H, W) uint8 class
+    indices 0..rules.n_label_classes-1, meta of the image). Raises UserError for band-count or size
     mismatches (naming both files and sizes) and invalid label values.
     """
     if pair.label is None:
         raise ValueError(f"load_pair needs a labelled pair; {pair.stem} has no label")
-    image, meta = load_image(pair, cfg)
+    image, meta = load_image(pair, n_bands)
     label = read_label(pair.label)
     if label.shape != image.shape[:2]:
         raise UserError(f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} (WxH) "
                         f"differs from its image {pair.image} ({image.shape[1]}x"
                         f"{image.shape[0]}); labels must cover their image pixel for pixel")
-    return image, prepare_label(label, cfg, pair.label), meta
+    return image, prepare_label(label, rules, pair.label), meta
 
 
 # Finding files -----------------------------------------------------------------------------

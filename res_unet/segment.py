@@ -113,14 +113,14 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
     """
     cfg = segmenter.cfg
     with contextlib.ExitStack() as stack:
-        rows = imagery.open_image_rows(pair, cfg)
+        rows = imagery.open_image_rows(pair, cfg.N_DATA_BANDS)
         if rows is not None:
             stack.enter_context(rows)
         image: np.ndarray | RowSource
         if rows is not None and segmenter.uses_strips(rows.shape[:2]):
             image, meta = rows, rows.meta
         else:
-            image, meta = imagery.load_image(pair, cfg, for_model=True)
+            image, meta = imagery.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
@@ -344,15 +344,15 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
             continue
         # The image is segmented; a label that cannot be used only leaves it unscored.
         try:
-            truth = scoring.read_truth(pair, cfg, label.shape)
+            truth = scoring.read_truth(pair, cfg.label_rules, label.shape)
         except problems as exc:
             unscored.append(_problem(pair.label, exc, "not scored"))
             continue
-        cm = scoring.score_label(label, truth, cfg, n)
+        cm = scoring.score_label(label, truth, n, cfg.IGNORE_CLASS)
         total_cm += cm
-        rows.append(scoring.score_row(pair.stem, cm, cfg))
+        rows.append(scoring.score_row(pair.stem, cm, cfg.IGNORE_CLASS))
         if len(figure) < scoring.FIGURE_ROWS:
-            figure.append(scoring.figure_example(pair, label, truth, cfg))
+            figure.append(scoring.figure_example(pair, label, truth, cfg.N_DATA_BANDS))
             figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
                                  if rows[-1]["mean_iou"] is not None else pair.stem)
 
@@ -365,7 +365,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
         "out_dir": str(out_dir),
     }
     if labels_dir is not None and rows:
-        rows.append(scoring.score_row("ALL", total_cm, cfg))
+        rows.append(scoring.score_row("ALL", total_cm, cfg.IGNORE_CLASS))
         name = "scores.csv" if count == 1 else f"scores_shard{index}of{count}.csv"
         write_csv(out_dir / name, rows, float_format=".6f")
         summary["scores_file"] = str(out_dir / name)

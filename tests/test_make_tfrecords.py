@@ -119,7 +119,8 @@ def test_validation_is_the_fitted_sources_unaugmented(demo):
     val = list(records.read_examples(demo["out"], "validation"))
     assert [meta["stem"] + ".png" for _, _, meta in val] == demo["manifest"].files["validation"]
     for image, label, meta in val:
-        source_image, source_label, _ = load_pair(pairs[meta["stem"] + ".png"], cfg)
+        source_image, source_label, _ = load_pair(pairs[meta["stem"] + ".png"],
+                                                  cfg.N_DATA_BANDS, cfg.label_rules)
         assert meta["copy"] == 0
         assert np.array_equal(image, resize_to_fit(source_image, (64, 64), order=1)[0])
         assert np.array_equal(label, resize_to_fit(source_label, (64, 64), order=0)[0])

@@ -416,8 +416,8 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
              if p.image.name in manifest.files["validation"]]
     counts = 0
     for pair in pairs:
-        image, _ = imagery.load_image(pair, cfg)
-        truth = scoring.read_truth(pair, cfg, image.shape[:2])
+        image, _ = imagery.load_image(pair, cfg.N_DATA_BANDS)
+        truth = scoring.read_truth(pair, cfg.label_rules, image.shape[:2])
         counts = counts + metrics.threshold_counts(truth, pixel_prob(image, 0.03, 110.0)[..., 0])
     best, ious = metrics.threshold_from_counts(counts)
     assert result["optimal_threshold"] == best

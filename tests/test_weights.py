@@ -73,9 +73,9 @@ def test_shipped_model_on_held_out_real_scenes(name):
     n = segmenter.n_classes
     cm = np.zeros((n, n), np.int64)
     for pair in validation[::max(1, len(validation) // count)][:count]:
-        image, _ = imagery.load_image(pair, cfg)
-        truth = scoring.read_truth(pair, cfg, image.shape[:2])
-        cm += scoring.score_label(segmenter.segment(image), truth, cfg, n)
+        image, _ = imagery.load_image(pair, cfg.N_DATA_BANDS)
+        truth = scoring.read_truth(pair, cfg.label_rules, image.shape[:2])
+        cm += scoring.score_label(segmenter.segment(image), truth, n, cfg.IGNORE_CLASS)
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     value = scores["iou"][1] if score == "water_iou" else scores["mean_iou"]
     assert value >= lowest, scores
