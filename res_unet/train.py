@@ -516,7 +516,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
 
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
           strategy: tf.distribute.Strategy | None = None, progress: bool = True,
-          export_saved_model: bool = True, overwrite: bool = False) -> dict[str, Any]:
+          export_saved_model: bool = True, overwrite: bool = False) -> ModelCard:
     """Train (or, with DO_TRAIN=false, evaluate) a model; write the run folder.
 
     ``data_dir`` is a make_tfrecords dataset; ``run_dir`` receives best.weights.h5,
