@@ -40,7 +40,7 @@ from res_unet.atomic import check_writable, clean_stale_temporaries, owner_tag, 
 from res_unet.augment import augment_pair
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
-from res_unet.imagery import Pair, find_pairs, load_pair
+from res_unet.pairing import Pair, find_pairs, load_pair
 from res_unet.records import (
     CONFIG,
     MANIFEST,

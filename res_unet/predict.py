@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from res_unet import imagery, postprocess
+from res_unet import postprocess, rasters
 from res_unet.config import Config
 from res_unet.errors import UserError
 from res_unet.runfolder import LoadedModel
@@ -223,7 +223,7 @@ def upsample_strips(small_strips: Iterable[tuple[int, np.ndarray]], factor: int,
 
 # Labels ------------------------------------------------------------------------------------
 
-def nodata_values(meta: imagery.RasterMeta, nodata_zero: bool) -> list[float]:
+def nodata_values(meta: rasters.RasterMeta, nodata_zero: bool) -> list[float]:
     """Pixel values meaning 'no data': the raster's declared nodata, and 0 if ``nodata_zero``."""
     values = []
     if meta.nodata is not None and math.isfinite(meta.nodata):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from res_unet import imagery, metrics, postprocess, records
+from res_unet import metrics, pairing, postprocess, rasters, records
 from res_unet.atomic import write_atomic
 from res_unet.config import LabelRules
 from res_unet.errors import UserError
@@ -27,11 +27,11 @@ FIGURE_ROWS = 4
 FIGURE_MAX_SIDE = 512
 
 
-def read_truth(pair: imagery.Pair, rules: LabelRules, shape: tuple[int, int]) -> np.ndarray:
+def read_truth(pair: pairing.Pair, rules: LabelRules, shape: tuple[int, int]) -> np.ndarray:
     """The pair's label file as (H, W) uint8 class indices under ``rules`` (the config's
     :attr:`~res_unet.config.Config.label_rules`); raises UserError unless it is ``shape``
     (the image's, as rows and columns)."""
-    truth = imagery.prepare_label(imagery.read_label(pair.label), rules, pair.label)
+    truth = pairing.prepare_label(rasters.read_label(pair.label), rules, pair.label)
     if truth.shape != shape:
         raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
                         f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
@@ -70,7 +70,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         return None
     cfg = inference_config([run_dir])
     try:
-        pairs = [p for p in imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK,
+        pairs = [p for p in pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK,
                                                cfg.EXTRA_BAND_DIRS) if p.image.name in names]
     except UserError as exc:
         say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
@@ -87,7 +87,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     started = time.perf_counter()
     pixels = 0
     for pair in progress_bar(pairs, enabled=progress):
-        image, _ = imagery.load_image(pair, cfg.N_DATA_BANDS)
+        image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
         truth = read_truth(pair, cfg.label_rules, image.shape[:2])
         prob = segmenter.probabilities(image)
         pixels += truth.size
@@ -114,11 +114,11 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     return result
 
 
-def figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, n_bands: int
+def figure_example(pair: pairing.Pair, label: np.ndarray, truth: np.ndarray, n_bands: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, truth, prediction) of a labelled pair (the image read with ``n_bands``
     bands, N_DATA_BANDS), subsampled to FIGURE_MAX_SIDE."""
-    image, _ = imagery.load_image(pair, n_bands)
+    image, _ = pairing.load_image(pair, n_bands)
     step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
     return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
 

@@ -32,7 +32,7 @@ import numpy as np
 import rasterio.errors
 import tensorflow as tf
 
-from res_unet import __version__, imagery, metrics, postprocess, report, scoring
+from res_unet import __version__, metrics, pairing, postprocess, rasters, report, scoring, writers
 from res_unet.atomic import (
     atomic_path,
     check_writable,
@@ -62,11 +62,11 @@ SEGMENTATION_CONFIG = "segmentation_config.json"
 
 @contextlib.contextmanager
 def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
-                      meta: imagery.RasterMeta) -> Iterator[ProbabilitySink]:
+                      meta: rasters.RasterMeta) -> Iterator[ProbabilitySink]:
     """A sink writing probability strips into ``path`` (.npy float16, or .tif float32 with
     ``meta``'s georeferencing and NaN nodata), atomically: renamed when the block ends."""
     if path.suffix != ".npy":
-        with imagery.geotiff_writer(path, shape_hw, channels, np.float32, meta,
+        with writers.geotiff_writer(path, shape_hw, channels, np.float32, meta,
                                     nodata=float("nan")) as write:
             yield write
         return
@@ -81,7 +81,7 @@ def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
         array.flush()
 
 
-def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
+def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
                  geojson: bool = False, binary: bool = True) -> dict[str, Path]:
     """Output files of one image NAME: label (NAME_predseg.png), overlay (NAME_overlay.png),
     geotiff (NAME_predseg.tif, TIFF inputs), probs (NAME_probs.npy, or .tif for TIFF inputs)
@@ -98,12 +98,12 @@ def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
     return paths
 
 
-def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Path],
+def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Path],
                   keep_label: bool = True) -> tuple[np.ndarray | None, int]:
     """Segment one image and write its outputs (``output_paths``), each atomically.
 
     A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
-    bands, see :func:`res_unet.imagery.open_image_rows`) is never read whole: it is
+    bands, see :func:`res_unet.pairing.open_image_rows`) is never read whole: it is
     segmented strip by strip from windows. Unless ``keep_label`` (or GeoJSON, a clean-up
     step or an Otsu threshold needs the whole map), its label strips then go straight to the
     output files as they are finished, and the label map is never held whole either.
@@ -113,14 +113,14 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
     """
     cfg = segmenter.cfg
     with contextlib.ExitStack() as stack:
-        rows = imagery.open_image_rows(pair, cfg.N_DATA_BANDS)
+        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS)
         if rows is not None:
             stack.enter_context(rows)
         image: np.ndarray | RowSource
         if rows is not None and segmenter.uses_strips(rows.shape[:2]):
             image, meta = rows, rows.meta
         else:
-            image, meta = imagery.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
+            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
@@ -128,19 +128,19 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
         if "probs" in paths:
             sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
                                                          segmenter.n_outputs, meta))
-        stream = (isinstance(image, imagery.RasterRows) and segmenter.streams_labels
+        stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
                   and not keep_label and "geojson" not in paths)
         step = report.overlay_step(shape_hw)
         shown: list[tuple[np.ndarray, np.ndarray]] = []
         on_label = None
         if stream:
-            writers = [stack.enter_context(imagery.png_writer(paths["label"], shape_hw))]
+            sinks = [stack.enter_context(writers.png_writer(paths["label"], shape_hw))]
             if "geotiff" in paths:
-                writers.append(stack.enter_context(imagery.geotiff_writer(
+                sinks.append(stack.enter_context(writers.geotiff_writer(
                     paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA)))
 
             def on_label(r0: int, label_rows: np.ndarray) -> None:
-                for write in writers:
+                for write in sinks:
                     write(r0, label_rows)
                 first = -r0 % step
                 if first < len(label_rows):
@@ -155,17 +155,17 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
                             "--batch-size (or --tile-size)") from None
         if label is not None:
             shown = [(every_nth(image, step), label[::step, ::step])]
-        imagery.write_png(paths["overlay"], report.overlay_image(
+        writers.write_png(paths["overlay"], report.overlay_image(
             np.concatenate([s[0] for s in shown]), np.concatenate([s[1] for s in shown]),
             segmenter.n_classes))
     if label is None:
         return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
-        imagery.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
+        writers.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
     if "geojson" in paths:
         collection = postprocess.mask_to_geojson(label, meta.transform, meta.crs)
         write_atomic(paths["geojson"], json.dumps(collection))
-    imagery.write_png(paths["label"], label)
+    writers.write_png(paths["label"], label)
     return label, label.shape[0] * label.shape[1]
 
 
@@ -296,9 +296,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
     check_writable(out_dir)
     if labels_dir is not None:
-        pairs = imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
+        pairs = pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
     else:
-        pairs = imagery.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
+        pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
     pairs = pairs[index::count]
     models = _load_models(cfg, runs)
     segmenter = Segmenter(models, cfg, full_max_values)
@@ -329,7 +329,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
         try:
             if not overwrite and all(p.is_file() for p in paths.values()):
                 skipped += 1
-                label = imagery.read_label(paths["label"]) if pair.label is not None else None
+                label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
                 t0 = time.perf_counter()
                 label, pixels = segment_image(segmenter, pair, paths,

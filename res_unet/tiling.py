@@ -275,7 +275,7 @@ class TileBlender:
 class RowSource(Protocol):
     """An (H, W, B) image read a band of rows at a time: an array in memory
     (:class:`ArrayRows`), a raster on disk read in windows
-    (:class:`res_unet.imagery.RasterRows`), or another source at a coarser scale
+    (:class:`res_unet.rasters.RasterRows`), or another source at a coarser scale
     (:class:`DownsampledRows`)."""
 
     shape: tuple[int, int, int]

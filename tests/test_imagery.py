@@ -1,4 +1,5 @@
-"""Tests for res_unet.imagery: reading, pairing, label preparation and atomic writing."""
+"""Tests for res_unet.rasters, res_unet.pairing and res_unet.writers: reading, pairing,
+label preparation and atomic writing."""
 
 from __future__ import annotations
 
@@ -13,23 +14,12 @@ from helpers import shared_data
 from PIL import Image
 from rasterio.crs import CRS
 
-from res_unet import imagery
+from res_unet import pairing, rasters
 from res_unet.config import LabelRules, config_from_dict
 from res_unet.errors import UserError
-from res_unet.imagery import (
-    Pair,
-    RasterMeta,
-    find_images,
-    find_pairs,
-    is_georeferenced,
-    load_image,
-    load_pair,
-    prepare_label,
-    read_image,
-    read_label,
-    write_geotiff,
-    write_png,
-)
+from res_unet.pairing import Pair, find_images, find_pairs, load_image, load_pair, prepare_label
+from res_unet.rasters import RasterMeta, is_georeferenced, read_image, read_label
+from res_unet.writers import write_geotiff, write_png
 
 
 def make_cfg(**keys):
@@ -301,7 +291,7 @@ def test_remap_classes_applies_before_the_range_check():
 
 
 def test_binary_0_255_mask_becomes_0_1_with_one_note(capsys, monkeypatch):
-    monkeypatch.setattr(imagery, "_NOTED", set())
+    monkeypatch.setattr(pairing, "_NOTED", set())
     label = np.array([[0, 255], [255, 0]], np.uint8)
     out = prepare_label(label, LabelRules(nclasses=1), Path("m/a.png"))
     np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
@@ -558,7 +548,7 @@ def test_failed_geotiff_write_leaves_no_file(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise rasterio.errors.RasterioIOError("write failed")
 
-    monkeypatch.setattr(imagery.rasterio, "open", broken_open)
+    monkeypatch.setattr(rasters.rasterio, "open", broken_open)
     with pytest.raises(rasterio.errors.RasterioIOError):
         write_geotiff(tmp_path / "out.tif", np.zeros((2, 2), np.uint8), RasterMeta(tmp_path))
     assert folder_listing(tmp_path) == []
@@ -588,7 +578,8 @@ def test_reads_a_real_lakes_pair():
 
 def test_dangling_symlink_among_images_is_named(tmp_path):
     from res_unet.errors import UserError
-    from res_unet.imagery import find_pairs, write_png
+    from res_unet.pairing import find_pairs
+    from res_unet.writers import write_png
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     write_png(images / "a.png", np.zeros((8, 8, 3), np.uint8))
@@ -600,7 +591,7 @@ def test_dangling_symlink_among_images_is_named(tmp_path):
 
 
 def test_png_writer_streams_rows_and_leaves_nothing_when_incomplete(tmp_path):
-    from res_unet.imagery import png_writer
+    from res_unet.writers import png_writer
 
     label = np.random.default_rng(3).integers(0, 7, (45, 31)).astype(np.uint8)
     with png_writer(tmp_path / "l.png", label.shape) as write:

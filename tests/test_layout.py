@@ -1,7 +1,7 @@
 """The package's shape: data flows one way through the modules, and none grows unchecked.
 
 The README's code map lists these layers; a module may import only from layers before its
-own (lazy imports inside functions count too), so the flow config -> imagery -> dataset ->
+own (lazy imports inside functions count too), so the flow config -> rasters -> dataset ->
 model -> training -> run folder -> prediction -> outputs cannot turn back on itself.
 """
 
@@ -25,7 +25,8 @@ LAYERS = [
     ["atomic", "progress", "cli"],
     ["registry"],
     ["config"],
-    ["imagery"],
+    ["rasters"],
+    ["pairing", "writers"],
     ["augment", "split", "report"],
     ["records"],
     ["dataset"],

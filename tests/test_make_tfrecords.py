@@ -18,9 +18,10 @@ from res_unet import dataset, records
 from res_unet.cli import run_command
 from res_unet.config import config_from_dict, load_config
 from res_unet.demo import make_demo_dataset
-from res_unet.imagery import find_pairs, load_pair, write_png
 from res_unet.make_tfrecords import main
+from res_unet.pairing import find_pairs, load_pair
 from res_unet.tiling import resize_to_fit, tile_grid
+from res_unet.writers import write_png
 
 DEMO_CONFIG = {"TARGET_SIZE": [64, 64], "AUG_COPIES": 2, "IMS_PER_SHARD": 8,
                "VALIDATION_SPLIT": 0.25, "SEED": 3}
