@@ -55,17 +55,14 @@ from res_unet.tiling import (
     resize_to_fit,
     tile_origins,
     undo_fit,
-    upsample_ready_rows,
     upsample_rows,
-    upsample_source_rows,
+    upsample_strips,
 )
 
 LABEL_NODATA = 255
 # Probability values (H * W * C) above which an image is predicted strip by strip: 256 MB
 # of float32; below it the whole map is kept, which costs nothing worth saving.
 FULL_MAX_VALUES = 64_000_000
-# Rows interpolated at a time when a DOWNSAMPLE model's map goes back to full resolution.
-UPSAMPLE_ROWS = 1024
 # Rows handled at a time in passes over the whole label map (nodata marks, Otsu labels).
 ROW_BLOCK = 256
 _OTSU_LEVELS = 65535
@@ -197,28 +194,6 @@ def iter_strips(models: Sequence[LoadedModel], image: np.ndarray | RowSource,
             end = rows[row_index] if row_index < len(rows) else height
             first = blender.start
             yield first, blender.pop_rows(end)
-
-
-def upsample_strips(small_strips: Iterable[tuple[int, np.ndarray]], factor: int,
-                    small_height: int, out_hw: Sequence[int]
-                    ) -> Iterator[tuple[int, np.ndarray]]:
-    """Strips of a map at 1/``factor`` scale (top to bottom, as :func:`iter_strips` gives
-    them) -> strips of its bilinear up-sampling to ``out_hw``, equal to
-    :func:`res_unet.tiling.upsample_rows` of the whole map; only the small rows still
-    needed are held."""
-    out_h = int(out_hw[0])
-    held: np.ndarray | None = None
-    held_first = done = 0
-    for first, strip in small_strips:
-        held = strip if held is None else np.concatenate([held, strip])
-        ready = upsample_ready_rows(first + len(strip), factor, small_height, out_h)
-        for r0 in range(done, ready, UPSAMPLE_ROWS):
-            r1 = min(r0 + UPSAMPLE_ROWS, ready)
-            yield r0, upsample_rows(held, factor, out_hw, r0, r1, held_first, small_height)
-        done = max(done, ready)
-        if done < out_h:
-            keep = upsample_source_rows(done, done + 1, factor, small_height)[0]
-            held, held_first = held[keep - held_first:], keep
 
 
 # Labels ------------------------------------------------------------------------------------

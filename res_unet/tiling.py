@@ -16,7 +16,7 @@ training and inference see images prepared the same way:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,8 @@ from skimage.transform import resize
 WINDOW_KINDS = ("hann", "spline", "flat")
 # Smallest blending weight: tile edges that no other tile covers still get normalised.
 WINDOW_FLOOR = 1e-3
+# Rows interpolated at a time when a DOWNSAMPLE model's map goes back to full resolution.
+UPSAMPLE_ROWS = 1024
 
 
 # Tile positions -----------------------------------------------------------------------------
@@ -438,3 +440,24 @@ def upsample_ready_rows(small_rows: int, factor: int, small_height: int, out_hei
     # Output row R reads small rows lo, lo + 1 with lo = floor((R + 0.5) / factor - 0.5);
     # lo + 1 < small_rows  <=>  R < factor * small_rows - (factor + 1) / 2.
     return max(0, min(out_height, (2 * factor * small_rows - factor) // 2))
+
+
+def upsample_strips(small_strips: Iterable[tuple[int, np.ndarray]], factor: int,
+                    small_height: int, out_hw: Sequence[int]
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+    """Strips of a map at 1/``factor`` scale (``(first_row, rows)``, top to bottom) ->
+    strips of its bilinear up-sampling to ``out_hw``, equal to :func:`upsample_rows` of the
+    whole map; only the small rows still needed are held."""
+    out_h = int(out_hw[0])
+    held: np.ndarray | None = None
+    held_first = done = 0
+    for first, strip in small_strips:
+        held = strip if held is None else np.concatenate([held, strip])
+        ready = upsample_ready_rows(first + len(strip), factor, small_height, out_h)
+        for r0 in range(done, ready, UPSAMPLE_ROWS):
+            r1 = min(r0 + UPSAMPLE_ROWS, ready)
+            yield r0, upsample_rows(held, factor, out_hw, r0, r1, held_first, small_height)
+        done = max(done, ready)
+        if done < out_h:
+            keep = upsample_source_rows(done, done + 1, factor, small_height)[0]
+            held, held_first = held[keep - held_first:], keep

@@ -355,7 +355,7 @@ def test_upsample_strips_equal_the_whole_map(factor, out_h):
     whole = tiling.upsample_rows(small, factor, (out_h, 9 * factor - 1))
     cuts = sorted(set(rng.integers(1, max(small_h, 2), 3).tolist()) | {0, small_h})
     strips = [(a, small[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
-    pieces = list(predict.upsample_strips(strips, factor, small_h, (out_h, 9 * factor - 1)))
+    pieces = list(tiling.upsample_strips(strips, factor, small_h, (out_h, 9 * factor - 1)))
     assert [r0 for r0, _ in pieces] == sorted(r0 for r0, _ in pieces)
     np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), whole)
 
