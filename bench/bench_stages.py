@@ -101,7 +101,7 @@ def instrument(timer: StageTimer) -> None:
 
     timer.wrap(pairing, "load_image", "read")
     timer.wrap(rasters.RasterRows, "rows", "read")
-    timer.wrap(predict, "extract_tile", "tiles")
+    timer.wrap(tiling, "extract_tile", "tiles")
     timer.wrap(runfolder.LoadedModel, "__call__", "model")
     timer.wrap(predict, "predict_batch", "tta")
     for method in ("add", "pop_rows", "result"):
