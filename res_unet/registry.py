@@ -1,4 +1,5 @@
-"""The registry of segmentation architectures: their names, encoders and size constraints.
+"""The registry of names the config offers: architectures (with their encoders and size
+constraints) and loss terms.
 
 The one place that names the architectures (:data:`MODELS`): the config takes the MODEL and
 ENCODER choices and the input size constraint from it, and
@@ -17,7 +18,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from res_unet.config import Config
 
-__all__ = ["ENCODERS", "MODELS", "Architecture"]
+__all__ = ["ENCODERS", "LOSS_TERMS", "MODELS", "Architecture"]
+
+# The terms a LOSS may weigh (res_unet.losses implements each).
+LOSS_TERMS = ("dice", "focal", "boundary", "ce")
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from res_unet.config import (
     load_config,
     reference_markdown,
     save_config,
-    upgrade_keys,
 )
 from res_unet.errors import UserError
 from res_unet.registry import MODELS
+from res_unet.upgrade import upgrade_keys
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,7 @@ LAYERS = [
     ["errors", "tiling"],
     ["atomic", "progress", "cli"],
     ["registry"],
+    ["upgrade"],
     ["config"],
     ["rasters"],
     ["pairing", "writers"],
