@@ -62,11 +62,11 @@ import numpy as np
 import tensorflow as tf
 from common import matmul_peak
 
-from res_unet.imagery import read_image
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
 from res_unet.ov_runtime import converted_model, openvino_runner
 from res_unet.predict import Segmenter
+from res_unet.rasters import read_image
 from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
 
 REPO = Path(__file__).resolve().parents[1]

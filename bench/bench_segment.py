@@ -86,10 +86,10 @@ def untrained_run(run_dir: Path) -> Path:
 def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int | None
                 ) -> dict[str, Any]:
     """Mpx/s and peak RSS of each variant over the first ``scenes`` full-resolution scenes."""
-    from res_unet import imagery, predict, runfolder
+    from res_unet import pairing, predict, runfolder
     from res_unet.tiling import tile_origins
 
-    pairs = imagery.find_images(DATA / "lakes_fullres" / "images")[:scenes]
+    pairs = pairing.find_images(DATA / "lakes_fullres" / "images")[:scenes]
     # Variants start from no TTA and no CRF whatever the run's config says ('plain').
     overrides: dict[str, Any] = {"INFER_MODE": "tile", "TESTTIMEAUG": False,
                                  "DO_CRF_REFINE": False}
@@ -106,7 +106,7 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
                                       else predict.FULL_MAX_VALUES)
         per_scene = []
         for pair in pairs:
-            image, _ = imagery.load_image(pair, cfg)
+            image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
             with PeakMemory() as memory:
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 label = segmenter.segment(image)
@@ -144,12 +144,12 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
 
 def bench_quality(run_dir: Path, max_images: int | None) -> dict[str, Any]:
     """IoU on the run's lakes validation split with each post-processing step."""
-    from res_unet import imagery, metrics, postprocess, predict, runfolder
+    from res_unet import metrics, pairing, postprocess, predict, runfolder
     from res_unet.config import config_from_dict
     from res_unet.split import split_pairs
 
     cfg = runfolder.inference_config([run_dir], None, {})
-    pairs = imagery.find_pairs(DATA / "lakes" / "images", DATA / "lakes" / "labels")
+    pairs = pairing.find_pairs(DATA / "lakes" / "images", DATA / "lakes" / "labels")
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
     validation = validation[:max_images] if max_images else validation
     segmenter = predict.Segmenter([runfolder.load_run(run_dir, cfg.TARGET_SIZE)], cfg)
@@ -163,7 +163,7 @@ def bench_quality(run_dir: Path, max_images: int | None) -> dict[str, Any]:
     configs = {name: config_from_dict({**base, **over})[0] for name, over in settings.items()}
     cms = {name: np.zeros((2, 2), np.int64) for name in settings}
     for pair in validation:
-        image, truth, _ = imagery.load_pair(pair, cfg)
+        image, truth, _ = pairing.load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules)
         prob = segmenter.probabilities(image)
         for name, step_cfg in configs.items():
             label = postprocess.postprocess(prob, image, step_cfg, segmenter.card_threshold)

@@ -8,14 +8,14 @@ blending, thresholding, clean-up, writing the label PNG and the overlay) with ea
 functions wrapped in timers. Times are exclusive: a timed function called inside another
 counts for its own stage only. Stages:
 
-- read: image files decoded (``imagery.load_image``, windows of ``RasterRows``)
+- read: image files decoded (``pairing.load_image``, windows of ``RasterRows``)
 - tiles: tiles cut from the image (``extract_tile``)
 - model: the model call (``LoadedModel.__call__``; with TTA, once per transform)
 - tta: stacking a batch, the TTA flips and their average (``predict_batch`` minus the model)
 - blend: tile probabilities blended into the map (``TileBlender``)
 - postprocess: threshold, CRF and clean-up (``postprocess.postprocess``, ``clean_label``,
   ``probs_to_label``), nodata masks
-- write: the label PNG, GeoTIFF and overlay (``imagery.write_png``, ``write_geotiff``,
+- write: the label PNG, GeoTIFF and overlay (``writers.write_png``, ``write_geotiff``,
   ``report.overlay_image``)
 - other: the rest of the wall time (loading the model, checks, Python glue)
 
@@ -87,11 +87,21 @@ class StageTimer:
 
 def instrument(timer: StageTimer) -> None:
     """Wrap the functions of each stage of segment_folder."""
-    from res_unet import imagery, postprocess, predict, report, runfolder, segment, tiling
+    from res_unet import (
+        pairing,
+        postprocess,
+        predict,
+        rasters,
+        report,
+        runfolder,
+        segment,
+        tiling,
+        writers,
+    )
 
-    timer.wrap(imagery, "load_image", "read")
-    timer.wrap(imagery.RasterRows, "rows", "read")
-    timer.wrap(predict, "extract_tile", "tiles")
+    timer.wrap(pairing, "load_image", "read")
+    timer.wrap(rasters.RasterRows, "rows", "read")
+    timer.wrap(tiling, "extract_tile", "tiles")
     timer.wrap(runfolder.LoadedModel, "__call__", "model")
     timer.wrap(predict, "predict_batch", "tta")
     for method in ("add", "pop_rows", "result"):
@@ -99,8 +109,8 @@ def instrument(timer: StageTimer) -> None:
     for name in ("postprocess", "clean_label", "probs_to_label"):
         timer.wrap(postprocess, name, "postprocess")
     timer.wrap(predict, "nodata_mask", "postprocess")
-    timer.wrap(imagery, "write_png", "write")
-    timer.wrap(imagery, "write_geotiff", "write")
+    timer.wrap(writers, "write_png", "write")
+    timer.wrap(writers, "write_geotiff", "write")
     timer.wrap(report, "overlay_image", "write")
     del segment  # imported so that its module-level names are bound before wrapping
 
@@ -108,7 +118,7 @@ def instrument(timer: StageTimer) -> None:
 def run_variant(model_dir: Path, images: Path, limit: int, tta: bool, runtime: str,
                 peak_gflops: float) -> dict[str, Any]:
     """Segment up to ``limit`` images of ``images`` with timers; the stage table."""
-    from res_unet import imagery
+    from res_unet import pairing
     from res_unet.models.helpers import count_flops
     from res_unet.runfolder import LoadedModel, inference_config, load_run
     from res_unet.segment import segment_folder
@@ -116,7 +126,7 @@ def run_variant(model_dir: Path, images: Path, limit: int, tta: bool, runtime: s
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
-        pairs = imagery.find_images(images)[:limit]
+        pairs = pairing.find_images(images)[:limit]
         for pair in pairs:
             (folder / pair.image.name).symlink_to(pair.image.resolve())
         cfg = inference_config([model_dir], None, {"TESTTIMEAUG": tta, "INFER_RUNTIME": runtime})

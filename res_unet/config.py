@@ -7,11 +7,12 @@ reference.
 Every key a user can write lives in :class:`Config`, with its default and its meaning in the
 field metadata; the README's config reference is generated from it
 (:func:`reference_markdown`). Keys from the original residual-U-Net toolbox are accepted
-as they are; keys from Segmentation Gym go through :func:`upgrade_keys`, which maps each to
-ours or says plainly that it has no effect. Keys starting with ``_`` are comments.
+as they are; keys from Segmentation Gym go through :func:`res_unet.upgrade.upgrade_keys`,
+which maps each to ours or says plainly that it has no effect. Keys starting with ``_`` are
+comments.
 
 The MODEL and ENCODER choices, their descriptions and the size TARGET_SIZE must divide by
-come from the model registry, :data:`res_unet.models.MODELS`: plain data that imports
+come from the model registry, :data:`res_unet.registry.MODELS`: plain data that imports
 neither Keras nor the model files, so a config is checked before TensorFlow loads.
 """
 
@@ -28,18 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from res_unet.atomic import write_atomic
-from res_unet.errors import UserError
+from res_unet.errors import UserError, either
 from res_unet.folders import check_plain_name
-from res_unet.models import ENCODERS, MODELS
+from res_unet.registry import ENCODERS, LOSS_TERMS, MODELS
+from res_unet.upgrade import upgrade_keys
 
-LOSS_TERMS = ("dice", "focal", "boundary", "ce")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-
-
-def _either(words: typing.Iterable[str]) -> str:
-    """Alternatives for a sentence: 'a', 'a or b', 'a, b or c'."""
-    words = list(words)
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -49,6 +44,22 @@ def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = 
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    """How raw label values become class indices: NCLASSES (1 = binary), REMAP_CLASSES
+    (raw value -> class, applied first) and IGNORE_CLASS (a value allowed besides the
+    classes). :attr:`Config.label_rules` gives a config's."""
+
+    nclasses: int
+    remap: dict[str, int] = field(default_factory=dict)
+    ignore_class: int | None = None
+
+    @property
+    def n_label_classes(self) -> int:
+        """Number of distinct label values: 2 for binary (NCLASSES=1), else NCLASSES."""
+        return 2 if self.nclasses == 1 else self.nclasses
 
 
 @dataclass
@@ -139,7 +150,7 @@ class Config:
                             lo=0.0, hi=1.0, group="augmentation")
 
     # Model
-    MODEL: str = _key("resunet", "Architecture: " + _either(
+    MODEL: str = _key("resunet", "Architecture: " + either(
                       f"'{a.name}' ({a.description})" for a in MODELS.values()) + ".",
                       choices=tuple(MODELS), group="model")
     FILTERS: int = _key(16, "Residual U-Net base filters, doubled per level.", lo=1, hi=1024,
@@ -292,7 +303,12 @@ class Config:
     @property
     def n_label_classes(self) -> int:
         """Number of distinct label values: 2 for binary (NCLASSES=1), else NCLASSES."""
-        return 2 if self.NCLASSES == 1 else self.NCLASSES
+        return self.label_rules.n_label_classes
+
+    @property
+    def label_rules(self) -> LabelRules:
+        """NCLASSES, REMAP_CLASSES and IGNORE_CLASS, for reading labels."""
+        return LabelRules(self.NCLASSES, dict(self.REMAP_CLASSES), self.IGNORE_CLASS)
 
     @property
     def class_names(self) -> list[str]:
@@ -307,70 +323,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (all keys, defaults filled in)."""
         return dataclasses.asdict(self)
-
-
-# Segmentation Gym keys --------------------------------------------------------------------
-
-_GYM_NO_EFFECT = {
-    "STRIDE": "down-sampling here is always 2x max-pooling",
-    "SET_PCI_BUS_ID": "devices are chosen with SET_GPU",
-    "LOAD_DATA_WITH_CPU": "the tf.data pipeline already runs on the CPU",
-    "CLEAR_MEMORY": "memory is bounded by streaming",
-    "WRITE_MODELMETADATA": "model_card.json is always written",
-    "FILTER_VALUE": "use OPENING_RADIUS / CLOSING_RADIUS for mask clean-up",
-}
-_GYM_MODELS = {"resunet": "resunet", "simple_resunet": "resunet", "unet": "resunet",
-               "simple_unet": "resunet"}
-_GYM_LOSSES = {"dice": {"dice": 1.0}, "cat": {"ce": 1.0}}
-
-
-def upgrade_keys(raw: dict[str, Any], source: str = "config") -> tuple[dict[str, Any], list[str]]:
-    """Map old (Segmentation Gym) keys and values to ours.
-
-    Returns the upgraded dict and a list of one-line notices for the user. Raises UserError for
-    values that have no equivalent here.
-    """
-    cfg = {k: v for k, v in raw.items() if not k.startswith("_")}
-    notices: list[str] = []
-    problems: list[str] = []
-    if "KERNEL" in cfg:
-        kernel = cfg.pop("KERNEL")
-        cfg.setdefault("KERNEL_SIZE", kernel)
-        notices.append(f"{source}: KERNEL read as KERNEL_SIZE={cfg['KERNEL_SIZE']}")
-    for key, why in _GYM_NO_EFFECT.items():
-        if key in cfg:
-            cfg.pop(key)
-            notices.append(f"{source}: {key} has no effect here ({why})")
-    model = cfg.get("MODEL")
-    if isinstance(model, str) and model in _GYM_MODELS:
-        cfg["MODEL"] = _GYM_MODELS[model]
-        if model != cfg["MODEL"]:
-            notices.append(f"{source}: MODEL '{model}' is built as '{cfg['MODEL']}' "
-                           f"({MODELS[cfg['MODEL']].description})")
-    elif isinstance(model, str) and model in ("satunet", "segformer"):
-        problems.append(f"{source}: MODEL '{model}' is not available here; use "
-                        f"{_either(repr(m) for m in MODELS)}")
-    loss = cfg.get("LOSS")
-    if isinstance(loss, str) and loss.lower() in ("hinge", "kld"):
-        problems.append(f"{source}: LOSS '{loss}' is not available here; use a weighted sum of "
-                        f"{', '.join(LOSS_TERMS)}, e.g. \"dice+focal\"")
-    elif isinstance(loss, str) and loss.lower() in _GYM_LOSSES:
-        cfg["LOSS"] = dict(_GYM_LOSSES[loss.lower()])
-    if "LOSS_WEIGHTS" in cfg:
-        weights = cfg.pop("LOSS_WEIGHTS")
-        if weights is True:
-            cfg.setdefault("CLASS_WEIGHTS", "auto")
-        elif isinstance(weights, list):
-            cfg.setdefault("CLASS_WEIGHTS", weights)
-        notices.append(f"{source}: LOSS_WEIGHTS read as CLASS_WEIGHTS={cfg.get('CLASS_WEIGHTS')}")
-    if cfg.pop("OTSU_THRESHOLD", None) is True:
-        cfg.setdefault("THRESHOLD", "otsu")
-        notices.append(f"{source}: OTSU_THRESHOLD read as THRESHOLD='otsu'")
-    if isinstance(cfg.get("SET_GPU"), int):
-        cfg["SET_GPU"] = str(cfg["SET_GPU"])
-    if problems:
-        raise UserError("\n".join(problems))
-    return cfg, notices
 
 
 # Validation -------------------------------------------------------------------------------
@@ -494,7 +446,7 @@ def _check_consistency(c: Config, source: str) -> list[str]:
             p.append(f"{source}: REMAP_CLASSES maps {k} to {v}; values must be 0..255")
     if architecture.encoders and c.ENCODER not in architecture.encoders:
         p.append(f"{source}: ENCODER '{c.ENCODER}' does not fit MODEL '{c.MODEL}'; use "
-                 f"{_either(repr(e) for e in architecture.encoders)}")
+                 f"{either(repr(e) for e in architecture.encoders)}")
     if architecture.encoders and c.FREEZE_ENCODER_EPOCHS and not c.ENCODER_WEIGHTS:
         p.append(f"{source}: FREEZE_ENCODER_EPOCHS needs pretrained ENCODER_WEIGHTS (a file or "
                  "'imagenet'); freezing a random encoder only slows training")

@@ -45,7 +45,7 @@ from res_unet.augment import augment_pair
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
 from res_unet.folders import folder_lock
-from res_unet.imagery import Pair, find_pairs, load_pair
+from res_unet.pairing import Pair, find_pairs, load_pair
 from res_unet.records import (
     CONFIG,
     MANIFEST,
@@ -169,7 +169,7 @@ def source_examples(image: np.ndarray, label: np.ndarray, stem: str, split: str,
 def load_scaled_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """The pair's image and label at the working scale: 1/DOWNSAMPLE of the source grid
     (block-mean image, majority label)."""
-    image, label, _ = load_pair(pair, cfg)
+    image, label, _ = load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules)
     return (downsample_image(image, cfg.DOWNSAMPLE),
             downsample_label(label, cfg.DOWNSAMPLE))
 
@@ -186,7 +186,7 @@ def _process_source(task: _Task) -> _SourceResult:
 def _check_source(task: _Task) -> tuple[str | None, str | None, tuple[int, int]]:
     """Worker entry point of the checking pass: (problem or None, image dtype, (H, W))."""
     try:
-        image, _, _ = load_pair(task.pair, task.cfg)
+        image, _, _ = load_pair(task.pair, task.cfg.N_DATA_BANDS, task.cfg.label_rules)
     except UserError as exc:
         return str(exc), None, (0, 0)
     return None, image.dtype.name, downsampled_shape(image.shape[:2], task.cfg.DOWNSAMPLE)

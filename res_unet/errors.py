@@ -1,5 +1,9 @@
 """The one exception type users see: a one-line message that names the file and the fix."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """Bad input from the user (config, files, flags).
@@ -8,3 +12,9 @@ class UserError(Exception):
     traceback and exit with status 2. Several problems may be joined with newlines, one per
     line.
     """
+
+
+def either(words: Iterable[str]) -> str:
+    """Alternatives for a message: 'a', 'a or b', 'a, b or c'."""
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"

@@ -37,7 +37,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from res_unet.config import LOSS_TERMS, Config
+from res_unet.config import Config
+from res_unet.registry import LOSS_TERMS
 
 EPSILON = 1e-7
 DEFAULT_TERMS = {"dice": 1.0, "focal": 1.0, "boundary": 1.0}

@@ -1,4 +1,5 @@
-"""Segmentation scores: numpy evaluation from confusion matrices, and Keras training metrics.
+"""Segmentation scores: numpy evaluation from confusion matrices, and per-batch confusion
+matrices in TensorFlow ops for the training loop.
 
 The confusion matrix is the one summary everything is derived from. It is additive, so an
 evaluation over a whole validation set sums per-batch matrices and scores once at the end.
@@ -6,7 +7,7 @@ Rows are true classes, columns predicted classes. Pixels whose true class is the
 class are not counted; predicting the ignore class on a counted pixel is an error.
 
 Binary models (NCLASSES=1) are scored as two classes (0 background, 1 foreground): a pixel
-is foreground when its probability is >= threshold (0.5 in training metrics), as in
+is foreground when its probability is >= threshold (0.5 while training), as in
 postprocess.probs_to_label.
 """
 
@@ -16,11 +17,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
-
-from res_unet.config import Config
 
 DEFAULT_THRESHOLDS = np.linspace(0.05, 0.95, 19)
 
@@ -221,7 +219,7 @@ def evaluation_scores(cm: np.ndarray, sweep: ThresholdSweep | None,
     return result
 
 
-# Keras metrics ----------------------------------------------------------------------------
+# Training (TensorFlow) -------------------------------------------------------------------
 
 def batch_confusion(y_true: tf.Tensor, y_pred: tf.Tensor, n_classes: int,
                     ignore_class: int | None = None, threshold: float = 0.5,
@@ -253,94 +251,3 @@ def batch_confusion(y_true: tf.Tensor, y_pred: tf.Tensor, n_classes: int,
     return tf.math.confusion_matrix(tf.reshape(truth, [-1]), tf.reshape(pred, [-1]),
                                     num_classes=n_classes, weights=tf.reshape(weights, [-1]),
                                     dtype=tf.float64)
-
-
-class _ConfusionMetric(keras.metrics.Metric):
-    """Accumulates a confusion matrix (float64 counts, exact to 2**53 pixels) per replica.
-
-    Binary inputs (one channel) are thresholded, multiclass inputs arg-maxed; pixels whose
-    true class is the ignore class are skipped. Subclasses define result() from the matrix.
-    """
-
-    def __init__(self, n_classes: int, ignore_class: int | None = None,
-                 threshold: float = 0.5, name: str | None = None,
-                 dtype: Any = None) -> None:
-        super().__init__(name=name, dtype=dtype)
-        self.n_classes = int(n_classes)
-        self.ignore_class = None if ignore_class is None else int(ignore_class)
-        self.threshold = float(threshold)
-        self.confusion = self.add_variable(shape=(self.n_classes, self.n_classes),
-                                           initializer="zeros", dtype="float64",
-                                           name="confusion")
-
-    def update_state(self, y_true, y_pred, sample_weight=None) -> None:
-        """Add one batch: y_true 0/1 or one-hot, y_pred probabilities (batch, H, W, C)."""
-        self.confusion.assign_add(batch_confusion(y_true, y_pred, self.n_classes,
-                                                  self.ignore_class, self.threshold,
-                                                  sample_weight))
-
-    def _parts(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(diag, row sums, column sums, counted-class mask) of the matrix, float64."""
-        cm = tf.convert_to_tensor(self.confusion)
-        counted = tf.ones([self.n_classes], tf.float64)
-        if self.ignore_class is not None:
-            counted = tf.tensor_scatter_nd_update(counted, [[self.ignore_class]], [0.0])
-        return (tf.linalg.diag_part(cm), tf.reduce_sum(cm, axis=1), tf.reduce_sum(cm, axis=0),
-                counted)
-
-    def _class_mean(self, num: tf.Tensor, den: tf.Tensor, counted: tf.Tensor) -> tf.Tensor:
-        """Mean of num/den over counted classes with den > 0 (0 when there are none)."""
-        defined = tf.cast(den > 0, tf.float64) * counted
-        ratios = tf.math.divide_no_nan(num, den) * defined
-        mean = tf.math.divide_no_nan(tf.reduce_sum(ratios), tf.reduce_sum(defined))
-        return tf.cast(mean, tf.float32)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "n_classes": self.n_classes,
-                "ignore_class": self.ignore_class, "threshold": self.threshold}
-
-
-@keras.saving.register_keras_serializable(package="res_unet")
-class MeanIoU(_ConfusionMetric):
-    """Mean over classes of IoU = diag / (row + col - diag), classes absent from both skipped."""
-
-    def __init__(self, n_classes: int, ignore_class: int | None = None,
-                 threshold: float = 0.5, name: str = "mean_iou", dtype: Any = None) -> None:
-        super().__init__(n_classes, ignore_class, threshold, name=name, dtype=dtype)
-
-    def result(self) -> tf.Tensor:
-        diag, rows, cols, counted = self._parts()
-        return self._class_mean(diag, rows + cols - diag, counted)
-
-
-@keras.saving.register_keras_serializable(package="res_unet")
-class MeanDice(_ConfusionMetric):
-    """Mean over classes of dice = 2 diag / (row + col), classes absent from both skipped."""
-
-    def __init__(self, n_classes: int, ignore_class: int | None = None,
-                 threshold: float = 0.5, name: str = "dice", dtype: Any = None) -> None:
-        super().__init__(n_classes, ignore_class, threshold, name=name, dtype=dtype)
-
-    def result(self) -> tf.Tensor:
-        diag, rows, cols, counted = self._parts()
-        return self._class_mean(2.0 * diag, rows + cols, counted)
-
-
-@keras.saving.register_keras_serializable(package="res_unet")
-class PixelAccuracy(_ConfusionMetric):
-    """Share of counted pixels whose predicted class is the true class."""
-
-    def __init__(self, n_classes: int, ignore_class: int | None = None,
-                 threshold: float = 0.5, name: str = "pixel_accuracy", dtype: Any = None) -> None:
-        super().__init__(n_classes, ignore_class, threshold, name=name, dtype=dtype)
-
-    def result(self) -> tf.Tensor:
-        diag, rows, _, _ = self._parts()
-        return tf.cast(tf.math.divide_no_nan(tf.reduce_sum(diag), tf.reduce_sum(rows)),
-                       tf.float32)
-
-
-def make_metrics(cfg: Config) -> list[keras.metrics.Metric]:
-    """Training metrics for cfg: mean_iou, dice, pixel_accuracy (binary threshold 0.5)."""
-    args = {"n_classes": cfg.n_label_classes, "ignore_class": cfg.IGNORE_CLASS}
-    return [MeanIoU(**args), MeanDice(**args), PixelAccuracy(**args)]

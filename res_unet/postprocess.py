@@ -38,7 +38,7 @@ from scipy import ndimage
 from skimage import filters, morphology
 
 from res_unet.config import Config
-from res_unet.imagery import to_display_rgb
+from res_unet.report import to_display_rgb
 
 _PROB_CLIP = 1e-5  # floor for probabilities before logs, as pydensecrf's unary_from_softmax
 

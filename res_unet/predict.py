@@ -1,7 +1,10 @@
 """Inference: probabilities and label maps of images from loaded models.
 
 One or several loaded run folders (:class:`res_unet.runfolder.LoadedModel`, an ensemble)
-segment an image through a :class:`Segmenter`, in one of two modes:
+segment an image through a :class:`Segmenter`. This module runs the models (TensorFlow or
+OpenVINO, :func:`predict_batch` with test-time augmentation) and turns probabilities into
+labels; the image is tiled, batched, blended and rescaled by a
+:class:`res_unet.tiling.SlidingWindow` over :func:`predict_batch`, in one of two modes:
 
 - ``resize`` (the original toolbox's behaviour): the whole image is scaled to fit the model
   input keeping its aspect ratio (:func:`res_unet.tiling.resize_to_fit`), predicted once, and
@@ -32,40 +35,28 @@ CRF_MAX_PIXELS).
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from res_unet import imagery, postprocess
+from res_unet import postprocess, rasters
 from res_unet.config import Config
 from res_unet.errors import UserError
 from res_unet.runfolder import LoadedModel
 from res_unet.tiling import (
-    DownsampledRows,
     RowSource,
-    TileBlender,
+    SlidingWindow,
     as_rows,
-    blend_window,
-    downsample_image,
     downsampled_shape,
-    extract_tile,
-    resize_to_fit,
-    tile_origins,
-    undo_fit,
-    upsample_ready_rows,
-    upsample_rows,
-    upsample_source_rows,
 )
 
 LABEL_NODATA = 255
 # Probability values (H * W * C) above which an image is predicted strip by strip: 256 MB
 # of float32; below it the whole map is kept, which costs nothing worth saving.
 FULL_MAX_VALUES = 64_000_000
-# Rows interpolated at a time when a DOWNSAMPLE model's map goes back to full resolution.
-UPSAMPLE_ROWS = 1024
 # Rows handled at a time in passes over the whole label map (nodata marks, Otsu labels).
 ROW_BLOCK = 256
 _OTSU_LEVELS = 65535
@@ -115,6 +106,18 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
     return total
 
 
+def sliding_window(models: Sequence[LoadedModel], tile_hw: Sequence[int] | None = None,
+                   overlap: float = 0.25, window: str = "hann", batch_size: int = 8,
+                   tta: bool = False, rot90: bool = False, downsample: int = 1
+                   ) -> SlidingWindow:
+    """A :class:`res_unet.tiling.SlidingWindow` over the mean prediction of ``models`` with
+    the test-time augmentation asked for (:func:`predict_batch`); ``tile_hw`` defaults to
+    the models' input size."""
+    return SlidingWindow(functools.partial(predict_batch, models, tta=tta, rot90=rot90),
+                         models[0].tile_hw if tile_hw is None else tile_hw, overlap, window,
+                         batch_size, downsample)
+
+
 def predict_resize(models: Sequence[LoadedModel], image: np.ndarray, tta: bool = False,
                    rot90: bool = False) -> np.ndarray:
     """Resize mode: (H, W, B) raw image -> (H, W, C) float32 probabilities.
@@ -122,33 +125,7 @@ def predict_resize(models: Sequence[LoadedModel], image: np.ndarray, tta: bool =
     The image is fitted to the models' input (aspect kept, reflect-padded), predicted once
     and the probabilities are cropped and scaled back bilinearly to (H, W).
     """
-    fitted, info = resize_to_fit(image, models[0].tile_hw, order=1)
-    prob = predict_batch(models, fitted[None], tta, rot90)[0]
-    return undo_fit(prob, info)
-
-
-def _predict_tiles(models: Sequence[LoadedModel],
-                   tiles: Iterable[tuple[int, int, np.ndarray]], batch_size: int, tta: bool,
-                   rot90: bool) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(row, col, probabilities (th, tw, C)) of every (row, col, tile) of ``tiles``, in
-    order, predicted in batches of ``batch_size``."""
-    tiles = iter(tiles)
-    while chunk := list(itertools.islice(tiles, batch_size)):
-        probs = predict_batch(models, np.stack([tile for _, _, tile in chunk]), tta, rot90)
-        for (r, c, _), prob in zip(chunk, probs, strict=True):
-            yield r, c, prob
-
-
-def _tiles_by_row(source: RowSource, tile_hw: tuple[int, int], overlap: float
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """The tiles of :func:`res_unet.tiling.tile_grid`, row-major, reading each band of rows
-    of ``source`` once (a band is one tile high; edges reflect-padded as extract_tile)."""
-    height, width = source.shape[:2]
-    cols = tile_origins(width, tile_hw[1], overlap)
-    for r in tile_origins(height, tile_hw[0], overlap):
-        band = source.rows(r, r + tile_hw[0])
-        for c in cols:
-            yield r, c, extract_tile(band, 0, c, tile_hw)
+    return sliding_window(models, tta=tta, rot90=rot90).resized(image)
 
 
 def predict_tiled(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Sequence[int],
@@ -161,12 +138,7 @@ def predict_tiled(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Seq
     and divided by the summed window weight. Holds the whole (H, W, C) map: for large
     images use :func:`iter_strips`, which gives the same values strip by strip.
     """
-    th, tw = int(tile_hw[0]), int(tile_hw[1])
-    blender = TileBlender(image.shape[:2], models[0].n_outputs, blend_window((th, tw), window))
-    tiles = _tiles_by_row(as_rows(image), (th, tw), overlap)
-    for r, c, prob in _predict_tiles(models, tiles, batch_size, tta, rot90):
-        blender.add(prob, r, c)
-    return blender.result()
+    return sliding_window(models, tile_hw, overlap, window, batch_size, tta, rot90).blend(image)
 
 
 def iter_strips(models: Sequence[LoadedModel], image: np.ndarray | RowSource,
@@ -182,48 +154,13 @@ def iter_strips(models: Sequence[LoadedModel], image: np.ndarray | RowSource,
     ``image`` may be a :class:`res_unet.tiling.RowSource` (e.g. a GeoTIFF read in windows):
     then only about two tile-high bands of pixels are held as well.
     """
-    source = as_rows(image)
-    th, tw = int(tile_hw[0]), int(tile_hw[1])
-    height, width = source.shape[:2]
-    rows = tile_origins(height, th, overlap)
-    per_row = len(tile_origins(width, tw, overlap))
-    blender = TileBlender((height, width), models[0].n_outputs,
-                          blend_window((th, tw), window), streaming=True)
-    tiles = _tiles_by_row(source, (th, tw), overlap)
-    for i, (r, c, prob) in enumerate(_predict_tiles(models, tiles, batch_size, tta, rot90)):
-        blender.add(prob, r, c)
-        if (i + 1) % per_row == 0:
-            row_index = (i + 1) // per_row
-            end = rows[row_index] if row_index < len(rows) else height
-            first = blender.start
-            yield first, blender.pop_rows(end)
-
-
-def upsample_strips(small_strips: Iterable[tuple[int, np.ndarray]], factor: int,
-                    small_height: int, out_hw: Sequence[int]
-                    ) -> Iterator[tuple[int, np.ndarray]]:
-    """Strips of a map at 1/``factor`` scale (top to bottom, as :func:`iter_strips` gives
-    them) -> strips of its bilinear up-sampling to ``out_hw``, equal to
-    :func:`res_unet.tiling.upsample_rows` of the whole map; only the small rows still
-    needed are held."""
-    out_h = int(out_hw[0])
-    held: np.ndarray | None = None
-    held_first = done = 0
-    for first, strip in small_strips:
-        held = strip if held is None else np.concatenate([held, strip])
-        ready = upsample_ready_rows(first + len(strip), factor, small_height, out_h)
-        for r0 in range(done, ready, UPSAMPLE_ROWS):
-            r1 = min(r0 + UPSAMPLE_ROWS, ready)
-            yield r0, upsample_rows(held, factor, out_hw, r0, r1, held_first, small_height)
-        done = max(done, ready)
-        if done < out_h:
-            keep = upsample_source_rows(done, done + 1, factor, small_height)[0]
-            held, held_first = held[keep - held_first:], keep
+    window_ = sliding_window(models, tile_hw, overlap, window, batch_size, tta, rot90)
+    return window_.blend_strips(image)
 
 
 # Labels ------------------------------------------------------------------------------------
 
-def nodata_values(meta: imagery.RasterMeta, nodata_zero: bool) -> list[float]:
+def nodata_values(meta: rasters.RasterMeta, nodata_zero: bool) -> list[float]:
     """Pixel values meaning 'no data': the raster's declared nodata, and 0 if ``nodata_zero``."""
     values = []
     if meta.nodata is not None and math.isfinite(meta.nodata):
@@ -292,6 +229,9 @@ class Segmenter:
         thresholds = [m.threshold for m in models if m.threshold is not None]
         self.card_threshold = float(np.mean(thresholds)) if thresholds else None
         self.rot90 = cfg.TTA_ROT90 and self.tile_hw[0] == self.tile_hw[1]
+        self.window = sliding_window(self.models, self.tile_hw, cfg.TILE_OVERLAP,
+                                     cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG,
+                                     self.rot90, self.downsample)
 
     @property
     def threshold_setting(self) -> float | str | None:
@@ -311,20 +251,9 @@ class Segmenter:
         larger = rows > self.tile_hw[0] or cols > self.tile_hw[1]
         return "tile" if larger else "resize"
 
-    def _probabilities_at_scale(self, image: np.ndarray) -> np.ndarray:
-        """(h, w, C) probabilities of an image already at the working scale."""
-        cfg = self.cfg
-        if self.mode_for(np.multiply(image.shape[:2], self.downsample)) == "resize":
-            return predict_resize(self.models, image, cfg.TESTTIMEAUG, self.rot90)
-        return predict_tiled(self.models, image, self.tile_hw, cfg.TILE_OVERLAP,
-                             cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90)
-
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """The whole (H, W, C) float32 probability map of a raw (H, W, B) image."""
-        if self.downsample == 1:
-            return self._probabilities_at_scale(image)
-        small = self._probabilities_at_scale(downsample_image(image, self.downsample))
-        return upsample_rows(small, self.downsample, image.shape[:2])
+        return self.window.probabilities(image, self.mode_for(image.shape[:2]))
 
     def strips(self, image: np.ndarray | RowSource) -> Iterator[tuple[int, np.ndarray]]:
         """Probabilities as (first_row, (rows, W, C)) strips, top to bottom.
@@ -333,24 +262,7 @@ class Segmenter:
         band of rows at a time, and only about one tile-high band of probabilities (at the
         working scale) is held, so the image may be larger than memory.
         """
-        cfg = self.cfg
-        source = as_rows(image)
-        height = source.shape[0]
-        if self.mode_for(source.shape[:2]) == "resize":
-            prob = predict_resize(self.models, downsample_image(source.rows(0, height),
-                                                                self.downsample),
-                                  cfg.TESTTIMEAUG, self.rot90)
-            yield from upsample_strips([(0, prob)], self.downsample, len(prob),
-                                       source.shape[:2])
-            return
-        small = DownsampledRows(source, self.downsample) if self.downsample > 1 else source
-        strips = iter_strips(self.models, small, self.tile_hw, cfg.TILE_OVERLAP,
-                             cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90)
-        if self.downsample == 1:
-            yield from strips
-        else:
-            yield from upsample_strips(strips, self.downsample, small.shape[0],
-                                       source.shape[:2])
+        return self.window.strips(image, self.mode_for(image.shape[:2]))
 
     def check_dtype(self, image: np.ndarray, source: str | os.PathLike = "image") -> None:
         """Raise UserError when the image's data type is not the one the models were trained

@@ -492,11 +492,9 @@ def dataset_summary(manifest: Manifest, out_dir: str | os.PathLike) -> str:
         lines.append(f"{split:>10}: {counts.examples} examples from {counts.images} images "
                      f"in {len(manifest.shards[split])} shards")
     if manifest.empty_tiles_dropped:
-        lines.append(f"{'':>10}  ({manifest.empty_tiles_dropped} empty training tiles "
-                     "dropped)")
+        lines.append(f"{'':>10}  ({manifest.empty_tiles_dropped} empty training tiles dropped)")
     freq = ", ".join(f"{f:.3f}" for f in manifest.class_pixel_frequency)
-    lines.append(f"class pixel frequency (train): {freq}")
-    lines.append(f"manifest: {out / MANIFEST}")
+    lines += [f"class pixel frequency (train): {freq}", f"manifest: {out / MANIFEST}"]
     if manifest.samples_figure:
         lines.append(f"samples:  {out / manifest.samples_figure}")
     return "\n".join(lines)

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from res_unet.atomic import atomic_path
-from res_unet.imagery import to_display_rgb
 
 # The one palette of every figure and overlay: class k in CLASS_COLOURS[k] (tab20, cycled),
 # except binary maps, whose foreground is BINARY_COLOUR and background is left uncoloured.
@@ -36,6 +35,39 @@ OVERLAY_MAX_PIXELS = 30_000_000
 _TITLE_CHARS = 36
 
 Sample = tuple[np.ndarray, np.ndarray, str]
+
+
+# Display stretch ----------------------------------------------------------------------------
+
+# Pixels sampled for the percentile stretch of large images.
+_STRETCH_SAMPLE = 1_000_000
+# Percentiles of the per-band stretch of imagery that is not 8-bit.
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def to_display_rgb(image: np.ndarray) -> np.ndarray:
+    """An image (H, W, B) of any dtype -> C-contiguous uint8 (H, W, 3) in 0-255: the one
+    display stretch (overlays, figures, and the colours the dense CRF compares).
+
+    uint8 images keep their values (they already are 0-255 display values, the units of
+    ``CRF_BILATERAL_SRGB``). Other dtypes (uint16, float) get a 2-98 percentile stretch per
+    band, ignoring all-zero (nodata) pixels. The first three bands are used; one band is
+    repeated as grey and two bands become (b0, b1, b1).
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    bands = image[..., [min(i, image.shape[2] - 1) for i in range(3)]]
+    if bands.dtype == np.uint8:
+        return np.ascontiguousarray(bands)
+    step = max(1, int(math.sqrt(bands.shape[0] * bands.shape[1] / _STRETCH_SAMPLE)))
+    sample = bands[::step, ::step].reshape(-1, 3).astype(np.float64)
+    valid = sample.any(axis=1)
+    if valid.any():
+        sample = sample[valid]
+    lo, hi = np.percentile(sample, STRETCH_PERCENTILES, axis=0)
+    scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1e-12), 0.0).astype(np.float32)
+    out = (bands.astype(np.float32) - lo.astype(np.float32)) * scale
+    return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
 def class_colours(n_classes: int) -> np.ndarray:

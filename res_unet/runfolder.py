@@ -29,11 +29,12 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.atomic import write_atomic
-from res_unet.config import Config, config_from_dict, load_config, upgrade_keys
+from res_unet.config import Config, config_from_dict, load_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
 from res_unet.ov_runtime import cache_dir, converted_model, openvino_runner
 from res_unet.records import file_sha256
+from res_unet.upgrade import upgrade_keys
 
 BEST_WEIGHTS = "best.weights.h5"
 FULL_MODEL = "model.keras"

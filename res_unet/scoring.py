@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from res_unet import imagery, metrics, postprocess, records
+from res_unet import metrics, pairing, postprocess, rasters, records
 from res_unet.atomic import write_atomic
-from res_unet.config import Config
+from res_unet.config import LabelRules
 from res_unet.errors import UserError
 from res_unet.predict import LABEL_NODATA, Segmenter
 from res_unet.progress import progress_bar, say
@@ -27,10 +27,11 @@ FIGURE_ROWS = 4
 FIGURE_MAX_SIDE = 512
 
 
-def read_truth(pair: imagery.Pair, cfg: Config, shape: tuple[int, int]) -> np.ndarray:
-    """The pair's label file as class indices (H, W); raises UserError unless it is ``shape``
+def read_truth(pair: pairing.Pair, rules: LabelRules, shape: tuple[int, int]) -> np.ndarray:
+    """The pair's label file as (H, W) uint8 class indices under ``rules`` (the config's
+    :attr:`~res_unet.config.Config.label_rules`); raises UserError unless it is ``shape``
     (the image's, as rows and columns)."""
-    truth = imagery.prepare_label(imagery.read_label(pair.label), cfg, pair.label)
+    truth = pairing.prepare_label(rasters.read_label(pair.label), rules, pair.label)
     if truth.shape != shape:
         raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
                         f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
@@ -38,13 +39,14 @@ def read_truth(pair: imagery.Pair, cfg: Config, shape: tuple[int, int]) -> np.nd
     return truth
 
 
-def score_label(label: np.ndarray, truth: np.ndarray, cfg: Config, n_classes: int
-                ) -> np.ndarray:
-    """Confusion matrix (n_classes x n_classes, rows truth) of a predicted label map against
-    the true one; nodata predictions and IGNORE_CLASS truth pixels are not counted."""
+def score_label(label: np.ndarray, truth: np.ndarray, n_classes: int,
+                ignore_class: int | None = None) -> np.ndarray:
+    """Confusion matrix (n_classes x n_classes int64 pixel counts, rows truth) of a
+    predicted (H, W) label map against the true one; nodata predictions and truth pixels of
+    ``ignore_class`` (IGNORE_CLASS) are not counted."""
     valid = label != LABEL_NODATA
     return metrics.confusion_matrix(truth[valid], label[valid], n_classes,
-                                    ignore_class=cfg.IGNORE_CLASS)
+                                    ignore_class=ignore_class)
 
 
 def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
@@ -68,7 +70,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         return None
     cfg = inference_config([run_dir])
     try:
-        pairs = [p for p in imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK,
+        pairs = [p for p in pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK,
                                                cfg.EXTRA_BAND_DIRS) if p.image.name in names]
     except UserError as exc:
         say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
@@ -85,8 +87,8 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     started = time.perf_counter()
     pixels = 0
     for pair in progress_bar(pairs, enabled=progress):
-        image, _ = imagery.load_image(pair, cfg)
-        truth = read_truth(pair, cfg, image.shape[:2])
+        image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
+        truth = read_truth(pair, cfg.label_rules, image.shape[:2])
         prob = segmenter.probabilities(image)
         pixels += truth.size
         valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)
@@ -112,16 +114,19 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     return result
 
 
-def figure_example(pair: imagery.Pair, label: np.ndarray, truth: np.ndarray, cfg: Config
+def figure_example(pair: pairing.Pair, label: np.ndarray, truth: np.ndarray, n_bands: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, truth, prediction) of a labelled pair, subsampled to FIGURE_MAX_SIDE."""
-    image, _ = imagery.load_image(pair, cfg)
+    """(image, truth, prediction) of a labelled pair (the image read with ``n_bands``
+    bands, N_DATA_BANDS), subsampled to FIGURE_MAX_SIDE."""
+    image, _ = pairing.load_image(pair, n_bands)
     step = max(1, math.ceil(max(label.shape) / FIGURE_MAX_SIDE))
     return image[::step, ::step], truth[::step, ::step], label[::step, ::step]
 
 
-def score_row(name: str, cm: np.ndarray, cfg: Config) -> dict[str, Any]:
-    scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
+def score_row(name: str, cm: np.ndarray, ignore_class: int | None = None) -> dict[str, Any]:
+    """One row of scores.csv: pixel count, accuracy, mean and per-class IoU and dice (0-1,
+    None where undefined) of a confusion matrix (rows truth), ``ignore_class`` not counted."""
+    scores = metrics.scores_from_confusion(cm, ignore_class=ignore_class)
     row: dict[str, Any] = {"image": name, "n_pixels": scores["n_pixels"],
                            "pixel_accuracy": scores["pixel_accuracy"],
                            "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"]}

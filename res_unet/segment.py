@@ -32,7 +32,7 @@ import numpy as np
 import rasterio.errors
 import tensorflow as tf
 
-from res_unet import __version__, imagery, metrics, postprocess, report, scoring
+from res_unet import __version__, metrics, pairing, postprocess, rasters, report, scoring, writers
 from res_unet.atomic import (
     atomic_path,
     check_writable,
@@ -63,11 +63,11 @@ SEGMENTATION_CONFIG = "segmentation_config.json"
 
 @contextlib.contextmanager
 def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
-                      meta: imagery.RasterMeta) -> Iterator[ProbabilitySink]:
+                      meta: rasters.RasterMeta) -> Iterator[ProbabilitySink]:
     """A sink writing probability strips into ``path`` (.npy float16, or .tif float32 with
     ``meta``'s georeferencing and NaN nodata), atomically: renamed when the block ends."""
     if path.suffix != ".npy":
-        with imagery.geotiff_writer(path, shape_hw, channels, np.float32, meta,
+        with writers.geotiff_writer(path, shape_hw, channels, np.float32, meta,
                                     nodata=float("nan")) as write:
             yield write
         return
@@ -82,7 +82,7 @@ def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
         array.flush()
 
 
-def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
+def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
                  geojson: bool = False, binary: bool = True) -> dict[str, Path]:
     """Output files of one image NAME: label (NAME_predseg.png), overlay (NAME_overlay.png),
     geotiff (NAME_predseg.tif, TIFF inputs), probs (NAME_probs.npy, or .tif for TIFF inputs)
@@ -99,12 +99,12 @@ def output_paths(out_dir: Path, pair: imagery.Pair, save_probs: bool = False,
     return paths
 
 
-def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Path],
+def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Path],
                   keep_label: bool = True) -> tuple[np.ndarray | None, int]:
     """Segment one image and write its outputs (``output_paths``), each atomically.
 
     A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
-    bands, see :func:`res_unet.imagery.open_image_rows`) is never read whole: it is
+    bands, see :func:`res_unet.pairing.open_image_rows`) is never read whole: it is
     segmented strip by strip from windows. Unless ``keep_label`` (or GeoJSON, a clean-up
     step or an Otsu threshold needs the whole map), its label strips then go straight to the
     output files as they are finished, and the label map is never held whole either.
@@ -114,14 +114,14 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
     """
     cfg = segmenter.cfg
     with contextlib.ExitStack() as stack:
-        rows = imagery.open_image_rows(pair, cfg)
+        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS)
         if rows is not None:
             stack.enter_context(rows)
         image: np.ndarray | RowSource
         if rows is not None and segmenter.uses_strips(rows.shape[:2]):
             image, meta = rows, rows.meta
         else:
-            image, meta = imagery.load_image(pair, cfg, for_model=True)
+            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
@@ -129,19 +129,19 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
         if "probs" in paths:
             sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
                                                          segmenter.n_outputs, meta))
-        stream = (isinstance(image, imagery.RasterRows) and segmenter.streams_labels
+        stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
                   and not keep_label and "geojson" not in paths)
         step = report.overlay_step(shape_hw)
         shown: list[tuple[np.ndarray, np.ndarray]] = []
         on_label = None
         if stream:
-            writers = [stack.enter_context(imagery.png_writer(paths["label"], shape_hw))]
+            sinks = [stack.enter_context(writers.png_writer(paths["label"], shape_hw))]
             if "geotiff" in paths:
-                writers.append(stack.enter_context(imagery.geotiff_writer(
+                sinks.append(stack.enter_context(writers.geotiff_writer(
                     paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA)))
 
             def on_label(r0: int, label_rows: np.ndarray) -> None:
-                for write in writers:
+                for write in sinks:
                     write(r0, label_rows)
                 first = -r0 % step
                 if first < len(label_rows):
@@ -156,17 +156,17 @@ def segment_image(segmenter: Segmenter, pair: imagery.Pair, paths: dict[str, Pat
                             "--batch-size (or --tile-size)") from None
         if label is not None:
             shown = [(every_nth(image, step), label[::step, ::step])]
-        imagery.write_png(paths["overlay"], report.overlay_image(
+        writers.write_png(paths["overlay"], report.overlay_image(
             np.concatenate([s[0] for s in shown]), np.concatenate([s[1] for s in shown]),
             segmenter.n_classes))
     if label is None:
         return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
-        imagery.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
+        writers.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
     if "geojson" in paths:
         collection = postprocess.mask_to_geojson(label, meta.transform, meta.crs)
         write_atomic(paths["geojson"], json.dumps(collection))
-    imagery.write_png(paths["label"], label)
+    writers.write_png(paths["label"], label)
     return label, label.shape[0] * label.shape[1]
 
 
@@ -312,9 +312,9 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
     index, count = shard
     if labels_dir is not None:
-        pairs = imagery.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
+        pairs = pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
     else:
-        pairs = imagery.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
+        pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
     pairs = pairs[index::count]
     models = _load_models(cfg, runs)
     segmenter = Segmenter(models, cfg, full_max_values)
@@ -348,7 +348,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         try:
             if not overwrite and all(p.is_file() for p in paths.values()):
                 skipped += 1
-                label = imagery.read_label(paths["label"]) if pair.label is not None else None
+                label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
                 t0 = time.perf_counter()
                 label, pixels = segment_image(segmenter, pair, paths,
@@ -363,15 +363,15 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
             continue
         # The image is segmented; a label that cannot be used only leaves it unscored.
         try:
-            truth = scoring.read_truth(pair, cfg, label.shape)
+            truth = scoring.read_truth(pair, cfg.label_rules, label.shape)
         except problems as exc:
             unscored.append(_problem(pair.label, exc, "not scored"))
             continue
-        cm = scoring.score_label(label, truth, cfg, n)
+        cm = scoring.score_label(label, truth, n, cfg.IGNORE_CLASS)
         total_cm += cm
-        rows.append(scoring.score_row(pair.stem, cm, cfg))
+        rows.append(scoring.score_row(pair.stem, cm, cfg.IGNORE_CLASS))
         if len(figure) < scoring.FIGURE_ROWS:
-            figure.append(scoring.figure_example(pair, label, truth, cfg))
+            figure.append(scoring.figure_example(pair, label, truth, cfg.N_DATA_BANDS))
             figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
                                  if rows[-1]["mean_iou"] is not None else pair.stem)
 
@@ -384,7 +384,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         "out_dir": str(out_dir),
     }
     if labels_dir is not None and rows:
-        rows.append(scoring.score_row("ALL", total_cm, cfg))
+        rows.append(scoring.score_row("ALL", total_cm, cfg.IGNORE_CLASS))
         name = "scores.csv" if count == 1 else f"scores_shard{index}of{count}.csv"
         write_csv(out_dir / name, rows, float_format=".6f")
         summary["scores_file"] = str(out_dir / name)

@@ -18,7 +18,7 @@ import numpy as np
 from res_unet.errors import UserError
 
 if TYPE_CHECKING:
-    from res_unet.imagery import Pair
+    from res_unet.pairing import Pair
 
 
 def group_key(stem: str, pattern: re.Pattern[str] | None) -> str | None:

@@ -1,7 +1,9 @@
 """Fitting images to the model input size: overlapping tiles, or resize-and-pad, and back.
 
-Both dataset building (dataset) and segmentation (predict) go through these functions, so
-training and inference see images prepared the same way:
+Why this module is long: it is the one home of the pixel geometry that dataset building
+and segmentation share (tile origins, reflect padding, resize-and-pad, blending windows,
+the DOWNSAMPLE working scale), so training and inference see images prepared the same way,
+and of :class:`SlidingWindow`, which stitches predictions with it.
 
 - ``FIT_MODE='tile'`` / ``INFER_MODE='tile'``: :func:`tile_grid` lists tile origins that cover
   the image exactly (the last tile is aligned to the far edge), :func:`extract_tile` cuts
@@ -16,7 +18,8 @@ training and inference see images prepared the same way:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +29,8 @@ from skimage.transform import resize
 WINDOW_KINDS = ("hann", "spline", "flat")
 # Smallest blending weight: tile edges that no other tile covers still get normalised.
 WINDOW_FLOOR = 1e-3
+# Rows interpolated at a time when a DOWNSAMPLE model's map goes back to full resolution.
+UPSAMPLE_ROWS = 1024
 
 
 # Tile positions -----------------------------------------------------------------------------
@@ -275,7 +280,7 @@ class TileBlender:
 class RowSource(Protocol):
     """An (H, W, B) image read a band of rows at a time: an array in memory
     (:class:`ArrayRows`), a raster on disk read in windows
-    (:class:`res_unet.imagery.RasterRows`), or another source at a coarser scale
+    (:class:`res_unet.rasters.RasterRows`), or another source at a coarser scale
     (:class:`DownsampledRows`)."""
 
     shape: tuple[int, int, int]
@@ -438,3 +443,152 @@ def upsample_ready_rows(small_rows: int, factor: int, small_height: int, out_hei
     # Output row R reads small rows lo, lo + 1 with lo = floor((R + 0.5) / factor - 0.5);
     # lo + 1 < small_rows  <=>  R < factor * small_rows - (factor + 1) / 2.
     return max(0, min(out_height, (2 * factor * small_rows - factor) // 2))
+
+
+def upsample_strips(small_strips: Iterable[tuple[int, np.ndarray]], factor: int,
+                    small_height: int, out_hw: Sequence[int]
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+    """Strips of a map at 1/``factor`` scale (``(first_row, rows)``, top to bottom) ->
+    strips of its bilinear up-sampling to ``out_hw``, equal to :func:`upsample_rows` of the
+    whole map; only the small rows still needed are held."""
+    out_h = int(out_hw[0])
+    held: np.ndarray | None = None
+    held_first = done = 0
+    for first, strip in small_strips:
+        held = strip if held is None else np.concatenate([held, strip])
+        ready = upsample_ready_rows(first + len(strip), factor, small_height, out_h)
+        for r0 in range(done, ready, UPSAMPLE_ROWS):
+            r1 = min(r0 + UPSAMPLE_ROWS, ready)
+            yield r0, upsample_rows(held, factor, out_hw, r0, r1, held_first, small_height)
+        done = max(done, ready)
+        if done < out_h:
+            keep = upsample_source_rows(done, done + 1, factor, small_height)[0]
+            held, held_first = held[keep - held_first:], keep
+
+
+# The sliding window ---------------------------------------------------------------------------
+
+# A model's prediction of a batch: raw tiles (N, rows, cols, B) -> probabilities
+# (N, rows, cols, C) float32.
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+class SlidingWindow:
+    """Probabilities of an image of any size from a model of one input size: the one place
+    that tiles, batches, blends and changes scale.
+
+    ``predict_fn`` maps raw tiles (N, th, tw, B) of ``tile_hw`` to probabilities
+    (N, th, tw, C) float32 (models, ensembles and test-time augmentation are the caller's).
+    The image is worked on at 1/``downsample`` of its grid (:func:`downsample_image`), the
+    map brought back by :func:`upsample_rows`. Mode ``'tile'``: tiles :meth:`origins`,
+    overlapping by the fraction ``overlap``, predicted ``batch_size`` at a time and blended
+    with ``blend_window(tile_hw, window)`` over the summed weight (:class:`TileBlender`);
+    ``'resize'``: the image fitted to the tile, predicted once and scaled back.
+    :meth:`probabilities` gives the whole (H, W, C) map; :meth:`strips` the same values
+    (up to float rounding of batch composition) strip by strip, holding about one
+    tile-high band, from an image that may be a :class:`RowSource` read in windows.
+    """
+
+    def __init__(self, predict_fn: PredictFn, tile_hw: Sequence[int], overlap: float = 0.25,
+                 window: str = "hann", batch_size: int = 8, downsample: int = 1) -> None:
+        self.predict_fn = predict_fn
+        self.tile_hw = (int(tile_hw[0]), int(tile_hw[1]))
+        self.overlap = overlap
+        self.window = window
+        self.batch_size = int(batch_size)
+        self.downsample = int(downsample)
+
+    def origins(self, shape_hw: Sequence[int]) -> list[tuple[int, int]]:
+        """Origins (row, col) of the tiles covering an image of ``shape_hw`` (at the working
+        scale), row-major: :func:`tile_grid`."""
+        return tile_grid(shape_hw, self.tile_hw, self.overlap)
+
+    def _tiles(self, source: RowSource) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The tiles of :meth:`origins`, row-major, reading each band of rows of ``source``
+        once (a band is one tile high; edges reflect-padded as extract_tile)."""
+        th, tw = self.tile_hw
+        height, width = source.shape[:2]
+        cols = tile_origins(width, tw, self.overlap)
+        for r in tile_origins(height, th, self.overlap):
+            band = source.rows(r, r + th)
+            for c in cols:
+                yield r, c, extract_tile(band, 0, c, self.tile_hw)
+
+    def _predicted(self, source: RowSource) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(row, col, probabilities (th, tw, C)) of every tile of ``source``, in order,
+        predicted in batches of ``batch_size``."""
+        tiles = self._tiles(source)
+        while chunk := list(itertools.islice(tiles, self.batch_size)):
+            probs = self.predict_fn(np.stack([tile for _, _, tile in chunk]))
+            for (r, c, _), prob in zip(chunk, probs, strict=True):
+                yield r, c, prob
+
+    def _blender(self, shape_hw: Sequence[int], first: np.ndarray, streaming: bool
+                 ) -> TileBlender:
+        channels = first.shape[-1] if first.ndim == 3 else 1
+        return TileBlender(shape_hw, channels, blend_window(self.tile_hw, self.window),
+                           streaming=streaming)
+
+    def blend(self, image: np.ndarray | RowSource) -> np.ndarray:
+        """Tile mode at the image's own scale: (h, w, B) raw image -> (h, w, C) float32
+        probabilities, held whole."""
+        source = as_rows(image)
+        blender = None
+        for r, c, prob in self._predicted(source):
+            blender = blender or self._blender(source.shape[:2], prob, streaming=False)
+            blender.add(prob, r, c)
+        return blender.result()
+
+    def blend_strips(self, image: np.ndarray | RowSource) -> Iterator[tuple[int, np.ndarray]]:
+        """Tile mode at the image's own scale, memory-bounded: ``(first_row, probabilities
+        (rows, w, C) float32)`` strips from top to bottom covering every row once. After each
+        row of tiles the rows above the next row of tiles are final."""
+        source = as_rows(image)
+        th, tw = self.tile_hw
+        height, width = source.shape[:2]
+        rows = tile_origins(height, th, self.overlap)
+        per_row = len(tile_origins(width, tw, self.overlap))
+        blender = None
+        for i, (r, c, prob) in enumerate(self._predicted(source)):
+            blender = blender or self._blender((height, width), prob, streaming=True)
+            blender.add(prob, r, c)
+            if (i + 1) % per_row == 0:
+                row_index = (i + 1) // per_row
+                end = rows[row_index] if row_index < len(rows) else height
+                first = blender.start
+                yield first, blender.pop_rows(end)
+
+    def resized(self, image: np.ndarray) -> np.ndarray:
+        """Resize mode at the image's own scale: (h, w, B) raw image -> (h, w, C) float32
+        probabilities, the image fitted to the tile, predicted once and scaled back."""
+        fitted, info = resize_to_fit(image, self.tile_hw, order=1)
+        return undo_fit(self.predict_fn(fitted[None])[0], info)
+
+    def probabilities(self, image: np.ndarray, mode: str = "tile") -> np.ndarray:
+        """The whole (H, W, C) float32 probability map of a raw (H, W, B) image."""
+        small = downsample_image(image, self.downsample)
+        prob = self.resized(small) if mode == "resize" else self.blend(small)
+        if self.downsample == 1:
+            return prob
+        return upsample_rows(prob, self.downsample, image.shape[:2])
+
+    def strips(self, image: np.ndarray | RowSource, mode: str = "tile"
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """Probabilities as ``(first_row, (rows, W, C) float32)`` strips, top to bottom.
+
+        In tile mode ``image`` is read a band of rows at a time, and only about one
+        tile-high band of probabilities (at the working scale) is held, so the image may be
+        larger than memory. Resize mode reads it whole.
+        """
+        source = as_rows(image)
+        k = self.downsample
+        if mode == "resize":
+            prob = self.resized(downsample_image(source.rows(0, source.shape[0]), k))
+            yield from upsample_strips([(0, prob)], k, len(prob), source.shape[:2])
+            return
+        small = DownsampledRows(source, k) if k > 1 else source
+        strips = self.blend_strips(small)
+        if k == 1:
+            yield from strips
+        else:
+            yield from upsample_strips(strips, k, small.shape[0], source.shape[:2])

@@ -58,7 +58,7 @@ def write_sources(root: Path, dtype: str, bands: int, n_classes: int = 2,
     """Random images (PNG for uint8 RGB, TIFF otherwise) and labels; returns {stem: arrays}."""
     import tifffile
 
-    from res_unet.imagery import write_png
+    from res_unet.writers import write_png
 
     rng = np.random.default_rng(5)
     (root / "images").mkdir(parents=True)

@@ -14,10 +14,10 @@ from res_unet.config import (
     load_config,
     reference_markdown,
     save_config,
-    upgrade_keys,
 )
 from res_unet.errors import UserError
-from res_unet.models import MODELS
+from res_unet.registry import MODELS
+from res_unet.upgrade import upgrade_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,7 +201,7 @@ def test_encoder_must_be_one_the_model_accepts(monkeypatch):
 def test_config_and_model_registry_import_without_tensorflow():
     """Commands check the config before importing TensorFlow (5-7 s): neither the config
     nor the model registry it takes names and size constraints from may import it."""
-    code = ("import sys, res_unet.config, res_unet.models; "
+    code = ("import sys, res_unet.config, res_unet.registry, res_unet.models; "
             "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, check=True)

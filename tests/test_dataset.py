@@ -11,7 +11,7 @@ from helpers import expected_tiles, make_config, write_sources
 
 from res_unet import dataset, records
 from res_unet.errors import UserError
-from res_unet.imagery import find_pairs
+from res_unet.pairing import find_pairs
 from res_unet.tiling import tile_grid
 
 # Fitting and example selection ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests for res_unet.imagery: reading, pairing, label preparation and atomic writing."""
+"""Tests for res_unet.rasters, res_unet.pairing and res_unet.writers: reading, pairing,
+label preparation and atomic writing."""
 
 from __future__ import annotations
 
@@ -13,23 +14,12 @@ from helpers import shared_data
 from PIL import Image
 from rasterio.crs import CRS
 
-from res_unet import imagery
-from res_unet.config import config_from_dict
+from res_unet import pairing, rasters
+from res_unet.config import LabelRules, config_from_dict
 from res_unet.errors import UserError
-from res_unet.imagery import (
-    Pair,
-    RasterMeta,
-    find_images,
-    find_pairs,
-    is_georeferenced,
-    load_image,
-    load_pair,
-    prepare_label,
-    read_image,
-    read_label,
-    write_geotiff,
-    write_png,
-)
+from res_unet.pairing import Pair, find_images, find_pairs, load_image, load_pair, prepare_label
+from res_unet.rasters import RasterMeta, is_georeferenced, read_image, read_label
+from res_unet.writers import write_geotiff, write_png
 
 
 def make_cfg(**keys):
@@ -296,29 +286,31 @@ def test_16bit_label_below_256_is_cast_and_above_is_an_error(tmp_path):
 def test_remap_classes_applies_before_the_range_check():
     cfg = make_cfg(NCLASSES=1, REMAP_CLASSES={"3": 1, "7": 0})
     label = np.array([[0, 3], [7, 3]], np.uint8)
-    np.testing.assert_array_equal(prepare_label(label, cfg, "a.png"), [[0, 1], [0, 1]])
+    np.testing.assert_array_equal(prepare_label(label, cfg.label_rules, "a.png"),
+                                  [[0, 1], [0, 1]])
 
 
 def test_binary_0_255_mask_becomes_0_1_with_one_note(capsys, monkeypatch):
-    monkeypatch.setattr(imagery, "_NOTED", set())
+    monkeypatch.setattr(pairing, "_NOTED", set())
     label = np.array([[0, 255], [255, 0]], np.uint8)
-    out = prepare_label(label, make_cfg(NCLASSES=1), Path("m/a.png"))
+    out = prepare_label(label, LabelRules(nclasses=1), Path("m/a.png"))
     np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
     assert out.dtype == np.uint8
     assert capsys.readouterr().out == (
         "note: m/a.png: 0/255 mask read as 0/1 (and any further 0/255 masks)\n")
-    prepare_label(label, make_cfg(NCLASSES=1), Path("m/b.png"))
+    prepare_label(label, LabelRules(nclasses=1), Path("m/b.png"))
     assert capsys.readouterr().out == "", "the note is printed once, not once per file"
     # An explicit remap takes precedence and prints nothing.
     cfg = make_cfg(NCLASSES=1, REMAP_CLASSES={"255": 1})
-    np.testing.assert_array_equal(prepare_label(label, cfg, "a.png"), [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(prepare_label(label, cfg.label_rules, "a.png"),
+                                  [[0, 1], [1, 0]])
     assert capsys.readouterr().out == ""
 
 
 def test_out_of_range_label_lists_values_and_fixes():
     label = np.array([[0, 1], [4, 7]], np.uint8)
     with pytest.raises(UserError) as err:
-        prepare_label(label, make_cfg(NCLASSES=3), "labels/a.png")
+        prepare_label(label, LabelRules(nclasses=3), "labels/a.png")
     message = str(err.value)
     assert message.startswith("labels/a.png: label values 0, 1, 4, 7 but NCLASSES=3 allows "
                               "only 0..2 (found 4, 7)")
@@ -328,18 +320,18 @@ def test_out_of_range_label_lists_values_and_fixes():
 
 def test_0_255_labels_in_a_multiclass_config_suggest_a_remap():
     with pytest.raises(UserError, match=r'REMAP_CLASSES \{"0": 0, "255": 1\}'):
-        prepare_label(np.array([[0, 255]], np.uint8), make_cfg(NCLASSES=2), "a.png")
+        prepare_label(np.array([[0, 255]], np.uint8), LabelRules(nclasses=2), "a.png")
 
 
 def test_jpeg_label_out_of_range_mentions_jpeg_compression():
     with pytest.raises(UserError, match="save labels as PNG"):
-        prepare_label(np.array([[0, 1, 2]], np.uint8), make_cfg(NCLASSES=1), "a.jpg")
+        prepare_label(np.array([[0, 1, 2]], np.uint8), LabelRules(nclasses=1), "a.jpg")
 
 
 def test_ignore_class_and_valid_values_pass_unchanged():
     cfg = make_cfg(NCLASSES=6, IGNORE_CLASS=5)
     label = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    np.testing.assert_array_equal(prepare_label(label, cfg, "a.png"), label)
+    np.testing.assert_array_equal(prepare_label(label, cfg.label_rules, "a.png"), label)
 
 
 # Finding and pairing files ------------------------------------------------------------------
@@ -436,7 +428,7 @@ def test_find_images_returns_unlabelled_pairs_sorted(tmp_path):
 def test_load_pair_returns_checked_image_label_and_meta(tmp_path):
     images, labels = make_folders(tmp_path, ["a.png"], [])
     write_png(labels / "a.png", np.array([[0, 255, 0, 0, 0]] * 4, np.uint8))
-    image, label, meta = load_pair(find_pairs(images, labels)[0], make_cfg(NCLASSES=1))
+    image, label, meta = load_pair(find_pairs(images, labels)[0], 3, LabelRules(1))
     assert image.shape == (4, 5, 3) and image.dtype == np.uint8
     assert label.dtype == np.uint8 and label.shape == (4, 5)
     assert set(np.unique(label)) == {0, 1}
@@ -447,7 +439,7 @@ def test_size_mismatch_names_both_files_and_sizes(tmp_path):
     images, labels = make_folders(tmp_path, ["a.png"], [])
     write_png(labels / "a.png", np.zeros((4, 6), np.uint8))
     with pytest.raises(UserError) as err:
-        load_pair(find_pairs(images, labels)[0], make_cfg())
+        load_pair(find_pairs(images, labels)[0], 3, LabelRules(1))
     assert str(err.value).startswith(f"{labels / 'a.png'}: label size 6x4 (WxH) differs from "
                                      f"its image {images / 'a.png'} (5x4)")
 
@@ -457,8 +449,8 @@ def test_band_count_mismatch_is_an_error(tmp_path):
     pair = Pair("g", tmp_path / "g.png", None)
     with pytest.raises(UserError, match=r"g\.png: 1 band found but N_DATA_BANDS is 3; set "
                                         "N_DATA_BANDS to 1 if all images"):
-        load_image(pair, make_cfg(N_DATA_BANDS=3))
-    image, _ = load_image(pair, make_cfg(N_DATA_BANDS=1))
+        load_image(pair, 3)
+    image, _ = load_image(pair, 1)
     assert image.shape == (4, 5, 1)
 
 
@@ -467,16 +459,16 @@ def test_opaque_alpha_is_dropped_only_when_n_data_bands_is_3(tmp_path):
     rgba[..., 3] = 255
     write_png(tmp_path / "opaque.png", rgba)
     pair = Pair("opaque", tmp_path / "opaque.png", None)
-    image, _ = load_image(pair, make_cfg(N_DATA_BANDS=3))
+    image, _ = load_image(pair, 3)
     np.testing.assert_array_equal(image, rgba[..., :3])
-    image, _ = load_image(pair, make_cfg(N_DATA_BANDS=4))
+    image, _ = load_image(pair, 4)
     np.testing.assert_array_equal(image, rgba)
 
     rgba[0, 0, 3] = 0
     write_png(tmp_path / "holes.png", rgba)
     with pytest.raises(UserError, match=r"holes\.png: 4 bands found but N_DATA_BANDS is 3 \(the "
                                         "last band is an alpha channel with transparent"):
-        load_image(Pair("holes", tmp_path / "holes.png", None), make_cfg(N_DATA_BANDS=3))
+        load_image(Pair("holes", tmp_path / "holes.png", None), 3)
 
 
 def test_extra_band_dirs_are_appended_in_order(tmp_path):
@@ -490,7 +482,7 @@ def test_extra_band_dirs_are_appended_in_order(tmp_path):
             tifffile.imwrite(tmp_path / name / f"{stem}.tif", band)
     pairs = find_pairs(images, labels, extra_band_dirs=[tmp_path / "nir", tmp_path / "swir"])
     assert pairs[0].extra_bands == [tmp_path / "nir" / "a.tif", tmp_path / "swir" / "a.tif"]
-    image, label, _ = load_pair(pairs[0], make_cfg(N_DATA_BANDS=5))
+    image, label, _ = load_pair(pairs[0], 5, LabelRules(1))
     assert image.shape == (4, 5, 5) and image.dtype == np.uint16
     assert label.shape == (4, 5)
     rgb, _ = read_image(images / "a.png")
@@ -499,7 +491,7 @@ def test_extra_band_dirs_are_appended_in_order(tmp_path):
     np.testing.assert_array_equal(image[..., 4], bands["swir", "a"])
     with pytest.raises(UserError, match=r"a\.png: 3 bands found plus 2 extra bands but "
                                         r"N_DATA_BANDS is 3; set N_DATA_BANDS to 5"):
-        load_pair(pairs[0], make_cfg(N_DATA_BANDS=3))
+        load_pair(pairs[0], 3, LabelRules(1))
     # find_images attaches the same extra bands.
     assert find_images(images, [tmp_path / "nir"])[1].extra_bands == [tmp_path / "nir" / "b.tif"]
 
@@ -514,12 +506,12 @@ def test_extra_band_missing_wrong_size_or_multiband_is_an_error(tmp_path):
     write_png(nir / "b.png", random_u8((4, 5, 3)))
     pairs = find_pairs(images, labels, extra_band_dirs=[nir])
     with pytest.raises(UserError) as err:
-        load_pair(pairs[0], make_cfg(N_DATA_BANDS=4))
+        load_pair(pairs[0], 4, LabelRules(1))
     assert str(err.value).startswith(f"{nir / 'a.png'}: size 6x4 (WxH) differs from "
                                      f"{images / 'a.png'} (5x4)")
     with pytest.raises(UserError, match=r"b\.png: extra-band images must have one band, this "
                                         "one has 3"):
-        load_pair(pairs[1], make_cfg(N_DATA_BANDS=4))
+        load_pair(pairs[1], 4, LabelRules(1))
 
 
 def test_rgba_with_extra_band_drops_opaque_alpha_before_appending(tmp_path):
@@ -528,8 +520,7 @@ def test_rgba_with_extra_band_drops_opaque_alpha_before_appending(tmp_path):
     write_png(tmp_path / "a.png", rgba)
     nir = random_u8((4, 5), seed=1)
     write_png(tmp_path / "nir.png", nir)
-    image, _ = load_image(Pair("a", tmp_path / "a.png", None, [tmp_path / "nir.png"]),
-                          make_cfg(N_DATA_BANDS=4))
+    image, _ = load_image(Pair("a", tmp_path / "a.png", None, [tmp_path / "nir.png"]), 4)
     np.testing.assert_array_equal(image[..., :3], rgba[..., :3])
     np.testing.assert_array_equal(image[..., 3], nir)
 
@@ -557,7 +548,7 @@ def test_failed_geotiff_write_leaves_no_file(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise rasterio.errors.RasterioIOError("write failed")
 
-    monkeypatch.setattr(imagery.rasterio, "open", broken_open)
+    monkeypatch.setattr(rasters.rasterio, "open", broken_open)
     with pytest.raises(rasterio.errors.RasterioIOError):
         write_geotiff(tmp_path / "out.tif", np.zeros((2, 2), np.uint8), RasterMeta(tmp_path))
     assert folder_listing(tmp_path) == []
@@ -577,7 +568,7 @@ def test_reads_a_real_lakes_pair():
     lakes = shared_data("lakes")
     pairs = find_pairs(lakes / "images", lakes / "labels")
     assert len(pairs) == 154
-    image, label, meta = load_pair(pairs[0], make_cfg(NCLASSES=1, N_DATA_BANDS=3))
+    image, label, meta = load_pair(pairs[0], 3, LabelRules(1))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
     assert max(image.shape[:2]) == 1024
     assert label.shape == image.shape[:2] and label.dtype == np.uint8
@@ -587,7 +578,8 @@ def test_reads_a_real_lakes_pair():
 
 def test_dangling_symlink_among_images_is_named(tmp_path):
     from res_unet.errors import UserError
-    from res_unet.imagery import find_pairs, write_png
+    from res_unet.pairing import find_pairs
+    from res_unet.writers import write_png
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     write_png(images / "a.png", np.zeros((8, 8, 3), np.uint8))
@@ -599,7 +591,7 @@ def test_dangling_symlink_among_images_is_named(tmp_path):
 
 
 def test_png_writer_streams_rows_and_leaves_nothing_when_incomplete(tmp_path):
-    from res_unet.imagery import png_writer
+    from res_unet.writers import png_writer
 
     label = np.random.default_rng(3).integers(0, 7, (45, 31)).astype(np.uint8)
     with png_writer(tmp_path / "l.png", label.shape) as write:

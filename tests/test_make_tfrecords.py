@@ -19,9 +19,10 @@ from res_unet.cli import run_command
 from res_unet.config import config_from_dict, load_config
 from res_unet.demo import make_demo_dataset
 from res_unet.errors import UserError
-from res_unet.imagery import find_pairs, load_pair, write_png
 from res_unet.make_tfrecords import main
+from res_unet.pairing import find_pairs, load_pair
 from res_unet.tiling import resize_to_fit, tile_grid
+from res_unet.writers import write_png
 
 DEMO_CONFIG = {"TARGET_SIZE": [64, 64], "AUG_COPIES": 2, "IMS_PER_SHARD": 8,
                "VALIDATION_SPLIT": 0.25, "SEED": 3}
@@ -120,7 +121,8 @@ def test_validation_is_the_fitted_sources_unaugmented(demo):
     val = list(records.read_examples(demo["out"], "validation"))
     assert [meta["stem"] + ".png" for _, _, meta in val] == demo["manifest"].files["validation"]
     for image, label, meta in val:
-        source_image, source_label, _ = load_pair(pairs[meta["stem"] + ".png"], cfg)
+        source_image, source_label, _ = load_pair(pairs[meta["stem"] + ".png"],
+                                                  cfg.N_DATA_BANDS, cfg.label_rules)
         assert meta["copy"] == 0
         assert np.array_equal(image, resize_to_fit(source_image, (64, 64), order=1)[0])
         assert np.array_equal(label, resize_to_fit(source_label, (64, 64), order=0)[0])

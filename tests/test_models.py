@@ -12,10 +12,11 @@ import pytest
 
 from res_unet.config import config_from_dict
 from res_unet.errors import UserError
-from res_unet.models import MODELS, build_model
+from res_unet.models import build_model
 from res_unet.models.efficientnet_unet import read_encoder_weights
 from res_unet.models.helpers import count_flops, fuse_batchnorm, set_encoder_trainable
 from res_unet.models.layers import BilinearUpSampling2D, inflate_stem_kernel, leaf_layers
+from res_unet.registry import MODELS
 
 SMALL = {"TARGET_SIZE": [64, 64], "FILTERS": 8, "DEPTH": 3, "DROPOUT": 0.0}
 

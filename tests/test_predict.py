@@ -15,14 +15,16 @@ from helpers import BAND_MEAN, BAND_STD, TILE, make_config, pixel_model, pixel_p
 from res_unet import (
     LoadedModel,
     atomic,
-    imagery,
     load_run,
+    pairing,
     postprocess,
     predict,
+    rasters,
     report,
     scoring,
     segment,
     tiling,
+    writers,
 )
 from res_unet.config import save_config
 from res_unet.errors import UserError
@@ -220,7 +222,7 @@ def test_nodata_pixels_are_255(per_pixel):
     assert np.all(label[10:20] == 1)
     strips = predict.Segmenter([per_pixel], make_config("model"), full_max_values=0)
     np.testing.assert_array_equal(strips.segment(img, nodata=[0.0, 7.0]), label)
-    meta = imagery.RasterMeta(path=Path("x.tif"), nodata=7.0)
+    meta = rasters.RasterMeta(path=Path("x.tif"), nodata=7.0)
     assert predict.nodata_values(meta, nodata_zero=True) == [7.0, 0.0]
 
 
@@ -304,10 +306,10 @@ def test_parse_shard():
 
 
 def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary, image):
-    from res_unet import imagery
+    from res_unet import rasters
 
     images = tmp_path / "images"
-    imagery.write_png(images / "scene.png", image)
+    writers.write_png(images / "scene.png", image)
     cfg = make_config("model", THRESHOLD=0.5)
     summary = segment.segment_folder(cfg, [resunet_binary], images, tmp_path / "out",
                                      save_probs=True, progress=False, full_max_values=0)
@@ -317,7 +319,7 @@ def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary,
     whole = predict.predict_tiled([resunet_binary], image, (TILE, TILE), cfg.TILE_OVERLAP,
                                   batch_size=cfg.BATCH_SIZE)
     np.testing.assert_allclose(probs.astype(np.float32), whole, atol=1e-3)
-    label = imagery.read_label(tmp_path / "out" / "scene_predseg.png")
+    label = rasters.read_label(tmp_path / "out" / "scene_predseg.png")
     np.testing.assert_array_equal(label, (whole[..., 0] >= 0.5).astype(np.uint8))
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
@@ -353,7 +355,7 @@ def test_upsample_strips_equal_the_whole_map(factor, out_h):
     whole = tiling.upsample_rows(small, factor, (out_h, 9 * factor - 1))
     cuts = sorted(set(rng.integers(1, max(small_h, 2), 3).tolist()) | {0, small_h})
     strips = [(a, small[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
-    pieces = list(predict.upsample_strips(strips, factor, small_h, (out_h, 9 * factor - 1)))
+    pieces = list(tiling.upsample_strips(strips, factor, small_h, (out_h, 9 * factor - 1)))
     assert [r0 for r0, _ in pieces] == sorted(r0 for r0, _ in pieces)
     np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), whole)
 
@@ -403,7 +405,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     """The scene evaluation segments every validation image of the dataset as
     seg_images_in_folder would, and its optimum is the best IoU over the swept thresholds
     computed by hand from the same probabilities; the card then carries that threshold."""
-    from res_unet import imagery, metrics, records
+    from res_unet import metrics, records
 
     cfg = make_config("model", TARGET_SIZE=[64, 64], TESTTIMEAUG=True)
     run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0, size=64), cfg,
@@ -412,12 +414,12 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     result = scoring.evaluate_scenes(run, tiny_dataset, progress=False)
     assert result is not None and result["images"] == len(manifest.files["validation"])
     assert result["tta"] is True
-    pairs = [p for p in imagery.find_pairs(manifest.images_dir, manifest.labels_dir)
+    pairs = [p for p in pairing.find_pairs(manifest.images_dir, manifest.labels_dir)
              if p.image.name in manifest.files["validation"]]
     counts = 0
     for pair in pairs:
-        image, _ = imagery.load_image(pair, cfg)
-        truth = scoring.read_truth(pair, cfg, image.shape[:2])
+        image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
+        truth = scoring.read_truth(pair, cfg.label_rules, image.shape[:2])
         counts = counts + metrics.threshold_counts(truth, pixel_prob(image, 0.03, 110.0)[..., 0])
     best, ious = metrics.threshold_from_counts(counts)
     assert result["optimal_threshold"] == best

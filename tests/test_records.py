@@ -12,7 +12,7 @@ from helpers import expected_tiles, make_config, write_sources
 
 from res_unet import augment, dataset, records
 from res_unet.errors import UserError
-from res_unet.imagery import write_png
+from res_unet.writers import write_png
 
 # Shard format -----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from res_unet import report
-from res_unet.imagery import to_display_rgb
+from res_unet.report import to_display_rgb
 
 
 def test_uint8_rgb_is_shown_as_is():

@@ -15,7 +15,7 @@ from helpers import BAND_MEAN, BAND_STD, make_config, pixel_model, pixel_prob, w
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from res_unet import imagery
+from res_unet import pairing, rasters, writers
 from res_unet.cli import run_command
 from res_unet.seg_images_in_folder import main
 
@@ -43,10 +43,10 @@ def half_image(h: int, w: int, split: int) -> np.ndarray:
 @pytest.fixture
 def images(tmp_path) -> Path:
     folder = tmp_path / "images"
-    imagery.write_png(folder / "a.png", half_image(32, 32, 16))
-    imagery.write_png(folder / "b.png", half_image(70, 90, 30))
+    writers.write_png(folder / "a.png", half_image(32, 32, 16))
+    writers.write_png(folder / "b.png", half_image(70, 90, 30))
     rng = np.random.default_rng(0)
-    imagery.write_png(folder / "c.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    writers.write_png(folder / "c.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
     return folder
 
 
@@ -58,10 +58,10 @@ def test_segments_every_image(run, images, tmp_path, capsys):
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--out", out) == 0
     for stem, shape in (("a", (32, 32)), ("b", (70, 90)), ("c", (40, 50))):
-        label = imagery.read_label(out / f"{stem}_predseg.png")
-        overlay, _ = imagery.read_image(out / f"{stem}_overlay.png")
+        label = rasters.read_label(out / f"{stem}_predseg.png")
+        overlay, _ = rasters.read_image(out / f"{stem}_overlay.png")
         assert label.shape == shape and overlay.shape == (*shape, 3)
-        image, _ = imagery.read_image(images / f"{stem}.png")
+        image, _ = rasters.read_image(images / f"{stem}.png")
         np.testing.assert_array_equal(label, pixel_prob(image)[..., 0] >= 0.3)
     assert not (out / "a_predseg.tif").exists()
     config = json.loads((out / "segmentation_config.json").read_text())
@@ -81,8 +81,8 @@ def test_threshold_out_of_range_names_the_flag(run, images, tmp_path, capsys):
 def test_threshold_flag_overrides_card(run, images, tmp_path):
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--out", out, "--threshold", "0.9") == 0
-    image, _ = imagery.read_image(images / "c.png")
-    label = imagery.read_label(out / "c_predseg.png")
+    image, _ = rasters.read_image(images / "c.png")
+    label = rasters.read_label(out / "c_predseg.png")
     np.testing.assert_array_equal(label, pixel_prob(image)[..., 0] >= 0.9)
     assert json.loads((out / "segmentation_config.json").read_text())["threshold"] == 0.9
 
@@ -107,7 +107,7 @@ def test_geotiff_round_trip(run, tmp_path):
     assert np.all(label[:5] == 255)
     np.testing.assert_array_equal(label[5:, :20], 1)
     np.testing.assert_array_equal(label[5:, 20:], 0)
-    np.testing.assert_array_equal(imagery.read_label(out / "scene_predseg.png"), label)
+    np.testing.assert_array_equal(rasters.read_label(out / "scene_predseg.png"), label)
     with rasterio.open(out / "scene_probs.tif") as ds:
         assert ds.dtypes[0] == "float32" and ds.crs == CRS.from_epsg(32633)
         probs = ds.read(1)
@@ -123,10 +123,10 @@ def test_nodata_zero_flag(run, tmp_path):
     folder = tmp_path / "images"
     img = half_image(40, 40, 20)
     img[30:, 30:] = 0
-    imagery.write_png(folder / "z.png", img)
+    writers.write_png(folder / "z.png", img)
     out = tmp_path / "out"
     assert seg("--model", run, "--images", folder, "--out", out, "--nodata-zero") == 0
-    label = imagery.read_label(out / "z_predseg.png")
+    label = rasters.read_label(out / "z_predseg.png")
     assert np.all(label[30:, 30:] == 255) and np.all(label[:30, 20:] == 0)
 
 
@@ -170,7 +170,7 @@ def test_resume_refuses_outputs_of_another_model_or_setting(run, images, tmp_pat
     assert seg("--model", other, "--images", images, "--out", out, "--overwrite") == 0
     assert "3 done, 0 skipped" in capsys.readouterr().out
     # the inverted model marks the dark half: the masks really are the new model's
-    label = imagery.read_label(out / "a_predseg.png")
+    label = rasters.read_label(out / "a_predseg.png")
     assert np.all(label[:, 16:] == 1) and np.all(label[:, :16] == 0)
     assert seg("--model", other, "--images", images, "--out", out) == 0
     assert "0 done, 3 skipped" in capsys.readouterr().out
@@ -190,7 +190,7 @@ def test_corrupt_image_is_skipped_and_others_written(run, images, tmp_path, caps
 
 
 def test_band_mismatch_is_a_failure_for_that_file(run, images, tmp_path, capsys):
-    imagery.write_png(images / "grey.png", np.full((40, 40), 100, np.uint8))
+    writers.write_png(images / "grey.png", np.full((40, 40), 100, np.uint8))
     assert seg("--model", run, "--images", images, "--out", tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert "grey.png: 1 band found but the model takes 3 bands (as it was trained)" in err
@@ -215,9 +215,9 @@ def test_label_of_another_size_leaves_that_image_unscored(run, images, tmp_path,
     """The image is segmented (its mask is written); only its score is missing, and the
     summary says so instead of counting it both done and failed."""
     labels = tmp_path / "labels"
-    imagery.write_png(labels / "a.png", np.zeros((32, 32), np.uint8))
-    imagery.write_png(labels / "b.png", np.zeros((10, 10), np.uint8))  # image is 90x70
-    imagery.write_png(labels / "c.png", np.zeros((40, 50), np.uint8))
+    writers.write_png(labels / "a.png", np.zeros((32, 32), np.uint8))
+    writers.write_png(labels / "b.png", np.zeros((10, 10), np.uint8))  # image is 90x70
+    writers.write_png(labels / "c.png", np.zeros((40, 50), np.uint8))
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 1
     captured = capsys.readouterr()
@@ -254,8 +254,8 @@ def test_two_shard_processes_into_one_folder_equal_one_process(run, tmp_path):
     for k in range(5):
         image = half_image(40 + 8 * k, 48, 8 + 4 * k)
         image[..., 1] = rng.integers(0, 256, image.shape[:2])
-        imagery.write_png(images / f"s{k}.png", image)
-        imagery.write_png(labels / f"s{k}.png", (image[..., 0] == BRIGHT).astype(np.uint8))
+        writers.write_png(images / f"s{k}.png", image)
+        writers.write_png(labels / f"s{k}.png", (image[..., 0] == BRIGHT).astype(np.uint8))
     args = ["--model", str(run), "--images", str(images), "--labels", str(labels),
             "--no-progress"]
     command = [sys.executable, "-m", "res_unet.seg_images_in_folder", *args]
@@ -316,7 +316,7 @@ def test_large_geotiff_read_in_windows_equals_the_whole_image(run, tmp_path, mon
     write_scene_tif(tmp_path / "images" / "scene.tif", image)
     cfg = runfolder.inference_config([run], overrides=settings)
     streamed = []
-    monkeypatch.setattr(imagery, "png_writer", lambda *a, real=imagery.png_writer: (
+    monkeypatch.setattr(writers, "png_writer", lambda *a, real=writers.png_writer: (
         streamed.append(a[0]), real(*a))[1])
 
     def segment_to(out: Path, **kwargs) -> dict:
@@ -328,20 +328,20 @@ def test_large_geotiff_read_in_windows_equals_the_whole_image(run, tmp_path, mon
     def no_whole_reads(*args, **kwargs):
         raise AssertionError("the scene was read whole")
 
-    monkeypatch.setattr(imagery, "load_image", no_whole_reads)
+    monkeypatch.setattr(pairing, "load_image", no_whole_reads)
     assert segment_to(tmp_path / "windows", full_max_values=0)["done"] == 1
     assert len(streamed) == (0 if settings else 1), "label strips go straight to the files"
     assert (tmp_path / "whole" / "scene_overlay.png").read_bytes() == (
         tmp_path / "windows" / "scene_overlay.png").read_bytes()
-    np.testing.assert_array_equal(imagery.read_label(tmp_path / "whole" / "scene_predseg.png"),
-                                  imagery.read_label(tmp_path / "windows" / "scene_predseg.png"))
+    np.testing.assert_array_equal(rasters.read_label(tmp_path / "whole" / "scene_predseg.png"),
+                                  rasters.read_label(tmp_path / "windows" / "scene_predseg.png"))
     for name in ("scene_predseg.tif", "scene_probs.tif"):
         with rasterio.open(tmp_path / "whole" / name) as a, \
                 rasterio.open(tmp_path / "windows" / name) as b:
             assert (a.crs, a.transform) == (b.crs, b.transform)
             np.testing.assert_equal(a.nodata, b.nodata)
             np.testing.assert_array_equal(a.read(), b.read())
-    label = imagery.read_label(tmp_path / "windows" / "scene_predseg.png")
+    label = rasters.read_label(tmp_path / "windows" / "scene_predseg.png")
     assert np.all(label[:7] == 255) and np.all(label[10:, :96] == 1)
 
 
@@ -369,10 +369,10 @@ def test_large_geotiff_memory_does_not_grow_with_the_scene(tmp_path):
         code = f"""
 import resource, tracemalloc
 import numpy as np
-from res_unet import imagery, runfolder, segment
+from res_unet import pairing, runfolder, segment
 def no_whole_reads(*args, **kwargs):
     raise AssertionError("the scene was read whole")
-imagery.load_image = no_whole_reads
+pairing.load_image = no_whole_reads
 run = {str(tmp_path / "run")!r}
 cfg = runfolder.inference_config([run])
 model = runfolder.load_run(run, cfg.TARGET_SIZE)
@@ -406,12 +406,12 @@ def test_evaluation_scores(run, tmp_path, capsys):
     images, labels = tmp_path / "images", tmp_path / "labels"
     # Image 1: prediction = columns < 16, truth = columns < 8: foreground IoU 8/16, background
     # IoU 16/24. Image 2: everything foreground in both: IoU 1, background absent.
-    imagery.write_png(images / "one.png", half_image(32, 32, 16))
+    writers.write_png(images / "one.png", half_image(32, 32, 16))
     truth = np.zeros((32, 32), np.uint8)
     truth[:, :8] = 1
-    imagery.write_png(labels / "one.png", truth)
-    imagery.write_png(images / "two.png", half_image(32, 32, 32))
-    imagery.write_png(labels / "two.png", np.ones((32, 32), np.uint8))
+    writers.write_png(labels / "one.png", truth)
+    writers.write_png(images / "two.png", half_image(32, 32, 32))
+    writers.write_png(labels / "two.png", np.ones((32, 32), np.uint8))
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--labels", labels, "--out", out) == 0
     with open(out / "scores.csv") as fh:
@@ -458,8 +458,8 @@ def test_ensemble_of_same_run_matches_single(run, images, tmp_path):
     assert seg("--model", run, "--model", run, "--images", images, "--out", double,
                "--tta") == 0
     for stem in "abc":
-        np.testing.assert_array_equal(imagery.read_label(single / f"{stem}_predseg.png"),
-                                      imagery.read_label(double / f"{stem}_predseg.png"))
+        np.testing.assert_array_equal(rasters.read_label(single / f"{stem}_predseg.png"),
+                                      rasters.read_label(double / f"{stem}_predseg.png"))
 
 
 def test_runtime_flag_openvino_gives_the_same_masks(run, images, tmp_path):
@@ -468,8 +468,8 @@ def test_runtime_flag_openvino_gives_the_same_masks(run, images, tmp_path):
     assert seg("--model", run, "--images", images, "--out", tmp_path / "ov",
                "--runtime", "openvino") == 0
     for stem in ("a", "b", "c"):
-        np.testing.assert_array_equal(imagery.read_label(tmp_path / "tf" / f"{stem}_predseg.png"),
-                                      imagery.read_label(tmp_path / "ov" / f"{stem}_predseg.png"))
+        np.testing.assert_array_equal(rasters.read_label(tmp_path / "tf" / f"{stem}_predseg.png"),
+                                      rasters.read_label(tmp_path / "ov" / f"{stem}_predseg.png"))
     config = json.loads((tmp_path / "ov" / "segmentation_config.json").read_text())
     assert config["config"]["INFER_RUNTIME"] == "openvino"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from res_unet.errors import UserError
-from res_unet.imagery import Pair
+from res_unet.pairing import Pair
 from res_unet.split import group_key, group_pairs, split_pairs
 
 LAKE_PATTERN = r"^(.*)_s2cloudless"

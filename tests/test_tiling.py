@@ -259,3 +259,88 @@ def test_upsample_inverts_the_geometry_of_downsample():
     pieces = np.concatenate([tiling.upsample_rows(small, 4, (rows, cols), r, min(r + 7, rows))
                              for r in range(0, rows, 7)])
     np.testing.assert_array_equal(pieces, up)
+
+
+# SlidingWindow ----------------------------------------------------------------------------
+
+
+def as_float(batch):
+    """A fake model: the probabilities are the tile's own pixels (identity)."""
+    return batch.astype(np.float32)
+
+
+@pytest.mark.parametrize(("shape", "tile", "overlap"), [
+    ((10, 13), (4, 4), 0.25), ((9, 9), (4, 3), 0.5), ((3, 7), (4, 4), 0.0), ((8, 8), (8, 8), 0.5),
+])
+def test_sliding_window_origins_cover_the_image_once_or_more(shape, tile, overlap):
+    window = tiling.SlidingWindow(as_float, tile, overlap)
+    covered = np.zeros(shape, int)
+    for r, c in window.origins(shape):
+        assert r >= 0 and c >= 0
+        covered[r:r + tile[0], c:c + tile[1]] += 1
+    assert covered.min() >= 1
+    assert window.origins(shape) == tile_grid(shape, tile, overlap)
+
+
+@pytest.mark.parametrize("kind", ["hann", "spline", "flat"])
+def test_sliding_window_weights_sum_as_computed_by_hand(kind):
+    """Each tile predicts one value (its origin, r * 100 + c): every pixel gets the mean of
+    the values of the tiles covering it, weighted by their windows at that pixel."""
+    shape, tile, overlap = (11, 9), (4, 4), 0.5
+    rows = np.broadcast_to(np.arange(shape[0])[:, None], shape)
+    cols = np.broadcast_to(np.arange(shape[1])[None, :], shape)
+    image = np.stack([rows, cols], -1).astype(np.uint8)
+
+    def origin_value(batch):
+        value = batch[:, 0, 0, 0] * 100.0 + batch[:, 0, 0, 1]
+        return np.broadcast_to(value[:, None, None, None], (*batch.shape[:3], 1)).astype(
+            np.float32)
+
+    got = tiling.SlidingWindow(origin_value, tile, overlap, kind).probabilities(image)
+    win = blend_window(tile, kind).astype(np.float64)
+    total = np.zeros(shape)
+    weight = np.zeros(shape)
+    for r, c in tile_grid(shape, tile, overlap):
+        total[r:r + 4, c:c + 4] += win * (r * 100 + c)
+        weight[r:r + 4, c:c + 4] += win
+    np.testing.assert_allclose(got[..., 0], total / weight, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["tile", "resize"])
+@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize("kind", ["hann", "spline", "flat"])
+def test_sliding_window_identity_on_a_constant_image(mode, downsample, kind):
+    image = np.full((13, 10, 2), 77, np.uint8)
+    window = tiling.SlidingWindow(as_float, (4, 4), 0.25, kind, downsample=downsample)
+    prob = window.probabilities(image, mode)
+    assert prob.shape == (13, 10, 2) and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, 77.0, rtol=1e-6)
+    strips = list(window.strips(image, mode))
+    assert [r0 for r0, _ in strips] == list(np.cumsum([0] + [len(s) for _, s in strips]))[:-1]
+    np.testing.assert_allclose(np.concatenate([s for _, s in strips]), 77.0, rtol=1e-6)
+
+
+def test_sliding_window_identity_on_any_image_in_tile_mode():
+    image = np.random.default_rng(0).integers(0, 256, (21, 17, 3), dtype=np.uint8)
+    prob = tiling.SlidingWindow(as_float, (8, 8), 0.25).probabilities(image)
+    np.testing.assert_allclose(prob, image, rtol=1e-5)
+
+
+def test_sliding_window_batching_and_strips_do_not_change_results():
+    image = np.random.default_rng(1).integers(0, 256, (23, 19, 1), dtype=np.uint8)
+    calls = []
+
+    def nonlinear(batch):
+        calls.append(len(batch))
+        return np.sqrt(batch.astype(np.float32) + np.arange(batch.shape[2])[None, None, :, None])
+
+    results = []
+    for batch_size in (1, 3, 100):
+        window = tiling.SlidingWindow(nonlinear, (8, 8), 0.5, "hann", batch_size)
+        results.append(window.probabilities(image))
+        strips = list(window.strips(image))
+        np.testing.assert_array_equal(np.concatenate([s for _, s in strips]), results[-1])
+    n_tiles = len(tile_grid(image.shape[:2], (8, 8), 0.5))
+    assert max(calls) == n_tiles and min(calls) == 1
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])

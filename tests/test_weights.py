@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import shared_data
 
-from res_unet import imagery, metrics, predict, runfolder, scoring, segment
+from res_unet import metrics, pairing, predict, rasters, runfolder, scoring, segment, writers
 from res_unet.demo import synthesize_scene
 from res_unet.split import split_pairs
 
@@ -47,12 +47,12 @@ def test_shipped_model_is_complete_and_small(run):
 @pytest.mark.parametrize("run", RUNS, ids=[p.name for p in RUNS])
 def test_shipped_model_segments_an_image(run, tmp_path):
     image, _ = synthesize_scene(np.random.default_rng(0), (300, 420))
-    imagery.write_png(tmp_path / "in" / "scene.png", image)
+    writers.write_png(tmp_path / "in" / "scene.png", image)
     cfg = runfolder.inference_config([run], None, {"TESTTIMEAUG": False})
     summary = segment.segment_folder(cfg, [run], tmp_path / "in", tmp_path / "out",
                                      progress=False)
     assert summary["done"] == 1 and summary["failed"] == 0
-    label = imagery.read_label(tmp_path / "out" / "scene_predseg.png")
+    label = rasters.read_label(tmp_path / "out" / "scene_predseg.png")
     assert label.shape == (300, 420)
     card = json.loads((run / "model_card.json").read_text())
     assert set(np.unique(label)) <= set(range(card["classes"]))
@@ -66,16 +66,16 @@ def test_shipped_model_on_held_out_real_scenes(name):
     source = shared_data(folder)
     run = WEIGHTS / name
     cfg = runfolder.inference_config([run])
-    pairs = imagery.find_pairs(source / "images", source / "labels", cfg.USEMASK)
+    pairs = pairing.find_pairs(source / "images", source / "labels", cfg.USEMASK)
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
     validation = validation or pairs
     segmenter = predict.Segmenter([runfolder.load_run(run)], cfg)
     n = segmenter.n_classes
     cm = np.zeros((n, n), np.int64)
     for pair in validation[::max(1, len(validation) // count)][:count]:
-        image, _ = imagery.load_image(pair, cfg)
-        truth = scoring.read_truth(pair, cfg, image.shape[:2])
-        cm += scoring.score_label(segmenter.segment(image), truth, cfg, n)
+        image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
+        truth = scoring.read_truth(pair, cfg.label_rules, image.shape[:2])
+        cm += scoring.score_label(segmenter.segment(image), truth, n, cfg.IGNORE_CLASS)
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     value = scores["iou"][1] if score == "water_iou" else scores["mean_iou"]
     assert value >= lowest, scores

@@ -1,0 +1,372 @@
+"""Reading rasters: decoding image and label files, whole or in windows of rows.
+
+Images come back as ``(H, W, B)`` arrays of raw uint8 or uint16 values, labels as ``(H, W)``
+uint8 values, and georeferencing (CRS, transform, nodata) travels in a :class:`RasterMeta`
+from input to output (:mod:`res_unet.writers` writes it back). JPEG and PNG are read with
+Pillow, TIFF with rasterio (GDAL), which keeps GeoTIFF georeferencing; multi-page TIFFs,
+which GDAL would cut to their first page, and TIFFs GDAL cannot open are read with tifffile.
+Every format has its own traps (palette and 16-bit PNGs, world files, GDAL vs tifffile,
+label colours); each is handled once here rather than wherever a file is read.
+
+Pixel types: uint8 and uint16 are kept; signed or wider integers are cast to uint16 when all
+values fit in 0..65535; float rasters are accepted only when every value is a whole number in
+0..65535 (a lossless cast). Anything else is a UserError asking for a uint8/uint16 export,
+because rescaling reflectances silently would change what the model sees.
+
+Which files form an example, and what label values mean, is :mod:`res_unet.pairing`'s.
+Nothing here writes or caches anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import tifffile
+from PIL import Image
+from rasterio.windows import Window
+
+from res_unet.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+# Errors the decoders raise on a damaged or unsupported file (Pillow raises SyntaxError for
+# broken PNG chunks, tifffile raises ValueError subclasses, GDAL raises RasterioError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+                  rasterio.errors.RasterioError)
+# Pillow modes that are a colour encoding rather than extra data: convert them to RGB(A).
+_PIL_TO_RGB = {"CMYK": "RGB", "YCbCr": "RGB", "RGBX": "RGB", "RGBa": "RGBA", "La": "LA"}
+_PIL_NATIVE = ("1", "L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+_WORLD_FILES = {".png": (".pgw", ".pngw"), ".jpg": (".jgw", ".jpgw"),
+                ".jpeg": (".jgw", ".jpegw")}
+
+
+@dataclass
+class RasterMeta:
+    """Where an image came from and how it sits on the Earth.
+
+    ``crs`` is a rasterio CRS, ``transform`` an affine.Affine (pixel -> map coordinates),
+    ``nodata`` the input's nodata value; all None for plain (non-georeferenced) images.
+    """
+
+    path: Path
+    crs: Any | None = None
+    transform: Any | None = None
+    nodata: float | None = None
+
+
+def is_georeferenced(meta: RasterMeta) -> bool:
+    """Whether the image has a CRS or a map transform worth carrying to outputs."""
+    return meta.crs is not None or meta.transform is not None
+
+
+def _png_is_16bit_colour(path: Path) -> bool:
+    """True for 16-bit RGB, RGBA or grey+alpha PNGs, which Pillow truncates to 8 bits."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    return (len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16
+            and head[25] in (2, 4, 6))
+
+
+def _read_pil(path: Path, palette_indices: bool) -> np.ndarray | None:
+    """Pixels of a JPEG/PNG as (H, W, B), any integer/float dtype; None if GDAL must read it.
+
+    Palette images give their indices when ``palette_indices`` (labels), else their colours.
+    """
+    if path.suffix.lower() == ".png" and _png_is_16bit_colour(path):
+        return None
+    with warnings.catch_warnings():
+        # Large scenes are legitimate here; the hard limit still routes them to GDAL below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mode = im.mode
+                if mode in ("P", "PA") and not palette_indices:
+                    has_alpha = mode == "PA" or "transparency" in im.info
+                    im = im.convert("RGBA" if has_alpha else "RGB")
+                elif mode in _PIL_TO_RGB:
+                    im = im.convert(_PIL_TO_RGB[mode])
+                elif mode not in _PIL_NATIVE and mode not in ("P", "PA"):
+                    raise UserError(f"{path}: unsupported pixel mode {mode}; re-export it as "
+                                    "an 8- or 16-bit grey, RGB or RGBA image")
+                # A writable copy: callers may modify the pixels in place.
+                array = np.array(im)
+        except Image.DecompressionBombError:
+            return None
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _not_georeferenced(ds: Any) -> bool:
+    return ds.crs is None and ds.transform.is_identity
+
+
+def _gdal_meta(path: Path, ds: Any) -> RasterMeta:
+    """The georeferencing of an open rasterio dataset (none for a plain, ungeoreferenced file)."""
+    plain = _not_georeferenced(ds)
+    return RasterMeta(path=path, crs=ds.crs, transform=None if plain else ds.transform,
+                      nodata=None if ds.nodata is None else float(ds.nodata))
+
+
+def _read_gdal(path: Path, pixels: bool = True) -> tuple[np.ndarray | None, RasterMeta, bool]:
+    """Read with rasterio: (pixels (H, W, B) or None, meta, whether the file is multi-page)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            meta = _gdal_meta(path, ds)
+            multipage = bool(ds.subdatasets) and path.suffix.lower() in _TIFF_SUFFIXES
+            if not pixels or multipage:
+                return None, meta, multipage
+            array = np.empty((ds.height, ds.width, ds.count), dtype=ds.dtypes[0])
+            # Reading into a band-first view of a band-last buffer avoids a second copy.
+            ds.read(out=np.moveaxis(array, -1, 0))
+    return array, meta, False
+
+
+def _read_tifffile(path: Path) -> np.ndarray:
+    """Pixels of a (multi-page) TIFF via tifffile, as (H, W, B)."""
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.series) > 1:
+            raise UserError(f"{path}: holds {len(tif.series)} images of different sizes; save "
+                            "one image per file (bands of equal size may be pages)")
+        series = tif.series[0]
+        array, axes = series.asarray(), series.axes
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim == 3 and axes.endswith("S"):
+        return array
+    if array.ndim == 3 and axes.endswith("YX"):
+        return np.ascontiguousarray(np.moveaxis(array, 0, -1))
+    raise UserError(f"{path}: TIFF layout {axes} {array.shape} is not an image of bands; save "
+                    "it as one (rows, columns, bands) image")
+
+
+def _sidecar_meta(path: Path) -> RasterMeta:
+    """Georeferencing of a JPEG/PNG from a world file or .aux.xml beside it, if any."""
+    names = [*(path.stem + s for s in _WORLD_FILES.get(path.suffix.lower(), ())),
+             path.stem + ".wld", path.name + ".aux.xml"]
+    if not any((path.parent / n).is_file() for n in names):
+        return RasterMeta(path=path)
+    return _read_gdal(path, pixels=False)[1]
+
+
+def _read_raw(path: Path, palette_indices: bool) -> tuple[np.ndarray, RasterMeta]:
+    """Any supported file -> (H, W, B) array in its stored dtype, and its meta."""
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise UserError(f"{path}: not a supported image type; use one of "
+                        f"{', '.join(IMAGE_SUFFIXES)}")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; check the path")
+    try:
+        if suffix in _TIFF_SUFFIXES:
+            return _read_tiff(path)
+        array = _read_pil(path, palette_indices)
+        if array is None:
+            array, meta, _ = _read_gdal(path)
+            return array, meta
+        return array, _sidecar_meta(path)
+    except _DECODE_ERRORS as exc:
+        raise UserError(f"{path}: cannot be read as an image ({exc}); remove or re-export "
+                        "it") from None
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, RasterMeta]:
+    try:
+        array, meta, multipage = _read_gdal(path)
+    except rasterio.errors.RasterioIOError as gdal_error:
+        try:
+            return _read_tifffile(path), RasterMeta(path=path)
+        except _DECODE_ERRORS:
+            raise gdal_error from None
+    if multipage:
+        array = _read_tifffile(path)
+    return array, meta
+
+
+def _whole_number_range(array: np.ndarray, path: Path, what: str, top: int) -> None:
+    """Raise unless every value is a whole number in 0..top (checked for non-uint types)."""
+    kind = array.dtype.kind
+    if kind not in "iuf":
+        raise UserError(f"{path}: {array.dtype} pixels are not supported; export the {what} "
+                        "as uint8 or uint16")
+    if array.size == 0:
+        raise UserError(f"{path}: the {what} has no pixels; remove or re-export it")
+    lo, hi = array.min(), array.max()
+    if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)
+                            and np.array_equal(array, np.round(array))):
+        raise UserError(f"{path}: {array.dtype} pixels with fractional or NaN values "
+                        f"({lo:g}..{hi:g}) are not supported; export the {what} as uint8 or "
+                        "uint16 (e.g. reflectance 0..1 scaled to 0..10000: gdal_translate -ot "
+                        "UInt16 -scale 0 1 0 10000 in.tif out.tif)")
+    if lo < 0:
+        raise UserError(f"{path}: {array.dtype} {what} has negative values (min {lo:g}); "
+                        f"export it as uint8/uint16 with values 0..{top} (e.g. clip negatives "
+                        "to 0)")
+    if hi > top:
+        raise UserError(f"{path}: {what} values reach {hi:g}, above {top}; export it with "
+                        f"values 0..{top}")
+
+
+def _as_image_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    """uint8/uint16 unchanged; bool -> uint8; other numeric -> uint16 if lossless, else raise."""
+    if array.dtype in (np.uint8, np.uint16):
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    _whole_number_range(array, path, "image", 65535)
+    return array.astype(np.uint16)
+
+
+def append_bands(image: np.ndarray, image_path: Path,
+                  extra_bands: Sequence[Path]) -> np.ndarray:
+    """Append single-band images (same size) as extra bands; uint16 if any part is."""
+    if not extra_bands:
+        return image
+    parts = [image]
+    for extra in map(Path, extra_bands):
+        band = _as_image_dtype(_read_raw(extra, palette_indices=False)[0], extra)
+        if band.shape[-1] != 1:
+            raise UserError(f"{extra}: extra-band images must have one band, this one has "
+                            f"{band.shape[-1]}; split it into single-band files")
+        if band.shape[:2] != image.shape[:2]:
+            raise UserError(f"{extra}: size {band.shape[1]}x{band.shape[0]} (WxH) differs from "
+                            f"{image_path} ({image.shape[1]}x{image.shape[0]}); extra bands "
+                            "must be co-registered with the image, pixel for pixel")
+        parts.append(band)
+    dtype = np.result_type(*(p.dtype for p in parts))
+    return np.concatenate([p.astype(dtype, copy=False) for p in parts], axis=-1)
+
+
+def read_image(path: str | os.PathLike, extra_bands: Sequence[str | os.PathLike] = ()
+               ) -> tuple[np.ndarray, RasterMeta]:
+    """Read an image and optional single-band extra-band images appended in order.
+
+    Returns ``(image, meta)``: image (H, W, B) uint8 or uint16 raw values, every band in the
+    file (alpha included; see :func:`load_image` for dropping a constant alpha), then the
+    extra bands; meta of the main image (CRS, transform, nodata when georeferenced).
+    Palette PNGs give their colours (palette TIFFs their indices). Raises UserError for
+    unreadable files, unsupported pixel types and extra bands of another size.
+    """
+    path = Path(path)
+    raw, meta = _read_raw(path, palette_indices=False)
+    image = _as_image_dtype(raw, path)
+    return append_bands(image, path, [Path(p) for p in extra_bands]), meta
+
+
+def _alpha_is_constant(alpha: np.ndarray) -> bool:
+    return bool((alpha == alpha.flat[0]).all())
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label image as (H, W) uint8 class values (not yet remapped or range-checked).
+
+    Palette PNGs give their indices. RGB/RGBA (or grey+alpha) labels whose colour channels
+    are all equal and whose alpha is constant are read as grey; colour labels, transparent
+    labels and values above 255 are a UserError.
+    """
+    path = Path(path)
+    raw, _ = _read_raw(path, palette_indices=True)
+    bands = raw.shape[-1]
+    if bands > 1:
+        alpha = raw[..., -1] if bands in (2, 4) else None
+        colour = raw[..., :-1] if alpha is not None else raw
+        if alpha is not None and not _alpha_is_constant(alpha):
+            raise UserError(f"{path}: label has transparent pixels; labels must be single-"
+                            "channel class indices: save it without an alpha channel")
+        if not (colour[..., 1:] == colour[..., :1]).all():
+            raise UserError(_colour_label_message(path, colour))
+        raw = colour[..., :1]
+    label = raw[..., 0]
+    if label.dtype == np.uint8:
+        return label
+    if label.dtype == bool:
+        return label.astype(np.uint8)
+    _whole_number_range(label, path, "label", 255)
+    return label.astype(np.uint8)
+
+
+def _colour_label_message(path: Path, colour: np.ndarray) -> str:
+    """Name a few of the colours so users can build their colour -> index table."""
+    flat = colour.reshape(-1, colour.shape[-1])
+    colours = np.unique(flat[:: max(1, len(flat) // 100_000)], axis=0)
+    shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:6])
+    more = " ..." if len(colours) > 6 else ""
+    return (f"{path}: labels must be single-channel class indices; found a colour label with "
+            f"{colour.shape[-1]} channels (colours {shown}{more}); convert colours to indices "
+            "(one grey value 0..N-1 per class) and save as a one-channel PNG")
+
+
+
+# GDAL block cache while a scene is read in windows, MB: about two bands of tile rows of a
+# 30000-px-wide RGB scene, so overlapping windows rarely decode a block twice.
+WINDOW_CACHE_MB = 128
+
+
+class RasterRows:
+    """A raster GDAL can read in windows (GeoTIFF and the like), read a band of rows at a
+    time: the :class:`res_unet.tiling.RowSource` that lets scenes larger than memory be
+    segmented. Rows come back as :func:`load_image` would give them (uint8/uint16, the same
+    checks on other pixel types, window by window). Close it, or use it in a ``with``."""
+
+    def __init__(self, path: Path, dataset: Any, meta: RasterMeta,
+                 env: contextlib.ExitStack) -> None:
+        self.path, self.meta, self._ds, self._env = path, meta, dataset, env
+        self.shape = (int(dataset.height), int(dataset.width), int(dataset.count))
+        native = np.dtype(dataset.dtypes[0])
+        self.dtype = native if native in (np.uint8, np.uint16) else np.dtype(
+            np.uint8 if native.kind == "b" else np.uint16)
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        r0, r1 = max(r0, 0), min(r1, self.shape[0])
+        band = np.empty((r1 - r0, self.shape[1], self.shape[2]), self._ds.dtypes[0])
+        self._ds.read(out=np.moveaxis(band, -1, 0), window=Window(0, r0, self.shape[1], r1 - r0))
+        return _as_image_dtype(band, self.path)
+
+    def close(self) -> None:
+        self._ds.close()
+        self._env.close()
+
+    def __enter__(self) -> RasterRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_raster_rows(path: Path, n_bands: int) -> RasterRows | None:
+    """The raster at ``path`` as :class:`RasterRows` when it can be read in windows: a
+    single-page TIFF that GDAL reads with exactly ``n_bands`` bands (an alpha band to drop
+    needs the whole image read). Else None: read it whole."""
+    if path.suffix.lower() not in _TIFF_SUFFIXES:
+        return None
+    env = contextlib.ExitStack()
+    # GDAL keeps decoded blocks up to 5 % of RAM by default: most of a big scene, read once.
+    env.enter_context(rasterio.Env(GDAL_CACHEMAX=WINDOW_CACHE_MB))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            dataset = rasterio.open(path)
+    except rasterio.errors.RasterioError:
+        env.close()
+        return None
+    usable = (not dataset.subdatasets and dataset.count == n_bands
+              and len(set(dataset.dtypes)) == 1 and np.dtype(dataset.dtypes[0]).kind in "uifb")
+    if not usable:
+        dataset.close()
+        env.close()
+        return None
+    return RasterRows(path, dataset, _gdal_meta(path, dataset), env)
