@@ -334,8 +334,7 @@ class Manifest:
         values = {f.name: data[f.name] for f in fields if f.name in data}
         try:
             values["counts"] = {s: SplitCounts(**data["counts"][s]) for s in SPLITS}
-            values["shards"] = {s: [Shard(**shard) for shard in data["shards"][s]]
-                                for s in SPLITS}
+            values["shards"] = {s: [Shard(**one) for one in data["shards"][s]] for s in SPLITS}
         except (KeyError, TypeError) as exc:
             raise UserError(f"{path}: damaged counts or shards in the manifest ({exc}); "
                             f"{fix}") from None
