@@ -26,6 +26,7 @@ LAYERS = [
     ["atomic", "progress", "cli"],
     ["registry"],
     ["config"],
+    ["vectors"],
     ["imagery"],
     ["augment", "split", "report"],
     ["records"],
