@@ -26,7 +26,7 @@ LAYERS = [
     ["atomic", "progress", "cli"],
     ["registry"],
     ["config"],
-    ["vectors"],
+    ["scale", "vectors"],
     ["imagery"],
     ["augment", "split", "report"],
     ["records"],
