@@ -26,7 +26,7 @@ LAYERS = [
     ["atomic", "progress", "cli"],
     ["registry"],
     ["config"],
-    ["scale", "vectors"],
+    ["scale", "vectors", "polygons"],
     ["imagery"],
     ["augment", "split", "report"],
     ["records"],
