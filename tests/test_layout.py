@@ -26,7 +26,7 @@ LAYERS = [
     ["atomic", "progress", "cli"],
     ["registry"],
     ["config"],
-    ["scale", "vectors", "polygons"],
+    ["scale", "vectors", "polygons", "cog"],
     ["imagery"],
     ["augment", "split", "report"],
     ["records"],
