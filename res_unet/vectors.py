@@ -66,6 +66,7 @@ class VectorLabels:
     feature ids in the file, ``attributes`` the attribute columns read (one array each,
     aligned with ``geometries``). ``repaired`` lists the fids that ``make_valid`` repaired;
     ``skipped`` counts features without a geometry (or left empty by the repair).
+    ``layer`` is the layer's name when the file holds several (None otherwise).
     """
 
     path: Path
@@ -100,12 +101,14 @@ def is_vector_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VECTOR_SUFFIXES
 
 
-def _layer_name(path: Path, layer: str | None) -> str | None:
+def _layer_name(path: Path, layer: str | None) -> tuple[str, bool]:
+    """The layer to read and whether messages should name it (the file has several)."""
     import pyogrio
     import pyogrio.errors
 
     try:
-        layers = [str(name) for name in pyogrio.list_layers(path)[:, 0]]
+        # Tables without geometry (QGIS keeps its styles in "layer_styles") are no labels.
+        layers = [str(name) for name, kind in pyogrio.list_layers(path) if kind is not None]
     except pyogrio.errors.DataSourceError as exc:
         raise UserError(f"{path}: cannot be read as a vector layer ({exc}); save it from "
                         "QGIS as a GeoPackage, GeoJSON or Shapefile") from None
@@ -113,11 +116,14 @@ def _layer_name(path: Path, layer: str | None) -> str | None:
         if layer not in layers:
             raise UserError(f"{path}: has no layer {layer!r}; its layers are "
                             f"{_listing(layers)}")
-        return layer
+        return layer, len(layers) > 1
     if len(layers) > 1:
         raise UserError(f"{path}: holds {len(layers)} layers ({_listing(layers)}); name the "
                         "one that holds the labels")
-    return None
+    if not layers:
+        raise UserError(f"{path}: holds no layer with geometries; save the label polygons "
+                        "into it from QGIS")
+    return layers[0], False
 
 
 def _polygonal_part(geometry: Any) -> Any:
@@ -145,9 +151,9 @@ def read_vector_labels(path: str | os.PathLike, layer: str | None = None,
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such label file; check the labels path")
-    layer = _layer_name(path, layer)
+    layer, named = _layer_name(path, layer)
     info = pyogrio.read_info(path, layer=layer)
-    where = f"{path}" + (f" (layer {layer})" if layer else "")
+    where = f"{path}" + (f" (layer {layer})" if named else "")
     fields = [str(f) for f in info["fields"]]
     if attribute is not None and attribute not in fields:
         raise UserError(f"{where}: has no attribute {attribute!r}; its attributes are "
@@ -186,9 +192,10 @@ def read_vector_labels(path: str | os.PathLike, layer: str | None = None,
             continue
         out[i] = geometry
         keep[i] = True
-    return VectorLabels(path, layer, CRS.from_user_input(meta["crs"]), out[keep],
-                        np.asarray(fids)[keep], {k: v[keep] for k, v in attributes.items()},
-                        repaired, int((~keep).sum()))
+    return VectorLabels(path, layer if named else None, CRS.from_user_input(meta["crs"]),
+                        out[keep], np.asarray(fids)[keep],
+                        {k: v[keep] for k, v in attributes.items()}, repaired,
+                        int((~keep).sum()))
 
 
 # Classes -------------------------------------------------------------------------------------

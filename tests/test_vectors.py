@@ -243,6 +243,11 @@ def test_missing_attribute_layer_and_unreadable_files(tmp_path):
                                         "its attributes are cls"):
         read_vector_labels(layer, layer="lakes", attribute="class")
     assert len(read_vector_labels(layer, layer="roads", attribute="cls")) == 1
+    # QGIS keeps layer styles in a table without geometry: not a label layer.
+    styled = write_layer(tmp_path / "styled.gpkg", [pixel_box(0, 0, 10, 10)], layer="lakes")
+    pyogrio.raw.write(styled, None, [np.array(["<qml/>"], dtype=object)], ["styleQML"],
+                      layer="layer_styles", driver="GPKG", append=True)
+    assert len(read_vector_labels(styled)) == 1
     (tmp_path / "junk.gpkg").write_text("not a geopackage")
     with pytest.raises(UserError, match=r"junk\.gpkg: cannot be read as a vector layer"):
         read_vector_labels(tmp_path / "junk.gpkg")
