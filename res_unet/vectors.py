@@ -433,3 +433,17 @@ def find_vector_label(image: str | os.PathLike, labels_path: str | os.PathLike
         raise UserError(f"{labels_path}: {_listing([p.name for p in matches])} all match "
                         f"image {Path(image).name}; keep one label file per image")
     return matches[0] if matches else None
+
+
+def vector_label(image: str | os.PathLike, label_path: str | os.PathLike,
+                 attribute: str | None, n_classes: int,
+                 class_names: Sequence[str] | None = None, layer: str | None = None,
+                 priority: Sequence[int] | None = None) -> tuple[np.ndarray, LabelFacts]:
+    """The (H, W) uint8 label map of ``image`` from its own vector file ``label_path`` (the
+    per-image pairing of :func:`find_vector_label`), and what was found: read, classify,
+    reproject and burn in one call, with every check of the steps above. For one file over
+    many scenes, read it once and use :func:`features_by_scene` instead.
+    """
+    labels = read_vector_labels(label_path, layer=layer, attribute=attribute)
+    classes = class_indices(labels, attribute, n_classes, class_names)
+    return burn_labels(labels, classes, SceneGrid.of_file(image), priority=priority)

@@ -28,6 +28,7 @@ from res_unet.vectors import (
     rasterize_classes,
     read_vector_labels,
     to_crs,
+    vector_label,
 )
 
 UTM = "EPSG:32633"
@@ -311,3 +312,15 @@ def test_find_vector_label_pairs_by_name_or_takes_one_file(tmp_path):
                                         r"scene2\.tif; keep one label file per image"):
         find_vector_label("images/scene2.tif", folder)
     assert find_vector_label("images/any.tif", one) == one
+
+
+def test_vector_label_reads_classifies_and_burns_in_one_call(tmp_path):
+    image = make_image(tmp_path / "scene.tif")
+    layer = write_layer(tmp_path / "scene.gpkg", [pixel_box(0, 0, 10, 10),
+                                                  pixel_box(20, 0, 30, 10)],
+                        kind=np.array(["sand", "water"], dtype=object))
+    label, facts = vector_label(image, find_vector_label(image, tmp_path), "kind", 3,
+                                ["background", "water", "sand"])
+    assert label[5, 5] == 2 and label[5, 25] == 1
+    assert facts.summary() == ("scene.tif: 2 of 2 polygons from " + str(layer)
+                               + "; class 0 93.3 %, class 1 3.3 %, class 2 3.3 %")
