@@ -32,12 +32,12 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 from rasterio.crs import CRS
-from rasterio.features import shapes
 from rasterio.transform import Affine
 from scipy import ndimage
 from skimage import filters, morphology
 
 from res_unet.config import Config
+from res_unet.polygons import class_polygons
 from res_unet.report import to_display_rgb
 
 _PROB_CLIP = 1e-5  # floor for probabilities before logs, as pydensecrf's unary_from_softmax
@@ -469,11 +469,13 @@ def mask_to_geojson(label: np.ndarray, transform: Any = None, crs: Any = None,
     affine = Affine.identity() if transform is None else transform
     pixel_area = abs(affine.a * affine.e - affine.b * affine.d)
     features = []
-    for geometry, _ in shapes(mask, mask=mask.astype(bool), connectivity=4):
-        rings = geometry["coordinates"]
-        area_px = abs(_signed_area(rings[0])) - sum(abs(_signed_area(r)) for r in rings[1:])
+    # The regions in pixel corners (the map transform is applied per ring below, as RFC
+    # 7946 wants exteriors counter-clockwise in map coordinates).
+    regions = class_polygons(mask, skip_classes=[0])
+    for polygon, area_px in zip(regions.geometries, regions.area_px.tolist(), strict=True):
         if area_px < min_area:
             continue
+        rings = [polygon.exterior.coords, *(r.coords for r in polygon.interiors)]
         coords = [_map_ring(r, affine, exterior=i == 0) for i, r in enumerate(rings)]
         properties: dict[str, Any] = {"class": int(class_value), "area_px": round(area_px)}
         if transform is not None:

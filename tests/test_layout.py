@@ -26,6 +26,7 @@ LAYERS = [
     ["registry"],
     ["upgrade"],
     ["config"],
+    ["scale", "vectors", "polygons", "cog"],
     ["rasters"],
     ["pairing", "writers"],
     ["augment", "split", "report"],

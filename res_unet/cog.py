@@ -1,0 +1,59 @@
+"""Cloud-Optimized GeoTIFFs of class maps and probabilities.
+
+A COG is a GeoTIFF with internal tiles and overviews laid out so that a GIS, a web map or
+a cloud bucket reader fetches only the part and zoom level it shows. GDAL's ``COG`` driver
+writes the layout; overviews of class maps use nearest neighbour (they stay class indices),
+overviews of probabilities average. CRS, transform and nodata are kept; every write is
+atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.errors
+
+from res_unet.atomic import atomic_path
+
+
+def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
+              transform: Any = None, nodata: float | None = None, classes: bool = True,
+              blocksize: int = 512, compress: str = "DEFLATE") -> Path:
+    """Write a class map or probabilities as a Cloud-Optimized GeoTIFF, atomically.
+
+    ``array``: with ``classes`` an (H, W) map of class indices (written as uint8, e.g.
+    255 as ``nodata``); otherwise probabilities (H, W) or (H, W, C), 0..1, written as
+    float32 (one band per class). ``crs`` and ``transform`` (rasterio CRS and ``Affine``)
+    georeference it; ``blocksize`` is the tile edge in pixels (a power of two). Overviews
+    are made down to one tile: nearest neighbour for classes, average for probabilities.
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f"write_cog takes a non-empty (H, W) or (H, W, C) array; got "
+                         f"{array.shape}")
+    if classes and array.shape[2] != 1:
+        raise ValueError(f"a class map is (H, W); got {array.shape}")
+    dtype = np.uint8 if classes else np.float32
+    profile = {
+        "driver": "COG", "height": array.shape[0], "width": array.shape[1],
+        "count": array.shape[2], "dtype": np.dtype(dtype).name, "crs": crs,
+        "transform": transform, "nodata": nodata, "BLOCKSIZE": int(blocksize),
+        "COMPRESS": compress, "PREDICTOR": "YES",
+        "OVERVIEW_RESAMPLING": "NEAREST" if classes else "AVERAGE",
+        "RESAMPLING": "NEAREST" if classes else "AVERAGE", "BIGTIFF": "IF_SAFER",
+    }
+    path = Path(path)
+    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
+    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
+            GDAL_PAM_ENABLED="NO"):
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", **profile) as ds:
+            ds.write(np.moveaxis(array.astype(dtype, copy=False), -1, 0))
+    return path
