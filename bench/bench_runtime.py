@@ -60,7 +60,7 @@ import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN 
 import keras
 import numpy as np
 import tensorflow as tf
-from common import matmul_peak
+from common import add_json_out, matmul_peak, write_result
 
 from res_unet.imagery import read_image
 from res_unet.models import build_model
@@ -392,6 +392,7 @@ def main() -> None:
     parser.add_argument("--segment-with", metavar="RUNTIME",
                         help="only segment the agreement images with RUNTIME (first model)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_json_out(parser, "runtime")
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_runtime_"))
@@ -439,6 +440,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
+    write_result(report, args.json_out, peak)
     print(text)
 
 
