@@ -397,6 +397,9 @@ def main() -> None:
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_runtime_"))
     paths = scene_paths(args.data, args.images, args.fullres)
+    if not paths and (args.segment_with or not args.skip_agreement):
+        parser.error(f"{args.data}: no lakes images for the agreement check; pass --data "
+                     "(the shared data folder) or --skip-agreement")
 
     if args.segment_with:
         run_dir = args.models[0]
