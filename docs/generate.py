@@ -7,8 +7,8 @@
 - `docs/models.md`, `weights/README.md`, the models table of `README.md` and the figure
   block of each `weights/NAME/README.md`: from each `weights/NAME/model_card.json` (and
   the title line of its README); blocks sit between `<!-- generated:NAME ... -->` markers;
-- `docs/benchmarks.md`: from the JSON reports under `bench/results/` (each bench script
-  writes one).
+- `docs/benchmarks.md`: from the JSON reports under `bench/results/` (the speed
+  benchmarks in `bench/` write them).
 
 Everything outside the markers stays hand-written.
 """
@@ -288,8 +288,10 @@ def config_md() -> str:
 BENCH_INTRO = """\
 # Benchmarks
 
-Measured results, one section per JSON report in `bench/results/` (each `bench/*.py` script
-writes `bench/results/NAME.json`; `--json-out` puts it elsewhere). Every section names the
+Measured results, one section per JSON report in `bench/results/`. The speed benchmarks
+(`bench/bench_runtime.py`, `bench_infer.py`, `bench_train.py`, `bench_segment.py`,
+`bench_stages.py`, `bench_big_scene.py`, `bench_make_tfrecords.py`) write
+`bench/results/NAME.json`; `--json-out` puts it elsewhere. Every section names the
 machine it ran on, its CPU flags and the float32 matmul peak measured in the same process
 (`bench/common.py`'s `matmul_peak`: 2048 x 2048, best of three). MFU (model FLOPs
 utilisation) = model FLOPs executed per second / that peak. Re-run a command on your
@@ -302,7 +304,9 @@ def host_line(report: dict[str, Any]) -> str:
     flags = ", ".join(h.get("cpu_flags", [])) or "none of avx2, fma, avx512f, bf16, amx"
     return (f"Machine: {h.get('cpu', 'unknown CPU')}, {h.get('cpus', '?')} cores; CPU flags: "
             f"{flags}; float32 matmul peak in this run: "
-            f"**{h.get('matmul_fp32_gflops', '?')} GFLOP/s**.")
+            f"**{h.get('matmul_fp32_gflops', '?')} GFLOP/s**"
+            + (f" ({report['matmul_fp32_gflops_end']} at its end)"
+               if "matmul_fp32_gflops_end" in report else "") + ".")
 
 
 def cell(value: Any) -> str:
@@ -315,7 +319,9 @@ def cell(value: Any) -> str:
 
 def runtime_section(report: dict[str, Any]) -> list[str]:
     out = ["Model calls on random input (median of interleaved rounds; min / median / max "
-           "seconds per batch):", ""]
+           "seconds per batch). MFU is against the float32 peak, so a runtime computing in "
+           "bfloat16 can pass 1; OpenVINO can also pass it in float32, running 3x3 "
+           "convolutions with fewer multiplications than the dense count (Winograd).", ""]
     out += table(["model", "batch x tile", "runtime", "s per batch", "images/s", "Mpx/s",
                   "GFLOP/s", "MFU", "vs tf"],
                  [[r["model"], f"{r['batch']} x {r['tile']}", r["runtime"],
@@ -325,15 +331,18 @@ def runtime_section(report: dict[str, Any]) -> list[str]:
                    cell(r.get("speedup_vs_tf")) + r.get("error", "")]
                   for r in report.get("throughput", [])])
     for agreement in report.get("agreement", []):
-        rows = [[agreement.get("model", ""), name, *(cell(v) for k, v in sorted(res.items())
-                                                    if not isinstance(v, (dict, list)))]
-                for name, res in agreement.get("runtimes", {}).items()]
-        if rows:
-            keys = sorted(k for k, v in next(iter(agreement["runtimes"].values())).items()
-                          if not isinstance(v, (dict, list)))
-            out += ["", "Masks against TensorFlow's on real scenes "
-                    f"({cell(agreement.get('images'))}):", ""]
-            out += table(["model", "runtime", *keys], rows)
+        scenes = agreement.get("scenes", [])
+        out += ["", f"Masks of {agreement.get('model', '')} against TensorFlow's on "
+                f"{len(scenes)} real scenes ({', '.join(sc['name'] for sc in scenes)}; "
+                f"{tta(agreement.get('tta', False))}, threshold {agreement.get('threshold')}):",
+                ""]
+        out += table(["runtime", "computes in", "pixels whose class differs", "worst scene",
+                      "largest probability difference"],
+                     [[name, cell(r.get("compiled_precision")),
+                       f"{100 * r.get('fraction_differing_all', 0):.3f} %",
+                       f"{100 * r.get('worst_scene_fraction', 0):.3f} %",
+                       cell(r.get("max_abs_prob_diff"))]
+                      for name, r in agreement.get("runtimes", {}).items()])
     return out
 
 
