@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import cpu_flags
+from common import add_json_out, cpu_flags, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/big_scene")
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
+    add_json_out(parser, "big_scene")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -107,6 +108,7 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    write_result(report, args.json_out)
 
 
 if __name__ == "__main__":

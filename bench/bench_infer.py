@@ -29,7 +29,7 @@ import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN 
 import keras
 import numpy as np
 import tensorflow as tf
-from common import matmul_peak
+from common import add_json_out, matmul_peak, write_result
 
 from res_unet.config import config_from_dict
 from res_unet.devices import cpu_supports_bf16, device_description, onednn_enabled
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
+    add_json_out(parser, "infer")
     args = parser.parse_args()
     peaks = {"float32": matmul_peak(tf.float32), "mixed_bfloat16": matmul_peak(tf.bfloat16)}
     rows = []
@@ -86,13 +87,15 @@ def main() -> None:
             row["matmul_peak_gflops_per_second"] = round(peaks[precision], 1)
             row["mfu"] = round(row["achieved_gflops_per_second"] / peaks[precision], 4)
             rows.append(row)
-    print(json.dumps({
+    report = {
         "benchmark": "forward pass", "device": device_description(),
         "cpu_bf16": cpu_supports_bf16(), "onednn": onednn_enabled(),
         "tensorflow": tf.__version__, "size": args.size,
         "batch": args.batch, "results": rows,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }, indent=2))
+    }
+    write_result(report, args.json_out, peaks["float32"])
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

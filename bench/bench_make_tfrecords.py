@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import add_json_out, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 LAKES = REPO.parent / "shared/data/lakes"
 GROUP_PATTERN = "^(.*)_s2cloudless"
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["tile", "resize"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--variant", nargs=2, metavar=("MODE", "WORKERS"), help=argparse.SUPPRESS)
+    add_json_out(parser, "make_tfrecords")
     args = parser.parse_args()
     if not LAKES.exists():
         sys.exit(f"{LAKES}: shared lakes data not found; this benchmark needs it")
@@ -107,12 +110,14 @@ def main() -> None:
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr)
-    print(json.dumps({"benchmark": "make_tfrecords", "data": str(LAKES),
+    report = {"benchmark": "make_tfrecords", "data": str(LAKES),
                       "config": {"TARGET_SIZE": [256, 256], "AUG_COPIES": 3,
                                  "SPLIT_GROUP_PATTERN": GROUP_PATTERN},
                       "cpu_count": os.cpu_count(),
                       "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-                      "results": results}, indent=2))
+                      "results": results}
+    write_result(report, args.json_out)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN 
 import keras
 import numpy as np
 import tensorflow as tf
-from common import matmul_peak
+from common import add_json_out, matmul_peak, write_result
 
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
@@ -392,10 +392,14 @@ def main() -> None:
     parser.add_argument("--segment-with", metavar="RUNTIME",
                         help="only segment the agreement images with RUNTIME (first model)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_json_out(parser, "runtime")
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_runtime_"))
     paths = scene_paths(args.data, args.images, args.fullres)
+    if not paths and (args.segment_with or not args.skip_agreement):
+        parser.error(f"{args.data}: no lakes images for the agreement check; pass --data "
+                     "(the shared data folder) or --skip-agreement")
 
     if args.segment_with:
         run_dir = args.models[0]
@@ -439,6 +443,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
+    write_result(report, args.json_out, peak)
     print(text)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import PeakMemory
+from common import PeakMemory, add_json_out, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--quality-images", type=int, help="limit the validation images")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_json_out(parser, "segment")
     args = parser.parse_args(argv)
     if not (DATA / "lakes_fullres").is_dir():
         print(f"error: {DATA / 'lakes_fullres'} not found", file=sys.stderr)
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         from res_unet.atomic import write_atomic
 
         write_atomic(args.out, text + "\n")
+    write_result(report, args.json_out)
     return 0
 
 

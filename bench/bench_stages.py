@@ -40,7 +40,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import PeakMemory, cpu_flags, matmul_peak
+from common import PeakMemory, add_json_out, cpu_flags, matmul_peak, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=3, help="images to segment")
     parser.add_argument("--variants", default="plain,tta", help="plain (no TTA) and/or tta")
     parser.add_argument("--runtime", default="tensorflow", choices=("tensorflow", "openvino"))
+    add_json_out(parser, "stages")
     args = parser.parse_args(argv)
     if not args.images.is_dir():
         print(f"{args.images}: not found (the shared data); pass --images", file=sys.stderr)
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         out["tta_cost_ratio"] = round(out["variants"]["tta"]["seconds"]
                                       / out["variants"]["plain"]["seconds"], 2)
     out["matmul_fp32_gflops_end"] = round(matmul_peak(tf.float32), 1)
+    write_result(out, args.json_out, peak)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -36,7 +36,7 @@ import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN 
 import keras
 import numpy as np
 import tensorflow as tf
-from common import cpu_flags, matmul_peak
+from common import add_json_out, cpu_flags, matmul_peak, write_result
 
 from res_unet.config import config_from_dict
 from res_unet.devices import cpu_supports_bf16, device_description, onednn_enabled
@@ -92,6 +92,7 @@ def main() -> None:
                         help="Keras's own BatchNorm ops instead of the fused kernel")
     parser.add_argument("--inter-op", type=int, default=0, help="0: TensorFlow's default")
     parser.add_argument("--intra-op", type=int, default=0, help="0: TensorFlow's default")
+    add_json_out(parser, "train")
     args = parser.parse_args()
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
@@ -109,7 +110,7 @@ def main() -> None:
         row["matmul_peak_gflops_per_second"] = round(peak, 1)
         row["mfu"] = round(row["achieved_gflops_per_second"] / peak, 4)
         results.append(row)
-    print(json.dumps({
+    report = {
         "benchmark": "train_resunet step", "model": args.model,
         "encoder": args.encoder if args.model == "efficientnet_unet" else None,
         "device": device_description(),
@@ -121,7 +122,9 @@ def main() -> None:
         "inter_op": args.inter_op, "intra_op": args.intra_op,
         "results": results,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }, indent=2))
+    }
+    write_result(report, args.json_out, peaks["float32"])
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
