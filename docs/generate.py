@@ -380,9 +380,23 @@ def replace_block(text: str, name: str, body: str, path: Path) -> str:
     return pattern.sub(lambda _: f"{begin(name)}\n{body}\n{end(name)}", text, count=1)
 
 
+def reference_json() -> str:
+    """config/reference.json: every key with its default, each explained by a '_KEY' entry."""
+    from res_unet.config import Config
+
+    raw: dict[str, Any] = {"_comment": "Every key with its default value; '_KEY' entries "
+                           "explain the key below them. Copy and delete what you do not "
+                           "change."}
+    for name, value in Config().to_dict().items():
+        raw[f"_{name}"] = Config.__dataclass_fields__[name].metadata["doc"]
+        raw[name] = value
+    return json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
+
+
 def outputs() -> dict[Path, str]:
     """Every generated file's expected content (blocks substituted into the current text)."""
     out = {REPO / "docs" / "config.md": config_md(),
+           REPO / "config" / "reference.json": reference_json(),
            REPO / "docs" / "models.md": models_md(),
            REPO / "docs" / "benchmarks.md": benchmarks_md(),
            WEIGHTS / "README.md": weights_readme()}

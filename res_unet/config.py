@@ -95,6 +95,12 @@ class Config:
                            "512 px of the scene: context for large, uniform objects. Set it "
                            "when building the dataset; the run folder carries it to "
                            "segmentation.", lo=1, hi=16, group="data")
+    PIXEL_SIZE: float | None = _key(None, "Metres per pixel of the training images when they "
+                                    "are plain JPEG/PNG (GeoTIFFs in a map projection or in "
+                                    "degrees give their own). The model card records the "
+                                    "model's pixel size (this times DOWNSAMPLE), so "
+                                    "seg_images_in_folder can bring scenes of another pixel "
+                                    "size to it. null: unknown.", lo=1e-6, group="data")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
                                "both for records and inference).", lo=0.0, hi=0.75, group="data")
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "
@@ -297,6 +303,14 @@ class Config:
                               group="segmentation")
     NODATA_ZERO: bool = _key(False, "Treat all-zero pixels of the input as nodata.",
                              group="segmentation")
+    SCENE_PIXEL_SIZE: float | None = _key(None, "Metres per pixel of plain (JPEG/PNG) scenes "
+                                          "to segment (--pixel-size); georeferenced GeoTIFFs "
+                                          "give their own. A scene whose pixel size differs "
+                                          "from the model card's by more than 10 % is "
+                                          "resampled to the model's, predicted there and "
+                                          "written on its own grid. null: plain scenes are "
+                                          "taken to be at the training images' scale.",
+                                          lo=1e-6, group="segmentation")
 
     # Derived values -----------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from res_unet.records import (
     file_sha256,
     serialize_example,
 )
+from res_unet.scale import training_pixel_size
 from res_unet.split import split_pairs
 from res_unet.tiling import (
     downsample_image,
@@ -466,6 +467,8 @@ class _DatasetBuilder:
             shards=shards,
             samples_figure=SAMPLES if cfg.DOPLOT else None,
             config=cfg.to_dict(),
+            pixel_size_m=training_pixel_size([p.image for s in SPLITS for p in by_stem[s]],
+                                             cfg.PIXEL_SIZE, cfg.DOWNSAMPLE),
         )
 
 

@@ -34,6 +34,7 @@ CRF_MAX_PIXELS).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -46,6 +47,7 @@ from res_unet import postprocess, rasters
 from res_unet.config import Config
 from res_unet.errors import UserError
 from res_unet.runfolder import LoadedModel
+from res_unet.scale import needs_resampling, resample_to_pixel_size, restore_scene_grid
 from res_unet.tiling import (
     RowSource,
     SlidingWindow,
@@ -229,9 +231,45 @@ class Segmenter:
         thresholds = [m.threshold for m in models if m.threshold is not None]
         self.card_threshold = float(np.mean(thresholds)) if thresholds else None
         self.rot90 = cfg.TTA_ROT90 and self.tile_hw[0] == self.tile_hw[1]
-        self.window = sliding_window(self.models, self.tile_hw, cfg.TILE_OVERLAP,
-                                     cfg.BLEND_WINDOW, cfg.BATCH_SIZE, cfg.TESTTIMEAUG,
-                                     self.rot90, self.downsample)
+        sizes = {m.pixel_size_m for m in models}
+        if None not in sizes and needs_resampling(min(sizes), max(sizes)):
+            raise UserError(f"ensemble members were trained at pixel sizes of "
+                            f"{' and '.join(f'{s:g}' for s in sorted(sizes))} m; use members "
+                            "trained at one pixel size")
+        # Metres per pixel of what the models see; None: unknown (scenes taken as they come).
+        self.pixel_size_m = None if None in sizes else float(np.mean(sorted(sizes)))
+        # A scene of another pixel size is resampled to (scene, model) pixel sizes first.
+        self.resample: tuple[tuple[float, float], float] | None = None
+        self.window = self._window(self.downsample)
+
+    def _window(self, downsample: int) -> SlidingWindow:
+        cfg = self.cfg
+        return sliding_window(self.models, self.tile_hw, cfg.TILE_OVERLAP, cfg.BLEND_WINDOW,
+                              cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90, downsample)
+
+    def for_scene(self, pixel_size: tuple[float, float] | None) -> Segmenter:
+        """This segmenter for a scene of ``pixel_size`` (x, y) metres per pixel.
+
+        When both the scene's and the model's pixel sizes are known and differ by more than
+        10 %, the scene is brought to the model's: by block averaging when the ratio is a
+        whole number (the strip-by-strip path, as DOWNSAMPLE), else by resampling the whole
+        scene (area average when shrinking, bilinear when enlarging); probabilities come
+        back onto the scene's grid either way. Otherwise (or with either size unknown) the
+        scene is worked on at the model's DOWNSAMPLE, as it comes.
+        """
+        model = self.pixel_size_m
+        if pixel_size is None or model is None:
+            return self
+        k = round(model / math.sqrt(pixel_size[0] * pixel_size[1]))
+        scaled = copy.copy(self)
+        if k >= 1 and not needs_resampling((pixel_size[0] * k, pixel_size[1] * k), model):
+            if k == self.downsample:
+                return self
+            scaled.downsample, scaled.window = k, self._window(k)
+        else:
+            scaled.downsample, scaled.window = 1, self._window(1)
+            scaled.resample = ((float(pixel_size[0]), float(pixel_size[1])), model)
+        return scaled
 
     @property
     def threshold_setting(self) -> float | str | None:
@@ -253,6 +291,10 @@ class Segmenter:
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """The whole (H, W, C) float32 probability map of a raw (H, W, B) image."""
+        if self.resample is not None:
+            small = resample_to_pixel_size(image, *self.resample)
+            prob = self.window.probabilities(small, self.mode_for(small.shape[:2]))
+            return restore_scene_grid(prob, image.shape[:2], classes=False)
         return self.window.probabilities(image, self.mode_for(image.shape[:2]))
 
     def strips(self, image: np.ndarray | RowSource) -> Iterator[tuple[int, np.ndarray]]:
@@ -281,7 +323,7 @@ class Segmenter:
         """Whether an image of ``shape_hw`` is segmented strip by strip (memory-bounded)."""
         big = shape_hw[0] * shape_hw[1] * self.n_outputs > self.full_max_values
         strippable = self.mode_for(shape_hw) == "tile" or self.downsample > 1
-        return big and strippable and not self.cfg.DO_CRF_REFINE
+        return big and strippable and not self.cfg.DO_CRF_REFINE and self.resample is None
 
     @property
     def streams_labels(self) -> bool:

@@ -1,5 +1,8 @@
 """The TFRecord dataset format, and the readers training and evaluation use.
 
+Why this module is long: the example codec, the shard writer, the manifest and the tf.data
+reader are one format and must agree byte for byte, so they live together.
+
 A dataset folder holds shards, ``manifest.json`` (:class:`Manifest`: counts, source files,
 class and band statistics, shard checksums, the building config), ``config.json`` and
 ``samples.png``. Datasets are built by :func:`res_unet.dataset.make_dataset`.
@@ -306,6 +309,7 @@ class Manifest:
     shards: dict[str, list[Shard]]
     samples_figure: str | None
     config: dict[str, Any]
+    pixel_size_m: float | None = None  # of the examples (sources' x DOWNSAMPLE); None: unknown
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON-ready data (nested dataclasses as dicts)."""

@@ -81,6 +81,9 @@ class CardInput:
     band_mean: list[float]
     band_std: list[float]
     downsample: int = 1
+    # Metres per pixel of what the model sees (training images' pixel size x downsample);
+    # None: unknown (plain images without PIXEL_SIZE, or cards written before it existed).
+    pixel_size_m: float | None = None
 
 
 @dataclass
@@ -276,6 +279,7 @@ class LoadedModel:
     threshold: float | None = None
     downsample: int = 1
     input_dtype: str | None = None
+    pixel_size_m: float | None = None
     run_dir: Path | None = None
     card: ModelCard | None = None
     weights: Path | None = None
@@ -420,6 +424,7 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
                        n_outputs=card.n_outputs,
                        threshold=None if card.threshold is None else float(card.threshold),
                        downsample=int(spec.downsample), input_dtype=spec.dtype,
+                       pixel_size_m=spec.pixel_size_m,
                        run_dir=run_dir, card=card, weights=source)
 
 

@@ -14,16 +14,22 @@ ellipsoids differ by less than 1e-4 in the radii, far below any tolerance used h
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import rasterio.errors
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject
 
 from res_unet.errors import UserError
+from res_unet.progress import say
 
 _WGS84_A = 6378137.0
 _WGS84_F = 1 / 298.257223563
@@ -72,6 +78,42 @@ def pixel_size_m(source: Any, crs: Any = None, shape: Sequence[int] | None = Non
     prime_vertical = _WGS84_A / w
     meridional = _WGS84_A * (1 - e2) / w ** 3
     return (step_x * radians * prime_vertical * math.cos(phi), step_y * radians * meridional)
+
+
+def raster_pixel_size(path: str | os.PathLike) -> tuple[float, float] | None:
+    """Pixel size (x, y) in metres of a raster file in a CRS (a GeoTIFF), read from its
+    header; None for a plain image (JPEG, PNG, a TIFF without a CRS) or a file GDAL cannot
+    open (reading it later says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return pixel_size_m(src) if src.crs is not None else None
+    except rasterio.errors.RasterioError:
+        return None
+
+
+def training_pixel_size(images: Sequence[str | os.PathLike], plain: float | None,
+                        downsample: int = 1) -> float | None:
+    """Metres per pixel of what a model trained on ``images`` sees: the median pixel size of
+    the georeferenced ones (the mean of x and y), else ``plain`` (the config's PIXEL_SIZE for
+    plain JPEG/PNG images), times ``downsample``; None when neither is known. Images whose
+    pixel sizes differ by more than 10 % from that are named in a note (a model learns one
+    ground size per pixel)."""
+    sizes = {Path(p): raster_pixel_size(p) for p in images}
+    known = {p: (x + y) / 2 for p, size in sizes.items() if size is not None for x, y in [size]}
+    if not known:
+        return None if plain is None else plain * downsample
+    median = float(np.median(list(known.values())))
+    odd = [p for p, size in known.items() if needs_resampling(size, median)]
+    if odd:
+        say(f"note: {len(odd)} training images are not at the median pixel size of "
+            f"{median:g} m (e.g. {odd[0]}: {known[odd[0]]:g} m); the model card records "
+            f"{median:g} m")
+    if len(known) < len(sizes) and plain is not None and needs_resampling(plain, median):
+        say(f"note: PIXEL_SIZE {plain:g} m differs from the georeferenced training images' "
+            f"{median:g} m; the model card records {median:g} m")
+    return median * downsample
 
 
 def needs_resampling(scene_px: PixelSize, model_px: PixelSize, tol: float = 0.1) -> bool:

@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crf", action=argparse.BooleanOptionalAction,
                         help="dense CRF refinement (DO_CRF_REFINE)")
     parser.add_argument("--median", type=int, help="MEDIAN_FILTER_VALUE (disk radius)")
+    parser.add_argument("--pixel-size", type=float, metavar="METRES",
+                        help="metres per pixel of plain (JPEG/PNG) scenes (SCENE_PIXEL_SIZE); "
+                             "GeoTIFFs give their own. Scenes are resampled to the model's "
+                             "pixel size when it is recorded and differs")
     parser.add_argument("--nodata-zero", action=argparse.BooleanOptionalAction,
                         help="all-zero pixels are nodata (NODATA_ZERO)")
     parser.add_argument("--save-probs", action="store_true",
@@ -108,7 +112,8 @@ def _overrides(args: argparse.Namespace) -> dict:
              "BATCH_SIZE": args.batch_size, "INFER_RUNTIME": args.runtime,
              "TESTTIMEAUG": args.tta, "TTA_ROT90": args.rot90,
              "THRESHOLD": args.threshold, "DO_CRF_REFINE": args.crf,
-             "MEDIAN_FILTER_VALUE": args.median, "NODATA_ZERO": args.nodata_zero}
+             "MEDIAN_FILTER_VALUE": args.median, "NODATA_ZERO": args.nodata_zero,
+             "SCENE_PIXEL_SIZE": args.pixel_size}
     out = {k: v for k, v in flags.items() if v is not None}
     if args.rot90:
         out.setdefault("TESTTIMEAUG", True)

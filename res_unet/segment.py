@@ -53,6 +53,7 @@ from res_unet.predict import (
 )
 from res_unet.progress import progress_bar, say
 from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run
+from res_unet.scale import raster_pixel_size
 from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
@@ -97,6 +98,27 @@ def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
     if geojson and binary:
         paths["geojson"] = out_dir / f"{stem}_predseg.geojson"
     return paths
+
+
+def scene_pixel_size(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
+                     unknown: list[Path]) -> tuple[float, float] | None:
+    """Metres per pixel (x, y) of a scene: its GeoTIFF's, else SCENE_PIXEL_SIZE, else None.
+
+    Only looked up when the model's pixel size is known. A plain scene without one is taken
+    to be at the training images' scale; the first such scene gets a note (``unknown``
+    collects them)."""
+    if segmenter.pixel_size_m is None:
+        return None
+    size = raster_pixel_size(pair.image)
+    if size is None and cfg.SCENE_PIXEL_SIZE is not None:
+        size = (cfg.SCENE_PIXEL_SIZE, cfg.SCENE_PIXEL_SIZE)
+    if size is None:
+        if not unknown:
+            say(f"note: {pair.image} has no pixel size (not a GeoTIFF in a CRS); plain scenes "
+                f"are taken to be at the training images' scale (the model sees "
+                f"{segmenter.pixel_size_m:g} m per pixel); pass --pixel-size to set theirs")
+        unknown.append(pair.image)
+    return size
 
 
 def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Path],
@@ -187,6 +209,8 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 # Keys that do not change what a finished image's outputs contain.
 # (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
 # all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.)
+# Keys added after the fingerprint's first version: recorded only when set.
+_RECORDED_WHEN_SET = ("SCENE_PIXEL_SIZE",)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
                  "INFER_RUNTIME")
 
@@ -202,12 +226,17 @@ def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
             hasher.update(np.ascontiguousarray(array).tobytes())
         digests.append(hasher.hexdigest())
     values = cfg.to_dict()
+    settings = {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS
+                and not (k in _RECORDED_WHEN_SET and values[k] is None)}
     fingerprint = {"weights": digests, "tile_size": list(segmenter.tile_hw),
                    "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
                    "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
-                   "settings": {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS}}
-    if cfg.INFER_RUNTIME == "openvino_bf16":  # float32 runtimes add no key: old folders match
+                   "settings": settings}
+    # Keys added later are recorded only when they change something: old folders match.
+    if cfg.INFER_RUNTIME == "openvino_bf16":
         fingerprint["precision"] = "bfloat16"
+    if segmenter.pixel_size_m is not None:  # scenes are brought to the model's pixel size
+        fingerprint["pixel_size"] = segmenter.pixel_size_m
     return fingerprint
 
 
@@ -321,6 +350,9 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
         print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
+    if segmenter.pixel_size_m is None:
+        say("note: the model card records no pixel size, so the scale of the scenes cannot "
+            "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     options = {"images": str(images_dir), "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "geojson": geojson}
     run_summary = _run_summary(models, segmenter, cfg, options)
@@ -343,6 +375,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     total_cm = np.zeros((n, n), np.int64)
     unscored: list[dict[str, str]] = []
     problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
+    unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
     for pair in progress_bar(pairs, enabled=progress):
         paths = output_paths(out_dir, pair, save_probs, geojson, segmenter.n_outputs == 1)
         try:
@@ -351,7 +384,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
                 t0 = time.perf_counter()
-                label, pixels = segment_image(segmenter, pair, paths,
+                scaled = segmenter.for_scene(scene_pixel_size(pair, segmenter, cfg, unknown))
+                label, pixels = segment_image(scaled, pair, paths,
                                               keep_label=pair.label is not None)
                 busy += time.perf_counter() - t0
                 megapixels += pixels / 1e6

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from res_unet import imagery
+from res_unet import rasters, writers
 from res_unet.demo import synthesize_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The README's Python block, as written, on a small synthetic scene."""
     block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     image, _ = synthesize_scene(np.random.default_rng(0), (200, 260))
-    imagery.write_png(tmp_path / "my_scenes" / "scene.png", image)
+    writers.write_png(tmp_path / "my_scenes" / "scene.png", image)
     os.symlink(REPO / "weights", tmp_path / "weights")
     monkeypatch.chdir(tmp_path)
     namespace = {"image": image}
@@ -72,5 +72,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     label = namespace["label"]
     assert label.shape == (200, 260) and label.dtype == np.uint8
     assert set(np.unique(label)) <= {0, 1}
-    written = imagery.read_label(tmp_path / "my_masks" / "scene_predseg.png")
+    written = rasters.read_label(tmp_path / "my_masks" / "scene_predseg.png")
     np.testing.assert_array_equal(written, label)

@@ -411,3 +411,34 @@ def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(small):
     with pytest.raises(UserError, match=r"manifest.json: shard file='../../etc/passwd' must "
                                         "be a plain file name"):
         records.read_manifest(small["out"])
+
+
+def test_the_manifest_records_the_pixel_size_of_the_examples(small, tmp_path, capsys):
+    """GeoTIFF sources give their own pixel size, plain images the config's PIXEL_SIZE; the
+    manifest records what the model will see (times DOWNSAMPLE), None when unknown."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    assert main(argv(small["config"], small["images"], small["labels"], small["out"])) == 0
+    assert records.read_manifest(small["out"]).pixel_size_m is None
+    write_config(small["config"], dict(FAST_CONFIG, PIXEL_SIZE=40, DOWNSAMPLE=2))
+    assert main(argv(small["config"], small["images"], small["labels"], tmp_path / "p")) == 0
+    assert records.read_manifest(tmp_path / "p").pixel_size_m == 80.0
+    geo = tmp_path / "geo"
+    (geo / "images").mkdir(parents=True)
+    (geo / "labels").mkdir()
+    rules = config_from_dict(FAST_CONFIG)[0].label_rules
+    for k, pair in enumerate(find_pairs(small["images"], small["labels"])):
+        image = load_pair(pair, 3, rules)[0]
+        pixel = 3.0 if k == 0 else 2.0  # one odd image out
+        with rasterio.open(geo / "images" / f"{pair.stem}.tif", "w", driver="GTiff",
+                           height=image.shape[0], width=image.shape[1], count=3,
+                           dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(5e5, 4.2e6, pixel, pixel)) as dst:
+            dst.write(np.moveaxis(image, -1, 0))
+        (geo / "labels" / pair.label.name).write_bytes(pair.label.read_bytes())
+    write_config(small["config"], FAST_CONFIG)
+    capsys.readouterr()
+    assert main(argv(small["config"], geo / "images", geo / "labels", tmp_path / "g")) == 0
+    assert records.read_manifest(tmp_path / "g").pixel_size_m == 2.0
+    assert "1 training images are not at the median pixel size of 2 m" in capsys.readouterr().err

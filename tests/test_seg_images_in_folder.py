@@ -537,3 +537,99 @@ def test_shards_of_another_model_are_refused_while_shards_run(run, images, tmp_p
             assert "shards with other models or settings are writing here" in err
     assert not out.exists() or not any(out.glob("*_predseg.png"))
     assert seg("--model", other, "--images", images, "--out", out, "--shard", "1/2") == 0
+
+
+# Scenes at another pixel size ------------------------------------------------------------
+
+def disc_scene(shape_hw: tuple[int, int]) -> np.ndarray:
+    """A bright disc (radius 0.3 of the height) on a dark ground, any size, same extent."""
+    rows, cols = np.mgrid[0:shape_hw[0], 0:shape_hw[1]]
+    inside = (((rows + 0.5) / shape_hw[0] - 0.5) ** 2
+              + ((cols + 0.5) / shape_hw[1] - 0.5) ** 2) < 0.3 ** 2
+    image = np.full((*shape_hw, 3), DARK, np.uint8)
+    image[inside] = BRIGHT
+    return image
+
+
+def write_geotiff(path: Path, image: np.ndarray, pixel: float) -> Path:
+    """A GeoTIFF in UTM 33N covering 960 m x 960 m whatever its pixel size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", height=image.shape[0], width=image.shape[1],
+                       count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(5e5, 4.2e6, pixel, pixel)) as dst:
+        dst.write(np.moveaxis(image, -1, 0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_10m(tmp_path_factory) -> Path:
+    """The pixel model as a run whose card says it sees 10 m pixels."""
+    run = write_run(tmp_path_factory.mktemp("runs") / "run10", pixel_model(),
+                    make_config("model"), threshold=0.5)
+    card = json.loads((run / "model_card.json").read_text())
+    card["input"]["pixel_size_m"] = 10.0
+    (run / "model_card.json").write_text(json.dumps(card))
+    return run
+
+
+@pytest.mark.parametrize("pixel", [5.0, 20.0, 7.5, 30.0])
+def test_scenes_at_another_pixel_size_are_segmented_at_the_models(run_10m, tmp_path, capsys,
+                                                                   pixel):
+    """The same 960 m scene at 5, 20, 7.5 and 30 m per pixel: each is brought to the model's
+    10 m (block average for whole ratios, resampling otherwise), predicted there, and its
+    mask written on the scene's own grid and CRS, agreeing with the 10 m result."""
+    reference = write_geotiff(tmp_path / "ref" / "scene.tif", disc_scene((96, 96)), 10.0)
+    assert seg("--model", run_10m, "--images", reference.parent, "--out",
+               tmp_path / "ref_out") == 0
+    truth = rasters.read_label(tmp_path / "ref_out" / "scene_predseg.png")
+    n = round(960 / pixel)
+    scene = write_geotiff(tmp_path / "in" / "scene.tif", disc_scene((n, n)), pixel)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert seg("--model", run_10m, "--images", scene.parent, "--out", out) == 0
+    assert "no pixel size" not in capsys.readouterr().err
+    label = rasters.read_label(out / "scene_predseg.png")
+    assert label.shape == (n, n)
+    with rasterio.open(out / "scene_predseg.tif") as src:
+        assert src.crs == CRS.from_epsg(32633) and src.transform.a == pixel
+    # on the reference grid the two masks agree but for the disc's rim
+    on_ref = label[(np.arange(96) * n // 96)[:, None], (np.arange(96) * n // 96)[None, :]]
+    assert np.mean(on_ref == truth) > 0.97
+    fingerprint = json.loads((out / "segmentation_config.json").read_text())["fingerprint"]
+    assert fingerprint["pixel_size"] == 10.0
+
+
+def test_segmenter_picks_block_averaging_or_resampling(run_10m):
+    from res_unet import runfolder
+    from res_unet.predict import Segmenter
+
+    seg10 = Segmenter([runfolder.load_run(run_10m)], make_config("model"))
+    assert seg10.for_scene(None) is seg10 and seg10.for_scene((10.5, 10.5)) is seg10
+    quarter = seg10.for_scene((2.5, 2.5))
+    assert (quarter.downsample, quarter.resample) == (4, None)
+    assert quarter.window.downsample == 4 and seg10.downsample == 1
+    odd = seg10.for_scene((7.0, 7.0))
+    assert odd.downsample == 1 and odd.resample == ((7.0, 7.0), 10.0)
+    coarse = seg10.for_scene((20.0, 20.0))
+    assert coarse.resample == ((20.0, 20.0), 10.0)
+    big = np.full((8000, 8000, 3), DARK, np.uint8)
+    assert not odd.uses_strips(big.shape[:2]), "resampling works on the whole scene"
+
+
+def test_plain_scenes_and_models_without_a_pixel_size_say_so_once(run, run_10m, images,
+                                                                 tmp_path, capsys):
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert err.count("the model card records no pixel size") == 1
+    assert seg("--model", run_10m, "--images", images, "--out", tmp_path / "b") == 0
+    err = capsys.readouterr().err
+    assert err.count("has no pixel size (not a GeoTIFF in a CRS)") == 1
+    # --pixel-size says what plain scenes are: 5 m scenes are worked on at half size
+    before = rasters.read_label(tmp_path / "b" / "b_predseg.png")
+    assert seg("--model", run_10m, "--images", images, "--out", tmp_path / "c",
+               "--pixel-size", "5") == 0
+    assert "no pixel size" not in capsys.readouterr().err
+    after = rasters.read_label(tmp_path / "c" / "b_predseg.png")
+    assert after.shape == before.shape and np.mean(after == before) > 0.95
+    fingerprint = json.loads((tmp_path / "c" / "segmentation_config.json").read_text())
+    assert fingerprint["fingerprint"]["settings"]["SCENE_PIXEL_SIZE"] == 5.0
