@@ -102,6 +102,9 @@ def input_cell(card: dict[str, Any]) -> str:
     text = f"{inp['bands']} bands {inp['dtype']}, {inp['size'][0]}-px tiles"
     if inp.get("downsample", 1) > 1:
         text += f", works at 1/{inp['downsample']} resolution"
+    pixel = inp.get("pixel_size_m")
+    text += (f", sees {pixel:g} m per pixel" if pixel else
+             ", pixel size unknown (scenes are taken at the scale they come)")
     return text
 
 
@@ -204,7 +207,9 @@ them; the tests and benchmarks read them from `../shared/data` when it is there 
 otherwise.
 
 - **lakes**: 154 Sentinel-2 true-colour lake scenes (longest side 1024 px, about 40 m per
-  pixel) with water masks, and 3 of the scenes at full resolution (about 10 m per pixel).
+  pixel: the 10 m scenes shrunk 4x) with water masks, and 3 of the scenes at full
+  resolution (about 10 m per pixel). The lakes models' cards record 40 m times their
+  DOWNSAMPLE (`PIXEL_SIZE` 40 in their configs), so 10 m GeoTIFF scenes are brought to it.
   Images: Sentinel-2 cloudless mosaics (s2maps.eu) by EOX IT Services GmbH, which contain
   modified Copernicus Sentinel data 2016-2018. Labels: water polygons drawn by crowd
   workers, from the lakes data of [od-crypto/somedata](https://github.com/od-crypto/somedata)
@@ -214,7 +219,9 @@ otherwise.
   vegetation, water, unlabeled): "Semantic segmentation of aerial imagery" by Humans in
   the Loop for the Mohammed Bin Rashid Space Centre (MBRSC satellites), annotated by
   trainees of the Roia Foundation; public domain
-  ([CC0 1.0](https://creativecommons.org/publicdomain/zero/1.0/)).
+  ([CC0 1.0](https://creativecommons.org/publicdomain/zero/1.0/)). The dataset's
+  description gives no pixel size and the images carry no georeferencing, so
+  `dubai_lite0`'s card records none: its scenes are segmented at the scale they come.
 
 The splits keep related images together (lakes by lake, Dubai by tile), because scenes of
 one lake in several years, or neighbouring parts of one tile, would otherwise leak
