@@ -64,7 +64,7 @@ from common import add_json_out, matmul_peak, write_result
 
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
-from res_unet.ov_runtime import converted_model, openvino_runner
+from res_unet.ov_runtime import converted_model, import_openvino, openvino_runner
 from res_unet.predict import Segmenter
 from res_unet.rasters import read_image
 from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
@@ -352,9 +352,7 @@ def bf16_probe(run_dir: Path, size: int, batch: int, rounds: int, calls: int,
     """Whether bfloat16 helps here: OpenVINO's view, and TF mixed_bfloat16 vs fp32."""
     out: dict[str, Any] = {}
     try:
-        import openvino as ov
-
-        core = ov.Core()
+        core = import_openvino().Core()
         out["openvino_capabilities"] = list(core.get_property("CPU",
                                                               "OPTIMIZATION_CAPABILITIES"))
     except Exception as exc:

@@ -33,7 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import res_unet  # noqa: E402,F401  (before TensorFlow: turns on oneDNN)
-from res_unet.config import config_from_dict, load_config  # noqa: E402
+from res_unet.cli import run_command  # noqa: E402
+from res_unet.config import Config, config_from_dict, load_config  # noqa: E402
+from res_unet.errors import UserError  # noqa: E402
+
+FOLDS_FIX = ("a fold is the comma-separated names of the groups it holds out (of "
+             "SPLIT_GROUP_PATTERN, or file stems), e.g. --folds tile1,tile2 tile4,tile5")
 
 
 def fold_config(path: Path, groups: list[str], overrides: dict):
@@ -45,7 +50,59 @@ def fold_config(path: Path, groups: list[str], overrides: dict):
     return config_from_dict(values, source=f"{path} + fold {','.join(groups)}")[0]
 
 
-def main() -> None:
+def parse_overrides(text: str) -> dict:
+    """The --set argument as a dict; UserError naming it unless it is a JSON object."""
+    example = 'e.g. --set \'{"KEEP_WEIGHTS": "best"}\''
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--set {text!r}: not JSON ({exc.msg}); give a JSON object of config "
+                        f"keys with double-quoted names, {example}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--set {text!r}: a JSON {type(value).__name__}, not an object; give "
+                        f"a JSON object of config keys, {example}")
+    return value
+
+
+def parse_folds(folds: list[str]) -> list[list[str]]:
+    """Each --folds argument as its list of group names; UserError for an empty fold or
+    group name, or a path given as a fold."""
+    parsed = []
+    for i, fold in enumerate(folds, 1):
+        groups = [g.strip() for g in fold.split(",")]
+        if not fold.strip() or "" in groups:
+            raise UserError(f"--folds: fold {i} ({fold!r}) is empty or has an empty group "
+                            f"name; {FOLDS_FIX}")
+        paths = [g for g in groups if "/" in g or os.sep in g or Path(g).exists()]
+        if paths:
+            raise UserError(f"--folds: {paths[0]!r} is a path, not a group name; {FOLDS_FIX} "
+                            "(the data folder goes in --data)")
+        parsed.append(groups)
+    return parsed
+
+
+def check_folds(cfg: Config, data: Path, folds: list[list[str]]) -> None:
+    """UserError naming the first fold group that matches no group of the images in
+    ``data`` (listing those that exist), or a fold that holds out every group."""
+    from res_unet.pairing import find_pairs
+    from res_unet.split import group_pairs
+
+    pairs = find_pairs(data / "images", data / "labels", cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
+    known = [g for g in group_pairs(pairs, cfg.SPLIT_GROUP_PATTERN) if not g.startswith("\0")]
+    what = (f"SPLIT_GROUP_PATTERN {cfg.SPLIT_GROUP_PATTERN!r}" if cfg.SPLIT_GROUP_PATTERN
+            else "the file stems (no SPLIT_GROUP_PATTERN)")
+    shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+    for groups in folds:
+        missing = [g for g in groups if g not in known]
+        if missing:
+            raise UserError(f"--folds: {missing[0]!r} matches no group of {what} in "
+                            f"{data / 'images'}; use the groups there: {shown or 'none'}")
+        if len(set(groups)) >= len(known):
+            raise UserError(f"--folds: {','.join(groups)} holds out every group, leaving "
+                            "nothing to train on; name fewer groups per fold")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True)
@@ -56,7 +113,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="work folder")
     parser.add_argument("--set", default="{}",
                         help="JSON object of config keys that override --config")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    folds = parse_folds(args.folds)
+    configs = [fold_config(args.config, groups, overrides) for groups in folds]
+    check_folds(configs[0], args.data, folds)
 
     import numpy as np
 
@@ -64,11 +125,8 @@ def main() -> None:
     from res_unet.dataset import make_dataset
     from res_unet.runfolder import EVALUATION, ModelCard, read_json
 
-    overrides = json.loads(args.set)
     rows, pooled = [], None
-    for fold in args.folds:
-        groups = fold.split(",")
-        cfg = fold_config(args.config, groups, overrides)
+    for groups, cfg in zip(folds, configs, strict=True):
         name = "-".join(groups)
         data_dir, run_dir = args.out / f"{name}-data", args.out / name
         started = time.time()
@@ -108,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

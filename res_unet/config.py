@@ -556,8 +556,10 @@ def load_config(path: str | os.PathLike) -> Config:
     except json.JSONDecodeError as exc:
         line = text.splitlines()[exc.lineno - 1].strip() if exc.lineno <= len(
             text.splitlines()) else ""
-        if line.startswith(("//", "#", "/*")):
-            why = "comments are not allowed in JSON; use a \"_comment\" key instead"
+        if text[exc.pos:].lstrip().startswith(("//", "#", "/*")):
+            # A comment after a comma reads to the parser as a trailing comma: say what it is.
+            why = ('JSON has no comments; write the note as a key starting with "_" (e.g. '
+                   '"_comment": "..."), which the config ignores')
         elif exc.msg.startswith("Expecting property name") or (exc.msg.startswith(
                 "Expecting value") and line.startswith(("}", "]"))):
             why = "remove the trailing comma before it"

@@ -1,21 +1,56 @@
 """The OpenVINO runtime of a loaded model: converting a Keras model (:func:`converted_model`,
 through res_unet's conversion cache, :func:`cache_dir`) and compiling it for this CPU
 (:func:`openvino_runner`), for :class:`res_unet.runfolder.LoadedModel` and
-bench/bench_runtime.py. OpenVINO is imported only when used."""
+bench/bench_runtime.py. OpenVINO is imported only when used, through :func:`import_openvino`,
+with its telemetry turned off."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from res_unet.atomic import clean_stale_temporaries, owner_tag, usual_mode
+
+# The SHA-256 of each file of a cache entry, written into the entry with the files.
+DIGESTS = "sha256.json"
+_ENTRY_FILES = ("model.xml", "model.bin")
+
+
+@contextlib.contextmanager
+def _telemetry_off() -> Iterator[None]:
+    """OpenVINO's converter (imported with ``openvino``, called by convert_model) sends usage
+    telemetry and writes a client id into ~/intel unless told otherwise. It creates its
+    openvino_telemetry client with ``disable_in_ci=True``, which declines when the CI
+    environment variable is 'true': set just while OpenVINO runs its checks, so nothing is
+    written outside the user's folders and the cache, and nothing is sent."""
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, imported with its telemetry off (see _telemetry_off)."""
+    with _telemetry_off():
+        import openvino
+
+    return openvino
 
 
 def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
@@ -25,7 +60,7 @@ def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
     on CPUs with native bf16 (AVX512_BF16, AMX), which moves probabilities by ~1e-2 and flips
     pixels at the threshold. ``options`` add OpenVINO CPU properties (threads, hints);
     ``info``, when given, receives the precision and thread count actually compiled."""
-    import openvino as ov
+    ov = import_openvino()
 
     compiled = ov.Core().compile_model(converted, "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32", **(options or {})})
@@ -54,16 +89,22 @@ def cache_dir() -> Path:
 
 def converted_model(model: Any, folder: Path | None = None) -> Any:
     """The Keras ``model`` converted to OpenVINO. With a cache ``folder`` (one per weights
-    file, see LoadedModel), read from it when it holds the conversion, else converted and
-    written there; a damaged entry is converted again and replaced."""
-    import openvino as ov
+    file, see LoadedModel), read from it when it holds the conversion and its files match
+    the SHA-256 digests recorded with them, else converted and written there; a damaged or
+    unverifiable entry is converted again and replaced, with a one-line notice on stderr."""
+    ov = import_openvino()
 
     if folder is not None and (folder / "model.xml").is_file():
-        try:
-            return ov.Core().read_model(folder / "model.xml")
-        except RuntimeError:  # a damaged entry: convert again and replace it
-            shutil.rmtree(folder, ignore_errors=True)
-    with warnings.catch_warnings():
+        problem = _entry_problem(folder)
+        if problem is None:
+            try:
+                return ov.Core().read_model(folder / "model.xml")
+            except RuntimeError:
+                problem = "OpenVINO cannot read it"
+        print(f"note: {folder}: the cached OpenVINO model is not usable ({problem}); "
+              "converting it again", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+    with warnings.catch_warnings(), _telemetry_off():
         # Keras warns that the traced input's structure differs from its own name.
         warnings.simplefilter("ignore", UserWarning)
         converted = ov.convert_model(model)
@@ -72,11 +113,36 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
     return converted
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _entry_problem(folder: Path) -> str | None:
+    """Why the cache entry in ``folder`` cannot be trusted, or None when its files match
+    the SHA-256 digests recorded with them."""
+    try:
+        recorded = json.loads((folder / DIGESTS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {DIGESTS}: written before entries were checked"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{DIGESTS} unreadable: {exc}"
+    for name in _ENTRY_FILES:
+        try:
+            actual = _sha256(folder / name)
+        except OSError as exc:
+            return f"{name} unreadable: {exc.strerror or exc}"
+        if not isinstance(recorded, dict) or recorded.get(name) != actual:
+            return f"{name} does not match its recorded SHA-256"
+    return None
+
+
 def _save_openvino(converted: Any, folder: Path) -> None:
     """Write a converted model into the cache as one folder renamed into place (float32
-    weights, not OpenVINO's default float16 compression). A cache that cannot be written
-    (read-only home, full disk) is skipped: it only saves time."""
-    import openvino as ov
+    weights, not OpenVINO's default float16 compression), with the SHA-256 of its files
+    written after them. A cache that cannot be written (read-only home, full disk) is
+    skipped: it only saves time."""
+    ov = import_openvino()
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +153,8 @@ def _save_openvino(converted: Any, folder: Path) -> None:
     try:
         os.chmod(tmp, usual_mode(directory=True))
         ov.save_model(converted, tmp / "model.xml", compress_to_fp16=False)
+        digests = {name: _sha256(tmp / name) for name in _ENTRY_FILES}
+        (tmp / DIGESTS).write_text(json.dumps(digests, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, folder)
     except (OSError, RuntimeError):
         pass  # another process filled the entry first, or the disk is full

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,9 @@ def _has_images(folder: Path) -> bool:
 
 
 def _scan_folder(folder: Path, role: str) -> list[Path]:
-    """Image files directly in ``folder`` (hidden and non-image files ignored), sorted."""
+    """Image files directly in ``folder``, sorted. Non-image files are ignored; hidden image
+    files (names starting with '.', e.g. macOS '._' copies) are skipped with one warning line
+    on stderr giving their number and names."""
     if not folder.exists():
         raise UserError(f"{folder}: {role} folder not found; check the path")
     if not folder.is_dir():
@@ -209,8 +212,15 @@ def _scan_folder(folder: Path, role: str) -> list[Path]:
         raise UserError(f"{dangling[0]}: is a link to {os.readlink(dangling[0])}, which does "
                         f"not exist ({_count(len(dangling), 'broken link')} among the {role}); "
                         "restore the target or remove the link")
-    files = [p for p in entries if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p in images if not p.name.startswith(".")]
+    hidden = [p.name for p in images if p.name.startswith(".")]
+    if hidden:
+        one = len(hidden) == 1
+        print(f"warning: {folder}: skipped {_count(len(hidden), 'image file')} whose "
+              f"{'name starts' if one else 'names start'} with '.' ({_listing(hidden)}): hidden "
+              f"files are not read; rename {'it' if one else 'them'} without the leading '.' "
+              f"to use {'it' if one else 'them'}", file=sys.stderr)
     if not files:
         subs = [d for d in entries if d.is_dir() and not d.name.startswith(".")
                 and _has_images(d)]

@@ -223,12 +223,33 @@ def test_json_syntax_errors_name_the_line(tmp_path):
     with pytest.raises(UserError, match=r"c.json line 4: invalid JSON \(remove the trailing comma"):
         load_config(path)
     path = write(tmp_path, '{\n  // binary water\n  "NCLASSES": 1\n}\n')
-    with pytest.raises(UserError, match=r"line 2: invalid JSON \(comments are not allowed"):
+    with pytest.raises(UserError, match=r"line 2: invalid JSON \(JSON has no comments"):
         load_config(path)
     path = write(tmp_path, '{"NCLASSES": 1 "BATCH_SIZE": 3}')
     with pytest.raises(UserError, match=r"line 1: invalid JSON \(Expecting ',' delimiter\)"):
         load_config(path)
 
+
+
+@pytest.mark.parametrize("text", [
+    '{\n  "NCLASSES": 1, // binary water\n  "BATCH_SIZE": 4\n}\n',
+    '{ // binary water\n  "NCLASSES": 1\n}\n',
+    '{\n  "NCLASSES": 1 // binary water\n}\n',
+    '{\n  "NCLASSES": 1, /* binary\n water */ "BATCH_SIZE": 4\n}\n',
+    '{\n  "NCLASSES": 1,\n  # binary water\n  "BATCH_SIZE": 4\n}\n',
+], ids=["after-comma", "after-brace", "after-value", "block", "hash-line"])
+def test_a_comment_is_reported_as_a_comment_with_the_underscore_key_fix(tmp_path, text):
+    """JSON has no comments; wherever one sits the message says so and names the config's
+    own convention (a key starting with '_', which load_config ignores), never 'remove the
+    trailing comma'."""
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "trailing comma" not in message and "\n" not in message
+    assert "JSON has no comments" in message
+    assert 'a key starting with "_"' in message and '"_comment"' in message
+    assert message.startswith(f"{path} line ")
 
 def test_missing_file_and_non_object(tmp_path):
     with pytest.raises(UserError, match="config file not found"):

@@ -348,6 +348,32 @@ def test_find_pairs_by_stem_with_label_suffix_and_ignores_other_files(tmp_path):
     assert pairs[2].label == labels / "c.tif"
 
 
+
+def test_hidden_image_files_are_skipped_with_one_warning_per_folder(tmp_path, capsys):
+    """Image files whose names start with '.' (macOS '._' copies, hidden files) are not
+    paired, and the user is told how many were skipped, where and why, once per folder;
+    hidden files that are not images (.DS_Store) are not counted."""
+    images, labels = make_folders(tmp_path, ["a.png", "b.png"], ["a.png", "b.png"])
+    for name in ("._a.png", ".b.png", ".c.tif"):
+        (images / name).write_text("x")
+    (labels / "._a.png").write_text("x")
+    (images / ".DS_Store").write_text("x")
+    pairs = find_pairs(images, labels)
+    assert [p.stem for p in pairs] == ["a", "b"]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: {images}: skipped 3 image files whose names start with '.' (._a.png, "
+        ".b.png, .c.tif): hidden files are not read; rename them without the leading '.' to "
+        "use them",
+        f"warning: {labels}: skipped 1 image file whose name starts with '.' (._a.png): "
+        "hidden files are not read; rename it without the leading '.' to use it"]
+    find_images(images)
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    (tmp_path / "clean").mkdir()
+    make_folders(tmp_path / "clean", ["a.png"], ["a.png"])
+    find_pairs(tmp_path / "clean" / "images", tmp_path / "clean" / "labels")
+    assert capsys.readouterr().err == ""
+
 def test_find_pairs_usemask(tmp_path):
     images, labels = make_folders(tmp_path, ["a.jpg", "b.jpg"], ["a_mask.png", "b_mask.png"])
     pairs = find_pairs(images, labels, usemask=True)

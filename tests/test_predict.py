@@ -563,7 +563,7 @@ def test_openvino_conversion_is_cached_by_weights_content(tmp_path, monkeypatch,
     first = probabilities()
     assert len(conversions) == 1
     [entry] = [p for p in entries.iterdir() if not p.name.startswith(".")]
-    assert {p.name for p in entry.iterdir()} == {"model.xml", "model.bin"}
+    assert {p.name for p in entry.iterdir()} == {"model.xml", "model.bin", "sha256.json"}
     assert stale.exists(), "another host's temporaries are left alone"
     assert [p.name for p in entries.iterdir() if p.name.startswith(".")] == [stale.name]
     np.testing.assert_array_equal(probabilities(), first)  # float32 kept, not float16

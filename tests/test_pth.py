@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import collections
+import io
+import itertools
+import os
 import pickle
+import pickletools
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from res_unet.models.pth import MAGIC_NUMBER, PROTOCOL_VERSION, PthError, read_pth
+from res_unet.models.pth import (
+    MAGIC_NUMBER,
+    PROTOCOL_VERSION,
+    PthError,
+    RestrictedUnpickler,
+    read_pth,
+)
 
 _STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
 
@@ -141,3 +153,129 @@ def test_reads_the_shipped_lite0_weights():
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280)
     assert all(np.isfinite(v).all() for v in state.values())
+
+
+
+# Every pickle of the file goes through the restricted unpickler ---------------------------
+
+class _RunsCode:
+    """Pickles as a call of os.system: plain pickle.load runs the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _split_pickles(data: bytes, count: int = 5) -> list[bytes]:
+    """The first ``count`` pickles of ``data`` (parsed, never loaded) and the bytes after."""
+    f = io.BytesIO(data)
+    bounds = [0]
+    for _ in range(count):
+        for _op in pickletools.genops(f):
+            pass
+        bounds.append(f.tell())
+    return [data[a:b] for a, b in itertools.pairwise(bounds)] + [data[bounds[-1]:]]
+
+
+def write_evil_pth(folder: Path, position: int, protocol: int) -> tuple[Path, Path]:
+    """A valid one-tensor legacy .pth whose pickle number ``position`` (1 magic, 2 protocol,
+    3 system facts, 4 state dict, 5 storage keys) is replaced by one that runs
+    ``touch MARKER``; returns (file, marker)."""
+    good = folder / "good.pth"
+    write_legacy_pth(good, {"w": np.arange(3, dtype=np.float32)})
+    parts = _split_pickles(good.read_bytes())
+    marker = folder / f"pwned-{position}-{protocol}"
+    parts[position - 1] = pickle.dumps(_RunsCode(f"touch {marker}"), protocol=protocol)
+    path = folder / f"evil-{position}-{protocol}.pth"
+    path.write_bytes(b"".join(parts))
+    return path, marker
+
+
+@pytest.mark.parametrize("protocol", range(6))
+@pytest.mark.parametrize("position", [1, 2, 3, 4, 5])
+def test_code_in_any_of_the_five_pickles_is_never_run(tmp_path, position, protocol):
+    path, marker = write_evil_pth(tmp_path, position, protocol)
+    with pytest.raises(PthError) as info:
+        read_pth(path)
+    assert not marker.exists(), "the payload ran"
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(r"refusing to load the global (os|posix)\.system", message)
+
+
+@pytest.mark.parametrize("position", [1, 2, 3, 4, 5])
+def test_malicious_encoder_weights_are_a_one_line_error(tmp_path, position):
+    """Named as ENCODER_WEIGHTS, a .pth file with a payload gives one UserError line that
+    names the file, and the payload never runs."""
+    from res_unet.config import config_from_dict
+    from res_unet.errors import UserError
+    from res_unet.models import build_model
+
+    path, marker = write_evil_pth(tmp_path, position, pickle.DEFAULT_PROTOCOL)
+    cfg = config_from_dict({"MODEL": "efficientnet_unet", "ENCODER": "lite0",
+                            "TARGET_SIZE": [64, 64], "NCLASSES": 2,
+                            "ENCODER_WEIGHTS": str(path)})[0]
+    with pytest.raises(UserError) as info:
+        build_model(cfg, [0.0] * 3, [1.0] * 3)
+    assert not marker.exists(), "the payload ran"
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert re.search(r"refusing to load the global (os|posix)\.system", message)
+
+
+DANGEROUS_GLOBALS = [("os", "system"), ("posix", "system"), ("nt", "system"),
+                     ("builtins", "eval"), ("builtins", "exec"), ("builtins", "getattr"),
+                     ("builtins", "__import__"), ("builtins", "open"), ("builtins", "compile"),
+                     ("subprocess", "Popen"), ("subprocess", "run"), ("os", "popen"),
+                     ("os", "execv"), ("shutil", "rmtree"), ("pickle", "loads"),
+                     ("runpy", "run_path"), ("importlib", "import_module"),
+                     ("collections", "namedtuple"), ("torch", "load"),
+                     ("torch._utils", "_rebuild_parameter"), ("numpy", "load"),
+                     ("__builtin__", "eval"), ("copyreg", "_reconstructor")]
+
+
+@pytest.mark.parametrize("module,name", DANGEROUS_GLOBALS)
+@pytest.mark.parametrize("tensors", [False, True], ids=["header", "state-dict"])
+def test_find_class_refuses_everything_outside_the_allow_list(module, name, tensors):
+    unpickler = RestrictedUnpickler(io.BytesIO(), "the test", {} if tensors else None)
+    with pytest.raises(pickle.UnpicklingError, match=f"refusing to load the global "
+                                                     f"{re.escape(module)}.{name}"):
+        unpickler.find_class(module, name)
+
+
+def test_find_class_allows_only_the_state_dict_names_and_returns_stand_ins():
+    """The header and key pickles may name no global at all; the state dict only an
+    ordered dict, the tensor rebuilders and the storage types, which resolve to this
+    module's stand-ins, never to torch."""
+    allowed = [("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+               ("torch._utils", "_rebuild_tensor"), ("torch", "FloatStorage"),
+               ("torch", "LongStorage")]
+    header = RestrictedUnpickler(io.BytesIO(), "the test")
+    state = RestrictedUnpickler(io.BytesIO(), "the test", {})
+    for module, name in allowed:
+        with pytest.raises(pickle.UnpicklingError):
+            header.find_class(module, name)
+        found = state.find_class(module, name)
+        origin = getattr(found, "__module__", type(found).__module__)
+        assert found is collections.OrderedDict or origin == "res_unet.models.pth"
+    with pytest.raises(pickle.UnpicklingError, match="persistent id"):
+        header.persistent_load(("storage", "x", "0", "cpu", 1))
+
+
+def test_no_plain_unpickling_anywhere_in_the_package():
+    """Every unpickling in res_unet goes through RestrictedUnpickler."""
+    package = Path(__file__).resolve().parents[1] / "res_unet"
+    plain = re.compile(r"\b(pickle|cPickle|_pickle|dill|joblib)\.(load|loads|Unpickler)\b"
+                       r"|allow_pickle\s*=\s*True")
+    found = [f"{p.relative_to(package)}:{i}"
+             for p in sorted(package.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if plain.search(line)]
+    assert found == ["models/pth.py:{}".format(_subclass_line(package / "models" / "pth.py"))]
+
+
+def _subclass_line(path: Path) -> int:
+    """The line of ``class RestrictedUnpickler(pickle.Unpickler)``, the one allowed use."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1)
+                if line.startswith("class RestrictedUnpickler(pickle.Unpickler)"))

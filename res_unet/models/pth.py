@@ -12,10 +12,11 @@ followed by raw storages:
 
 then, for every key, an 8-byte little-endian element count and the elements.
 
-The unpickler here resolves only the handful of names that format uses (an ordered dict,
-the tensor rebuilders, the storage types) and refuses every other global, so a file cannot
-run code on load. Anything else (a zip-format ``.pth``, a truncated file, another object)
-raises :class:`PthError` with a clear reason.
+Every pickle goes through :class:`RestrictedUnpickler`: the state dict's may name only the
+handful of globals that format uses (an ordered dict, the tensor rebuilders, the storage
+types), the others none at all, so a file cannot run code on load. Anything else (a
+zip-format ``.pth``, a truncated file, another object) raises :class:`PthError` with a clear
+reason.
 """
 
 from __future__ import annotations
@@ -79,23 +80,38 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple,
     return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only the names a legacy state dict uses; every other global is refused."""
+class RestrictedUnpickler(pickle.Unpickler):
+    """The one unpickler for every pickle of a ``.pth`` file; it resolves only what the
+    pickle at its position needs.
 
-    def __init__(self, file: BinaryIO, storages: dict[str, _Storage]) -> None:
+    With ``storages`` None (the magic number, protocol, system facts and storage keys) no
+    global and no persistent id is allowed: only ints, strings, dicts, lists and tuples can
+    be built. With ``storages`` (the state dict) it resolves an ordered dict, the tensor
+    rebuilders and the storage types, each to a stand-in of this module, and collects the
+    storages announced by persistent ids. Every other global is refused, so a file cannot
+    run code on load.
+    """
+
+    def __init__(self, file: BinaryIO, what: str,
+                 storages: dict[str, _Storage] | None = None) -> None:
         super().__init__(file)
+        self.what = what
         self.storages = storages
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
+        if self.storages is not None:
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+                return _rebuild_tensor
+            if module == "torch" and name in STORAGE_DTYPES:
+                return _StorageType(name)
+        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name} in "
+                                     f"{self.what}")
 
     def persistent_load(self, pid: Any) -> _Storage:
+        if self.storages is None:
+            raise pickle.UnpicklingError(f"unexpected persistent id in {self.what}")
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
         kind, key, numel = pid[1], str(pid[2]), int(pid[4])
@@ -141,15 +157,17 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise PthError("zip-format .pth (torch >= 1.6); only the legacy format is "
                                "read without PyTorch")
             f.seek(0)
-            if pickle.load(f) != MAGIC_NUMBER:
+            if RestrictedUnpickler(f, "the magic number").load() != MAGIC_NUMBER:
                 raise PthError("no PyTorch legacy magic number")
-            if pickle.load(f) != PROTOCOL_VERSION:
+            if RestrictedUnpickler(f, "the protocol version").load() != PROTOCOL_VERSION:
                 raise PthError("unknown PyTorch protocol version")
-            info = pickle.load(f)
+            info = RestrictedUnpickler(f, "the system information").load()
             if not isinstance(info, dict) or not info.get("little_endian", True):
                 raise PthError("big-endian or unknown system information")
-            obj = _Unpickler(f, storages).load()
-            keys = pickle.load(f)
+            obj = RestrictedUnpickler(f, "the state dict", storages).load()
+            keys = RestrictedUnpickler(f, "the storage key list").load()
+            if not isinstance(keys, list):
+                raise PthError("the storage key list is not a list")
             for key in keys:
                 storage = storages.get(str(key))
                 count_bytes = f.read(8)
