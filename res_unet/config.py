@@ -259,14 +259,15 @@ class Config:
     INFER_MODE: str = _key("auto", "'auto' (tile images larger than TARGET_SIZE, else "
                            "resize), 'tile' or 'resize'.", choices=("auto", "tile", "resize"),
                            group="segmentation")
-    INFER_RUNTIME: str = _key("tensorflow", "What runs the model when segmenting: "
-                              "'tensorflow', 'openvino' (pip install 'res_unet[openvino]'; "
-                              "about 2x faster on CPUs, same masks), 'openvino_bf16' (OpenVINO "
-                              "in bfloat16 on CPUs with AMX or AVX512-BF16, float32 elsewhere: "
-                              "2.6-2.8x faster again for the Lite U-Nets, with 0.05-0.25 % of "
-                              "pixels changing class) or 'auto' (OpenVINO float32 when "
-                              "installed).",
-                              choices=("tensorflow", "openvino", "openvino_bf16", "auto"),
+    INFER_RUNTIME: str = _key("auto", "What runs the model when segmenting: 'auto' (OpenVINO "
+                              "float32 when it is installed and gives TensorFlow's "
+                              "probabilities on a test tile, else TensorFlow; the command "
+                              "says which), 'tensorflow', 'openvino' (pip install "
+                              "'res_unet[openvino]'; about 1.6-2x faster on CPUs, same masks) "
+                              "or 'openvino_bf16' (OpenVINO in bfloat16 on CPUs with AMX or "
+                              "AVX512-BF16, float32 elsewhere: about 2x faster again, with "
+                              "0.05-0.25 % of pixels changing class).",
+                              choices=("auto", "tensorflow", "openvino", "openvino_bf16"),
                               group="segmentation")
     BLEND_WINDOW: str = _key("hann", "Tile blending window: 'hann', 'spline' or 'flat'.",
                              choices=("hann", "spline", "flat"), group="segmentation")

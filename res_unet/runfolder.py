@@ -261,6 +261,11 @@ def load_weights_checked(model: keras.Model, path: Path) -> None:
                         f"({first[:200]}); use the config the weights were trained with") from None
 
 
+# 'auto' keeps OpenVINO when its probabilities are TensorFlow's to this (float32 rounding
+# gives about 1e-5; bfloat16 arithmetic or a conversion fault far more).
+AUTO_TOLERANCE = 1e-3
+
+
 # Loading a run for inference ---------------------------------------------------------------------
 
 @dataclass
@@ -284,6 +289,9 @@ class LoadedModel:
     card: ModelCard | None = None
     weights: Path | None = None
     runtime: str = "tensorflow"
+    # 'auto' picked OpenVINO: its first call checks it against TensorFlow on a test tile.
+    auto: bool = False
+    runtime_note: str = ""
     _fn: Any = field(default=None, repr=False)
 
     @property
@@ -313,13 +321,40 @@ class LoadedModel:
         gives the same probabilities to about 1e-5; 'openvino_bf16' lets it compute in
         bfloat16 where the CPU has bf16 units (faster, probabilities move by ~1e-2). Raises
         UserError when OpenVINO is asked for and the package is missing."""
-        if runtime == "auto":
-            runtime = "openvino" if importlib.util.find_spec("openvino") else "tensorflow"
+        self.auto = runtime == "auto"
+        if self.auto:
+            installed = importlib.util.find_spec("openvino") is not None
+            runtime = "openvino" if installed else "tensorflow"
+            self.runtime_note = "" if installed else "OpenVINO is not installed"
         elif runtime.startswith("openvino") and importlib.util.find_spec("openvino") is None:
             raise UserError(f"INFER_RUNTIME '{runtime}' needs the openvino package: pip "
                             "install 'res_unet[openvino]' (or use --runtime tensorflow)")
-        if runtime != self.runtime:
+        if runtime != self.runtime or self.auto:
             self.runtime, self._fn = runtime, None
+
+    def prepare(self) -> str:
+        """Compile the model for its runtime now (not at the first tile) and say which
+        runtime runs it, e.g. 'openvino (auto: same probabilities as TensorFlow to 2e-06)'.
+
+        With 'auto', OpenVINO is kept only when it gives TensorFlow's probabilities on a
+        test tile (to AUTO_TOLERANCE); otherwise TensorFlow runs the model."""
+        if self._fn is None:
+            self._fn = self._compile()
+            if self.auto and self.runtime == "openvino":
+                probe = np.random.default_rng(0).uniform(
+                    0, 4000 if self.input_dtype == "uint16" else 255,
+                    (1, *self.tile_hw, self.n_bands)).astype(np.float32)
+                expected = np.asarray(self.model(probe, training=False), np.float32)
+                gap = float(np.max(np.abs(self._fn(probe) - expected)))
+                if gap <= AUTO_TOLERANCE:
+                    self.runtime_note = f"same probabilities as TensorFlow to {gap:.0e}"
+                else:
+                    self.runtime = "tensorflow"
+                    self._fn = self._compile()
+                    self.runtime_note = (f"OpenVINO's probabilities differed from "
+                                         f"TensorFlow's by {gap:.2g} on a test tile")
+        return self.runtime + (f" ({'auto: ' if self.auto else ''}{self.runtime_note})"
+                               if self.runtime_note else "")
 
     def _compile(self) -> Any:
         model = self.model
@@ -355,7 +390,7 @@ class LoadedModel:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, h, w, n_outputs) float32 of a float32 batch (N, h, w, n_bands)."""
         if self._fn is None:
-            self._fn = self._compile()
+            self.prepare()
         return self._fn(np.ascontiguousarray(batch, np.float32))
 
 

@@ -76,10 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", choices=key_choices("BLEND_WINDOW"), help="BLEND_WINDOW")
     parser.add_argument("--batch-size", type=int, help="tiles per batch (BATCH_SIZE)")
     parser.add_argument("--runtime", choices=key_choices("INFER_RUNTIME"),
-                        help="what runs the model (INFER_RUNTIME); openvino: pip install "
-                             "'res_unet[openvino]', about 2x faster on CPUs; openvino_bf16: "
-                             "bfloat16 where the CPU has bf16 units, faster again, a few "
-                             "pixels change class")
+                        help="what runs the model (INFER_RUNTIME; default auto: OpenVINO "
+                             "when installed and it matches TensorFlow, else TensorFlow); "
+                             "openvino: pip install 'res_unet[openvino]', about 1.6-2x faster "
+                             "on CPUs; openvino_bf16: bfloat16 where the CPU has bf16 units, "
+                             "faster again, a few pixels change class")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction,
                         help="test-time augmentation with flips (TESTTIMEAUG)")
     parser.add_argument("--rot90", action=argparse.BooleanOptionalAction,

@@ -350,9 +350,6 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
         print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
-    if segmenter.pixel_size_m is None:
-        say("note: the model card records no pixel size, so the scale of the scenes cannot "
-            "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     options = {"images": str(images_dir), "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "geojson": geojson}
     run_summary = _run_summary(models, segmenter, cfg, options)
@@ -375,6 +372,10 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     total_cm = np.zeros((n, n), np.int64)
     unscored: list[dict[str, str]] = []
     problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
+    say(f"runtime: {'; '.join(sorted({m.prepare() for m in models}))}")
+    if segmenter.pixel_size_m is None:
+        say("note: the model card records no pixel size, so the scale of the scenes cannot "
+            "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
     for pair in progress_bar(pairs, enabled=progress):
         paths = output_paths(out_dir, pair, save_probs, geojson, segmenter.n_outputs == 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -466,7 +467,7 @@ def test_openvino_runtime_gives_the_tensorflow_masks(resunet_binary, image):
     """INFER_RUNTIME 'openvino' runs the same model: probabilities equal TensorFlow's to
     float rounding, so the masks are the same."""
     pytest.importorskip("openvino")
-    cfg = make_config("model", THRESHOLD=0.5)
+    cfg = make_config("model", THRESHOLD=0.5, INFER_RUNTIME="tensorflow")
     tf_probs = predict.Segmenter([resunet_binary], cfg).probabilities(image)
     ov_model = dataclasses.replace(resunet_binary, _fn=None)
     ov_segmenter = predict.Segmenter([ov_model], make_config("model", THRESHOLD=0.5,
@@ -474,6 +475,43 @@ def test_openvino_runtime_gives_the_tensorflow_masks(resunet_binary, image):
     assert ov_model.runtime == "openvino"
     np.testing.assert_allclose(ov_segmenter.probabilities(image), tf_probs, atol=1e-4)
     assert resunet_binary.runtime == "tensorflow", "the TensorFlow model was left as it was"
+
+
+def test_auto_runtime_keeps_openvino_only_where_it_matches_tensorflow(resunet_binary, image,
+                                                                     monkeypatch):
+    """INFER_RUNTIME 'auto' (the default) runs OpenVINO when it is installed and gives
+    TensorFlow's probabilities on a test tile, and says so; a conversion that gives other
+    probabilities, or no OpenVINO, leaves TensorFlow running the model, with the reason."""
+    pytest.importorskip("openvino")
+    from res_unet import runfolder
+
+    assert make_config("model").INFER_RUNTIME == "auto"
+    tf_probs = predict.Segmenter([resunet_binary], make_config(
+        "model", THRESHOLD=0.5, INFER_RUNTIME="tensorflow")).probabilities(image)
+    auto = dataclasses.replace(resunet_binary, _fn=None)
+    segmenter = predict.Segmenter([auto], make_config("model", THRESHOLD=0.5))
+    assert re.fullmatch(r"openvino \(auto: same probabilities as TensorFlow to \d\.?\d*e-\d+\)",
+                        auto.prepare())
+    np.testing.assert_allclose(segmenter.probabilities(image), tf_probs, atol=1e-4)
+
+    runner = runfolder.openvino_runner
+
+    def off_by_a_tenth(converted, options=None):
+        run = runner(converted, options)
+        return lambda batch: run(batch) + 0.1
+
+    monkeypatch.setattr(runfolder, "openvino_runner", off_by_a_tenth)
+    faulty = dataclasses.replace(resunet_binary, _fn=None)
+    segmenter = predict.Segmenter([faulty], make_config("model", THRESHOLD=0.5))
+    assert faulty.prepare() == ("tensorflow (auto: OpenVINO's probabilities differed from "
+                                "TensorFlow's by 0.1 on a test tile)")
+    np.testing.assert_array_equal(segmenter.probabilities(image), tf_probs)
+
+    monkeypatch.setattr(runfolder.importlib.util, "find_spec", lambda name: None)
+    missing = dataclasses.replace(resunet_binary, _fn=None)
+    predict.Segmenter([missing], make_config("model"))
+    assert missing.prepare() == "tensorflow (auto: OpenVINO is not installed)"
+    assert resunet_binary.runtime == "tensorflow"
 
 
 def _record_compile_configs(ov, monkeypatch) -> list[dict]:
@@ -507,7 +545,7 @@ def test_openvino_bf16_runtime_asks_for_bfloat16(resunet_binary, monkeypatch, im
     rounding."""
     ov = pytest.importorskip("openvino")
     asked = _record_compile_configs(ov, monkeypatch)
-    cfg = make_config("model", THRESHOLD=0.5)
+    cfg = make_config("model", THRESHOLD=0.5, INFER_RUNTIME="tensorflow")
     tf_probs = predict.Segmenter([resunet_binary], cfg).probabilities(image)
     ov_model = dataclasses.replace(resunet_binary, _fn=None)
     probs = predict.Segmenter([ov_model], make_config(

@@ -633,3 +633,13 @@ def test_plain_scenes_and_models_without_a_pixel_size_say_so_once(run, run_10m, 
     assert after.shape == before.shape and np.mean(after == before) > 0.95
     fingerprint = json.loads((tmp_path / "c" / "segmentation_config.json").read_text())
     assert fingerprint["fingerprint"]["settings"]["SCENE_PIXEL_SIZE"] == 5.0
+
+
+def test_the_command_says_which_runtime_it_used(run, images, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "a") == 0
+    assert "runtime: openvino (auto: same probabilities as TensorFlow to " in \
+        capsys.readouterr().err
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "b",
+               "--runtime", "tensorflow") == 0
+    assert "runtime: tensorflow\n" in capsys.readouterr().err
