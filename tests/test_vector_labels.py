@@ -20,9 +20,10 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
 from test_vectors import PX, UTM, X0, Y0, pixel_box, write_layer
 
-from res_unet import records
+from res_unet import records, vectors
 from res_unet.cli import run_command
 from res_unet.make_tfrecords import main
+from res_unet.tiling import tile_grid
 
 CONFIG = {"TARGET_SIZE": [32, 32], "FIT_MODE": "tile", "DO_AUG": False, "DOPLOT": False,
           "VALIDATION_SPLIT": 0.0, "IMS_PER_SHARD": 2, "NCLASSES": 3,
@@ -160,6 +161,21 @@ def test_label_priority_puts_a_class_on_top(tmp_path, three_scenes):
     assert run(tmp_path, images, layer, LABEL_LAYER="lakes", LABEL_PRIORITY=[2, 1]) == 0
     label = dataset_labels(tmp_path / "ds")["a"]
     assert label[7, 7] == 1 and label[12, 12] == 2 and label[2, 2] == 1
+
+
+def test_a_process_reads_the_layer_once_not_per_scene_or_tile(tmp_path, three_scenes,
+                                                              monkeypatch):
+    reads = []
+    real = vectors.read_vector_labels
+    monkeypatch.setattr(vectors, "read_vector_labels",
+                        lambda *args, **kwargs: reads.append(args) or real(*args, **kwargs))
+    images, layer = three_scenes
+    # 16-pixel tiles, several per scene, each scene read in the check pass and when building.
+    assert run(tmp_path, images, layer, "--layer", "lakes", TARGET_SIZE=[16, 16]) == 0
+    assert len(reads) == 1
+    tiles = len(tile_grid((32, 32), (16, 16), CONFIG.get("TILE_OVERLAP", 0.25)))
+    assert tiles > 1
+    assert records.read_manifest(tmp_path / "ds").counts["train"].examples == 2 * tiles
 
 
 def test_two_workers_write_the_same_bytes_as_one(tmp_path, three_scenes):
