@@ -119,7 +119,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as exc:
         # A full disk fails in write() or fsync(), which name no file: name the output.
-        if exc.filename is None:
+        if exc.filename is None and exc.errno is not None:
             exc.filename = str(path)
         raise
     finally:

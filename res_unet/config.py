@@ -83,6 +83,18 @@ class Config:
     REMAP_CLASSES: dict[str, int] = _key({}, "Map label values before anything else, e.g. "
                                          '{"0": 0, "3": 1}; unlisted values stay as they are.',
                                          group="data")
+    LABEL_ATTRIBUTE: str | None = _key(None, "Polygon labels (GeoPackage, GeoJSON, Shapefile): "
+                                       "the attribute holding each polygon's class, as an "
+                                       "index 0..N-1 or a name from CLASS_NAMES; null = every "
+                                       "polygon is class 1 (binary models only).",
+                                       group="data")
+    LABEL_LAYER: str | None = _key(None, "Polygon labels: the layer to read from a file holding "
+                                   "several (make_tfrecords --layer overrides it); null = the "
+                                   "file's only layer.", group="data")
+    LABEL_PRIORITY: list[int] = _key([], "Polygon labels: where polygons overlap, the class "
+                                     "listed later wins, e.g. [1, 2] puts class 2 on top of "
+                                     "class 1; [] = the feature drawn last (later in the "
+                                     "layer) wins.", group="data")
     EXTRA_BAND_DIRS: list[str] = _key([], "Folders of co-registered single-band images (same "
                                       "stems) appended as extra bands, in order.", group="data")
     FIT_MODE: str = _key("resize", "How images meet TARGET_SIZE: 'resize' (whole image, aspect "
@@ -450,6 +462,10 @@ def _check_consistency(c: Config, source: str) -> list[str]:
     if c.IGNORE_CLASS is not None and c.NCLASSES == 1:
         p.append(f"{source}: IGNORE_CLASS needs a multiclass model (NCLASSES > 1); for binary "
                  "labels map the value to ignore to 0 with REMAP_CLASSES")
+    bad_priority = [k for k in c.LABEL_PRIORITY if not 0 <= k < c.n_label_classes]
+    if bad_priority or len(set(c.LABEL_PRIORITY)) != len(c.LABEL_PRIORITY):
+        p.append(f"{source}: LABEL_PRIORITY {c.LABEL_PRIORITY} must list classes 0.."
+                 f"{c.n_label_classes - 1}, each at most once")
     if isinstance(c.THRESHOLD, str) and c.THRESHOLD != "otsu":
         p.append(f"{source}: THRESHOLD='{c.THRESHOLD}' must be a number, 'otsu' or null")
     if isinstance(c.THRESHOLD, (int, float)) and not 0 < c.THRESHOLD < 1:

@@ -45,7 +45,14 @@ from res_unet.augment import augment_pair
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
 from res_unet.folders import folder_lock
-from res_unet.pairing import Pair, find_pairs, load_pair
+from res_unet.pairing import (
+    Pair,
+    PolygonRules,
+    find_pairs,
+    load_pair,
+    load_pair_and_facts,
+    repaired_note,
+)
 from res_unet.records import (
     CONFIG,
     MANIFEST,
@@ -170,7 +177,8 @@ def source_examples(image: np.ndarray, label: np.ndarray, stem: str, split: str,
 def load_scaled_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """The pair's image and label at the working scale: 1/DOWNSAMPLE of the source grid
     (block-mean image, majority label)."""
-    image, label, _ = load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules)
+    image, label, _ = load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules,
+                                PolygonRules.from_config(cfg))
     return (downsample_image(image, cfg.DOWNSAMPLE),
             downsample_label(label, cfg.DOWNSAMPLE))
 
@@ -184,13 +192,19 @@ def _process_source(task: _Task) -> _SourceResult:
     return _SourceResult(task.pair, task.split, first, task.last, examples, dropped)
 
 
-def _check_source(task: _Task) -> tuple[str | None, str | None, tuple[int, int]]:
-    """Worker entry point of the checking pass: (problem or None, image dtype, (H, W))."""
+def _check_source(task: _Task) -> tuple[str | None, str | None, tuple[int, int], str | None]:
+    """Worker entry point of the checking pass: (problem or None, image dtype, (H, W), note
+    on the image's own polygon label file or None)."""
+    cfg = task.cfg
     try:
-        image, _, _ = load_pair(task.pair, task.cfg.N_DATA_BANDS, task.cfg.label_rules)
+        image, _, _, facts = load_pair_and_facts(task.pair, cfg.N_DATA_BANDS, cfg.label_rules,
+                                                 PolygonRules.from_config(cfg))
     except UserError as exc:
-        return str(exc), None, (0, 0)
-    return None, image.dtype.name, downsampled_shape(image.shape[:2], task.cfg.DOWNSAMPLE)
+        return str(exc), None, (0, 0), None
+    note = None
+    if facts is not None and facts.repaired and not task.pair.shared_label:
+        note = repaired_note(facts.labels, facts.repaired)
+    return None, image.dtype.name, downsampled_shape(image.shape[:2], cfg.DOWNSAMPLE), note
 
 
 def _split_tasks(tasks: list[_Task], shapes: list[tuple[int, int]]) -> list[_Task]:
@@ -295,10 +309,12 @@ def _check_sources(tasks: list[_Task], workers: _Workers) -> list[tuple[int, int
     shapes = []
     checks = _ordered_map(_check_source, tasks, workers)
     with contextlib.closing(checks):
-        for task, (problem, dtype, shape) in zip(
+        for task, (problem, dtype, shape, note) in zip(
                 tasks, tqdm(checks, total=len(tasks), unit="image", desc="checking"),
                 strict=True):
             shapes.append(shape)
+            if note:
+                print(f"note: {note}")
             if problem:
                 problems.extend(problem.splitlines())
             else:
@@ -447,7 +463,7 @@ class _DatasetBuilder:
                                    examples=sum(x.count for x in shards[s]),
                                    unaugmented=self.unaugmented[s]) for s in SPLITS},
             files={s: [p.image.name for p in by_stem[s]] for s in SPLITS},
-            label_files={s: [p.label.name if p.label else None for p in by_stem[s]]
+            label_files={s: [p.label_name for p in by_stem[s]]
                          for s in SPLITS},
             images_dir=str(Path(images_dir).resolve()),
             labels_dir=str(Path(labels_dir).resolve()),
@@ -512,7 +528,8 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
         clean_stale_temporaries(out.parent)
         clean_stale_temporaries(out)
         pairs = find_pairs(images_dir, labels_dir, usemask=cfg.USEMASK,
-                           extra_band_dirs=cfg.EXTRA_BAND_DIRS)
+                           extra_band_dirs=cfg.EXTRA_BAND_DIRS,
+                           polygons=PolygonRules.from_config(cfg))
         if not pairs:
             raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
                             "and labels with the same names in --labels")

@@ -1,15 +1,20 @@
 """make_tfrecords: build a train/validation TFRecord dataset from image and label folders.
 
     make_tfrecords --config my.json --images imgs/ --labels labels/ --out dataset/
+    make_tfrecords --config my.json --images scenes/ --labels labels.gpkg --layer lakes ...
 
-Images and labels pair up by file stem. The split is made first (seeded, grouped by
-SPLIT_GROUP_PATTERN), then images are fitted to TARGET_SIZE and the training split is
-augmented. The output folder gets the shards, manifest.json, config.json and samples.png.
+Images and labels pair up by file stem. Labels may be polygon layers drawn in QGIS: the
+image's own NAME.gpkg / .geojson / .shp, or one layer covering many scenes (LABEL_ATTRIBUTE,
+LABEL_LAYER and LABEL_PRIORITY in the config say how they become classes). The split is
+made first (seeded, grouped by SPLIT_GROUP_PATTERN), then images are fitted to TARGET_SIZE
+and the training split is augmented. The output folder gets the shards, manifest.json,
+config.json and samples.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
@@ -21,12 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="make_tfrecords",
         description="Build a train/validation TFRecord dataset (shards + manifest.json) from a "
-                    "folder of images and a folder of label masks with the same file names.")
+                    "folder of images and a folder of label masks with the same file names, "
+                    "or polygon labels (GeoPackage, GeoJSON, Shapefile) over GeoTIFF scenes.")
     parser.add_argument("--config", required=True, help="JSON config file (TARGET_SIZE, "
                         "NCLASSES, VALIDATION_SPLIT, FIT_MODE, AUG_* ...)")
     parser.add_argument("--images", required=True, help="folder of images (.jpg .png .tif)")
     parser.add_argument("--labels", required=True, help="folder of label masks (class index "
-                        "per pixel), named like the images")
+                        "per pixel) or polygon layers (.gpkg .geojson .shp), named like the "
+                        "images; or one polygon layer file covering many scenes (scenes it "
+                        "does not touch are left out, with a note)")
+    parser.add_argument("--layer", metavar="NAME", help="the layer holding the polygon labels "
+                        "in a file with several (overrides LABEL_LAYER)")
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes (default 1); the output does not depend on it")
@@ -43,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--workers must be at least 1")
     # The config first: a typo is reported in a fraction of a second, before TensorFlow.
     cfg = load_config(args.config)
+    if args.layer is not None:
+        cfg = dataclasses.replace(cfg, LABEL_LAYER=args.layer)
     quiet_tensorflow()
     from res_unet import dataset, records
 

@@ -7,20 +7,33 @@ co-registered single-band images appended as extra bands. :func:`find_pairs` and
 into class indices under a :class:`res_unet.config.LabelRules`; :func:`load_image`,
 :func:`open_image_rows` and :func:`load_pair` read a pair through :mod:`res_unet.rasters`.
 Messages name every file that does not fit, and the fix.
+
+A label may also be a polygon layer (:mod:`res_unet.vectors`, :class:`PolygonRules`): the
+image's own ``NAME.gpkg`` / ``.geojson`` / ``.shp``, or one layer over many scenes, burnt
+onto the image's grid when the pair is read (a process reads each layer once).
+
+Why this module is long: raster and polygon labels are paired, checked and read through
+the same Pair and label rules; splitting them would put one rule in two places.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import rasterio.errors
+from rasterio.crs import CRS
 
+from res_unet import vectors
 from res_unet.errors import UserError
 from res_unet.rasters import (
     IMAGE_SUFFIXES,
@@ -33,7 +46,7 @@ from res_unet.rasters import (
 )
 
 if TYPE_CHECKING:
-    from res_unet.config import LabelRules
+    from res_unet.config import Config, LabelRules
 
 _MAX_LISTED = 20
 
@@ -47,6 +60,92 @@ class Pair:
     image: Path
     label: Path | None
     extra_bands: list[Path] = field(default_factory=list)
+    # Polygon labels: the layer to read (None: the only one); one layer over many scenes?
+    label_layer: str | None = None
+    shared_label: bool = False
+
+    @property
+    def label_name(self) -> str | None:
+        """The label's file name for reports, with its layer when one is named."""
+        if self.label is None:
+            return None
+        return self.label.name + (f" (layer {self.label_layer})" if self.label_layer else "")
+
+
+@dataclass(frozen=True)
+class PolygonRules:
+    """How polygon layers become label maps: LABEL_ATTRIBUTE, LABEL_LAYER, LABEL_PRIORITY,
+    CLASS_NAMES, NCLASSES (``n_classes``: label values, background included). Hashable:
+    a process caches each layer it read under it."""
+
+    attribute: str | None = None
+    layer: str | None = None
+    priority: tuple[int, ...] | None = None
+    n_classes: int = 2
+    class_names: tuple[str, ...] = ()
+    nclasses: int = 1
+    remapped: bool = False  # REMAP_CLASSES is set: attribute values are raw label values
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PolygonRules:
+        """The rules of a config."""
+        return cls(cfg.LABEL_ATTRIBUTE, cfg.LABEL_LAYER, tuple(cfg.LABEL_PRIORITY) or None,
+                   cfg.n_label_classes, tuple(cfg.CLASS_NAMES), cfg.NCLASSES,
+                   bool(cfg.REMAP_CLASSES))
+
+    def check_attribute(self, label_file: Path) -> None:
+        """Raise UserError when the classes need an attribute and none is named."""
+        if self.attribute is None and self.nclasses > 1:
+            raise UserError(f"{label_file}: polygon labels for NCLASSES={self.nclasses} need "
+                            "LABEL_ATTRIBUTE, the attribute holding each polygon's class; set "
+                            "it in the config (null burns every polygon as class 1, for "
+                            "binary models only)")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_polygons(key: tuple[str, int, int], layer: str | None, rules: PolygonRules,
+                   crs_wkt: str | None) -> tuple[vectors.VectorLabels, np.ndarray]:
+    """:func:`read_polygons` once per process, file version (``key``) and CRS."""
+    if crs_wkt is not None:
+        labels, classes = _read_polygons(key, layer, rules, None)
+        crs = CRS.from_wkt(crs_wkt)
+        return dataclasses.replace(labels, crs=crs, geometries=vectors.to_crs(
+            labels.geometries, labels.crs, crs)), classes
+    labels = vectors.read_vector_labels(key[0], layer=layer, attribute=rules.attribute)
+    # With REMAP_CLASSES the attribute holds raw values 0..255, checked after the remap.
+    n = 256 if rules.remapped else rules.n_classes
+    return labels, vectors.class_indices(labels, rules.attribute, n, rules.class_names)
+
+
+def read_polygons(path: str | os.PathLike, layer: str | None, rules: PolygonRules,
+                  crs: CRS | None = None) -> tuple[vectors.VectorLabels, np.ndarray]:
+    """A polygon label layer and each feature's class index (uint8), reprojected to ``crs``
+    when given; cached, so that a process reads a file once (while it is unchanged). Raises
+    UserError as :func:`res_unet.vectors.read_vector_labels` and ``class_indices``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such label file; check the labels path")
+    stat = path.stat()
+    return _read_polygons((str(path.resolve()), stat.st_mtime_ns, stat.st_size), layer, rules,
+                          None if crs is None else crs.to_wkt())
+
+
+def repaired_note(where: str, n: int) -> str:
+    """What to say once about a label file with ``n`` invalid polygons repaired."""
+    return (f"{where}: {_count(n, 'invalid polygon')} repaired (make_valid); check them in "
+            "QGIS (Vector > Geometry Tools > Check Validity)")
+
+
+def burn_pair_label(pair: Pair, rules: PolygonRules
+                    ) -> tuple[np.ndarray, vectors.LabelFacts]:
+    """A pair's polygon label burnt onto its image's grid: (H, W) uint8 raw values (before
+    REMAP_CLASSES), and what was found. Raises UserError for an image without georeferencing,
+    a layer without a CRS, classes outside the config's, and no polygon on the image."""
+    assert pair.label is not None
+    grid = vectors.SceneGrid.of_file(pair.image)
+    vectors.require_georeferenced(grid, pair.label)
+    labels, classes = read_polygons(pair.label, pair.label_layer, rules, grid.crs)
+    return vectors.burn_labels(labels, classes, grid, priority=rules.priority)
 
 
 def _count(n: int, noun: str) -> str:
@@ -171,24 +270,38 @@ def open_image_rows(pair: Pair, n_bands: int) -> RasterRows | None:
     return open_raster_rows(pair.image, n_bands)
 
 
-def load_pair(pair: Pair, n_bands: int, rules: LabelRules
+def load_pair(pair: Pair, n_bands: int, rules: LabelRules,
+              polygons: PolygonRules | None = None
               ) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
     """Read one training example and check it against the config's N_DATA_BANDS
-    (``n_bands``) and label rules.
+    (``n_bands``) and label rules; a polygon label is burnt under ``polygons``.
 
     Returns (image (H, W, n_bands) uint8|uint16 raw values, label (H, W) uint8 class
     indices 0..rules.n_label_classes-1, meta of the image). Raises UserError for band-count or size
     mismatches (naming both files and sizes) and invalid label values.
     """
+    image, label, meta, _ = load_pair_and_facts(pair, n_bands, rules, polygons)
+    return image, label, meta
+
+
+def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
+                        polygons: PolygonRules | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, RasterMeta,
+                                   vectors.LabelFacts | None]:
+    """:func:`load_pair`, and what burning a polygon label found (None for a raster label)."""
     if pair.label is None:
         raise ValueError(f"load_pair needs a labelled pair; {pair.stem} has no label")
     image, meta = load_image(pair, n_bands)
-    label = read_label(pair.label)
+    facts = None
+    if vectors.is_vector_path(pair.label):
+        label, facts = burn_pair_label(pair, polygons or PolygonRules())
+    else:
+        label = read_label(pair.label)
     if label.shape != image.shape[:2]:
         raise UserError(f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} (WxH) "
                         f"differs from its image {pair.image} ({image.shape[1]}x"
                         f"{image.shape[0]}); labels must cover their image pixel for pixel")
-    return image, prepare_label(label, rules, pair.label), meta
+    return image, prepare_label(label, rules, pair.label), meta, facts
 
 
 # Finding files -----------------------------------------------------------------------------
@@ -197,27 +310,31 @@ def _has_images(folder: Path) -> bool:
     return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
 
 
-def _scan_folder(folder: Path, role: str) -> list[Path]:
-    """Image files directly in ``folder``, sorted. Non-image files are ignored; hidden image
-    files (names starting with '.', e.g. macOS '._' copies) are skipped with one warning line
-    on stderr giving their number and names."""
+def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIXES
+                 ) -> list[Path]:
+    """Files with ``suffixes`` (images by default) directly in ``folder``, sorted. Other files
+    are ignored; hidden ones (names starting with '.', e.g. macOS '._' copies) are skipped
+    with one warning line on stderr giving their number and names."""
     if not folder.exists():
         raise UserError(f"{folder}: {role} folder not found; check the path")
     if not folder.is_dir():
-        raise UserError(f"{folder}: is a file, not a folder; pass the folder holding the {role}")
+        vector = " or one polygon layer (.gpkg ...)" if ".gpkg" in suffixes else ""
+        raise UserError(f"{folder}: is a file, not a folder; pass the folder holding the "
+                        f"{role}{vector}")
     entries = sorted(folder.iterdir())
     dangling = [p for p in entries if p.is_symlink() and not p.exists()
-                and p.suffix.lower() in IMAGE_SUFFIXES]
+                and p.suffix.lower() in suffixes]
     if dangling:
         raise UserError(f"{dangling[0]}: is a link to {os.readlink(dangling[0])}, which does "
                         f"not exist ({_count(len(dangling), 'broken link')} among the {role}); "
                         "restore the target or remove the link")
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    files = [p for p in images if not p.name.startswith(".")]
-    hidden = [p.name for p in images if p.name.startswith(".")]
+    matching = [p for p in entries if p.is_file() and p.suffix.lower() in suffixes]
+    files = [p for p in matching if not p.name.startswith(".")]
+    hidden = [p.name for p in matching if p.name.startswith(".")]
     if hidden:
         one = len(hidden) == 1
-        print(f"warning: {folder}: skipped {_count(len(hidden), 'image file')} whose "
+        noun = "image file" if suffixes is IMAGE_SUFFIXES else "file"
+        print(f"warning: {folder}: skipped {_count(len(hidden), noun)} whose "
               f"{'name starts' if one else 'names start'} with '.' ({_listing(hidden)}): hidden "
               f"files are not read; rename {'it' if one else 'them'} without the leading '.' "
               f"to use {'it' if one else 'them'}", file=sys.stderr)
@@ -225,17 +342,17 @@ def _scan_folder(folder: Path, role: str) -> list[Path]:
         subs = [d for d in entries if d.is_dir() and not d.name.startswith(".")
                 and _has_images(d)]
         hint = f"; the sub-folder {subs[0]} holds images: pass that folder" if subs else ""
-        raise UserError(f"{folder}: no {role} ({', '.join(IMAGE_SUFFIXES)}) in this folder; "
+        raise UserError(f"{folder}: no {role} ({', '.join(suffixes)}) in this folder; "
                         f"put the {role} files directly in it{hint}")
     return files
 
 
-def _by_stem(files: Iterable[Path], key: Callable[[str], str], folder: Path,
-             role: str) -> dict[str, Path]:
-    """Index files by key(stem); several files with one key are a UserError listing all."""
+def _by_stem(files: Iterable[Path], folder: Path, role: str,
+             key: Callable[[Path], str] = attrgetter("stem")) -> dict[str, Path]:
+    """Index files by key(path); several files with one key are a UserError listing all."""
     index: dict[str, list[Path]] = {}
     for path in files:
-        index.setdefault(key(path.stem), []).append(path)
+        index.setdefault(key(path), []).append(path)
     clashes = [" & ".join(p.name for p in paths) for paths in index.values() if len(paths) > 1]
     if clashes:
         raise UserError(f"{folder}: several {role} files share a name ({_listing(clashes)}); "
@@ -243,8 +360,11 @@ def _by_stem(files: Iterable[Path], key: Callable[[str], str], folder: Path,
     return {k: paths[0] for k, paths in index.items()}
 
 
-def _label_key(stem: str, usemask: bool) -> str | None:
-    """The image stem a label belongs to, or None if the name breaks the USEMASK convention."""
+def _label_key(stem: str, usemask: bool, vector: bool = False) -> str | None:
+    """The image stem a label belongs to, or None if the name breaks the USEMASK convention.
+    Polygon layers (``vector``) are NAME.*, NAME_label.* or NAME_mask.* whatever USEMASK."""
+    if vector:
+        return next((stem[: -len(t)] for t in ("_mask", "_label") if stem.endswith(t)), stem)
     if usemask:
         return stem[: -len("_mask")] if stem.endswith("_mask") else None
     return stem[: -len("_label")] if stem.endswith("_label") else stem
@@ -253,7 +373,7 @@ def _label_key(stem: str, usemask: bool) -> str | None:
 def _attach_extra_bands(pairs: list[Pair], extra_band_dirs: Sequence[str | os.PathLike]
                         ) -> None:
     for folder in map(Path, extra_band_dirs):
-        bands = _by_stem(_scan_folder(folder, "extra-band images"), str, folder,
+        bands = _by_stem(_scan_folder(folder, "extra-band images"), folder,
                          "extra-band image")
         missing = [p.image.name for p in pairs if p.stem not in bands]
         if missing:
@@ -264,31 +384,44 @@ def _attach_extra_bands(pairs: list[Pair], extra_band_dirs: Sequence[str | os.Pa
 
 
 def find_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
-               usemask: bool = False, extra_band_dirs: Sequence[str | os.PathLike] = ()
-               ) -> list[Pair]:
+               usemask: bool = False, extra_band_dirs: Sequence[str | os.PathLike] = (),
+               polygons: PolygonRules | None = None) -> list[Pair]:
     """Match images to labels by file stem; returns Pairs sorted by stem.
 
     Labels are named NAME_mask.* when ``usemask``, else NAME_label.* or NAME.* (any supported
     suffix). Images and labels may share one folder when labels carry the _mask/_label tag.
-    Raises one UserError listing every image without a label and every label without an
-    image; also for missing or empty folders and duplicate names.
+    With ``polygons``, labels may also be polygon layers: NAME.gpkg, NAME.geojson or
+    NAME.shp (beside the images too), or ``labels_dir`` is one such file covering many
+    scenes (:func:`pairs_over_one_layer`). Raises one UserError listing every image without
+    a label and every label without an image; also for missing or empty folders and
+    duplicate names.
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    if polygons is not None and labels_dir.is_file() and vectors.is_vector_path(labels_dir):
+        return pairs_over_one_layer(images_dir, labels_dir, polygons, extra_band_dirs)
+    suffixes = IMAGE_SUFFIXES + (vectors.VECTOR_SUFFIXES if polygons is not None else ())
     image_files = _scan_folder(images_dir, "images")
     tag = "_mask" if usemask else "_label"
     if images_dir.resolve() == labels_dir.resolve():
         label_files = [p for p in image_files if p.stem.endswith(tag)]
         image_files = [p for p in image_files if not p.stem.endswith(tag)]
+        if polygons is not None:
+            label_files += [p for p in sorted(images_dir.iterdir()) if p.is_file()
+                            and not p.name.startswith(".") and vectors.is_vector_path(p)]
         if not image_files or not label_files:
             raise UserError(f"{images_dir}: images and labels share this folder, so labels "
                             f"must be named NAME{tag}.* beside NAME.*; found "
                             f"{len(image_files)} images and {len(label_files)} labels")
     else:
-        label_files = _scan_folder(labels_dir, "labels")
-    images = _by_stem(image_files, str, images_dir, "image")
-    misnamed = [p for p in label_files if _label_key(p.stem, usemask) is None]
-    well_named = [p for p in label_files if _label_key(p.stem, usemask) is not None]
-    labels = _by_stem(well_named, lambda s: str(_label_key(s, usemask)), labels_dir, "label")
+        label_files = _scan_folder(labels_dir, "labels", suffixes)
+
+    def key(p: Path) -> str | None:
+        return _label_key(p.stem, usemask, vectors.is_vector_path(p))
+
+    images = _by_stem(image_files, images_dir, "image")
+    misnamed = [p for p in label_files if key(p) is None]
+    well_named = [p for p in label_files if key(p) is not None]
+    labels = _by_stem(well_named, labels_dir, "label", lambda p: str(key(p)))
     no_label = [images[s].name for s in sorted(images) if s not in labels]
     no_image = sorted([labels[s].name for s in labels if s not in images]
                       + [p.name for p in misnamed])
@@ -296,6 +429,51 @@ def find_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
         raise UserError(_unmatched_message(images_dir, labels_dir, no_label, no_image,
                                            usemask))
     pairs = [Pair(stem=s, image=images[s], label=labels[s]) for s in sorted(images)]
+    drawn = [p for p in pairs if vectors.is_vector_path(p.label)]
+    if polygons is not None and drawn:
+        polygons.check_attribute(drawn[0].label)
+        for pair in drawn:
+            pair.label_layer = polygons.layer
+    _attach_extra_bands(pairs, extra_band_dirs)
+    return pairs
+
+
+def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.PathLike,
+                         polygons: PolygonRules,
+                         extra_band_dirs: Sequence[str | os.PathLike] = ()) -> list[Pair]:
+    """Pairs of the images in ``images_dir`` that one polygon layer touches, by stem. Images
+    no polygon touches are left out with a note naming them: a scene nobody labelled is not
+    a scene without objects. Raises UserError for a layer without a CRS or with classes
+    outside the config's, images without georeferencing (a line each) and when no polygon
+    touches any image."""
+    images_dir, layer_file = Path(images_dir), Path(layer_file)
+    polygons.check_attribute(layer_file)
+    layer = vectors.layer_name(layer_file, polygons.layer)
+    labels, _ = read_polygons(layer_file, layer, polygons)
+    images = _by_stem(_scan_folder(images_dir, "images"), images_dir, "image")
+    grids, problems = [], []
+    for stem in sorted(images):
+        try:
+            grid = vectors.SceneGrid.of_file(images[stem])
+            vectors.require_georeferenced(grid, labels.where)
+        except rasterio.errors.RasterioIOError:
+            continue  # not an image: the checks report it with their words
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        grids.append(grid)
+    if problems:
+        raise UserError("\n".join(problems))
+    found = vectors.features_by_scene(labels, grids)
+    missed = sorted(path.name for path, hits in found.items() if not len(hits))
+    if missed:
+        print(f"note: {labels.where}: no polygon touches {_count(len(missed), 'image')} of "
+              f"{len(images)} ({_listing(missed)}); left out, as their labels would be all "
+              "background (to train on a scene as background, draw a class-0 polygon on it)")
+    if labels.repaired:
+        print("note: " + repaired_note(labels.where, len(labels.repaired)))
+    pairs = [Pair(stem=s, image=images[s], label=layer_file, label_layer=layer,
+                  shared_label=True) for s in sorted(images) if images[s].name not in missed]
     _attach_extra_bands(pairs, extra_band_dirs)
     return pairs
 
@@ -329,7 +507,7 @@ def find_images(images_dir: str | os.PathLike,
     lacking an image's stem.
     """
     images_dir = Path(images_dir)
-    images = _by_stem(_scan_folder(images_dir, "images"), str, images_dir, "image")
+    images = _by_stem(_scan_folder(images_dir, "images"), images_dir, "image")
     pairs = [Pair(stem=s, image=images[s], label=None) for s in sorted(images)]
     _attach_extra_bands(pairs, extra_band_dirs)
     return pairs

@@ -115,15 +115,22 @@ def _layer_name(path: Path, layer: str | None) -> tuple[str, bool]:
     if layer is not None:
         if layer not in layers:
             raise UserError(f"{path}: has no layer {layer!r}; its layers are "
-                            f"{_listing(layers)}")
+                            f"{_listing(layers)}: set LABEL_LAYER (or --layer) to one of them")
         return layer, len(layers) > 1
     if len(layers) > 1:
         raise UserError(f"{path}: holds {len(layers)} layers ({_listing(layers)}); name the "
-                        "one that holds the labels")
+                        "one that holds the labels with LABEL_LAYER in the config (or "
+                        "make_tfrecords --layer)")
     if not layers:
         raise UserError(f"{path}: holds no layer with geometries; save the label polygons "
                         "into it from QGIS")
     return layers[0], False
+
+
+def layer_name(path: str | os.PathLike, layer: str | None = None) -> str:
+    """The name of the layer :func:`read_vector_labels` reads from ``path`` with ``layer``
+    (the file's only layer when None); raises UserError as it does."""
+    return _layer_name(Path(path), layer)[0]
 
 
 def _polygonal_part(geometry: Any) -> Any:
@@ -157,7 +164,8 @@ def read_vector_labels(path: str | os.PathLike, layer: str | None = None,
     fields = [str(f) for f in info["fields"]]
     if attribute is not None and attribute not in fields:
         raise UserError(f"{where}: has no attribute {attribute!r}; its attributes are "
-                        f"{_listing(fields) or 'none'}")
+                        f"{_listing(fields) or 'none'}: set LABEL_ATTRIBUTE to the one that "
+                        "holds the class")
     if not info["crs"]:
         raise UserError(f"{where}: the layer has no CRS, so it cannot be placed on the "
                         "images; in QGIS set it (Layer > Set CRS of Layer) and save again, "
@@ -240,9 +248,10 @@ def class_indices(labels: VectorLabels, attribute: str | None, n_classes: int,
     if bad:
         allowed = (f"the class names {_listing(list(class_names))} or the indices "
                    f"0..{n_classes - 1}" if class_names else f"the class indices "
-                   f"0..{n_classes - 1} (or class names, when the class names are given)")
+                   f"0..{n_classes - 1} (or class names, when CLASS_NAMES is given)")
         raise UserError(f"{where} has {_listing([repr(v) for v in bad])}, outside the "
-                        f"classes; allowed are {allowed}")
+                        f"classes; allowed are {allowed}: fix those polygons in QGIS, or "
+                        "NCLASSES and CLASS_NAMES in the config")
     return out.astype(np.uint8)
 
 
