@@ -48,7 +48,7 @@ def write_geotiffs(images: Path, labels: Path, out: Path, pixel: float) -> Path:
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
     for path in sorted(images.glob("*.jpg")):
-        image = rasters.read_image(path)
+        image, _ = rasters.read_image(path)
         with rasterio.open(out / "images" / f"{path.stem}.tif", "w", driver="GTiff",
                            height=image.shape[0], width=image.shape[1], count=image.shape[2],
                            dtype="uint8", crs="EPSG:32633", tiled=True, compress="deflate",
@@ -85,7 +85,7 @@ def run_set(model: Path, folder: Path, out: Path, extra: list[str]) -> dict[str,
     images = sorted((folder / "images").iterdir())
     from res_unet import rasters
 
-    mpx = sum(np.prod(rasters.read_image(p).shape[:2]) for p in images) / 1e6
+    mpx = sum(np.prod(rasters.read_image(p)[0].shape[:2]) for p in images) / 1e6
     busy = next((line for line in stdout.splitlines() if "Mpx/s" in line), "")
     return {
         "images": len(images), "megapixels": round(float(mpx), 2),

@@ -353,6 +353,22 @@ def runtime_section(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def scale_section(report: dict[str, Any]) -> list[str]:
+    out = [f"The same lakes scenes segmented by `{report.get('model')}` with its default "
+           "settings (TTA on, INFER_RUNTIME auto): as GeoTIFFs at about 40 m (the 1024-px "
+           "versions, the training scale) and at the sensor's 10 m (full resolution, brought "
+           "to the model's pixel size), and at full resolution as plain JPEGs (no pixel "
+           "size: segmented as they come). Source megapixels per second of the whole command "
+           "(start-up included); full resolution reaches "
+           f"**{cell(report.get('fullres_speed_ratio'))}x** the 1024-px figure.", ""]
+    out += table(["scenes", "images", "source Mpx", "water IoU", "seconds", "source Mpx/s",
+                   "peak RSS MB"],
+                 [[name, cell(r["images"]), cell(r["megapixels"]), cell(r["water_iou"]),
+                   cell(r["seconds"]), cell(r["source_mpx_per_second"]),
+                   cell(r["peak_rss_mb"])] for name, r in report.get("sets", {}).items()])
+    return out
+
+
 def generic_section(report: dict[str, Any]) -> list[str]:
     rows = next((v for k in ("results", "throughput", "speed", "variants") if
                  isinstance(v := report.get(k), list) and v), None)
@@ -371,7 +387,9 @@ def benchmarks_md() -> str:
         title = report.get("benchmark", path.stem)
         out += ["", f"## {title} (`bench/results/{path.name}`)", "", host_line(report), "",
                 f"Command: `{report.get('host', {}).get('command', '?')}`", ""]
-        out += runtime_section(report) if title == "runtime" else generic_section(report)
+        section = {"runtime": runtime_section, "scale": scale_section}.get(title,
+                                                                          generic_section)
+        out += section(report)
     if not any(RESULTS.glob("*.json")):
         out += ["", "No results yet: run a script in `bench/`."]
     return "\n".join(out) + "\n"
