@@ -32,7 +32,7 @@ from res_unet.atomic import write_atomic
 from res_unet.config import Config, config_from_dict, load_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
-from res_unet.ov_runtime import cache_dir, converted_model, openvino_runner
+from res_unet.ov_runtime import cache_dir, converted_model, import_openvino, openvino_runner
 from res_unet.records import file_sha256
 from res_unet.upgrade import upgrade_keys
 
@@ -377,7 +377,7 @@ class LoadedModel:
         a model that was not loaded from a file."""
         if self.weights is None or not self.weights.is_file():
             return None
-        import openvino as ov
+        ov = import_openvino()
 
         from res_unet import __version__
 
