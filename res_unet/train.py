@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet import losses, metrics, records, schedule
-from res_unet.atomic import clean_stale_temporaries, write_csv
+from res_unet.atomic import check_writable, clean_stale_temporaries, write_csv
 from res_unet.config import Config, save_config
 from res_unet.devices import is_chief, make_strategy, resolve_precision, strategy_name
 from res_unet.errors import UserError
@@ -266,6 +266,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
+    check_writable(run_dir)  # before the lock creates the folder, as the other commands do
     # One training per run folder; the other workers of a multi-worker run write nothing there.
     lock = folder_lock(run_dir, "train_resunet") if is_chief() else contextlib.nullcontext()
     with lock:
