@@ -47,9 +47,9 @@ def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: boo
 
     Returns 'new' (no run there yet), 'resume' (a killed run's backup is there), 'evaluate'
     (DO_TRAIN false) or 'overwrite' (a run is there and ``overwrite`` was asked for; see
-    :func:`clear_run_folder`). Raises UserError when ``run_dir`` is a file or the dataset
-    folder, and when it holds a finished run and ``overwrite`` is false: a finished run is
-    never replaced silently.
+    :func:`res_unet.runfolder.clear_run_folder`). Raises UserError when ``run_dir`` is a
+    file or the dataset folder, and when it holds a finished run and ``overwrite`` is false:
+    a finished run is never replaced silently.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
