@@ -5,7 +5,7 @@ default, range and meaning (about 60 keys, half the file): the one home of the c
 reference.
 
 Every key a user can write lives in :class:`Config`, with its default and its meaning in the
-field metadata; the README's config reference is generated from it
+field metadata; the config reference, docs/config.md, is generated from it
 (:func:`reference_markdown`). Keys from the original residual-U-Net toolbox are accepted
 as they are; keys from Segmentation Gym go through :func:`res_unet.upgrade.upgrade_keys`,
 which maps each to ours or says plainly that it has no effect. Keys starting with ``_`` are
@@ -516,7 +516,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> tuple[Confi
     for name, value in values.items():
         if name not in _FIELDS:
             near = difflib.get_close_matches(name.upper(), list(_FIELDS), n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]}?" if near else "; see the README config reference"
+            hint = f"; did you mean {near[0]}?" if near else "; see docs/config.md"
             problems.append(f"{source}: unknown key {name}{hint}")
             continue
         tp = _HINTS[name]
@@ -600,7 +600,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def reference_markdown() -> str:
-    """The README's config reference: a table per group, every key, type, default, meaning."""
+    """The config reference (docs/config.md): a table per group, every key, type, default,
+    meaning."""
     out: list[str] = []
     group = None
     for f in dataclasses.fields(Config):

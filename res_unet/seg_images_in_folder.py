@@ -60,9 +60,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of seg_images_in_folder."""
     parser = ArgumentParser(prog="seg_images_in_folder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="RUN_DIR",
                         help="run folder of train_resunet; repeat for an ensemble")
     parser.add_argument("--images", required=True, help="folder of images to segment")
@@ -103,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="redo images already done")
     parser.add_argument("--shard", metavar="i/n", help="only images i, i+n, ... (0-based)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -126,7 +127,8 @@ def _score(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Parse arguments, segment the folder, print a summary. Returns the exit code."""
+    args = build_parser().parse_args(argv)
     run_config = Path(args.model[0]) / "config.json"
     if run_config.exists():
         select_devices(load_config(run_config).SET_GPU)

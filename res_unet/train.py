@@ -1,15 +1,13 @@
-"""Training and evaluation of a segmentation model on a make_tfrecords dataset.
-
-Why this module is long: the epoch loop, its resume backup, early stopping and the
-writing of the run folder share one state (TrainState) and one order of steps that a
-resumed run must repeat exactly; split, each part would need the others' internals.
+"""The training loop: a segmentation model trained on a make_tfrecords dataset.
 
 One custom training loop serves every tf.distribute strategy: the default strategy on a CPU or
 one GPU, MirroredStrategy over several GPUs, and MultiWorkerMirroredStrategy over several
 machines (Keras 3's ``model.fit`` fails under the latter, keras-team/keras#20585). The loop
 gives what the usual callbacks give: a warm-up/decay learning-rate schedule, early stopping
 with the best weights restored, a best-weights checkpoint, CSV history, TensorBoard, and a
-backup that a killed run resumes from. Every output is written atomically.
+backup that a killed run resumes from (:mod:`res_unet.resume`). The run ends with the
+evaluation on the validation split (:mod:`res_unet.evaluation`) and the run folder
+(:mod:`res_unet.runwriter`). Every output is written atomically.
 """
 
 from __future__ import annotations
@@ -18,15 +16,10 @@ import contextlib
 import dataclasses
 import errno
 import importlib.util
-import json
 import math
 import os
-import platform
-import shutil
-import tempfile
 import time
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,53 +27,34 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from res_unet import __version__, losses, metrics, records, report, schedule
-from res_unet.atomic import (
-    atomic_path,
-    check_writable,
-    clean_stale_temporaries,
-    owner_tag,
-    usual_mode,
-    write_atomic,
-    write_csv,
-)
-from res_unet.config import Config, config_from_dict, save_config
-from res_unet.devices import (
-    device_description,
-    is_chief,
-    make_strategy,
-    resolve_precision,
-    strategy_name,
-)
+from res_unet import losses, metrics, records, schedule
+from res_unet.atomic import check_writable, clean_stale_temporaries, write_csv
+from res_unet.config import Config, save_config
+from res_unet.devices import is_chief, make_strategy, resolve_precision, strategy_name
 from res_unet.errors import UserError
+from res_unet.evaluation import evaluate
 from res_unet.folders import folder_lock
 from res_unet.models import build_model
-from res_unet.models.helpers import count_flops, fuse_batchnorm, set_encoder_trainable
+from res_unet.models.helpers import fuse_batchnorm, set_encoder_trainable
 from res_unet.progress import progress_bar
+from res_unet.resume import (
+    Backup,
+    Snapshots,
+    TrainState,
+    check_resume_config,
+    run_folder_action,
+)
 from res_unet.runfolder import (
-    BACKUP_DIR,
     BEST_WEIGHTS,
-    CARD,
     CONFIG,
-    CURVES,
-    EVALUATION,
-    EXAMPLES_FIGURE,
-    FULL_MODEL,
     HISTORY,
-    LR_FIGURE,
-    SAVED_MODEL,
-    SNAPSHOT_FILE,
-    SNAPSHOT_GLOB,
-    STATE_FILE,
     TENSORBOARD_DIR,
-    CardInput,
     ModelCard,
-    TrainingFacts,
     clear_run_folder,
     load_weights_checked,
     read_finished_card,
-    remove_output,
 )
+from res_unet.runwriter import model_card, save_weights, write_outputs
 
 # Checks against the dataset ----------------------------------------------------------------
 
@@ -140,19 +114,6 @@ class EpochLog:
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-
-@dataclass
-class TrainState:
-    """What a resumed run needs besides the model and optimizer variables."""
-
-    next_epoch: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: int = -1
-    wait: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    averaged_epochs: list[int] = field(default_factory=list)
-    kept_epoch: int | None = None  # KEEP_WEIGHTS 'last': the epoch whose weights were kept
 
 
 class Trainer:
@@ -288,234 +249,7 @@ def _iou_and_dice(cm: np.ndarray, ignore_class: int | None) -> tuple[float, floa
                  for k in ("mean_iou", "mean_dice"))
 
 
-# Run folder ------------------------------------------------------------------------------
-
-
-def _save_weights(model: keras.Model, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        model.save_weights(tmp)
-
-
-def _save_full_model(model: keras.Model, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        model.save(tmp)
-
-
-def _export_saved_model(model: keras.Model, path: Path) -> None:
-    """Keras ``model.export`` (TensorFlow SavedModel for serving) into ``path``, atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}-",
-                                suffix=".tmp"))
-    tmp.chmod(usual_mode(directory=True))
-    try:
-        model.export(str(tmp), verbose=False)
-        remove_output(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class Backup:
-    """Model, optimizer and loop state saved each epoch, so a killed run resumes.
-
-    Uses tf.train.CheckpointManager (which writes the checkpoint before updating its index)
-    plus a small JSON state written atomically after it. Non-chief workers of a multi-worker
-    run write to a private temp folder, as TensorFlow requires every worker to save.
-    """
-
-    def __init__(self, run_dir: Path, trainer: Trainer, chief: bool):
-        self.dir = run_dir / BACKUP_DIR if chief else Path(tempfile.mkdtemp(prefix="backup_"))
-        self.chief = chief
-        self.checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
-                                              epoch=trainer.epoch_var)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.dir), max_to_keep=1)
-
-    def restore(self) -> TrainState | None:
-        """The loop state of a killed run with model and optimizer restored, or None when
-        there is no backup. Raises UserError when the backup cannot be read."""
-        state_path = self.dir / STATE_FILE
-        if not self.manager.latest_checkpoint or not state_path.exists():
-            return None
-        try:
-            self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
-            state = TrainState(**json.loads(state_path.read_text()))
-        except (tf.errors.OpError, ValueError, TypeError, OSError, IndexError) as exc:
-            # (A truncated checkpoint data file raises IndexError "Read less bytes ...".)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"{self.dir}: the backup of the unfinished run is damaged "
-                            f"({first[:160]}); pass --overwrite to start this run afresh"
-                            ) from None
-        if int(self.checkpoint.epoch.numpy()) != state.next_epoch:
-            return None
-        return state
-
-    def save(self, state: TrainState) -> None:
-        self.checkpoint.epoch.assign(state.next_epoch)
-        self.manager.save()
-        write_atomic(self.dir / STATE_FILE, json.dumps(state.__dict__, default=float))
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Snapshots:
-    """The weights at the end of the last ``keep`` epochs, for AVERAGE_LAST_EPOCHS.
-
-    On the chief each epoch's weights are also written to the backup folder (one file per
-    epoch, so an epoch costs one model's worth of writing whatever ``keep`` is), so that a
-    killed and resumed run averages the same epochs as one that was never interrupted.
-    """
-
-    def __init__(self, keep: int, folder: Path | None):
-        self.keep = keep
-        self.folder = folder
-        self.epochs: list[int] = []
-        self.weights: list[list[np.ndarray]] = []
-
-    def _saved(self) -> dict[int, Path]:
-        """The snapshot files in the backup folder, by epoch."""
-        if self.folder is None or not self.folder.is_dir():
-            return {}
-        found = {}
-        for path in self.folder.glob(SNAPSHOT_GLOB):
-            number = path.stem.rpartition("_")[2]
-            if number.isdigit():
-                found[int(number)] = path
-        return found
-
-    def restore(self, next_epoch: int) -> None:
-        """Read the saved snapshots of epochs before ``next_epoch`` (those a resumed run
-        has already trained)."""
-        saved = self._saved()
-        for epoch in sorted(e for e in saved if e < next_epoch)[-self.keep:]:
-            path = saved[epoch]
-            try:
-                with np.load(path) as arrays:
-                    weights = [arrays[f"w{j}"] for j in range(int(arrays["n_arrays"]))]
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-                raise UserError(f"{path}: a weight snapshot of the unfinished run is damaged "
-                                f"({type(exc).__name__}); pass --overwrite to start this run "
-                                "afresh") from None
-            self.epochs.append(epoch)
-            self.weights.append(weights)
-
-    def add(self, epoch: int, weights: list[np.ndarray]) -> None:
-        """Keep the weights at the end of ``epoch`` (0-based), dropping the oldest."""
-        self.epochs = [*self.epochs, epoch][-self.keep:]
-        self.weights = [*self.weights, [np.array(w) for w in weights]][-self.keep:]
-        if self.folder is None:
-            return
-        path = self.folder / SNAPSHOT_FILE.format(epoch=epoch)
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, n_arrays=len(weights), **{f"w{j}": w for j, w in enumerate(weights)})
-        for old, old_path in self._saved().items():
-            if old not in self.epochs:
-                old_path.unlink(missing_ok=True)
-
-    def average(self) -> list[np.ndarray]:
-        """The element-wise mean of the kept snapshots; integer variables (counters, seeds)
-        are taken from the newest."""
-        return [np.mean(np.stack(ws), axis=0).astype(ws[-1].dtype)
-                if np.issubdtype(ws[-1].dtype, np.floating) else ws[-1]
-                for ws in zip(*self.weights, strict=True)]
-
-
-# Evaluation -------------------------------------------------------------------------------
-
-
-def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 6
-             ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Score ``model`` on the validation split of a dataset.
-
-    Returns the evaluation dict (scores at 0.5 / argmax; for binary models also the
-    threshold maximising validation IoU and the scores there) and a few (image, label,
-    predicted label) examples for plotting.
-    """
-    n_classes = cfg.n_label_classes
-    binary = cfg.NCLASSES == 1
-    dataset = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False)
-    dtype = records.read_manifest(data_dir).dtype
-    predict = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    sweep = metrics.ThresholdSweep() if binary else None
-    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for x, y in dataset:
-        prob = predict(x).numpy()
-        y = y.numpy()
-        truth = (y[..., 0] >= 0.5).astype(np.uint8) if binary else y.argmax(-1).astype(np.uint8)
-        pred = (prob[..., 0] >= 0.5).astype(np.uint8) if binary else prob.argmax(-1).astype(
-            np.uint8)
-        cm += metrics.confusion_matrix(truth, pred, n_classes, ignore_class=cfg.IGNORE_CLASS)
-        if sweep is not None:
-            sweep.update(truth, prob[..., 0])
-        for i in range(min(len(x), n_examples - len(examples))):
-            examples.append((np.round(x[i].numpy()).astype(dtype), truth[i], pred[i]))
-    result: dict[str, Any] = {"split": "validation", "class_names": cfg.class_names,
-                              **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
-    if not cm.any():
-        result["note"] = ("the dataset has no validation examples (VALIDATION_SPLIT 0 or an "
-                          "empty split): no scores; keep a held-out split to measure the model")
-    return result, examples
-
-
 # Entry point ------------------------------------------------------------------------------
-
-
-def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: bool) -> str:
-    """Decide what training does with ``run_dir``; changes nothing.
-
-    Returns 'new' (no run there yet), 'resume' (a killed run's backup is there), 'evaluate'
-    (DO_TRAIN false) or 'overwrite' (a run is there and ``overwrite`` was asked for; see
-    :func:`clear_run_folder`). Raises UserError when ``run_dir`` is a file or the dataset
-    folder, and when it holds a finished run and ``overwrite`` is false: a finished run is
-    never replaced silently.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
-    if run_dir.resolve() == data_dir.resolve():
-        raise UserError(f"{run_dir}: is the dataset folder; write the run to another --out")
-    check_writable(run_dir)
-    if not cfg.DO_TRAIN:
-        return "evaluate"
-    finished = (run_dir / CARD).is_file()
-    killed = (run_dir / BACKUP_DIR / STATE_FILE).is_file()
-    if overwrite and (finished or killed):
-        return "overwrite"
-    if killed:
-        return "resume"
-    if finished:
-        card = read_finished_card(run_dir)
-        what = (f" (best epoch {card.training.best_epoch} of {card.training.epochs_run})"
-                if card else "")
-        raise UserError(f"{run_dir}: holds a finished training run{what}; choose another "
-                        "--out, or pass --overwrite to replace it")
-    return "new"
-
-
-# Keys that may change when a killed run resumes: when to stop, what to draw or log, and
-# how to segment later. Anything else would train another model on the same weights.
-RESUMABLE_KEYS = ("MAX_EPOCHS", "PATIENCE", "MAX_TRAIN_MINUTES", "STEPS_PER_EPOCH",
-                  "KEEP_WEIGHTS", "DOPLOT", "TENSORBOARD", "SET_GPU")
-
-
-def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """Raise UserError naming every changed key when ``cfg`` differs from the config of the
-    unfinished run in ``run_dir`` in more than ``RESUMABLE_KEYS`` and segmentation keys."""
-    path = run_dir / CONFIG
-    try:
-        old, _ = config_from_dict(json.loads(path.read_text(encoding="utf-8")),
-                                  source=str(path))
-    except (OSError, ValueError, UserError):
-        raise UserError(f"{path}: the unfinished run's config cannot be read; pass --overwrite "
-                        "to start this run afresh") from None
-    free = set(RESUMABLE_KEYS) | {f.name for f in dataclasses.fields(Config)
-                                  if f.metadata["group"] == "segmentation"}
-    changed = [f"{f.name} {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
-               for f in dataclasses.fields(Config)
-               if f.name not in free and getattr(old, f.name) != getattr(cfg, f.name)]
-    if changed:
-        raise UserError(f"{run_dir}: the unfinished run there was started with another config "
-                        f"({'; '.join(changed)}); resume with its config.json, or pass "
-                        "--overwrite to start afresh")
 
 
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
@@ -532,6 +266,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
+    check_writable(run_dir)  # before the lock creates the folder, as the other commands do
     # One training per run folder; the other workers of a multi-worker run write nothing there.
     lock = folder_lock(run_dir, "train_resunet") if is_chief() else contextlib.nullcontext()
     with lock:
@@ -584,7 +319,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
     if cfg.DO_TRAIN:
         if cfg.HOT_START:
             load_weights_checked(model, Path(cfg.INITIAL_WEIGHTS))
-        backup = Backup(run_dir, trainer, chief)
+        backup = Backup(run_dir, model, trainer.optimizer, trainer.epoch_var, chief)
         restored = backup.restore()
         if restored is not None:
             state = restored
@@ -611,14 +346,16 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
             save_config(cfg, run_dir / CONFIG)
 
     evaluation, examples = evaluate(model, cfg, data_dir)
-    card = _model_card(cfg, manifest, trainer, state, evaluation, time.time() - started)
+    facts = state.training_facts(manifest.counts["validation"].examples > 0, precision,
+                                 strategy_name(strategy), strategy.num_replicas_in_sync)
+    card = model_card(cfg, manifest, model, facts, evaluation, time.time() - started)
     previous = read_finished_card(run_dir) if not cfg.DO_TRAIN else None
     if previous is not None:
         # Re-evaluating does not change how the weights were trained: keep those facts.
         card.training, card.wall_seconds = previous.training, previous.wall_seconds
     if chief:
-        _write_outputs(run_dir, cfg, trainer, state, evaluation, examples, card,
-                       export_saved_model)
+        write_outputs(run_dir, cfg, model, state.history, evaluation, examples, card,
+                      export_saved_model)
         if cfg.DO_TRAIN:
             backup.remove()
     elif cfg.DO_TRAIN:
@@ -693,7 +430,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
             state.best_val_loss, state.best_epoch, state.wait = val_loss, epoch + 1, 0
             best_weights = model.get_weights()
             if chief:
-                _save_weights(model, run_dir / BEST_WEIGHTS)
+                save_weights(model, run_dir / BEST_WEIGHTS)
         else:
             state.wait += 1
         state.next_epoch = epoch + 1
@@ -713,7 +450,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
     if snapshots is not None and len(snapshots.epochs) > 1 and _keep_average(
             trainer, snapshots, state, val_dist if choose_best else None):
         if chief:
-            _save_weights(model, run_dir / BEST_WEIGHTS)
+            save_weights(model, run_dir / BEST_WEIGHTS)
         return state
     if not choose_best:
         # The model holds the weights of the last epoch trained (a resumed run that had
@@ -723,7 +460,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         print(f"kept the last epoch, {state.next_epoch} ({why})")
         state.kept_epoch = state.next_epoch
         if chief:
-            _save_weights(model, run_dir / BEST_WEIGHTS)
+            save_weights(model, run_dir / BEST_WEIGHTS)
         return state
     # Restore the best weights, as early stopping promises. Each worker kept its own copy
     # (they are identical across workers); a resumed run without a new best reads the file.
@@ -756,66 +493,3 @@ def _keep_average(trainer: Trainer, snapshots: Snapshots, state: TrainState,
         state.best_val_loss = val_loss
     state.averaged_epochs = [e + 1 for e in snapshots.epochs]
     return True
-
-
-def _model_card(cfg: Config, manifest: records.Manifest, trainer: Trainer, state: TrainState,
-                evaluation: dict[str, Any], wall_seconds: float) -> ModelCard:
-    history = state.history
-    return ModelCard(
-        res_unet_version=__version__,
-        model=cfg.MODEL,
-        encoder=cfg.ENCODER if cfg.MODEL == "efficientnet_unet" else None,
-        parameters=int(trainer.model.count_params()),
-        flops_per_image=int(count_flops(trainer.model)),
-        input=CardInput(size=list(cfg.TARGET_SIZE), bands=cfg.N_DATA_BANDS,
-                        dtype=manifest.dtype, band_mean=manifest.band_mean,
-                        band_std=manifest.band_std, downsample=cfg.DOWNSAMPLE,
-                        pixel_size_m=manifest.pixel_size_m),
-        classes=cfg.n_label_classes,
-        class_names=cfg.class_names,
-        binary=cfg.NCLASSES == 1,
-        ignore_class=cfg.IGNORE_CLASS,
-        threshold=evaluation.get("optimal_threshold", 0.5 if cfg.NCLASSES == 1 else None),
-        dataset={"content_hash": manifest.content_hash,
-                 "counts": manifest.to_dict()["counts"], "fit_mode": cfg.FIT_MODE},
-        training=TrainingFacts(
-            epochs_run=len(history), best_epoch=state.best_epoch,
-            best_val_loss=None if math.isinf(state.best_val_loss)
-            or not manifest.counts["validation"].examples else state.best_val_loss,
-            train_seconds=round(state.train_seconds, 1),
-            images_per_second=round(float(np.mean([h["images_per_second"] for h in history])),
-                                    2) if history else None,
-            precision=trainer.precision, strategy=strategy_name(trainer.strategy),
-            replicas=trainer.strategy.num_replicas_in_sync,
-            averaged_epochs=state.averaged_epochs or None,
-            kept_epoch=state.kept_epoch if not state.averaged_epochs else None),
-        validation={"scores": evaluation["scores"],
-                    "scores_at_threshold": evaluation.get("scores_at_optimal_threshold")},
-        versions={"python": platform.python_version(), "tensorflow": tf.__version__,
-                  "keras": keras.__version__, "numpy": np.__version__},
-        device=device_description(),
-        wall_seconds=round(wall_seconds, 1),
-        files={"weights": BEST_WEIGHTS, "model": FULL_MODEL, "saved_model": SAVED_MODEL,
-               "config": CONFIG},
-        config=cfg.to_dict(),
-    )
-
-
-def _write_outputs(run_dir: Path, cfg: Config, trainer: Trainer, state: TrainState,
-                   evaluation: dict[str, Any], examples: list, card: ModelCard,
-                   export_saved_model: bool) -> None:
-    model = trainer.model
-    # Saved uncompiled: the loss is described by the config, and compiling here would create
-    # optimizer variables, a collective operation other workers have already left.
-    _save_full_model(model, run_dir / FULL_MODEL)
-    if export_saved_model:
-        _export_saved_model(model, run_dir / SAVED_MODEL)
-    write_atomic(run_dir / EVALUATION, json.dumps(evaluation, indent=2, default=float))
-    card.write(run_dir)
-    if cfg.DOPLOT:
-        if state.history:
-            report.plot_history(state.history, run_dir / CURVES)
-        report.plot_lr_schedule(schedule.lr_curve(cfg, cfg.MAX_EPOCHS), run_dir / LR_FIGURE)
-        if examples:
-            report.plot_predictions(examples, cfg.n_label_classes, run_dir / EXAMPLES_FIGURE,
-                                        class_names=cfg.class_names)

@@ -18,9 +18,10 @@ import sys
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of train_resunet."""
     parser = ArgumentParser(prog="train_resunet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON config (see config/)")
     parser.add_argument("--data", required=True, help="dataset folder made by make_tfrecords")
     parser.add_argument("--out", required=True, help="run folder for weights and reports")
@@ -36,11 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-scene-eval", action="store_true",
                         help="skip scoring whole validation scenes (and choosing the binary "
                         "threshold on them; the tile-optimal one is kept)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Parse arguments, train (or evaluate), print a JSON summary. Returns the exit code."""
+    args = build_parser().parse_args(argv)
     from res_unet.config import config_from_dict, load_config
 
     cfg = load_config(args.config)

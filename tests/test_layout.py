@@ -1,8 +1,9 @@
 """The package's shape: data flows one way through the modules, and none grows unchecked.
 
-The README's code map lists these layers; a module may import only from layers before its
-own (lazy imports inside functions count too), so the flow config -> rasters -> dataset ->
-model -> training -> run folder -> prediction -> outputs cannot turn back on itself.
+docs/architecture.md's module map lists these layers; a module may import only from layers
+before its own (lazy imports inside functions count too), so the flow config -> rasters ->
+dataset -> model -> training -> run folder -> prediction -> outputs cannot turn back on
+itself (and no import cycle can form).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ LAYERS = [
     ["records"],
     ["dataset"],
     ["models", "losses", "metrics", "schedule", "ov_runtime"],
-    ["runfolder"],
+    ["runfolder", "evaluation"],
     ["devices"],
+    ["resume", "runwriter"],
     ["train"],
     ["postprocess"],
     ["predict"],
@@ -43,8 +45,10 @@ LAYERS = [
     ["make_tfrecords", "train_resunet", "seg_images_in_folder", "demo"],
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
-# Longer modules say why at the top of their docstring ("Why this module is long: ...").
+# Longer modules say why at the top of their docstring ("Why this module is long: ..."),
+# and none passes HARD_MAX_LINES.
 MAX_LINES = 500
+HARD_MAX_LINES = 600
 
 
 def _modules() -> dict[str, Path]:
@@ -91,7 +95,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_every_module_has_a_layer():
     units = {_unit(m) for m in _modules()}
-    assert units <= set(LAYER_OF), f"add {sorted(units - set(LAYER_OF))} to LAYERS (and the README)"
+    assert units <= set(LAYER_OF), \
+        f"add {sorted(units - set(LAYER_OF))} to LAYERS (and docs/architecture.md)"
     assert set(LAYER_OF) <= units, f"{sorted(set(LAYER_OF) - units)} no longer exist"
 
 
@@ -109,7 +114,11 @@ def test_imports_flow_one_way(module):
 def test_long_modules_say_why(module):
     path = _modules()[module]
     text = path.read_text(encoding="utf-8")
-    if len(text.splitlines()) <= MAX_LINES:
+    n_lines = len(text.splitlines())
+    assert n_lines <= HARD_MAX_LINES, (
+        f"res_unet/{path.relative_to(PACKAGE)} has {n_lines} lines, more than "
+        f"{HARD_MAX_LINES}: split it")
+    if n_lines <= MAX_LINES:
         return
     doc = ast.get_docstring(ast.parse(text)) or ""
     assert "Why this module is long:" in doc, (

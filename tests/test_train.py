@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from helpers import make_config
 
-from res_unet import devices, records, runfolder, train
+from res_unet import devices, records, resume, runfolder, runwriter, train
 from res_unet.config import save_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
@@ -586,12 +586,12 @@ def test_damaged_snapshots_are_one_line(tmp_path):
     (tmp_path / runfolder.SNAPSHOT_FILE.format(epoch=1)).write_bytes(b"not an npz")
     with pytest.raises(UserError, match=r"snapshot_0001.npz: a weight snapshot.*damaged.*"
                                         r"--overwrite"):
-        train.Snapshots(2, tmp_path).restore(3)
-    train.Snapshots(2, tmp_path).restore(1)  # a later epoch's file is not read
+        resume.Snapshots(2, tmp_path).restore(3)
+    resume.Snapshots(2, tmp_path).restore(1)  # a later epoch's file is not read
 
 
 def test_snapshots_write_one_file_per_epoch_and_keep_only_the_window(tmp_path):
-    snapshots = train.Snapshots(2, tmp_path)
+    snapshots = resume.Snapshots(2, tmp_path)
     written = []
     for epoch in range(4):
         weights = [np.full((3,), epoch, np.float32), np.array(epoch, np.int64)]
@@ -602,14 +602,14 @@ def test_snapshots_write_one_file_per_epoch_and_keep_only_the_window(tmp_path):
                          for e in range(max(0, epoch - 1), epoch + 1)]
     # A run resumed before epoch 4 reads back epochs 2 and 3; one resumed before epoch 3
     # (the kill came after epoch 3's snapshot but before its backup) reads only epoch 2.
-    back = train.Snapshots(2, tmp_path)
+    back = resume.Snapshots(2, tmp_path)
     back.restore(4)
     assert back.epochs == [2, 3]
     for got, want in zip(back.weights, written[2:], strict=True):
         assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
     assert np.array_equal(back.average()[0], np.full((3,), 2.5, np.float32))
     assert back.average()[1] == 3
-    early = train.Snapshots(2, tmp_path)
+    early = resume.Snapshots(2, tmp_path)
     early.restore(3)
     assert early.epochs == [2]
 
@@ -772,7 +772,7 @@ def test_a_full_disk_in_tensorflow_names_the_run_folder(tiny_dataset, tmp_path, 
         raise tf.errors.ResourceExhaustedError(
             None, None, f"{path}/variables/part-0; No space left on device [Op:SaveV2]")
 
-    monkeypatch.setattr(train, "_export_saved_model", disk_full)
+    monkeypatch.setattr(runwriter, "_export_saved_model", disk_full)
     run = tmp_path / "run"
     with pytest.raises(OSError) as info:
         train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,

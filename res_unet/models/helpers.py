@@ -79,7 +79,7 @@ def fuse_batchnorm(model: keras.Model) -> int:
     and shift), each a pass over the feature map forward and backward; the fused kernel
     does each direction in one op. On a CPU, where these layers are bound by memory, the
     residual U-Net's training step ran 1.07x faster with TensorFlow's Eigen kernels and
-    1.14-1.38x with oneDNN's (bench/bench_train.py --keras-batchnorm; README).
+    1.14-1.38x with oneDNN's (bench/bench_train.py --keras-batchnorm; docs/experiments.md).
     Only the instances' ``call`` changes: the layers stay ``keras.layers.BatchNormalization``
     (saved files are unchanged), and inference and frozen layers run as before.
     """
