@@ -321,6 +321,22 @@ def test_weights_that_do_not_fit(tiny_dataset, tmp_path):
         train.train(make_config(DO_TRAIN=False), tiny_dataset, tmp_path / "empty")
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_turns_op_determinism_on_where_the_seeds_are_set(tiny_dataset, monkeypatch,
+                                                                      deterministic):
+    """DETERMINISTIC (the demo's) turns TensorFlow op determinism on with the seeds; the
+    switch is process-wide and cannot be undone, so the call is recorded, not made."""
+    calls = []
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism",
+                        lambda: calls.append("on"))
+    seeds = []
+    monkeypatch.setattr(keras.utils, "set_random_seed", seeds.append)
+    cfg = make_config(DETERMINISTIC=deterministic, SEED=11)
+    train.Trainer(cfg, records.read_manifest(tiny_dataset), devices.make_strategy(), "float32")
+    assert seeds == [11]
+    assert calls == (["on"] if deterministic else [])
+
+
 def test_precision_resolution(monkeypatch):
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     assert devices.resolve_precision(make_config(PRECISION="auto")) == "mixed_bfloat16"
