@@ -8,28 +8,21 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (make test: 2 workers) the workers share the CPU; TensorFlow's default of
+# one intra-op thread per core in each would oversubscribe it. Set before TensorFlow starts;
+# the commands the tests start inherit it.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+
 import res_unet  # noqa: F401  (before any test module loads TensorFlow: it sets oneDNN on)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # pytest-xdist workers share the CPU: one intra-op thread each instead of one per core.
-    # Only this process: the commands the tests start keep TensorFlow's default.
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: tens of seconds (commands killed and re-run in subprocesses, several "
         "TensorFlow processes); make test runs them, pytest -m 'not slow' leaves them out")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first: under xdist they then run beside the many short ones instead of
-    leaving one worker busy at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)
