@@ -27,8 +27,16 @@ demo: $(VENV)/.installed
 	@echo "demo outputs: $(DEMO)/dataset (shards + samples.png), $(DEMO)/model (weights, curves,"
 	@echo "evaluation.json, model_card.json), $(DEMO)/segmentation (masks, overlays, scores.csv, examples.png)"
 
+# make test runs the suite in TEST_WORKERS pytest-xdist processes (0: in one process); the
+# fault-injection tests stay together in one (--dist loadgroup) so their runs are shared.
+# pytest's exit code 5 means it collected no tests: a failure with its own line.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	@status=0; $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 \
+		|| status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$status
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check res_unet tests bench

@@ -245,6 +245,10 @@ class Config:
                           choices=PRECISIONS, group="training")
     JIT_COMPILE: bool = _key(False, "Compile the training step with XLA (slower on CPUs here).",
                              group="training")
+    DETERMINISTIC: bool = _key(False, "Train reproducibly: the same numbers run after run on "
+                               "one machine (seeds from SEED, TensorFlow op determinism for "
+                               "the whole process). Other CPUs may still give other numbers.",
+                               group="training")
     SET_GPU: str = _key("", "GPUs to use: '' all visible, '-1' CPU only, '0' or '0,1' "
                         "(CUDA_VISIBLE_DEVICES).", group="training")
     HOT_START: bool = _key(False, "Start from the weights in INITIAL_WEIGHTS.", group="training")

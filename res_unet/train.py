@@ -132,6 +132,9 @@ class Trainer:
         self.n_classes = cfg.n_label_classes
         keras.mixed_precision.set_global_policy(precision)
         keras.utils.set_random_seed(cfg.SEED)
+        if cfg.DETERMINISTIC:
+            # Process-wide and irreversible: also makes tf.data run stateful maps in order.
+            tf.config.experimental.enable_op_determinism()
         with strategy.scope():
             self.model = build_model(cfg, manifest.band_mean, manifest.band_std)
             # How many BatchNorm layers train through the fused kernel (0 when switched off).

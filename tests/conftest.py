@@ -1,5 +1,5 @@
-"""Fixtures shared across test modules (helpers are in helpers.py): a tiny demo dataset
-built once per session."""
+"""Fixtures shared across test modules (helpers are in helpers.py): a tiny demo dataset and
+one short training run on it, each built once per session (once per xdist worker)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,27 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (make test: 2 workers) the workers share the CPU; TensorFlow's default of
+# one intra-op thread per core in each would oversubscribe it. Set before TensorFlow starts;
+# the commands the tests start inherit it.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+
 import res_unet  # noqa: F401  (before any test module loads TensorFlow: it sets oneDNN on)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: tens of seconds (commands killed and re-run in subprocesses, several "
+        "TensorFlow processes); make test runs them, pytest -m 'not slow' leaves them out")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Keep converted models (ov_runtime.cache_dir) out of the user's ~/.cache."""
     os.environ["RES_UNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +43,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     images, labels = make_demo_dataset(root / "data", 12, (128, 128), seed=3)
     make_dataset(make_config(), images, labels, root / "dataset")
     return root / "dataset"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, tmp_path_factory):
+    """(config, run folder, model card) of one short training run on ``tiny_dataset``
+    (3 epochs, figures, SavedModel export). Shared: tests copy the folder before changing it,
+    except evaluate-only re-runs, which rewrite the same evaluation."""
+    from helpers import make_config
+
+    from res_unet import train
+
+    cfg = make_config(MAX_EPOCHS=3, DOPLOT=True)
+    run = tmp_path_factory.mktemp("trained_run") / "run"
+    card = train.train(cfg, tiny_dataset, run, progress=False)
+    return cfg, run, card

@@ -68,7 +68,7 @@ def test_check_writable(tmp_path):
         check_writable("/proc/res_unet_out")
 
 
-def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
+def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, trained_run, tmp_path):
     """/proc accepts no new files, as a read-only mount or a folder without permission
     would not: each command says so at once instead of failing after the work."""
     from helpers import make_config
@@ -85,9 +85,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, tmp_path):
         make_dataset(make_config(), manifest.images_dir, manifest.labels_dir,
                      "/proc/res_unet_ds")
     images, _ = make_demo_dataset(tmp_path / "demo", 1, (64, 64), seed=1)
-    run = tmp_path / "run"
-    train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1), tiny_dataset, run,
-                progress=False, export_saved_model=False)
+    _, run, _ = trained_run
     cfg = runfolder.inference_config([run])
     with pytest.raises(UserError, match="/proc/res_unet_seg: cannot write there"):
         segment.segment_folder(cfg, [run], images, "/proc/res_unet_seg", progress=False)

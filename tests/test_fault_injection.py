@@ -5,11 +5,16 @@ finish, give the outputs of an uninterrupted run, and leave no temporary file or
 ours behind (the next run removes what the killed one left). Dataset shards and label maps
 are deterministic and compared byte for byte; training on a CPU is not bit-reproducible, so
 a resumed run is checked for completeness (all epochs, every output file) instead.
+
+Only the killed runs need a process of their own: the reference runs and the re-runs call
+the same command's ``main`` in this process (:func:`run_here`), which spares a TensorFlow
+start-up (about 5 s) each. The module is one xdist group, so its fixtures are built once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from res_unet.cli import run_command
 from res_unet.config import save_config
 from res_unet.demo import make_demo_dataset
 
@@ -30,10 +36,20 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 # leave behind), plus a seeded random delay in seconds.
 KILL_POINTS = np.random.default_rng(20261202).uniform(0.0, 0.6, size=2)
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_injection")]
+
 
 def command(module: str, *args: object) -> list[str]:
     quiet = [] if module == "make_tfrecords" else ["--no-progress"]
     return [sys.executable, "-m", f"res_unet.{module}", *map(str, args), *quiet]
+
+
+def run_here(cmd: list[str]) -> None:
+    """Run a :func:`command` line through its module's ``main`` in this process, as the
+    module's entry point does; like :func:`run`, exit code 0 or 1."""
+    module, args = cmd[2], cmd[3:]
+    code = run_command(importlib.import_module(module).main, args)
+    assert code in (0, 1), f"{module} exited with {code}"
 
 
 def run(cmd: list[str], timeout: float = 600) -> tuple[int, float]:
@@ -101,8 +117,8 @@ def test_make_tfrecords_killed_then_rerun(sources, trained, tmp_path, point):
                  point)
     if not (out / "manifest.json").exists():
         assert temporaries(out.parent), "the killed build left its staging folder"
-    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
-                "--out", out, "--overwrite"))
+    run_here(command("make_tfrecords", "--config", config, "--images", images, "--labels",
+                     labels, "--out", out, "--overwrite"))
     assert digest(out, ("manifest.json",)) == digest(reference, ("manifest.json",))
     assert manifest_without_time(out) == manifest_without_time(reference)
     assert temporaries(out.parent) == []
@@ -112,10 +128,10 @@ def test_make_tfrecords_killed_then_rerun(sources, trained, tmp_path, point):
 def trained(sources, tmp_path_factory) -> tuple[Path, Path]:
     images, labels, config = sources
     root = tmp_path_factory.mktemp("trained")
-    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
-                "--out", root / "dataset"))
-    run(command("train_resunet", "--config", config, "--data", root / "dataset", "--out",
-                root / "run", "--no-export"))
+    run_here(command("make_tfrecords", "--config", config, "--images", images, "--labels",
+                     labels, "--out", root / "dataset"))
+    run_here(command("train_resunet", "--config", config, "--data", root / "dataset", "--out",
+                     root / "run", "--no-export"))
     return root / "dataset", root / "run"
 
 
@@ -125,8 +141,8 @@ def segmented(sources, trained, tmp_path_factory) -> Path:
     images, _, _ = sources
     _, run_dir = trained
     reference = tmp_path_factory.mktemp("segmented") / "reference"
-    run(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
-                reference))
+    run_here(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
+                     reference))
     return reference
 
 
@@ -138,7 +154,8 @@ def test_seg_images_in_folder_killed_then_rerun(sources, trained, segmented, tmp
     out = tmp_path / "out"
     run_and_kill(command("seg_images_in_folder", "--model", run_dir, "--images", images,
                          "--out", out), out, "*_predseg.png", point)
-    run(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out", out))
+    run_here(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
+                     out))
     skip = ("segmentation_config.json",)
     assert digest(out, skip) == digest(reference, skip)
     assert temporaries(out) == []
@@ -153,8 +170,8 @@ def test_train_resunet_killed_then_rerun(sources, trained, tmp_path, point):
     run_and_kill(command("train_resunet", "--config", config, "--data", dataset, "--out", out,
                          "--no-export"), out / "backup", "*.json", point)
     assert not (out / "model_card.json").exists()
-    run(command("train_resunet", "--config", config, "--data", dataset, "--out", out,
-                "--no-export"))
+    run_here(command("train_resunet", "--config", config, "--data", dataset, "--out", out,
+                     "--no-export"))
     card = json.loads((out / "model_card.json").read_text())
     assert card["training"]["epochs_run"] == 3
     assert {p.name for p in out.iterdir()} >= {

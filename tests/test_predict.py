@@ -577,6 +577,7 @@ def test_openvino_runner_options_and_returned_buffers(resunet_multi):
     np.testing.assert_allclose(second, resunet_multi(second_batch), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_openvino_conversion_is_cached_by_weights_content(tmp_path, monkeypatch, image):
     """The first OpenVINO run converts and keeps the result; later runs of the same weights
     read it (no conversion), a damaged entry is converted again, other weights get their own

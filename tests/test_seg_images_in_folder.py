@@ -243,6 +243,7 @@ def test_shards_are_disjoint_and_complete(run, images, tmp_path):
                "2/2") == 2
 
 
+@pytest.mark.slow
 def test_two_shard_processes_into_one_folder_equal_one_process(run, tmp_path):
     """Two processes (as two SLURM array tasks would) write --shard 0/2 and 1/2 into one
     folder at the same time: the outputs equal those of one process, byte for byte."""
@@ -345,6 +346,7 @@ def test_large_geotiff_read_in_windows_equals_the_whole_image(run, tmp_path, mon
     assert np.all(label[:7] == 255) and np.all(label[10:, :96] == 1)
 
 
+@pytest.mark.slow
 def test_large_geotiff_memory_does_not_grow_with_the_scene(tmp_path):
     """Scenes of 2000 x 6000 and 8000 x 6000 RGB pixels (36 and 144 MB) segmented from
     windows of their GeoTIFFs, label strips streamed to the files: the peak memory of the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,15 +36,6 @@ def dataset_loss(cfg, data: Path, model) -> float:
     values = [float(loss_fn(y, model(x, training=False)))
               for x, y in records.load_dataset(data, "train", 8, shuffle=False)]
     return float(np.mean(values))
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_dataset, tmp_path_factory):
-    """One short training run shared by the output tests."""
-    cfg = make_config(MAX_EPOCHS=3, DOPLOT=True)
-    run = tmp_path_factory.mktemp("run")
-    card = train.train(cfg, tiny_dataset, run, progress=False)
-    return cfg, run, card
 
 
 def test_training_reduces_the_loss(tiny_dataset):
@@ -226,14 +218,16 @@ def test_failed_evaluate_only_leaves_the_run_folder_unchanged(trained_run, tiny_
     assert snapshot(run) == before
 
 
-def test_finished_run_is_never_replaced_without_overwrite(tiny_dataset, tmp_path, capsys):
+def test_finished_run_is_never_replaced_without_overwrite(trained_run, tiny_dataset, tmp_path,
+                                                          capsys):
     """Training into a folder that holds a finished run stops with one line and leaves the
     run untouched; --overwrite replaces it; the dataset folder is never a run folder."""
-    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1)
+    cfg, finished, card = trained_run
     run = tmp_path / "run"
-    train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
+    shutil.copytree(finished, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(UserError, match=r"holds a finished training run \(best epoch 1 of 1\); "
+    best = f"best epoch {card.training.best_epoch} of 3"
+    with pytest.raises(UserError, match=rf"holds a finished training run \({best}\); "
                                         r"choose another --out, or pass --overwrite"):
         train.train(make_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1, FILTERS=2), tiny_dataset, run,
                     progress=False, export_saved_model=False)
@@ -321,6 +315,22 @@ def test_weights_that_do_not_fit(tiny_dataset, tmp_path):
         train.train(make_config(DO_TRAIN=False), tiny_dataset, tmp_path / "empty")
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_turns_op_determinism_on_where_the_seeds_are_set(tiny_dataset, monkeypatch,
+                                                                      deterministic):
+    """DETERMINISTIC (the demo's) turns TensorFlow op determinism on with the seeds; the
+    switch is process-wide and cannot be undone, so the call is recorded, not made."""
+    calls = []
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism",
+                        lambda: calls.append("on"))
+    seeds = []
+    monkeypatch.setattr(keras.utils, "set_random_seed", seeds.append)
+    cfg = make_config(DETERMINISTIC=deterministic, SEED=11)
+    train.Trainer(cfg, records.read_manifest(tiny_dataset), devices.make_strategy(), "float32")
+    assert seeds == [11]
+    assert calls == (["on"] if deterministic else [])
+
+
 def test_precision_resolution(monkeypatch):
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     assert devices.resolve_precision(make_config(PRECISION="auto")) == "mixed_bfloat16"
@@ -364,6 +374,7 @@ def _run_workers(args_list, envs, timeout=600):
     return results
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_cpu_devices(tiny_dataset, tmp_path):
     cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2)
     save_config(cfg, tmp_path / "c.json")
@@ -387,6 +398,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_two_worker_multi_worker_mirrored_run(tiny_dataset, tmp_path):
     cfg = make_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=2)
     save_config(cfg, tmp_path / "c.json")
@@ -404,6 +416,7 @@ def test_two_worker_multi_worker_mirrored_run(tiny_dataset, tmp_path):
     assert not (tmp_path / "run1" / "model.keras").exists(), "other workers write nothing"
 
 
+@pytest.mark.slow
 def test_frozen_encoder_trains_only_after_unfreezing(tiny_dataset, tmp_path, monkeypatch):
     """FREEZE_ENCODER_EPOCHS=1: the pretrained encoder is unchanged by epoch 1, trained in 2."""
     weights = tmp_path / "b0.weights.h5"
@@ -450,8 +463,6 @@ def test_tensorboard_logs(tiny_dataset, tmp_path):
 
 
 def test_damaged_shard_is_named_before_training(tiny_dataset, tmp_path):
-    import shutil
-
     data = tmp_path / "dataset"
     shutil.copytree(tiny_dataset, data)
     shard = sorted(data.glob("*-train-*.tfrec"))[0]
