@@ -31,7 +31,7 @@ from typing import Any
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public name -> (module, attribute).
 _API = {
