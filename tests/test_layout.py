@@ -26,6 +26,7 @@ LAYERS = [
     ["atomic", "folders", "progress", "cli"],
     ["registry"],
     ["upgrade"],
+    ["config_rules"],
     ["config"],
     ["scale", "vectors", "polygons", "cog"],
     ["rasters"],

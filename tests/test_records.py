@@ -209,7 +209,7 @@ MANIFEST_KEYS = [
     "files", "label_files", "images_dir", "labels_dir", "empty_tiles_dropped",
     "class_pixel_counts", "class_pixel_frequency", "band_mean", "band_std", "n_bands",
     "n_label_classes", "nclasses", "target_size", "dtype", "fit_mode", "downsample",
-    "compression", "shards", "samples_figure", "config"]
+    "compression", "shards", "samples_figure", "config", "pixel_size_m"]
 
 
 def test_manifest_file_is_the_typed_manifest(tmp_path):
