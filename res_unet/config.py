@@ -297,6 +297,21 @@ class Config:
                               group="segmentation")
     NODATA_ZERO: bool = _key(False, "Treat all-zero pixels of the input as nodata.",
                              group="segmentation")
+    VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
+                                     "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
+                                     "(NAME_predseg.geojson); null = none. Every class but "
+                                     "nodata and IGNORE_CLASS (binary models: the foreground), "
+                                     "with attributes class, name, area (square map units) "
+                                     "and area_px, in the scene's CRS; plain images: pixel "
+                                     "coordinates (x = column, y = -row), no CRS.",
+                                     choices=("gpkg", "geojson", None), group="segmentation")
+    VECTOR_SIMPLIFY: float = _key(0.0, "Simplify the polygons with this tolerance in map units "
+                                  "(metres in a projected CRS; pixels for plain images), "
+                                  "keeping borders between classes shared; 0 = the exact "
+                                  "pixel edges.", lo=0.0, group="segmentation")
+    VECTOR_LAYER_PER_CLASS: bool = _key(False, "GeoPackage polygons: besides the layer "
+                                        "'classes', one layer per class present.",
+                                        group="segmentation")
 
     # Derived values -----------------------------------------------------------------------
 
@@ -439,6 +454,9 @@ def _check_consistency(c: Config, source: str) -> list[str]:
         p.append(f"{source}: THRESHOLD='{c.THRESHOLD}' must be a number, 'otsu' or null")
     if isinstance(c.THRESHOLD, (int, float)) and not 0 < c.THRESHOLD < 1:
         p.append(f"{source}: THRESHOLD={c.THRESHOLD} must be between 0 and 1")
+    if c.VECTOR_LAYER_PER_CLASS and c.VECTOR_FORMAT == "geojson":
+        p.append(f"{source}: VECTOR_LAYER_PER_CLASS needs VECTOR_FORMAT 'gpkg' (a GeoJSON file "
+                 "holds one layer); use gpkg or drop VECTOR_LAYER_PER_CLASS")
     for k, v in c.REMAP_CLASSES.items():
         if not k.lstrip("-").isdigit():
             p.append(f"{source}: REMAP_CLASSES key '{k}' must be a label value like \"3\"")
