@@ -4,7 +4,9 @@ A COG is a GeoTIFF with internal tiles and overviews laid out so that a GIS, a w
 a cloud bucket reader fetches only the part and zoom level it shows. GDAL's ``COG`` driver
 writes the layout; overviews of class maps use nearest neighbour (they stay class indices),
 overviews of probabilities average. CRS, transform and nodata are kept; every write is
-atomic.
+atomic. The COG driver writes a whole dataset at once, never strips of rows: a raster
+written in strips goes to an ordinary tiled GeoTIFF first, which :func:`copy_to_cog`
+translates.
 """
 
 from __future__ import annotations
@@ -17,8 +19,17 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.errors
+import rasterio.shutil
 
 from res_unet.atomic import atomic_path
+
+
+def _cog_options(classes: bool, blocksize: int, compress: str) -> dict[str, Any]:
+    """Creation options of the COG driver: tiles, compression, overview resampling."""
+    resampling = "NEAREST" if classes else "AVERAGE"
+    return {"BLOCKSIZE": int(blocksize), "COMPRESS": compress, "PREDICTOR": "YES",
+            "OVERVIEW_RESAMPLING": resampling, "RESAMPLING": resampling,
+            "BIGTIFF": "IF_SAFER"}
 
 
 def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
@@ -44,10 +55,7 @@ def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
     profile = {
         "driver": "COG", "height": array.shape[0], "width": array.shape[1],
         "count": array.shape[2], "dtype": np.dtype(dtype).name, "crs": crs,
-        "transform": transform, "nodata": nodata, "BLOCKSIZE": int(blocksize),
-        "COMPRESS": compress, "PREDICTOR": "YES",
-        "OVERVIEW_RESAMPLING": "NEAREST" if classes else "AVERAGE",
-        "RESAMPLING": "NEAREST" if classes else "AVERAGE", "BIGTIFF": "IF_SAFER",
+        "transform": transform, "nodata": nodata, **_cog_options(classes, blocksize, compress),
     }
     path = Path(path)
     # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
@@ -56,4 +64,19 @@ def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(tmp, "w", **profile) as ds:
             ds.write(np.moveaxis(array.astype(dtype, copy=False), -1, 0))
+    return path
+
+
+def copy_to_cog(source: str | os.PathLike, path: str | os.PathLike, classes: bool = True,
+                blocksize: int = 512, compress: str = "DEFLATE") -> Path:
+    """Translate the raster file ``source`` (e.g. a tiled GeoTIFF written in strips) into a
+    Cloud-Optimized GeoTIFF at ``path``, atomically: pixels, data type, CRS, transform and
+    nodata as they are; tiles and overviews as :func:`write_cog` makes them (``classes``:
+    nearest-neighbour overviews, else average)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
+            GDAL_PAM_ENABLED="NO"):
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        rasterio.shutil.copy(source, tmp, driver="COG",
+                             **_cog_options(classes, blocksize, compress))
     return path

@@ -328,6 +328,21 @@ class Config:
                                           "written on its own grid. null: plain scenes are "
                                           "taken to be at the training images' scale.",
                                           lo=1e-6, group="segmentation")
+    VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
+                                     "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
+                                     "(NAME_predseg.geojson); null = none. Every class but "
+                                     "nodata and IGNORE_CLASS (binary models: the foreground), "
+                                     "with attributes class, name, area (square map units) "
+                                     "and area_px, in the scene's CRS; plain images: pixel "
+                                     "coordinates (x = column, y = -row), no CRS.",
+                                     choices=("gpkg", "geojson", None), group="segmentation")
+    VECTOR_SIMPLIFY: float = _key(0.0, "Simplify the polygons with this tolerance in map units "
+                                  "(metres in a projected CRS; pixels for plain images), "
+                                  "keeping borders between classes shared; 0 = the exact "
+                                  "pixel edges.", lo=0.0, group="segmentation")
+    VECTOR_LAYER_PER_CLASS: bool = _key(False, "GeoPackage polygons: besides the layer "
+                                        "'classes', one layer per class present.",
+                                        group="segmentation")
 
     # Derived values -----------------------------------------------------------------------
 

@@ -68,6 +68,9 @@ def check_consistency(c: Config, source: str) -> list[str]:
         p.append(f"{source}: THRESHOLD='{c.THRESHOLD}' must be a number, 'otsu' or null")
     if isinstance(c.THRESHOLD, (int, float)) and not 0 < c.THRESHOLD < 1:
         p.append(f"{source}: THRESHOLD={c.THRESHOLD} must be between 0 and 1")
+    if c.VECTOR_LAYER_PER_CLASS and c.VECTOR_FORMAT == "geojson":
+        p.append(f"{source}: VECTOR_LAYER_PER_CLASS needs VECTOR_FORMAT 'gpkg' (a GeoJSON file "
+                 "holds one layer); use gpkg or drop VECTOR_LAYER_PER_CLASS")
     for k, v in c.REMAP_CLASSES.items():
         if not k.lstrip("-").isdigit():
             p.append(f"{source}: REMAP_CLASSES key '{k}' must be a label value like \"3\"")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def _layer_safe(name: str) -> str:
 
 
 def _write_layer(path: Path, driver: str, layer: str, polygons: ClassPolygons, crs: Any,
-                 append: bool) -> None:
+                 append: bool, description: str | None) -> None:
     import pyogrio.raw
 
     multi = any(shapely.get_type_id(g) == shapely.GeometryType.MULTIPOLYGON
@@ -98,18 +99,22 @@ def _write_layer(path: Path, driver: str, layer: str, polygons: ClassPolygons, c
          polygons.area_px.astype(np.int64)],
         ["class", "name", "area", "area_px"], layer=layer, driver=driver,
         geometry_type="MultiPolygon" if multi else "Polygon", promote_to_multi=multi,
-        crs=None if crs is None else CRS.from_user_input(crs).to_wkt(), append=append)
+        crs=None if crs is None else CRS.from_user_input(crs).to_wkt(), append=append,
+        layer_options=None if description is None else {"DESCRIPTION": description})
 
 
 def write_class_polygons(path: str | os.PathLike, polygons: ClassPolygons, crs: Any = None,
-                         layer: str = "classes", per_class_layers: bool = False) -> Path:
+                         layer: str = "classes", per_class_layers: bool = False,
+                         description: str | None = None) -> Path:
     """Write :class:`ClassPolygons` as a GeoPackage (``.gpkg``) or GeoJSON (``.geojson``),
     atomically: one layer ``layer`` with attributes ``class`` (index), ``name``, ``area``
     (square map units) and ``area_px`` (pixels), in ``crs`` (anything rasterio's CRS takes;
     GeoJSON records it in its ``crs`` member as GDAL and QGIS read it).
 
     ``per_class_layers`` (GeoPackage only) adds one layer per class present, named after the
-    class. Returns ``path``.
+    class. ``description`` is stored with each layer (GeoPackage: the layer's description;
+    GeoJSON: a ``description`` member), e.g. to say that the coordinates are pixels. Without
+    ``crs`` the file has none. Returns ``path``.
     """
     path = Path(path)
     driver = _DRIVERS.get(path.suffix.lower())
@@ -117,10 +122,12 @@ def write_class_polygons(path: str | os.PathLike, polygons: ClassPolygons, crs: 
         raise ValueError(f"{path}: polygons are written as .gpkg or .geojson")
     if per_class_layers and driver != "GPKG":
         raise ValueError(f"{path}: one layer per class needs a GeoPackage (.gpkg)")
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # No CRS is a choice here (pixel coordinates), not the accident pyogrio warns of.
+        warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
         # GDAL creates the file itself and will not open mkstemp's empty placeholder.
         tmp.unlink()
-        _write_layer(tmp, driver, layer, polygons, crs, append=False)
+        _write_layer(tmp, driver, layer, polygons, crs, append=False, description=description)
         if per_class_layers:
             for value in np.unique(polygons.classes):
                 pick = polygons.classes == value
@@ -128,5 +135,5 @@ def write_class_polygons(path: str | os.PathLike, polygons: ClassPolygons, crs: 
                                      polygons.names[pick], polygons.area[pick],
                                      polygons.area_px[pick])
                 _write_layer(tmp, driver, _layer_safe(f"class_{value}_{part.names[0]}"),
-                             part, crs, append=False)
+                             part, crs, append=False, description=description)
     return path

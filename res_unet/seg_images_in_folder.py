@@ -3,8 +3,11 @@
     seg_images_in_folder --model RUN_DIR [--model RUN_DIR2 ...] --images DIR --out DIR
 
 For each image NAME writes NAME_predseg.png (class indices; 255 = nodata) and NAME_overlay.png
-(the image with coloured classes), plus NAME_predseg.tif for (Geo)TIFF inputs (CRS, transform
-kept), NAME_probs.npy/.tif with --save-probs and NAME_predseg.geojson with --geojson (binary).
+(the image with coloured classes), plus NAME_predseg.tif for (Geo)TIFF inputs (a Cloud-
+Optimized GeoTIFF: tiles, overviews, CRS, transform and nodata kept), NAME_probs.npy (or a .tif
+COG for TIFF inputs) with --save-probs, and the classes as polygons with --vector:
+NAME_predseg.gpkg or .geojson, one feature per region with its class index, name and area, in
+the scene's CRS (plain images: pixel coordinates x = column, y = -row, no CRS).
 Settings come from the run's config.json, then the segmentation keys of --config, then the
 flags below. Several --model folders form an ensemble (probabilities averaged). Images whose
 outputs exist are skipped (--overwrite redoes them); --shard i/n splits a folder across
@@ -99,8 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all-zero pixels are nodata (NODATA_ZERO)")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write probabilities (.npy float16, .tif float32)")
-    parser.add_argument("--geojson", action="store_true",
-                        help="also write the mask polygons as GeoJSON (binary models)")
+    vector = parser.add_mutually_exclusive_group()
+    vector.add_argument("--vector", choices=[c for c in key_choices("VECTOR_FORMAT") if c],
+                        help="also write the classes as polygons, GeoPackage or GeoJSON "
+                             "(VECTOR_FORMAT): every class but nodata and IGNORE_CLASS; "
+                             "binary models: the foreground")
+    vector.add_argument("--geojson", dest="vector", action="store_const", const="geojson",
+                        help="the same as --vector geojson")
+    parser.add_argument("--simplify", type=float, metavar="DISTANCE",
+                        help="simplify the polygons by this tolerance in map units (metres "
+                             "in a projected CRS, pixels for plain images), keeping borders "
+                             "between classes shared (VECTOR_SIMPLIFY; default 0: exact "
+                             "pixel edges)")
     parser.add_argument("--overwrite", action="store_true", help="redo images already done")
     parser.add_argument("--shard", metavar="i/n", help="only images i, i+n, ... (0-based)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -115,7 +128,8 @@ def _overrides(args: argparse.Namespace) -> dict:
              "TESTTIMEAUG": args.tta, "TTA_ROT90": args.rot90,
              "THRESHOLD": args.threshold, "DO_CRF_REFINE": args.crf,
              "MEDIAN_FILTER_VALUE": args.median, "NODATA_ZERO": args.nodata_zero,
-             "SCENE_PIXEL_SIZE": args.pixel_size}
+             "SCENE_PIXEL_SIZE": args.pixel_size, "VECTOR_FORMAT": args.vector,
+             "VECTOR_SIMPLIFY": args.simplify}
     out = {k: v for k, v in flags.items() if v is not None}
     if args.rot90:
         out.setdefault("TESTTIMEAUG", True)
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = segment.segment_folder(cfg, args.model, args.images, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,
-                                     geojson=args.geojson, progress=not args.no_progress)
+                                     progress=not args.no_progress)
     rate = summary["mpx_per_second"]
     unscored = summary["unscored"]
     print(f"{summary['images']} images: {summary['done']} done, {summary['skipped']} skipped "

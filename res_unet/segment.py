@@ -6,13 +6,19 @@ loads the run folders (:func:`res_unet.runfolder.load_run`), segments each image
 atomically, so an interrupted run resumes where it stopped; with labels it scores every
 image (scores.csv, :mod:`res_unet.scoring`) and draws a few (examples.png).
 
-Memory. Images are read whole (uint8/uint16, H*W*B bytes), except large single-page
-GeoTIFFs (and other rasters GDAL reads in windows) with the model's bands: those are read a
-band of tile rows at a time, and their label strips go straight to the label PNG and GeoTIFF
-as they are finished, unless a clean-up step (MEDIAN_FILTER_VALUE, OPENING_RADIUS,
-CLOSING_RADIUS, MIN_OBJECT_AREA, MIN_HOLE_AREA, which need whole connected components), an
-Otsu threshold, GeoJSON or scoring against a label needs the whole (H, W) uint8 label map
-(1 byte per pixel). JPEG and PNG cannot be read in windows. The dense CRF needs the whole
+GIS outputs. The label and probability GeoTIFFs of GeoTIFF inputs are Cloud-Optimized
+GeoTIFFs (:mod:`res_unet.cog`: internal tiles, overviews, CRS, transform and nodata kept);
+VECTOR_FORMAT adds the classes as polygons (:mod:`res_unet.polygons`), in the scene's CRS,
+or in pixel coordinates without a CRS for plain images.
+
+Memory. Images are read whole (uint8/uint16, H*W*B bytes), except large single-page GeoTIFFs
+(and other rasters GDAL reads in windows) with the model's bands: those are read a band of
+tile rows at a time, and their label strips go straight to the label PNG and GeoTIFF as they
+are finished (the GeoTIFF through a tiled temporary that becomes the COG at the end), unless
+a clean-up step (MEDIAN_FILTER_VALUE, OPENING_RADIUS, CLOSING_RADIUS, MIN_OBJECT_AREA,
+MIN_HOLE_AREA, which need whole connected components), an Otsu threshold, polygons
+(VECTOR_FORMAT) or scoring against a label needs the whole (H, W) uint8 label map (1 byte
+per pixel). JPEG and PNG cannot be read in windows. The dense CRF needs the whole
 probability map. The overlay of images above ``report.OVERLAY_MAX_PIXELS`` is drawn from
 every n-th row and column (it is for viewing; the label files are full size).
 """
@@ -31,8 +37,9 @@ from typing import Any
 import numpy as np
 import rasterio.errors
 import tensorflow as tf
+from rasterio.transform import Affine
 
-from res_unet import __version__, metrics, pairing, postprocess, rasters, report, scoring, writers
+from res_unet import __version__, cog, metrics, pairing, polygons, rasters, report, scoring, writers
 from res_unet.atomic import (
     atomic_path,
     check_writable,
@@ -40,7 +47,7 @@ from res_unet.atomic import (
     write_atomic,
     write_csv,
 )
-from res_unet.config import Config
+from res_unet.config import Config, key_choices
 from res_unet.errors import UserError
 from res_unet.folders import folder_lock, settings_lock
 from res_unet.predict import (
@@ -59,17 +66,21 @@ from res_unet.tiling import RowSource, every_nth
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
 LABEL_SUFFIX = "_predseg.png"
 SEGMENTATION_CONFIG = "segmentation_config.json"
+# Plain images' polygons: pixel corners placed as QGIS places an image without georeferencing
+# (x = column, y = -row), so that they lie on the image and its label PNG there.
+PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 # Outputs -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
                       meta: rasters.RasterMeta) -> Iterator[ProbabilitySink]:
-    """A sink writing probability strips into ``path`` (.npy float16, or .tif float32 with
-    ``meta``'s georeferencing and NaN nodata), atomically: renamed when the block ends."""
+    """A sink writing probability strips into ``path`` (.npy float16, or a .tif float32 COG
+    with ``meta``'s georeferencing, NaN nodata and averaged overviews), atomically: renamed
+    when the block ends."""
     if path.suffix != ".npy":
-        with writers.geotiff_writer(path, shape_hw, channels, np.float32, meta,
-                                    nodata=float("nan")) as write:
+        with writers.cog_writer(path, shape_hw, channels, np.float32, meta,
+                                nodata=float("nan"), classes=False) as write:
             yield write
         return
     with atomic_path(path) as tmp:
@@ -84,10 +95,11 @@ def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
 
 
 def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
-                 geojson: bool = False, binary: bool = True) -> dict[str, Path]:
+                 vector: str | None = None) -> dict[str, Path]:
     """Output files of one image NAME: label (NAME_predseg.png), overlay (NAME_overlay.png),
-    geotiff (NAME_predseg.tif, TIFF inputs), probs (NAME_probs.npy, or .tif for TIFF inputs)
-    and geojson (NAME_predseg.geojson, binary models) when asked for."""
+    geotiff (NAME_predseg.tif, a COG, TIFF inputs), probs (NAME_probs.npy, or a .tif COG
+    for TIFF inputs) and vector (NAME_predseg.gpkg or .geojson: ``vector``, one of
+    VECTOR_FORMAT's choices) when asked for."""
     tiff = pair.image.suffix.lower() in (".tif", ".tiff")
     stem = pair.stem
     paths = {"label": out_dir / f"{stem}{LABEL_SUFFIX}", "overlay": out_dir / f"{stem}_overlay.png"}
@@ -95,8 +107,11 @@ def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
         paths["geotiff"] = out_dir / f"{stem}_predseg.tif"
     if save_probs:
         paths["probs"] = out_dir / f"{stem}_probs{'.tif' if tiff else '.npy'}"
-    if geojson and binary:
-        paths["geojson"] = out_dir / f"{stem}_predseg.geojson"
+    if vector is not None:
+        if vector not in key_choices("VECTOR_FORMAT"):
+            raise ValueError(f"vector format {vector!r} is not one of "
+                             f"{key_choices('VECTOR_FORMAT')}")
+        paths["vector"] = out_dir / f"{stem}_predseg.{vector}"
     return paths
 
 
@@ -121,13 +136,34 @@ def scene_pixel_size(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
     return size
 
 
+def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg: Config,
+                   binary: bool) -> None:
+    """Write the classes of ``label`` ((H, W) class indices, LABEL_NODATA at nodata) as
+    polygons (:func:`res_unet.polygons.write_class_polygons`), in ``meta``'s CRS and map
+    coordinates, or in pixel coordinates (:data:`PIXEL_TRANSFORM`, no CRS, said in the
+    layer's description) for a plain image. Binary models: the foreground only; multiclass:
+    every class but IGNORE_CLASS. VECTOR_SIMPLIFY and VECTOR_LAYER_PER_CLASS apply."""
+    georeferenced = rasters.is_georeferenced(meta) and meta.transform is not None
+    skip = [0] if binary else [] if cfg.IGNORE_CLASS is None else [cfg.IGNORE_CLASS]
+    found = polygons.class_polygons(label, meta.transform if georeferenced else PIXEL_TRANSFORM,
+                                    cfg.class_names, nodata=LABEL_NODATA,
+                                    simplify=cfg.VECTOR_SIMPLIFY, skip_classes=skip)
+    description = None if georeferenced else (
+        f"Classes of {meta.path.name} in pixel coordinates, no CRS (the image has no "
+        "georeferencing): x = column, y = -row from its top-left corner, as QGIS places it")
+    polygons.write_class_polygons(path, found, meta.crs if georeferenced else None,
+                                  per_class_layers=cfg.VECTOR_LAYER_PER_CLASS
+                                  and path.suffix == ".gpkg",
+                                  description=description)
+
+
 def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Path],
                   keep_label: bool = True) -> tuple[np.ndarray | None, int]:
     """Segment one image and write its outputs (``output_paths``), each atomically.
 
     A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
     bands, see :func:`res_unet.pairing.open_image_rows`) is never read whole: it is
-    segmented strip by strip from windows. Unless ``keep_label`` (or GeoJSON, a clean-up
+    segmented strip by strip from windows. Unless ``keep_label`` (or polygons, a clean-up
     step or an Otsu threshold needs the whole map), its label strips then go straight to the
     output files as they are finished, and the label map is never held whole either.
     Returns (label (H, W) uint8 with LABEL_NODATA at nodata, or None when it was streamed;
@@ -152,14 +188,14 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
             sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
                                                          segmenter.n_outputs, meta))
         stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
-                  and not keep_label and "geojson" not in paths)
+                  and not keep_label and "vector" not in paths)
         step = report.overlay_step(shape_hw)
         shown: list[tuple[np.ndarray, np.ndarray]] = []
         on_label = None
         if stream:
             sinks = [stack.enter_context(writers.png_writer(paths["label"], shape_hw))]
             if "geotiff" in paths:
-                sinks.append(stack.enter_context(writers.geotiff_writer(
+                sinks.append(stack.enter_context(writers.cog_writer(
                     paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA)))
 
             def on_label(r0: int, label_rows: np.ndarray) -> None:
@@ -184,10 +220,9 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
     if label is None:
         return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
-        writers.write_geotiff(paths["geotiff"], label, meta, nodata=LABEL_NODATA)
-    if "geojson" in paths:
-        collection = postprocess.mask_to_geojson(label, meta.transform, meta.crs)
-        write_atomic(paths["geojson"], json.dumps(collection))
+        cog.write_cog(paths["geotiff"], label, meta.crs, meta.transform, nodata=LABEL_NODATA)
+    if "vector" in paths:
+        write_polygons(paths["vector"], label, meta, cfg, binary=segmenter.n_outputs == 1)
     writers.write_png(paths["label"], label)
     return label, label.shape[0] * label.shape[1]
 
@@ -208,17 +243,22 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 
 # Keys that do not change what a finished image's outputs contain.
 # (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
-# all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.)
-# Keys added after the fingerprint's first version: recorded only when set.
-_RECORDED_WHEN_SET = ("SCENE_PIXEL_SIZE",)
+# all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.
+# VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
+# image without the file is simply redone.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME")
+                 "INFER_RUNTIME", "VECTOR_FORMAT")
+# Keys added after the fingerprint's first version (with their defaults): in the fingerprint
+# only when not at their defaults, so that folders made before they existed still match.
+_ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
+                "VECTOR_LAYER_PER_CLASS": False}
 
 
 def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
                        cfg: Config) -> dict[str, Any]:
     """What the outputs of a segmentation depend on: every model's weights (SHA-256 of their
-    values), the tile size, scale, threshold, TTA and the segmentation settings."""
+    values), the tile size, scale, threshold, TTA and the segmentation settings (polygon
+    settings when not at their defaults)."""
     digests = []
     for member in models:
         hasher = hashlib.sha256()
@@ -227,7 +267,7 @@ def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
         digests.append(hasher.hexdigest())
     values = cfg.to_dict()
     settings = {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS
-                and not (k in _RECORDED_WHEN_SET and values[k] is None)}
+                and not (k in _ADDED_LATER and values[k] == _ADDED_LATER[k])}
     fingerprint = {"weights": digests, "tile_size": list(segmenter.tile_hw),
                    "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
                    "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
@@ -256,11 +296,13 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     if previous is None:
         what = "by a run that recorded no model (or an older res_unet)"
     else:
-        changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+        # Over the keys of both: an entry recorded only when set may be on either side.
+        changed = [k for k in {**previous, **fingerprint}
+                   if previous.get(k) != fingerprint.get(k)]
         if "settings" in changed:
             changed.remove("settings")
-            changed += [k for k, v in fingerprint["settings"].items()
-                        if previous.get("settings", {}).get(k) != v]
+            old, new = previous.get("settings", {}), fingerprint["settings"]
+            changed += [k for k in {**old, **new} if old.get(k) != new.get(k)]
         what = "with other " + ", ".join("model weights" if k == "weights" else k
                                           for k in changed)
     raise UserError(f"{out_dir}: holds segmentations made {what}; choose another --out, or "
@@ -305,7 +347,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
 
     ``runs`` are run folders (or loaded models) forming an ensemble; ``cfg`` comes from
-    :func:`res_unet.runfolder.inference_config`. Per image NAME: see :func:`output_paths`.
+    :func:`res_unet.runfolder.inference_config`. Per image NAME: see :func:`output_paths`;
+    polygons come with ``cfg.VECTOR_FORMAT`` (``geojson=True``, kept for older callers, is
+    VECTOR_FORMAT 'geojson' when the config names no format).
     Images whose outputs all exist are skipped unless ``overwrite``; an unreadable image is
     reported on one line
     and counted as failed. With ``labels_dir`` the predictions are scored (scores.csv, or
@@ -340,6 +384,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                     full_max_values: int, started: float) -> dict[str, Any]:
     """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
     index, count = shard
+    vector = cfg.VECTOR_FORMAT or ("geojson" if geojson else None)
     if labels_dir is not None:
         pairs = pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
     else:
@@ -351,7 +396,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
     options = {"images": str(images_dir), "labels": None if labels_dir is None
-               else str(labels_dir), "save_probs": save_probs, "geojson": geojson}
+               else str(labels_dir), "save_probs": save_probs, "vector": vector}
     run_summary = _run_summary(models, segmenter, cfg, options)
     if count > 1:
         held.enter_context(settings_lock(out_dir, run_summary["fingerprint"],
@@ -378,7 +423,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
     for pair in progress_bar(pairs, enabled=progress):
-        paths = output_paths(out_dir, pair, save_probs, geojson, segmenter.n_outputs == 1)
+        paths = output_paths(out_dir, pair, save_probs, vector)
         try:
             if not overwrite and all(p.is_file() for p in paths.values()):
                 skipped += 1

@@ -13,6 +13,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import rasterio.errors
 from PIL import Image
 from rasterio.windows import Window
 
+from res_unet import cog
 from res_unet.atomic import atomic_path
 from res_unet.rasters import RasterMeta
 
@@ -109,6 +111,32 @@ def _geotiff_profile(shape_hw: Sequence[int], count: int, dtype: np.dtype, meta:
 
 
 @contextlib.contextmanager
+def _strips_into(file: Path, shape_hw: Sequence[int], count: int, dtype: np.dtype,
+                 meta: RasterMeta, nodata: float | None
+                 ) -> Iterator[Callable[[int, np.ndarray], None]]:
+    """Write rows into the GeoTIFF ``file`` (not atomic: the callers own the name)."""
+    profile = _geotiff_profile(shape_hw, count, dtype, meta, nodata)
+    width = profile["width"]
+    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
+    with warnings.catch_warnings(), rasterio.Env(GDAL_PAM_ENABLED="NO"):
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(file, "w", **profile) as ds:
+
+            def write(first_row: int, rows: np.ndarray) -> None:
+                rows = rows if rows.ndim == 3 else rows[..., None]
+                ds.write(np.moveaxis(rows.astype(dtype, copy=False), -1, 0),
+                         window=Window(0, first_row, width, len(rows)))
+
+            yield write
+
+
+def _output_dtype(dtype: np.dtype | str) -> np.dtype:
+    """The dtype a GeoTIFF stores: bool as uint8, float16 as float32."""
+    return np.dtype(np.uint8 if np.dtype(dtype) == bool else (
+        np.float32 if np.dtype(dtype) == np.float16 else dtype))
+
+
+@contextlib.contextmanager
 def geotiff_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
                    dtype: np.dtype | str, meta: RasterMeta, nodata: float | None = None
                    ) -> Iterator[Callable[[int, np.ndarray], None]]:
@@ -120,22 +148,31 @@ def geotiff_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
     ``meta.transform`` when present; ``nodata`` is written as given (``meta.nodata``
     describes the input's values, not this array's).
     """
-    dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else (
-        np.float32 if np.dtype(dtype) == np.float16 else dtype))
-    profile = _geotiff_profile(shape_hw, count, dtype, meta, nodata)
-    width = profile["width"]
-    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
-    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
-            GDAL_PAM_ENABLED="NO"):
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as ds:
+    with atomic_path(path) as tmp, _strips_into(tmp, shape_hw, count, _output_dtype(dtype),
+                                                meta, nodata) as write:
+        yield write
 
-            def write(first_row: int, rows: np.ndarray) -> None:
-                rows = rows if rows.ndim == 3 else rows[..., None]
-                ds.write(np.moveaxis(rows.astype(dtype, copy=False), -1, 0),
-                         window=Window(0, first_row, width, len(rows)))
 
-            yield write
+@contextlib.contextmanager
+def cog_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
+               dtype: np.dtype | str, meta: RasterMeta, nodata: float | None = None,
+               classes: bool = True) -> Iterator[Callable[[int, np.ndarray], None]]:
+    """As :func:`geotiff_writer`, but ``path`` becomes a Cloud-Optimized GeoTIFF
+    (:mod:`res_unet.cog`; ``classes``: nearest-neighbour overviews, else average).
+
+    GDAL's COG driver cannot take strips: they go to a tiled GeoTIFF beside the output
+    (a temporary, removed in any case), which is translated into the COG when the block
+    ends, so the raster is never held whole. The output appears atomically.
+    """
+    with atomic_path(path) as tmp:
+        strips = tmp.with_name(tmp.name + ".strips.tif")
+        try:
+            with _strips_into(strips, shape_hw, count, _output_dtype(dtype), meta,
+                              nodata) as write:
+                yield write
+            cog.copy_to_cog(strips, tmp, classes=classes)
+        finally:
+            strips.unlink(missing_ok=True)
 
 
 def write_geotiff(path: str | os.PathLike, array: np.ndarray, meta: RasterMeta,
