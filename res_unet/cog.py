@@ -32,6 +32,18 @@ def _cog_options(classes: bool, blocksize: int, compress: str) -> dict[str, Any]
             "BIGTIFF": "IF_SAFER"}
 
 
+def band_stack(array: np.ndarray, writer: str) -> np.ndarray:
+    """``array`` (H, W) or (H, W, B) as (H, W, B); ValueError naming ``writer`` for any other
+    shape or an empty array."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f"{writer} takes a non-empty (H, W) or (H, W, B) array; got "
+                         f"{array.shape}")
+    return array
+
+
 def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
               transform: Any = None, nodata: float | None = None, classes: bool = True,
               blocksize: int = 512, compress: str = "DEFLATE") -> Path:
@@ -43,12 +55,7 @@ def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
     georeference it; ``blocksize`` is the tile edge in pixels (a power of two). Overviews
     are made down to one tile: nearest neighbour for classes, average for probabilities.
     """
-    array = np.asarray(array)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or 0 in array.shape:
-        raise ValueError(f"write_cog takes a non-empty (H, W) or (H, W, C) array; got "
-                         f"{array.shape}")
+    array = band_stack(array, "write_cog")
     if classes and array.shape[2] != 1:
         raise ValueError(f"a class map is (H, W); got {array.shape}")
     dtype = np.uint8 if classes else np.float32

@@ -179,12 +179,7 @@ def write_geotiff(path: str | os.PathLike, array: np.ndarray, meta: RasterMeta,
                   nodata: float | None = None) -> None:
     """Write (H, W) or (H, W, B) pixels of any numeric dtype as a GeoTIFF, atomically
     (profile and georeferencing as :func:`geotiff_writer`)."""
-    array = np.asarray(array)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or 0 in array.shape:
-        raise ValueError(f"write_geotiff takes a non-empty (H,W) or (H,W,B) array; got "
-                         f"{array.shape}")
+    array = cog.band_stack(array, "write_geotiff")
     with geotiff_writer(path, array.shape[:2], array.shape[2], array.dtype, meta,
                         nodata) as write:
         write(0, array)
