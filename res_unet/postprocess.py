@@ -1,4 +1,4 @@
-"""Turn predicted probabilities into clean label maps and polygons.
+"""Turn predicted probabilities into clean label maps.
 
 Inputs are the model's probabilities, float32 (H, W, C): C = 1 is binary (the foreground
 probability, from a sigmoid), C = N > 1 is N classes (softmax). Label maps are (H, W) uint8
@@ -20,24 +20,20 @@ to LABEL_NODATA (255) after it.
 Binary label maps are cleaned as a foreground mask (class 1) with the scikit-image
 operations. Multiclass maps follow rules that treat every class alike and only ever
 assign a pixel a class that is already present (see each function). Connected components
-are 4-connected throughout, as are the polygons of :func:`mask_to_geojson`.
+are 4-connected throughout, as are the polygons of :mod:`res_unet.polygons`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
-from rasterio.crs import CRS
-from rasterio.transform import Affine
 from scipy import ndimage
 from skimage import filters, morphology
 
 from res_unet.config import Config
-from res_unet.polygons import class_polygons
 from res_unet.report import to_display_rgb
 
 _PROB_CLIP = 1e-5  # floor for probabilities before logs, as pydensecrf's unary_from_softmax
@@ -436,57 +432,3 @@ def clean_label(label: np.ndarray, cfg: Config, n_classes: int) -> np.ndarray:
     label = morphological_close(label, cfg.CLOSING_RADIUS, n_classes)
     label = remove_small_objects(label, cfg.MIN_OBJECT_AREA, n_classes)
     return fill_small_holes(label, cfg.MIN_HOLE_AREA, n_classes)
-
-
-# Polygons ---------------------------------------------------------------------------------
-
-def _signed_area(ring: list[tuple[float, float]]) -> float:
-    x = np.array([p[0] for p in ring])
-    y = np.array([p[1] for p in ring])
-    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
-
-
-def _map_ring(ring: list, transform: Any, exterior: bool) -> list[list[float]]:
-    """Pixel-corner ring -> map coordinates, counter-clockwise if exterior (RFC 7946)."""
-    coords = [transform @ (float(x), float(y)) for x, y in ring]
-    if (_signed_area(coords) > 0) != exterior:
-        coords.reverse()
-    return [[float(x), float(y)] for x, y in coords]
-
-
-def mask_to_geojson(label: np.ndarray, transform: Any = None, crs: Any = None,
-                    class_value: int = 1, min_area: float = 0) -> dict[str, Any]:
-    """Polygons of the pixels equal to ``class_value`` as a GeoJSON FeatureCollection dict.
-
-    ``transform`` is the raster's affine transform (rasterio ``Affine``); without it the
-    coordinates are pixel corners (x = column, y = row). Polygons are 4-connected pixel
-    regions with their holes as interior rings. Each feature has properties ``class``,
-    ``area_px`` (pixels) and, with a transform, ``area`` (square map units). Polygons of
-    fewer than ``min_area`` pixels are left out. With ``crs`` (anything rasterio's CRS
-    accepts) the collection carries the legacy ``crs`` member that GDAL and QGIS read.
-    """
-    mask = np.ascontiguousarray(label == class_value, dtype=np.uint8)
-    affine = Affine.identity() if transform is None else transform
-    pixel_area = abs(affine.a * affine.e - affine.b * affine.d)
-    features = []
-    # The regions in pixel corners (the map transform is applied per ring below, as RFC
-    # 7946 wants exteriors counter-clockwise in map coordinates).
-    regions = class_polygons(mask, skip_classes=[0])
-    for polygon, area_px in zip(regions.geometries, regions.area_px.tolist(), strict=True):
-        if area_px < min_area:
-            continue
-        rings = [polygon.exterior.coords, *(r.coords for r in polygon.interiors)]
-        coords = [_map_ring(r, affine, exterior=i == 0) for i, r in enumerate(rings)]
-        properties: dict[str, Any] = {"class": int(class_value), "area_px": round(area_px)}
-        if transform is not None:
-            properties["area"] = float(area_px * pixel_area)
-        features.append({"type": "Feature", "id": len(features),
-                         "geometry": {"type": "Polygon", "coordinates": coords},
-                         "properties": properties})
-    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
-    if crs is not None:
-        parsed = CRS.from_user_input(crs)
-        epsg = parsed.to_epsg()
-        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else parsed.to_string()
-        collection["crs"] = {"type": "name", "properties": {"name": name}}
-    return collection

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rasterio.transform import Affine
 
 from res_unet import postprocess as pp
 from res_unet.config import Config
@@ -339,57 +338,6 @@ def test_postprocess_runs_steps_in_documented_order(channels):
     np.testing.assert_array_equal(out, label)
     with pytest.raises(ValueError):
         pp.postprocess(prob, None, cfg)
-
-
-# Polygons ---------------------------------------------------------------------------------
-
-def _ring_area(ring) -> float:
-    x, y = np.array(ring).T
-    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
-
-
-def test_geojson_square_in_pixel_coordinates():
-    label = np.zeros((8, 8), np.uint8)
-    label[2:5, 3:6] = 1
-    collection = pp.mask_to_geojson(label)
-    assert collection["type"] == "FeatureCollection" and "crs" not in collection
-    (feature,) = collection["features"]
-    assert feature["properties"] == {"class": 1, "area_px": 9}
-    (ring,) = feature["geometry"]["coordinates"]
-    assert ring[0] == ring[-1] and len(ring) == 5
-    assert {tuple(p) for p in ring} == {(3, 2), (6, 2), (6, 5), (3, 5)}
-    assert _ring_area(ring) == 9.0  # exterior counter-clockwise (RFC 7946)
-
-
-def test_geojson_square_with_affine_transform_and_crs():
-    label = np.zeros((8, 8), np.uint8)
-    label[2:5, 3:6] = 1
-    transform = Affine(10.0, 0.0, 500_000.0, 0.0, -10.0, 4_000_000.0)
-    collection = pp.mask_to_geojson(label, transform, crs="EPSG:32633")
-    (feature,) = collection["features"]
-    assert feature["properties"] == {"class": 1, "area_px": 9, "area": 900.0}
-    (ring,) = feature["geometry"]["coordinates"]
-    corners = {(500_030.0, 3_999_980.0), (500_060.0, 3_999_980.0),
-               (500_060.0, 3_999_950.0), (500_030.0, 3_999_950.0)}
-    assert {tuple(p) for p in ring} == corners
-    assert _ring_area(ring) == 900.0
-    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
-
-
-def test_geojson_hole_is_an_interior_ring_and_min_area_filters():
-    label = np.zeros((10, 12), np.uint8)
-    label[1:8, 1:8] = 1
-    label[3:6, 3:6] = 0
-    label[9, 10] = 1  # a 1-px object
-    label[0, 11] = 2  # another class: never in the class-1 polygons
-    features = pp.mask_to_geojson(label, min_area=2)["features"]
-    assert len(features) == 1
-    exterior, hole = features[0]["geometry"]["coordinates"]
-    assert features[0]["properties"]["area_px"] == 49 - 9
-    assert _ring_area(exterior) == 49.0 and _ring_area(hole) == -9.0
-    assert {tuple(p) for p in hole} == {(3, 3), (6, 3), (6, 6), (3, 6)}
-    assert len(pp.mask_to_geojson(label)["features"]) == 2
-    assert pp.mask_to_geojson(label, class_value=2)["features"][0]["properties"]["area_px"] == 1
 
 
 def test_binary_opening_and_closing_properties():

@@ -18,7 +18,7 @@ from helpers import make_config, pixel_model, write_run
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from res_unet import postprocess, rasters, writers
+from res_unet import rasters, writers
 from res_unet.cli import run_command
 from res_unet.seg_images_in_folder import main
 
@@ -194,8 +194,8 @@ def test_plain_images_keep_png_outputs_and_polygons_in_pixel_coordinates(run, tm
 
 
 def test_binary_geojson_keeps_its_polygons(tmp_path):
-    """--geojson of a binary model: the foreground polygons with class, area_px and area as
-    before (postprocess.mask_to_geojson), in the scene's CRS; now with the class name."""
+    """--geojson of a binary model: the foreground polygons (holes as holes) with class,
+    name, area_px and area (square metres), in the scene's CRS."""
     binary = write_run(tmp_path / "binary", pixel_model(), make_config(
         "model", CLASS_NAMES=["land", "water"]), threshold=0.5)
     image = np.full((48, 64, 3), 50, np.uint8)
@@ -210,14 +210,24 @@ def test_binary_geojson_keeps_its_polygons(tmp_path):
     out = tmp_path / "out"
     assert seg("--model", binary, "--images", folder, "--out", out, "--geojson") == 0
     label = rasters.read_label(out / "scene_predseg.png")
-    before = postprocess.mask_to_geojson(label, TRANSFORM, "EPSG:32633")
+    assert np.array_equal(label, (image[..., 0] == 200).astype(np.uint8))
+
+    def on_map(x0, y0, x1, y1):  # a box of pixel corners in map coordinates
+        (a, b), (c, d) = TRANSFORM * (x0, y0), TRANSFORM * (x1, y1)
+        return shapely.box(min(a, c), min(b, d), max(a, c), max(b, d))
+
+    # the pixel corners of the two bright regions, one with its hole (pixel model: 200 is
+    # water at threshold 0.5, 50 land)
+    expected = [on_map(5, 10, 25, 30).difference(on_map(10, 15, 15, 20)),
+                on_map(50, 40, 64, 48)]
     now = json.loads((out / "scene_predseg.geojson").read_text())
-    assert now["crs"] == before["crs"]
-    assert len(now["features"]) == len(before["features"]) == 2
-    for new, old in zip(now["features"], before["features"], strict=True):
-        assert shapely.geometry.shape(new["geometry"]).equals(
-            shapely.geometry.shape(old["geometry"]))
-        assert new["properties"] == {**old["properties"], "name": "water"}
+    assert CRS.from_user_input(now["crs"]["properties"]["name"]) == CRS.from_epsg(32633)
+    found = sorted(now["features"], key=lambda f: -f["properties"]["area_px"])
+    assert len(found) == 2
+    for feature, shape, pixels in zip(found, expected, (400 - 25, 14 * 8), strict=True):
+        assert shapely.geometry.shape(feature["geometry"]).equals(shape)
+        assert feature["properties"] == {"class": 1, "name": "water", "area_px": pixels,
+                                         "area": pixels * 100.0}
 
 
 def test_resume_with_polygons_skips_finished_images(run, geotiff, tmp_path, capsys):
