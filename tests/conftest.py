@@ -25,6 +25,43 @@ def pytest_configure(config):
         "TensorFlow processes); make test runs them, pytest -m 'not slow' leaves them out")
 
 
+# Session fixtures that take seconds to build: under --dist loadgroup (make test) the tests
+# using one run in one worker, so it is built once, not in each.
+SHARED_FIXTURES = ("trained_run",)
+# Set on grouped tests that pytest-xdist left ungrouped (see pytest_collection_finish).
+_UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Put the tests of each fixture of SHARED_FIXTURES in an xdist group of its name."""
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup``, note the grouped tests pytest-xdist did not tag: their
+    group would be spread over the workers, each building the group's fixtures again, and
+    the suite would only be slower, never failing (pytest-xdist#1386). They fail instead,
+    in :func:`pytest_runtest_setup`, naming the fix."""
+    config = session.config
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            item.stash[_UNGROUPED] = True
+
+
+def pytest_runtest_setup(item):
+    if item.stash.get(_UNGROUPED, False):
+        pytest.fail(f"pytest-xdist's --dist loadgroup does not group tests under pytest "
+                    f"{pytest.__version__} (pytest-xdist#1386); install the pytest that "
+                    "setup.cfg names (pip install -e '.[test]'), or run make test "
+                    "TEST_WORKERS=0", pytrace=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Keep converted models (ov_runtime.cache_dir) out of the user's ~/.cache."""
