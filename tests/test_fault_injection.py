@@ -46,18 +46,10 @@ def command(module: str, *args: object) -> list[str]:
 
 def run_here(cmd: list[str]) -> None:
     """Run a :func:`command` line through its module's ``main`` in this process, as the
-    module's entry point does; like :func:`run`, exit code 0 or 1."""
+    module's entry point does; exit code 0, or 1 for images it could not segment."""
     module, args = cmd[2], cmd[3:]
     code = run_command(importlib.import_module(module).main, args)
     assert code in (0, 1), f"{module} exited with {code}"
-
-
-def run(cmd: list[str], timeout: float = 600) -> tuple[int, float]:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode in (0, 1), done.stderr[-2000:]
-    return done.returncode, time.perf_counter() - started
 
 
 def run_and_kill(cmd: list[str], started: Path, pattern: str, after: float) -> None:
@@ -209,8 +201,8 @@ def test_make_tfrecords_workers_end_with_a_killed_parent(sources, tmp_path):
     _, alive = psutil.wait_procs(everyone, timeout=10)
     assert not alive, f"orphaned workers still running: {[p.pid for p in alive]}"
     # and the next build runs as usual
-    run(command("make_tfrecords", "--config", config, "--images", images, "--labels", labels,
-                "--out", out, "--overwrite"))
+    run_here(command("make_tfrecords", "--config", config, "--images", images, "--labels",
+                     labels, "--out", out, "--overwrite"))
     assert (out / "manifest.json").is_file() and temporaries(out.parent) == []
 
 
@@ -243,8 +235,8 @@ def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path)
     # masks equal those of a clean folder segmented by it
     winner_run = {"trained": run_dir, "other": other}[winner]
     clean = tmp_path / "clean"
-    run(command("seg_images_in_folder", "--model", winner_run, "--images", images, "--out",
-                clean))
+    run_here(command("seg_images_in_folder", "--model", winner_run, "--images", images,
+                     "--out", clean))
     skip = ("segmentation_config.json",)
     assert digest(out, skip) == digest(clean, skip)
     assert not (out / ".res_unet.lock").exists()

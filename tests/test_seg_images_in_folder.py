@@ -394,9 +394,9 @@ print(summary["done"], before, after, peak)
         assert done == 1
         grew[height] = ((after - before) / 1024, peak / 2**20)
     # Arrays (numpy, traced exactly): a band of tiles, a strip of probabilities and, the
-    # largest part, the overlay (at most OVERLAY_MAX_PIXELS: 12 M pixels for both scenes,
-    # the 8000-row one drawn from every other row and column). Holding the scene or its
-    # label would add 137 + 46 MB to the 8000-row figure.
+    # largest part, the overlay (12 M pixels for both scenes: the 2000-row one whole, the
+    # 8000-row one, over OVERLAY_MAX_PIXELS, from every other row and column). Holding the
+    # scene or its label would add 137 + 46 MB to the 8000-row figure.
     assert grew[8000][1] - grew[2000][1] < 40, grew
     # Resident memory (TensorFlow's and GDAL's allocations too; allocator noise is tens of
     # MB): holding the scene or its label would add at least the extra rows' bytes.
