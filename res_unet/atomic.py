@@ -67,6 +67,11 @@ def _host() -> str:
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9_]+)-")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is of our temporary naming (``.NAME.PID@HOST-...``)."""
+    return _TEMP_NAME.match(name) is not None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

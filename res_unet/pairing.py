@@ -34,6 +34,7 @@ import rasterio.errors
 from rasterio.crs import CRS
 
 from res_unet import vectors
+from res_unet.atomic import is_temporary
 from res_unet.errors import UserError
 from res_unet.rasters import (
     IMAGE_SUFFIXES,
@@ -330,10 +331,16 @@ def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIX
                         "restore the target or remove the link")
     matching = [p for p in entries if p.is_file() and p.suffix.lower() in suffixes]
     files = [p for p in matching if not p.name.startswith(".")]
-    hidden = [p.name for p in matching if p.name.startswith(".")]
+    ours = [p.name for p in matching if is_temporary(p.name)]
+    hidden = [p.name for p in matching if p.name.startswith(".") and not is_temporary(p.name)]
+    noun = "image file" if suffixes is IMAGE_SUFFIXES else "file"
+    if ours:
+        print(f"warning: {folder}: skipped {_count(len(ours), 'unfinished ' + noun)} "
+              f"({_listing(ours)}): temporaries of a res_unet command that is still writing "
+              "there or was killed; they are never read (delete them when no command is "
+              "running)", file=sys.stderr)
     if hidden:
         one = len(hidden) == 1
-        noun = "image file" if suffixes is IMAGE_SUFFIXES else "file"
         print(f"warning: {folder}: skipped {_count(len(hidden), noun)} whose "
               f"{'name starts' if one else 'names start'} with '.' ({_listing(hidden)}): hidden "
               f"files are not read; rename {'it' if one else 'them'} without the leading '.' "

@@ -374,6 +374,25 @@ def test_hidden_image_files_are_skipped_with_one_warning_per_folder(tmp_path, ca
     find_pairs(tmp_path / "clean" / "images", tmp_path / "clean" / "labels")
     assert capsys.readouterr().err == ""
 
+def test_our_temporaries_in_an_input_folder_are_named_as_such(tmp_path, capsys):
+    """A temporary left by a killed res_unet command (e.g. in an output folder later used
+    as input) is not a hidden file to rename: its own line says what it is."""
+    from res_unet.atomic import owner_tag
+
+    images, labels = make_folders(tmp_path, ["a.png"], ["a.png"])
+    left = images / f".b.png.{owner_tag()}-k2x9.tmp.png"  # as atomic_path names it
+    left.write_text("x")
+    (images / ".c.png").write_text("x")
+    assert [p.stem for p in find_pairs(images, labels)] == ["a"]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: {images}: skipped 1 unfinished image file ({left.name}): temporaries of a "
+        "res_unet command that is still writing there or was killed; they are never read "
+        "(delete them when no command is running)",
+        f"warning: {images}: skipped 1 image file whose name starts with '.' (.c.png): hidden "
+        "files are not read; rename it without the leading '.' to use it"]
+
+
 def test_find_pairs_usemask(tmp_path):
     images, labels = make_folders(tmp_path, ["a.jpg", "b.jpg"], ["a_mask.png", "b_mask.png"])
     pairs = find_pairs(images, labels, usemask=True)
