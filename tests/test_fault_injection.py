@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,13 +56,17 @@ def run_here(cmd: list[str]) -> None:
 def run_and_kill(cmd: list[str], started: Path, pattern: str, after: float) -> None:
     """Start ``cmd``; once ``started`` holds a file matching ``pattern``, wait ``after``
     seconds more and SIGKILL it. Fails if the command finished before being killed."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (started.exists() and any(started.glob(pattern))):
-        assert proc.poll() is None, "the command ended before writing anything"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while not (started.exists() and any(started.glob(pattern))):
+            if proc.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"the command ended (exit {proc.returncode}) before writing "
+                            f"anything:\n{stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
     try:
         proc.wait(timeout=after)
     except subprocess.TimeoutExpired:
