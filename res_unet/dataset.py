@@ -49,6 +49,7 @@ from res_unet.pairing import (
     Pair,
     PolygonRules,
     find_pairs,
+    left_out_images,
     load_pair,
     load_pair_and_facts,
     repaired_note,
@@ -441,7 +442,7 @@ class _DatasetBuilder:
         kept.append((example.image, example.label, title))
 
     def manifest(self, writers: dict[str, ShardWriter], images_dir: Path,
-                 labels_dir: Path) -> Manifest:
+                 labels_dir: Path, left_out: list[str]) -> Manifest:
         cfg = self.cfg
         if self.band_stats.n == 0:
             raise UserError(f"{images_dir}: no training examples were written (all tiles were "
@@ -485,6 +486,7 @@ class _DatasetBuilder:
             config=cfg.to_dict(),
             pixel_size_m=training_pixel_size([p.image for s in SPLITS for p in by_stem[s]],
                                              cfg.PIXEL_SIZE, cfg.DOWNSAMPLE),
+            left_out=left_out,
         )
 
 
@@ -541,7 +543,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
             staging = _staging_dir(out)
             try:
                 manifest = _build(cfg, tasks, procs, staging, Path(images_dir),
-                                  Path(labels_dir))
+                                  Path(labels_dir), left_out_images(images_dir, pairs))
                 _install(staging, out)
             finally:
                 if staging.exists():
@@ -550,7 +552,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
 
 
 def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
-           images_dir: Path, labels_dir: Path) -> Manifest:
+           images_dir: Path, labels_dir: Path, left_out: list[str]) -> Manifest:
     """Write the whole dataset into ``staging``, manifest last; returns the manifest."""
     builder = _DatasetBuilder(staging, cfg)
     writers = {s: ShardWriter(staging, cfg.ROOT_STRING, s, cfg.IMS_PER_SHARD,
@@ -561,7 +563,7 @@ def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
         for result in results:
             builder.add(result, writers[result.split])
             progress.update(result.last)
-    manifest = builder.manifest(writers, images_dir, labels_dir)
+    manifest = builder.manifest(writers, images_dir, labels_dir, left_out)
     if cfg.DOPLOT:
         report.sample_grid(staging / SAMPLES, builder.samples["train"],
                            builder.samples["validation"], cfg.n_label_classes,

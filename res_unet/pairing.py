@@ -311,11 +311,11 @@ def _has_images(folder: Path) -> bool:
     return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
 
 
-def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIXES
-                 ) -> list[Path]:
+def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                 warn: bool = True) -> list[Path]:
     """Files with ``suffixes`` (images by default) directly in ``folder``, sorted. Other files
     are ignored; hidden ones (names starting with '.', e.g. macOS '._' copies) are skipped
-    with one warning line on stderr giving their number and names."""
+    with one warning line on stderr giving their number and names (unless not ``warn``)."""
     if not folder.exists():
         raise UserError(f"{folder}: {role} folder not found; check the path")
     if not folder.is_dir():
@@ -331,8 +331,9 @@ def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIX
                         "restore the target or remove the link")
     matching = [p for p in entries if p.is_file() and p.suffix.lower() in suffixes]
     files = [p for p in matching if not p.name.startswith(".")]
-    ours = [p.name for p in matching if is_temporary(p.name)]
-    hidden = [p.name for p in matching if p.name.startswith(".") and not is_temporary(p.name)]
+    ours = [p.name for p in matching if warn and is_temporary(p.name)]
+    hidden = [p.name for p in matching
+              if warn and p.name.startswith(".") and not is_temporary(p.name)]
     noun = "image file" if suffixes is IMAGE_SUFFIXES else "file"
     if ours:
         print(f"warning: {folder}: skipped {_count(len(ours), 'unfinished ' + noun)} "
@@ -475,14 +476,26 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
     missed = sorted(path.name for path, hits in found.items() if not len(hits))
     if missed:
         print(f"note: {labels.where}: no polygon touches {_count(len(missed), 'image')} of "
-              f"{len(images)} ({_listing(missed)}); left out, as their labels would be all "
-              "background (to train on a scene as background, draw a class-0 polygon on it)")
+              f"{len(images)} ({_listing(missed)}); left out (manifest.json lists them), as "
+              "their labels would be all background (to train on a scene as background, draw "
+              "a class-0 polygon on it)")
     if labels.repaired:
         print("note: " + repaired_note(labels.where, len(labels.repaired)))
     pairs = [Pair(stem=s, image=images[s], label=layer_file, label_layer=layer,
                   shared_label=True) for s in sorted(images) if images[s].name not in missed]
     _attach_extra_bands(pairs, extra_band_dirs)
     return pairs
+
+
+def left_out_images(images_dir: str | os.PathLike, pairs: Sequence[Pair]) -> list[str]:
+    """Names of the image files in ``images_dir`` that no pair uses, sorted: the scenes a
+    shared polygon layer does not touch (:func:`pairs_over_one_layer`). Empty for labels
+    per image, where an image without a label is an error."""
+    if not any(pair.shared_label for pair in pairs):
+        return []
+    used = {pair.image.name for pair in pairs}
+    return [p.name for p in _scan_folder(Path(images_dir), "images", warn=False)
+            if p.name not in used]
 
 
 def _unmatched_message(images_dir: Path, labels_dir: Path, no_label: list[str],

@@ -310,6 +310,8 @@ class Manifest:
     samples_figure: str | None
     config: dict[str, Any]
     pixel_size_m: float | None = None  # of the examples (sources' x DOWNSAMPLE); None: unknown
+    # Image files of images_dir without examples: a shared polygon layer touches none of them.
+    left_out: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON-ready data (nested dataclasses as dicts)."""
@@ -331,8 +333,9 @@ class Manifest:
             raise UserError(f"{path}: dataset format version {data.get('format_version')}, but "
                             f"this res_unet reads version {FORMAT_VERSION}; {fix}")
         fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields
-                   if f.name not in data and f.default is dataclasses.MISSING]
+        missing = [f.name for f in fields if f.name not in data
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
         if missing:
             raise UserError(f"{path}: the manifest has no {', '.join(missing)}; {fix}")
         values = {f.name: data[f.name] for f in fields if f.name in data}

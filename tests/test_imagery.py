@@ -17,7 +17,15 @@ from rasterio.crs import CRS
 from res_unet import pairing, rasters
 from res_unet.config import LabelRules, config_from_dict
 from res_unet.errors import UserError
-from res_unet.pairing import Pair, find_images, find_pairs, load_image, load_pair, prepare_label
+from res_unet.pairing import (
+    Pair,
+    find_images,
+    find_pairs,
+    left_out_images,
+    load_image,
+    load_pair,
+    prepare_label,
+)
 from res_unet.rasters import RasterMeta, is_georeferenced, read_image, read_label
 from res_unet.writers import write_geotiff, write_png
 
@@ -459,6 +467,7 @@ def test_images_and_masks_in_one_folder(tmp_path):
     pairs = find_pairs(folder, folder, usemask=True)
     assert [(p.image.name, p.label.name) for p in pairs] == [("a.jpg", "a_mask.png"),
                                                              ("b.jpg", "b_mask.png")]
+    assert left_out_images(folder, pairs) == [], "labels beside the images are not left out"
 
 
 def test_find_images_returns_unlabelled_pairs_sorted(tmp_path):

@@ -209,7 +209,7 @@ MANIFEST_KEYS = [
     "files", "label_files", "images_dir", "labels_dir", "empty_tiles_dropped",
     "class_pixel_counts", "class_pixel_frequency", "band_mean", "band_std", "n_bands",
     "n_label_classes", "nclasses", "target_size", "dtype", "fit_mode", "downsample",
-    "compression", "shards", "samples_figure", "config", "pixel_size_m"]
+    "compression", "shards", "samples_figure", "config", "pixel_size_m", "left_out"]
 
 
 def test_manifest_file_is_the_typed_manifest(tmp_path):
@@ -250,9 +250,10 @@ def test_manifest_of_another_version_or_missing_a_field_is_refused(tmp_path):
         read_with(drop=("band_mean", "n_bands"))
     with pytest.raises(UserError, match="damaged counts or shards"):
         read_with(counts={"train": {"images": 1}})
-    # Datasets made before DOWNSAMPLE or shard checksums existed still read.
+    # Datasets made before DOWNSAMPLE, shard checksums or left_out existed still read.
     unhashed = {s: [{"file": x["file"], "count": x["count"]} for x in good["shards"][s]]
                 for s in records.SPLITS}
-    old = read_with(drop=("downsample",), shards=unhashed)
+    old = read_with(drop=("downsample", "left_out"), shards=unhashed)
     assert old.downsample == 1 and old.shards["train"][0].sha256 is None
+    assert old.left_out == []
     records.verify_shards(tmp_path / "ds", old)

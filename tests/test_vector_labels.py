@@ -153,6 +153,7 @@ def test_one_layer_over_many_scenes_leaves_out_the_scenes_it_misses(tmp_path, ca
     assert manifest.files["train"] == ["a.tif", "b.tif"]
     assert manifest.label_files["train"] == ["survey.gpkg (layer lakes)"] * 2
     assert manifest.config["LABEL_LAYER"] == "lakes"
+    assert manifest.left_out == ["c.tif"], "the dataset records the scene it left out"
     assert (tmp_path / "ds" / "samples.png").stat().st_size > 0
 
 
