@@ -1,6 +1,6 @@
 """Helpers shared by the test modules (fixtures are in conftest.py): the one config
-factory, the shared real-data folder, small synthetic sources, a per-pixel model and a
-minimal run folder."""
+factory, the shared real-data folder, small synthetic sources and folders, a per-pixel
+model and a minimal run folder."""
 
 from __future__ import annotations
 
@@ -132,3 +132,25 @@ def write_run(run_dir: Path, model: keras.Model, cfg: Config, threshold: float |
     return run_dir
 
 
+def random_u8(shape, seed: int = 0) -> np.ndarray:
+    """A seeded random uint8 array of ``shape``."""
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def make_folders(tmp_path: Path, image_names, label_names) -> tuple[Path, Path]:
+    """Images and labels folders holding tiny 4x5 PNG/JPEG/TIFF files with the given names."""
+    from PIL import Image
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for name in image_names:
+        Image.fromarray(random_u8((4, 5, 3))).save(images / name)
+    for name in label_names:
+        Image.fromarray(np.zeros((4, 5), np.uint8)).save(labels / name)
+    return images, labels
+
+
+def folder_listing(folder: Path) -> list[str]:
+    """The names in ``folder``, sorted."""
+    return sorted(p.name for p in folder.iterdir())

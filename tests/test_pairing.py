@@ -1,5 +1,5 @@
-"""Tests for res_unet.rasters, res_unet.pairing and res_unet.writers: reading, pairing,
-label preparation and atomic writing."""
+"""Tests for res_unet.pairing: pairing image and label files by name, hidden files and
+temporaries, the label rules, loading a pair checked against the config, extra bands."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import tifffile
-from affine import Affine
-from helpers import shared_data
+from helpers import make_folders, random_u8, shared_data
 from PIL import Image
-from rasterio.crs import CRS
 
-from res_unet import pairing, rasters
+from res_unet import pairing
 from res_unet.config import LabelRules, config_from_dict
 from res_unet.errors import UserError
 from res_unet.pairing import (
@@ -26,270 +23,15 @@ from res_unet.pairing import (
     load_pair,
     prepare_label,
 )
-from res_unet.rasters import RasterMeta, is_georeferenced, read_image, read_label
-from res_unet.writers import write_geotiff, write_png
+from res_unet.rasters import read_image
+from res_unet.writers import write_png
 
 
 def make_cfg(**keys):
     return config_from_dict(keys)[0]
 
 
-def random_u8(shape, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def make_folders(tmp_path, image_names, label_names):
-    """Images and labels folders holding tiny 4x5 PNG/JPEG/TIFF files with the given names."""
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    for name in image_names:
-        Image.fromarray(random_u8((4, 5, 3))).save(images / name)
-    for name in label_names:
-        Image.fromarray(np.zeros((4, 5), np.uint8)).save(labels / name)
-    return images, labels
-
-
-def folder_listing(folder):
-    return sorted(p.name for p in folder.iterdir())
-
-
-# Reading images -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
-def test_png_round_trip_is_bit_exact_for_1_3_4_bands(tmp_path, shape):
-    array = random_u8(shape)
-    path = tmp_path / "x.png"
-    write_png(path, array)
-    image, meta = read_image(path)
-    assert image.dtype == np.uint8
-    assert image.shape == (5, 7, 1 if len(shape) == 2 else shape[2])
-    np.testing.assert_array_equal(image.reshape(shape), array)
-    assert meta == RasterMeta(path=path)
-    assert not is_georeferenced(meta)
-    assert folder_listing(tmp_path) == ["x.png"]
-
-
-def test_uint16_grey_png_round_trip(tmp_path):
-    array = np.array([[0, 1, 300], [65535, 4096, 7]], np.uint16)
-    write_png(tmp_path / "g.png", array)
-    image, _ = read_image(tmp_path / "g.png")
-    assert image.dtype == np.uint16
-    np.testing.assert_array_equal(image[..., 0], array)
-
-
-@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-def test_16bit_rgb_png_keeps_all_16_bits(tmp_path):
-    # Pillow would truncate these to 8 bits; the reader must route them to GDAL.
-    array = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1000).astype(np.uint16)
-    path = tmp_path / "rgb16.png"
-    with rasterio.open(path, "w", driver="PNG", width=5, height=4, count=3,
-                       dtype="uint16") as ds:
-        ds.write(np.moveaxis(array, -1, 0))
-    image, _ = read_image(path)
-    assert image.dtype == np.uint16
-    np.testing.assert_array_equal(image, array)
-
-
-def test_images_beyond_pillows_size_limit_are_read_with_gdal(tmp_path, monkeypatch):
-    array = random_u8((60, 70, 3))
-    write_png(tmp_path / "big.png", array)
-    # Pillow refuses images over twice this many pixels; real scenes can exceed its default.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    image, _ = read_image(tmp_path / "big.png")
-    np.testing.assert_array_equal(image, array)
-
-
-@pytest.mark.parametrize(("mode", "bands"), [("L", 1), ("RGB", 3), ("CMYK", 3)])
-def test_jpeg_band_counts(tmp_path, mode, bands):
-    # A flat image survives JPEG compression almost exactly.
-    value = {"L": 120, "RGB": (200, 100, 50), "CMYK": (0, 0, 0, 0)}[mode]
-    path = tmp_path / "x.jpg"
-    Image.new(mode, (16, 8), value).save(path, quality=95)
-    image, meta = read_image(path)
-    assert image.dtype == np.uint8
-    assert image.shape == (8, 16, bands)
-    expected = {"L": [120], "RGB": [200, 100, 50], "CMYK": [255, 255, 255]}[mode]
-    assert np.abs(image.astype(int) - expected).max() <= 2
-    assert not is_georeferenced(meta)
-
-
-def test_six_band_tiff_and_uint16_tiff_are_bit_exact(tmp_path):
-    six = random_u8((4, 5, 6))
-    tifffile.imwrite(tmp_path / "six.tif", six, photometric="minisblack", planarconfig="contig")
-    image, _ = read_image(tmp_path / "six.tif")
-    assert image.shape == (4, 5, 6) and image.dtype == np.uint8
-    np.testing.assert_array_equal(image, six)
-
-    deep = (np.arange(4 * 5 * 3).reshape(3, 4, 5) * 4000).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "deep.tiff", deep, photometric="minisblack",
-                     planarconfig="separate")
-    image, _ = read_image(tmp_path / "deep.tiff")
-    assert image.dtype == np.uint16
-    np.testing.assert_array_equal(image, np.moveaxis(deep, 0, -1))
-
-
-def test_multipage_tiff_reads_every_page_as_a_band(tmp_path):
-    # GDAL alone would return only the first page: the reader must not drop the others.
-    pages = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
-    path = tmp_path / "pages.tif"
-    for page in pages:
-        tifffile.imwrite(path, page, append=True, metadata=None)
-    image, _ = read_image(path)
-    np.testing.assert_array_equal(image, np.moveaxis(pages, 0, -1))
-
-
-def test_int16_without_negatives_becomes_uint16_and_negatives_are_an_error(tmp_path):
-    tifffile.imwrite(tmp_path / "ok.tif", np.array([[0, 9000], [1, 2]], np.int16))
-    image, _ = read_image(tmp_path / "ok.tif")
-    assert image.dtype == np.uint16
-    np.testing.assert_array_equal(image[..., 0], [[0, 9000], [1, 2]])
-
-    tifffile.imwrite(tmp_path / "neg.tif", np.array([[0, -3], [1, 2]], np.int16))
-    with pytest.raises(UserError, match=r"neg\.tif: int16 image has negative values \(min -3\)"):
-        read_image(tmp_path / "neg.tif")
-
-
-def test_float_rasters_are_cast_only_when_lossless(tmp_path):
-    tifffile.imwrite(tmp_path / "whole.tif", np.array([[0.0, 4000.0], [1.0, 2.0]], np.float32))
-    image, _ = read_image(tmp_path / "whole.tif")
-    assert image.dtype == np.uint16
-    np.testing.assert_array_equal(image[..., 0], [[0, 4000], [1, 2]])
-
-    tifffile.imwrite(tmp_path / "refl.tif", np.array([[0.1, 0.5], [0.0, 0.93]], np.float32))
-    with pytest.raises(UserError, match=r"refl\.tif: float32 pixels .*0\.93.*uint8 or uint16"):
-        read_image(tmp_path / "refl.tif")
-
-
-def test_geotiff_round_trip_keeps_crs_transform_nodata_and_pixels(tmp_path):
-    crs = CRS.from_epsg(32633)
-    transform = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0)
-    array = (np.arange(6 * 7 * 4).reshape(6, 7, 4) * 997 % 65536).astype(np.uint16)
-    path = tmp_path / "scene.tif"
-    write_geotiff(path, array, RasterMeta(tmp_path / "in.tif", crs, transform, None), nodata=0)
-    image, meta = read_image(path)
-    np.testing.assert_array_equal(image, array)
-    assert meta.crs == crs
-    assert meta.transform == transform
-    assert meta.nodata == 0.0
-    assert meta.path == path and is_georeferenced(meta)
-
-    # Reading then writing with the input's meta keeps everything exactly.
-    write_geotiff(tmp_path / "copy.tif", image, meta, nodata=meta.nodata)
-    copy, copy_meta = read_image(tmp_path / "copy.tif")
-    np.testing.assert_array_equal(copy, array)
-    assert (copy_meta.crs, copy_meta.transform, copy_meta.nodata) == (crs, transform, 0.0)
-    assert folder_listing(tmp_path) == ["copy.tif", "scene.tif"]
-
-
-@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-def test_geotiff_writes_any_dtype_compressed_and_tiles_large_arrays(tmp_path):
-    probs = np.linspace(0, 1, 600 * 520, dtype=np.float32).reshape(600, 520)
-    write_geotiff(tmp_path / "p.tif", probs, RasterMeta(tmp_path / "in.tif"))
-    with rasterio.open(tmp_path / "p.tif") as ds:
-        assert ds.dtypes[0] == "float32" and ds.count == 1
-        assert ds.profile["tiled"] and ds.block_shapes[0] == (256, 256)
-        assert ds.compression.value == "DEFLATE"
-        assert ds.crs is None and ds.nodata is None
-        np.testing.assert_array_equal(ds.read(1), probs)
-    # Without georeferencing the result is a plain TIFF that other readers open too.
-    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
-        assert tif.pages[0].shape == (600, 520)
-        assert not tif.pages[0].is_geotiff
-    assert folder_listing(tmp_path) == ["p.tif"]
-
-
-def test_plain_tiff_written_without_georeference_reads_back_as_plain(tmp_path):
-    write_geotiff(tmp_path / "m.tif", np.array([[0, 1], [1, 0]], np.uint8),
-                  RasterMeta(tmp_path / "x.png"))
-    image, meta = read_image(tmp_path / "m.tif")
-    np.testing.assert_array_equal(image[..., 0], [[0, 1], [1, 0]])
-    assert meta.crs is None and meta.transform is None and not is_georeferenced(meta)
-
-
-def test_png_world_file_gives_its_transform(tmp_path):
-    write_png(tmp_path / "w.png", random_u8((4, 5, 3)))
-    # A world file refers to the centre of the top-left pixel.
-    (tmp_path / "w.pgw").write_text("10\n0\n0\n-10\n500005\n4599995\n")
-    _, meta = read_image(tmp_path / "w.png")
-    assert meta.transform == Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0)
-    assert is_georeferenced(meta)
-
-
-@pytest.mark.parametrize("content", ["garbage", "truncated"])
-def test_corrupt_jpeg_error_names_the_file(tmp_path, content):
-    path = tmp_path / "broken.jpg"
-    if content == "garbage":
-        path.write_bytes(b"this is not a jpeg")
-    else:
-        Image.fromarray(random_u8((64, 64, 3))).save(path)
-        path.write_bytes(path.read_bytes()[:400])
-    with pytest.raises(UserError, match=r"broken\.jpg: cannot be read as an image .*remove or "
-                                        r"re-export it"):
-        read_image(path)
-
-
-def test_unsupported_suffix_and_missing_file(tmp_path):
-    with pytest.raises(UserError, match=r"notes\.txt: not a supported image type"):
-        read_image(tmp_path / "notes.txt")
-    with pytest.raises(UserError, match=r"gone\.png: file not found"):
-        read_image(tmp_path / "gone.png")
-
-
-# Reading labels -----------------------------------------------------------------------------
-
-def test_palette_png_label_gives_indices_and_image_gives_colours(tmp_path):
-    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
-    palette = Image.fromarray(indices, mode="P")
-    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
-    palette.save(tmp_path / "pal.png")
-    np.testing.assert_array_equal(read_label(tmp_path / "pal.png"), indices)
-    image, _ = read_image(tmp_path / "pal.png")
-    np.testing.assert_array_equal(image[0, 1], [255, 0, 0])
-    np.testing.assert_array_equal(image[0, 2], [0, 0, 255])
-
-
-def test_grey_rgb_and_rgba_labels_are_read_as_grey(tmp_path):
-    grey = np.array([[0, 1], [2, 1]], np.uint8)
-    write_png(tmp_path / "rgb.png", np.repeat(grey[..., None], 3, axis=-1))
-    rgba = np.concatenate([np.repeat(grey[..., None], 3, axis=-1),
-                           np.full((2, 2, 1), 255, np.uint8)], axis=-1)
-    write_png(tmp_path / "rgba.png", rgba)
-    for name in ("rgb.png", "rgba.png"):
-        label = read_label(tmp_path / name)
-        assert label.dtype == np.uint8 and label.shape == (2, 2)
-        np.testing.assert_array_equal(label, grey)
-
-
-def test_colour_label_is_rejected(tmp_path):
-    colour = np.zeros((2, 2, 3), np.uint8)
-    colour[0, 0] = (255, 0, 0)
-    write_png(tmp_path / "col.png", colour)
-    with pytest.raises(UserError, match=r"col\.png: labels must be single-channel class "
-                                        r"indices; found a colour label.*\(255, 0, 0\).*convert "
-                                        "colours to indices"):
-        read_label(tmp_path / "col.png")
-
-
-def test_transparent_label_is_rejected(tmp_path):
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[..., 3] = [[0, 255], [255, 255]]
-    write_png(tmp_path / "t.png", rgba)
-    with pytest.raises(UserError, match=r"t\.png: label has transparent pixels"):
-        read_label(tmp_path / "t.png")
-
-
-def test_16bit_label_below_256_is_cast_and_above_is_an_error(tmp_path):
-    write_png(tmp_path / "ok.png", np.array([[0, 3], [255, 1]], np.uint16))
-    label = read_label(tmp_path / "ok.png")
-    assert label.dtype == np.uint8
-    np.testing.assert_array_equal(label, [[0, 3], [255, 1]])
-    write_png(tmp_path / "big.png", np.array([[0, 300], [1, 1]], np.uint16))
-    with pytest.raises(UserError, match=r"big\.png: label values reach 300, above 255"):
-        read_label(tmp_path / "big.png")
-
-
-# Preparing labels ---------------------------------------------------------------------------
+# Preparing labels -------------------------------------------------------------------------
 
 def test_remap_classes_applies_before_the_range_check():
     cfg = make_cfg(NCLASSES=1, REMAP_CLASSES={"3": 1, "7": 0})
@@ -342,7 +84,7 @@ def test_ignore_class_and_valid_values_pass_unchanged():
     np.testing.assert_array_equal(prepare_label(label, cfg.label_rules, "a.png"), label)
 
 
-# Finding and pairing files ------------------------------------------------------------------
+# Finding and pairing files ----------------------------------------------------------------
 
 def test_find_pairs_by_stem_with_label_suffix_and_ignores_other_files(tmp_path):
     images, labels = make_folders(tmp_path, ["b.png", "a.jpg", "c.tif"],
@@ -354,7 +96,6 @@ def test_find_pairs_by_stem_with_label_suffix_and_ignores_other_files(tmp_path):
     assert [p.stem for p in pairs] == ["a", "b", "c"]
     assert pairs[1] == Pair("b", images / "b.png", labels / "b_label.png", [])
     assert pairs[2].label == labels / "c.tif"
-
 
 
 def test_hidden_image_files_are_skipped_with_one_warning_per_folder(tmp_path, capsys):
@@ -381,6 +122,7 @@ def test_hidden_image_files_are_skipped_with_one_warning_per_folder(tmp_path, ca
     make_folders(tmp_path / "clean", ["a.png"], ["a.png"])
     find_pairs(tmp_path / "clean" / "images", tmp_path / "clean" / "labels")
     assert capsys.readouterr().err == ""
+
 
 def test_our_temporaries_in_an_input_folder_are_named_as_such(tmp_path, capsys):
     """A temporary left by a killed res_unet command (e.g. in an output folder later used
@@ -477,7 +219,7 @@ def test_find_images_returns_unlabelled_pairs_sorted(tmp_path):
                                                                  ("z", None, [])]
 
 
-# Loading pairs ------------------------------------------------------------------------------
+# Loading pairs ----------------------------------------------------------------------------
 
 def test_load_pair_returns_checked_image_label_and_meta(tmp_path):
     images, labels = make_folders(tmp_path, ["a.png"], [])
@@ -579,44 +321,7 @@ def test_rgba_with_extra_band_drops_opaque_alpha_before_appending(tmp_path):
     np.testing.assert_array_equal(image[..., 3], nir)
 
 
-# Atomic writing -----------------------------------------------------------------------------
-
-def test_failed_png_write_leaves_old_file_and_no_temp_file(tmp_path, monkeypatch):
-    target = tmp_path / "out.png"
-    write_png(target, np.zeros((2, 2), np.uint8))
-    before = target.read_bytes()
-
-    def broken_save(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(Image.Image, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        write_png(target, np.ones((2, 2), np.uint8))
-    assert folder_listing(tmp_path) == ["out.png"]
-    assert target.read_bytes() == before
-
-
-def test_failed_geotiff_write_leaves_no_file(tmp_path, monkeypatch):
-    def broken_open(path, *args, **kwargs):
-        Path(path).write_bytes(b"partial")
-        raise rasterio.errors.RasterioIOError("write failed")
-
-    monkeypatch.setattr(rasters.rasterio, "open", broken_open)
-    with pytest.raises(rasterio.errors.RasterioIOError):
-        write_geotiff(tmp_path / "out.tif", np.zeros((2, 2), np.uint8), RasterMeta(tmp_path))
-    assert folder_listing(tmp_path) == []
-
-
-def test_writers_reject_arrays_they_cannot_store(tmp_path):
-    with pytest.raises(ValueError, match="write_png takes"):
-        write_png(tmp_path / "f.png", np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match="write_geotiff takes"):
-        write_geotiff(tmp_path / "f.tif", np.zeros((2, 2, 2, 2), np.uint8), RasterMeta(tmp_path))
-    assert folder_listing(tmp_path) == []
-
-
-# Real data ----------------------------------------------------------------------------------
+# Real data --------------------------------------------------------------------------------
 
 def test_reads_a_real_lakes_pair():
     lakes = shared_data("lakes")
@@ -643,20 +348,3 @@ def test_dangling_symlink_among_images_is_named(tmp_path):
                                         r"exist \(1 broken link among the images\)"):
         find_pairs(images, labels)
 
-
-def test_png_writer_streams_rows_and_leaves_nothing_when_incomplete(tmp_path):
-    from res_unet.writers import png_writer
-
-    label = np.random.default_rng(3).integers(0, 7, (45, 31)).astype(np.uint8)
-    with png_writer(tmp_path / "l.png", label.shape) as write:
-        for r0 in range(0, 45, 10):
-            write(r0, label[r0:r0 + 10])
-    np.testing.assert_array_equal(read_label(tmp_path / "l.png"), label)
-    with pytest.raises(ValueError, match="got 10 of 45 rows"), \
-            png_writer(tmp_path / "part.png", label.shape) as write:
-        write(0, label[:10])
-    with pytest.raises(ValueError, match="from row 10"), \
-            png_writer(tmp_path / "order.png", label.shape) as write:
-        write(0, label[:10])
-        write(20, label[20:30])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png"], "no partial or temp file"

@@ -1,0 +1,227 @@
+"""Tests for res_unet.rasters: decoding image and label files of every supported kind,
+bit-exact round trips, georeferencing, one-line errors for files that cannot be read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+from affine import Affine
+from helpers import folder_listing, random_u8
+from PIL import Image
+from rasterio.crs import CRS
+
+from res_unet.errors import UserError
+from res_unet.rasters import RasterMeta, is_georeferenced, read_image, read_label
+from res_unet.writers import write_geotiff, write_png
+
+# Reading images ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
+def test_png_round_trip_is_bit_exact_for_1_3_4_bands(tmp_path, shape):
+    array = random_u8(shape)
+    path = tmp_path / "x.png"
+    write_png(path, array)
+    image, meta = read_image(path)
+    assert image.dtype == np.uint8
+    assert image.shape == (5, 7, 1 if len(shape) == 2 else shape[2])
+    np.testing.assert_array_equal(image.reshape(shape), array)
+    assert meta == RasterMeta(path=path)
+    assert not is_georeferenced(meta)
+    assert folder_listing(tmp_path) == ["x.png"]
+
+
+def test_uint16_grey_png_round_trip(tmp_path):
+    array = np.array([[0, 1, 300], [65535, 4096, 7]], np.uint16)
+    write_png(tmp_path / "g.png", array)
+    image, _ = read_image(tmp_path / "g.png")
+    assert image.dtype == np.uint16
+    np.testing.assert_array_equal(image[..., 0], array)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_16bit_rgb_png_keeps_all_16_bits(tmp_path):
+    # Pillow would truncate these to 8 bits; the reader must route them to GDAL.
+    array = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1000).astype(np.uint16)
+    path = tmp_path / "rgb16.png"
+    with rasterio.open(path, "w", driver="PNG", width=5, height=4, count=3,
+                       dtype="uint16") as ds:
+        ds.write(np.moveaxis(array, -1, 0))
+    image, _ = read_image(path)
+    assert image.dtype == np.uint16
+    np.testing.assert_array_equal(image, array)
+
+
+def test_images_beyond_pillows_size_limit_are_read_with_gdal(tmp_path, monkeypatch):
+    array = random_u8((60, 70, 3))
+    write_png(tmp_path / "big.png", array)
+    # Pillow refuses images over twice this many pixels; real scenes can exceed its default.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    image, _ = read_image(tmp_path / "big.png")
+    np.testing.assert_array_equal(image, array)
+
+
+@pytest.mark.parametrize(("mode", "bands"), [("L", 1), ("RGB", 3), ("CMYK", 3)])
+def test_jpeg_band_counts(tmp_path, mode, bands):
+    # A flat image survives JPEG compression almost exactly.
+    value = {"L": 120, "RGB": (200, 100, 50), "CMYK": (0, 0, 0, 0)}[mode]
+    path = tmp_path / "x.jpg"
+    Image.new(mode, (16, 8), value).save(path, quality=95)
+    image, meta = read_image(path)
+    assert image.dtype == np.uint8
+    assert image.shape == (8, 16, bands)
+    expected = {"L": [120], "RGB": [200, 100, 50], "CMYK": [255, 255, 255]}[mode]
+    assert np.abs(image.astype(int) - expected).max() <= 2
+    assert not is_georeferenced(meta)
+
+
+def test_six_band_tiff_and_uint16_tiff_are_bit_exact(tmp_path):
+    six = random_u8((4, 5, 6))
+    tifffile.imwrite(tmp_path / "six.tif", six, photometric="minisblack", planarconfig="contig")
+    image, _ = read_image(tmp_path / "six.tif")
+    assert image.shape == (4, 5, 6) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, six)
+
+    deep = (np.arange(4 * 5 * 3).reshape(3, 4, 5) * 4000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "deep.tiff", deep, photometric="minisblack",
+                     planarconfig="separate")
+    image, _ = read_image(tmp_path / "deep.tiff")
+    assert image.dtype == np.uint16
+    np.testing.assert_array_equal(image, np.moveaxis(deep, 0, -1))
+
+
+def test_multipage_tiff_reads_every_page_as_a_band(tmp_path):
+    # GDAL alone would return only the first page: the reader must not drop the others.
+    pages = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
+    path = tmp_path / "pages.tif"
+    for page in pages:
+        tifffile.imwrite(path, page, append=True, metadata=None)
+    image, _ = read_image(path)
+    np.testing.assert_array_equal(image, np.moveaxis(pages, 0, -1))
+
+
+def test_int16_without_negatives_becomes_uint16_and_negatives_are_an_error(tmp_path):
+    tifffile.imwrite(tmp_path / "ok.tif", np.array([[0, 9000], [1, 2]], np.int16))
+    image, _ = read_image(tmp_path / "ok.tif")
+    assert image.dtype == np.uint16
+    np.testing.assert_array_equal(image[..., 0], [[0, 9000], [1, 2]])
+
+    tifffile.imwrite(tmp_path / "neg.tif", np.array([[0, -3], [1, 2]], np.int16))
+    with pytest.raises(UserError, match=r"neg\.tif: int16 image has negative values \(min -3\)"):
+        read_image(tmp_path / "neg.tif")
+
+
+def test_float_rasters_are_cast_only_when_lossless(tmp_path):
+    tifffile.imwrite(tmp_path / "whole.tif", np.array([[0.0, 4000.0], [1.0, 2.0]], np.float32))
+    image, _ = read_image(tmp_path / "whole.tif")
+    assert image.dtype == np.uint16
+    np.testing.assert_array_equal(image[..., 0], [[0, 4000], [1, 2]])
+
+    tifffile.imwrite(tmp_path / "refl.tif", np.array([[0.1, 0.5], [0.0, 0.93]], np.float32))
+    with pytest.raises(UserError, match=r"refl\.tif: float32 pixels .*0\.93.*uint8 or uint16"):
+        read_image(tmp_path / "refl.tif")
+
+
+def test_geotiff_round_trip_keeps_crs_transform_nodata_and_pixels(tmp_path):
+    crs = CRS.from_epsg(32633)
+    transform = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0)
+    array = (np.arange(6 * 7 * 4).reshape(6, 7, 4) * 997 % 65536).astype(np.uint16)
+    path = tmp_path / "scene.tif"
+    write_geotiff(path, array, RasterMeta(tmp_path / "in.tif", crs, transform, None), nodata=0)
+    image, meta = read_image(path)
+    np.testing.assert_array_equal(image, array)
+    assert meta.crs == crs
+    assert meta.transform == transform
+    assert meta.nodata == 0.0
+    assert meta.path == path and is_georeferenced(meta)
+
+    # Reading then writing with the input's meta keeps everything exactly.
+    write_geotiff(tmp_path / "copy.tif", image, meta, nodata=meta.nodata)
+    copy, copy_meta = read_image(tmp_path / "copy.tif")
+    np.testing.assert_array_equal(copy, array)
+    assert (copy_meta.crs, copy_meta.transform, copy_meta.nodata) == (crs, transform, 0.0)
+    assert folder_listing(tmp_path) == ["copy.tif", "scene.tif"]
+
+
+def test_png_world_file_gives_its_transform(tmp_path):
+    write_png(tmp_path / "w.png", random_u8((4, 5, 3)))
+    # A world file refers to the centre of the top-left pixel.
+    (tmp_path / "w.pgw").write_text("10\n0\n0\n-10\n500005\n4599995\n")
+    _, meta = read_image(tmp_path / "w.png")
+    assert meta.transform == Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4600000.0)
+    assert is_georeferenced(meta)
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+def test_corrupt_jpeg_error_names_the_file(tmp_path, content):
+    path = tmp_path / "broken.jpg"
+    if content == "garbage":
+        path.write_bytes(b"this is not a jpeg")
+    else:
+        Image.fromarray(random_u8((64, 64, 3))).save(path)
+        path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(UserError, match=r"broken\.jpg: cannot be read as an image .*remove or "
+                                        r"re-export it"):
+        read_image(path)
+
+
+def test_unsupported_suffix_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"notes\.txt: not a supported image type"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(UserError, match=r"gone\.png: file not found"):
+        read_image(tmp_path / "gone.png")
+
+
+# Reading labels ---------------------------------------------------------------------------
+
+def test_palette_png_label_gives_indices_and_image_gives_colours(tmp_path):
+    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    palette = Image.fromarray(indices, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    palette.save(tmp_path / "pal.png")
+    np.testing.assert_array_equal(read_label(tmp_path / "pal.png"), indices)
+    image, _ = read_image(tmp_path / "pal.png")
+    np.testing.assert_array_equal(image[0, 1], [255, 0, 0])
+    np.testing.assert_array_equal(image[0, 2], [0, 0, 255])
+
+
+def test_grey_rgb_and_rgba_labels_are_read_as_grey(tmp_path):
+    grey = np.array([[0, 1], [2, 1]], np.uint8)
+    write_png(tmp_path / "rgb.png", np.repeat(grey[..., None], 3, axis=-1))
+    rgba = np.concatenate([np.repeat(grey[..., None], 3, axis=-1),
+                           np.full((2, 2, 1), 255, np.uint8)], axis=-1)
+    write_png(tmp_path / "rgba.png", rgba)
+    for name in ("rgb.png", "rgba.png"):
+        label = read_label(tmp_path / name)
+        assert label.dtype == np.uint8 and label.shape == (2, 2)
+        np.testing.assert_array_equal(label, grey)
+
+
+def test_colour_label_is_rejected(tmp_path):
+    colour = np.zeros((2, 2, 3), np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    write_png(tmp_path / "col.png", colour)
+    with pytest.raises(UserError, match=r"col\.png: labels must be single-channel class "
+                                        r"indices; found a colour label.*\(255, 0, 0\).*convert "
+                                        "colours to indices"):
+        read_label(tmp_path / "col.png")
+
+
+def test_transparent_label_is_rejected(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 3] = [[0, 255], [255, 255]]
+    write_png(tmp_path / "t.png", rgba)
+    with pytest.raises(UserError, match=r"t\.png: label has transparent pixels"):
+        read_label(tmp_path / "t.png")
+
+
+def test_16bit_label_below_256_is_cast_and_above_is_an_error(tmp_path):
+    write_png(tmp_path / "ok.png", np.array([[0, 3], [255, 1]], np.uint16))
+    label = read_label(tmp_path / "ok.png")
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, [[0, 3], [255, 1]])
+    write_png(tmp_path / "big.png", np.array([[0, 300], [1, 1]], np.uint16))
+    with pytest.raises(UserError, match=r"big\.png: label values reach 300, above 255"):
+        read_label(tmp_path / "big.png")
+
