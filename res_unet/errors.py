@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class UserError(Exception):
@@ -18,3 +19,10 @@ def either(words: Iterable[str]) -> str:
     """Alternatives for a message: 'a', 'a or b', 'a, b or c'."""
     words = list(words)
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def listing(values: Sequence[Any], most: int) -> str:
+    """Values for a message: 'a, b, c', at most ``most`` of them, then '... and N more'."""
+    shown = ", ".join(str(v) for v in values[:most])
+    more = len(values) - most
+    return shown + (f", ... and {more} more" if more > 0 else "")

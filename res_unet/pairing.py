@@ -35,7 +35,7 @@ from rasterio.crs import CRS
 
 from res_unet import vectors
 from res_unet.atomic import is_temporary
-from res_unet.errors import UserError
+from res_unet.errors import UserError, listing
 from res_unet.rasters import (
     IMAGE_SUFFIXES,
     RasterMeta,
@@ -155,9 +155,7 @@ def _count(n: int, noun: str) -> str:
 
 def _listing(names: Sequence[str]) -> str:
     """'a, b, c' with at most _MAX_LISTED names, then '... and N more'."""
-    shown = ", ".join(names[:_MAX_LISTED])
-    more = len(names) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
+    return listing(names, _MAX_LISTED)
 
 
 def _values_text(values: Sequence[int]) -> str:

@@ -43,7 +43,7 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 from rasterio.warp import transform as warp_coords
 
-from res_unet.errors import UserError
+from res_unet.errors import UserError, listing
 
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")
 _POLYGONAL = {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}
@@ -51,9 +51,7 @@ _MAX_LISTED = 8
 
 
 def _listing(values: Sequence[Any]) -> str:
-    shown = ", ".join(str(v) for v in values[:_MAX_LISTED])
-    more = len(values) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
+    return listing(values, _MAX_LISTED)
 
 
 # Reading ------------------------------------------------------------------------------------
