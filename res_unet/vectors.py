@@ -21,9 +21,9 @@ Rules, fixed here once:
 - Reprojection moves vertices (``rasterio.warp.transform``, the image CRS being the target);
   edges are not densified, as QGIS draws them when it reprojects on the fly.
 
-Pairing (for the commands): image ``NAME.tif`` takes ``NAME.gpkg``, ``NAME.geojson`` or
-``NAME.shp`` from the labels folder (:func:`find_vector_label`); or one vector file, given as
-the labels path, covers many scenes and :func:`features_by_scene` picks each scene's features.
+Pairing images with layers is :mod:`res_unet.pairing`'s (``NAME.tif`` takes ``NAME.gpkg``,
+``.geojson`` or ``.shp``; or one vector file covers many scenes, and
+:func:`features_by_scene` picks each scene's features).
 """
 
 from __future__ import annotations
@@ -418,39 +418,3 @@ def features_by_scene(labels: VectorLabels, grids: Sequence[SceneGrid]
                         f"the {len(grids)} images, whose labels would all be background; "
                         "check the layer's CRS and the images folder")
     return found
-
-
-def find_vector_label(image: str | os.PathLike, labels_path: str | os.PathLike
-                      ) -> Path | None:
-    """The vector label file of ``image``, or None when it has none.
-
-    ``labels_path`` is either one vector file (it covers every scene: returned as is) or a
-    folder searched for ``NAME.gpkg``, ``NAME.geojson`` and ``NAME.shp`` (suffix in any
-    case) for image ``NAME.tif``. Raises UserError when the folder holds more than one.
-    """
-    labels_path = Path(labels_path)
-    if labels_path.is_file() and is_vector_path(labels_path):
-        return labels_path
-    if not labels_path.is_dir():
-        return None
-    stem = Path(image).stem
-    matches = sorted(p for p in labels_path.iterdir()
-                     if p.stem == stem and is_vector_path(p) and p.is_file())
-    if len(matches) > 1:
-        raise UserError(f"{labels_path}: {_listing([p.name for p in matches])} all match "
-                        f"image {Path(image).name}; keep one label file per image")
-    return matches[0] if matches else None
-
-
-def vector_label(image: str | os.PathLike, label_path: str | os.PathLike,
-                 attribute: str | None, n_classes: int,
-                 class_names: Sequence[str] | None = None, layer: str | None = None,
-                 priority: Sequence[int] | None = None) -> tuple[np.ndarray, LabelFacts]:
-    """The (H, W) uint8 label map of ``image`` from its own vector file ``label_path`` (the
-    per-image pairing of :func:`find_vector_label`), and what was found: read, classify,
-    reproject and burn in one call, with every check of the steps above. For one file over
-    many scenes, read it once and use :func:`features_by_scene` instead.
-    """
-    labels = read_vector_labels(label_path, layer=layer, attribute=attribute)
-    classes = class_indices(labels, attribute, n_classes, class_names)
-    return burn_labels(labels, classes, SceneGrid.of_file(image), priority=priority)

@@ -19,16 +19,15 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
 
 from res_unet.errors import UserError
+from res_unet.pairing import PolygonRules, burn_pair_label, find_pairs
 from res_unet.vectors import (
     SceneGrid,
     burn_labels,
     class_indices,
     features_by_scene,
-    find_vector_label,
     rasterize_classes,
     read_vector_labels,
     to_crs,
-    vector_label,
 )
 
 UTM = "EPSG:32633"
@@ -300,27 +299,43 @@ def test_one_layer_over_several_scenes(tmp_path):
         features_by_scene(far, [grid_a, grid_b, grid_c])
 
 
-def test_find_vector_label_pairs_by_name_or_takes_one_file(tmp_path):
-    folder = tmp_path / "labels"
+def test_polygon_layers_pair_with_their_images_by_name_or_one_file_covers_all(tmp_path):
+    """The polygon pairing of pairing.find_pairs: NAME.gpkg/.geojson/.shp with NAME.tif,
+    one label file per image, or one layer file for every scene."""
+    images, folder = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
     folder.mkdir()
+    for name in ("scene1", "scene2"):
+        make_image(images / f"{name}.tif")
+    rules = PolygonRules()
     one = write_layer(folder / "scene1.gpkg", [pixel_box(0, 0, 1, 1)])
     write_layer(folder / "scene2.geojson", [pixel_box(0, 0, 1, 1)])
     write_layer(folder / "scene2.shp", [pixel_box(0, 0, 1, 1)])
-    assert find_vector_label("images/scene1.tif", folder) == one
-    assert find_vector_label("images/scene3.tif", folder) is None
-    with pytest.raises(UserError, match=r"scene2\.geojson, scene2\.shp all match image "
-                                        r"scene2\.tif; keep one label file per image"):
-        find_vector_label("images/scene2.tif", folder)
-    assert find_vector_label("images/any.tif", one) == one
+    with pytest.raises(UserError, match=r"several label files share a name \(scene2\.geojson "
+                                        r"& scene2\.shp\); keep one file per name"):
+        find_pairs(images, folder, polygons=rules)
+    for path in folder.glob("scene2.*"):
+        if path.suffix != ".geojson":
+            path.unlink()
+    assert [(p.image.name, p.label.name) for p in find_pairs(images, folder, polygons=rules)
+            ] == [("scene1.tif", "scene1.gpkg"), ("scene2.tif", "scene2.geojson")]
+    make_image(images / "scene3.tif")
+    with pytest.raises(UserError, match=r"1 image without a label .*\(scene3\.tif\)"):
+        find_pairs(images, folder, polygons=rules)
+    shared = find_pairs(images, one, polygons=rules)
+    assert [p.label for p in shared] == [one] * 3 and all(p.shared_label for p in shared)
 
 
-def test_vector_label_reads_classifies_and_burns_in_one_call(tmp_path):
+def test_a_pairs_layer_reads_classifies_and_burns_in_one_call(tmp_path):
     image = make_image(tmp_path / "scene.tif")
     layer = write_layer(tmp_path / "scene.gpkg", [pixel_box(0, 0, 10, 10),
                                                   pixel_box(20, 0, 30, 10)],
                         kind=np.array(["sand", "water"], dtype=object))
-    label, facts = vector_label(image, find_vector_label(image, tmp_path), "kind", 3,
-                                ["background", "water", "sand"])
+    rules = PolygonRules(attribute="kind", n_classes=3, nclasses=3,
+                         class_names=("background", "water", "sand"))
+    [pair] = find_pairs(tmp_path, tmp_path, polygons=rules)
+    assert pair.image == image
+    label, facts = burn_pair_label(pair, rules)
     assert label[5, 5] == 2 and label[5, 25] == 1
     assert facts.summary() == ("scene.tif: 2 of 2 polygons from " + str(layer)
                                + "; class 0 93.3 %, class 1 3.3 %, class 2 3.3 %")
