@@ -7,7 +7,6 @@ with its telemetry turned off."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from res_unet.atomic import clean_stale_temporaries, owner_tag, usual_mode
+from res_unet.records import file_sha256
 
 # The SHA-256 of each file of a cache entry, written into the entry with the files.
 DIGESTS = "sha256.json"
@@ -113,11 +113,6 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
     return converted
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _entry_problem(folder: Path) -> str | None:
     """Why the cache entry in ``folder`` cannot be trusted, or None when its files match
     the SHA-256 digests recorded with them."""
@@ -129,7 +124,7 @@ def _entry_problem(folder: Path) -> str | None:
         return f"{DIGESTS} unreadable: {exc}"
     for name in _ENTRY_FILES:
         try:
-            actual = _sha256(folder / name)
+            actual = file_sha256(folder / name)
         except OSError as exc:
             return f"{name} unreadable: {exc.strerror or exc}"
         if not isinstance(recorded, dict) or recorded.get(name) != actual:
@@ -153,7 +148,7 @@ def _save_openvino(converted: Any, folder: Path) -> None:
     try:
         os.chmod(tmp, usual_mode(directory=True))
         ov.save_model(converted, tmp / "model.xml", compress_to_fp16=False)
-        digests = {name: _sha256(tmp / name) for name in _ENTRY_FILES}
+        digests = {name: file_sha256(tmp / name) for name in _ENTRY_FILES}
         (tmp / DIGESTS).write_text(json.dumps(digests, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, folder)
     except (OSError, RuntimeError):

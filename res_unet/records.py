@@ -241,13 +241,14 @@ class RunningBandStats:
         return self.mean.tolist(), np.sqrt(self.m2 / self.n).tolist()
 
 
-def file_sha256(path: Path, hasher: Any) -> str:
-    """Feed ``path``'s bytes to ``hasher`` and return the file's own sha256 hex digest."""
+def file_sha256(path: Path, hasher: Any = None) -> str:
+    """The file's sha256 hex digest; its bytes also go to ``hasher`` when one is given."""
     own = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(2**20), b""):
             own.update(block)
-            hasher.update(block)
+            if hasher is not None:
+                hasher.update(block)
     return own.hexdigest()
 
 
@@ -386,7 +387,7 @@ def verify_shards(dataset_dir: str | os.PathLike, manifest: Manifest) -> None:
             if shard.sha256 is None:  # datasets made before shards were hashed
                 continue
             path = folder / shard.file
-            if file_sha256(path, hashlib.sha256()) != shard.sha256:
+            if file_sha256(path) != shard.sha256:
                 raise UserError(f"{path}: shard is damaged or changed since make_tfrecords "
                                 f"wrote it (its checksum differs from {MANIFEST}); rebuild "
                                 "the dataset with make_tfrecords --overwrite")
