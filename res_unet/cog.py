@@ -11,8 +11,10 @@ translates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,16 @@ import rasterio.errors
 import rasterio.shutil
 
 from res_unet.atomic import atomic_path
+
+
+@contextlib.contextmanager
+def gdal_writing() -> Iterator[None]:
+    """GDAL as every raster res_unet writes needs it: PAM off, so that GDAL leaves no
+    .aux.xml beside a temporary file (the rename into place would orphan it), and no
+    warning for a plain raster written without georeferencing, which is a choice."""
+    with warnings.catch_warnings(), rasterio.Env(GDAL_PAM_ENABLED="NO"):
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        yield
 
 
 def _cog_options(classes: bool, blocksize: int, compress: str) -> dict[str, Any]:
@@ -65,12 +77,8 @@ def write_cog(path: str | os.PathLike, array: np.ndarray, crs: Any = None,
         "transform": transform, "nodata": nodata, **_cog_options(classes, blocksize, compress),
     }
     path = Path(path)
-    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
-    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
-            GDAL_PAM_ENABLED="NO"):
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as ds:
-            ds.write(np.moveaxis(array.astype(dtype, copy=False), -1, 0))
+    with atomic_path(path) as tmp, gdal_writing(), rasterio.open(tmp, "w", **profile) as ds:
+        ds.write(np.moveaxis(array.astype(dtype, copy=False), -1, 0))
     return path
 
 
@@ -81,9 +89,7 @@ def copy_to_cog(source: str | os.PathLike, path: str | os.PathLike, classes: boo
     nodata as they are; tiles and overviews as :func:`write_cog` makes them (``classes``:
     nearest-neighbour overviews, else average)."""
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), rasterio.Env(
-            GDAL_PAM_ENABLED="NO"):
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+    with atomic_path(path) as tmp, gdal_writing():
         rasterio.shutil.copy(source, tmp, driver="COG",
                              **_cog_options(classes, blocksize, compress))
     return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import rasterio
-import rasterio.errors
 from PIL import Image
 from rasterio.windows import Window
 
@@ -117,17 +115,14 @@ def _strips_into(file: Path, shape_hw: Sequence[int], count: int, dtype: np.dtyp
     """Write rows into the GeoTIFF ``file`` (not atomic: the callers own the name)."""
     profile = _geotiff_profile(shape_hw, count, dtype, meta, nodata)
     width = profile["width"]
-    # PAM off: GDAL must not leave an .aux.xml beside the temp file, which the rename orphans.
-    with warnings.catch_warnings(), rasterio.Env(GDAL_PAM_ENABLED="NO"):
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(file, "w", **profile) as ds:
+    with cog.gdal_writing(), rasterio.open(file, "w", **profile) as ds:
 
-            def write(first_row: int, rows: np.ndarray) -> None:
-                rows = rows if rows.ndim == 3 else rows[..., None]
-                ds.write(np.moveaxis(rows.astype(dtype, copy=False), -1, 0),
-                         window=Window(0, first_row, width, len(rows)))
+        def write(first_row: int, rows: np.ndarray) -> None:
+            rows = rows if rows.ndim == 3 else rows[..., None]
+            ds.write(np.moveaxis(rows.astype(dtype, copy=False), -1, 0),
+                     window=Window(0, first_row, width, len(rows)))
 
-            yield write
+        yield write
 
 
 def _output_dtype(dtype: np.dtype | str) -> np.dtype:
