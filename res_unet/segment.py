@@ -60,7 +60,7 @@ from res_unet.predict import (
 )
 from res_unet.progress import progress_bar, say
 from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run
-from res_unet.scale import raster_pixel_size
+from res_unet.scale import check_enlargement, raster_pixel_size, rescale_note
 from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
@@ -134,6 +134,21 @@ def scene_pixel_size(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
                 f"{segmenter.pixel_size_m:g} m per pixel); pass --pixel-size to set theirs")
         unknown.append(pair.image)
     return size
+
+
+def scene_segmenter(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
+                    unknown: list[Path]) -> Segmenter:
+    """``segmenter`` for this scene's pixel size (:meth:`Segmenter.for_scene`). A scene
+    brought to the model's scale gets a note saying how; one that would be enlarged more
+    than MAX_ENLARGEMENT times is refused (UserError) before anything is read."""
+    size = scene_pixel_size(pair, segmenter, cfg, unknown)
+    if size is None or segmenter.pixel_size_m is None:
+        return segmenter
+    check_enlargement(str(pair.image), size, segmenter.pixel_size_m, cfg.MAX_ENLARGEMENT)
+    scaled = segmenter.for_scene(size)
+    if scaled is not segmenter:
+        say(rescale_note(pair.image.name, size, segmenter.pixel_size_m))
+    return scaled
 
 
 def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg: Config,
@@ -247,7 +262,7 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 # VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
 # image without the file is simply redone.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME", "VECTOR_FORMAT")
+                 "INFER_RUNTIME", "VECTOR_FORMAT", "MAX_ENLARGEMENT")
 # Keys added after the fingerprint's first version (with their defaults): in the fingerprint
 # only when not at their defaults, so that folders made before they existed still match.
 _ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
@@ -430,7 +445,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
                 t0 = time.perf_counter()
-                scaled = segmenter.for_scene(scene_pixel_size(pair, segmenter, cfg, unknown))
+                scaled = scene_segmenter(pair, segmenter, cfg, unknown)
                 label, pixels = segment_image(scaled, pair, paths,
                                               keep_label=pair.label is not None)
                 busy += time.perf_counter() - t0
