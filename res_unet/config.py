@@ -341,9 +341,11 @@ class Config:
                                      "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
                                      "(NAME_predseg.geojson); null = none. Every class but "
                                      "nodata and IGNORE_CLASS (binary models: the foreground), "
-                                     "with attributes class, name, area (square map units) "
-                                     "and area_px, in the scene's CRS; plain images: pixel "
-                                     "coordinates (x = column, y = -row), no CRS.",
+                                     "with attributes class, name, area_m2 (square metres "
+                                     "on the ground, any CRS) and area_px. GeoPackage: in the "
+                                     "scene's CRS; GeoJSON: RFC 7946 (WGS 84 longitude/"
+                                     "latitude). Plain images: pixel coordinates (x = column, "
+                                     "y = -row), no CRS, area_m2 null.",
                                      choices=("gpkg", "geojson", None), group="segmentation")
     VECTOR_SIMPLIFY: float = _key(0.0, "Simplify the polygons with this tolerance in map units "
                                   "(metres in a projected CRS; pixels for plain images), "

@@ -162,7 +162,8 @@ def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg:
     skip = [0] if binary else [] if cfg.IGNORE_CLASS is None else [cfg.IGNORE_CLASS]
     found = polygons.class_polygons(label, meta.transform if georeferenced else PIXEL_TRANSFORM,
                                     cfg.class_names, nodata=LABEL_NODATA,
-                                    simplify=cfg.VECTOR_SIMPLIFY, skip_classes=skip)
+                                    simplify=cfg.VECTOR_SIMPLIFY, skip_classes=skip,
+                                    crs=meta.crs if georeferenced else None)
     description = None if georeferenced else (
         f"Classes of {meta.path.name} in pixel coordinates, no CRS (the image has no "
         "georeferencing): x = column, y = -row from its top-left corner, as QGIS places it")

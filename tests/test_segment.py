@@ -17,6 +17,7 @@ import shapely
 from helpers import make_config, pixel_model, write_run
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
+from rasterio.warp import transform as warp_transform
 
 from res_unet import rasters, writers
 from res_unet.cli import run_command
@@ -90,15 +91,21 @@ def test_polygons_of_every_class_in_the_scenes_crs(run, geotiff, tmp_path, fmt):
     _, label = scene()
     np.testing.assert_array_equal(rasters.read_label(out / "scene_predseg.png"), label)
     meta, geometries, fields = read_polygons(out / f"scene_predseg.{fmt}")
-    assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(32633)
+    if fmt == "geojson":  # RFC 7946: WGS 84 longitude/latitude (7 decimals, about 1 cm)
+        assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(4326)
+        geometries = shapely.transform(geometries, lambda xy: np.column_stack(
+            warp_transform("EPSG:4326", "EPSG:32633", xy[:, 0], xy[:, 1])))
+        geometries = shapely.set_precision(geometries, 0.1)
+    else:
+        assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(32633)
     assert {(int(c), n) for c, n in zip(fields["class"], fields["name"], strict=True)} == {
         (0, "water"), (1, "sand"), (2, "forest")}  # no nodata, no IGNORE_CLASS polygons
     for value in (0, 1, 2):
         pick = fields["class"] == value
         pixels = int((label == value).sum())
         assert int(fields["area_px"][pick].sum()) == pixels
-        assert fields["area"][pick].sum() == pytest.approx(pixels * 100.0, rel=1e-9)
-        assert shapely.area(geometries[pick]).sum() == pytest.approx(pixels * 100.0, rel=1e-9)
+        assert fields["area_m2"][pick].sum() == pytest.approx(pixels * 100.0, rel=1e-9)
+        assert shapely.area(geometries[pick]).sum() == pytest.approx(pixels * 100.0, rel=1e-6)
     island = geometries[(fields["class"] == 1) & (fields["area_px"] == 40 * 60)]
     assert len(island) == 1 and island[0].bounds == (505_000.0, 4_196_600.0, 505_600.0,
                                                      4_197_000.0)
@@ -190,7 +197,8 @@ def test_plain_images_keep_png_outputs_and_polygons_in_pixel_coordinates(run, tm
     # x = column, y = -row: the sand columns 200..299 of rows 0..99.
     sand = geometries[fields["class"] == 1]
     assert len(sand) == 1 and sand[0].bounds == (200.0, -100.0, 300.0, 0.0)
-    assert fields["area"][fields["class"] == 1][0] == (label == 1).sum()
+    assert np.isnan(fields["area_m2"][fields["class"] == 1][0])  # no CRS: no metres
+    assert fields["area_px"][fields["class"] == 1][0] == (label == 1).sum()
 
 
 def test_binary_geojson_keeps_its_polygons(tmp_path):
@@ -221,13 +229,16 @@ def test_binary_geojson_keeps_its_polygons(tmp_path):
     expected = [on_map(5, 10, 25, 30).difference(on_map(10, 15, 15, 20)),
                 on_map(50, 40, 64, 48)]
     now = json.loads((out / "scene_predseg.geojson").read_text())
-    assert CRS.from_user_input(now["crs"]["properties"]["name"]) == CRS.from_epsg(32633)
+    assert "crs" not in now  # RFC 7946: WGS 84 longitude/latitude
     found = sorted(now["features"], key=lambda f: -f["properties"]["area_px"])
     assert len(found) == 2
     for feature, shape, pixels in zip(found, expected, (400 - 25, 14 * 8), strict=True):
-        assert shapely.geometry.shape(feature["geometry"]).equals(shape)
+        in_utm = shapely.set_precision(shapely.transform(
+            shapely.geometry.shape(feature["geometry"]), lambda xy: np.column_stack(
+                warp_transform("EPSG:4326", "EPSG:32633", xy[:, 0], xy[:, 1]))), 0.1)
+        assert in_utm.equals(shape)
         assert feature["properties"] == {"class": 1, "name": "water", "area_px": pixels,
-                                         "area": pixels * 100.0}
+                                         "area_m2": pixels * 100.0}
 
 
 def test_resume_with_polygons_skips_finished_images(run, geotiff, tmp_path, capsys):
