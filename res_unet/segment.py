@@ -74,13 +74,16 @@ PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 @contextlib.contextmanager
 def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
-                      meta: rasters.RasterMeta) -> Iterator[ProbabilitySink]:
+                      meta: rasters.RasterMeta, class_names: Sequence[str]
+                      ) -> Iterator[ProbabilitySink]:
     """A sink writing probability strips into ``path`` (.npy float16, or a .tif float32 COG
-    with ``meta``'s georeferencing, NaN nodata and averaged overviews), atomically: renamed
-    when the block ends."""
+    with ``meta``'s georeferencing, NaN nodata, averaged overviews and each band named after
+    its class of ``class_names``), atomically: renamed when the block ends."""
     if path.suffix != ".npy":
         with writers.cog_writer(path, shape_hw, channels, np.float32, meta,
-                                nodata=float("nan"), classes=False) as write:
+                                nodata=float("nan"), classes=False,
+                                description=cog.probability_description(
+                                    class_names, binary=channels == 1)) as write:
             yield write
         return
     with atomic_path(path) as tmp:
@@ -202,7 +205,8 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
         sink = None
         if "probs" in paths:
             sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
-                                                         segmenter.n_outputs, meta))
+                                                         segmenter.n_outputs, meta,
+                                                         cfg.class_names))
         stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
                   and not keep_label and "vector" not in paths)
         step = report.overlay_step(shape_hw)
@@ -212,7 +216,8 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
             sinks = [stack.enter_context(writers.png_writer(paths["label"], shape_hw))]
             if "geotiff" in paths:
                 sinks.append(stack.enter_context(writers.cog_writer(
-                    paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA)))
+                    paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA,
+                    description=cog.label_description(cfg.class_names, LABEL_NODATA))))
 
             def on_label(r0: int, label_rows: np.ndarray) -> None:
                 for write in sinks:
@@ -236,7 +241,8 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
     if label is None:
         return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
-        cog.write_cog(paths["geotiff"], label, meta.crs, meta.transform, nodata=LABEL_NODATA)
+        cog.write_cog(paths["geotiff"], label, meta.crs, meta.transform, nodata=LABEL_NODATA,
+                      description=cog.label_description(cfg.class_names, LABEL_NODATA))
     if "vector" in paths:
         write_polygons(paths["vector"], label, meta, cfg, binary=segmenter.n_outputs == 1)
     writers.write_png(paths["label"], label)

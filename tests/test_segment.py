@@ -181,6 +181,41 @@ def test_streamed_label_strips_become_the_same_cog(run, geotiff, tmp_path, monke
     assert not [p for p in (tmp_path / "windows").iterdir() if p.name.startswith(".")]
 
 
+def test_label_cogs_carry_the_overlay_colours_and_class_names(run, geotiff, tmp_path):
+    """QGIS shows the label COG in the overlays' colours with the class names (whole and
+    streamed from windows alike), and names each probability band after its class."""
+    from res_unet import palette, runfolder, segment
+
+    cfg = runfolder.inference_config([run])
+    for out, limit in (("whole", 10**9), ("windows", 0)):
+        segment.segment_folder(cfg, [run], geotiff, tmp_path / out, progress=False,
+                               save_probs=out == "whole", full_max_values=limit)
+        with rasterio.open(tmp_path / out / "scene_predseg.tif") as ds:
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            colours = ds.colormap(1)
+            assert [colours[k] for k in range(4)] == [
+                (*map(int, palette.CLASS_COLOURS[k]), 255) for k in range(4)]
+            assert colours[255] == (0, 0, 0, 0)  # nodata: transparent
+            assert ds.descriptions == (
+                "class (0 water, 1 sand, 2 forest, 3 unlabelled; 255 nodata)",)
+            assert {k: v for k, v in ds.tags().items() if k.startswith("CLASS_")} == {
+                "CLASS_0": "water", "CLASS_1": "sand", "CLASS_2": "forest",
+                "CLASS_3": "unlabelled"}
+    with rasterio.open(tmp_path / "whole" / "scene_probs.tif") as ds:
+        assert ds.descriptions == tuple(f"probability of {n}" for n in NAMES)
+    assert not list((tmp_path / "windows").glob("*.aux.xml"))
+
+
+def test_binary_label_cog_leaves_the_background_transparent(tmp_path):
+    from res_unet import cog, palette
+
+    description = cog.label_description(["land", "water"], 255)
+    assert description.colormap == {0: (0, 0, 0, 0), 1: (*palette.BINARY_COLOUR, 255),
+                                    255: (0, 0, 0, 0)}
+    assert cog.probability_description(["land", "water"], binary=True).band_names == [
+        "probability of water"]
+
+
 def test_plain_images_keep_png_outputs_and_polygons_in_pixel_coordinates(run, tmp_path):
     image, label = scene()
     image, label = image[5:105, :300], label[5:105, :300]
