@@ -199,6 +199,7 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
             image, meta = rows, rows.meta
         else:
             image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
+        image = rasters.fit_model_dtype(image, meta, segmenter.input_dtype)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]

@@ -216,6 +216,65 @@ def test_binary_label_cog_leaves_the_background_transparent(tmp_path):
         "probability of water"]
 
 
+@pytest.mark.parametrize("dtype, nodata", [("int16", -9999), ("float32", float("nan"))])
+def test_signed_and_float_scenes_keep_their_nodata_in_every_output(run, tmp_path, dtype,
+                                                                   nodata):
+    """The class scene stored as int16 with a -9999 collar (float32: NaN) through a model
+    trained on uint8: segmented like the uint8 scene, the collar nodata in the label COG
+    (255) and the probabilities (NaN), whole and from windows; values above 255 are refused
+    naming int16."""
+    from res_unet import runfolder, segment
+
+    image, label = scene()
+    stored = image.astype(dtype)
+    stored[:5] = nodata
+    folder = tmp_path / "images"
+    folder.mkdir()
+    profile = {"driver": "GTiff", "height": 600, "width": 700, "count": 3, "dtype": dtype,
+               "crs": "EPSG:32633", "transform": TRANSFORM, "nodata": nodata}
+    with rasterio.open(folder / "scene.tif", "w", **profile) as ds:
+        ds.write(np.moveaxis(stored, -1, 0))
+    cfg = runfolder.inference_config([run])
+    for out, limit in (("whole", 10**9), ("windows", 0)):
+        summary = segment.segment_folder(cfg, [run], folder, tmp_path / out, progress=False,
+                                         save_probs=True, full_max_values=limit)
+        assert summary["failed"] == 0, summary["failures"]
+        with rasterio.open(tmp_path / out / "scene_predseg.tif") as ds:
+            assert ds.nodata == 255
+            np.testing.assert_array_equal(ds.read(1), label)
+        with rasterio.open(tmp_path / out / "scene_probs.tif") as ds:
+            probs = ds.read()
+            assert np.isnan(probs[:, :5]).all() and not np.isnan(probs[:, 5:]).any()
+    if dtype == "int16":
+        stored[300, 300, 0] = 300
+        with rasterio.open(folder / "scene.tif", "w", **profile) as ds:
+            ds.write(np.moveaxis(stored, -1, 0))
+        summary = segment.segment_folder(cfg, [run], folder, tmp_path / "big", progress=False)
+        assert summary["failed"] == 1
+        assert ("scene.tif: int16 image values reach 300, above 255 (the model was trained on "
+                "8-bit, uint8, imagery); export it with values 0..255"
+                in summary["failures"][0]["error"])
+
+
+def test_nodata_pixels_are_left_out_of_training_through_ignore_class(tmp_path):
+    from res_unet.config import LabelRules
+    from res_unet.pairing import Pair, load_pair
+
+    stored = np.full((6, 8, 3), 40, np.int16)
+    stored[:, :2] = -9999
+    with rasterio.open(tmp_path / "s.tif", "w", driver="GTiff", height=6, width=8, count=3,
+                       dtype="int16", crs="EPSG:32633", transform=TRANSFORM,
+                       nodata=-9999) as ds:
+        ds.write(np.moveaxis(stored, -1, 0))
+    writers.write_png(tmp_path / "s_label.png", np.ones((6, 8), np.uint8))
+    pair = Pair("s", tmp_path / "s.tif", tmp_path / "s_label.png")
+    image, label, _ = load_pair(pair, 3, LabelRules(3, {}, ignore_class=2))
+    assert image.dtype == np.uint16 and (image[:, :2] == 0).all()
+    assert (label[:, :2] == 2).all() and (label[:, 2:] == 1).all()
+    _, label, _ = load_pair(pair, 3, LabelRules(3))  # no IGNORE_CLASS: labels as drawn
+    assert (label == 1).all()
+
+
 def test_plain_images_keep_png_outputs_and_polygons_in_pixel_coordinates(run, tmp_path):
     image, label = scene()
     image, label = image[5:105, :300], label[5:105, :300]
