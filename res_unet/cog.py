@@ -31,7 +31,7 @@ import rasterio.errors
 import rasterio.shutil
 
 from res_unet.atomic import atomic_path
-from res_unet.palette import class_colours, uncoloured_classes
+from res_unet.palette import class_colours
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,12 @@ class RasterDescription:
 
 def label_description(class_names: Sequence[str], nodata: int) -> RasterDescription:
     """The description of a class map of ``len(class_names)`` classes (binary: 2): the
-    overlays' colour of every class (transparent where an overlay leaves a class
-    uncoloured, and at ``nodata``), class names in the band description and as
-    ``CLASS_k`` items."""
-    n = len(class_names)
-    colours = class_colours(n)
-    hidden = uncoloured_classes(n)
-    colormap = {k: (*(int(v) for v in colours[k]), 0 if k in hidden else 255)
-                for k in range(n)}
+    overlays' colour of every class (:func:`res_unet.palette.class_colours`; a TIFF colour
+    table has no alpha, so a binary map's background is black, and nodata is shown
+    transparent by being nodata), class names in the band description and as ``CLASS_k``
+    items."""
+    colours = class_colours(len(class_names))
+    colormap = {k: (*(int(v) for v in colour), 255) for k, colour in enumerate(colours)}
     colormap[nodata] = (0, 0, 0, 0)
     listed = ", ".join(f"{k} {name}" for k, name in enumerate(class_names))
     return RasterDescription(

@@ -26,7 +26,3 @@ def class_colours(n_classes: int) -> np.ndarray:
         return np.array([(0, 0, 0), BINARY_COLOUR], np.uint8)
     return CLASS_COLOURS[np.arange(n_classes) % len(CLASS_COLOURS)]
 
-
-def uncoloured_classes(n_classes: int) -> tuple[int, ...]:
-    """Classes an overlay leaves uncoloured (shown transparent): a binary map's background."""
-    return (0,) if n_classes == 2 else ()

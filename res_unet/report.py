@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from res_unet.atomic import atomic_path
-from res_unet.palette import class_colours, uncoloured_classes
+from res_unet.palette import class_colours
 
 # The palette (class_colours, CLASS_COLOURS, BINARY_COLOUR) is palette.py's, shared with the
 # colour tables of label GeoTIFFs.
@@ -85,7 +85,7 @@ def overlay_image(image: np.ndarray, label: np.ndarray, n_classes: int,
     out = to_display_rgb(image)
     palette = class_colours(n_classes).astype(np.uint16)
     # Binary maps leave the background (class 0) uncoloured.
-    colours = {k: palette[k] for k in range(n_classes) if k not in uncoloured_classes(n_classes)}
+    colours = {k: palette[k] for k in range(1 if n_classes == 2 else 0, n_classes)}
     edge = np.zeros(label.shape, bool)
     differs = label[:, 1:] != label[:, :-1]
     edge[:, 1:] |= differs

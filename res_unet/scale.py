@@ -184,6 +184,11 @@ def _ratio_text(factor: float) -> str:
     return f"{factor:.3g}x" if factor >= 1 else f"1/{1 / factor:.3g}"
 
 
+def _count_text(value: float) -> str:
+    """25.5 -> '25.5', 3600 -> '3,600'."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+
+
 def _metres_text(size: PixelSize) -> str:
     x, y = _xy(size)
     return f"{math.sqrt(x * y):.3g} m"
@@ -206,7 +211,8 @@ def check_enlargement(name: str, scene_px: PixelSize, model_px: PixelSize, limit
         return
     raise UserError(f"{name}: {_metres_text(scene_px)} pixels but the model sees "
                     f"{_metres_text(model_px)} per pixel: it would be enlarged "
-                    f"{_ratio_text(factor)} ({factor * factor:.3g} times the pixels), "
+                    f"{_ratio_text(factor)} ({_count_text(factor * factor)} times the "
+                    "pixels), "
                     f"beyond MAX_ENLARGEMENT {limit:g}; use a model trained nearer "
                     f"{_metres_text(scene_px)}, or allow it with \"MAX_ENLARGEMENT\": "
                     f"{math.ceil(factor)} in a JSON given with --config")

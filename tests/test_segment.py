@@ -206,11 +206,11 @@ def test_label_cogs_carry_the_overlay_colours_and_class_names(run, geotiff, tmp_
     assert not list((tmp_path / "windows").glob("*.aux.xml"))
 
 
-def test_binary_label_cog_leaves_the_background_transparent(tmp_path):
+def test_binary_label_cog_colours_are_the_overlays(tmp_path):
     from res_unet import cog, palette
 
     description = cog.label_description(["land", "water"], 255)
-    assert description.colormap == {0: (0, 0, 0, 0), 1: (*palette.BINARY_COLOUR, 255),
+    assert description.colormap == {0: (0, 0, 0, 255), 1: (*palette.BINARY_COLOUR, 255),
                                     255: (0, 0, 0, 0)}
     assert cog.probability_description(["land", "water"], binary=True).band_names == [
         "probability of water"]
