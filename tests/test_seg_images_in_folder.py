@@ -115,7 +115,10 @@ def test_geotiff_round_trip(run, tmp_path):
     polygons = json.loads((out / "scene_predseg.geojson").read_text())
     assert len(polygons["features"]) == 1
     assert polygons["features"][0]["properties"]["area_px"] == 43 * 20
-    assert "32633" in polygons["crs"]["properties"]["name"]
+    assert "crs" not in polygons  # RFC 7946: WGS 84 longitude/latitude (UTM 33N is 9-21 E)
+    ring = np.array(polygons["features"][0]["geometry"]["coordinates"][0])
+    assert 14 < ring[:, 0].min() < ring[:, 0].max() < 16 and 37 < ring[:, 1].min() < 38.5
+    assert polygons["features"][0]["properties"]["area_m2"] == 43 * 20 * 100.0
     assert no_temp_files(out)
 
 
