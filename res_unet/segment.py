@@ -8,8 +8,8 @@ image (scores.csv, :mod:`res_unet.scoring`) and draws a few (examples.png).
 
 GIS outputs. The label and probability GeoTIFFs of GeoTIFF inputs are Cloud-Optimized
 GeoTIFFs (:mod:`res_unet.cog`: internal tiles, overviews, CRS, transform and nodata kept);
-VECTOR_FORMAT adds the classes as polygons (:mod:`res_unet.polygons`), in the scene's CRS,
-or in pixel coordinates without a CRS for plain images.
+VECTOR_FORMAT adds the classes as polygons (:mod:`res_unet.polygons`: a GeoPackage in the
+scene's CRS, RFC 7946 GeoJSON), or in pixel coordinates without a CRS for plain images.
 
 Memory. Images are read whole (uint8/uint16, H*W*B bytes), except large single-page GeoTIFFs
 (and other rasters GDAL reads in windows) with the model's bands: those are read a band of
