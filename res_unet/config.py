@@ -328,13 +328,24 @@ class Config:
                                           "written on its own grid. null: plain scenes are "
                                           "taken to be at the training images' scale.",
                                           lo=1e-6, group="segmentation")
+    MAX_ENLARGEMENT: float = _key(4.0, "Largest enlargement (linear, along each axis) that "
+                                  "brings a scene to the model's pixel size: a scene whose "
+                                  "pixels are more than this many times the model's (a 30 m "
+                                  "scene through a 0.5 m model: 60x, 3600 times the pixels "
+                                  "for no more detail) is refused with a line naming both "
+                                  "pixel sizes. Raise it to segment such scenes anyway. Every "
+                                  "scene brought to the model's scale gets a note saying how "
+                                  "(e.g. 'segmented at 2x', or '1/8').",
+                                  lo=1.0, group="segmentation")
     VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
                                      "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
                                      "(NAME_predseg.geojson); null = none. Every class but "
                                      "nodata and IGNORE_CLASS (binary models: the foreground), "
-                                     "with attributes class, name, area (square map units) "
-                                     "and area_px, in the scene's CRS; plain images: pixel "
-                                     "coordinates (x = column, y = -row), no CRS.",
+                                     "with attributes class, name, area_m2 (square metres "
+                                     "on the ground, any CRS) and area_px. GeoPackage: in the "
+                                     "scene's CRS; GeoJSON: RFC 7946 (WGS 84 longitude/"
+                                     "latitude). Plain images: pixel coordinates (x = column, "
+                                     "y = -row), no CRS, area_m2 null.",
                                      choices=("gpkg", "geojson", None), group="segmentation")
     VECTOR_SIMPLIFY: float = _key(0.0, "Simplify the polygons with this tolerance in map units "
                                   "(metres in a projected CRS; pixels for plain images), "

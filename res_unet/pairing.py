@@ -41,6 +41,7 @@ from res_unet.rasters import (
     RasterMeta,
     RasterRows,
     append_bands,
+    nodata_mask,
     open_raster_rows,
     read_image,
     read_label,
@@ -300,7 +301,11 @@ def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
         raise UserError(f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} (WxH) "
                         f"differs from its image {pair.image} ({image.shape[1]}x"
                         f"{image.shape[0]}); labels must cover their image pixel for pixel")
-    return image, prepare_label(label, rules, pair.label), meta, facts
+    label = prepare_label(label, rules, pair.label)
+    if meta.nodata is not None and rules.ignore_class is not None:
+        # The image's nodata pixels are no example of any class: left out of the loss.
+        label[nodata_mask(image, [meta.nodata])] = rules.ignore_class
+    return image, label, meta, facts
 
 
 # Finding files -----------------------------------------------------------------------------

@@ -172,14 +172,6 @@ def nodata_values(meta: rasters.RasterMeta, nodata_zero: bool) -> list[float]:
     return values
 
 
-def nodata_mask(image: np.ndarray, values: Sequence[float]) -> np.ndarray:
-    """(H, W) bool: True where every band of ``image`` (H, W, B) equals one of ``values``."""
-    mask = np.zeros(image.shape[:2], bool)
-    for value in values:
-        mask |= np.all(image == value, axis=-1)
-    return mask
-
-
 ProbabilitySink = Callable[[int, np.ndarray], None]
 LabelSink = Callable[[int, np.ndarray], None]
 
@@ -353,7 +345,7 @@ class Segmenter:
         if not isinstance(image, np.ndarray):
             image = image.rows(0, image.shape[0])
         prob = self.probabilities(image)
-        invalid = nodata_mask(image, nodata)
+        invalid = rasters.nodata_mask(image, nodata)
         cfg = self.cfg
         if (self.threshold_setting == "otsu" and not cfg.DO_CRF_REFINE and invalid.any()
                 and not invalid.all()):
@@ -379,7 +371,7 @@ class Segmenter:
         def invalid_rows(r0: int, r1: int) -> np.ndarray:
             if not nodata:
                 return np.zeros((r1 - r0, source.shape[1]), bool)
-            return nodata_mask(source.rows(r0, r1), nodata)
+            return rasters.nodata_mask(source.rows(r0, r1), nodata)
 
         for r0, prob in self.strips(source):
             rows = slice(r0, r0 + len(prob))

@@ -8,10 +8,19 @@ which GDAL would cut to their first page, and TIFFs GDAL cannot open are read wi
 Every format has its own traps (palette and 16-bit PNGs, world files, GDAL vs tifffile,
 label colours); each is handled once here rather than wherever a file is read.
 
-Pixel types: uint8 and uint16 are kept; signed or wider integers are cast to uint16 when all
-values fit in 0..65535; float rasters are accepted only when every value is a whole number in
-0..65535 (a lossless cast). Anything else is a UserError asking for a uint8/uint16 export,
-because rescaling reflectances silently would change what the model sees.
+Pixel types: models take raw uint8 or uint16 values, standardised with the band statistics
+of the raw training pixels, so other types are accepted where those statistics hold: uint8
+and uint16 are kept; signed or wider integers (int16, int32, uint32) and floats (float32,
+float64) are cast to uint16 (to uint8 for a model trained on uint8, :func:`fit_model_dtype`)
+when every valid pixel is a whole number in that range (a lossless cast), and refused with one
+line naming the real type otherwise (rescaling reflectances silently would change what the
+model sees). The stored type is kept in :attr:`RasterMeta.stored_dtype` for messages.
+
+Nodata: a pixel whose bands all equal the raster's declared nodata (NaN too) is nodata, the
+one rule :func:`nodata_mask` applies everywhere (segmentation marks such pixels nodata in its
+outputs; training leaves them out of the loss through IGNORE_CLASS). Nodata pixels are left
+out of the type checks; when the declared value has no place in the unsigned type (-9999,
+NaN) they read as 0, and ``RasterMeta.nodata`` says 0, so the rule still finds them.
 
 Which files form an example, and what label values mean, is :mod:`res_unet.pairing`'s.
 Nothing here writes or caches anything.
@@ -20,6 +29,8 @@ Nothing here writes or caches anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import struct
 import warnings
@@ -57,13 +68,17 @@ class RasterMeta:
     """Where an image came from and how it sits on the Earth.
 
     ``crs`` is a rasterio CRS, ``transform`` an affine.Affine (pixel -> map coordinates),
-    ``nodata`` the input's nodata value; all None for plain (non-georeferenced) images.
+    ``nodata`` the nodata value of the pixels as read (the declared one, or 0 where that had
+    no place in the unsigned type); all None for plain (non-georeferenced) images.
+    ``stored_dtype`` is the file's pixel type when reading converted it (e.g. "int16"),
+    else None.
     """
 
     path: Path
     crs: Any | None = None
     transform: Any | None = None
     nodata: float | None = None
+    stored_dtype: str | None = None
 
 
 def is_georeferenced(meta: RasterMeta) -> bool:
@@ -197,38 +212,102 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, RasterMeta]:
     return array, meta
 
 
-def _whole_number_range(array: np.ndarray, path: Path, what: str, top: int) -> None:
-    """Raise unless every value is a whole number in 0..top (checked for non-uint types)."""
+def _whole_number_range(array: np.ndarray, path: Path, what: str, top: int,
+                        stored: str | None = None, nodata: float | None = None,
+                        model: str = "") -> None:
+    """Raise unless every value of ``array`` (the valid pixels) is a whole number in 0..top.
+
+    ``stored`` names the file's pixel type when ``array`` is already converted; ``nodata``
+    is the declared value the pixels checked exclude; ``model`` says whose range top is."""
     kind = array.dtype.kind
+    dtype = stored or array.dtype.name
     if kind not in "iuf":
-        raise UserError(f"{path}: {array.dtype} pixels are not supported; export the {what} "
+        raise UserError(f"{path}: {dtype} pixels are not supported; export the {what} "
                         "as uint8 or uint16")
     if array.size == 0:
-        raise UserError(f"{path}: the {what} has no pixels; remove or re-export it")
+        raise UserError(f"{path}: the {what} has no pixels" + (
+            f" but nodata ({nodata:g})" if nodata is not None else "") + "; remove or "
+            "re-export it")
     lo, hi = array.min(), array.max()
+    besides = (f", besides its nodata {nodata:g}" if nodata is not None else
+               ", and no nodata value declared")
     if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)
                             and np.array_equal(array, np.round(array))):
-        raise UserError(f"{path}: {array.dtype} pixels with fractional or NaN values "
-                        f"({lo:g}..{hi:g}) are not supported; export the {what} as uint8 or "
-                        "uint16 (e.g. reflectance 0..1 scaled to 0..10000: gdal_translate -ot "
-                        "UInt16 -scale 0 1 0 10000 in.tif out.tif)")
+        raise UserError(f"{path}: {dtype} pixels with fractional or NaN values "
+                        f"({lo:g}..{hi:g}{besides}) are not supported; export the {what} as "
+                        "uint8 or uint16 (e.g. reflectance 0..1 scaled to 0..10000: "
+                        "gdal_translate -ot UInt16 -scale 0 1 0 10000 in.tif out.tif)")
+    declare = (f", or if {lo:g} marks missing data declare it (gdal_edit.py -a_nodata {lo:g} "
+               f"{path.name})" if nodata is None and kind != "u" else "")
     if lo < 0:
-        raise UserError(f"{path}: {array.dtype} {what} has negative values (min {lo:g}); "
-                        f"export it as uint8/uint16 with values 0..{top} (e.g. clip negatives "
-                        "to 0)")
+        raise UserError(f"{path}: {dtype} {what} has negative values (min {lo:g}{besides}); "
+                        f"the model takes whole numbers 0..{top}: export it as uint8/uint16 "
+                        f"with values 0..{top} (e.g. clip negatives to 0){declare}")
     if hi > top:
-        raise UserError(f"{path}: {what} values reach {hi:g}, above {top}; export it with "
-                        f"values 0..{top}")
+        named = "" if kind == "u" and stored is None else f"{dtype} "
+        raise UserError(f"{path}: {named}{what} values reach {hi:g}, above {top}{model}; "
+                        f"export it with values 0..{top}")
 
 
-def _as_image_dtype(array: np.ndarray, path: Path) -> np.ndarray:
-    """uint8/uint16 unchanged; bool -> uint8; other numeric -> uint16 if lossless, else raise."""
+_UINT8_MODEL = " (the model was trained on 8-bit, uint8, imagery)"
+
+
+def nodata_mask(image: np.ndarray, values: Sequence[float]) -> np.ndarray:
+    """(H, W) bool: True where every band of ``image`` (H, W, B) equals one of ``values``
+    (NaN: where every band is NaN). The one nodata rule of inputs and outputs."""
+    mask = np.zeros(image.shape[:2], bool)
+    for value in values:
+        same = np.isnan(image) if np.isnan(value) else image == value
+        mask |= np.all(same, axis=-1)
+    return mask
+
+
+def nodata_as_read(nodata: float | None, dtype: np.dtype) -> float | None:
+    """The nodata value of pixels stored as ``dtype`` once read (:func:`_as_image_dtype`):
+    as declared for uint8/uint16 and for values uint16 holds, else 0."""
+    if nodata is None or np.dtype(dtype) in (np.uint8, np.uint16):
+        return nodata
+    return nodata if math.isfinite(nodata) and nodata == round(nodata) and (
+        0 <= nodata <= 65535) else 0.0
+
+
+def _as_image_dtype(array: np.ndarray, path: Path, nodata: float | None = None,
+                    target: type = np.uint16) -> np.ndarray:
+    """uint8/uint16 unchanged; bool -> uint8; other numeric -> ``target`` (uint16, or uint8)
+    if lossless, else raise. Pixels at the declared ``nodata`` are not checked and become
+    :func:`nodata_as_read`'s value."""
     if array.dtype in (np.uint8, np.uint16):
         return array
     if array.dtype == bool:
         return array.astype(np.uint8)
-    _whole_number_range(array, path, "image", 65535)
-    return array.astype(np.uint16)
+    top = int(np.iinfo(target).max)
+    model = _UINT8_MODEL if top == 255 else ""
+    invalid = None if nodata is None else nodata_mask(array, [nodata])
+    if invalid is not None and invalid.any():
+        _whole_number_range(array[~invalid], path, "image", top, nodata=nodata, model=model)
+        out = np.where(invalid[..., None], np.array(0, array.dtype), array).astype(target)
+        out[invalid] = nodata_as_read(nodata, array.dtype)
+        return out
+    _whole_number_range(array, path, "image", top, nodata=nodata, model=model)
+    return array.astype(target)
+
+
+def fit_model_dtype(image: np.ndarray | RasterRows, meta: RasterMeta, dtype: str | None
+                    ) -> np.ndarray | RasterRows:
+    """A scene converted on reading (``meta.stored_dtype``: int16, float32, ...) brought to
+    the pixel type a model was trained on (``dtype``, "uint8" or "uint16"; None: unknown):
+    uint8 when every valid pixel fits 0..255, else a UserError naming the stored type. Other
+    images come back as they are (the model's own check names their type)."""
+    if dtype != "uint8" or meta.stored_dtype is None or image.dtype == np.uint8:
+        return image
+    if isinstance(image, RasterRows):
+        image.dtype = np.dtype(np.uint8)
+        return image
+    invalid = None if meta.nodata is None else nodata_mask(image, [meta.nodata])
+    valid = image if invalid is None or not invalid.any() else image[~invalid]
+    _whole_number_range(valid, meta.path, "image", 255, meta.stored_dtype, meta.nodata,
+                        _UINT8_MODEL)
+    return image.astype(np.uint8)
 
 
 def append_bands(image: np.ndarray, image_path: Path,
@@ -238,7 +317,8 @@ def append_bands(image: np.ndarray, image_path: Path,
         return image
     parts = [image]
     for extra in map(Path, extra_bands):
-        band = _as_image_dtype(_read_raw(extra, palette_indices=False)[0], extra)
+        raw, meta = _read_raw(extra, palette_indices=False)
+        band = _as_image_dtype(raw, extra, meta.nodata)
         if band.shape[-1] != 1:
             raise UserError(f"{extra}: extra-band images must have one band, this one has "
                             f"{band.shape[-1]}; split it into single-band files")
@@ -257,13 +337,17 @@ def read_image(path: str | os.PathLike, extra_bands: Sequence[str | os.PathLike]
 
     Returns ``(image, meta)``: image (H, W, B) uint8 or uint16 raw values, every band in the
     file (alpha included; see :func:`load_image` for dropping a constant alpha), then the
-    extra bands; meta of the main image (CRS, transform, nodata when georeferenced).
+    extra bands; meta of the main image (CRS, transform, nodata as read, stored type when
+    converted).
     Palette PNGs give their colours (palette TIFFs their indices). Raises UserError for
     unreadable files, unsupported pixel types and extra bands of another size.
     """
     path = Path(path)
     raw, meta = _read_raw(path, palette_indices=False)
-    image = _as_image_dtype(raw, path)
+    image = _as_image_dtype(raw, path, meta.nodata)
+    if image.dtype != raw.dtype:
+        meta = dataclasses.replace(meta, nodata=nodata_as_read(meta.nodata, raw.dtype),
+                                   stored_dtype=raw.dtype.name)
     return append_bands(image, path, [Path(p) for p in extra_bands]), meta
 
 
@@ -324,17 +408,23 @@ class RasterRows:
 
     def __init__(self, path: Path, dataset: Any, meta: RasterMeta,
                  env: contextlib.ExitStack) -> None:
-        self.path, self.meta, self._ds, self._env = path, meta, dataset, env
+        self.path, self._ds, self._env = path, dataset, env
         self.shape = (int(dataset.height), int(dataset.width), int(dataset.count))
         native = np.dtype(dataset.dtypes[0])
+        # The type rows come back as (fit_model_dtype may narrow a converted one to uint8).
         self.dtype = native if native in (np.uint8, np.uint16) else np.dtype(
             np.uint8 if native.kind == "b" else np.uint16)
+        self._declared = meta.nodata
+        if native != self.dtype and native.kind != "b":
+            meta = dataclasses.replace(meta, nodata=nodata_as_read(meta.nodata, native),
+                                       stored_dtype=native.name)
+        self.meta = meta
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         r0, r1 = max(r0, 0), min(r1, self.shape[0])
         band = np.empty((r1 - r0, self.shape[1], self.shape[2]), self._ds.dtypes[0])
         self._ds.read(out=np.moveaxis(band, -1, 0), window=Window(0, r0, self.shape[1], r1 - r0))
-        return _as_image_dtype(band, self.path)
+        return _as_image_dtype(band, self.path, self._declared, self.dtype.type)
 
     def close(self) -> None:
         self._ds.close()

@@ -18,16 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from res_unet.atomic import atomic_path
+from res_unet.palette import class_colours
 
-# The one palette of every figure and overlay: class k in CLASS_COLOURS[k] (tab20, cycled),
-# except binary maps, whose foreground is BINARY_COLOUR and background is left uncoloured.
-CLASS_COLOURS = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
-], dtype=np.uint8)
-BINARY_COLOUR = (255, 0, 255)
+# The palette (class_colours, CLASS_COLOURS, BINARY_COLOUR) is palette.py's, shared with the
+# colour tables of label GeoTIFFs.
 OVERLAY_ALPHA = 0.4
 # Overlays larger than this are drawn on a sub-sampled grid: a viewer cannot show more.
 OVERLAY_MAX_PIXELS = 30_000_000
@@ -68,14 +62,6 @@ def to_display_rgb(image: np.ndarray) -> np.ndarray:
     scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1e-12), 0.0).astype(np.float32)
     out = (bands.astype(np.float32) - lo.astype(np.float32)) * scale
     return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
-
-
-def class_colours(n_classes: int) -> np.ndarray:
-    """RGB colours (n_classes, 3) uint8 of the classes of a map (binary: background black,
-    foreground BINARY_COLOUR)."""
-    if n_classes == 2:
-        return np.array([(0, 0, 0), BINARY_COLOUR], np.uint8)
-    return CLASS_COLOURS[np.arange(n_classes) % len(CLASS_COLOURS)]
 
 
 def overlay_step(shape_hw: Sequence[int], max_pixels: int = OVERLAY_MAX_PIXELS) -> int:

@@ -170,3 +170,49 @@ def restore_scene_grid(array: np.ndarray, scene_shape: Sequence[int], classes: b
     """
     method = Resampling.nearest if classes else Resampling.bilinear
     return _warp(array, scene_shape[:2], method)
+
+
+def scale_factor(scene_px: PixelSize, model_px: PixelSize) -> float:
+    """How many times a scene is enlarged (> 1) or reduced (< 1) along each axis when brought
+    from ``scene_px`` to ``model_px`` (geometric means of x and y)."""
+    (sx, sy), (mx, my) = _xy(scene_px), _xy(model_px)
+    return math.sqrt(sx * sy) / math.sqrt(mx * my)
+
+
+def _ratio_text(factor: float) -> str:
+    """2 -> '2x', 0.125 -> '1/8' (three significant digits)."""
+    return f"{factor:.3g}x" if factor >= 1 else f"1/{1 / factor:.3g}"
+
+
+def _count_text(value: float) -> str:
+    """25.5 -> '25.5', 3600 -> '3,600'."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+
+
+def _metres_text(size: PixelSize) -> str:
+    x, y = _xy(size)
+    return f"{math.sqrt(x * y):.3g} m"
+
+
+def rescale_note(name: str, scene_px: PixelSize, model_px: PixelSize) -> str:
+    """The line saying how a scene is brought to the model's scale, e.g. ``note: scene.tif at
+    1 m, model at 0.5 m: segmented at 2x`` (``1/8`` for a reduction)."""
+    return (f"note: {name} at {_metres_text(scene_px)}, model at {_metres_text(model_px)}: "
+            f"segmented at {_ratio_text(scale_factor(scene_px, model_px))}")
+
+
+def check_enlargement(name: str, scene_px: PixelSize, model_px: PixelSize, limit: float
+                      ) -> None:
+    """Raise UserError when bringing a scene at ``scene_px`` to ``model_px`` would enlarge it
+    more than ``limit`` times along each axis (MAX_ENLARGEMENT): the model would see the
+    same coarse pixels smeared over limit^2 times the memory and time, for no detail."""
+    factor = scale_factor(scene_px, model_px)
+    if factor <= limit * (1 + 1e-9):
+        return
+    raise UserError(f"{name}: {_metres_text(scene_px)} pixels but the model sees "
+                    f"{_metres_text(model_px)} per pixel: it would be enlarged "
+                    f"{_ratio_text(factor)} ({_count_text(factor * factor)} times the "
+                    "pixels), "
+                    f"beyond MAX_ENLARGEMENT {limit:g}; use a model trained nearer "
+                    f"{_metres_text(scene_px)}, or allow it with \"MAX_ENLARGEMENT\": "
+                    f"{math.ceil(factor)} in a JSON given with --config")

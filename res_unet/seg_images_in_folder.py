@@ -6,8 +6,9 @@ For each image NAME writes NAME_predseg.png (class indices; 255 = nodata) and NA
 (the image with coloured classes), plus NAME_predseg.tif for (Geo)TIFF inputs (a Cloud-
 Optimized GeoTIFF: tiles, overviews, CRS, transform and nodata kept), NAME_probs.npy (or a .tif
 COG for TIFF inputs) with --save-probs, and the classes as polygons with --vector:
-NAME_predseg.gpkg or .geojson, one feature per region with its class index, name and area, in
-the scene's CRS (plain images: pixel coordinates x = column, y = -row, no CRS).
+NAME_predseg.gpkg or .geojson, one feature per region with its class index, name, area_m2 and
+area_px, the GeoPackage in the scene's CRS, the GeoJSON in WGS 84 lon/lat (RFC 7946) (plain
+images: pixel coordinates x = column, y = -row, no CRS).
 Settings come from the run's config.json, then the segmentation keys of --config, then the
 flags below. Several --model folders form an ensemble (probabilities averaged). Images whose
 outputs exist are skipped (--overwrite redoes them); --shard i/n splits a folder across

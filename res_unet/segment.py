@@ -8,8 +8,8 @@ image (scores.csv, :mod:`res_unet.scoring`) and draws a few (examples.png).
 
 GIS outputs. The label and probability GeoTIFFs of GeoTIFF inputs are Cloud-Optimized
 GeoTIFFs (:mod:`res_unet.cog`: internal tiles, overviews, CRS, transform and nodata kept);
-VECTOR_FORMAT adds the classes as polygons (:mod:`res_unet.polygons`), in the scene's CRS,
-or in pixel coordinates without a CRS for plain images.
+VECTOR_FORMAT adds the classes as polygons (:mod:`res_unet.polygons`: a GeoPackage in the
+scene's CRS, RFC 7946 GeoJSON), or in pixel coordinates without a CRS for plain images.
 
 Memory. Images are read whole (uint8/uint16, H*W*B bytes), except large single-page GeoTIFFs
 (and other rasters GDAL reads in windows) with the model's bands: those are read a band of
@@ -60,7 +60,7 @@ from res_unet.predict import (
 )
 from res_unet.progress import progress_bar, say
 from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run
-from res_unet.scale import raster_pixel_size
+from res_unet.scale import check_enlargement, raster_pixel_size, rescale_note
 from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
@@ -74,13 +74,16 @@ PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 @contextlib.contextmanager
 def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
-                      meta: rasters.RasterMeta) -> Iterator[ProbabilitySink]:
+                      meta: rasters.RasterMeta, class_names: Sequence[str]
+                      ) -> Iterator[ProbabilitySink]:
     """A sink writing probability strips into ``path`` (.npy float16, or a .tif float32 COG
-    with ``meta``'s georeferencing, NaN nodata and averaged overviews), atomically: renamed
-    when the block ends."""
+    with ``meta``'s georeferencing, NaN nodata, averaged overviews and each band named after
+    its class of ``class_names``), atomically: renamed when the block ends."""
     if path.suffix != ".npy":
         with writers.cog_writer(path, shape_hw, channels, np.float32, meta,
-                                nodata=float("nan"), classes=False) as write:
+                                nodata=float("nan"), classes=False,
+                                description=cog.probability_description(
+                                    class_names, binary=channels == 1)) as write:
             yield write
         return
     with atomic_path(path) as tmp:
@@ -136,6 +139,21 @@ def scene_pixel_size(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
     return size
 
 
+def scene_segmenter(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
+                    unknown: list[Path]) -> Segmenter:
+    """``segmenter`` for this scene's pixel size (:meth:`Segmenter.for_scene`). A scene
+    brought to the model's scale gets a note saying how; one that would be enlarged more
+    than MAX_ENLARGEMENT times is refused (UserError) before anything is read."""
+    size = scene_pixel_size(pair, segmenter, cfg, unknown)
+    if size is None or segmenter.pixel_size_m is None:
+        return segmenter
+    check_enlargement(str(pair.image), size, segmenter.pixel_size_m, cfg.MAX_ENLARGEMENT)
+    scaled = segmenter.for_scene(size)
+    if scaled is not segmenter:
+        say(rescale_note(pair.image.name, size, segmenter.pixel_size_m))
+    return scaled
+
+
 def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg: Config,
                    binary: bool) -> None:
     """Write the classes of ``label`` ((H, W) class indices, LABEL_NODATA at nodata) as
@@ -147,7 +165,8 @@ def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg:
     skip = [0] if binary else [] if cfg.IGNORE_CLASS is None else [cfg.IGNORE_CLASS]
     found = polygons.class_polygons(label, meta.transform if georeferenced else PIXEL_TRANSFORM,
                                     cfg.class_names, nodata=LABEL_NODATA,
-                                    simplify=cfg.VECTOR_SIMPLIFY, skip_classes=skip)
+                                    simplify=cfg.VECTOR_SIMPLIFY, skip_classes=skip,
+                                    crs=meta.crs if georeferenced else None)
     description = None if georeferenced else (
         f"Classes of {meta.path.name} in pixel coordinates, no CRS (the image has no "
         "georeferencing): x = column, y = -row from its top-left corner, as QGIS places it")
@@ -180,13 +199,15 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
             image, meta = rows, rows.meta
         else:
             image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
+        image = rasters.fit_model_dtype(image, meta, segmenter.input_dtype)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
         sink = None
         if "probs" in paths:
             sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
-                                                         segmenter.n_outputs, meta))
+                                                         segmenter.n_outputs, meta,
+                                                         cfg.class_names))
         stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
                   and not keep_label and "vector" not in paths)
         step = report.overlay_step(shape_hw)
@@ -196,7 +217,8 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
             sinks = [stack.enter_context(writers.png_writer(paths["label"], shape_hw))]
             if "geotiff" in paths:
                 sinks.append(stack.enter_context(writers.cog_writer(
-                    paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA)))
+                    paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA,
+                    description=cog.label_description(cfg.class_names, LABEL_NODATA))))
 
             def on_label(r0: int, label_rows: np.ndarray) -> None:
                 for write in sinks:
@@ -220,7 +242,8 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
     if label is None:
         return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
-        cog.write_cog(paths["geotiff"], label, meta.crs, meta.transform, nodata=LABEL_NODATA)
+        cog.write_cog(paths["geotiff"], label, meta.crs, meta.transform, nodata=LABEL_NODATA,
+                      description=cog.label_description(cfg.class_names, LABEL_NODATA))
     if "vector" in paths:
         write_polygons(paths["vector"], label, meta, cfg, binary=segmenter.n_outputs == 1)
     writers.write_png(paths["label"], label)
@@ -247,7 +270,7 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 # VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
 # image without the file is simply redone.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME", "VECTOR_FORMAT")
+                 "INFER_RUNTIME", "VECTOR_FORMAT", "MAX_ENLARGEMENT")
 # Keys added after the fingerprint's first version (with their defaults): in the fingerprint
 # only when not at their defaults, so that folders made before they existed still match.
 _ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
@@ -430,7 +453,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
                 t0 = time.perf_counter()
-                scaled = segmenter.for_scene(scene_pixel_size(pair, segmenter, cfg, unknown))
+                scaled = scene_segmenter(pair, segmenter, cfg, unknown)
                 label, pixels = segment_image(scaled, pair, paths,
                                               keep_label=pair.label is not None)
                 busy += time.perf_counter() - t0

@@ -110,12 +110,16 @@ def _geotiff_profile(shape_hw: Sequence[int], count: int, dtype: np.dtype, meta:
 
 @contextlib.contextmanager
 def _strips_into(file: Path, shape_hw: Sequence[int], count: int, dtype: np.dtype,
-                 meta: RasterMeta, nodata: float | None
+                 meta: RasterMeta, nodata: float | None,
+                 description: cog.RasterDescription | None = None
                  ) -> Iterator[Callable[[int, np.ndarray], None]]:
-    """Write rows into the GeoTIFF ``file`` (not atomic: the callers own the name)."""
+    """Write rows into the GeoTIFF ``file`` (not atomic: the callers own the name), with
+    ``description`` (band names, colour table, tags) when given."""
     profile = _geotiff_profile(shape_hw, count, dtype, meta, nodata)
     width = profile["width"]
     with cog.gdal_writing(), rasterio.open(file, "w", **profile) as ds:
+        if description is not None:
+            description.apply(ds)
 
         def write(first_row: int, rows: np.ndarray) -> None:
             rows = rows if rows.ndim == 3 else rows[..., None]
@@ -151,9 +155,11 @@ def geotiff_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
 @contextlib.contextmanager
 def cog_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
                dtype: np.dtype | str, meta: RasterMeta, nodata: float | None = None,
-               classes: bool = True) -> Iterator[Callable[[int, np.ndarray], None]]:
+               classes: bool = True, description: cog.RasterDescription | None = None
+               ) -> Iterator[Callable[[int, np.ndarray], None]]:
     """As :func:`geotiff_writer`, but ``path`` becomes a Cloud-Optimized GeoTIFF
-    (:mod:`res_unet.cog`; ``classes``: nearest-neighbour overviews, else average).
+    (:mod:`res_unet.cog`; ``classes``: nearest-neighbour overviews, else average), with
+    ``description`` (band names, colour table, tags) when given.
 
     GDAL's COG driver cannot take strips: they go to a tiled GeoTIFF beside the output
     (a temporary, removed in any case), which is translated into the COG when the block
@@ -163,7 +169,7 @@ def cog_writer(path: str | os.PathLike, shape_hw: Sequence[int], count: int,
         strips = tmp.with_name(tmp.name + ".strips.tif")
         try:
             with _strips_into(strips, shape_hw, count, _output_dtype(dtype), meta,
-                              nodata) as write:
+                              nodata, description) as write:
                 yield write
             cog.copy_to_cog(strips, tmp, classes=classes)
         finally:

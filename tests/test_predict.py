@@ -18,6 +18,7 @@ from res_unet import (
     atomic,
     load_run,
     pairing,
+    palette,
     postprocess,
     predict,
     rasters,
@@ -248,7 +249,7 @@ def test_overlay_colours_foreground_only():
     out = report.overlay_image(img, label, 2)
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
     assert tuple(out[0, 7]) == (100, 100, 100) and tuple(out[0, 0]) == (100, 100, 100)
-    assert tuple(out[2, 2]) == report.BINARY_COLOUR  # outline
+    assert tuple(out[2, 2]) == palette.BINARY_COLOUR  # outline
     assert tuple(out[3, 3]) == (162, 60, 162)  # 0.6 * 100 + 0.4 * colour
     small = report.overlay_image(np.zeros((100, 100, 3), np.uint8),
                                   np.zeros((100, 100), np.uint8), 2, max_pixels=2500)

@@ -108,8 +108,73 @@ def test_int16_without_negatives_becomes_uint16_and_negatives_are_an_error(tmp_p
     np.testing.assert_array_equal(image[..., 0], [[0, 9000], [1, 2]])
 
     tifffile.imwrite(tmp_path / "neg.tif", np.array([[0, -3], [1, 2]], np.int16))
-    with pytest.raises(UserError, match=r"neg\.tif: int16 image has negative values \(min -3\)"):
+    with pytest.raises(UserError, match=r"neg\.tif: int16 image has negative values \(min -3,"):
         read_image(tmp_path / "neg.tif")
+
+
+# Declared nodata and signed / float scenes -------------------------------------------------
+
+def signed_scene(path, array: np.ndarray, nodata) -> None:
+    """A small GeoTIFF in UTM 33N of ``array`` (H, W, B) in its own dtype, with ``nodata``."""
+    with rasterio.open(path, "w", driver="GTiff", height=array.shape[0], width=array.shape[1],
+                       count=array.shape[2], dtype=array.dtype.name, nodata=nodata,
+                       crs="EPSG:32633", transform=Affine(10.0, 0, 5e5, 0, -10.0, 4.6e6)) as ds:
+        ds.write(np.moveaxis(array, -1, 0))
+
+
+@pytest.mark.parametrize("dtype, nodata", [("int16", -9999), ("float32", float("nan")),
+                                           ("float32", -3.4e38), ("int32", 70000)])
+def test_declared_nodata_of_signed_and_float_scenes_is_honoured(tmp_path, dtype, nodata):
+    """A collar at the declared nodata is not data: the rest is read losslessly as uint16,
+    the collar as 0, and the meta says nodata 0 and the stored type; read in windows too."""
+    from res_unet.rasters import nodata_mask, open_raster_rows
+
+    values = (np.arange(6 * 7 * 2).reshape(6, 7, 2) * 300 + 1).astype(dtype)
+    values[:2] = nodata  # the collar
+    signed_scene(tmp_path / "s.tif", values, nodata)
+    image, meta = read_image(tmp_path / "s.tif")
+    assert image.dtype == np.uint16 and (meta.nodata, meta.stored_dtype) == (0.0, dtype)
+    np.testing.assert_array_equal(image[2:], values[2:].astype(np.uint16))
+    assert (image[:2] == 0).all()
+    np.testing.assert_array_equal(nodata_mask(image, [meta.nodata]), np.arange(6)[:, None] < 2
+                                  | np.zeros((6, 7), bool))
+    with open_raster_rows(tmp_path / "s.tif", 2) as rows:
+        assert (rows.meta.nodata, rows.meta.stored_dtype, rows.dtype) == (0.0, dtype, np.uint16)
+        np.testing.assert_array_equal(np.concatenate([rows.rows(0, 3), rows.rows(3, 6)]), image)
+
+
+def test_signed_scene_messages_name_the_real_type_and_the_nodata(tmp_path):
+    collar = np.full((4, 4, 1), -9999, np.int16)
+    collar[2:, 2:] = [[[5], [-3]], [[7], [8]]]
+    signed_scene(tmp_path / "neg.tif", collar, -9999)
+    with pytest.raises(UserError, match=r"neg\.tif: int16 image has negative values \(min -3, "
+                       r"besides its nodata -9999\); the model takes whole numbers 0\.\.65535"):
+        read_image(tmp_path / "neg.tif")
+    signed_scene(tmp_path / "undeclared.tif", np.where(collar == -3, 1, collar), None)
+    with pytest.raises(UserError, match=r"int16 image has negative values \(min -9999, and no "
+                       r"nodata value declared\).*if -9999 marks missing data declare it "
+                       r"\(gdal_edit\.py -a_nodata -9999 undeclared\.tif\)"):
+        read_image(tmp_path / "undeclared.tif")
+
+
+def test_converted_scenes_fit_an_8_bit_model_only_when_their_values_do(tmp_path):
+    from res_unet.rasters import fit_model_dtype, open_raster_rows
+
+    small = np.full((4, 4, 1), -9999, np.int16)
+    small[1:] = 200
+    signed_scene(tmp_path / "small.tif", small, -9999)
+    image, meta = read_image(tmp_path / "small.tif")
+    fitted = fit_model_dtype(image, meta, "uint8")
+    assert fitted.dtype == np.uint8 and fitted[1:].min() == 200 and fitted[0].max() == 0
+    assert fit_model_dtype(image, meta, "uint16") is image
+    with open_raster_rows(tmp_path / "small.tif", 1) as rows:
+        assert fit_model_dtype(rows, rows.meta, "uint8").rows(0, 4).dtype == np.uint8
+    small[3, 3] = 300
+    signed_scene(tmp_path / "big.tif", small, -9999)
+    image, meta = read_image(tmp_path / "big.tif")
+    with pytest.raises(UserError, match=r"big\.tif: int16 image values reach 300, above 255 "
+                       r"\(the model was trained on 8-bit, uint8, imagery\)"):
+        fit_model_dtype(image, meta, "uint8")
 
 
 def test_float_rasters_are_cast_only_when_lossless(tmp_path):

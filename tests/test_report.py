@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from res_unet import report
+from res_unet import palette, report
 from res_unet.report import to_display_rgb
 
 
@@ -54,7 +54,7 @@ def test_binary_overlay_colours_only_the_foreground():
     label[:, 2:] = 1
     out = report.overlay_image(image, label, n_classes=2)
     assert tuple(out[0, 0]) == (100, 100, 100), "background stays as it is"
-    assert tuple(out[0, 2]) == report.BINARY_COLOUR, "class outline in full colour"
+    assert tuple(out[0, 2]) == palette.BINARY_COLOUR, "class outline in full colour"
     assert tuple(out[0, 3]) == (162, 60, 162), "inside: 0.6 * image + 0.4 * colour"
 
 
@@ -63,9 +63,9 @@ def test_multiclass_overlay_uses_the_one_palette():
     label = np.repeat(np.arange(3, dtype=np.uint8), 3)[None]
     out = report.overlay_image(image, label, n_classes=3)
     for k in range(3):
-        np.testing.assert_allclose(out[0, 3 * k + 1], 0.4 * report.CLASS_COLOURS[k], atol=1)
-    n = len(report.CLASS_COLOURS)
-    colours = report.class_colours(n + 2)
+        np.testing.assert_allclose(out[0, 3 * k + 1], 0.4 * palette.CLASS_COLOURS[k], atol=1)
+    n = len(palette.CLASS_COLOURS)
+    colours = palette.class_colours(n + 2)
     assert colours.shape == (n + 2, 3) and np.all(colours[n] == colours[0])
 
 

@@ -115,7 +115,10 @@ def test_geotiff_round_trip(run, tmp_path):
     polygons = json.loads((out / "scene_predseg.geojson").read_text())
     assert len(polygons["features"]) == 1
     assert polygons["features"][0]["properties"]["area_px"] == 43 * 20
-    assert "32633" in polygons["crs"]["properties"]["name"]
+    assert "crs" not in polygons  # RFC 7946: WGS 84 longitude/latitude (UTM 33N is 9-21 E)
+    ring = np.array(polygons["features"][0]["geometry"]["coordinates"][0])
+    assert 14 < ring[:, 0].min() < ring[:, 0].max() < 16 and 37 < ring[:, 1].min() < 38.5
+    assert polygons["features"][0]["properties"]["area_m2"] == 43 * 20 * 100.0
     assert no_temp_files(out)
 
 
@@ -599,6 +602,36 @@ def test_scenes_at_another_pixel_size_are_segmented_at_the_models(run_10m, tmp_p
     assert np.mean(on_ref == truth) > 0.97
     fingerprint = json.loads((out / "segmentation_config.json").read_text())["fingerprint"]
     assert fingerprint["pixel_size"] == 10.0
+
+
+def test_rescaled_scenes_say_how_and_large_enlargements_are_refused(run_10m, tmp_path, capsys):
+    """Every scene brought to the model's 10 m gets one note saying how; a 50 m scene (5x,
+    25 times the pixels) is refused with one line naming both sizes and the key that allows
+    it, and segmented once MAX_ENLARGEMENT allows it."""
+    for pixel, how in [(5.0, "1/2"), (30.0, "3x"), (7.5, "1/1.33")]:
+        n = round(960 / pixel)
+        write_geotiff(tmp_path / f"in{pixel:g}" / f"s{pixel:g}.tif", disc_scene((n, n)), pixel)
+        capsys.readouterr()
+        assert seg("--model", run_10m, "--images", tmp_path / f"in{pixel:g}", "--out",
+                   tmp_path / f"out{pixel:g}") == 0
+        err = capsys.readouterr().err
+        assert err.count(f"note: s{pixel:g}.tif at {pixel:g} m, model at 10 m: segmented at "
+                         f"{how}") == 1, err
+    write_geotiff(tmp_path / "coarse" / "s50.tif", disc_scene((19, 19)), 960 / 19)
+    assert seg("--model", run_10m, "--images", tmp_path / "coarse", "--out",
+               tmp_path / "refused") == 1
+    out = capsys.readouterr().out
+    assert ("s50.tif: 50.5 m pixels but the model sees 10 m per pixel: it would be enlarged "
+            "5.05x (25.5 times the pixels), beyond MAX_ENLARGEMENT 4; use a model trained "
+            'nearer 50.5 m, or allow it with "MAX_ENLARGEMENT": 6 in a JSON given with '
+            "--config") in out
+    assert not (tmp_path / "refused" / "s50_predseg.png").exists()
+    allow = tmp_path / "allow.json"
+    allow.write_text(json.dumps({"MAX_ENLARGEMENT": 6}))
+    assert seg("--model", run_10m, "--images", tmp_path / "coarse", "--out",
+               tmp_path / "allowed", "--config", allow) == 0
+    assert "segmented at 5.05x" in capsys.readouterr().err
+    assert rasters.read_label(tmp_path / "allowed" / "s50_predseg.png").shape == (19, 19)
 
 
 def test_segmenter_picks_block_averaging_or_resampling(run_10m):

@@ -17,6 +17,7 @@ import shapely
 from helpers import make_config, pixel_model, write_run
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
+from rasterio.warp import transform as warp_transform
 
 from res_unet import rasters, writers
 from res_unet.cli import run_command
@@ -90,15 +91,21 @@ def test_polygons_of_every_class_in_the_scenes_crs(run, geotiff, tmp_path, fmt):
     _, label = scene()
     np.testing.assert_array_equal(rasters.read_label(out / "scene_predseg.png"), label)
     meta, geometries, fields = read_polygons(out / f"scene_predseg.{fmt}")
-    assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(32633)
+    if fmt == "geojson":  # RFC 7946: WGS 84 longitude/latitude (7 decimals, about 1 cm)
+        assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(4326)
+        geometries = shapely.transform(geometries, lambda xy: np.column_stack(
+            warp_transform("EPSG:4326", "EPSG:32633", xy[:, 0], xy[:, 1])))
+        geometries = shapely.set_precision(geometries, 0.1)
+    else:
+        assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(32633)
     assert {(int(c), n) for c, n in zip(fields["class"], fields["name"], strict=True)} == {
         (0, "water"), (1, "sand"), (2, "forest")}  # no nodata, no IGNORE_CLASS polygons
     for value in (0, 1, 2):
         pick = fields["class"] == value
         pixels = int((label == value).sum())
         assert int(fields["area_px"][pick].sum()) == pixels
-        assert fields["area"][pick].sum() == pytest.approx(pixels * 100.0, rel=1e-9)
-        assert shapely.area(geometries[pick]).sum() == pytest.approx(pixels * 100.0, rel=1e-9)
+        assert fields["area_m2"][pick].sum() == pytest.approx(pixels * 100.0, rel=1e-9)
+        assert shapely.area(geometries[pick]).sum() == pytest.approx(pixels * 100.0, rel=1e-6)
     island = geometries[(fields["class"] == 1) & (fields["area_px"] == 40 * 60)]
     assert len(island) == 1 and island[0].bounds == (505_000.0, 4_196_600.0, 505_600.0,
                                                      4_197_000.0)
@@ -174,6 +181,100 @@ def test_streamed_label_strips_become_the_same_cog(run, geotiff, tmp_path, monke
     assert not [p for p in (tmp_path / "windows").iterdir() if p.name.startswith(".")]
 
 
+def test_label_cogs_carry_the_overlay_colours_and_class_names(run, geotiff, tmp_path):
+    """QGIS shows the label COG in the overlays' colours with the class names (whole and
+    streamed from windows alike), and names each probability band after its class."""
+    from res_unet import palette, runfolder, segment
+
+    cfg = runfolder.inference_config([run])
+    for out, limit in (("whole", 10**9), ("windows", 0)):
+        segment.segment_folder(cfg, [run], geotiff, tmp_path / out, progress=False,
+                               save_probs=out == "whole", full_max_values=limit)
+        with rasterio.open(tmp_path / out / "scene_predseg.tif") as ds:
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            colours = ds.colormap(1)
+            assert [colours[k] for k in range(4)] == [
+                (*map(int, palette.CLASS_COLOURS[k]), 255) for k in range(4)]
+            assert colours[255] == (0, 0, 0, 0)  # nodata: transparent
+            assert ds.descriptions == (
+                "class (0 water, 1 sand, 2 forest, 3 unlabelled; 255 nodata)",)
+            assert {k: v for k, v in ds.tags().items() if k.startswith("CLASS_")} == {
+                "CLASS_0": "water", "CLASS_1": "sand", "CLASS_2": "forest",
+                "CLASS_3": "unlabelled"}
+    with rasterio.open(tmp_path / "whole" / "scene_probs.tif") as ds:
+        assert ds.descriptions == tuple(f"probability of {n}" for n in NAMES)
+    assert not list((tmp_path / "windows").glob("*.aux.xml"))
+
+
+def test_binary_label_cog_colours_are_the_overlays(tmp_path):
+    from res_unet import cog, palette
+
+    description = cog.label_description(["land", "water"], 255)
+    assert description.colormap == {0: (0, 0, 0, 255), 1: (*palette.BINARY_COLOUR, 255),
+                                    255: (0, 0, 0, 0)}
+    assert cog.probability_description(["land", "water"], binary=True).band_names == [
+        "probability of water"]
+
+
+@pytest.mark.parametrize("dtype, nodata", [("int16", -9999), ("float32", float("nan"))])
+def test_signed_and_float_scenes_keep_their_nodata_in_every_output(run, tmp_path, dtype,
+                                                                   nodata):
+    """The class scene stored as int16 with a -9999 collar (float32: NaN) through a model
+    trained on uint8: segmented like the uint8 scene, the collar nodata in the label COG
+    (255) and the probabilities (NaN), whole and from windows; values above 255 are refused
+    naming int16."""
+    from res_unet import runfolder, segment
+
+    image, label = scene()
+    stored = image.astype(dtype)
+    stored[:5] = nodata
+    folder = tmp_path / "images"
+    folder.mkdir()
+    profile = {"driver": "GTiff", "height": 600, "width": 700, "count": 3, "dtype": dtype,
+               "crs": "EPSG:32633", "transform": TRANSFORM, "nodata": nodata}
+    with rasterio.open(folder / "scene.tif", "w", **profile) as ds:
+        ds.write(np.moveaxis(stored, -1, 0))
+    cfg = runfolder.inference_config([run])
+    for out, limit in (("whole", 10**9), ("windows", 0)):
+        summary = segment.segment_folder(cfg, [run], folder, tmp_path / out, progress=False,
+                                         save_probs=True, full_max_values=limit)
+        assert summary["failed"] == 0, summary["failures"]
+        with rasterio.open(tmp_path / out / "scene_predseg.tif") as ds:
+            assert ds.nodata == 255
+            np.testing.assert_array_equal(ds.read(1), label)
+        with rasterio.open(tmp_path / out / "scene_probs.tif") as ds:
+            probs = ds.read()
+            assert np.isnan(probs[:, :5]).all() and not np.isnan(probs[:, 5:]).any()
+    if dtype == "int16":
+        stored[300, 300, 0] = 300
+        with rasterio.open(folder / "scene.tif", "w", **profile) as ds:
+            ds.write(np.moveaxis(stored, -1, 0))
+        summary = segment.segment_folder(cfg, [run], folder, tmp_path / "big", progress=False)
+        assert summary["failed"] == 1
+        assert ("scene.tif: int16 image values reach 300, above 255 (the model was trained on "
+                "8-bit, uint8, imagery); export it with values 0..255"
+                in summary["failures"][0]["error"])
+
+
+def test_nodata_pixels_are_left_out_of_training_through_ignore_class(tmp_path):
+    from res_unet.config import LabelRules
+    from res_unet.pairing import Pair, load_pair
+
+    stored = np.full((6, 8, 3), 40, np.int16)
+    stored[:, :2] = -9999
+    with rasterio.open(tmp_path / "s.tif", "w", driver="GTiff", height=6, width=8, count=3,
+                       dtype="int16", crs="EPSG:32633", transform=TRANSFORM,
+                       nodata=-9999) as ds:
+        ds.write(np.moveaxis(stored, -1, 0))
+    writers.write_png(tmp_path / "s_label.png", np.ones((6, 8), np.uint8))
+    pair = Pair("s", tmp_path / "s.tif", tmp_path / "s_label.png")
+    image, label, _ = load_pair(pair, 3, LabelRules(3, {}, ignore_class=2))
+    assert image.dtype == np.uint16 and (image[:, :2] == 0).all()
+    assert (label[:, :2] == 2).all() and (label[:, 2:] == 1).all()
+    _, label, _ = load_pair(pair, 3, LabelRules(3))  # no IGNORE_CLASS: labels as drawn
+    assert (label == 1).all()
+
+
 def test_plain_images_keep_png_outputs_and_polygons_in_pixel_coordinates(run, tmp_path):
     image, label = scene()
     image, label = image[5:105, :300], label[5:105, :300]
@@ -190,7 +291,8 @@ def test_plain_images_keep_png_outputs_and_polygons_in_pixel_coordinates(run, tm
     # x = column, y = -row: the sand columns 200..299 of rows 0..99.
     sand = geometries[fields["class"] == 1]
     assert len(sand) == 1 and sand[0].bounds == (200.0, -100.0, 300.0, 0.0)
-    assert fields["area"][fields["class"] == 1][0] == (label == 1).sum()
+    assert np.isnan(fields["area_m2"][fields["class"] == 1][0])  # no CRS: no metres
+    assert fields["area_px"][fields["class"] == 1][0] == (label == 1).sum()
 
 
 def test_binary_geojson_keeps_its_polygons(tmp_path):
@@ -221,13 +323,16 @@ def test_binary_geojson_keeps_its_polygons(tmp_path):
     expected = [on_map(5, 10, 25, 30).difference(on_map(10, 15, 15, 20)),
                 on_map(50, 40, 64, 48)]
     now = json.loads((out / "scene_predseg.geojson").read_text())
-    assert CRS.from_user_input(now["crs"]["properties"]["name"]) == CRS.from_epsg(32633)
+    assert "crs" not in now  # RFC 7946: WGS 84 longitude/latitude
     found = sorted(now["features"], key=lambda f: -f["properties"]["area_px"])
     assert len(found) == 2
     for feature, shape, pixels in zip(found, expected, (400 - 25, 14 * 8), strict=True):
-        assert shapely.geometry.shape(feature["geometry"]).equals(shape)
+        in_utm = shapely.set_precision(shapely.transform(
+            shapely.geometry.shape(feature["geometry"]), lambda xy: np.column_stack(
+                warp_transform("EPSG:4326", "EPSG:32633", xy[:, 0], xy[:, 1]))), 0.1)
+        assert in_utm.equals(shape)
         assert feature["properties"] == {"class": 1, "name": "water", "area_px": pixels,
-                                         "area": pixels * 100.0}
+                                         "area_m2": pixels * 100.0}
 
 
 def test_resume_with_polygons_skips_finished_images(run, geotiff, tmp_path, capsys):
