@@ -224,7 +224,7 @@ def test_label_of_another_size_leaves_that_image_unscored(run, images, tmp_path,
     unscored = [line for line in captured.err.splitlines() if line.startswith("not scored:")]
     assert len(unscored) == 1 and not [line for line in captured.err.splitlines()
                                        if line.startswith("failed:")]
-    assert "b.png: label is 10x10 (WxH)" in unscored[0] and "is 90x70" in unscored[0]
+    assert "b.png: label size 10x10 (WxH)" in unscored[0] and "(90x70)" in unscored[0]
     assert "3 done, 0 skipped (already done), 0 failed, 1 not scored" in captured.out
     assert (out / "b_predseg.png").exists()
     with open(out / "scores.csv") as fh:
