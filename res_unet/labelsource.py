@@ -32,6 +32,7 @@ import numpy as np
 
 from res_unet import pairing, vectors
 from res_unet.config import LabelRules
+from res_unet.errors import UserError
 from res_unet.pairing import Pair, PolygonRules
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ class LabelSource:
         touches; the others are named in a note ending with ``untouched``, None: quiet).
         Raises UserError as :func:`res_unet.pairing.find_pairs`."""
         if self.shared_layer:
+            if not self.path.exists():
+                raise UserError(f"{self.path}: no such label file; check the labels path")
             return pairing.pairs_over_one_layer(images_dir, self.path, self.polygons,
                                                 extra_band_dirs, untouched)
         return pairing.find_pairs(images_dir, self.path, self.usemask, extra_band_dirs,

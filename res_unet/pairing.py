@@ -472,7 +472,8 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
                          untouched: str | None = LEFT_OUT) -> list[Pair]:
     """Pairs of the images in ``images_dir`` that one polygon layer touches, by stem. Images
     no polygon touches are left out with a note naming them and ending with ``untouched``
-    (None: no note): a scene nobody labelled is not a scene without objects. Raises
+    (None: quiet, no notes at all): a scene nobody labelled is not a scene without objects.
+    Raises
     UserError for a layer without a CRS or with classes outside the config's, images without
     georeferencing (a line each) and when no polygon touches any image."""
     images_dir, layer_file = Path(images_dir), Path(layer_file)
