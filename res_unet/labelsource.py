@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from res_unet import pairing, vectors
-from res_unet.config import LabelRules
+from res_unet.config import Config, LabelRules, config_from_dict
 from res_unet.errors import UserError
 from res_unet.pairing import Pair, PolygonRules
 
 if TYPE_CHECKING:
-    from res_unet.config import Config
     from res_unet.records import Manifest
 
 # What segmentation says about the scenes a shared layer does not touch.
@@ -44,20 +43,40 @@ NOT_SCORED = ("segmented but not scored: a scene nobody labelled is not a scene 
               "objects (draw a class-0 polygon on it to score it as background)")
 
 
+# The config keys that say how labels become classes: a source keeps them, the manifest too.
+LABEL_KEYS = ("USEMASK", "NCLASSES", "CLASS_NAMES", "REMAP_CLASSES", "IGNORE_CLASS",
+              "LABEL_ATTRIBUTE", "LABEL_LAYER", "LABEL_PRIORITY")
+
+
+def _label_config(values: dict[str, Any], source: str) -> Config:
+    """A Config holding ``values``' label keys (others at their defaults), validated."""
+    cfg, _ = config_from_dict({k: values[k] for k in LABEL_KEYS if k in values}, source)
+    return cfg
+
+
 @dataclass(frozen=True)
 class LabelSource:
     """The labels of a folder of scenes: ``path`` (a folder of label files, or one polygon
-    layer file over many scenes), USEMASK naming, and the rules that make classes."""
+    layer file over many scenes) and ``cfg``, a config whose label keys (:data:`LABEL_KEYS`)
+    say how they become classes (its other keys are unused)."""
 
     path: Path
-    usemask: bool = False
-    rules: LabelRules = field(default_factory=lambda: LabelRules(1))
-    polygons: PolygonRules = field(default_factory=PolygonRules)
+    cfg: Config
 
     @classmethod
     def from_config(cls, path: str | os.PathLike, cfg: Config) -> LabelSource:
         """The source ``path`` (``--labels``) under a config's label keys."""
-        return cls(Path(path), cfg.USEMASK, cfg.label_rules, PolygonRules.from_config(cfg))
+        return cls(Path(path), _label_config(cfg.to_dict(), "config"))
+
+    @property
+    def rules(self) -> LabelRules:
+        """NCLASSES, REMAP_CLASSES and IGNORE_CLASS."""
+        return self.cfg.label_rules
+
+    @property
+    def polygons(self) -> PolygonRules:
+        """How polygon layers become label maps (LABEL_ATTRIBUTE, LABEL_LAYER, ...)."""
+        return PolygonRules.from_config(self.cfg)
 
     @property
     def shared_layer(self) -> bool:
@@ -76,7 +95,7 @@ class LabelSource:
                 raise UserError(f"{self.path}: no such label file; check the labels path")
             return pairing.pairs_over_one_layer(images_dir, self.path, self.polygons,
                                                 extra_band_dirs, untouched)
-        return pairing.find_pairs(images_dir, self.path, self.usemask, extra_band_dirs,
+        return pairing.find_pairs(images_dir, self.path, self.cfg.USEMASK, extra_band_dirs,
                                   self.polygons)
 
     def scenes(self, images_dir: str | os.PathLike,
@@ -99,29 +118,23 @@ class LabelSource:
         return pairing.read_pair_label(pair, self.rules, self.polygons, shape)
 
     def record(self) -> dict[str, Any]:
-        """The source as the manifest records it (JSON-ready): kind, absolute path, the layer
-        read from a shared layer and every rule; :meth:`from_record` reads it back."""
-        layer = self.polygons.layer
-        if self.shared_layer:
-            layer = vectors.layer_name(self.path, layer)
+        """The source as the manifest records it (JSON-ready): ``kind`` ("folder" or
+        "layer"), the absolute ``path``, the ``layer`` read from a shared layer file (None
+        for a folder) and the label keys; :meth:`from_record` reads it back."""
+        layer = vectors.layer_name(self.path, self.cfg.LABEL_LAYER) if self.shared_layer else None
+        values = self.cfg.to_dict()
         return {"kind": "layer" if self.shared_layer else "folder",
-                "path": str(self.path.resolve()), "usemask": self.usemask, "layer": layer,
-                "attribute": self.polygons.attribute,
-                "priority": list(self.polygons.priority or ()),
-                "class_names": list(self.polygons.class_names),
-                "nclasses": self.rules.nclasses, "remap": dict(self.rules.remap),
-                "ignore_class": self.rules.ignore_class}
+                "path": str(self.path.resolve()), "layer": layer,
+                **{k: values[k] for k in LABEL_KEYS}}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> LabelSource:
-        """The source a manifest recorded (:meth:`record`)."""
-        rules = LabelRules(int(record["nclasses"]), dict(record.get("remap") or {}),
-                           record.get("ignore_class"))
-        polygons = PolygonRules(record.get("attribute"), record.get("layer"),
-                                tuple(record.get("priority") or ()) or None,
-                                rules.n_label_classes, tuple(record.get("class_names") or ()),
-                                rules.nclasses, bool(rules.remap))
-        return cls(Path(record["path"]), bool(record.get("usemask", False)), rules, polygons)
+        """The source a manifest recorded (:meth:`record`); a shared layer file is read at
+        the layer recorded. Raises UserError for a record with invalid label keys."""
+        values = dict(record)
+        if record.get("layer") is not None:
+            values["LABEL_LAYER"] = record["layer"]
+        return cls(Path(record["path"]), _label_config(values, "manifest.json: label_source"))
 
     @classmethod
     def of_dataset(cls, manifest: Manifest) -> LabelSource:
@@ -129,10 +142,5 @@ class LabelSource:
         before the manifest kept one, its labels path under the building config's keys."""
         if manifest.label_source:
             return cls.from_record(manifest.label_source)
-        built = manifest.config
-        return cls.from_record({
-            "path": manifest.labels_dir, "usemask": built.get("USEMASK", False),
-            "layer": built.get("LABEL_LAYER"), "attribute": built.get("LABEL_ATTRIBUTE"),
-            "priority": built.get("LABEL_PRIORITY"), "class_names": built.get("CLASS_NAMES"),
-            "nclasses": manifest.nclasses, "remap": built.get("REMAP_CLASSES"),
-            "ignore_class": built.get("IGNORE_CLASS")})
+        return cls(Path(manifest.labels_dir), _label_config(manifest.config,
+                                                            "manifest.json: config"))

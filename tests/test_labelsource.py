@@ -279,7 +279,8 @@ def test_manifest_records_the_shared_layer_and_the_scene_evaluation_reads_it_bac
     assert manifest.left_out == ["far.tif"]
     record = manifest.label_source
     assert record["kind"] == "layer" and record["path"] == str(survey.layer.resolve())
-    assert (record["layer"], record["attribute"], record["nclasses"]) == ("lakes", "kind", 1)
+    assert (record["layer"], record["LABEL_ATTRIBUTE"], record["NCLASSES"]) == (
+        "lakes", "kind", 1)
     source = LabelSource.of_dataset(manifest)
     assert source.shared_layer and source.polygons.layer == "lakes"
     # A dataset made before the manifest kept its source: the same, from its labels path and

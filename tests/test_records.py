@@ -225,9 +225,10 @@ def test_manifest_file_is_the_typed_manifest(tmp_path):
     assert list(data["counts"]["train"]) == ["images", "examples", "unaugmented"]
     assert list(data["shards"]["train"][0]) == ["file", "count", "sha256"]
     assert data["label_source"] == {
-        "kind": "folder", "path": str((sources / "labels").resolve()), "usemask": False,
-        "layer": None, "attribute": None, "priority": [], "class_names": [], "nclasses": 1,
-        "remap": {}, "ignore_class": None}
+        "kind": "folder", "path": str((sources / "labels").resolve()), "layer": None,
+        "USEMASK": False, "NCLASSES": 1, "CLASS_NAMES": [], "REMAP_CLASSES": {},
+        "IGNORE_CLASS": None, "LABEL_ATTRIBUTE": None, "LABEL_LAYER": None,
+        "LABEL_PRIORITY": []}
     manifest = records.read_manifest(tmp_path / "ds")
     assert manifest == built
     assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text
