@@ -306,7 +306,7 @@ def test_scene_evaluation_of_a_dataset_from_a_shared_layer_chooses_the_threshold
     run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0),
                     make_config("model", TESTTIMEAUG=False), threshold=0.5)
     result = scoring.evaluate_scenes(run, layer_dataset, progress=False)
-    assert "skipped" not in capsys.readouterr().out
+    assert "skipped" not in capsys.readouterr().err
     assert result is not None and result["images"] == len(names)
     counts = sum(metrics.threshold_counts(scene_truth(n), pixel_prob(
         survey.pixels[n], 0.03, 110.0)[..., 0]) for n in names)
@@ -330,7 +330,7 @@ def test_scene_evaluation_of_per_scene_geojson_labels(survey, tmp_path, capsys):
     make_dataset(polygon_config(LABEL_LAYER=None), images, survey.geojson, tmp_path / "ds")
     run = write_run(tmp_path / "run", pixel_model(), make_config("model"), threshold=0.5)
     result = scoring.evaluate_scenes(run, tmp_path / "ds", progress=False)
-    assert "skipped" not in capsys.readouterr().out
+    assert "skipped" not in capsys.readouterr().err
     names = [Path(n).stem for n in records.read_manifest(tmp_path / "ds").files["validation"]]
     expected = hand_scores({n: scene_truth(n) for n in names},
                            pixel_predictions(survey, names))["ALL"]
@@ -362,8 +362,7 @@ def test_polygon_labels_end_to_end_through_the_three_commands(survey, tmp_path, 
                                         "--out", str(data)]) == 0
     assert run_command(train_resunet, ["--config", str(config), "--data", str(data), "--out",
                                        str(run), "--no-progress", "--no-export"]) == 0
-    printed = capsys.readouterr().out
-    assert "scene evaluation skipped" not in printed
+    assert "scene evaluation skipped" not in capsys.readouterr().err
     validation = records.read_manifest(data).files["validation"]
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert evaluation["scenes"]["images"] == len(validation)
