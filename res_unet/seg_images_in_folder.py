@@ -152,7 +152,10 @@ def _score(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, segment the folder, print a summary. Returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.layer is not None and args.labels is None:
+        parser.error("--layer names the layer of --labels; pass --labels LAYER_FILE too")
     run_config = Path(args.model[0]) / "config.json"
     if run_config.exists():
         select_devices(load_config(run_config).SET_GPU)

@@ -645,3 +645,11 @@ def test_the_command_says_which_runtime_it_used(run, images, tmp_path, capsys):
     assert seg("--model", run, "--images", images, "--out", tmp_path / "b",
                "--runtime", "tensorflow") == 0
     assert "runtime: tensorflow\n" in capsys.readouterr().err
+
+
+def test_layer_without_labels_is_a_usage_error(run, images, tmp_path, capsys):
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "out",
+               "--layer", "lakes") == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: command line: --layer names the layer of --labels; pass --labels LAYER_FILE "
+        "too (see seg_images_in_folder --help)")
