@@ -60,8 +60,8 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     if not names:
         return None
     cfg = inference_config([run_dir])
-    source = LabelSource.of_dataset(manifest)
     try:
+        source = LabelSource.of_dataset(manifest)
         # The dataset's extra-band folders: the run's config is for segmenting new images.
         pairs = [p for p in source.pairs(images_dir, manifest.config.get("EXTRA_BAND_DIRS", []),
                                          untouched=None) if p.image.name in names]

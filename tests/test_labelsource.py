@@ -383,3 +383,36 @@ def test_polygon_labels_end_to_end_through_the_three_commands(survey, tmp_path, 
     for row in scores.values():
         assert 0.0 <= float(row["pixel_accuracy"]) <= 1.0
     assert "fine" in scores and int(scores["fine"]["n_pixels"]) == SIZE * SIZE
+
+
+def test_scene_evaluation_reads_the_datasets_extra_bands(tmp_path, capsys):
+    """The run's config drops EXTRA_BAND_DIRS (they describe its training images); the scene
+    evaluation reads the dataset's own, so a 3 + 1 band dataset is scored, not refused."""
+    import keras
+
+    from res_unet.dataset import make_dataset
+
+    images, labels, nir = tmp_path / "images", tmp_path / "labels", tmp_path / "nir"
+    rng = np.random.default_rng(3)
+    for k in range(4):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        writers.write_png(images / f"s{k}.png", image)
+        band = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+        writers.write_png(nir / f"s{k}.png", band)
+        writers.write_png(labels / f"s{k}.png", (band > 128).astype(np.uint8))
+    cfg = make_config("model", N_DATA_BANDS=4, EXTRA_BAND_DIRS=[str(nir)], FIT_MODE="tile",
+                      DO_AUG=False, DOPLOT=False, VALIDATION_SPLIT=0.5, IMS_PER_SHARD=8)
+    make_dataset(cfg, images, labels, tmp_path / "ds")
+    # p = sigmoid(0.05 (nir - 128)): the extra band decides.
+    inputs = keras.Input((32, 32, 4))
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer=(
+        keras.initializers.Constant(np.array([0, 0, 0, 0.05], np.float32).reshape(1, 1, 4, 1))),
+        bias_initializer=keras.initializers.Constant(-0.05 * 128))(inputs)
+    run = write_run(tmp_path / "run", keras.Model(inputs, outputs), cfg, threshold=0.5)
+    card = json.loads((run / "model_card.json").read_text())
+    card["input"].update(band_mean=[120.0] * 4, band_std=[50.0] * 4)
+    (run / "model_card.json").write_text(json.dumps(card))
+    result = scoring.evaluate_scenes(run, tmp_path / "ds", progress=False)
+    assert "skipped" not in capsys.readouterr().err
+    assert result is not None and result["images"] == 2
+    assert result["scores"]["iou"][1] > 0.95
