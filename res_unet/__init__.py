@@ -12,7 +12,8 @@ The public API, from a folder of images and labels to segmented scenes::
 
 and the pieces between them: ``load_dataset`` (a tf.data pipeline of a dataset),
 ``read_manifest``, ``build_model``, ``load_run`` (a run folder for inference), ``ModelCard``,
-``Segmenter`` (one image in memory), ``evaluate_scenes``. Names are imported on first use,
+``Segmenter`` (one image in memory), ``evaluate_scenes``, ``LabelSource`` (where a folder's
+labels come from: label rasters, polygon layers, one shared layer). Names are imported on first use,
 so ``import res_unet`` stays light (TensorFlow loads only when a name that needs it is used).
 Errors meant for users are :class:`UserError` (one line naming the file and the fix).
 
@@ -50,6 +51,7 @@ _API = {
     "inference_config": ("res_unet.runfolder", "inference_config"),
     "segment_folder": ("res_unet.segment", "segment_folder"),
     "evaluate_scenes": ("res_unet.scoring", "evaluate_scenes"),
+    "LabelSource": ("res_unet.labelsource", "LabelSource"),
 }
 __all__ = ["__version__", *sorted(_API)]
 

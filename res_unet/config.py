@@ -89,8 +89,9 @@ class Config:
                                        "polygon is class 1 (binary models only).",
                                        group="data")
     LABEL_LAYER: str | None = _key(None, "Polygon labels: the layer to read from a file holding "
-                                   "several (make_tfrecords --layer overrides it); null = the "
-                                   "file's only layer.", group="data")
+                                   "several (--layer of make_tfrecords and "
+                                   "seg_images_in_folder overrides it); null = the file's "
+                                   "only layer.", group="data")
     LABEL_PRIORITY: list[int] = _key([], "Polygon labels: where polygons overlap, the class "
                                      "listed later wins, e.g. [1, 2] puts class 2 on top of "
                                      "class 1; [] = the feature drawn last (later in the "

@@ -45,10 +45,10 @@ from res_unet.augment import augment_pair
 from res_unet.config import Config, save_config
 from res_unet.errors import UserError
 from res_unet.folders import folder_lock
+from res_unet.labelsource import LabelSource
 from res_unet.pairing import (
     Pair,
     PolygonRules,
-    find_pairs,
     left_out_images,
     load_pair,
     load_pair_and_facts,
@@ -442,7 +442,7 @@ class _DatasetBuilder:
         kept.append((example.image, example.label, title))
 
     def manifest(self, writers: dict[str, ShardWriter], images_dir: Path,
-                 labels_dir: Path, left_out: list[str]) -> Manifest:
+                 source: LabelSource, left_out: list[str]) -> Manifest:
         cfg = self.cfg
         if self.band_stats.n == 0:
             raise UserError(f"{images_dir}: no training examples were written (all tiles were "
@@ -467,7 +467,7 @@ class _DatasetBuilder:
             label_files={s: [p.label_name for p in by_stem[s]]
                          for s in SPLITS},
             images_dir=str(Path(images_dir).resolve()),
-            labels_dir=str(Path(labels_dir).resolve()),
+            labels_dir=str(source.path.resolve()),
             empty_tiles_dropped=self.empty_dropped,
             class_pixel_counts=self.class_counts.tolist(),
             class_pixel_frequency=(self.class_counts / max(total, 1)).tolist(),
@@ -487,6 +487,7 @@ class _DatasetBuilder:
             pixel_size_m=training_pixel_size([p.image for s in SPLITS for p in by_stem[s]],
                                              cfg.PIXEL_SIZE, cfg.DOWNSAMPLE),
             left_out=left_out,
+            label_source=source.record(),
         )
 
 
@@ -529,9 +530,8 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
         # What a build killed outright (kill -9) left: its staging folder beside ``out``.
         clean_stale_temporaries(out.parent)
         clean_stale_temporaries(out)
-        pairs = find_pairs(images_dir, labels_dir, usemask=cfg.USEMASK,
-                           extra_band_dirs=cfg.EXTRA_BAND_DIRS,
-                           polygons=PolygonRules.from_config(cfg))
+        source = LabelSource.from_config(labels_dir, cfg)
+        pairs = source.pairs(images_dir, cfg.EXTRA_BAND_DIRS)
         if not pairs:
             raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
                             "and labels with the same names in --labels")
@@ -542,8 +542,8 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
             tasks = _split_tasks(tasks, _check_sources(tasks, procs))
             staging = _staging_dir(out)
             try:
-                manifest = _build(cfg, tasks, procs, staging, Path(images_dir),
-                                  Path(labels_dir), left_out_images(images_dir, pairs))
+                manifest = _build(cfg, tasks, procs, staging, Path(images_dir), source,
+                                  left_out_images(images_dir, pairs))
                 _install(staging, out)
             finally:
                 if staging.exists():
@@ -552,7 +552,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
 
 
 def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
-           images_dir: Path, labels_dir: Path, left_out: list[str]) -> Manifest:
+           images_dir: Path, source: LabelSource, left_out: list[str]) -> Manifest:
     """Write the whole dataset into ``staging``, manifest last; returns the manifest."""
     builder = _DatasetBuilder(staging, cfg)
     writers = {s: ShardWriter(staging, cfg.ROOT_STRING, s, cfg.IMS_PER_SHARD,
@@ -563,7 +563,7 @@ def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
         for result in results:
             builder.add(result, writers[result.split])
             progress.update(result.last)
-    manifest = builder.manifest(writers, images_dir, labels_dir, left_out)
+    manifest = builder.manifest(writers, images_dir, source, left_out)
     if cfg.DOPLOT:
         report.sample_grid(staging / SAMPLES, builder.samples["train"],
                            builder.samples["validation"], cfg.n_label_classes,

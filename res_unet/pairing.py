@@ -292,20 +292,36 @@ def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
     if pair.label is None:
         raise ValueError(f"load_pair needs a labelled pair; {pair.stem} has no label")
     image, meta = load_image(pair, n_bands)
+    label, facts = read_pair_label(pair, rules, polygons, image.shape[:2])
+    if meta.nodata is not None and rules.ignore_class is not None:
+        # The image's nodata pixels are no example of any class: left out of the loss.
+        label[nodata_mask(image, [meta.nodata])] = rules.ignore_class
+    return image, label, meta, facts
+
+
+def read_pair_label(pair: Pair, rules: LabelRules, polygons: PolygonRules | None,
+                    shape: tuple[int, int]) -> tuple[np.ndarray, vectors.LabelFacts | None]:
+    """A pair's label as (H, W) uint8 class indices 0..rules.n_label_classes-1 (REMAP_CLASSES
+    applied, IGNORE_CLASS kept), and what burning found (None for a raster label).
+
+    The one way a label is read, for datasets, scores and the scene evaluation alike: a
+    raster label as it is, a polygon label (:func:`burn_pair_label`, under ``polygons``)
+    burnt onto the scene's own grid, which is also the grid the label maps segmentation
+    writes and scores are on. Raises UserError unless the label is ``shape`` (the image's
+    rows and columns), and as :func:`prepare_label` and :func:`burn_pair_label`.
+    """
+    if pair.label is None:
+        raise ValueError(f"read_pair_label needs a labelled pair; {pair.stem} has no label")
     facts = None
     if vectors.is_vector_path(pair.label):
         label, facts = burn_pair_label(pair, polygons or PolygonRules())
     else:
         label = read_label(pair.label)
-    if label.shape != image.shape[:2]:
+    if label.shape != tuple(shape):
         raise UserError(f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} (WxH) "
-                        f"differs from its image {pair.image} ({image.shape[1]}x"
-                        f"{image.shape[0]}); labels must cover their image pixel for pixel")
-    label = prepare_label(label, rules, pair.label)
-    if meta.nodata is not None and rules.ignore_class is not None:
-        # The image's nodata pixels are no example of any class: left out of the loss.
-        label[nodata_mask(image, [meta.nodata])] = rules.ignore_class
-    return image, label, meta, facts
+                        f"differs from its image {pair.image} ({shape[1]}x{shape[0]}); "
+                        "labels must cover their image pixel for pixel")
+    return prepare_label(label, rules, pair.label), facts
 
 
 # Finding files -----------------------------------------------------------------------------
@@ -449,14 +465,21 @@ def find_pairs(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
     return pairs
 
 
+# What happens to the scenes a shared layer does not touch, said after naming them.
+LEFT_OUT = ("left out (manifest.json lists them), as their labels would be all background (to "
+            "train on a scene as background, draw a class-0 polygon on it)")
+
+
 def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.PathLike,
                          polygons: PolygonRules,
-                         extra_band_dirs: Sequence[str | os.PathLike] = ()) -> list[Pair]:
+                         extra_band_dirs: Sequence[str | os.PathLike] = (),
+                         untouched: str | None = LEFT_OUT) -> list[Pair]:
     """Pairs of the images in ``images_dir`` that one polygon layer touches, by stem. Images
-    no polygon touches are left out with a note naming them: a scene nobody labelled is not
-    a scene without objects. Raises UserError for a layer without a CRS or with classes
-    outside the config's, images without georeferencing (a line each) and when no polygon
-    touches any image."""
+    no polygon touches are left out with a note naming them and ending with ``untouched``
+    (None: quiet, no notes at all): a scene nobody labelled is not a scene without objects.
+    Raises
+    UserError for a layer without a CRS or with classes outside the config's, images without
+    georeferencing (a line each) and when no polygon touches any image."""
     images_dir, layer_file = Path(images_dir), Path(layer_file)
     polygons.check_attribute(layer_file)
     layer = vectors.layer_name(layer_file, polygons.layer)
@@ -477,12 +500,10 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
         raise UserError("\n".join(problems))
     found = vectors.features_by_scene(labels, grids)
     missed = sorted(path.name for path, hits in found.items() if not len(hits))
-    if missed:
+    if missed and untouched is not None:
         print(f"note: {labels.where}: no polygon touches {_count(len(missed), 'image')} of "
-              f"{len(images)} ({_listing(missed)}); left out (manifest.json lists them), as "
-              "their labels would be all background (to train on a scene as background, draw "
-              "a class-0 polygon on it)")
-    if labels.repaired:
+              f"{len(images)} ({_listing(missed)}); {untouched}")
+    if labels.repaired and untouched is not None:
         print("note: " + repaired_note(labels.where, len(labels.repaired)))
     pairs = [Pair(stem=s, image=images[s], label=layer_file, label_layer=layer,
                   shared_label=True) for s in sorted(images) if images[s].name not in missed]

@@ -313,6 +313,9 @@ class Manifest:
     pixel_size_m: float | None = None  # of the examples (sources' x DOWNSAMPLE); None: unknown
     # Image files of images_dir without examples: a shared polygon layer touches none of them.
     left_out: list[str] = dataclasses.field(default_factory=list)
+    # Where the labels came from (labelsource.LabelSource.record): kind ("folder" or
+    # "layer"), path, layer and the label keys; None in datasets made before it was kept.
+    label_source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON-ready data (nested dataclasses as dicts)."""

@@ -469,6 +469,7 @@ def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -
 INFERENCE_KEYS = (
     *(f.name for f in dataclasses.fields(Config) if f.metadata["group"] == "segmentation"),
     "TILE_OVERLAP", "BATCH_SIZE", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS", "SET_GPU",
+    "LABEL_ATTRIBUTE", "LABEL_LAYER", "LABEL_PRIORITY",  # reading --labels
 )
 
 

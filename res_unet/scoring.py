@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from res_unet import metrics, pairing, postprocess, rasters, records
+from res_unet import metrics, pairing, postprocess, records
 from res_unet.atomic import write_atomic
-from res_unet.config import LabelRules
 from res_unet.errors import UserError
+from res_unet.labelsource import LabelSource
 from res_unet.predict import LABEL_NODATA, Segmenter
 from res_unet.progress import progress_bar, say
 from res_unet.runfolder import EVALUATION, ModelCard, inference_config, load_run, read_json
@@ -25,18 +25,6 @@ from res_unet.runfolder import EVALUATION, ModelCard, inference_config, load_run
 # shown at most this many pixels on its longer side.
 FIGURE_ROWS = 4
 FIGURE_MAX_SIDE = 512
-
-
-def read_truth(pair: pairing.Pair, rules: LabelRules, shape: tuple[int, int]) -> np.ndarray:
-    """The pair's label file as (H, W) uint8 class indices under ``rules`` (the config's
-    :attr:`~res_unet.config.Config.label_rules`); raises UserError unless it is ``shape``
-    (the image's, as rows and columns)."""
-    truth = pairing.prepare_label(rasters.read_label(pair.label), rules, pair.label)
-    if truth.shape != shape:
-        raise UserError(f"{pair.label}: label is {truth.shape[1]}x{truth.shape[0]} (WxH) but "
-                        f"its image {pair.image} is {shape[1]}x{shape[0]}; labels "
-                        "must cover their image pixel for pixel")
-    return truth
 
 
 def score_label(label: np.ndarray, truth: np.ndarray, n_classes: int,
@@ -56,7 +44,10 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     and for binary models choose the threshold there.
 
     The validation images are those the dataset manifest lists, read from the folders it
-    was built from, at full resolution against their full-resolution labels. Writes
+    was built from, at full resolution against their full-resolution labels, which come from
+    the label source the manifest records (:meth:`LabelSource.of_dataset`: a folder of
+    rasters or polygon layers, or one shared layer with its layer, attribute and rules),
+    read as make_tfrecords read them. Writes
     ``scenes`` into the run's evaluation.json and model card and, for binary models, sets
     the card's threshold to the scene-optimal one (so segmentation uses it by default).
     Returns the scene evaluation, or None (with a notice) when the dataset has no
@@ -65,19 +56,21 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     run_dir = Path(run_dir)
     manifest = records.read_manifest(data_dir)
     names = set(manifest.files["validation"])
-    images_dir, labels_dir = Path(manifest.images_dir), Path(manifest.labels_dir)
+    images_dir = Path(manifest.images_dir)
     if not names:
         return None
     cfg = inference_config([run_dir])
     try:
-        pairs = [p for p in pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK,
-                                               cfg.EXTRA_BAND_DIRS) if p.image.name in names]
+        source = LabelSource.of_dataset(manifest)
+        # The dataset's extra-band folders: the run's config is for segmenting new images.
+        pairs = [p for p in source.pairs(images_dir, manifest.config.get("EXTRA_BAND_DIRS", []),
+                                         untouched=None) if p.image.name in names]
     except UserError as exc:
         say(f"scene evaluation skipped: {str(exc).splitlines()[0]}")
         return None
     if len(pairs) != len(names):
         say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
-            f"longer in {images_dir}")
+            f"longer in {images_dir} or no longer labelled by {source.path}")
         return None
     model = load_run(run_dir)
     segmenter = Segmenter([model], cfg)
@@ -88,7 +81,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     pixels = 0
     for pair in progress_bar(pairs, enabled=progress):
         image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
-        truth = read_truth(pair, cfg.label_rules, image.shape[:2])
+        truth, _ = source.truth(pair, image.shape[:2])
         prob = segmenter.probabilities(image)
         pixels += truth.size
         valid = truth != cfg.IGNORE_CLASS if cfg.IGNORE_CLASS is not None else slice(None)

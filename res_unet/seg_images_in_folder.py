@@ -12,7 +12,8 @@ images: pixel coordinates x = column, y = -row, no CRS).
 Settings come from the run's config.json, then the segmentation keys of --config, then the
 flags below. Several --model folders form an ensemble (probabilities averaged). Images whose
 outputs exist are skipped (--overwrite redoes them); --shard i/n splits a folder across
-processes. With --labels DIR the predictions are scored into scores.csv.
+processes. With --labels (a folder of label rasters or polygon layers, or one polygon layer
+over many scenes) the predictions are scored into scores.csv.
 Exit status: 0 all done, 1 some images failed, 2 bad arguments or inputs.
 """
 
@@ -72,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder of train_resunet; repeat for an ensemble")
     parser.add_argument("--images", required=True, help="folder of images to segment")
     parser.add_argument("--out", required=True, help="folder for the outputs")
-    parser.add_argument("--labels", help="folder of labels: score the predictions")
+    parser.add_argument("--labels", metavar="PATH",
+                        help="labels to score the predictions against, as make_tfrecords "
+                             "takes them: a folder of label rasters or polygon layers "
+                             "(.gpkg .geojson .shp) named like the images, or one polygon "
+                             "layer file over many scenes (scenes it does not touch are not "
+                             "scored); LABEL_ATTRIBUTE, LABEL_PRIORITY and REMAP_CLASSES come "
+                             "from the run's config or --config")
+    parser.add_argument("--layer", metavar="NAME",
+                        help="with --labels: the layer holding the polygon labels in a file "
+                             "with several (LABEL_LAYER)")
     parser.add_argument("--config", help="JSON whose segmentation keys override the run's")
     parser.add_argument("--mode", choices=key_choices("INFER_MODE"), help="INFER_MODE")
     parser.add_argument("--tile-size", type=_tile_size, metavar="ROWS[,COLS]",
@@ -130,7 +140,7 @@ def _overrides(args: argparse.Namespace) -> dict:
              "THRESHOLD": args.threshold, "DO_CRF_REFINE": args.crf,
              "MEDIAN_FILTER_VALUE": args.median, "NODATA_ZERO": args.nodata_zero,
              "SCENE_PIXEL_SIZE": args.pixel_size, "VECTOR_FORMAT": args.vector,
-             "VECTOR_SIMPLIFY": args.simplify}
+             "VECTOR_SIMPLIFY": args.simplify, "LABEL_LAYER": args.layer}
     out = {k: v for k, v in flags.items() if v is not None}
     if args.rot90:
         out.setdefault("TESTTIMEAUG", True)
@@ -143,7 +153,10 @@ def _score(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, segment the folder, print a summary. Returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.layer is not None and args.labels is None:
+        parser.error("--layer names the layer of --labels; pass --labels LAYER_FILE too")
     run_config = Path(args.model[0]) / "config.json"
     if run_config.exists():
         select_devices(load_config(run_config).SET_GPU)

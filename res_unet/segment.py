@@ -50,6 +50,7 @@ from res_unet.atomic import (
 from res_unet.config import Config, key_choices
 from res_unet.errors import UserError
 from res_unet.folders import folder_lock, settings_lock
+from res_unet.labelsource import LabelSource
 from res_unet.predict import (
     FULL_MAX_VALUES,
     LABEL_NODATA,
@@ -270,7 +271,8 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 # VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
 # image without the file is simply redone.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME", "VECTOR_FORMAT", "MAX_ENLARGEMENT")
+                 "INFER_RUNTIME", "VECTOR_FORMAT", "LABEL_ATTRIBUTE", "LABEL_LAYER",
+                 "LABEL_PRIORITY", "MAX_ENLARGEMENT")
 # Keys added after the fingerprint's first version (with their defaults): in the fingerprint
 # only when not at their defaults, so that folders made before they existed still match.
 _ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
@@ -369,6 +371,9 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                    full_max_values: int = FULL_MAX_VALUES) -> dict[str, Any]:
     """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
 
+    ``labels_dir`` is a label source (:class:`res_unet.labelsource.LabelSource`, under
+    ``cfg``'s label keys): a folder of raster labels or per-scene polygon layers, or one
+    polygon layer over many scenes (scenes it does not touch are segmented, not scored).
     ``runs`` are run folders (or loaded models) forming an ensemble; ``cfg`` comes from
     :func:`res_unet.runfolder.inference_config`. Per image NAME: see :func:`output_paths`;
     polygons come with ``cfg.VECTOR_FORMAT`` (``geojson=True``, kept for older callers, is
@@ -408,8 +413,9 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
     index, count = shard
     vector = cfg.VECTOR_FORMAT or ("geojson" if geojson else None)
-    if labels_dir is not None:
-        pairs = pairing.find_pairs(images_dir, labels_dir, cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
+    source = None if labels_dir is None else LabelSource.from_config(labels_dir, cfg)
+    if source is not None:
+        pairs = source.scenes(images_dir, cfg.EXTRA_BAND_DIRS)
     else:
         pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
     pairs = pairs[index::count]
@@ -462,11 +468,11 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         except problems as exc:
             failures.append(_problem(pair.image, exc, "failed"))
             continue
-        if pair.label is None:
+        if source is None or pair.label is None:
             continue
         # The image is segmented; a label that cannot be used only leaves it unscored.
         try:
-            truth = scoring.read_truth(pair, cfg.label_rules, label.shape)
+            truth, _ = source.truth(pair, label.shape)
         except problems as exc:
             unscored.append(_problem(pair.label, exc, "not scored"))
             continue

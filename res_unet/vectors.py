@@ -118,7 +118,7 @@ def _layer_name(path: Path, layer: str | None) -> tuple[str, bool]:
     if len(layers) > 1:
         raise UserError(f"{path}: holds {len(layers)} layers ({_listing(layers)}); name the "
                         "one that holds the labels with LABEL_LAYER in the config (or "
-                        "make_tfrecords --layer)")
+                        "--layer NAME)")
     if not layers:
         raise UserError(f"{path}: holds no layer with geometries; save the label polygons "
                         "into it from QGIS")

@@ -31,7 +31,7 @@ LAYERS = [
     ["scale", "vectors", "polygons", "cog"],
     ["rasters"],
     ["pairing", "writers"],
-    ["augment", "split", "report"],
+    ["labelsource", "augment", "split", "report"],
     ["records"],
     ["dataset"],
     ["models", "losses", "metrics", "schedule", "ov_runtime"],

@@ -14,6 +14,7 @@ import pytest
 from helpers import BAND_MEAN, BAND_STD, TILE, make_config, pixel_model, pixel_prob, write_run
 
 from res_unet import (
+    LabelSource,
     LoadedModel,
     atomic,
     load_run,
@@ -416,12 +417,13 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     result = scoring.evaluate_scenes(run, tiny_dataset, progress=False)
     assert result is not None and result["images"] == len(manifest.files["validation"])
     assert result["tta"] is True
-    pairs = [p for p in pairing.find_pairs(manifest.images_dir, manifest.labels_dir)
+    labels = LabelSource.of_dataset(manifest)
+    pairs = [p for p in labels.pairs(manifest.images_dir)
              if p.image.name in manifest.files["validation"]]
     counts = 0
     for pair in pairs:
         image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
-        truth = scoring.read_truth(pair, cfg.label_rules, image.shape[:2])
+        truth, _ = labels.truth(pair, image.shape[:2])
         counts = counts + metrics.threshold_counts(truth, pixel_prob(image, 0.03, 110.0)[..., 0])
     best, ious = metrics.threshold_from_counts(counts)
     assert result["optimal_threshold"] == best

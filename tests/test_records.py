@@ -209,7 +209,8 @@ MANIFEST_KEYS = [
     "files", "label_files", "images_dir", "labels_dir", "empty_tiles_dropped",
     "class_pixel_counts", "class_pixel_frequency", "band_mean", "band_std", "n_bands",
     "n_label_classes", "nclasses", "target_size", "dtype", "fit_mode", "downsample",
-    "compression", "shards", "samples_figure", "config", "pixel_size_m", "left_out"]
+    "compression", "shards", "samples_figure", "config", "pixel_size_m", "left_out",
+    "label_source"]
 
 
 def test_manifest_file_is_the_typed_manifest(tmp_path):
@@ -223,6 +224,11 @@ def test_manifest_file_is_the_typed_manifest(tmp_path):
     assert list(data) == MANIFEST_KEYS
     assert list(data["counts"]["train"]) == ["images", "examples", "unaugmented"]
     assert list(data["shards"]["train"][0]) == ["file", "count", "sha256"]
+    assert data["label_source"] == {
+        "kind": "folder", "path": str((sources / "labels").resolve()), "layer": None,
+        "USEMASK": False, "NCLASSES": 1, "CLASS_NAMES": [], "REMAP_CLASSES": {},
+        "IGNORE_CLASS": None, "LABEL_ATTRIBUTE": None, "LABEL_LAYER": None,
+        "LABEL_PRIORITY": []}
     manifest = records.read_manifest(tmp_path / "ds")
     assert manifest == built
     assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text

@@ -227,7 +227,7 @@ def test_label_of_another_size_leaves_that_image_unscored(run, images, tmp_path,
     unscored = [line for line in captured.err.splitlines() if line.startswith("not scored:")]
     assert len(unscored) == 1 and not [line for line in captured.err.splitlines()
                                        if line.startswith("failed:")]
-    assert "b.png: label is 10x10 (WxH)" in unscored[0] and "is 90x70" in unscored[0]
+    assert "b.png: label size 10x10 (WxH)" in unscored[0] and "(90x70)" in unscored[0]
     assert "3 done, 0 skipped (already done), 0 failed, 1 not scored" in captured.out
     assert (out / "b_predseg.png").exists()
     with open(out / "scores.csv") as fh:
@@ -678,3 +678,11 @@ def test_the_command_says_which_runtime_it_used(run, images, tmp_path, capsys):
     assert seg("--model", run, "--images", images, "--out", tmp_path / "b",
                "--runtime", "tensorflow") == 0
     assert "runtime: tensorflow\n" in capsys.readouterr().err
+
+
+def test_layer_without_labels_is_a_usage_error(run, images, tmp_path, capsys):
+    assert seg("--model", run, "--images", images, "--out", tmp_path / "out",
+               "--layer", "lakes") == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: command line: --layer names the layer of --labels; pass --labels LAYER_FILE "
+        "too (see seg_images_in_folder --help)")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import shared_data
 
+import res_unet
 from res_unet import metrics, pairing, predict, rasters, runfolder, scoring, segment, writers
 from res_unet.demo import synthesize_scene
 from res_unet.split import split_pairs
@@ -66,7 +67,8 @@ def test_shipped_model_on_held_out_real_scenes(name):
     source = shared_data(folder)
     run = WEIGHTS / name
     cfg = runfolder.inference_config([run])
-    pairs = pairing.find_pairs(source / "images", source / "labels", cfg.USEMASK)
+    labels = res_unet.LabelSource.from_config(source / "labels", cfg)
+    pairs = labels.pairs(source / "images")
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
     validation = validation or pairs
     segmenter = predict.Segmenter([runfolder.load_run(run)], cfg)
@@ -74,7 +76,7 @@ def test_shipped_model_on_held_out_real_scenes(name):
     cm = np.zeros((n, n), np.int64)
     for pair in validation[::max(1, len(validation) // count)][:count]:
         image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
-        truth = scoring.read_truth(pair, cfg.label_rules, image.shape[:2])
+        truth, _ = labels.truth(pair, image.shape[:2])
         cm += scoring.score_label(segmenter.segment(image), truth, n, cfg.IGNORE_CLASS)
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     value = scores["iou"][1] if score == "water_iou" else scores["mean_iou"]
