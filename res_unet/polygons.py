@@ -25,6 +25,7 @@ from rasterio.features import shapes
 from rasterio.transform import Affine
 
 from res_unet.atomic import atomic_path
+from res_unet.vector_files import load_pyogrio
 
 _DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
@@ -89,7 +90,7 @@ def _layer_safe(name: str) -> str:
 
 def _write_layer(path: Path, driver: str, layer: str, polygons: ClassPolygons, crs: Any,
                  append: bool, description: str | None) -> None:
-    import pyogrio.raw
+    pyogrio = load_pyogrio()  # not a plain import: TensorFlow's SQLite would stand in
 
     multi = any(shapely.get_type_id(g) == shapely.GeometryType.MULTIPOLYGON
                 for g in polygons.geometries)
