@@ -21,7 +21,7 @@ import shapely
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
-from test_vectors import X0, Y0, make_image, pixel_box, write_layer
+from test_vectors import MARS, X0, Y0, make_image, pixel_box, write_layer
 
 from res_unet import vector_files
 from res_unet.errors import UserError
@@ -121,10 +121,6 @@ def test_remap_applies_to_attribute_values_and_is_checked_after(tmp_path):
 
 
 # A CRS with no transformation ---------------------------------------------------------------
-
-MARS = ('GEOGCS["Mars 2000",DATUM["D_Mars_2000",SPHEROID["Mars_2000_IAU_IAG",3396190.0,'
-        '169.89444722361179]],PRIMEM["Greenwich",0],UNIT["Decimal_Degree",0.0174532925199433]]')
-
 
 def test_a_crs_with_no_transformation_to_the_scene_is_one_line(tmp_path):
     layer = write_layer(tmp_path / "mars.gpkg", [shapely.box(10, 10, 11, 11)], crs=MARS)

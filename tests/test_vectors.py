@@ -32,6 +32,9 @@ from res_unet.vectors import (
 
 UTM = "EPSG:32633"
 X0, Y0, PX = 500_000.0, 6_650_000.0, 2.0  # top-left corner and pixel size of scene A (m)
+# A CRS PROJ has no transformation to or from any Earth CRS.
+MARS = ('GEOGCS["Mars 2000",DATUM["D_Mars_2000",SPHEROID["Mars_2000_IAU_IAG",3396190.0,'
+        '169.89444722361179]],PRIMEM["Greenwich",0],UNIT["Decimal_Degree",0.0174532925199433]]')
 
 
 def make_image(path: Path, x0: float = X0, y0: float = Y0, shape=(50, 60),
