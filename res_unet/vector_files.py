@@ -197,12 +197,16 @@ def _polygonal_part(geometry: Any) -> Any:
     return shapely.union_all(parts) if parts else shapely.Polygon()
 
 
+def _size_text(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
 def _check_size(path: Path) -> None:
     """Refuse a GeoJSON larger than :data:`MAX_GEOJSON_BYTES` (no spatial index)."""
     size = path.stat().st_size
     if path.suffix.lower() == ".geojson" and size > MAX_GEOJSON_BYTES:
-        raise UserError(f"{path}: {size / 1e6:.0f} MB of GeoJSON, more than the "
-                        f"{MAX_GEOJSON_BYTES / 1e6:.0f} MB res_unet reads: GeoJSON has no "
+        raise UserError(f"{path}: {_size_text(size)} of GeoJSON, more than the "
+                        f"{_size_text(MAX_GEOJSON_BYTES)} res_unet reads: GeoJSON has no "
                         "spatial index, so every process would parse all of it to find the "
                         "polygons over the scenes; convert it once to a GeoPackage, which "
                         f"has one (ogr2ogr -f GPKG {path.with_suffix('.gpkg').name} "

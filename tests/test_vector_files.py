@@ -181,7 +181,7 @@ def test_scene_area_in_lon_lat_holds_the_scene_with_a_margin_and_no_more():
 def test_a_large_geojson_is_refused_with_the_conversion(tmp_path, monkeypatch):
     layer = write_layer(tmp_path / "survey.geojson", [pixel_box(0, 0, 10, 10)])
     monkeypatch.setattr(vector_files, "MAX_GEOJSON_BYTES", 100)
-    with pytest.raises(UserError, match=r"survey\.geojson: 0 MB of GeoJSON, more than the 0 MB "
+    with pytest.raises(UserError, match=r"survey\.geojson: \d kB of GeoJSON, more than the 0 kB "
                                         r"res_unet reads: GeoJSON has no spatial index.*"
                                         r"ogr2ogr -f GPKG survey\.gpkg survey\.geojson"):
         read_vector_labels(layer)
