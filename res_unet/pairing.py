@@ -192,13 +192,15 @@ def prepare_label(label: np.ndarray, rules: LabelRules, path: str | os.PathLike
                   ) -> np.ndarray:
     """Turn a raw (H, W) uint8 label into class indices 0..rules.n_label_classes-1.
 
-    Applies REMAP_CLASSES (``rules.remap``) first; then, for binary models (NCLASSES=1), a
-    0/255 mask becomes 0/1 with a printed note. Raises UserError naming ``path``, the values
-    found and the fix when a value is not a class (IGNORE_CLASS is allowed). Returns (H, W)
-    uint8 (the input itself when nothing changed).
+    Applies REMAP_CLASSES (``rules.remap``) first, except to a polygon label (``path`` a
+    vector file), burnt with its polygons' values remapped already, so that the pixels no
+    polygon covers stay background (:func:`burn_pair_label`); then, for binary models
+    (NCLASSES=1), a 0/255 mask becomes 0/1 with a printed note. Raises UserError naming
+    ``path``, the values found and the fix when a value is not a class (IGNORE_CLASS is
+    allowed). Returns (H, W) uint8 (the input itself when nothing changed).
     """
     path = Path(path)
-    if rules.remap:
+    if rules.remap and not vectors.is_vector_path(path):
         lut = np.arange(256, dtype=np.uint8)
         for key, value in rules.remap.items():
             if 0 <= int(key) <= 255:
@@ -309,7 +311,6 @@ def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
     facts = None
     if vectors.is_vector_path(pair.label):
         label, facts = burn_pair_label(pair, polygons or PolygonRules())
-        rules = dataclasses.replace(rules, remap={})  # remapped before burning
     else:
         label = read_label(pair.label)
     if label.shape != image.shape[:2]:

@@ -18,8 +18,9 @@ import shapely
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
 
+from res_unet.config import LabelRules
 from res_unet.errors import UserError
-from res_unet.pairing import PolygonRules, burn_pair_label, find_pairs
+from res_unet.pairing import PolygonRules, burn_pair_label, find_pairs, prepare_label
 from res_unet.vectors import (
     SceneGrid,
     burn_labels,
@@ -342,3 +343,17 @@ def test_a_pairs_layer_reads_classifies_and_burns_in_one_call(tmp_path):
     assert label[5, 5] == 2 and label[5, 25] == 1
     assert facts.summary() == ("scene.tif: 2 of 2 polygons from " + str(layer)
                                + "; class 0 93.3 %, class 1 3.3 %, class 2 3.3 %")
+
+
+def test_remap_reaches_the_polygons_values_not_the_uncovered_pixels(tmp_path):
+    make_image(tmp_path / "scene.tif")
+    write_layer(tmp_path / "scene.gpkg", [pixel_box(0, 0, 10, 10), pixel_box(20, 0, 30, 10)],
+                code=np.array([0, 1]))
+    rules = PolygonRules(attribute="code", n_classes=3, nclasses=3, remap=((0, 1), (1, 2)))
+    [pair] = find_pairs(tmp_path, tmp_path, polygons=rules)
+    label, facts = burn_pair_label(pair, rules)
+    assert (label[5, 5], label[5, 25], label[30, 30]) == (1, 2, 0)
+    assert facts.class_pixels == {0: 3000 - 200, 1: 100, 2: 100}
+    # The label rules' remap is not applied a second time to a polygon label.
+    checked = prepare_label(label, LabelRules(3, {"0": 1, "1": 2}), pair.label)
+    np.testing.assert_array_equal(checked, label)
