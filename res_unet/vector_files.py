@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")
 # GeoJSON has no spatial index: every process that reads it parses the whole file (twice:
 # GDAL's first pass learns the fields). Above this size the fix is a GeoPackage.
-MAX_GEOJSON_BYTES = 1 << 30
+MAX_GEOJSON_BYTES = 1_000_000_000
 _POLYGONAL = {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}
 _MAX_LISTED = 8
 
