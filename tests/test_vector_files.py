@@ -204,6 +204,7 @@ def _with_spatial_view(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a fresh process that imports TensorFlow: 10-20 s
 def test_a_geopackage_with_a_spatial_view_reads_after_tensorflow(tmp_path):
     # TensorFlow exports an SQLite of its own; pyogrio's GDAL bound to it crashed (SIGSEGV)
     # listing the layers of such a file. A fresh process, TensorFlow imported first.
