@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = dataset.make_dataset(cfg, args.images, args.labels, args.out,
                                     workers=args.workers, overwrite=args.overwrite)
     print(records.dataset_summary(manifest, args.out))
+    warning = records.empty_classes_warning(manifest)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -65,6 +65,8 @@ class Pair:
     # Polygon labels: the layer to read (None: the only one); one layer over many scenes?
     label_layer: str | None = None
     shared_label: bool = False
+    # A shared layer: the scenes whose features are read (the same for every pair).
+    label_area: vectors.SceneArea | None = None
 
     @property
     def label_name(self) -> str | None:
@@ -86,14 +88,21 @@ class PolygonRules:
     n_classes: int = 2
     class_names: tuple[str, ...] = ()
     nclasses: int = 1
-    remapped: bool = False  # REMAP_CLASSES is set: attribute values are raw label values
+    # REMAP_CLASSES as (attribute value, class) pairs: applied to the polygons' values, so
+    # the pixels no polygon covers stay background (0) whatever it maps.
+    remap: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config) -> PolygonRules:
         """The rules of a config."""
         return cls(cfg.LABEL_ATTRIBUTE, cfg.LABEL_LAYER, tuple(cfg.LABEL_PRIORITY) or None,
                    cfg.n_label_classes, tuple(cfg.CLASS_NAMES), cfg.NCLASSES,
-                   bool(cfg.REMAP_CLASSES))
+                   tuple(sorted((int(k), int(v)) for k, v in cfg.REMAP_CLASSES.items())))
+
+    @property
+    def remapped(self) -> bool:
+        """Whether REMAP_CLASSES is set."""
+        return bool(self.remap)
 
     def check_attribute(self, label_file: Path) -> None:
         """Raise UserError when the classes need an attribute and none is named."""
@@ -106,30 +115,33 @@ class PolygonRules:
 
 @functools.lru_cache(maxsize=8)
 def _read_polygons(key: tuple[str, int, int], layer: str | None, rules: PolygonRules,
-                   crs_wkt: str | None) -> tuple[vectors.VectorLabels, np.ndarray]:
-    """:func:`read_polygons` once per process, file version (``key``) and CRS."""
+                   crs_wkt: str | None, within: vectors.SceneArea | None
+                   ) -> tuple[vectors.VectorLabels, np.ndarray]:
+    """:func:`read_polygons` once per process, file version (``key``), CRS and area."""
     if crs_wkt is not None:
-        labels, classes = _read_polygons(key, layer, rules, None)
+        labels, classes = _read_polygons(key, layer, rules, None, within)
         crs = CRS.from_wkt(crs_wkt)
         return dataclasses.replace(labels, crs=crs, geometries=vectors.to_crs(
-            labels.geometries, labels.crs, crs)), classes
-    labels = vectors.read_vector_labels(key[0], layer=layer, attribute=rules.attribute)
-    # With REMAP_CLASSES the attribute holds raw values 0..255, checked after the remap.
-    n = 256 if rules.remapped else rules.n_classes
-    return labels, vectors.class_indices(labels, rules.attribute, n, rules.class_names)
+            labels.geometries, labels.crs, crs, labels.where)), classes
+    labels = vectors.read_vector_labels(key[0], layer=layer, attribute=rules.attribute,
+                                        within=within)
+    return labels, vectors.class_indices(labels, rules.attribute, rules.n_classes,
+                                         rules.class_names, dict(rules.remap))
 
 
 def read_polygons(path: str | os.PathLike, layer: str | None, rules: PolygonRules,
-                  crs: CRS | None = None) -> tuple[vectors.VectorLabels, np.ndarray]:
-    """A polygon label layer and each feature's class index (uint8), reprojected to ``crs``
-    when given; cached, so that a process reads a file once (while it is unchanged). Raises
-    UserError as :func:`res_unet.vectors.read_vector_labels` and ``class_indices``."""
+                  crs: CRS | None = None, within: vectors.SceneArea | None = None
+                  ) -> tuple[vectors.VectorLabels, np.ndarray]:
+    """A polygon label layer and each feature's class index (uint8, REMAP_CLASSES applied),
+    reprojected to ``crs`` when given; ``within``: only the features over these scenes.
+    Cached, so that a process reads a file once (while it is unchanged). Raises UserError
+    as :func:`res_unet.vectors.read_vector_labels` and ``class_indices``."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such label file; check the labels path")
     stat = path.stat()
     return _read_polygons((str(path.resolve()), stat.st_mtime_ns, stat.st_size), layer, rules,
-                          None if crs is None else crs.to_wkt())
+                          None if crs is None else crs.to_wkt(), within)
 
 
 def repaired_note(where: str, n: int) -> str:
@@ -140,13 +152,16 @@ def repaired_note(where: str, n: int) -> str:
 
 def burn_pair_label(pair: Pair, rules: PolygonRules
                     ) -> tuple[np.ndarray, vectors.LabelFacts]:
-    """A pair's polygon label burnt onto its image's grid: (H, W) uint8 raw values (before
-    REMAP_CLASSES), and what was found. Raises UserError for an image without georeferencing,
-    a layer without a CRS, classes outside the config's, and no polygon on the image."""
+    """A pair's polygon label burnt onto its image's grid: (H, W) uint8 class indices
+    (REMAP_CLASSES applied to the polygons' values; 0 where none lies), and what was found.
+    Only the features over the image (or, for a shared layer, over all its scenes) are
+    read. Raises UserError for an image without georeferencing, a layer without a CRS,
+    classes outside the config's, and no polygon on the image."""
     assert pair.label is not None
     grid = vectors.SceneGrid.of_file(pair.image)
     vectors.require_georeferenced(grid, pair.label)
-    labels, classes = read_polygons(pair.label, pair.label_layer, rules, grid.crs)
+    within = pair.label_area or vectors.SceneArea.of_grids([grid])
+    labels, classes = read_polygons(pair.label, pair.label_layer, rules, grid.crs, within)
     return vectors.burn_labels(labels, classes, grid, priority=rules.priority)
 
 
@@ -178,13 +193,15 @@ def prepare_label(label: np.ndarray, rules: LabelRules, path: str | os.PathLike
                   ) -> np.ndarray:
     """Turn a raw (H, W) uint8 label into class indices 0..rules.n_label_classes-1.
 
-    Applies REMAP_CLASSES (``rules.remap``) first; then, for binary models (NCLASSES=1), a
-    0/255 mask becomes 0/1 with a printed note. Raises UserError naming ``path``, the values
-    found and the fix when a value is not a class (IGNORE_CLASS is allowed). Returns (H, W)
-    uint8 (the input itself when nothing changed).
+    Applies REMAP_CLASSES (``rules.remap``) first, except to a polygon label (``path`` a
+    vector file), burnt with its polygons' values remapped already, so that the pixels no
+    polygon covers stay background (:func:`burn_pair_label`); then, for binary models
+    (NCLASSES=1), a 0/255 mask becomes 0/1 with a printed note. Raises UserError naming
+    ``path``, the values found and the fix when a value is not a class (IGNORE_CLASS is
+    allowed). Returns (H, W) uint8 (the input itself when nothing changed).
     """
     path = Path(path)
-    if rules.remap:
+    if rules.remap and not vectors.is_vector_path(path):
         lut = np.arange(256, dtype=np.uint8)
         for key, value in rules.remap.items():
             if 0 <= int(key) <= 255:
@@ -483,13 +500,12 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
     images_dir, layer_file = Path(images_dir), Path(layer_file)
     polygons.check_attribute(layer_file)
     layer = vectors.layer_name(layer_file, polygons.layer)
-    labels, _ = read_polygons(layer_file, layer, polygons)
     images = _by_stem(_scan_folder(images_dir, "images"), images_dir, "image")
     grids, problems = [], []
     for stem in sorted(images):
         try:
             grid = vectors.SceneGrid.of_file(images[stem])
-            vectors.require_georeferenced(grid, labels.where)
+            vectors.require_georeferenced(grid, layer_file)
         except rasterio.errors.RasterioIOError:
             continue  # not an image: the checks report it with their words
         except UserError as exc:
@@ -498,6 +514,8 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
         grids.append(grid)
     if problems:
         raise UserError("\n".join(problems))
+    area = vectors.SceneArea.of_grids(grids)
+    labels, _ = read_polygons(layer_file, layer, polygons, within=area)
     found = vectors.features_by_scene(labels, grids)
     missed = sorted(path.name for path, hits in found.items() if not len(hits))
     if missed and untouched is not None:
@@ -506,7 +524,8 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
     if labels.repaired and untouched is not None:
         print("note: " + repaired_note(labels.where, len(labels.repaired)))
     pairs = [Pair(stem=s, image=images[s], label=layer_file, label_layer=layer,
-                  shared_label=True) for s in sorted(images) if images[s].name not in missed]
+                  shared_label=True, label_area=area)
+             for s in sorted(images) if images[s].name not in missed]
     _attach_extra_bands(pairs, extra_band_dirs)
     return pairs
 

@@ -40,6 +40,7 @@ from rasterio.transform import Affine
 from rasterio.warp import transform as transform_xy
 
 from res_unet.atomic import atomic_path
+from res_unet.vector_files import load_pyogrio
 
 _DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 # "a" and "1/f" of a WKT ellipsoid (WKT1 SPHEROID or WKT2 ELLIPSOID).
@@ -151,7 +152,7 @@ def _layer_safe(name: str) -> str:
 
 def _write_layer(path: Path, driver: str, layer: str, polygons: ClassPolygons, crs: Any,
                  append: bool, description: str | None) -> None:
-    import pyogrio.raw
+    pyogrio = load_pyogrio()  # not a plain import: TensorFlow's SQLite would stand in
 
     options = {} if description is None else {"DESCRIPTION": description}
     if driver == "GeoJSON" and crs is not None:

@@ -1,10 +1,11 @@
 """Polygon labels as users draw them in QGIS: read a layer, put it on an image's grid.
 
 A label layer is a GeoPackage, GeoJSON or Shapefile of polygons (:data:`VECTOR_SUFFIXES`),
-read with pyogrio. Its features become class indices through one attribute (integer class
-indices, or class names looked up in the list of class names), or are all class 1 when no
-attribute is named (binary labels). They are reprojected to the image's CRS and burnt onto
-its grid as an (H, W) uint8 label map, 0 (background) where no polygon lies.
+read by :mod:`res_unet.vector_files` (whose names are re-exported here). Its features
+become class indices through one attribute (integer class indices, or class names looked
+up in the list of class names), or are all class 1 when no attribute is named (binary
+labels). They are reprojected to the image's CRS and burnt onto its grid as an (H, W)
+uint8 label map, 0 (background) where no polygon lies.
 
 Rules, fixed here once:
 
@@ -18,8 +19,17 @@ Rules, fixed here once:
   **repaired** with ``shapely.make_valid`` (method "structure", which keeps only the
   polygonal area and drops collapsed lines and points) and counted: the count travels in
   :class:`LabelFacts` for the command to report. ``strict=True`` refuses them instead.
+- Classes: REMAP_CLASSES maps the attribute's numeric values (:func:`class_indices`);
+  pixels no polygon covers are class 0 whatever the remapping (to give them another class,
+  draw a polygon of that class under the others).
 - Reprojection moves vertices (``rasterio.warp.transform``, the image CRS being the target);
-  edges are not densified, as QGIS draws them when it reprojects on the fly.
+  edges are not densified, as QGIS draws them when it reprojects on the fly. A CRS with no
+  transformation to the image's is one line, not PROJ's traceback.
+- Only the features over the scenes are read, when they are known (:class:`SceneArea`,
+  pyogrio's ``mask`` filter in the layer's CRS).
+- The label of a scene's own file must hold a polygon on the scene: an empty layer, or one
+  whose polygons all miss the scene, is refused (a wrong CRS, a wrong pairing, or an
+  unlabelled scene that would train as all background).
 
 Pairing images with layers is :mod:`res_unet.pairing`'s (``NAME.tif`` takes ``NAME.gpkg``,
 ``.geojson`` or ``.shp``; or one vector file covers many scenes, and
@@ -28,180 +38,46 @@ Pairing images with layers is :mod:`res_unet.pairing`'s (``NAME.tif`` takes ``NA
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import rasterio.errors
+import rasterio.warp
 import shapely
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.features import rasterize
 from rasterio.transform import Affine
 from rasterio.warp import transform as warp_coords
 
 from res_unet.errors import UserError, listing
+from res_unet.vector_files import (
+    MAX_GEOJSON_BYTES,
+    VECTOR_SUFFIXES,
+    VectorLabels,
+    bounds_text,
+    crs_text,
+    is_vector_path,
+    layer_extent,
+    layer_name,
+    read_vector_labels,
+)
 
-VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")
-_POLYGONAL = {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}
+__all__ = ["MAX_GEOJSON_BYTES", "VECTOR_SUFFIXES", "LabelFacts", "SceneArea", "SceneGrid",
+           "VectorLabels", "burn_labels", "class_indices", "features_by_scene",
+           "is_vector_path", "layer_extent", "layer_name", "rasterize_classes",
+           "read_vector_labels", "require_georeferenced", "to_crs"]
 _MAX_LISTED = 8
 
 
 def _listing(values: Sequence[Any]) -> str:
     return listing(values, _MAX_LISTED)
-
-
-# Reading ------------------------------------------------------------------------------------
-
-@dataclass
-class VectorLabels:
-    """The polygons of one label layer, in the layer's own CRS.
-
-    ``geometries`` holds shapely Polygons/MultiPolygons (valid, non-empty), ``fids`` their
-    feature ids in the file, ``attributes`` the attribute columns read (one array each,
-    aligned with ``geometries``). ``repaired`` lists the fids that ``make_valid`` repaired;
-    ``skipped`` counts features without a geometry (or left empty by the repair).
-    ``layer`` is the layer's name when the file holds several (None otherwise).
-    """
-
-    path: Path
-    layer: str | None
-    crs: CRS
-    geometries: np.ndarray
-    fids: np.ndarray
-    attributes: dict[str, np.ndarray] = field(default_factory=dict)
-    repaired: list[int] = field(default_factory=list)
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.geometries)
-
-    @property
-    def where(self) -> str:
-        """The file (and layer) in user messages."""
-        return f"{self.path}" + (f" (layer {self.layer})" if self.layer else "")
-
-    def subset(self, indices: np.ndarray) -> VectorLabels:
-        """The features at ``indices`` (positions, not fids), everything else kept."""
-        indices = np.asarray(indices, dtype=np.intp)
-        kept = set(self.fids[indices].tolist())
-        return VectorLabels(self.path, self.layer, self.crs, self.geometries[indices],
-                            self.fids[indices],
-                            {k: v[indices] for k, v in self.attributes.items()},
-                            [f for f in self.repaired if f in kept], self.skipped)
-
-
-def is_vector_path(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a vector label file by its suffix (:data:`VECTOR_SUFFIXES`)."""
-    return Path(path).suffix.lower() in VECTOR_SUFFIXES
-
-
-def _layer_name(path: Path, layer: str | None) -> tuple[str, bool]:
-    """The layer to read and whether messages should name it (the file has several)."""
-    import pyogrio
-    import pyogrio.errors
-
-    try:
-        # Tables without geometry (QGIS keeps its styles in "layer_styles") are no labels.
-        layers = [str(name) for name, kind in pyogrio.list_layers(path) if kind is not None]
-    except pyogrio.errors.DataSourceError as exc:
-        raise UserError(f"{path}: cannot be read as a vector layer ({exc}); save it from "
-                        "QGIS as a GeoPackage, GeoJSON or Shapefile") from None
-    if layer is not None:
-        if layer not in layers:
-            raise UserError(f"{path}: has no layer {layer!r}; its layers are "
-                            f"{_listing(layers)}: set LABEL_LAYER (or --layer) to one of them")
-        return layer, len(layers) > 1
-    if len(layers) > 1:
-        raise UserError(f"{path}: holds {len(layers)} layers ({_listing(layers)}); name the "
-                        "one that holds the labels with LABEL_LAYER in the config (or "
-                        "--layer NAME)")
-    if not layers:
-        raise UserError(f"{path}: holds no layer with geometries; save the label polygons "
-                        "into it from QGIS")
-    return layers[0], False
-
-
-def layer_name(path: str | os.PathLike, layer: str | None = None) -> str:
-    """The name of the layer :func:`read_vector_labels` reads from ``path`` with ``layer``
-    (the file's only layer when None); raises UserError as it does."""
-    return _layer_name(Path(path), layer)[0]
-
-
-def _polygonal_part(geometry: Any) -> Any:
-    """The polygonal part of a repaired geometry (make_valid may return a collection)."""
-    if shapely.get_type_id(geometry) in _POLYGONAL:
-        return geometry
-    parts = [p for p in shapely.get_parts(geometry) if shapely.get_type_id(p) in _POLYGONAL]
-    return shapely.union_all(parts) if parts else shapely.Polygon()
-
-
-def read_vector_labels(path: str | os.PathLike, layer: str | None = None,
-                       attribute: str | None = None, strict: bool = False) -> VectorLabels:
-    """Read a polygon label layer (GeoPackage, GeoJSON, Shapefile) with pyogrio.
-
-    ``layer`` names the layer in a multi-layer file (required when there are several);
-    ``attribute`` is the column read along with the geometries (the class column), none
-    when labels are binary. Invalid polygons are repaired with ``make_valid`` and their fids
-    listed in ``repaired``; with ``strict`` they raise instead. Raises UserError for an
-    unreadable file, a missing layer or attribute, a layer without a CRS and non-polygon
-    features (points, lines).
-    """
-    import pyogrio
-    import pyogrio.raw
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such label file; check the labels path")
-    layer, named = _layer_name(path, layer)
-    info = pyogrio.read_info(path, layer=layer)
-    where = f"{path}" + (f" (layer {layer})" if named else "")
-    fields = [str(f) for f in info["fields"]]
-    if attribute is not None and attribute not in fields:
-        raise UserError(f"{where}: has no attribute {attribute!r}; its attributes are "
-                        f"{_listing(fields) or 'none'}: set LABEL_ATTRIBUTE to the one that "
-                        "holds the class")
-    if not info["crs"]:
-        raise UserError(f"{where}: the layer has no CRS, so it cannot be placed on the "
-                        "images; in QGIS set it (Layer > Set CRS of Layer) and save again, "
-                        "or keep the .prj beside a Shapefile")
-    meta, fids, wkb, columns = pyogrio.raw.read(
-        path, layer=layer, columns=[] if attribute is None else [attribute], force_2d=True,
-        return_fids=True)
-    geometries = shapely.from_wkb(wkb) if wkb is not None else np.full(len(fids), None)
-    attributes = {str(name): np.asarray(col)
-                  for name, col in zip(meta["fields"], columns, strict=True)}
-
-    keep = np.zeros(len(geometries), dtype=bool)
-    repaired: list[int] = []
-    out = np.empty(len(geometries), dtype=object)
-    for i, geometry in enumerate(geometries):
-        if geometry is None or shapely.is_empty(geometry):
-            continue
-        kind = shapely.get_type_id(geometry)
-        if kind not in _POLYGONAL and kind != shapely.GeometryType.GEOMETRYCOLLECTION:
-            raise UserError(f"{where}: feature {fids[i]} is a "
-                            f"{geometry.geom_type}, not a polygon; "
-                            "labels must be polygons (buffer lines or points in QGIS first)")
-        if not shapely.is_valid(geometry):
-            if strict:
-                raise UserError(f"{where}: feature {fids[i]} is an invalid polygon "
-                                f"({shapely.is_valid_reason(geometry)}); fix it in QGIS "
-                                "(Vector > Geometry Tools > Fix Geometries)")
-            geometry = shapely.make_valid(geometry, method="structure", keep_collapsed=False)
-            repaired.append(int(fids[i]))
-        geometry = _polygonal_part(geometry)
-        if shapely.is_empty(geometry):
-            continue
-        out[i] = geometry
-        keep[i] = True
-    return VectorLabels(path, layer if named else None, CRS.from_user_input(meta["crs"]),
-                        out[keep], np.asarray(fids)[keep],
-                        {k: v[keep] for k, v in attributes.items()}, repaired,
-                        int((~keep).sum()))
 
 
 # Classes -------------------------------------------------------------------------------------
@@ -211,14 +87,18 @@ def _is_null(value: Any) -> bool:
 
 
 def class_indices(labels: VectorLabels, attribute: str | None, n_classes: int,
-                  class_names: Sequence[str] | None = None) -> np.ndarray:
+                  class_names: Sequence[str] | None = None,
+                  remap: Mapping[int, int] | None = None) -> np.ndarray:
     """Each feature's class index (uint8, aligned with ``labels.geometries``).
 
     No ``attribute``: every polygon is class 1 (binary labels). Otherwise the attribute holds
     integer class indices 0..n_classes-1, or class names found in ``class_names`` (class
-    ``i`` is ``class_names[i]``; matched ignoring case and surrounding spaces). ``n_classes``
-    counts the label values, background included (2 for a binary model). Raises UserError
-    naming a value outside the classes, and the allowed ones, or a feature without a value.
+    ``i`` is ``class_names[i]``; matched ignoring case and surrounding spaces). ``remap``
+    (REMAP_CLASSES: value -> class) maps the numeric values first, so the attribute may hold
+    codes of its own; it never applies to the pixels no polygon covers, which stay class 0.
+    ``n_classes`` counts the label values, background included (2 for a binary model).
+    Raises UserError naming a value outside the classes (infinite ones included), and the
+    allowed ones, or a feature without a value.
     """
     if attribute is None:
         return np.ones(len(labels), dtype=np.uint8)
@@ -238,18 +118,23 @@ def class_indices(labels: VectorLabels, attribute: str | None, n_classes: int,
         number = value
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             number = int(value)
-        if isinstance(number, (int, float, np.integer, np.floating)) and float(number) == int(
-                number) and 0 <= int(number) < n_classes:
-            out[i] = int(number)
-        elif value not in bad:
+        if (isinstance(number, (int, float, np.integer, np.floating))
+                and math.isfinite(number) and float(number) == int(number)):
+            index = int(number)
+            index = remap.get(index, index) if remap else index
+            if 0 <= index < n_classes:
+                out[i] = index
+                continue
+        if value not in bad:
             bad.append(value)
     if bad:
         allowed = (f"the class names {_listing(list(class_names))} or the indices "
                    f"0..{n_classes - 1}" if class_names else f"the class indices "
                    f"0..{n_classes - 1} (or class names, when CLASS_NAMES is given)")
+        remapped = " (after REMAP_CLASSES)" if remap else ""
         raise UserError(f"{where} has {_listing([repr(v) for v in bad])}, outside the "
-                        f"classes; allowed are {allowed}: fix those polygons in QGIS, or "
-                        "NCLASSES and CLASS_NAMES in the config")
+                        f"classes{remapped}; allowed are {allowed}: fix those polygons in "
+                        "QGIS, or NCLASSES, CLASS_NAMES or REMAP_CLASSES in the config")
     return out.astype(np.uint8)
 
 
@@ -294,8 +179,12 @@ def require_georeferenced(grid: SceneGrid, labels_path: str | os.PathLike) -> No
                         "a GeoTIFF with its CRS, or give a raster label instead")
 
 
-def to_crs(geometries: np.ndarray, src_crs: CRS, dst_crs: CRS) -> np.ndarray:
-    """Shapely geometries reprojected from ``src_crs`` to ``dst_crs`` vertex by vertex."""
+def to_crs(geometries: np.ndarray, src_crs: CRS, dst_crs: CRS, where: str | None = None
+           ) -> np.ndarray:
+    """Shapely geometries reprojected from ``src_crs`` to ``dst_crs`` vertex by vertex.
+
+    Raises UserError (naming ``where``, the layer) when PROJ knows no transformation
+    between the two or a vertex cannot be placed in ``dst_crs``."""
     src, dst = CRS.from_user_input(src_crs), CRS.from_user_input(dst_crs)
     if src == dst or len(geometries) == 0:
         return geometries
@@ -304,7 +193,62 @@ def to_crs(geometries: np.ndarray, src_crs: CRS, dst_crs: CRS) -> np.ndarray:
         xs, ys = warp_coords(src, dst, xy[:, 0], xy[:, 1])
         return np.column_stack([xs, ys])
 
-    return shapely.transform(geometries, move)
+    problem = None
+    try:
+        moved = shapely.transform(geometries, move)
+        if not np.isfinite(shapely.get_coordinates(moved)).all():
+            problem = "some vertices fall outside the area where that CRS is defined"
+    except CPLE_BaseError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        problem = ("PROJ knows no transformation between them"
+                   if "Cannot find coordinate operations" in text else f"PROJ: {text[:120]}")
+    if problem:
+        raise UserError(f"{where or 'the polygon labels'}: cannot be reprojected from "
+                        f"{crs_text(src)} to the images' {crs_text(dst)} ({problem}); "
+                        "check the layer's CRS in QGIS (Layer > Set CRS of Layer) or "
+                        "reproject it there to the images' CRS (Vector > Data Management "
+                        "Tools > Reproject Layer)")
+    return moved
+
+
+@dataclass(frozen=True)
+class SceneArea:
+    """Where some scenes lie, for reading only the label features over them: per scene CRS
+    (WKT), the union of the scenes' footprints (WKB). Small, hashable and picklable."""
+
+    parts: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def of_grids(cls, grids: Iterable[SceneGrid]) -> SceneArea:
+        """The area of the georeferenced ``grids`` (the others are left out)."""
+        by_crs: dict[str, list[Any]] = {}
+        for grid in grids:
+            if grid.crs is not None and grid.transform is not None:
+                by_crs.setdefault(grid.crs.to_wkt(), []).append(grid.footprint())
+        return cls(tuple((wkt, shapely.to_wkb(shapely.union_all(footprints)))
+                         for wkt, footprints in sorted(by_crs.items())))
+
+    def in_crs(self, crs: CRS) -> Any | None:
+        """The area as one geometry in ``crs`` with a margin of 2 % (a superset: features
+        are tested exactly on each scene's grid later), or None when it cannot be placed
+        there reliably (no transformation; across the antimeridian or near a pole)."""
+        pieces = []
+        for wkt, wkb in self.parts:
+            parts = shapely.get_parts(shapely.from_wkb(wkb))
+            bounds = shapely.bounds(parts)
+            size = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1])
+            parts = shapely.segmentize(parts, np.maximum(size / 32, 1e-9))
+            try:
+                moved = to_crs(parts, CRS.from_wkt(wkt), crs)
+            except UserError:
+                return None
+            bounds = shapely.bounds(moved)
+            size = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1])
+            if crs.is_geographic and (size.max(initial=0) > 180
+                                      or np.abs(bounds[:, [1, 3]]).max(initial=0) > 85):
+                return None
+            pieces.append(shapely.buffer(moved, 0.02 * size + 1e-9))
+        return shapely.union_all(np.concatenate(pieces)) if pieces else None
 
 
 # Burning -------------------------------------------------------------------------------------
@@ -359,10 +303,6 @@ def rasterize_classes(geometries: np.ndarray, classes: np.ndarray, grid: SceneGr
                      fill=0, dtype=np.uint8, all_touched=False)
 
 
-def _bounds_text(bounds: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{b:.6g}" for b in bounds) + ")"
-
-
 def burn_labels(labels: VectorLabels, classes: np.ndarray, grid: SceneGrid,
                 priority: Sequence[int] | None = None, require_overlap: bool = True
                 ) -> tuple[np.ndarray, LabelFacts]:
@@ -370,27 +310,45 @@ def burn_labels(labels: VectorLabels, classes: np.ndarray, grid: SceneGrid,
 
     ``classes`` are the features' class indices (:func:`class_indices`). The geometries are
     reprojected to the image's CRS and burnt by :func:`rasterize_classes`. Raises UserError
-    for an image without georeferencing and, with ``require_overlap``, for a layer with
-    features none of which overlap the image (the label would be all background: a wrong
-    CRS or a wrong pairing). An empty layer gives an all-background label.
+    for an image without georeferencing, a CRS with no transformation to the image's and,
+    with ``require_overlap``, for a layer without polygons or whose polygons all miss the
+    image (the label would be all background: a wrong CRS or a wrong pairing); without it,
+    those give an all-background label.
     """
     require_georeferenced(grid, labels.path)
-    geometries = to_crs(labels.geometries, labels.crs, grid.crs)
+    geometries = to_crs(labels.geometries, labels.crs, grid.crs, labels.where)
     overlapping = np.flatnonzero(shapely.intersects(geometries, grid.footprint()))
-    if require_overlap and len(labels) and not len(overlapping):
-        layer_bounds = shapely.total_bounds(geometries)
-        raise UserError(f"{labels.where}: none of its {len(labels)} polygons overlaps "
+    if require_overlap and not labels.total:
+        raise UserError(f"{labels.where}: holds no polygon, so the label of "
+                        f"{grid.path.name} would be all background; draw its labels (a "
+                        "class-0 polygon over the scene marks it as background on purpose), "
+                        "or check that this is the scene's file")
+    if require_overlap and not len(overlapping):
+        raise UserError(f"{labels.where}: none of its {labels.total} polygons overlaps "
                         f"{grid.path.name}, whose label would be all background (polygons "
-                        f"within {_bounds_text(layer_bounds)}, image "
-                        f"{_bounds_text(grid.footprint().bounds)} in {grid.crs}); check the "
-                        "layer's CRS and which file belongs to which image")
+                        f"within {bounds_text(_extent_in(labels, geometries, grid.crs))}, "
+                        f"image {bounds_text(grid.footprint().bounds)} in "
+                        f"{crs_text(grid.crs)}); check the layer's CRS and which file "
+                        "belongs to which image")
     label = rasterize_classes(geometries[overlapping], classes[overlapping], grid, priority)
     values, counts = np.unique(label, return_counts=True)
     used_fids = set(labels.fids[overlapping].tolist())
-    facts = LabelFacts(grid.path, labels.where, len(labels), len(overlapping),
+    facts = LabelFacts(grid.path, labels.where, labels.total, len(overlapping),
                        sum(f in used_fids for f in labels.repaired),
                        {int(v): int(c) for v, c in zip(values, counts, strict=True)})
     return label, facts
+
+
+def _extent_in(labels: VectorLabels, geometries: np.ndarray, crs: CRS) -> Sequence[float]:
+    """The bounds of a layer's polygons in ``crs`` (``geometries``: those read, already
+    there); read from the file when none was read (only those over the scenes are)."""
+    if len(geometries):
+        return shapely.total_bounds(geometries)
+    extent = layer_extent(labels.path, labels.layer)
+    try:
+        return rasterio.warp.transform_bounds(labels.crs, crs, *extent)
+    except CPLE_BaseError:
+        return extent
 
 
 # Many scenes, one layer ----------------------------------------------------------------------
@@ -401,7 +359,7 @@ def features_by_scene(labels: VectorLabels, grids: Sequence[SceneGrid]
     scene (tested against the scene's footprint in the scene's CRS), keyed by image path.
 
     Scenes no polygon touches get an empty array (their labels are all background). Raises
-    UserError when the layer has features and none overlaps any scene, and for a scene
+    UserError when the layer holds no polygon or none overlaps any scene, and for a scene
     without georeferencing.
     """
     by_crs: dict[str, shapely.STRtree] = {}
@@ -410,11 +368,16 @@ def features_by_scene(labels: VectorLabels, grids: Sequence[SceneGrid]
         require_georeferenced(grid, labels.path)
         key = grid.crs.to_wkt()
         if key not in by_crs:
-            by_crs[key] = shapely.STRtree(to_crs(labels.geometries, labels.crs, grid.crs))
+            by_crs[key] = shapely.STRtree(to_crs(labels.geometries, labels.crs, grid.crs,
+                                                 labels.where))
         hits = by_crs[key].query(grid.footprint(), predicate="intersects")
         found[grid.path] = np.sort(hits)
-    if len(labels) and grids and not any(len(v) for v in found.values()):
-        raise UserError(f"{labels.where}: none of its {len(labels)} polygons overlaps any of "
-                        f"the {len(grids)} images, whose labels would all be background; "
+    if grids and not labels.total:
+        raise UserError(f"{labels.where}: holds no polygon, so the labels of the "
+                        f"{len(grids)} images would all be background; save the label "
+                        "polygons into it, or pass the layer that holds them")
+    if grids and not any(len(v) for v in found.values()):
+        raise UserError(f"{labels.where}: none of its {labels.total} polygons overlaps any "
+                        f"of the {len(grids)} images, whose labels would all be background; "
                         "check the layer's CRS and the images folder")
     return found

@@ -27,7 +27,7 @@ LAYERS = [
     ["registry"],
     ["upgrade"],
     ["config_rules"],
-    ["config"],
+    ["config", "vector_files"],
     ["scale", "vectors", "polygons", "cog"],
     ["rasters"],
     ["pairing", "writers"],

@@ -13,12 +13,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyogrio.raw
 import pytest
 import rasterio
 import shapely
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
-from test_vectors import PX, UTM, X0, Y0, pixel_box, write_layer
+from test_vectors import MARS, PX, UTM, X0, Y0, pixel_box, write_layer
 
 from res_unet import records, vectors
 from res_unet.cli import run_command
@@ -102,7 +103,7 @@ def test_per_image_layers_in_lon_lat_and_class_names_burn_onto_utm_scenes(tmp_pa
     assert manifest.label_files["train"] == ["a.geojson", "b.gpkg"]
 
 
-def test_remap_classes_applies_after_burning(tmp_path):
+def test_remap_classes_maps_attribute_values_and_leaves_the_background(tmp_path, capsys):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir(), labels.mkdir()
     make_scene(images / "a.tif")
@@ -111,6 +112,43 @@ def test_remap_classes_applies_after_burning(tmp_path):
     assert run(tmp_path, images, labels, REMAP_CLASSES={"7": 2}, CLASS_NAMES=[]) == 0
     label = dataset_labels(tmp_path / "ds")["a"]
     assert label[4, 4] == 2 and label[12, 12] == 1 and label[20, 20] == 0
+    # The attribute holds 0/1 and the remap shifts them up: uncovered pixels stay class 0
+    # (they became class 1 when the remap was applied to the burnt label).
+    write_layer(labels / "a.gpkg", [pixel_box(0, 0, 8, 8), pixel_box(8, 8, 16, 16)],
+                kind=np.array([0, 1]))
+    assert run(tmp_path, images, labels, "--overwrite", REMAP_CLASSES={"0": 1, "1": 2},
+               CLASS_NAMES=[]) == 0
+    label = dataset_labels(tmp_path / "ds")["a"]
+    assert label[4, 4] == 1 and label[12, 12] == 2 and label[20, 20] == 0
+    assert np.bincount(label.ravel()).tolist() == [32 * 32 - 128, 64, 64]
+    manifest = records.read_manifest(tmp_path / "ds")
+    assert manifest.class_pixel_counts == [32 * 32 - 128, 64, 64]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_class_without_pixels_is_warned_about(tmp_path, capsys):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    make_scene(images / "a.tif")
+    write_layer(labels / "a.gpkg", [pixel_box(0, 0, 8, 8)], kind=np.array(["water"],
+                                                                          dtype=object))
+    assert run(tmp_path, images, labels) == 0
+    err = capsys.readouterr().err
+    assert ("warning: class 2 (sand) has no pixels in the training examples, so the model "
+            "cannot learn it; check the labels and REMAP_CLASSES") in err
+
+
+def test_a_shared_layer_is_read_only_over_the_scenes(tmp_path, monkeypatch, three_scenes):
+    images, layer = three_scenes
+    far = [lon_lat(pixel_box(0, 0, 5, 5, x0=X0 + 20_000 + 100 * i)) for i in range(30)]
+    write_layer(layer, far, crs="EPSG:4326", layer="lakes", kind=np.ones(30, int))  # appended
+    decoded = []
+    real = pyogrio.raw.read
+    monkeypatch.setattr(pyogrio.raw, "read", lambda *a, **k: (
+        lambda out: decoded.append(len(out[1])) or out)(real(*a, **k)))
+    assert run(tmp_path, images, layer, "--layer", "lakes") == 0
+    assert decoded == [3], "the 3 polygons over scenes a and b, not the 30 far away"
+    assert sorted(dataset_labels(tmp_path / "ds")) == ["a", "b"]
 
 
 # One layer over many scenes -----------------------------------------------------------------
@@ -233,6 +271,27 @@ def _bad_case(case: str, tmp: Path) -> tuple[Path, Path, dict, list[str], str]:
         labels = write_layer(tmp / "far.gpkg", [pixel_box(0, 0, 8, 8, x0=FAR)],
                              kind=np.array([1]))
         expect = "far.gpkg: none of its 1 polygons overlaps any of the 2 images"
+    elif case == "empty layer of a scene":
+        (labels / "b.gpkg").unlink()
+        write_layer(labels / "b.gpkg", np.array([], dtype=object), kind=np.array([], int))
+        expect = ("b.gpkg: holds no polygon, so the label of b.tif would be all background; "
+                  "draw its labels")
+    elif case == "GeoJSON that lost its CRS":
+        (labels / "b.gpkg").unlink()
+        (labels / "b.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {"kind": 2}, "geometry": shapely.geometry.mapping(
+                pixel_box(0, 0, 8, 8, x0=X0 + 1000))}]}))
+        expect = "b.geojson: coordinates up to (501000, 6.64998e+06, 501016, 6.65e+06) are not " \
+                 "longitude/latitude, yet the layer's CRS is EPSG:4326"
+    elif case == "layer on Mars":
+        (labels / "b.gpkg").unlink()
+        write_layer(labels / "b.gpkg", [shapely.box(10, 10, 11, 11)], crs=MARS,
+                    kind=np.array([2]))
+        expect = "b.gpkg: cannot be reprojected from Mars 2000 to the images' EPSG:32633"
+    elif case == "empty shared layer":
+        labels = write_layer(tmp / "all.gpkg", np.array([], dtype=object), kind=np.array([], int))
+        expect = "all.gpkg: holds no polygon, so the labels of the 2 images would all be " \
+                 "background"
     elif case == "one layer over a plain image":
         make_scene(images / "b.tif", georeferenced=False)
         labels = write_layer(tmp / "all.gpkg", [pixel_box(0, 0, 8, 8)], kind=np.array([1]))
@@ -245,7 +304,8 @@ def _bad_case(case: str, tmp: Path) -> tuple[Path, Path, dict, list[str], str]:
 @pytest.mark.parametrize("case", [
     "layer without a CRS", "image without georeferencing", "class outside the classes",
     "layer beside its image", "no attribute for classes", "missing attribute",
-    "layer not named", "one layer touching no scene", "one layer over a plain image"])
+    "layer not named", "one layer touching no scene", "one layer over a plain image",
+    "empty layer of a scene", "GeoJSON that lost its CRS", "layer on Mars", "empty shared layer"])
 def test_bad_polygon_input_is_one_line_and_nothing_is_written(tmp_path, capsys, case):
     images, labels, config, flags, expect = _bad_case(case, tmp_path)
     assert run(tmp_path, images, labels, *flags, **config) == 2

@@ -18,8 +18,9 @@ import shapely
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
 
+from res_unet.config import LabelRules
 from res_unet.errors import UserError
-from res_unet.pairing import PolygonRules, burn_pair_label, find_pairs
+from res_unet.pairing import PolygonRules, burn_pair_label, find_pairs, prepare_label
 from res_unet.vectors import (
     SceneGrid,
     burn_labels,
@@ -32,6 +33,9 @@ from res_unet.vectors import (
 
 UTM = "EPSG:32633"
 X0, Y0, PX = 500_000.0, 6_650_000.0, 2.0  # top-left corner and pixel size of scene A (m)
+# A CRS PROJ has no transformation to or from any Earth CRS.
+MARS = ('GEOGCS["Mars 2000",DATUM["D_Mars_2000",SPHEROID["Mars_2000_IAU_IAG",3396190.0,'
+        '169.89444722361179]],PRIMEM["Greenwich",0],UNIT["Decimal_Degree",0.0174532925199433]]')
 
 
 def make_image(path: Path, x0: float = X0, y0: float = Y0, shape=(50, 60),
@@ -339,3 +343,17 @@ def test_a_pairs_layer_reads_classifies_and_burns_in_one_call(tmp_path):
     assert label[5, 5] == 2 and label[5, 25] == 1
     assert facts.summary() == ("scene.tif: 2 of 2 polygons from " + str(layer)
                                + "; class 0 93.3 %, class 1 3.3 %, class 2 3.3 %")
+
+
+def test_remap_reaches_the_polygons_values_not_the_uncovered_pixels(tmp_path):
+    make_image(tmp_path / "scene.tif")
+    write_layer(tmp_path / "scene.gpkg", [pixel_box(0, 0, 10, 10), pixel_box(20, 0, 30, 10)],
+                code=np.array([0, 1]))
+    rules = PolygonRules(attribute="code", n_classes=3, nclasses=3, remap=((0, 1), (1, 2)))
+    [pair] = find_pairs(tmp_path, tmp_path, polygons=rules)
+    label, facts = burn_pair_label(pair, rules)
+    assert (label[5, 5], label[5, 25], label[30, 30]) == (1, 2, 0)
+    assert facts.class_pixels == {0: 3000 - 200, 1: 100, 2: 100}
+    # The label rules' remap is not applied a second time to a polygon label.
+    checked = prepare_label(label, LabelRules(3, {"0": 1, "1": 2}), pair.label)
+    np.testing.assert_array_equal(checked, label)
