@@ -113,6 +113,15 @@ class Config:
                                     "model's pixel size (this times DOWNSAMPLE), so "
                                     "seg_images_in_folder can bring scenes of another pixel "
                                     "size to it. null: unknown.", lo=1e-6, group="data")
+    MAX_IMAGE_PIXELS: int | None = _key(None, "Most pixels (rows x columns) decoded at once: "
+                                        "a JPEG, PNG, multi-page TIFF or extra band read "
+                                        "whole, a label raster, or one row of blocks of a "
+                                        "GeoTIFF read in windows. Checked from the file's "
+                                        "header before decoding; a larger image stops with "
+                                        "the gdal_translate command that makes it a tiled "
+                                        "GeoTIFF (read in windows). null = as many as fit, "
+                                        "as float32 values of every band, in half the memory "
+                                        "available.", lo=1, group="data")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
                                "both for records and inference).", lo=0.0, hi=0.75, group="data")
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "

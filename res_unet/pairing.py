@@ -220,8 +220,8 @@ def _range_message(path: Path, present: list[int], bad: list[int], rules: LabelR
             f"allows only 0..{n - 1} (found {_values_text(bad)}); " + ", or ".join(fixes))
 
 
-def load_image(pair: Pair, n_bands: int, for_model: bool = False
-               ) -> tuple[np.ndarray, RasterMeta]:
+def load_image(pair: Pair, n_bands: int, for_model: bool = False,
+               max_pixels: int | None = None) -> tuple[np.ndarray, RasterMeta]:
     """Read a pair's image plus extra bands and check the band count against ``n_bands``
     (the config's N_DATA_BANDS, image bands plus extra bands).
 
@@ -229,8 +229,9 @@ def load_image(pair: Pair, n_bands: int, for_model: bool = False
     config expects from the image (RGBA for 3 bands, grey+alpha for 1) is dropped. Returns
     (image (H, W, n_bands) uint8|uint16, meta). Raises UserError on a band mismatch;
     ``for_model``: ``n_bands`` is a trained model's, which the message says cannot change.
+    ``max_pixels``: the config's MAX_IMAGE_PIXELS (see :func:`res_unet.rasters.pixel_limit`).
     """
-    image, meta = read_image(pair.image)
+    image, meta = read_image(pair.image, max_pixels=max_pixels)
     expected = n_bands - len(pair.extra_bands)
     found = image.shape[-1]
     alpha_hint = ""
@@ -256,21 +257,22 @@ def load_image(pair: Pair, n_bands: int, for_model: bool = False
                              f"this{convert}")
         raise UserError(f"{pair.image}: {_count(found, 'band')} found{extra} but N_DATA_BANDS "
                         f"is {n_bands}{fix}")
-    return append_bands(image, pair.image, pair.extra_bands), meta
+    return append_bands(image, pair.image, pair.extra_bands, max_pixels), meta
 
 
-def open_image_rows(pair: Pair, n_bands: int) -> RasterRows | None:
+def open_image_rows(pair: Pair, n_bands: int, max_pixels: int | None = None
+                    ) -> RasterRows | None:
     """The pair's image as :class:`res_unet.rasters.RasterRows` when it can be read in
     windows: no extra-band folders, and a raster :func:`res_unet.rasters.open_raster_rows`
     opens with exactly the model's ``n_bands`` bands. Else None: use :func:`load_image`,
     which reads the image whole and gives the messages for the other cases."""
     if pair.extra_bands:
         return None
-    return open_raster_rows(pair.image, n_bands)
+    return open_raster_rows(pair.image, n_bands, max_pixels)
 
 
 def load_pair(pair: Pair, n_bands: int, rules: LabelRules,
-              polygons: PolygonRules | None = None
+              polygons: PolygonRules | None = None, max_pixels: int | None = None
               ) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
     """Read one training example and check it against the config's N_DATA_BANDS
     (``n_bands``) and label rules; a polygon label is burnt under ``polygons``.
@@ -279,23 +281,23 @@ def load_pair(pair: Pair, n_bands: int, rules: LabelRules,
     indices 0..rules.n_label_classes-1, meta of the image). Raises UserError for band-count or size
     mismatches (naming both files and sizes) and invalid label values.
     """
-    image, label, meta, _ = load_pair_and_facts(pair, n_bands, rules, polygons)
+    image, label, meta, _ = load_pair_and_facts(pair, n_bands, rules, polygons, max_pixels)
     return image, label, meta
 
 
 def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
-                        polygons: PolygonRules | None = None
+                        polygons: PolygonRules | None = None, max_pixels: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray, RasterMeta,
                                    vectors.LabelFacts | None]:
     """:func:`load_pair`, and what burning a polygon label found (None for a raster label)."""
     if pair.label is None:
         raise ValueError(f"load_pair needs a labelled pair; {pair.stem} has no label")
-    image, meta = load_image(pair, n_bands)
+    image, meta = load_image(pair, n_bands, max_pixels=max_pixels)
     facts = None
     if vectors.is_vector_path(pair.label):
         label, facts = burn_pair_label(pair, polygons or PolygonRules())
     else:
-        label = read_label(pair.label)
+        label = read_label(pair.label, max_pixels)
     if label.shape != image.shape[:2]:
         raise UserError(f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} (WxH) "
                         f"differs from its image {pair.image} ({image.shape[1]}x"

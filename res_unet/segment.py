@@ -172,14 +172,15 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
     """
     cfg = segmenter.cfg
     with contextlib.ExitStack() as stack:
-        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS)
+        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS, cfg.MAX_IMAGE_PIXELS)
         if rows is not None:
             stack.enter_context(rows)
         image: np.ndarray | RowSource
         if rows is not None and segmenter.uses_strips(rows.shape[:2]):
             image, meta = rows, rows.meta
         else:
-            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
+            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True,
+                                             max_pixels=cfg.MAX_IMAGE_PIXELS)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
