@@ -75,10 +75,11 @@ def pixel_limit(bands: int, max_pixels: int | None = None) -> int:
 
 
 def check_pixel_count(path: Path, height: int, width: int, bands: int,
-                      max_pixels: int | None = None, part: str = "") -> None:
+                      max_pixels: int | None = None, part: str = "", fix: str = "") -> None:
     """Raise UserError unless ``height`` x ``width`` pixels of ``bands`` bands (from a file's
     header, before decoding) are within :func:`pixel_limit`. ``part`` names what is decoded
-    at once when it is not the whole image (one row of blocks)."""
+    at once when it is not the whole image (one row of blocks), ``fix`` replaces the advice
+    to convert the file to a tiled GeoTIFF."""
     limit = pixel_limit(bands, max_pixels)
     if height * width <= limit:
         return
@@ -86,12 +87,12 @@ def check_pixel_count(path: Path, height: int, width: int, bands: int,
               f"what fits in the {psutil.virtual_memory().available / 2**30:.1f} GB of memory "
               "available; MAX_IMAGE_PIXELS sets it")
     what = f"{part} of {width}x{height} px" if part else f"{width}x{height} px"
+    fix = fix or ("convert it to a tiled GeoTIFF, which seg_images_in_folder reads in windows "
+                  "(gdal_translate -of GTiff -co TILED=YES -co COMPRESS=DEFLATE -co "
+                  f"BIGTIFF=IF_SAFER {path.name} {path.stem}_tiled.tif), or cut it into "
+                  "smaller images (gdal_retile.py)")
     raise UserError(f"{path}: {what} ({bands} band{'s' if bands != 1 else ''}) is more than "
-                    f"can be decoded at once ({limit} px, {source}); convert it to a tiled "
-                    "GeoTIFF, which seg_images_in_folder reads in windows (gdal_translate -of "
-                    "GTiff -co TILED=YES -co COMPRESS=DEFLATE -co BIGTIFF=IF_SAFER "
-                    f"{path.name} {path.stem}_tiled.tif), or cut it into smaller images "
-                    "(gdal_retile.py)")
+                    f"can be decoded at once ({limit} px, {source}); {fix}")
 
 
 @dataclass
@@ -400,7 +401,10 @@ class RasterRows:
     def rows(self, r0: int, r1: int) -> np.ndarray:
         r0, r1 = max(r0, 0), min(r1, self.shape[0])
         check_pixel_count(self.path, r1 - r0, self.shape[1], self.shape[2], self.max_pixels,
-                          part=f"a window of rows {r0}..{r1}")
+                          part=f"a window of rows {r0}..{r1}",
+                          fix="raise MAX_IMAGE_PIXELS to the window's size (a band of tile "
+                          "rows across the scene), or cut the scene into narrower images "
+                          "(gdal_retile.py)")
         band = np.empty((r1 - r0, self.shape[1], self.shape[2]), self._ds.dtypes[0])
         self._ds.read(out=np.moveaxis(band, -1, 0), window=Window(0, r0, self.shape[1], r1 - r0))
         return _as_image_dtype(band, self.path)

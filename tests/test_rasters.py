@@ -355,6 +355,8 @@ def test_a_raster_read_in_windows_is_refused_when_a_row_of_blocks_would_not_fit(
         ds.write(np.moveaxis(array, -1, 0))
     with open_raster_rows(tmp_path / "tiled.tif", 3, max_pixels=1000) as rows:
         np.testing.assert_array_equal(rows.rows(10, 35), array[10:35])
-        with pytest.raises(UserError, match=r"a window of rows 0\.\.30 of 40x30 px"):
+        with pytest.raises(UserError, match=r"a window of rows 0\.\.30 of 40x30 px \(3 bands\) "
+                                            r"is more than .* \(1000 px, MAX_IMAGE_PIXELS\); "
+                                            r"raise MAX_IMAGE_PIXELS"):
             rows.rows(0, 30)
     assert open_raster_rows(tmp_path / "strip.tif", 3) is not None
