@@ -46,6 +46,11 @@ def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = 
     return field(default=default, metadata=meta)
 
 
+# Pixel sizes a user may give, metres: from close-range drone imagery to coarse climate grids.
+# Beyond them a scene would be resampled to a raster of terabytes or of no pixel at all.
+MIN_PIXEL_SIZE, MAX_PIXEL_SIZE = 1e-3, 1e5
+
+
 @dataclass(frozen=True)
 class LabelRules:
     """How raw label values become class indices: NCLASSES (1 = binary), REMAP_CLASSES
@@ -112,7 +117,9 @@ class Config:
                                     "degrees give their own). The model card records the "
                                     "model's pixel size (this times DOWNSAMPLE), so "
                                     "seg_images_in_folder can bring scenes of another pixel "
-                                    "size to it. null: unknown.", lo=1e-6, group="data")
+                                    "size to it; 0.001 (1 mm) to 100000 (100 km). null: "
+                                    "unknown.", lo=MIN_PIXEL_SIZE, hi=MAX_PIXEL_SIZE,
+                                    group="data")
     MAX_IMAGE_PIXELS: int | None = _key(None, "Most pixels (rows x columns) decoded at once: "
                                         "a JPEG, PNG, multi-page TIFF or extra band read "
                                         "whole, a label raster, or one row of blocks of a "
@@ -334,9 +341,10 @@ class Config:
                                           "give their own. A scene whose pixel size differs "
                                           "from the model card's by more than 10 % is "
                                           "resampled to the model's, predicted there and "
-                                          "written on its own grid. null: plain scenes are "
-                                          "taken to be at the training images' scale.",
-                                          lo=1e-6, group="segmentation")
+                                          "written on its own grid; 0.001 (1 mm) to 100000 "
+                                          "(100 km). null: plain scenes are taken to be at "
+                                          "the training images' scale.", lo=MIN_PIXEL_SIZE,
+                                          hi=MAX_PIXEL_SIZE, group="segmentation")
     VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
                                      "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
                                      "(NAME_predseg.geojson); null = none. Every class but "
@@ -440,11 +448,13 @@ def _check_ranges(name: str, value: Any, meta: dict[str, Any], source: str) -> l
         if not math.isfinite(v):
             problems.append(f"{source}: {name}={value} is not a finite number")
             break
-        if meta.get("lo") is not None and v < meta["lo"]:
-            problems.append(f"{source}: {name}={value} is below the minimum {meta['lo']}")
+        lo, hi = meta.get("lo"), meta.get("hi")
+        valid = f" (valid: {lo:g} to {hi:g})" if lo is not None and hi is not None else ""
+        if lo is not None and v < lo:
+            problems.append(f"{source}: {name}={value} is below the minimum {lo}{valid}")
             break
-        if meta.get("hi") is not None and v > meta["hi"]:
-            problems.append(f"{source}: {name}={value} is above the maximum {meta['hi']}")
+        if hi is not None and v > hi:
+            problems.append(f"{source}: {name}={value} is above the maximum {hi}{valid}")
             break
     return problems
 

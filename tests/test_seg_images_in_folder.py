@@ -637,6 +637,20 @@ def test_plain_scenes_and_models_without_a_pixel_size_say_so_once(run, run_10m, 
     assert fingerprint["fingerprint"]["settings"]["SCENE_PIXEL_SIZE"] == 5.0
 
 
+@pytest.mark.parametrize("size", ["1e9", "0", "1e-6"])
+def test_a_pixel_size_out_of_range_is_one_line_with_the_range(run_10m, images, tmp_path,
+                                                                capsys, size):
+    """--pixel-size 1e9 (a terabyte raster) or 1e-6 (a scene of no pixel) stop before any
+    image is read, with the valid range; no output folder is made."""
+    assert seg("--model", run_10m, "--images", images, "--out", tmp_path / "a",
+               "--pixel-size", size) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    side = "above the maximum 100000.0" if size == "1e9" else "below the minimum 0.001"
+    assert err == [f"error: command line: SCENE_PIXEL_SIZE={float(size)} is {side} (valid: "
+                   "0.001 to 100000)"]
+    assert not (tmp_path / "a").exists()
+
+
 def test_the_command_says_which_runtime_it_used(run, images, tmp_path, capsys):
     pytest.importorskip("openvino")
     assert seg("--model", run, "--images", images, "--out", tmp_path / "a") == 0
