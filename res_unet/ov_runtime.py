@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from res_unet.atomic import clean_stale_temporaries, owner_tag, usual_mode
+from res_unet.caches import cache_dir  # noqa: F401 (the conversion cache lives in it)
 from res_unet.records import file_sha256
 
 # The SHA-256 of each file of a cache entry, written into the entry with the files.
@@ -76,15 +77,6 @@ def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
         return np.array(request.get_output_tensor(0).data, np.float32)
 
     return run
-
-
-def cache_dir() -> Path:
-    """Where res_unet keeps what it can rebuild (converted models): RES_UNET_CACHE_DIR, else
-    $XDG_CACHE_HOME/res_unet, else ~/.cache/res_unet."""
-    if os.environ.get("RES_UNET_CACHE_DIR"):
-        return Path(os.environ["RES_UNET_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "res_unet"
 
 
 def converted_model(model: Any, folder: Path | None = None) -> Any:
