@@ -126,9 +126,9 @@ class Config:
                                         "GeoTIFF read in windows. Checked from the file's "
                                         "header before decoding; a larger image stops with "
                                         "the gdal_translate command that makes it a tiled "
-                                        "GeoTIFF (read in windows). null = as many as fit, "
-                                        "as float32 values of every band, in half the memory "
-                                        "available.", lo=1, group="data")
+                                        "GeoTIFF (read in windows). null = as many as fit "
+                                        "in the memory available at 16 bytes a pixel plus 8 "
+                                        "a band.", lo=1, group="data")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
                                "both for records and inference).", lo=0.0, hi=0.75, group="data")
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "

@@ -59,19 +59,20 @@ _WORLD_FILES = {".png": (".pgw", ".pngw"), ".jpg": (".jgw", ".jpgw"),
                 ".jpeg": (".jgw", ".jpegw")}
 
 
-# A whole-read image becomes float32 values (4 bytes a band) for the model, and the steps
-# after it (tiles, probabilities, outputs) about as much again: a pixel limit derived from
-# memory lets every band's float32 values fill at most half the memory available.
-_AUTO_BYTES_PER_BAND = 2 * 4
+# What a pixel of an image read whole costs while it is segmented, bytes: 8 a band (the
+# decoded values and their float32 copy for the model, with room to spare) and 16 for the
+# rest (blended float32 probabilities and their weights, the label map, the overlay).
+_AUTO_BYTES_PER_PIXEL, _AUTO_BYTES_PER_BAND = 16, 8
 
 
 def pixel_limit(bands: int, max_pixels: int | None = None) -> int:
     """Most pixels (rows x columns) of a ``bands``-band raster decoded at once: ``max_pixels``
-    (the config's MAX_IMAGE_PIXELS) when given, else as many as fit, as float32 values of
-    every band, in half the memory available now."""
+    (the config's MAX_IMAGE_PIXELS) when given, else as many as fit in the memory available
+    now at 16 bytes a pixel plus 8 a band."""
     if max_pixels:
         return int(max_pixels)
-    return max(1, psutil.virtual_memory().available // (_AUTO_BYTES_PER_BAND * max(bands, 1)))
+    per_pixel = _AUTO_BYTES_PER_PIXEL + _AUTO_BYTES_PER_BAND * max(bands, 1)
+    return max(1, psutil.virtual_memory().available // per_pixel)
 
 
 def check_pixel_count(path: Path, height: int, width: int, bands: int,
