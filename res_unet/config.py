@@ -120,15 +120,6 @@ class Config:
                                     "size to it; 0.001 (1 mm) to 100000 (100 km). null: "
                                     "unknown.", lo=MIN_PIXEL_SIZE, hi=MAX_PIXEL_SIZE,
                                     group="data")
-    MAX_IMAGE_PIXELS: int | None = _key(None, "Most pixels (rows x columns) decoded at once: "
-                                        "a JPEG, PNG, multi-page TIFF or extra band read "
-                                        "whole, a label raster, or one row of blocks of a "
-                                        "GeoTIFF read in windows. Checked from the file's "
-                                        "header before decoding; a larger image stops with "
-                                        "the gdal_translate command that makes it a tiled "
-                                        "GeoTIFF (read in windows). null = as many as fit "
-                                        "in the memory available at 16 bytes a pixel plus 8 "
-                                        "a band.", lo=1, group="data")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
                                "both for records and inference).", lo=0.0, hi=0.75, group="data")
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "
@@ -347,6 +338,16 @@ class Config:
                                           "(100 km). null: plain scenes are taken to be at "
                                           "the training images' scale.", lo=MIN_PIXEL_SIZE,
                                           hi=MAX_PIXEL_SIZE, group="segmentation")
+    MAX_IMAGE_PIXELS: int | None = _key(None, "Most pixels (rows x columns) make_tfrecords "
+                                        "and seg_images_in_folder decode at once: a JPEG, "
+                                        "PNG, multi-page TIFF or extra band read whole, a "
+                                        "label raster, or one row of blocks of a GeoTIFF read "
+                                        "in windows. Checked from the file's header before "
+                                        "decoding; a larger image stops with the "
+                                        "gdal_translate command that makes it a tiled GeoTIFF "
+                                        "(read in windows). null = as many as fit in the "
+                                        "memory available at 16 bytes a pixel plus 8 a band.",
+                                        lo=1, group="segmentation")
     VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
                                      "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
                                      "(NAME_predseg.geojson); null = none. Every class but "

@@ -246,9 +246,10 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 # (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
 # all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.
 # VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
-# image without the file is simply redone.)
+# image without the file is simply redone. MAX_IMAGE_PIXELS decides whether an image is
+# read, not what its outputs hold.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME", "VECTOR_FORMAT")
+                 "INFER_RUNTIME", "VECTOR_FORMAT", "MAX_IMAGE_PIXELS")
 # Keys added after the fingerprint's first version (with their defaults): in the fingerprint
 # only when not at their defaults, so that folders made before they existed still match.
 _ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
