@@ -26,6 +26,7 @@ Nothing here writes or caches anything.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 import warnings
@@ -200,7 +201,7 @@ def _read_tifffile(path: Path, max_pixels: int | None = None, more_bands: int = 
         series = tif.series[0]
         axes = series.axes
         height, width = (series.shape[axes.index(a)] if a in axes else 1 for a in "YX")
-        bands = int(np.prod(series.shape)) // max(height * width, 1)
+        bands = math.prod(series.shape) // max(height * width, 1)  # exact for any size
         check_pixel_count(path, height, width, bands + more_bands, max_pixels)
         array = series.asarray()
     if array.ndim == 2:
