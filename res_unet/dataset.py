@@ -179,7 +179,7 @@ def load_scaled_pair(pair: Pair, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """The pair's image and label at the working scale: 1/DOWNSAMPLE of the source grid
     (block-mean image, majority label)."""
     image, label, _ = load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules,
-                                PolygonRules.from_config(cfg))
+                                PolygonRules.from_config(cfg), cfg.MAX_IMAGE_PIXELS)
     return (downsample_image(image, cfg.DOWNSAMPLE),
             downsample_label(label, cfg.DOWNSAMPLE))
 
@@ -199,7 +199,8 @@ def _check_source(task: _Task) -> tuple[str | None, str | None, tuple[int, int],
     cfg = task.cfg
     try:
         image, _, _, facts = load_pair_and_facts(task.pair, cfg.N_DATA_BANDS, cfg.label_rules,
-                                                 PolygonRules.from_config(cfg))
+                                                 PolygonRules.from_config(cfg),
+                                                 cfg.MAX_IMAGE_PIXELS)
     except UserError as exc:
         return str(exc), None, (0, 0), None
     note = None

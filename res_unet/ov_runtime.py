@@ -7,6 +7,8 @@ with its telemetry turned off."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -20,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from res_unet.atomic import clean_stale_temporaries, owner_tag, usual_mode
+from res_unet.caches import cache_dir  # noqa: F401 (the conversion cache lives in it)
 from res_unet.records import file_sha256
 
-# The SHA-256 of each file of a cache entry, written into the entry with the files.
+# The SHA-256 of each file of a cache entry, and their seal by the weights (_seal), written
+# into the entry with the files.
 DIGESTS = "sha256.json"
 _ENTRY_FILES = ("model.xml", "model.bin")
 
@@ -78,15 +82,6 @@ def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
     return run
 
 
-def cache_dir() -> Path:
-    """Where res_unet keeps what it can rebuild (converted models): RES_UNET_CACHE_DIR, else
-    $XDG_CACHE_HOME/res_unet, else ~/.cache/res_unet."""
-    if os.environ.get("RES_UNET_CACHE_DIR"):
-        return Path(os.environ["RES_UNET_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "res_unet"
-
-
 def converted_model(model: Any, folder: Path | None = None) -> Any:
     """The Keras ``model`` converted to OpenVINO. With a cache ``folder`` (one per weights
     file, see LoadedModel), read from it when it holds the conversion and its files match
@@ -95,7 +90,7 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
     ov = import_openvino()
 
     if folder is not None and (folder / "model.xml").is_file():
-        problem = _entry_problem(folder)
+        problem = _entry_problem(folder, model)
         if problem is None:
             try:
                 return ov.Core().read_model(folder / "model.xml")
@@ -109,34 +104,53 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
         warnings.simplefilter("ignore", UserWarning)
         converted = ov.convert_model(model)
     if folder is not None:
-        _save_openvino(converted, folder)
+        _save_openvino(converted, folder, model)
     return converted
 
 
-def _entry_problem(folder: Path) -> str | None:
-    """Why the cache entry in ``folder`` cannot be trusted, or None when its files match
-    the SHA-256 digests recorded with them."""
+def _seal(model: Any, digests: dict[str, str]) -> str:
+    """The HMAC-SHA256 of an entry's file digests keyed by the SHA-256 of ``model``'s weight
+    values: what binds an entry to the weights it was converted from. The key never enters
+    the cache, so rewriting the entry's files and their record cannot make it match, nor
+    can an entry copied from another model's folder."""
+    key = hashlib.sha256()
+    for weight in model.weights:
+        values = np.ascontiguousarray(np.asarray(weight))
+        key.update(f"{values.dtype.str}{values.shape};".encode())
+        key.update(values.tobytes())
+    message = json.dumps({name: digests.get(name) for name in _ENTRY_FILES}, sort_keys=True)
+    return hmac.new(key.digest(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def _entry_problem(folder: Path, model: Any) -> str | None:
+    """Why the cache entry in ``folder`` cannot be trusted for ``model``, or None when its
+    files match the SHA-256 digests recorded with them and the record is sealed by the
+    model's weights (:func:`_seal`)."""
     try:
         recorded = json.loads((folder / DIGESTS).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return f"no {DIGESTS}: written before entries were checked"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"{DIGESTS} unreadable: {exc}"
+    if not isinstance(recorded, dict):
+        return f"{DIGESTS} is not a record of digests"
     for name in _ENTRY_FILES:
         try:
             actual = file_sha256(folder / name)
         except OSError as exc:
             return f"{name} unreadable: {exc.strerror or exc}"
-        if not isinstance(recorded, dict) or recorded.get(name) != actual:
+        if recorded.get(name) != actual:
             return f"{name} does not match its recorded SHA-256"
+    if not hmac.compare_digest(str(recorded.get("seal", "")), _seal(model, recorded)):
+        return f"{DIGESTS} was not written for these weights"
     return None
 
 
-def _save_openvino(converted: Any, folder: Path) -> None:
+def _save_openvino(converted: Any, folder: Path, model: Any) -> None:
     """Write a converted model into the cache as one folder renamed into place (float32
-    weights, not OpenVINO's default float16 compression), with the SHA-256 of its files
-    written after them. A cache that cannot be written (read-only home, full disk) is
-    skipped: it only saves time."""
+    weights, not OpenVINO's default float16 compression), with the SHA-256 of its files and
+    their seal by the Keras ``model``'s weights (:func:`_seal`) written after them. A cache
+    that cannot be written (read-only home, full disk) is skipped: it only saves time."""
     ov = import_openvino()
 
     try:
@@ -149,6 +163,7 @@ def _save_openvino(converted: Any, folder: Path) -> None:
         os.chmod(tmp, usual_mode(directory=True))
         ov.save_model(converted, tmp / "model.xml", compress_to_fp16=False)
         digests = {name: file_sha256(tmp / name) for name in _ENTRY_FILES}
+        digests["seal"] = _seal(model, digests)
         (tmp / DIGESTS).write_text(json.dumps(digests, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, folder)
     except (OSError, RuntimeError):

@@ -238,8 +238,8 @@ def _range_message(path: Path, present: list[int], bad: list[int], rules: LabelR
             f"allows only 0..{n - 1} (found {_values_text(bad)}); " + ", or ".join(fixes))
 
 
-def load_image(pair: Pair, n_bands: int, for_model: bool = False
-               ) -> tuple[np.ndarray, RasterMeta]:
+def load_image(pair: Pair, n_bands: int, for_model: bool = False,
+               max_pixels: int | None = None) -> tuple[np.ndarray, RasterMeta]:
     """Read a pair's image plus extra bands and check the band count against ``n_bands``
     (the config's N_DATA_BANDS, image bands plus extra bands).
 
@@ -247,8 +247,9 @@ def load_image(pair: Pair, n_bands: int, for_model: bool = False
     config expects from the image (RGBA for 3 bands, grey+alpha for 1) is dropped. Returns
     (image (H, W, n_bands) uint8|uint16, meta). Raises UserError on a band mismatch;
     ``for_model``: ``n_bands`` is a trained model's, which the message says cannot change.
+    ``max_pixels``: the config's MAX_IMAGE_PIXELS (see :func:`res_unet.rasters.pixel_limit`).
     """
-    image, meta = read_image(pair.image)
+    image, meta = read_image(pair.image, max_pixels=max_pixels)
     expected = n_bands - len(pair.extra_bands)
     found = image.shape[-1]
     alpha_hint = ""
@@ -274,21 +275,22 @@ def load_image(pair: Pair, n_bands: int, for_model: bool = False
                              f"this{convert}")
         raise UserError(f"{pair.image}: {_count(found, 'band')} found{extra} but N_DATA_BANDS "
                         f"is {n_bands}{fix}")
-    return append_bands(image, pair.image, pair.extra_bands), meta
+    return append_bands(image, pair.image, pair.extra_bands, max_pixels), meta
 
 
-def open_image_rows(pair: Pair, n_bands: int) -> RasterRows | None:
+def open_image_rows(pair: Pair, n_bands: int, max_pixels: int | None = None
+                    ) -> RasterRows | None:
     """The pair's image as :class:`res_unet.rasters.RasterRows` when it can be read in
     windows: no extra-band folders, and a raster :func:`res_unet.rasters.open_raster_rows`
     opens with exactly the model's ``n_bands`` bands. Else None: use :func:`load_image`,
     which reads the image whole and gives the messages for the other cases."""
     if pair.extra_bands:
         return None
-    return open_raster_rows(pair.image, n_bands)
+    return open_raster_rows(pair.image, n_bands, max_pixels)
 
 
 def load_pair(pair: Pair, n_bands: int, rules: LabelRules,
-              polygons: PolygonRules | None = None
+              polygons: PolygonRules | None = None, max_pixels: int | None = None
               ) -> tuple[np.ndarray, np.ndarray, RasterMeta]:
     """Read one training example and check it against the config's N_DATA_BANDS
     (``n_bands``) and label rules; a polygon label is burnt under ``polygons``.
@@ -297,19 +299,19 @@ def load_pair(pair: Pair, n_bands: int, rules: LabelRules,
     indices 0..rules.n_label_classes-1, meta of the image). Raises UserError for band-count or size
     mismatches (naming both files and sizes) and invalid label values.
     """
-    image, label, meta, _ = load_pair_and_facts(pair, n_bands, rules, polygons)
+    image, label, meta, _ = load_pair_and_facts(pair, n_bands, rules, polygons, max_pixels)
     return image, label, meta
 
 
 def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
-                        polygons: PolygonRules | None = None
+                        polygons: PolygonRules | None = None, max_pixels: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray, RasterMeta,
                                    vectors.LabelFacts | None]:
     """:func:`load_pair`, and what burning a polygon label found (None for a raster label)."""
     if pair.label is None:
         raise ValueError(f"load_pair needs a labelled pair; {pair.stem} has no label")
-    image, meta = load_image(pair, n_bands)
-    label, facts = read_pair_label(pair, rules, polygons, image.shape[:2])
+    image, meta = load_image(pair, n_bands, max_pixels=max_pixels)
+    label, facts = read_pair_label(pair, rules, polygons, image.shape[:2], max_pixels)
     if meta.nodata is not None and rules.ignore_class is not None:
         # The image's nodata pixels are no example of any class: left out of the loss.
         label[nodata_mask(image, [meta.nodata])] = rules.ignore_class
@@ -317,7 +319,8 @@ def load_pair_and_facts(pair: Pair, n_bands: int, rules: LabelRules,
 
 
 def read_pair_label(pair: Pair, rules: LabelRules, polygons: PolygonRules | None,
-                    shape: tuple[int, int]) -> tuple[np.ndarray, vectors.LabelFacts | None]:
+                    shape: tuple[int, int], max_pixels: int | None = None
+                    ) -> tuple[np.ndarray, vectors.LabelFacts | None]:
     """A pair's label as (H, W) uint8 class indices 0..rules.n_label_classes-1 (REMAP_CLASSES
     applied, IGNORE_CLASS kept), and what burning found (None for a raster label).
 
@@ -325,7 +328,8 @@ def read_pair_label(pair: Pair, rules: LabelRules, polygons: PolygonRules | None
     raster label as it is, a polygon label (:func:`burn_pair_label`, under ``polygons``)
     burnt onto the scene's own grid, which is also the grid the label maps segmentation
     writes and scores are on. Raises UserError unless the label is ``shape`` (the image's
-    rows and columns), and as :func:`prepare_label` and :func:`burn_pair_label`.
+    rows and columns), and as :func:`res_unet.rasters.read_label` (``max_pixels``),
+    :func:`prepare_label` and :func:`burn_pair_label`.
     """
     if pair.label is None:
         raise ValueError(f"read_pair_label needs a labelled pair; {pair.stem} has no label")
@@ -333,7 +337,7 @@ def read_pair_label(pair: Pair, rules: LabelRules, polygons: PolygonRules | None
     if vectors.is_vector_path(pair.label):
         label, facts = burn_pair_label(pair, polygons or PolygonRules())
     else:
-        label = read_label(pair.label)
+        label = read_label(pair.label, max_pixels)
     if label.shape != tuple(shape):
         raise UserError(f"{pair.label}: label size {label.shape[1]}x{label.shape[0]} (WxH) "
                         f"differs from its image {pair.image} ({shape[1]}x{shape[0]}); "

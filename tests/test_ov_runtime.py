@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,8 @@ from res_unet.ov_runtime import converted_model, openvino_runner  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_model() -> keras.Model:
-    keras.utils.set_random_seed(3)
+def small_model(seed: int = 3) -> keras.Model:
+    keras.utils.set_random_seed(seed)
     x = keras.Input((16, 16, 3))
     y = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
     y = keras.layers.Conv2D(2, 1, activation="softmax")(y)
@@ -42,7 +43,7 @@ def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, monkey
 
     converted_model(model, folder)
     digests = json.loads((folder / "sha256.json").read_text())
-    assert set(digests) == {"model.xml", "model.bin"}
+    assert set(digests) == {"model.xml", "model.bin", "seal"}
     converted_model(model, folder)
     assert len(conversions) == 1 and capsys.readouterr().err == ""
 
@@ -58,8 +59,8 @@ def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, monkey
     np.testing.assert_allclose(outputs, expected, atol=1e-5)
     rewritten = json.loads((folder / "sha256.json").read_text())
     assert rewritten["model.bin"] == digests["model.bin"], "entry rewritten with good weights"
-    for name, digest in rewritten.items():
-        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    for name in ("model.xml", "model.bin"):
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == rewritten[name]
     converted_model(model, folder)
     assert len(conversions) == 2, "the rewritten entry is used"
 
@@ -67,6 +68,50 @@ def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, monkey
     converted_model(model, folder)
     assert len(conversions) == 3 and str(folder) in capsys.readouterr().err
     assert (folder / "sha256.json").is_file()
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 16] = bytes(b ^ 0xFF for b in data[middle: middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_an_entry_whose_record_was_rewritten_to_match_is_converted_again(tmp_path, monkeypatch,
+                                                                          capsys):
+    """The record of digests is sealed by the Keras model's weights, which never enter the
+    cache: flipped bytes in model.bin with sha256.json rewritten to match, or an entry
+    copied whole from another model's folder, are converted again with a one-line notice,
+    and the output is the Keras model's."""
+    model = small_model()
+    folder = tmp_path / "cache" / "entry"
+    conversions = []
+    real_convert = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda m: conversions.append(1) or real_convert(m))
+    batch = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    expected = np.asarray(model(batch))
+    converted_model(model, folder)
+
+    _flip_bytes(folder / "model.bin")
+    record = json.loads((folder / "sha256.json").read_text())
+    record["model.bin"] = hashlib.sha256((folder / "model.bin").read_bytes()).hexdigest()
+    (folder / "sha256.json").write_text(json.dumps(record))
+    outputs = openvino_runner(converted_model(model, folder))(batch)
+    assert len(conversions) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: {folder}: the cached OpenVINO model is not usable (sha256.json was "
+                   "not written for these weights); converting it again"]
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)
+
+    converted_model(small_model(seed=4), tmp_path / "cache" / "other")
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "cache" / "other", folder)
+    outputs = openvino_runner(converted_model(model, folder))(batch)
+    assert len(conversions) == 4
+    assert "was not written for these weights" in capsys.readouterr().err
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)
+    converted_model(model, folder)
+    assert len(conversions) == 4, "the entry written again is used"
 
 
 def test_openvino_telemetry_writes_nothing_in_home(tmp_path):

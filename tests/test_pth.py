@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import itertools
 import os
@@ -10,6 +11,7 @@ import pickle
 import pickletools
 import re
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +46,15 @@ def _global(module: str, name: str) -> bytes:
 
 
 def write_legacy_pth(path: Path, tensors: dict[str, np.ndarray], *,
-                     transpose_first: bool = False) -> None:
+                     transpose_first: bool = False, first_view: tuple | None = None,
+                     first_count: int | None = None) -> None:
     """Write ``tensors`` the way torch.save(..., _use_new_zipfile_serialization=False) does:
     three header pickles, the state dict pickle whose tensors are _rebuild_tensor_v2 calls
     on persistent storages, the storage key list, then each storage's count and bytes.
-    ``transpose_first`` stores the first 2-D tensor as a transposed (non-contiguous) view."""
+    ``transpose_first`` stores the first 2-D tensor as a transposed (non-contiguous) view.
+    A crafted file: ``first_view`` (size, stride) makes the first tensor that view of its
+    storage; ``first_count`` announces that element count for the first storage (its bytes
+    stay those of the array)."""
     body = pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + \
         pickle.EMPTY_TUPLE + pickle.REDUCE
     storages = []
@@ -59,9 +65,12 @@ def write_legacy_pth(path: Path, tensors: dict[str, np.ndarray], *,
         if transpose_first and i == 0 and arr.ndim == 2:
             data = np.ascontiguousarray(arr.T)  # storage holds the transpose
             stride = (1, arr.shape[0])
-        storages.append(data)
+        if first_view is not None and i == 0:
+            shape, stride = first_view
+        count = first_count if first_count is not None and i == 0 else data.size
+        storages.append((data, count))
         pid = (pickle.MARK + _text("storage") + _global("torch", _STORAGE[data.dtype])
-               + _text(str(i)) + _text("cpu") + _int(data.size) + pickle.NONE
+               + _text(str(i)) + _text("cpu") + _int(count) + pickle.NONE
                + pickle.TUPLE + pickle.BINPERSID)
         tensor = (_global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + pid + _int(0)
                   + _tuple(shape) + _tuple(stride) + pickle.NEWFALSE
@@ -76,8 +85,8 @@ def write_legacy_pth(path: Path, tensors: dict[str, np.ndarray], *,
                     protocol=2)
         f.write(body)
         pickle.dump([str(i) for i in range(len(storages))], f, protocol=2)
-        for data in storages:
-            f.write(struct.pack("<q", data.size))
+        for data, count in storages:
+            f.write(struct.pack("<q", count))
             f.write(data.astype(data.dtype.newbyteorder("<")).tobytes())
 
 
@@ -153,6 +162,72 @@ def test_reads_the_shipped_lite0_weights():
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280)
     assert all(np.isfinite(v).all() for v in state.values())
+
+
+# Sizes are checked before anything is allocated -------------------------------------------
+
+def _peak_bytes(call) -> int:
+    """Peak bytes Python and NumPy allocated while ``call()`` ran (it may raise PthError)."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(PthError):
+            call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_stride_0_view_larger_than_its_storage_is_refused_before_allocating(tmp_path):
+    """A few hundred bytes whose tensor repeats a 2-element storage over 3000 x 2500 (the
+    probe's was 30000 x 25000, 3 GB) are refused without allocating the array."""
+    path = tmp_path / "bomb.pth"
+    write_legacy_pth(path, {"w": np.ones(2, np.float32)}, first_view=((3000, 2500), (0, 0)))
+    assert path.stat().st_size < 400
+    with pytest.raises(PthError, match=r"\(3000, 2500\) has 7500000 elements, more than its "
+                                       r"storage holds \(2\)"):
+        read_pth(path)
+    assert _peak_bytes(lambda: read_pth(path)) < 1_000_000
+
+
+def test_a_tensor_larger_than_any_layer_is_refused(tmp_path):
+    """``max_elements`` (for the Lite networks, their largest layer, 1000 x 1280) caps every
+    tensor; a file within it reads as before."""
+    path = tmp_path / "w.pth"
+    write_legacy_pth(path, {"w": np.arange(12, dtype=np.float32).reshape(3, 4)})
+    with pytest.raises(PthError, match=r"shape \(3, 4\) has 12 elements, more than the "
+                                       r"largest layer it can be meant for \(11\)"):
+        read_pth(path, max_elements=11)
+    np.testing.assert_array_equal(read_pth(path, max_elements=12)["w"],
+                                  np.arange(12).reshape(3, 4))
+
+
+def test_a_storage_count_beyond_the_file_size_is_refused_before_reading(tmp_path):
+    """A storage announcing 50 M elements (200 MB) in a file of a few hundred bytes is
+    refused before a buffer of that size is allocated; so is a negative size."""
+    path = tmp_path / "long.pth"
+    write_legacy_pth(path, {"w": np.ones(2, np.float32)}, first_count=50_000_000)
+    with pytest.raises(PthError, match="storage of 50000000 elements is larger than the "
+                                       "rest of the file"):
+        read_pth(path)
+    assert _peak_bytes(lambda: read_pth(path)) < 1_000_000
+    write_legacy_pth(path, {"w": np.ones(2, np.float32)}, first_view=((-2,), (1,)))
+    with pytest.raises(PthError, match="negative or non-integer"):
+        read_pth(path)
+
+
+def test_a_bomb_as_encoder_weights_is_a_one_line_error(tmp_path):
+    """Named as ENCODER_WEIGHTS, the stride-0 file gives one UserError line naming it."""
+    from res_unet.errors import UserError
+    from res_unet.models.efficientnet_lite import read_lite_weights
+
+    path = tmp_path / "bomb.pth"
+    write_legacy_pth(path, {"_fc.weight": np.ones(2, np.float32)},
+                     first_view=((3000, 2500), (0, 0)))
+    with pytest.raises(UserError) as info:
+        read_lite_weights(str(path), "lite0")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: cannot read the weights (")
+    assert "7500000 elements, more than its storage holds (2)" in message
 
 
 

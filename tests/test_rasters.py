@@ -3,17 +3,29 @@ bit-exact round trips, georeferencing, one-line errors for files that cannot be 
 
 from __future__ import annotations
 
+import struct
+import types
+import zlib
+
 import numpy as np
 import pytest
 import rasterio
+import rasterio.io
 import tifffile
 from affine import Affine
 from helpers import folder_listing, random_u8
-from PIL import Image
+from PIL import Image, ImageFile
 from rasterio.crs import CRS
 
+from res_unet import rasters
 from res_unet.errors import UserError
-from res_unet.rasters import RasterMeta, is_georeferenced, read_image, read_label
+from res_unet.rasters import (
+    RasterMeta,
+    is_georeferenced,
+    open_raster_rows,
+    read_image,
+    read_label,
+)
 from res_unet.writers import write_geotiff, write_png
 
 # Reading images ---------------------------------------------------------------------------
@@ -290,3 +302,126 @@ def test_16bit_label_below_256_is_cast_and_above_is_an_error(tmp_path):
     with pytest.raises(UserError, match=r"big\.png: label values reach 300, above 255"):
         read_label(tmp_path / "big.png")
 
+
+
+# Pixel limits, checked from the header before decoding ------------------------------------
+
+def write_zero_png(path, width: int, height: int) -> None:
+    """An all-zero 1-bit grey PNG of ``width`` x ``height`` written row by row through a
+    streaming zlib compressor: 50000 x 50000 px (2.5 GB once decoded) is a 0.3 MB file
+    written in about a second."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    compressor = zlib.compressobj(9)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)))
+        block = row * 1000
+        for start in range(0, height, 1000):
+            data = compressor.compress(block[: len(row) * min(1000, height - start)])
+            if data:
+                f.write(chunk(b"IDAT", data))
+        f.write(chunk(b"IDAT", compressor.flush()) + chunk(b"IEND", b""))
+
+
+def _no_decoding(monkeypatch) -> None:
+    """Make decoding pixels (Pillow, GDAL, tifffile) fail the test: only headers are read."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", refuse)
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", refuse)
+
+
+def test_a_png_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    """A 50000 x 50000 px PNG of a few hundred kB is refused by MAX_IMAGE_PIXELS and, with
+    no key, by the memory available (here 8 GB), with one line giving the gdal_translate
+    command; no pixel is decoded (Pillow's own limit used to send it whole to GDAL)."""
+    path = tmp_path / "bomb.png"
+    write_zero_png(path, 50_000, 50_000)
+    assert path.stat().st_size < 1_000_000
+    _no_decoding(monkeypatch)
+    with pytest.raises(UserError) as info:
+        read_image(path, max_pixels=100_000_000)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"{path}: 50000x50000 px (1 band) is more than can be decoded at once (100000000 px, "
+        "MAX_IMAGE_PIXELS); convert it to a tiled GeoTIFF")
+    assert "gdal_translate -of GTiff -co TILED=YES" in message and "bomb_tiled.tif" in message
+    monkeypatch.setattr(rasters.psutil, "virtual_memory",
+                        lambda: types.SimpleNamespace(available=8 * 2**30))
+    with pytest.raises(UserError, match=r"\(357913941 px, what fits in the 8\.0 GB of memory "
+                                        r"available; MAX_IMAGE_PIXELS sets it\)"):
+        read_image(path)
+    with pytest.raises(UserError, match="50000x50000 px"):
+        read_label(path)
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "multipage", "tiff", "label"])
+def test_images_read_whole_over_max_image_pixels_are_refused(tmp_path, monkeypatch, kind):
+    """Every whole read (PNG, JPEG, multi-page TIFF, GeoTIFF, label) stops at a small
+    MAX_IMAGE_PIXELS (599 px for a 30 x 20 image) before decoding, and reads the same file
+    within it (600 px)."""
+    array = random_u8((20, 30, 3))
+    path = tmp_path / {"jpeg": "x.jpg", "multipage": "x.tif", "tiff": "x.tif"}.get(kind, "x.png")
+    if kind == "jpeg":
+        Image.fromarray(array).save(path)
+    elif kind == "multipage":
+        tifffile.imwrite(path, np.moveaxis(array, -1, 0), photometric="minisblack")
+    elif kind == "tiff":
+        write_geotiff(path, array, RasterMeta(path=path))
+    else:
+        write_png(path, array[..., 0] % 2 if kind == "label" else array)
+    read = read_label if kind == "label" else read_image
+    assert read(path, max_pixels=600) is not None
+    _no_decoding(monkeypatch)
+    with pytest.raises(UserError) as info:
+        read(path, max_pixels=599)
+    bands = "1 band" if kind == "label" else "3 bands"
+    assert str(info.value).startswith(f"{path}: 30x20 px ({bands}) is more than can be "
+                                      "decoded at once (599 px, MAX_IMAGE_PIXELS)")
+
+
+def test_an_extra_band_over_max_image_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    """An extra band is checked from its header too, counting the bands of the whole stack
+    (a 40 x 30 extra band of a 30 x 20 RGB image: 4 bands), before it is decoded."""
+    write_png(tmp_path / "x.png", random_u8((20, 30, 3)))
+    write_png(tmp_path / "e.png", random_u8((40, 30)))
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: (
+        pytest.fail("the extra band was decoded") if im.filename.endswith("e.png")
+        else load(im)))
+    with pytest.raises(UserError, match=r"e\.png: 30x40 px \(4 bands\) is more than can be "
+                                        r"decoded at once \(600 px, MAX_IMAGE_PIXELS\)"):
+        read_image(tmp_path / "x.png", [tmp_path / "e.png"], max_pixels=600)
+
+
+def test_a_raster_read_in_windows_is_refused_when_a_row_of_blocks_would_not_fit(tmp_path):
+    """A GeoTIFF of one strip decodes whole whatever window is asked: refused when opened
+    for windowed reading; a tiled one opens, and a window taller than the limit allows is
+    refused as it is asked for."""
+    array = random_u8((100, 40, 3))
+    with rasterio.open(tmp_path / "strip.tif", "w", driver="GTiff", width=40, height=100,
+                       count=3, dtype="uint8") as ds:
+        ds.write(np.moveaxis(array, -1, 0))
+        strip_rows = ds.block_shapes[0][0]
+    assert 40 * strip_rows > 1000
+    with pytest.raises(UserError, match=rf"strip\.tif: one row of blocks of 40x{strip_rows} px "
+                                        r"\(3 bands\) is more than can be decoded at once "
+                                        r"\(1000 px, MAX_IMAGE_PIXELS\); convert it to a tiled"):
+        open_raster_rows(tmp_path / "strip.tif", 3, max_pixels=1000)
+    with rasterio.open(tmp_path / "tiled.tif", "w", driver="GTiff", width=40, height=100,
+                       count=3, dtype="uint8", tiled=True, blockxsize=16,
+                       blockysize=16) as ds:
+        ds.write(np.moveaxis(array, -1, 0))
+    with open_raster_rows(tmp_path / "tiled.tif", 3, max_pixels=1000) as rows:
+        np.testing.assert_array_equal(rows.rows(10, 35), array[10:35])
+        with pytest.raises(UserError, match=r"a window of rows 0\.\.30 of 40x30 px \(3 bands\) "
+                                            r"is more than .* \(1000 px, MAX_IMAGE_PIXELS\); "
+                                            r"raise MAX_IMAGE_PIXELS"):
+            rows.rows(0, 30)
+    assert open_raster_rows(tmp_path / "strip.tif", 3) is not None

@@ -670,6 +670,39 @@ def test_plain_scenes_and_models_without_a_pixel_size_say_so_once(run, run_10m, 
     assert fingerprint["fingerprint"]["settings"]["SCENE_PIXEL_SIZE"] == 5.0
 
 
+def test_max_image_pixels_from_a_segmentation_config(run, images, tmp_path, capsys):
+    """MAX_IMAGE_PIXELS in a segmentation --config stops the images above it (one line each
+    with the fix; the others are segmented, exit 1); raised, the same folder is completed
+    without being refused as made with other settings."""
+    config = tmp_path / "limit.json"
+    config.write_text(json.dumps({"MAX_IMAGE_PIXELS": 1999}))
+    out = tmp_path / "out"
+    assert seg("--model", run, "--images", images, "--out", out, "--config", config) == 1
+    text = capsys.readouterr()
+    assert "1 done, 0 skipped (already done), 2 failed" in text.out
+    for name, size in (("b", "90x70"), ("c", "50x40")):
+        assert (f"{images / name}.png: {size} px (3 bands) is more than can be decoded at once "
+                "(1999 px, MAX_IMAGE_PIXELS); convert it to a tiled GeoTIFF") in text.err
+    assert (out / "a_predseg.png").is_file() and not (out / "b_predseg.png").exists()
+    config.write_text(json.dumps({"MAX_IMAGE_PIXELS": 6300}))
+    assert seg("--model", run, "--images", images, "--out", out, "--config", config) == 0
+    assert "2 done, 1 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", ["1e9", "0", "1e-6"])
+def test_a_pixel_size_out_of_range_is_one_line_with_the_range(run_10m, images, tmp_path,
+                                                                capsys, size):
+    """--pixel-size 1e9 (a terabyte raster) or 1e-6 (a scene of no pixel) stop before any
+    image is read, with the valid range; no output folder is made."""
+    assert seg("--model", run_10m, "--images", images, "--out", tmp_path / "a",
+               "--pixel-size", size) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    side = "above the maximum 100000.0" if size == "1e9" else "below the minimum 0.001"
+    assert err == [f"error: command line: SCENE_PIXEL_SIZE={float(size)} is {side} (valid: "
+                   "0.001 to 100000)"]
+    assert not (tmp_path / "a").exists()
+
+
 def test_the_command_says_which_runtime_it_used(run, images, tmp_path, capsys):
     pytest.importorskip("openvino")
     assert seg("--model", run, "--images", images, "--out", tmp_path / "a") == 0

