@@ -43,3 +43,36 @@ def test_curve_decays_towards_the_floor():
     assert len(curve) == 200 and all(isinstance(v, float) for v in curve)
     assert np.all(np.diff(curve[20:]) < 0)
     assert curve[-1] == pytest.approx(1e-7, rel=1e-3)
+
+
+@pytest.mark.parametrize("max_epochs,expected", [
+    (1, [1e-4]),                         # warm-up 0: the only epoch at MAX_LR
+    (2, [1e-7, 1e-4]),                   # warm-up 1 epoch, then MAX_LR
+    (4, [1e-7, (1e-4 - 1e-7) / 2 + 1e-7, 1e-4, (1e-4 - 1e-7) * 0.9 + 1e-7]),
+])
+def test_a_warm_up_longer_than_the_run_is_fitted_into_its_first_half(max_epochs, expected):
+    """The defaults (START_LR 1e-7, RAMPUP_EPOCHS 10, MAX_LR 1e-4) with a 1-4 epoch run: the
+    warm-up takes MAX_EPOCHS // 2 epochs, so the run reaches MAX_LR and decays after."""
+    from res_unet.schedule import warmup_epochs, warmup_note
+
+    cfg, _ = config_from_dict({"MAX_EPOCHS": max_epochs})
+    assert (cfg.START_LR, cfg.RAMPUP_EPOCHS, cfg.MAX_LR) == (1e-7, 10, 1e-4)
+    assert warmup_epochs(cfg) == max_epochs // 2
+    assert lr_curve(cfg, max_epochs) == pytest.approx(expected, rel=1e-9)
+    ramp = max_epochs // 2
+    assert warmup_note(cfg) == (
+        f"note: RAMPUP_EPOCHS 10 does not end within MAX_EPOCHS {max_epochs}: warming up "
+        f"over {ramp} epoch{'s' * (ramp != 1)} instead, so the run reaches MAX_LR 0.0001 "
+        "(set RAMPUP_EPOCHS below MAX_EPOCHS to choose)")
+
+
+def test_a_warm_up_shorter_than_the_run_is_kept_as_configured():
+    """RAMPUP_EPOCHS below MAX_EPOCHS (10 of 11, the reference's 20 of 100) is the
+    original formula, without a note: existing configs train the same."""
+    from res_unet.schedule import warmup_epochs, warmup_note
+
+    cfg, _ = config_from_dict({"MAX_EPOCHS": 11})
+    assert warmup_epochs(cfg) == 10 and warmup_note(cfg) is None
+    assert learning_rate(10, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx((1e-4 - 1e-7) / 10 * 9 + 1e-7)
+    assert warmup_note(reference_cfg()) is None and warmup_epochs(reference_cfg()) == 20
