@@ -81,18 +81,25 @@ def failure_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+# Dtypes and dtype policies a float32 twin replaces (integer dtypes stay).
+_LOW_PRECISION = ("bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+
+
 def _float32_config(value: Any) -> Any:
-    """A Keras model config with every layer's dtype policy made float32."""
-    if isinstance(value, list):
-        return [_float32_config(item) for item in value]
+    """A Keras model config with every float16/bfloat16 dtype and mixed dtype policy made
+    float32 (layers' policies, and the input dtypes of nested models such as an encoder)."""
+    if isinstance(value, list | tuple):
+        return type(value)(_float32_config(item) for item in value)
     if not isinstance(value, dict):
         return value
     out = {}
     for key, item in value.items():
-        policy = key == "dtype" and (
-            (isinstance(item, dict) and str(item.get("class_name", "")).endswith("DTypePolicy"))
-            or (isinstance(item, str) and item.startswith("mixed_")))
-        out[key] = "float32" if policy else _float32_config(item)
+        name = item
+        if key == "dtype" and isinstance(item, dict) and str(
+                item.get("class_name", "")).endswith("DTypePolicy"):
+            name = item.get("config", {}).get("name")
+        low = key == "dtype" and isinstance(name, str) and name in _LOW_PRECISION
+        out[key] = "float32" if low else _float32_config(item)
     return out
 
 
