@@ -2,8 +2,8 @@
 
 The formula is the original residual-U-Net toolbox's, so existing configs train the same. A
 warm-up at least as long as the run (RAMPUP_EPOCHS >= MAX_EPOCHS, e.g. the default 10 with
-a 2-epoch trial) is fitted into its first half (:func:`warmup_epochs`): the run reaches
-MAX_LR instead of ending near START_LR having learnt nothing.
+a 2-epoch trial) is fitted into less than half of it (:func:`warmup_epochs`): the run
+reaches MAX_LR instead of ending near START_LR having learnt nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from res_unet.config import Config
 
 
 def warmup_epochs(cfg: Config) -> int:
-    """The warm-up epochs the schedule uses: RAMPUP_EPOCHS, or MAX_EPOCHS // 2 when
-    RAMPUP_EPOCHS would not end before the last epoch (so at least half the run trains at
-    MAX_LR and after)."""
+    """The warm-up epochs the schedule uses: RAMPUP_EPOCHS, or (MAX_EPOCHS - 1) // 2 when
+    RAMPUP_EPOCHS would not end before the last epoch (so more than half the run trains at
+    MAX_LR and after: a 1- or 2-epoch trial has no warm-up)."""
     if cfg.RAMPUP_EPOCHS >= cfg.MAX_EPOCHS:
-        return cfg.MAX_EPOCHS // 2
+        return (cfg.MAX_EPOCHS - 1) // 2
     return cfg.RAMPUP_EPOCHS
 
 
@@ -25,10 +25,11 @@ def warmup_note(cfg: Config) -> str | None:
     ramp = warmup_epochs(cfg)
     if ramp == cfg.RAMPUP_EPOCHS:
         return None
+    fitted = (f"warming up over {ramp} epoch{'s' * (ramp != 1)} instead, so the run reaches"
+              if ramp else "no warm-up, the run starts at")
     return (f"note: RAMPUP_EPOCHS {cfg.RAMPUP_EPOCHS} does not end within MAX_EPOCHS "
-            f"{cfg.MAX_EPOCHS}: warming up over {ramp} epoch{'s' * (ramp != 1)} instead, so "
-            f"the run reaches MAX_LR {cfg.MAX_LR:g} (set RAMPUP_EPOCHS below MAX_EPOCHS to "
-            "choose)")
+            f"{cfg.MAX_EPOCHS}: {fitted} MAX_LR {cfg.MAX_LR:g} (set RAMPUP_EPOCHS below "
+            "MAX_EPOCHS to choose)")
 
 
 def learning_rate(epoch: int, cfg: Config) -> float:

@@ -45,25 +45,32 @@ def test_curve_decays_towards_the_floor():
     assert curve[-1] == pytest.approx(1e-7, rel=1e-3)
 
 
+DECAY = [(1e-4 - 1e-7) * 0.9 ** k + 1e-7 for k in range(4)]  # the defaults' decay
+
+
 @pytest.mark.parametrize("max_epochs,expected", [
-    (1, [1e-4]),                         # warm-up 0: the only epoch at MAX_LR
-    (2, [1e-7, 1e-4]),                   # warm-up 1 epoch, then MAX_LR
-    (4, [1e-7, (1e-4 - 1e-7) / 2 + 1e-7, 1e-4, (1e-4 - 1e-7) * 0.9 + 1e-7]),
+    (1, [1e-4]),                                    # no warm-up: the only epoch at MAX_LR
+    (2, DECAY[:2]),                                 # no warm-up, then the decay
+    (4, [1e-7, *DECAY[:3]]),                        # 1 warm-up epoch
+    (6, [1e-7, (1e-4 - 1e-7) / 2 + 1e-7, *DECAY[:4]]),  # 2 warm-up epochs
 ])
-def test_a_warm_up_longer_than_the_run_is_fitted_into_its_first_half(max_epochs, expected):
-    """The defaults (START_LR 1e-7, RAMPUP_EPOCHS 10, MAX_LR 1e-4) with a 1-4 epoch run: the
-    warm-up takes MAX_EPOCHS // 2 epochs, so the run reaches MAX_LR and decays after."""
+def test_a_warm_up_longer_than_the_run_is_fitted_into_less_than_half(max_epochs, expected):
+    """The defaults (START_LR 1e-7, RAMPUP_EPOCHS 10, MAX_LR 1e-4) with a 1-6 epoch run: the
+    warm-up takes (MAX_EPOCHS - 1) // 2 epochs, so the run reaches MAX_LR and decays after
+    (a 2-epoch trial used to stay at 1e-7 and 1e-5 and learn nothing)."""
     from res_unet.schedule import warmup_epochs, warmup_note
 
     cfg, _ = config_from_dict({"MAX_EPOCHS": max_epochs})
     assert (cfg.START_LR, cfg.RAMPUP_EPOCHS, cfg.MAX_LR) == (1e-7, 10, 1e-4)
-    assert warmup_epochs(cfg) == max_epochs // 2
+    ramp = (max_epochs - 1) // 2
+    assert warmup_epochs(cfg) == ramp
     assert lr_curve(cfg, max_epochs) == pytest.approx(expected, rel=1e-9)
-    ramp = max_epochs // 2
+    fitted = {0: "no warm-up, the run starts at",
+              1: "warming up over 1 epoch instead, so the run reaches",
+              2: "warming up over 2 epochs instead, so the run reaches"}[ramp]
     assert warmup_note(cfg) == (
-        f"note: RAMPUP_EPOCHS 10 does not end within MAX_EPOCHS {max_epochs}: warming up "
-        f"over {ramp} epoch{'s' * (ramp != 1)} instead, so the run reaches MAX_LR 0.0001 "
-        "(set RAMPUP_EPOCHS below MAX_EPOCHS to choose)")
+        f"note: RAMPUP_EPOCHS 10 does not end within MAX_EPOCHS {max_epochs}: {fitted} "
+        "MAX_LR 0.0001 (set RAMPUP_EPOCHS below MAX_EPOCHS to choose)")
 
 
 def test_a_warm_up_shorter_than_the_run_is_kept_as_configured():

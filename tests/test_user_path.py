@@ -87,7 +87,7 @@ def test_training_resolves_precision_auto_and_evaluates_whole_scenes(user_run):
     """PRECISION 'auto' becomes float32 or mixed_bfloat16 by the CPU; either way the run
     trains, its whole validation scenes are segmented with INFER_RUNTIME 'auto' (where the
     bfloat16 run crashed in OpenVINO), and the warm-up the defaults ask for (RAMPUP_EPOCHS
-    10 from START_LR 1e-7) is fitted into the 2 epochs, with one note."""
+    10 from START_LR 1e-7) is dropped from the 2-epoch run, with one note."""
     run, printed, precision = user_run
     card = json.loads((run / "model_card.json").read_text())
     assert card["training"]["precision"] == precision
@@ -96,10 +96,10 @@ def test_training_resolves_precision_auto_and_evaluates_whole_scenes(user_run):
     assert summary["validation_scenes"]["images"] >= 1
     assert 0.0 <= summary["validation_scenes"]["mean_iou"] <= 1.0
     assert "Traceback" not in printed
-    note = ("note: RAMPUP_EPOCHS 10 does not end within MAX_EPOCHS 2: warming up over 1 "
-            "epoch instead, so the run reaches MAX_LR 0.0001")
+    note = ("note: RAMPUP_EPOCHS 10 does not end within MAX_EPOCHS 2: no warm-up, the run "
+            "starts at MAX_LR 0.0001 (set RAMPUP_EPOCHS below MAX_EPOCHS to choose)")
     assert printed.count(note) == 1
-    assert "| lr 1.00e-07 |" in printed and "| lr 1.00e-04 |" in printed
+    assert "| lr 1.00e-04 |" in printed and "| lr 9.00e-05 |" in printed
 
 
 @pytest.mark.parametrize("openvino", [True, False], ids=["openvino", "no-openvino"])
