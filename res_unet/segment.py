@@ -398,7 +398,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     options = {"images": str(images_dir), "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "vector": vector}
     # Prepared first: 'auto' may choose bfloat16, which the fingerprint records.
-    say(f"runtime: {'; '.join(sorted({m.prepare() for m in models}))}")
+    runtimes = "; ".join(sorted({m.prepare() for m in models}))
     run_summary = _run_summary(models, segmenter, cfg, options)
     if count > 1:
         held.enter_context(settings_lock(out_dir, run_summary["fingerprint"],
@@ -419,6 +419,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     total_cm = np.zeros((n, n), np.int64)
     unscored: list[dict[str, str]] = []
     problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
+    say(f"runtime: {runtimes}")
     if segmenter.pixel_size_m is None:
         say("note: the model card records no pixel size, so the scale of the scenes cannot "
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
