@@ -1,4 +1,5 @@
-"""Tests for res_unet.ov_runtime: the OpenVINO conversion cache and its integrity check."""
+"""Tests for res_unet.ov_runtime: the OpenVINO conversion cache and its integrity check,
+float32 twins of mixed-precision models, and what INFER_RUNTIME 'auto' chooses."""
 
 from __future__ import annotations
 

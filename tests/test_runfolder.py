@@ -198,3 +198,31 @@ def test_auto_bfloat16_is_recorded_in_the_output_fingerprint(monkeypatch, own_ca
     monkeypatch.setattr(ov_runtime, "openvino_bf16_units", lambda: False)
     with pytest.raises(UserError, match="holds segmentations made with other precision"):
         segment_folder(cfg, [run], images, tmp_path / "out", progress=False)
+
+
+def test_the_cached_conversion_of_a_bfloat16_run_is_its_float32_twin(bf16_run, own_cache,
+                                                                     monkeypatch):
+    """The conversion cache holds the twin's conversion under a key of its own (the weights
+    file, tile size, versions and 'float32 twin'): the next load reads it without
+    converting and it compiles; another tile size is another entry."""
+    ov = pytest.importorskip("openvino")
+    first = load_run(bf16_run)
+    first.use_runtime("auto")
+    assert first.prepare().startswith("openvino (auto: same probabilities")
+    entries = [p for p in (own_cache / "openvino").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1
+    # The mixed graph converted as it is holds casts to an unknown type ("dynamic" in the
+    # model.xml), which OpenVINO's CPU plugin cannot compile.
+    types = set(re.findall(r'(?:destination_type|precision|element_type)="([^"]*)"',
+                           (entries[0] / "model.xml").read_text()))
+    assert types and not types & {"dynamic", "UNSPECIFIED", "bf16", "BF16"}
+
+    conversions = []
+    real = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda m: conversions.append(1) or real(m))
+    again = load_run(bf16_run)
+    again.use_runtime("openvino")
+    assert again.prepare() == "openvino" and conversions == []
+    np.testing.assert_allclose(again(batch()), float32_probabilities(again), atol=1e-5)
+    other = load_run(bf16_run, (64, 64))
+    assert other._openvino_cache() != entries[0] and other.weights.name == "best.weights.h5"
