@@ -244,8 +244,9 @@ class Config:
                          group="training")
     MAX_LR: float = _key(1e-4, "Learning rate after warm-up.", lo=0.0, hi=1.0,
                          group="training")
-    RAMPUP_EPOCHS: int = _key(10, "Linear warm-up epochs from START_LR to MAX_LR.", lo=0,
-                              group="training")
+    RAMPUP_EPOCHS: int = _key(10, "Linear warm-up epochs from START_LR to MAX_LR; one not "
+                              "below MAX_EPOCHS is shortened to (MAX_EPOCHS - 1) // 2, with "
+                              "a note.", lo=0, group="training")
     SUSTAIN_EPOCHS: int = _key(0, "Epochs held at MAX_LR after warm-up.", lo=0,
                                group="training")
     EXP_DECAY: float = _key(0.9, "Per-epoch decay factor after sustain.", lo=0.0, hi=1.0,
@@ -285,11 +286,14 @@ class Config:
     INFER_MODE: str = _key("auto", "'auto' (tile images larger than TARGET_SIZE, else "
                            "resize), 'tile' or 'resize'.", choices=("auto", "tile", "resize"),
                            group="segmentation")
-    INFER_RUNTIME: str = _key("auto", "What runs the model when segmenting: 'auto' (OpenVINO "
-                              "float32 when it is installed and gives TensorFlow's "
-                              "probabilities on a test tile, else TensorFlow; the command "
-                              "says which), 'tensorflow', 'openvino' (pip install "
-                              "'res_unet[openvino]'; about 1.6-2x faster on CPUs, same masks) "
+    INFER_RUNTIME: str = _key("auto", "What runs the model when segmenting: 'auto' "
+                              "(TensorFlow when it sees a GPU; else OpenVINO float32 when it "
+                              "is installed, runs the model and gives TensorFlow's "
+                              "probabilities on a test tile, in bfloat16 where the CPU has "
+                              "bf16 units and the tile's classes stay the same; else "
+                              "TensorFlow; the command says which), 'tensorflow', 'openvino' "
+                              "(pip install 'res_unet[openvino]'; about 1.6-2x faster on "
+                              "CPUs, same masks) "
                               "or 'openvino_bf16' (OpenVINO in bfloat16 on CPUs with AMX or "
                               "AVX512-BF16, float32 elsewhere: about 2x faster again, with "
                               "0.05-0.25 % of pixels changing class).",

@@ -1,9 +1,10 @@
-"""Devices for training: the distribution strategy, the numeric precision, and which
-process writes the run folder.
+"""The machine: the GPUs TensorFlow sees, the CPU's bfloat16 units, the distribution
+strategy, the numeric precision, and which process writes the run folder.
 
 One CPU or GPU uses the default strategy, several GPUs MirroredStrategy, several machines
 (TF_CONFIG) MultiWorkerMirroredStrategy. PRECISION 'auto' reads the CPU flags: bfloat16 only
 where the CPU has native bf16 units (elsewhere it is emulated and several times slower).
+Segmentation's INFER_RUNTIME 'auto' asks :func:`visible_gpus` too (res_unet.runfolder).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def make_strategy() -> tf.distribute.Strategy:
     cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
     if len(cluster.get("worker", [])) > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_logical_devices("GPU")) > 1:
+    if visible_gpus() > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
@@ -36,10 +37,16 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
     return type(strategy).__name__
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bfloat16 matrix units (AMX or AVX512-BF16)."""
+def visible_gpus() -> int:
+    """How many GPUs TensorFlow sees (after SET_GPU / CUDA_VISIBLE_DEVICES)."""
+    return len(tf.config.list_logical_devices("GPU"))
+
+
+def cpu_supports_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU has native bfloat16 matrix units (AMX or AVX512-BF16), from the flags
+    in ``cpuinfo``; False where that file cannot be read (not Linux)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpuinfo.read_text()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
@@ -51,11 +58,11 @@ def resolve_precision(cfg: Config) -> str:
     float16 on a CPU is emulated and unusably slow, so it is only chosen for GPUs.
     """
     if cfg.PRECISION != "auto":
-        if cfg.PRECISION == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
+        if cfg.PRECISION == "mixed_float16" and not visible_gpus():
             print("note: PRECISION mixed_float16 without a GPU is very slow; consider "
                   "mixed_bfloat16 or float32")
         return cfg.PRECISION
-    if tf.config.list_logical_devices("GPU"):
+    if visible_gpus():
         return "mixed_float16"
     return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
 
@@ -72,9 +79,9 @@ def onednn_enabled() -> bool | None:
 
 def device_description() -> str:
     """A short description of the compute device, for the model card."""
-    gpus = tf.config.list_logical_devices("GPU")
+    gpus = visible_gpus()
     if gpus:
-        return f"{len(gpus)} GPU(s)"
+        return f"{gpus} GPU(s)"
     name = platform.processor() or "CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

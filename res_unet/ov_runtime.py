@@ -1,16 +1,18 @@
 """The OpenVINO runtime of a loaded model: converting a Keras model (:func:`converted_model`,
-through res_unet's conversion cache, :func:`cache_dir`) and compiling it for this CPU
-(:func:`openvino_runner`), for :class:`res_unet.runfolder.LoadedModel` and
-bench/bench_runtime.py. OpenVINO is imported only when used, through :func:`import_openvino`,
-with its telemetry turned off."""
+through res_unet's conversion cache, :func:`cache_dir`; a mixed-precision model as its
+float32 twin, :func:`float32_twin`) and compiling it for this CPU (:func:`openvino_runner`),
+for :class:`res_unet.runfolder.LoadedModel` and bench/bench_runtime.py. OpenVINO is imported
+only when used, through :func:`import_openvino`, with its telemetry turned off."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -57,6 +59,78 @@ def import_openvino() -> Any:
     return openvino
 
 
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_bf16_units() -> bool:
+    """Whether OpenVINO computes in bfloat16 on this CPU when asked (its CPU plugin lists
+    BF16 among its capabilities only on CPUs with AVX512-BF16 or AMX units)."""
+    ov = import_openvino()
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+# The lines of OpenVINO's messages that only say where in its sources the error was raised.
+_SOURCE_LINE = re.compile(r"^(Exception from |Check '.*' failed at )\S+:\d+:?$|^Details:$")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """A one-line account of why converting or running a model failed: the first line of
+    the message that is not one of OpenVINO's source locations, with the exception's type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not _SOURCE_LINE.match(line)]
+    first = (useful or lines or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# Dtypes and dtype policies a float32 twin replaces (integer dtypes stay).
+_LOW_PRECISION = ("bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+
+
+def _float32_config(value: Any) -> Any:
+    """A Keras model config with every float16/bfloat16 dtype and mixed dtype policy made
+    float32 (layers' policies, and the input dtypes of nested models such as an encoder)."""
+    if isinstance(value, list | tuple):
+        return type(value)(_float32_config(item) for item in value)
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        name = item
+        if key == "dtype" and isinstance(item, dict) and str(
+                item.get("class_name", "")).endswith("DTypePolicy"):
+            name = item.get("config", {}).get("name")
+        low = key == "dtype" and isinstance(name, str) and name in _LOW_PRECISION
+        out[key] = "float32" if low else _float32_config(item)
+    return out
+
+
+def float32_twin(model: Any) -> Any:
+    """``model`` itself when it computes in float32, else the same architecture built under
+    float32 dtype policies holding the same weights (the variables of a mixed-precision model
+    are float32 already). OpenVINO's CPU plugin cannot compile the casts a mixed_bfloat16 or
+    mixed_float16 graph holds; the twin converts cleanly and gives the float32 probabilities."""
+    import keras
+
+    try:
+        config = model.get_config()
+    except NotImplementedError:  # a subclassed model without a config: converted as it is
+        return model
+    twin_config = _float32_config(config)
+    if twin_config == config:
+        return model
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        twin = model.__class__.from_config(twin_config)
+    finally:
+        keras.config.set_dtype_policy(before)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
                     info: dict[str, Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Compile an OpenVINO model for the CPU and return its batch -> float32 probabilities
@@ -86,7 +160,8 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
     """The Keras ``model`` converted to OpenVINO. With a cache ``folder`` (one per weights
     file, see LoadedModel), read from it when it holds the conversion and its files match
     the SHA-256 digests recorded with them, else converted and written there; a damaged or
-    unverifiable entry is converted again and replaced, with a one-line notice on stderr."""
+    unverifiable entry is converted again and replaced, with a one-line notice on stderr.
+    A mixed-precision model is converted as its :func:`float32_twin`."""
     ov = import_openvino()
 
     if folder is not None and (folder / "model.xml").is_file():
@@ -102,7 +177,7 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
     with warnings.catch_warnings(), _telemetry_off():
         # Keras warns that the traced input's structure differs from its own name.
         warnings.simplefilter("ignore", UserWarning)
-        converted = ov.convert_model(model)
+        converted = ov.convert_model(float32_twin(model))
     if folder is not None:
         _save_openvino(converted, folder, model)
     return converted
@@ -170,3 +245,81 @@ def _save_openvino(converted: Any, folder: Path, model: Any) -> None:
         pass  # another process filled the entry first, or the disk is full
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Choosing a runtime ('auto') -------------------------------------------------------------------
+
+# 'auto' keeps OpenVINO when its probabilities are TensorFlow's to this (float32 rounding
+# gives about 1e-5; bfloat16 arithmetic or a conversion fault far more).
+AUTO_TOLERANCE = 1e-3
+# On a CPU with bf16 units 'auto' computes in bfloat16 when at most this share of the test
+# tile's pixels changes class against float32 (on scenes 0.05-0.25 % do).
+AUTO_BF16_CLASS_CHANGES = 0.001
+
+
+def tensorflow_runner(model: Any, tile_hw: tuple[int, int], n_bands: int
+                      ) -> Callable[[np.ndarray], np.ndarray]:
+    """The Keras ``model`` as a traced batch -> float32 probabilities call (tiles of
+    ``tile_hw`` with ``n_bands`` bands)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *tile_hw, n_bands], tf.float32)
+    function = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
+                           input_signature=[spec])
+    return lambda batch: function(tf.constant(batch, tf.float32)).numpy()
+
+
+def probe_batch(tile_hw: tuple[int, int], n_bands: int, input_dtype: str | None = None
+                ) -> np.ndarray:
+    """The test batch 'auto' checks a runtime on: one seeded random tile of raw pixels,
+    0-255 (0-4000 for uint16 models), float32 (1, *tile_hw, n_bands)."""
+    top = 4000 if input_dtype == "uint16" else 255
+    return np.random.default_rng(0).uniform(0, top, (1, *tile_hw, n_bands)).astype(np.float32)
+
+
+def class_changes(probabilities: np.ndarray, reference: np.ndarray,
+                  threshold: float | None = None) -> float:
+    """The share of pixels (0..1) whose class differs between two probability batches
+    (N, H, W, C): with C = 1 (binary) at ``threshold`` (None: 0.5), else the most probable."""
+    if probabilities.shape[-1] == 1:
+        cut = 0.5 if threshold is None else threshold
+        return float(np.mean((probabilities[..., 0] > cut) != (reference[..., 0] > cut)))
+    return float(np.mean(probabilities.argmax(-1) != reference.argmax(-1)))
+
+
+def auto_openvino(model: Any, cache: Path | None, probe: np.ndarray,
+                  threshold: float | None = None
+                  ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str, str]:
+    """What INFER_RUNTIME 'auto' runs a float32 Keras ``model`` with, checked on the test
+    batch ``probe``: (runner, runtime, note). OpenVINO float32 when it converts (through the
+    ``cache`` folder), compiles and gives the model's TensorFlow probabilities to
+    AUTO_TOLERANCE; then, on a CPU with bf16 units (:func:`openvino_bf16_units`), OpenVINO
+    bfloat16 when at most AUTO_BF16_CLASS_CHANGES of the probe's pixels change class
+    (binary at ``threshold``). Otherwise runner None and runtime 'tensorflow': any failure
+    leaves TensorFlow, which works, and the note names the cause."""
+    try:
+        expected = np.asarray(model(probe, training=False), np.float32)
+        run = openvino_runner(converted_model(model, cache))
+        gap = float(np.max(np.abs(run(probe) - expected)))
+    except Exception as exc:  # whatever OpenVINO raises, TensorFlow works
+        return None, "tensorflow", f"OpenVINO failed, {failure_cause(exc)}"
+    if not gap <= AUTO_TOLERANCE:
+        return None, "tensorflow", (f"OpenVINO's probabilities differed from TensorFlow's by "
+                                    f"{gap:.2g} on a test tile")
+    note = f"same probabilities as TensorFlow to {gap:.0e}"
+    info: dict[str, Any] = {}
+    try:
+        if not openvino_bf16_units():
+            return run, "openvino", note
+        run_bf16 = openvino_runner(converted_model(model, cache),
+                                   {"INFERENCE_PRECISION_HINT": "bf16"}, info)
+        changed = class_changes(run_bf16(probe), expected, threshold)
+    except Exception as exc:  # float32 OpenVINO works: keep it
+        return run, "openvino", f"{note}; bfloat16 failed, {failure_cause(exc)}"
+    if info.get("compiled_precision") != "bf16":
+        return run, "openvino", note
+    if changed > AUTO_BF16_CLASS_CHANGES:
+        return run, "openvino", (f"{note}; not bfloat16: {100 * changed:.2g} % of the test "
+                                 "tile's pixels changed class")
+    return run_bf16, "openvino_bf16", (f"bfloat16: {100 * changed:.2g} % of the test tile's "
+                                       "pixels changed class against float32")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
+import sys
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -26,13 +26,12 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from res_unet import devices, ov_runtime
 from res_unet.atomic import write_atomic
 from res_unet.config import Config, config_from_dict, load_config
 from res_unet.errors import UserError
 from res_unet.models import build_model
-from res_unet.ov_runtime import cache_dir, converted_model, import_openvino, openvino_runner
 from res_unet.records import file_sha256
 from res_unet.upgrade import upgrade_keys
 
@@ -261,11 +260,6 @@ def load_weights_checked(model: keras.Model, path: Path) -> None:
                         f"({first[:200]}); use the config the weights were trained with") from None
 
 
-# 'auto' keeps OpenVINO when its probabilities are TensorFlow's to this (float32 rounding
-# gives about 1e-5; bfloat16 arithmetic or a conversion fault far more).
-AUTO_TOLERANCE = 1e-3
-
-
 # Loading a run for inference ---------------------------------------------------------------------
 
 @dataclass
@@ -289,10 +283,10 @@ class LoadedModel:
     card: ModelCard | None = None
     weights: Path | None = None
     runtime: str = "tensorflow"
-    # 'auto' picked OpenVINO: its first call checks it against TensorFlow on a test tile.
-    auto: bool = False
+    auto: bool = False  # INFER_RUNTIME 'auto': prepare() checks OpenVINO on a test tile
     runtime_note: str = ""
     _fn: Any = field(default=None, repr=False)
+    _twin: Any = field(default=None, repr=False)
 
     @property
     def binary(self) -> bool:
@@ -314,83 +308,95 @@ class LoadedModel:
                    n_outputs=int(model.output_shape[-1]), threshold=threshold)
 
     def use_runtime(self, runtime: str) -> None:
-        """Run the model with 'tensorflow', 'openvino', 'openvino_bf16' or 'auto' (OpenVINO
-        when installed).
-
-        OpenVINO compiles the Keras model for this CPU on first use (a few seconds) and
-        gives the same probabilities to about 1e-5; 'openvino_bf16' lets it compute in
-        bfloat16 where the CPU has bf16 units (faster, probabilities move by ~1e-2). Raises
-        UserError when OpenVINO is asked for and the package is missing."""
+        """Run the model with 'tensorflow', 'openvino', 'openvino_bf16' or 'auto' (TensorFlow
+        when it sees a GPU or OpenVINO is not installed, else OpenVINO if :meth:`prepare`
+        finds it sound). OpenVINO compiles the model's float32 twin for this CPU on first
+        use (seconds) and gives the same probabilities to about 1e-5; 'openvino_bf16' lets
+        it compute in bfloat16 where the CPU has bf16 units (faster, probabilities move by
+        ~1e-2). Raises UserError when OpenVINO is asked for and is not installed."""
         self.auto = runtime == "auto"
+        note = ""
         if self.auto:
-            installed = importlib.util.find_spec("openvino") is not None
-            runtime = "openvino" if installed else "tensorflow"
-            self.runtime_note = "" if installed else "OpenVINO is not installed"
-        elif runtime.startswith("openvino") and importlib.util.find_spec("openvino") is None:
+            runtime = "openvino"
+            if devices.visible_gpus():
+                runtime, note = "tensorflow", "TensorFlow sees a GPU"
+            elif not ov_runtime.openvino_installed():
+                runtime, note = "tensorflow", "OpenVINO is not installed"
+        elif runtime.startswith("openvino") and not ov_runtime.openvino_installed():
             raise UserError(f"INFER_RUNTIME '{runtime}' needs the openvino package: pip "
                             "install 'res_unet[openvino]' (or use --runtime tensorflow)")
         if runtime != self.runtime or self.auto:
-            self.runtime, self._fn = runtime, None
+            self.runtime, self.runtime_note, self._fn = runtime, note, None
 
     def prepare(self) -> str:
         """Compile the model for its runtime now (not at the first tile) and say which
         runtime runs it, e.g. 'openvino (auto: same probabilities as TensorFlow to 2e-06)'.
 
-        With 'auto', OpenVINO is kept only when it gives TensorFlow's probabilities on a
-        test tile (to AUTO_TOLERANCE); otherwise TensorFlow runs the model."""
-        if self._fn is None:
-            self._fn = self._compile()
-            if self.auto and self.runtime == "openvino":
-                probe = np.random.default_rng(0).uniform(
-                    0, 4000 if self.input_dtype == "uint16" else 255,
-                    (1, *self.tile_hw, self.n_bands)).astype(np.float32)
-                expected = np.asarray(self.model(probe, training=False), np.float32)
-                gap = float(np.max(np.abs(self._fn(probe) - expected)))
-                if gap <= AUTO_TOLERANCE:
-                    self.runtime_note = f"same probabilities as TensorFlow to {gap:.0e}"
-                else:
-                    self.runtime = "tensorflow"
-                    self._fn = self._compile()
-                    self.runtime_note = (f"OpenVINO's probabilities differed from "
-                                         f"TensorFlow's by {gap:.2g} on a test tile")
+        'auto' keeps OpenVINO only when it works and agrees with TensorFlow on a test tile
+        (ov_runtime.auto_openvino: in bfloat16 where the CPU has bf16 units and the class
+        map stays float32's); else TensorFlow, and the note names the cause. An explicit
+        OpenVINO runtime that cannot run the model raises UserError."""
+        if self._fn is None and self.auto and self.runtime == "openvino":
+            try:
+                probe = ov_runtime.probe_batch(self.tile_hw, self.n_bands, self.input_dtype)
+                run, self.runtime, self.runtime_note = ov_runtime.auto_openvino(
+                    self._float32_model(), self._openvino_cache(), probe, self.threshold)
+            except Exception as exc:  # no float32 twin, or OpenVINO unusable: TensorFlow
+                run, self.runtime = None, "tensorflow"
+                self.runtime_note = f"OpenVINO failed, {ov_runtime.failure_cause(exc)}"
+            self._fn = run or self._compile()
+        elif self._fn is None:
+            try:
+                self._fn = self._compile()
+            except Exception as exc:  # OpenVINO raises many types; TensorFlow's propagate
+                if not self.runtime.startswith("openvino"):
+                    raise
+                raise UserError(f"{self.weights or 'the model'}: INFER_RUNTIME '{self.runtime}' "
+                                f"cannot run this model ({ov_runtime.failure_cause(exc)}); use "
+                                "--runtime tensorflow (or auto)") from None
         return self.runtime + (f" ({'auto: ' if self.auto else ''}{self.runtime_note})"
                                if self.runtime_note else "")
 
+    def _float32_model(self) -> keras.Model:
+        """The model computing in float32 (its float32 twin when it is mixed precision)."""
+        if self._twin is None:
+            self._twin = ov_runtime.float32_twin(self.model)
+        return self._twin
+
     def _compile(self) -> Any:
-        model = self.model
         if self.runtime.startswith("openvino"):
             bf16 = {"INFERENCE_PRECISION_HINT": "bf16"} if self.runtime == "openvino_bf16" else {}
-            return openvino_runner(self._openvino_model(), bf16)
-        spec = tf.TensorSpec([None, *self.tile_hw, self.n_bands], tf.float32)
-        function = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
-                               input_signature=[spec])
-        return lambda batch: function(tf.constant(batch, tf.float32)).numpy()
+            return ov_runtime.openvino_runner(self._openvino_model(), bf16)
+        return ov_runtime.tensorflow_runner(self.model, self.tile_hw, self.n_bands)
 
     def _openvino_model(self) -> Any:
-        """The model converted to OpenVINO, through the conversion cache when it was loaded
-        from a weights file (converting takes 5-12 s, reading 0.01 s)."""
-        return converted_model(self.model, self._openvino_cache())
+        """The model converted to OpenVINO, through the cache (converting 5-12 s, reading 0.01)."""
+        return ov_runtime.converted_model(self.model, self._openvino_cache())
 
     def _openvino_cache(self) -> Path | None:
         """This model's folder in the OpenVINO conversion cache, keyed by the weights file's
         content, the tile size, and the versions of OpenVINO, Keras and res_unet; None for
-        a model that was not loaded from a file."""
+        a model that was not loaded from a file. 'float32 twin' in the key keeps out entries
+        converted before float32_twin, from mixed-precision graphs OpenVINO cannot compile."""
         if self.weights is None or not self.weights.is_file():
             return None
-        ov = import_openvino()
+        ov = ov_runtime.import_openvino()
 
         from res_unet import __version__
 
         digest = hashlib.sha256()
         file_sha256(self.weights, digest)
         digest.update(repr((self.tile_hw, self.n_bands, ov.__version__, keras.__version__,
-                            __version__)).encode())
-        return cache_dir() / "openvino" / digest.hexdigest()[:32]
+                            __version__, "float32 twin")).encode())
+        return ov_runtime.cache_dir() / "openvino" / digest.hexdigest()[:32]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, h, w, n_outputs) float32 of a float32 batch (N, h, w, n_bands)."""
         if self._fn is None:
-            self.prepare()
+            described = self.prepare()
+            if self.auto and self.runtime_note.startswith(("OpenVINO failed", "OpenVINO's")):
+                # Prepared on first use (scene evaluation): nothing else says why.
+                print(f"note: runtime {described}", file=sys.stderr)
         return self._fn(np.ascontiguousarray(batch, np.float32))
 
 

@@ -301,7 +301,7 @@ def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
                    "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
                    "settings": settings}
     # Keys added later are recorded only when they change something: old folders match.
-    if cfg.INFER_RUNTIME == "openvino_bf16":
+    if cfg.INFER_RUNTIME == "openvino_bf16" or any(m.runtime == "openvino_bf16" for m in models):
         fingerprint["precision"] = "bfloat16"
     if segmenter.pixel_size_m is not None:  # scenes are brought to the model's pixel size
         fingerprint["pixel_size"] = segmenter.pixel_size_m
@@ -429,6 +429,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
     options = {"images": str(images_dir), "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "vector": vector}
+    # Prepared first: 'auto' may choose bfloat16, which the fingerprint records.
+    runtimes = "; ".join(sorted({m.prepare() for m in models}))
     run_summary = _run_summary(models, segmenter, cfg, options)
     if count > 1:
         held.enter_context(settings_lock(out_dir, run_summary["fingerprint"],
@@ -449,7 +451,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     total_cm = np.zeros((n, n), np.int64)
     unscored: list[dict[str, str]] = []
     problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
-    say(f"runtime: {'; '.join(sorted({m.prepare() for m in models}))}")
+    say(f"runtime: {runtimes}")
     if segmenter.pixel_size_m is None:
         say("note: the model card records no pixel size, so the scale of the scenes cannot "
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")

@@ -320,6 +320,8 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
 
     state = TrainState(next_epoch=cfg.INITIAL_EPOCH)
     if cfg.DO_TRAIN:
+        if note := schedule.warmup_note(cfg):
+            print(note)
         if cfg.HOT_START:
             load_weights_checked(model, Path(cfg.INITIAL_WEIGHTS))
         backup = Backup(run_dir, model, trainer.optimizer, trainer.epoch_var, chief)

@@ -1,4 +1,5 @@
-"""Tests for res_unet.ov_runtime: the OpenVINO conversion cache and its integrity check."""
+"""Tests for res_unet.ov_runtime: the OpenVINO conversion cache and its integrity check,
+float32 twins of mixed-precision models, and what INFER_RUNTIME 'auto' chooses."""
 
 from __future__ import annotations
 
@@ -132,3 +133,159 @@ def test_openvino_telemetry_writes_nothing_in_home(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "c" / "model.xml").is_file()
     assert not (home / "intel").exists()
+
+
+# Mixed-precision models and the 'auto' choice ------------------------------------------------
+
+def mixed_model(policy: str = "mixed_bfloat16", **keys) -> keras.Model:
+    """A small res_unet model built under ``policy`` (as train_resunet builds it for
+    PRECISION), the global policy restored after."""
+    from helpers import BAND_MEAN, BAND_STD, make_config
+
+    from res_unet.models import build_model
+
+    keras.utils.set_random_seed(1)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return build_model(make_config("model", **keys), BAND_MEAN, BAND_STD)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def policies(model: keras.Model) -> set[str]:
+    return {layer.dtype_policy.name for layer in model._flatten_layers()}
+
+
+@pytest.mark.parametrize("keys", [
+    pytest.param({"MODEL": "resunet"}, id="resunet"),
+    # Tens of seconds each: emulated bfloat16 and a large conversion.
+    pytest.param({"MODEL": "efficientnet_unet", "ENCODER": "lite0", "ENCODER_WEIGHTS": None},
+                 id="lite0", marks=pytest.mark.slow),
+    pytest.param({"MODEL": "efficientnet_unet", "ENCODER": "B0", "ENCODER_WEIGHTS": None},
+                 id="B0", marks=pytest.mark.slow),
+])
+def test_a_mixed_precision_model_runs_in_openvino_as_its_float32_twin(keys):
+    """OpenVINO cannot compile a mixed_bfloat16 graph as converted (cpu_convert can't
+    convert from f32 precision to dynamic); converted_model converts its float32 twin: the
+    same architecture with float32 policies and the same weights, whose TensorFlow
+    probabilities OpenVINO gives to 1e-5 and the bf16 model's to bfloat16 rounding."""
+    from res_unet.ov_runtime import float32_twin
+
+    model = mixed_model(**keys)
+    assert "mixed_bfloat16" in policies(model)
+    twin = float32_twin(model)
+    assert policies(twin) == {"float32"}
+    assert [w.dtype for w in twin.get_weights()] == [w.dtype for w in model.get_weights()]
+    for ours, theirs in zip(twin.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert keras.config.dtype_policy().name == "float32", "the global policy is restored"
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    expected = np.asarray(twin(batch))
+    np.testing.assert_allclose(np.asarray(model(batch), np.float32), expected, atol=0.05)
+    outputs = openvino_runner(converted_model(model))(batch)
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)
+
+
+def test_a_float32_model_is_its_own_twin():
+    from res_unet.ov_runtime import float32_twin
+
+    model = mixed_model("float32")
+    assert float32_twin(model) is model
+
+
+def test_failure_cause_keeps_the_line_that_says_what_failed():
+    """OpenVINO's messages start with source locations; the cause is the first other line."""
+    from res_unet.ov_runtime import failure_cause
+
+    message = ("Exception from src/inference/src/cpp/core.cpp:117:\n"
+               "Exception from src/inference/src/dev/plugin.cpp:54:\n"
+               "Check 'newNode' failed at src/plugins/intel_cpu/src/node.cpp:1626:\n"
+               "Unsupported operation of type: Convert name: Transpose_81\nDetails:\n"
+               "Exception from src/plugins/intel_cpu/src/nodes/convert.cpp:61:\n"
+               "Not Implemented:\ncpu_convert can't convert from: f32 precision to: dynamic\n")
+    assert failure_cause(RuntimeError(message)) == (
+        "RuntimeError: Unsupported operation of type: Convert name: Transpose_81")
+    assert failure_cause(ValueError("")) == "ValueError"
+    assert failure_cause(OSError("disk\nfull")) == "OSError: disk"
+
+
+def test_class_changes_counts_pixels_that_change_class():
+    from res_unet.ov_runtime import class_changes
+
+    ref = np.array([0.1, 0.45, 0.55, 0.9], np.float32).reshape(1, 2, 2, 1)
+    moved = np.array([0.1, 0.52, 0.55, 0.9], np.float32).reshape(1, 2, 2, 1)
+    assert class_changes(moved, ref) == 0.25
+    assert class_changes(moved, ref, threshold=0.6) == 0.0
+    multi = np.array([[0.6, 0.4], [0.2, 0.8]], np.float32).reshape(1, 1, 2, 2)
+    assert class_changes(multi[..., ::-1], multi) == 1.0 and class_changes(multi, multi) == 0.0
+
+
+def _fake_bf16_runner(real, flip: float):
+    """openvino_runner whose bf16 compilation reports bf16 and moves the probabilities of
+    the first ``flip`` share of pixels across 0.5 (float32 compilations stay real)."""
+
+    def runner(converted, options=None, info=None):
+        run = real(converted, options, info)
+        if (options or {}).get("INFERENCE_PRECISION_HINT") != "bf16":
+            return run
+        if info is not None:
+            info["compiled_precision"] = "bf16"
+
+        def run_bf16(batch):
+            out = run(batch).copy()
+            flat = out.reshape(-1)
+            n = round(flip * flat.size)
+            flat[:n] = np.where(flat[:n] > 0.5, 0.0, 1.0)
+            # bfloat16 moves every probability a little (away from 0.5: no class changes).
+            return np.clip(out + 1e-3 * np.sign(out - 0.5), 0, 1)
+
+        return run_bf16
+
+    return runner
+
+
+@pytest.mark.parametrize("flip,runtime", [(0.0, "openvino_bf16"), (0.01, "openvino")])
+def test_auto_computes_in_bfloat16_only_on_bf16_units_and_when_classes_agree(
+        monkeypatch, tmp_path, flip, runtime):
+    """On a CPU with bf16 units (the capability probe, patched: this machine has none),
+    'auto' keeps OpenVINO bfloat16 when the test tile's class map stays float32's (at most
+    AUTO_BF16_CLASS_CHANGES of its pixels change class), else float32 with the reason."""
+    from res_unet import ov_runtime
+
+    model = mixed_model("float32", THRESHOLD=0.5)
+    probe = ov_runtime.probe_batch((32, 32), 3)
+    monkeypatch.setattr(ov_runtime, "openvino_bf16_units", lambda: True)
+    monkeypatch.setattr(ov_runtime, "openvino_runner",
+                        _fake_bf16_runner(ov_runtime.openvino_runner, flip))
+    run, chosen, note = ov_runtime.auto_openvino(model, tmp_path / "entry", probe, 0.5)
+    assert chosen == runtime
+    gap = np.abs(run(probe) - np.asarray(model(probe)))
+    if runtime == "openvino_bf16":
+        assert note == "bfloat16: 0 % of the test tile's pixels changed class against float32"
+        assert 5e-4 < gap.max() <= 1e-3 + 1e-5, "the bfloat16 runner is the one kept"
+    else:
+        assert note.startswith("same probabilities as TensorFlow to ")
+        # 10 of the tile's 1024 pixels moved across the threshold
+        assert note.endswith("; not bfloat16: 0.98 % of the test tile's pixels changed class")
+        assert gap.max() < 1e-4
+
+
+def test_auto_stays_float32_where_openvino_compiles_bf16_as_f32(monkeypatch):
+    """The capability probe says bf16 but OpenVINO compiles f32 (this AVX2 machine): the
+    float32 runner is kept, without a bfloat16 claim."""
+    from res_unet import ov_runtime
+
+    model = mixed_model("float32")
+    probe = ov_runtime.probe_batch((32, 32), 3)
+    monkeypatch.setattr(ov_runtime, "openvino_bf16_units", lambda: True)
+    _run, chosen, note = ov_runtime.auto_openvino(model, None, probe)
+    assert chosen == "openvino" and note.startswith("same probabilities as TensorFlow to ")
+    assert "bfloat16" not in note
+
+
+def test_openvino_bf16_units_reads_the_cpu_plugin_capabilities():
+    """This machine (AVX2) has no bf16 units; the probe says so from OpenVINO's list."""
+    from res_unet.ov_runtime import openvino_bf16_units
+
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert openvino_bf16_units() is ("BF16" in capabilities)

@@ -486,7 +486,7 @@ def test_auto_runtime_keeps_openvino_only_where_it_matches_tensorflow(resunet_bi
     TensorFlow's probabilities on a test tile, and says so; a conversion that gives other
     probabilities, or no OpenVINO, leaves TensorFlow running the model, with the reason."""
     pytest.importorskip("openvino")
-    from res_unet import runfolder
+    from res_unet import ov_runtime
 
     assert make_config("model").INFER_RUNTIME == "auto"
     tf_probs = predict.Segmenter([resunet_binary], make_config(
@@ -497,20 +497,20 @@ def test_auto_runtime_keeps_openvino_only_where_it_matches_tensorflow(resunet_bi
                         auto.prepare())
     np.testing.assert_allclose(segmenter.probabilities(image), tf_probs, atol=1e-4)
 
-    runner = runfolder.openvino_runner
+    runner = ov_runtime.openvino_runner
 
     def off_by_a_tenth(converted, options=None):
         run = runner(converted, options)
         return lambda batch: run(batch) + 0.1
 
-    monkeypatch.setattr(runfolder, "openvino_runner", off_by_a_tenth)
+    monkeypatch.setattr(ov_runtime, "openvino_runner", off_by_a_tenth)
     faulty = dataclasses.replace(resunet_binary, _fn=None)
     segmenter = predict.Segmenter([faulty], make_config("model", THRESHOLD=0.5))
     assert faulty.prepare() == ("tensorflow (auto: OpenVINO's probabilities differed from "
                                 "TensorFlow's by 0.1 on a test tile)")
     np.testing.assert_array_equal(segmenter.probabilities(image), tf_probs)
 
-    monkeypatch.setattr(runfolder.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(ov_runtime.importlib.util, "find_spec", lambda name: None)
     missing = dataclasses.replace(resunet_binary, _fn=None)
     predict.Segmenter([missing], make_config("model"))
     assert missing.prepare() == "tensorflow (auto: OpenVINO is not installed)"

@@ -1,0 +1,108 @@
+"""Every example config in config/ works: it loads, builds its model, trains a step on a
+dataset made with it and segments a tile, so no shipped config can break unnoticed.
+
+Each config keeps its own keys except what makes it small and self-contained:
+TARGET_SIZE (the architecture's smallest tile), BATCH_SIZE 2, one step of one epoch
+(MAX_EPOCHS = INITIAL_EPOCH + 1, STEPS_PER_EPOCH 1), DOPLOT off, and
+- ENCODER_WEIGHTS null for EfficientNet B0..B7 ('imagenet' there is a download; Lite's
+  'imagenet' is read offline from its package and kept when that is installed),
+- INITIAL_WEIGHTS of HOT_START configs: a weights file of the same architecture written
+  here (the configs name a first run's runs/... folder).
+PRECISION and INFER_RUNTIME stay as the configs set them ('auto' in several)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from res_unet.config import config_from_dict, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
+BAND_MEAN, BAND_STD = [110.0, 110.0, 100.0], [50.0, 45.0, 40.0]
+
+pytestmark = pytest.mark.slow  # a dataset, a training step and a segmentation per config
+
+
+def test_every_config_is_listed():
+    assert len(CONFIGS) >= 10 and (CONFIG_DIR / "lakes_resunet.json") in CONFIGS
+
+
+def small_config(path: Path, tmp_path: Path) -> dict:
+    """The config of ``path`` with the changes listed in the module docstring."""
+    from res_unet.models.efficientnet_lite import PACKAGES
+
+    cfg = load_config(path)  # the file as shipped validates
+    values = cfg.to_dict()
+    factor = cfg.downsampling_factor
+    values.update(TARGET_SIZE=[max(32, factor)] * 2, BATCH_SIZE=2, DOPLOT=False,
+                  MAX_EPOCHS=cfg.INITIAL_EPOCH + 1, STEPS_PER_EPOCH=1)
+    if cfg.MODEL == "efficientnet_unet" and cfg.ENCODER_WEIGHTS == "imagenet" and (
+            cfg.ENCODER not in PACKAGES or importlib.util.find_spec(PACKAGES[cfg.ENCODER])
+            is None):
+        values["ENCODER_WEIGHTS"] = None
+    if cfg.HOT_START:
+        from res_unet.models import build_model
+
+        first, _ = config_from_dict({**values, "HOT_START": False, "ENCODER_WEIGHTS": None})
+        weights = tmp_path / "first_run.weights.h5"
+        build_model(first, BAND_MEAN, BAND_STD).save_weights(weights)
+        values["INITIAL_WEIGHTS"] = str(weights)
+    return values
+
+
+def write_sources(root: Path, n_classes: int, size: int) -> tuple[Path, Path]:
+    """4 RGB scenes and their labels, named to fit both SPLIT_GROUP_PATTERNs of the
+    configs ('^(tile\\d+)' and '^(.*)_s2cloudless'); labels hold every class."""
+    from res_unet.writers import write_png
+
+    rng = np.random.default_rng(3)
+    images, labels = root / "images", root / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    classes = max(2, n_classes)
+    for i in range(4):
+        label = (np.arange(size * size).reshape(size, size) * 7 // 5 + i) % classes
+        image = rng.integers(0, 80, (size, size, 3)) + (label[..., None] * 160 // classes)
+        write_png(images / f"tile{i}_s2cloudless.png", image.astype(np.uint8))
+        write_png(labels / f"tile{i}_s2cloudless.png", label.astype(np.uint8))
+    return images, labels
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_builds_trains_a_step_and_segments_a_tile(path, tmp_path):
+    from res_unet.dataset import make_dataset
+    from res_unet.runfolder import ModelCard, inference_config
+    from res_unet.segment import segment_folder
+    from res_unet.train import train
+
+    values = small_config(path, tmp_path)
+    cfg, _ = config_from_dict(values, source=str(path))
+    size = cfg.TARGET_SIZE[0] * cfg.DOWNSAMPLE * 2
+    images, labels = write_sources(tmp_path / "sources", cfg.NCLASSES, size)
+    make_dataset(cfg, images, labels, tmp_path / "dataset")
+    try:
+        card = train(cfg, tmp_path / "dataset", tmp_path / "run", progress=False,
+                     export_saved_model=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # PRECISION 'auto' may set it
+    assert card.training.epochs_run == 1
+    assert ModelCard.read(tmp_path / "run").classes == cfg.n_label_classes
+
+    seg_cfg = inference_config([tmp_path / "run"])
+    assert seg_cfg.INFER_RUNTIME == values["INFER_RUNTIME"]
+    summary = segment_folder(seg_cfg, [tmp_path / "run"], images, tmp_path / "masks",
+                             progress=False)
+    assert summary["done"] == 4 and summary["failed"] == 0
+    from res_unet.rasters import read_label
+
+    mask = read_label(tmp_path / "masks" / "tile0_s2cloudless_predseg.png")
+    assert mask.shape == (size, size)
+    assert set(np.unique(mask)) <= set(range(cfg.n_label_classes))
+    written = json.loads((tmp_path / "masks" / "segmentation_config.json").read_text())
+    assert written["classes"] == cfg.n_label_classes
