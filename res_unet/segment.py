@@ -49,7 +49,7 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config, key_choices
 from res_unet.errors import UserError
-from res_unet.folders import folder_lock, settings_lock
+from res_unet.folders import folder_lock, reading_lock, settings_lock
 from res_unet.predict import (
     FULL_MAX_VALUES,
     LABEL_NODATA,
@@ -390,6 +390,9 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     else:
         pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
     pairs = pairs[index::count]
+    for run in runs:  # read while no training writes them (our own --out is locked already)
+        if not isinstance(run, LoadedModel) and Path(run).resolve() != out_dir.resolve():
+            held.enter_context(reading_lock(run, "seg_images_in_folder"))
     models = _load_models(cfg, runs)
     segmenter = Segmenter(models, cfg, full_max_values)
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:

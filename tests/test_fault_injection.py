@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +246,97 @@ def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path)
     skip = ("segmentation_config.json",)
     assert digest(out, skip) == digest(clean, skip)
     assert not (out / ".res_unet.lock").exists()
+
+
+def start_and_stop_when_locked(cmd: list[str], lock: Path) -> subprocess.Popen:
+    """Start ``cmd`` and freeze it (SIGSTOP) as soon as it holds ``lock`` (a folder's lock
+    file, naming its holder), so it keeps the lock however fast it would otherwise finish."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def holds() -> bool:
+        try:
+            return json.loads(lock.read_text())["pid"] == proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
+    deadline = time.monotonic() + 300
+    while not holds():
+        if proc.poll() is not None:
+            pytest.fail(f"{cmd[2]} ended (exit {proc.returncode}) before taking the lock:\n"
+                        f"{proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    return proc
+
+
+def refused(cmd: list[str], capsys) -> str:
+    """Run ``cmd`` here; it must stop with exit status 2 and one line, which is returned."""
+    capsys.readouterr()
+    module, args = cmd[2], cmd[3:]
+    assert run_command(importlib.import_module(module).main, args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_a_dataset_being_trained_on_is_not_replaced(sources, trained, tmp_path, capsys):
+    """make_tfrecords --overwrite on the --data folder of a running train_resunet stops with
+    one line naming the training (PID) and changes nothing; once the training is gone the
+    dataset can be rebuilt."""
+    images, labels, config = sources
+    dataset = tmp_path / "dataset"
+    shutil.copytree(trained[0], dataset)
+    before = digest(dataset, (".res_unet.lock",))
+    training = start_and_stop_when_locked(
+        command("train_resunet", "--config", config, "--data", dataset, "--out",
+                tmp_path / "run", "--no-export"), dataset / ".res_unet.lock")
+    try:
+        rebuild = command("make_tfrecords", "--config", config, "--images", images,
+                          "--labels", labels, "--out", dataset, "--overwrite")
+        line = refused(rebuild, capsys)
+        assert line.startswith(f"error: {dataset}: in use by train_resunet, reading it (PID "
+                               f"{training.pid} on "), line
+        assert digest(dataset, (".res_unet.lock",)) == before
+    finally:
+        training.kill()
+        training.wait()
+    run_here(rebuild)  # the reader is gone: its lock went with it
+    assert digest(dataset, ("manifest.json",)) == digest(trained[0], ("manifest.json",))
+
+
+def test_a_run_folder_being_segmented_with_is_not_retrained(sources, trained, tmp_path,
+                                                             capsys):
+    """train_resunet --overwrite into the run folder a running seg_images_in_folder reads
+    stops with one line naming it; a segmentation reading a run folder that a training
+    writes stops with one line naming the training."""
+    images, _, config = sources
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    before = digest(run, (".res_unet.lock",))
+    seg = start_and_stop_when_locked(
+        command("seg_images_in_folder", "--model", run, "--images", images, "--out",
+                tmp_path / "out"), run / ".res_unet.lock")
+    try:
+        line = refused(command("train_resunet", "--config", config, "--data", trained[0],
+                               "--out", run, "--overwrite", "--no-export"), capsys)
+        assert line.startswith(f"error: {run}: in use by seg_images_in_folder, reading it "
+                               f"(PID {seg.pid} on "), line
+        assert digest(run, (".res_unet.lock",)) == before
+    finally:
+        seg.kill()
+        seg.wait()
+    training = start_and_stop_when_locked(
+        command("train_resunet", "--config", config, "--data", trained[0], "--out", run,
+                "--overwrite", "--no-export"), run / ".res_unet.lock")
+    try:
+        line = refused(command("seg_images_in_folder", "--model", run, "--images", images,
+                               "--out", tmp_path / "out2"), capsys)
+        assert line.startswith(f"error: {run}: being written by train_resunet (PID "
+                               f"{training.pid} on "), line
+        assert line.endswith("wait until it has finished, then run seg_images_in_folder again")
+        assert not (tmp_path / "out2").exists()
+    finally:
+        training.kill()
+        training.wait()
