@@ -222,7 +222,8 @@ def folder_lock(folder: str | os.PathLike, command: str, shared: bool = False
                 folder.rmdir()
 
 
-def _settings_digest(settings: Any) -> str:
+def settings_digest(settings: Any) -> str:
+    """A short digest (16 hex digits) of JSON-able ``settings``, the same in every process."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
                           .encode("utf-8")).hexdigest()[:16]
 
@@ -248,7 +249,7 @@ def settings_lock(folder: Path, settings: Any, command: str) -> Iterator[None]:
     fingerprint) run in ``folder`` now: whatever the timing, only one set of settings writes
     a folder at a time. ``command`` names the command in the message.
     """
-    mine = folder / f"{_SETTINGS_PREFIX}{_settings_digest(settings)}.lock"
+    mine = folder / f"{_SETTINGS_PREFIX}{settings_digest(settings)}.lock"
     with _gate(folder):
         for other in sorted(folder.glob(f"{_SETTINGS_PREFIX}*.lock")):
             if other != mine and _remove_unused(other):

@@ -49,7 +49,7 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config, key_choices
 from res_unet.errors import UserError
-from res_unet.folders import folder_lock, reading_lock, settings_lock
+from res_unet.folders import folder_lock, reading_lock, settings_digest, settings_lock
 from res_unet.predict import (
     FULL_MAX_VALUES,
     LABEL_NODATA,
@@ -66,6 +66,9 @@ from res_unet.tiling import RowSource, every_nth
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
 LABEL_SUFFIX = "_predseg.png"
 SEGMENTATION_CONFIG = "segmentation_config.json"
+# Beside the outputs of image NAME, once they are all written: the digest of the output
+# fingerprint that made them, so that a re-run skips only images made with its own settings.
+IMAGE_RECORD = ".{stem}.segmented"
 # Plain images' polygons: pixel corners placed as QGIS places an image without georeferencing
 # (x = column, y = -row), so that they lie on the image and its label PNG there.
 PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
@@ -309,6 +312,22 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
                     "pass --overwrite to redo every image with this model")
 
 
+def _made_with(paths: dict[str, Path], record: Path) -> str | None:
+    """The fingerprint digest the outputs ``paths`` of one image were made with (from its
+    ``record``, written last), or None when an output or the record is missing or unreadable.
+    """
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            return json.loads(os.read(fd, 1024).decode("utf-8"))["fingerprint"]
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
     """Report a per-file problem on one line and return it for the summary."""
     message = " ".join(str(exc).split()) or type(exc).__name__
@@ -350,13 +369,15 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     :func:`res_unet.runfolder.inference_config`. Per image NAME: see :func:`output_paths`;
     polygons come with ``cfg.VECTOR_FORMAT`` (``geojson=True``, kept for older callers, is
     VECTOR_FORMAT 'geojson' when the config names no format).
-    Images whose outputs all exist are skipped unless ``overwrite``; an unreadable image is
-    reported on one line
-    and counted as failed. With ``labels_dir`` the predictions are scored (scores.csv, or
-    scores_shard{i}of{n}.csv: one row per image and an 'ALL' row from the summed confusion
-    matrix) and the first FIGURE_ROWS scored images are drawn in examples.png. Writes
-    segmentation_config.json. Returns a summary dict: images, done, skipped,
-    failed, failures, seconds, megapixels, mpx_per_second and, with labels, scores.
+    Images whose outputs all exist and were made with these models and settings (their
+    record, :data:`IMAGE_RECORD`) are skipped unless ``overwrite``; any other is redone, so
+    a folder never holds a mix (e.g. after ``--shard i/n --overwrite`` with another model).
+    An unreadable image is reported on one line and counted as failed. With ``labels_dir``
+    the predictions are scored (scores.csv, or scores_shard{i}of{n}.csv: one row per image
+    and an 'ALL' row from the summed confusion matrix) and the first FIGURE_ROWS scored
+    images are drawn in examples.png. Writes segmentation_config.json. Returns a summary
+    dict: images, done, skipped, failed, failures, seconds, megapixels, mpx_per_second
+    and, with labels, scores.
     """
     started = time.perf_counter()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -425,10 +446,13 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         say("note: the model card records no pixel size, so the scale of the scenes cannot "
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
+    digest = settings_digest(run_summary["fingerprint"])
     for pair in progress_bar(pairs, enabled=progress):
         paths = output_paths(out_dir, pair, save_probs, vector)
+        record = out_dir / IMAGE_RECORD.format(stem=pair.stem)
         try:
-            if not overwrite and all(p.is_file() for p in paths.values()):
+            # Another model's image (left by a shard run with --overwrite) is redone.
+            if not overwrite and _made_with(paths, record) == digest:
                 skipped += 1
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
@@ -436,6 +460,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                 scaled = segmenter.for_scene(scene_pixel_size(pair, segmenter, cfg, unknown))
                 label, pixels = segment_image(scaled, pair, paths,
                                               keep_label=pair.label is not None)
+                write_atomic(record, json.dumps({"fingerprint": digest}) + "\n")
                 busy += time.perf_counter() - t0
                 megapixels += pixels / 1e6
                 done += 1
