@@ -82,6 +82,77 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
+def check_no_links(*folders: Path) -> None:
+    """Raise UserError when one of ``folders`` (folders res_unet writes by name inside an
+    output folder, such as a run's backup/) or anything below it is a symbolic link: writers
+    such as TensorFlow's checkpoints open files by name, and would write through it."""
+    found = [folder for folder in folders if folder.is_symlink()] + [
+        Path(root) / name for folder in folders for root, dirs, files in os.walk(folder)
+        for name in (*dirs, *files) if (Path(root) / name).is_symlink()]
+    if found:
+        raise UserError(f"{found[0]}: is a symbolic link inside the output folder, where "
+                        "res_unet writes its own files; nothing was written through it: remove "
+                        "it and run the command again")
+
+
+# Configs, model cards, manifests and the like are a few KB: a file above this is not one.
+MAX_JSON_BYTES = 4 * 2**20
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """Raise UserError unless ``path`` (following links) is a regular file: a FIFO would
+    hang the command that reads it, a device (/dev/zero) never ends. ``what`` names the
+    file in the message ("weights file")."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the reader says so, naming the file
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: is {file_kind(mode)}, not a {what}; pass the {what} itself")
+
+
+def read_small_text(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES) -> str:
+    """The UTF-8 text of ``path``, a small file such as a config or a model card (``what``).
+
+    Checked before reading: it must be a regular file (a FIFO is opened without waiting for
+    a writer, then refused) of at most ``limit`` bytes, else UserError naming the file. A
+    missing or unreadable file raises FileNotFoundError / OSError, undecodable bytes
+    UnicodeDecodeError, as ``Path.read_text`` would.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path}: is {file_kind(info.st_mode)}, not a {what} file; pass "
+                            f"the {what} file itself")
+        chunks, size = [], info.st_size
+        if size <= limit:
+            size = 0
+        while size <= limit:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise UserError(f"{path}: larger than any {what} ({size / 2**20:.1f} MB or more, at "
+                        f"most {limit / 2**20:g} MB); pass the right file")
+    return b"".join(chunks).decode("utf-8")
+
+
+def loads_json(text: str, path: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    """``json.loads(text, **kwargs)``, with JSON nested too deeply for the parser (a
+    RecursionError) as a UserError naming ``path``; json.JSONDecodeError passes."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a {what} (lists or objects inside "
+                        "each other thousands of times); pass the right file") from None
+
+
 _FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
                (stat.S_ISBLK, "a device"), (stat.S_ISLNK, "a symbolic link"))
@@ -266,9 +337,11 @@ def settings_lock(folder: Path, settings: Any, command: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def reading_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
+def reading_lock(folder: str | os.PathLike, command: str,
+                 writing: str | os.PathLike | None = None) -> Iterator[None]:
     """Hold a shared lock on ``folder``, which ``command`` reads (a dataset, a run folder),
-    for the ``with`` block.
+    for the ``with`` block; nothing when ``folder`` is ``writing``, the folder the command
+    itself holds (its own checks refuse that or know it).
 
     Readers share it; a command writing the folder (its :func:`folder_lock`) is refused while
     it is held, and a reader is refused (UserError naming the writer) while one writes. A
@@ -276,7 +349,8 @@ def reading_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
     write, the lock file of a writer is used when there is one, else it is read unlocked.
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or (writing is not None
+                               and folder.resolve() == Path(writing).resolve()):
         yield
         return
     path = folder / LOCK_FILE
