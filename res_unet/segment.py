@@ -59,7 +59,7 @@ from res_unet.predict import (
     tta_transforms,
 )
 from res_unet.progress import progress_bar, say
-from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run
+from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run, read_json
 from res_unet.scale import raster_pixel_size
 from res_unet.tiling import RowSource, every_nth
 
@@ -290,9 +290,8 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     if not any(out_dir.glob(f"*{LABEL_SUFFIX}")):
         return
     try:
-        old = json.loads((out_dir / SEGMENTATION_CONFIG).read_text(encoding="utf-8"))
-        previous = old["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        previous = read_json(out_dir / SEGMENTATION_CONFIG)["fingerprint"]
+    except (UserError, KeyError, TypeError):  # (unreadable, not a file, too large or deep)
         previous = None
     if previous == fingerprint:
         return
@@ -314,17 +313,11 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
 
 def _made_with(paths: dict[str, Path], record: Path) -> str | None:
     """The fingerprint digest the outputs ``paths`` of one image were made with (from its
-    ``record``, written last), or None when an output or the record is missing or unreadable.
-    """
-    if not all(p.is_file() for p in paths.values()):
-        return None
+    ``record``, written last); None when an output or the record is missing or unreadable."""
     try:
-        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            return json.loads(os.read(fd, 1024).decode("utf-8"))["fingerprint"]
-        finally:
-            os.close(fd)
-    except (OSError, ValueError, KeyError, TypeError):
+        return (read_json(record)["fingerprint"] if record.is_file()
+                and all(p.is_file() for p in paths.values()) else None)
+    except (UserError, KeyError, TypeError):
         return None
 
 
@@ -411,9 +404,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     else:
         pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
     pairs = pairs[index::count]
-    for run in runs:  # read while no training writes them (our own --out is locked already)
-        if not isinstance(run, LoadedModel) and Path(run).resolve() != out_dir.resolve():
-            held.enter_context(reading_lock(run, "seg_images_in_folder"))
+    for run in (r for r in runs if not isinstance(r, LoadedModel)):  # no training writes them
+        held.enter_context(reading_lock(run, "seg_images_in_folder", writing=out_dir))
     models = _load_models(cfg, runs)
     segmenter = Segmenter(models, cfg, full_max_values)
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
