@@ -340,3 +340,80 @@ def test_a_run_folder_being_segmented_with_is_not_retrained(sources, trained, tm
     finally:
         training.kill()
         training.wait()
+
+
+def plant_links(folder: Path, names: list[str], elsewhere: Path) -> dict[Path, str]:
+    """A symbolic link at each of ``names`` in ``folder`` to a file of ``elsewhere`` holding
+    a user's text; returns {target: text}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    elsewhere.mkdir(parents=True, exist_ok=True)
+    targets = {}
+    for name in names:
+        target = elsewhere / f"precious_{name.lstrip('.')}"
+        target.write_text(f"the user's {name}\n")
+        (folder / name).symlink_to(target)
+        targets[target] = target.read_text()
+    return targets
+
+
+def assert_untouched(folder: Path, names: list[str], targets: dict[Path, str]) -> None:
+    """Every target keeps its text and every name is now a file of ours, not the link."""
+    assert {t: t.read_text() for t in targets} == targets
+    replaced = [n for n in names if (folder / n).is_file() and not (folder / n).is_symlink()]
+    assert replaced == names
+
+
+def test_links_planted_at_output_names_are_replaced_never_written_through(
+        sources, trained, segmented, tmp_path, capsys):
+    """A symbolic link planted at the name of any file a command writes (dataset shards,
+    manifest, figures, run files, masks, records, scores...) is replaced by the new file:
+    the file it pointed to keeps its bytes, a dangling link's target is not created. A link
+    at backup/ (which TensorFlow writes file by file) is refused with one line."""
+    images, labels, _ = sources
+    reference_dataset, run_dir = trained
+    elsewhere = tmp_path / "elsewhere"
+    config = tmp_path / "config.json"
+    from helpers import make_config
+
+    save_config(make_config(AUG_COPIES=2, MAX_EPOCHS=1, STEPS_PER_EPOCH=2, DOPLOT=True), config)
+
+    # make_tfrecords --overwrite: every file of a dataset
+    dataset = tmp_path / "dataset"
+    names = [*sorted(p.name for p in reference_dataset.iterdir()), "samples.png"]
+    targets = plant_links(dataset, names, elsewhere / "dataset")
+    run_here(command("make_tfrecords", "--config", config, "--images", images, "--labels",
+                     labels, "--out", dataset, "--overwrite"))
+    assert_untouched(dataset, names, targets)
+
+    # seg_images_in_folder --overwrite: masks, overlays, records, segmentation_config.json
+    out = tmp_path / "out"
+    names = sorted(p.name for p in segmented.iterdir() if p.name != ".res_unet.lock")
+    assert sum(n.endswith(".segmented") for n in names) == 16, "the images' records too"
+    targets = plant_links(out, names, elsewhere / "out")
+    run_here(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
+                     out, "--labels", labels, "--overwrite"))
+    assert_untouched(out, names, targets)
+    assert (out / "scores.csv").is_file()
+
+    # train_resunet into a new run folder: every file of a run (the card a dangling link)
+    run = tmp_path / "run"
+    names = ["best.weights.h5", "model.keras", "config.json", "history.csv", "curves.png",
+             "lr_schedule.png", "val_examples.png", "evaluation.json"]
+    targets = plant_links(run, names, elsewhere / "run")
+    (run / "model_card.json").symlink_to(elsewhere / "run" / "created_by_the_card")
+    run_here(command("train_resunet", "--config", config, "--data", dataset, "--out", run,
+                     "--no-export"))
+    assert_untouched(run, [*names, "model_card.json"], targets)
+    assert not (elsewhere / "run" / "created_by_the_card").exists()
+
+    # a link at backup/: refused before anything is written through it
+    (elsewhere / "backup").mkdir()
+    other = tmp_path / "run2"
+    other.mkdir()
+    (other / "backup").symlink_to(elsewhere / "backup")
+    line = refused(command("train_resunet", "--config", config, "--data", dataset, "--out",
+                           other, "--no-export"), capsys)
+    assert line.startswith(f"error: {other / 'backup'}: is a symbolic link inside the output "
+                           "folder, where res_unet writes its own files; nothing was written "
+                           "through it"), line
+    assert list((elsewhere / "backup").iterdir()) == []
