@@ -137,12 +137,20 @@ def _plant(kind: str, at: Path, target: Path) -> None:
         at.mkdir()
     elif kind == "FIFO":
         os.mkfifo(at)
+    elif kind == "another user's file":
+        at.write_text("")
+        at.chmod(0o666)
+        try:
+            os.chown(at, os.geteuid() + 1000, -1)
+        except PermissionError:
+            pytest.skip("giving a file to another user needs root")
 
 
 @pytest.mark.parametrize("kind,said", [
     ("link", "is a symbolic link"), ("dangling link", "is a symbolic link"),
     ("link to /dev/null", "is a symbolic link"), ("hard link", "has 2 hard links"),
-    ("folder", "is a folder"), ("FIFO", "is a FIFO")])
+    ("folder", "is a folder"), ("FIFO", "is a FIFO"),
+    ("another user's file", "belongs to another user (uid ")])
 @pytest.mark.parametrize("lock", ["folder", "shard", "settings gate", "reading"])
 def test_a_planted_lock_file_is_refused_and_nothing_is_written_through_it(tmp_path, kind, said,
                                                                             lock):
@@ -171,6 +179,8 @@ def test_a_planted_lock_file_is_refused_and_nothing_is_written_through_it(tmp_pa
     assert target.read_text() == "the user's work\n"
     assert not (tmp_path / "created_by_the_lock").exists()
     assert os.path.lexists(out / name), "the planted file is left to its owner"
+    if kind == "another user's file":
+        assert (out / name).read_text() == "", "nothing was written into it"
 
 
 def test_the_holders_command_line_is_printed_escaped(tmp_path):
