@@ -19,6 +19,10 @@ nothing it points to is removed.
 Plain names. A value from a config or a file that becomes part of an output path
 (ROOT_STRING, the shard names of a manifest) must be a plain file name:
 :func:`check_plain_name`.
+
+Files a user names. Configs, model cards and manifests are read by :func:`read_small_text`
+(a regular file of at most :data:`MAX_JSON_BYTES`, so a FIFO or a device cannot hang the
+command) and parsed by :func:`loads_json` (nesting too deep for the parser is one line).
 """
 
 from __future__ import annotations
