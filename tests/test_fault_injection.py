@@ -312,14 +312,15 @@ def test_a_run_folder_being_segmented_with_is_not_retrained(sources, trained, tm
     stops with one line naming it; a segmentation reading a run folder that a training
     writes stops with one line naming the training."""
     images, _, config = sources
-    run = tmp_path / "run"
-    shutil.copytree(trained[1], run)
+    run, dataset = tmp_path / "run", tmp_path / "dataset"  # copies: the lock files of the
+    shutil.copytree(trained[1], run)  # killed commands stay behind in them
+    shutil.copytree(trained[0], dataset)
     before = digest(run, (".res_unet.lock",))
     seg = start_and_stop_when_locked(
         command("seg_images_in_folder", "--model", run, "--images", images, "--out",
                 tmp_path / "out"), run / ".res_unet.lock")
     try:
-        line = refused(command("train_resunet", "--config", config, "--data", trained[0],
+        line = refused(command("train_resunet", "--config", config, "--data", dataset,
                                "--out", run, "--overwrite", "--no-export"), capsys)
         assert line.startswith(f"error: {run}: in use by seg_images_in_folder, reading it "
                                f"(PID {seg.pid} on "), line
@@ -328,7 +329,7 @@ def test_a_run_folder_being_segmented_with_is_not_retrained(sources, trained, tm
         seg.kill()
         seg.wait()
     training = start_and_stop_when_locked(
-        command("train_resunet", "--config", config, "--data", trained[0], "--out", run,
+        command("train_resunet", "--config", config, "--data", dataset, "--out", run,
                 "--overwrite", "--no-export"), run / ".res_unet.lock")
     try:
         line = refused(command("seg_images_in_folder", "--model", run, "--images", images,
@@ -379,7 +380,8 @@ def test_links_planted_at_output_names_are_replaced_never_written_through(
 
     # make_tfrecords --overwrite: every file of a dataset
     dataset = tmp_path / "dataset"
-    names = [*sorted(p.name for p in reference_dataset.iterdir()), "samples.png"]
+    names = [*sorted(p.name for p in reference_dataset.iterdir()
+                     if not p.name.startswith(".")), "samples.png"]
     targets = plant_links(dataset, names, elsewhere / "dataset")
     run_here(command("make_tfrecords", "--config", config, "--images", images, "--labels",
                      labels, "--out", dataset, "--overwrite"))
