@@ -260,9 +260,24 @@ def _remove_unused(path: Path) -> bool:
     return False
 
 
+def _speaks_for_holders(fd: int) -> bool:
+    """Whether the lock file ``fd`` names a holder that may still run: one of another host,
+    or a live process of this one (a holder killed outright leaves its name behind)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        if info["host"] != socket.gethostname():
+            return True
+        os.kill(int(info["pid"]), 0)
+    except PermissionError:  # another user's live process
+        return True
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        return False
+    return True
+
+
 def _say_who(fd: int, command: str, shared: bool) -> None:
-    """Write who holds the lock into it (shared holders: the first one speaks for all)."""
-    if not shared or os.fstat(fd).st_size == 0:
+    """Write who holds the lock into it (shared holders: the first live one speaks for all)."""
+    if not shared or not _speaks_for_holders(fd):
         info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.time(), "shared": shared}
         os.ftruncate(fd, 0)

@@ -239,3 +239,17 @@ def test_readers_share_a_folder_and_exclude_its_writer(tmp_path):
     with reading_lock(tmp_path / "missing", "train_resunet"):
         pass
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_holder_killed_outright_is_not_named_for_the_live_ones(tmp_path):
+    """A shared holder killed with SIGKILL leaves its name in the lock file; the next shared
+    holder writes its own, so a refused command is told who really holds the folder."""
+    first = hold(tmp_path / "out", shared=True)
+    stop(first)
+    second = hold(tmp_path / "out", shared=True)
+    try:
+        with pytest.raises(UserError) as info, folder_lock(tmp_path / "out", "me"):
+            pass
+    finally:
+        stop(second)
+    assert f"in use by holder (PID {second.pid} on " in str(info.value)
