@@ -31,6 +31,7 @@ from typing import Any
 from res_unet.atomic import write_atomic
 from res_unet.config_rules import check_consistency
 from res_unet.errors import UserError, either
+from res_unet.folders import loads_json, read_small_text
 from res_unet.registry import ENCODERS, MODELS
 from res_unet.upgrade import upgrade_keys
 
@@ -529,7 +530,7 @@ def load_config(path: str | os.PathLike) -> Config:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_text(path, "config")
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found; pass an existing .json file "
                         "(examples in config/)") from None
@@ -549,7 +550,7 @@ def load_config(path: str | os.PathLike) -> Config:
         return seen
 
     try:
-        raw = json.loads(text, object_pairs_hook=no_duplicates)
+        raw = loads_json(text, path, "config", object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         line = text.splitlines()[exc.lineno - 1].strip() if exc.lineno <= len(
             text.splitlines()) else ""

@@ -37,7 +37,7 @@ import numpy as np
 from res_unet.atomic import atomic_path, write_atomic
 from res_unet.augment import photometric_jitter
 from res_unet.errors import UserError
-from res_unet.folders import check_plain_name
+from res_unet.folders import check_plain_name, loads_json, read_small_text
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -368,7 +368,7 @@ def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
         raise UserError(f"{folder}: is not a dataset made by make_tfrecords (no {MANIFEST}); "
                         "run make_tfrecords first")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(read_small_text(path, "manifest"), path, "manifest")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc}); run make_tfrecords again with "
                         "--overwrite") from None

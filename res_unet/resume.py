@@ -37,6 +37,7 @@ from res_unet.runfolder import (
     STATE_FILE,
     TrainingFacts,
     read_finished_card,
+    read_json,
 )
 
 # What to do with a run folder ------------------------------------------------------------
@@ -84,8 +85,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     unfinished run in ``run_dir`` in more than ``RESUMABLE_KEYS`` and segmentation keys."""
     path = run_dir / CONFIG
     try:
-        old, _ = config_from_dict(json.loads(path.read_text(encoding="utf-8")),
-                                  source=str(path))
+        old, _ = config_from_dict(read_json(path, "config"), source=str(path))
     except (OSError, ValueError, UserError):
         raise UserError(f"{path}: the unfinished run's config cannot be read; pass --overwrite "
                         "to start this run afresh") from None

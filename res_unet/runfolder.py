@@ -31,6 +31,7 @@ from res_unet import devices, ov_runtime
 from res_unet.atomic import write_atomic
 from res_unet.config import Config, config_from_dict, load_config
 from res_unet.errors import UserError
+from res_unet.folders import check_regular_file, loads_json, read_small_text
 from res_unet.models import build_model
 from res_unet.records import file_sha256
 from res_unet.upgrade import upgrade_keys
@@ -58,10 +59,12 @@ RUN_FILES = (BEST_WEIGHTS, FULL_MODEL, SAVED_MODEL, BACKUP_DIR, CONFIG, HISTORY,
 CARD_VERSION = 1
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file of a run folder; UserError naming the file and the fix when unreadable."""
+def read_json(path: Path, what: str = "JSON") -> Any:
+    """A JSON file of a run folder (``what``: "model card", "config", for messages); UserError
+    naming the file and the fix when unreadable, not a regular file, over
+    ``folders.MAX_JSON_BYTES`` or nested too deeply."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(read_small_text(path, what), path, what)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: cannot read it as JSON ({exc}); restore it from the "
                         "training run or re-run train_resunet --evaluate-only") from None
@@ -171,9 +174,9 @@ class ModelCard:
     def read(cls, run_dir: str | os.PathLike) -> ModelCard:
         """The card of a run folder; UserError when it is missing or unreadable."""
         path = Path(run_dir) / CARD
-        if not path.is_file():
+        if not path.exists():  # (a FIFO or device is refused by read_json, naming it)
             raise UserError(f"{path}: not found; pass the folder train_resunet --out wrote")
-        return cls.from_dict(read_json(path), str(path))
+        return cls.from_dict(read_json(path, "model card"), str(path))
 
     def write(self, run_dir: str | os.PathLike) -> None:
         """Write ``model_card.json`` into ``run_dir``, atomically."""
@@ -219,7 +222,9 @@ def clear_run_folder(run_dir: Path) -> None:
 
 def check_intact(path: Path) -> None:
     """Raise UserError when a .keras (zip) or .h5 file cannot be read as such (truncated,
-    corrupt): a damaged file, not weights of another model."""
+    corrupt): a damaged file, not weights of another model; a FIFO or device is refused
+    before it is opened (reading one would hang or never end)."""
+    check_regular_file(path, "weights file")
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
@@ -406,7 +411,7 @@ def check_run_folder(run_dir: Path) -> None:
            f"{BEST_WEIGHTS} or {FULL_MODEL})")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder not found; {fix}")
-    missing = [n for n in (CARD, CONFIG) if not (run_dir / n).is_file()]
+    missing = [n for n in (CARD, CONFIG) if not (run_dir / n).exists()]
     if not (run_dir / BEST_WEIGHTS).is_file() and not (run_dir / FULL_MODEL).is_file():
         missing.append(f"{BEST_WEIGHTS} or {FULL_MODEL}")
     if missing:
@@ -417,7 +422,8 @@ def run_config(run_dir: str | os.PathLike) -> Config:
     """The config a run folder was trained with (its config.json)."""
     run_dir = Path(run_dir)
     check_run_folder(run_dir)
-    cfg, _ = config_from_dict(read_json(run_dir / CONFIG), source=str(run_dir / CONFIG))
+    cfg, _ = config_from_dict(read_json(run_dir / CONFIG, "config"),
+                              source=str(run_dir / CONFIG))
     return cfg
 
 
@@ -494,7 +500,7 @@ def inference_config(run_dirs: Sequence[str | os.PathLike], config_path: str | N
     values["EXTRA_BAND_DIRS"] = []
     if config_path is not None:
         user = load_config(config_path)
-        raw, _ = upgrade_keys(read_json(Path(config_path)), str(config_path))
+        raw, _ = upgrade_keys(read_json(Path(config_path), "config"), str(config_path))
         values.update({k: getattr(user, k) for k in raw if k in INFERENCE_KEYS})
     values.update(overrides or {})
     cfg, _ = config_from_dict(values, source="command line")

@@ -49,7 +49,7 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config, key_choices
 from res_unet.errors import UserError
-from res_unet.folders import folder_lock, settings_lock
+from res_unet.folders import folder_lock, reading_lock, settings_digest, settings_lock
 from res_unet.labelsource import LabelSource
 from res_unet.predict import (
     FULL_MAX_VALUES,
@@ -60,13 +60,16 @@ from res_unet.predict import (
     tta_transforms,
 )
 from res_unet.progress import progress_bar, say
-from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run
+from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run, read_json
 from res_unet.scale import check_enlargement, raster_pixel_size, rescale_note
 from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
 LABEL_SUFFIX = "_predseg.png"
 SEGMENTATION_CONFIG = "segmentation_config.json"
+# Beside the outputs of image NAME, once they are all written: the digest of the output
+# fingerprint that made them, so that a re-run skips only images made with its own settings.
+IMAGE_RECORD = ".{stem}.segmented"
 # Plain images' polygons: pixel corners placed as QGIS places an image without georeferencing
 # (x = column, y = -row), so that they lie on the image and its label PNG there.
 PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
@@ -315,9 +318,8 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     if not any(out_dir.glob(f"*{LABEL_SUFFIX}")):
         return
     try:
-        old = json.loads((out_dir / SEGMENTATION_CONFIG).read_text(encoding="utf-8"))
-        previous = old["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        previous = read_json(out_dir / SEGMENTATION_CONFIG)["fingerprint"]
+    except (UserError, KeyError, TypeError):  # (unreadable, not a file, too large or deep)
         previous = None
     if previous == fingerprint:
         return
@@ -335,6 +337,16 @@ def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
                                           for k in changed)
     raise UserError(f"{out_dir}: holds segmentations made {what}; choose another --out, or "
                     "pass --overwrite to redo every image with this model")
+
+
+def _made_with(paths: dict[str, Path], record: Path) -> str | None:
+    """The fingerprint digest the outputs ``paths`` of one image were made with (from its
+    ``record``, written last); None when an output or the record is missing or unreadable."""
+    try:
+        return (read_json(record)["fingerprint"] if record.is_file()
+                and all(p.is_file() for p in paths.values()) else None)
+    except (UserError, KeyError, TypeError):
+        return None
 
 
 def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
@@ -381,13 +393,15 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     :func:`res_unet.runfolder.inference_config`. Per image NAME: see :func:`output_paths`;
     polygons come with ``cfg.VECTOR_FORMAT`` (``geojson=True``, kept for older callers, is
     VECTOR_FORMAT 'geojson' when the config names no format).
-    Images whose outputs all exist are skipped unless ``overwrite``; an unreadable image is
-    reported on one line
-    and counted as failed. With ``labels_dir`` the predictions are scored (scores.csv, or
-    scores_shard{i}of{n}.csv: one row per image and an 'ALL' row from the summed confusion
-    matrix) and the first FIGURE_ROWS scored images are drawn in examples.png. Writes
-    segmentation_config.json. Returns a summary dict: images, done, skipped,
-    failed, failures, seconds, megapixels, mpx_per_second and, with labels, scores.
+    Images whose outputs all exist and were made with these models and settings (their
+    record, :data:`IMAGE_RECORD`) are skipped unless ``overwrite``; any other is redone, so
+    a folder never holds a mix (e.g. after ``--shard i/n --overwrite`` with another model).
+    An unreadable image is reported on one line and counted as failed. With ``labels_dir``
+    the predictions are scored (scores.csv, or scores_shard{i}of{n}.csv: one row per image
+    and an 'ALL' row from the summed confusion matrix) and the first FIGURE_ROWS scored
+    images are drawn in examples.png. Writes segmentation_config.json. Returns a summary
+    dict: images, done, skipped, failed, failures, seconds, megapixels, mpx_per_second
+    and, with labels, scores.
     """
     started = time.perf_counter()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -422,6 +436,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     else:
         pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
     pairs = pairs[index::count]
+    for run in (r for r in runs if not isinstance(r, LoadedModel)):  # no training writes them
+        held.enter_context(reading_lock(run, "seg_images_in_folder", writing=out_dir))
     models = _load_models(cfg, runs)
     segmenter = Segmenter(models, cfg, full_max_values)
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
@@ -456,10 +472,13 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         say("note: the model card records no pixel size, so the scale of the scenes cannot "
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
+    digest = settings_digest(run_summary["fingerprint"])
     for pair in progress_bar(pairs, enabled=progress):
         paths = output_paths(out_dir, pair, save_probs, vector)
+        record = out_dir / IMAGE_RECORD.format(stem=pair.stem)
         try:
-            if not overwrite and all(p.is_file() for p in paths.values()):
+            # Another model's image (left by a shard run with --overwrite) is redone.
+            if not overwrite and _made_with(paths, record) == digest:
                 skipped += 1
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:
@@ -467,6 +486,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                 scaled = scene_segmenter(pair, segmenter, cfg, unknown)
                 label, pixels = segment_image(scaled, pair, paths,
                                               keep_label=pair.label is not None)
+                write_atomic(record, json.dumps({"fingerprint": digest}) + "\n")
                 busy += time.perf_counter() - t0
                 megapixels += pixels / 1e6
                 done += 1

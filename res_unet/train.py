@@ -33,7 +33,7 @@ from res_unet.config import Config, save_config
 from res_unet.devices import is_chief, make_strategy, resolve_precision, strategy_name
 from res_unet.errors import UserError
 from res_unet.evaluation import evaluate
-from res_unet.folders import folder_lock
+from res_unet.folders import check_no_links, folder_lock, reading_lock
 from res_unet.models import build_model
 from res_unet.models.helpers import fuse_batchnorm, set_encoder_trainable
 from res_unet.progress import progress_bar
@@ -45,6 +45,7 @@ from res_unet.resume import (
     run_folder_action,
 )
 from res_unet.runfolder import (
+    BACKUP_DIR,
     BEST_WEIGHTS,
     CONFIG,
     HISTORY,
@@ -272,7 +273,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     check_writable(run_dir)  # before the lock creates the folder, as the other commands do
     # One training per run folder; the other workers of a multi-worker run write nothing there.
     lock = folder_lock(run_dir, "train_resunet") if is_chief() else contextlib.nullcontext()
-    with lock:
+    with lock, reading_lock(data_dir, "train_resunet", writing=run_dir):
         try:
             return _train(cfg, data_dir, run_dir, strategy, progress, export_saved_model,
                           overwrite)
@@ -288,7 +289,7 @@ _NO_SPACE = "No space left on device"
 
 def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.Strategy | None,
            progress: bool, export_saved_model: bool, overwrite: bool) -> ModelCard:
-    """The body of :func:`train`, run while ``run_dir`` is locked."""
+    """The body of :func:`train`, run while ``run_dir`` is locked and ``data_dir`` read."""
     started = time.time()
     action = run_folder_action(run_dir, data_dir, cfg, overwrite)
     if cfg.TENSORBOARD and importlib.util.find_spec("tensorboard") is None:
@@ -317,6 +318,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
         print(f"--overwrite: removed the previous run in {run_dir}")
     if chief:
         clean_stale_temporaries(run_dir)
+        check_no_links(run_dir / BACKUP_DIR, run_dir / TENSORBOARD_DIR)  # TF writes by name
 
     state = TrainState(next_epoch=cfg.INITIAL_EPOCH)
     if cfg.DO_TRAIN:

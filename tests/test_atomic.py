@@ -84,3 +84,26 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {target}: No space left on device; free some space")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_at_the_name_is_replaced_never_written_through(tmp_path):
+    """The rename that ends an atomic write replaces a symbolic link planted at the name:
+    the file it points to keeps its bytes and a dangling link's target is not created.
+    (This held before; it is what makes every output safe from planted links.)"""
+    from res_unet.atomic import write_csv
+
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's work\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.json", "b.csv"):
+        (out / name).symlink_to(target)
+    (out / "c.bin").symlink_to(tmp_path / "not_created")
+    write_atomic(out / "a.json", "{}\n")
+    write_csv(out / "b.csv", [{"x": 1}])
+    with atomic_path(out / "c.bin") as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_text() == "the user's work\n"
+    assert not (tmp_path / "not_created").exists()
+    assert [(p.name, p.is_symlink(), p.read_bytes()) for p in sorted(out.iterdir())] == [
+        ("a.json", False, b"{}\n"), ("b.csv", False, b"x\n1\n"), ("c.bin", False, b"new")]

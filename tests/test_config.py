@@ -328,3 +328,44 @@ def test_non_finite_numbers_are_refused(tmp_path):
         load_config(path)
     assert "MAX_LR=nan is not a finite number" in str(info.value)
     assert "AUG_ROT=inf is not a finite number" in str(info.value)
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging) a call that blocks more than 10 s (SIGALRM interrupts it)."""
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_config_that_is_no_small_regular_file_is_refused_before_reading(tmp_path, no_hang):
+    """A FIFO (would hang), /dev/zero (would read without end), a folder and a file larger
+    than any config: one line each, naming the file, before anything is read."""
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_text('{"_comment": "' + "x" * (5 * 2**20) + '"}')
+    for path, said in ((fifo, "is a FIFO (named pipe), not a config file"),
+                       (Path("/dev/zero"), "is a device, not a config file"),
+                       (tmp_path, "is a folder, not a config file"),
+                       (big, "larger than any config (5.0 MB or more, at most 4 MB)")):
+        with pytest.raises(UserError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: {said}; " + str(info.value).split("; ", 1)[1]
+        assert "\n" not in str(info.value)
+
+
+def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
+    deep = write(tmp_path, '{"_x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UserError, match=r"c.json: nested too deeply to be a config \(lists or "
+                                        r"objects inside each other thousands of times\)"):
+        load_config(deep)

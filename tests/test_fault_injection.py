@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +246,176 @@ def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path)
     skip = ("segmentation_config.json",)
     assert digest(out, skip) == digest(clean, skip)
     assert not (out / ".res_unet.lock").exists()
+
+
+def start_and_stop_when_locked(cmd: list[str], lock: Path) -> subprocess.Popen:
+    """Start ``cmd`` and freeze it (SIGSTOP) as soon as it holds ``lock`` (a folder's lock
+    file, naming its holder), so it keeps the lock however fast it would otherwise finish."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def holds() -> bool:
+        try:
+            return json.loads(lock.read_text())["pid"] == proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
+    deadline = time.monotonic() + 300
+    while not holds():
+        if proc.poll() is not None:
+            pytest.fail(f"{cmd[2]} ended (exit {proc.returncode}) before taking the lock:\n"
+                        f"{proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    return proc
+
+
+def refused(cmd: list[str], capsys) -> str:
+    """Run ``cmd`` here; it must stop with exit status 2 and one line, which is returned."""
+    capsys.readouterr()
+    module, args = cmd[2], cmd[3:]
+    assert run_command(importlib.import_module(module).main, args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_a_dataset_being_trained_on_is_not_replaced(sources, trained, tmp_path, capsys):
+    """make_tfrecords --overwrite on the --data folder of a running train_resunet stops with
+    one line naming the training (PID) and changes nothing; once the training is gone the
+    dataset can be rebuilt."""
+    images, labels, config = sources
+    dataset = tmp_path / "dataset"
+    shutil.copytree(trained[0], dataset)
+    before = digest(dataset, (".res_unet.lock",))
+    training = start_and_stop_when_locked(
+        command("train_resunet", "--config", config, "--data", dataset, "--out",
+                tmp_path / "run", "--no-export"), dataset / ".res_unet.lock")
+    try:
+        rebuild = command("make_tfrecords", "--config", config, "--images", images,
+                          "--labels", labels, "--out", dataset, "--overwrite")
+        line = refused(rebuild, capsys)
+        assert line.startswith(f"error: {dataset}: in use by train_resunet, reading it (PID "
+                               f"{training.pid} on "), line
+        assert digest(dataset, (".res_unet.lock",)) == before
+    finally:
+        training.kill()
+        training.wait()
+    run_here(rebuild)  # the reader is gone: its lock went with it
+    assert digest(dataset, ("manifest.json",)) == digest(trained[0], ("manifest.json",))
+
+
+def test_a_run_folder_being_segmented_with_is_not_retrained(sources, trained, tmp_path,
+                                                             capsys):
+    """train_resunet --overwrite into the run folder a running seg_images_in_folder reads
+    stops with one line naming it; a segmentation reading a run folder that a training
+    writes stops with one line naming the training."""
+    images, _, config = sources
+    run, dataset = tmp_path / "run", tmp_path / "dataset"  # copies: the lock files of the
+    shutil.copytree(trained[1], run)  # killed commands stay behind in them
+    shutil.copytree(trained[0], dataset)
+    before = digest(run, (".res_unet.lock",))
+    seg = start_and_stop_when_locked(
+        command("seg_images_in_folder", "--model", run, "--images", images, "--out",
+                tmp_path / "out"), run / ".res_unet.lock")
+    try:
+        line = refused(command("train_resunet", "--config", config, "--data", dataset,
+                               "--out", run, "--overwrite", "--no-export"), capsys)
+        assert line.startswith(f"error: {run}: in use by seg_images_in_folder, reading it "
+                               f"(PID {seg.pid} on "), line
+        assert digest(run, (".res_unet.lock",)) == before
+    finally:
+        seg.kill()
+        seg.wait()
+    training = start_and_stop_when_locked(
+        command("train_resunet", "--config", config, "--data", dataset, "--out", run,
+                "--overwrite", "--no-export"), run / ".res_unet.lock")
+    try:
+        line = refused(command("seg_images_in_folder", "--model", run, "--images", images,
+                               "--out", tmp_path / "out2"), capsys)
+        assert line.startswith(f"error: {run}: being written by train_resunet (PID "
+                               f"{training.pid} on "), line
+        assert line.endswith("wait until it has finished, then run seg_images_in_folder again")
+        assert not (tmp_path / "out2").exists()
+    finally:
+        training.kill()
+        training.wait()
+
+
+def plant_links(folder: Path, names: list[str], elsewhere: Path) -> dict[Path, str]:
+    """A symbolic link at each of ``names`` in ``folder`` to a file of ``elsewhere`` holding
+    a user's text; returns {target: text}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    elsewhere.mkdir(parents=True, exist_ok=True)
+    targets = {}
+    for name in names:
+        target = elsewhere / f"precious_{name.lstrip('.')}"
+        target.write_text(f"the user's {name}\n")
+        (folder / name).symlink_to(target)
+        targets[target] = target.read_text()
+    return targets
+
+
+def assert_untouched(folder: Path, names: list[str], targets: dict[Path, str]) -> None:
+    """Every target keeps its text and every name is now a file of ours, not the link."""
+    assert {t: t.read_text() for t in targets} == targets
+    replaced = [n for n in names if (folder / n).is_file() and not (folder / n).is_symlink()]
+    assert replaced == names
+
+
+def test_links_planted_at_output_names_are_replaced_never_written_through(
+        sources, trained, segmented, tmp_path, capsys):
+    """A symbolic link planted at the name of any file a command writes (dataset shards,
+    manifest, figures, run files, masks, records, scores...) is replaced by the new file:
+    the file it pointed to keeps its bytes, a dangling link's target is not created. A link
+    at backup/ (which TensorFlow writes file by file) is refused with one line."""
+    images, labels, _ = sources
+    reference_dataset, run_dir = trained
+    elsewhere = tmp_path / "elsewhere"
+    config = tmp_path / "config.json"
+    from helpers import make_config
+
+    save_config(make_config(AUG_COPIES=2, MAX_EPOCHS=1, STEPS_PER_EPOCH=2, DOPLOT=True), config)
+
+    # make_tfrecords --overwrite: every file of a dataset
+    dataset = tmp_path / "dataset"
+    names = [*sorted(p.name for p in reference_dataset.iterdir()
+                     if not p.name.startswith(".")), "samples.png"]
+    targets = plant_links(dataset, names, elsewhere / "dataset")
+    run_here(command("make_tfrecords", "--config", config, "--images", images, "--labels",
+                     labels, "--out", dataset, "--overwrite"))
+    assert_untouched(dataset, names, targets)
+
+    # seg_images_in_folder --overwrite: masks, overlays, records, segmentation_config.json
+    out = tmp_path / "out"
+    names = sorted(p.name for p in segmented.iterdir() if p.name != ".res_unet.lock")
+    assert sum(n.endswith(".segmented") for n in names) == 16, "the images' records too"
+    targets = plant_links(out, names, elsewhere / "out")
+    run_here(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
+                     out, "--labels", labels, "--overwrite"))
+    assert_untouched(out, names, targets)
+    assert (out / "scores.csv").is_file()
+
+    # train_resunet into a new run folder: every file of a run (the card a dangling link)
+    run = tmp_path / "run"
+    names = ["best.weights.h5", "model.keras", "config.json", "history.csv", "curves.png",
+             "lr_schedule.png", "val_examples.png", "evaluation.json"]
+    targets = plant_links(run, names, elsewhere / "run")
+    (run / "model_card.json").symlink_to(elsewhere / "run" / "created_by_the_card")
+    run_here(command("train_resunet", "--config", config, "--data", dataset, "--out", run,
+                     "--no-export"))
+    assert_untouched(run, [*names, "model_card.json"], targets)
+    assert not (elsewhere / "run" / "created_by_the_card").exists()
+
+    # a link at backup/: refused before anything is written through it
+    (elsewhere / "backup").mkdir()
+    other = tmp_path / "run2"
+    other.mkdir()
+    (other / "backup").symlink_to(elsewhere / "backup")
+    line = refused(command("train_resunet", "--config", config, "--data", dataset, "--out",
+                           other, "--no-export"), capsys)
+    assert line.startswith(f"error: {other / 'backup'}: is a symbolic link inside the output "
+                           "folder, where res_unet writes its own files; nothing was written "
+                           "through it"), line
+    assert list((elsewhere / "backup").iterdir()) == []

@@ -1,22 +1,25 @@
-"""res_unet.runfolder's LoadedModel runtimes: a run trained in mixed precision served by
-OpenVINO, and what INFER_RUNTIME 'auto' and an explicit runtime do on every kind of machine
-(GPU visible or not, OpenVINO present, absent or failing, bf16 units or not)."""
+"""The run-folder format (res_unet/runfolder.py): reading model cards, configs and weights
+that are not what they should be; LoadedModel's runtimes: a run trained in mixed precision
+served by OpenVINO, and what INFER_RUNTIME 'auto' and an explicit runtime do on every kind
+of machine (GPU visible or not, OpenVINO present, absent or failing, bf16 units or not)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from helpers import BAND_MEAN, BAND_STD, make_config, random_u8, write_run
+from helpers import BAND_MEAN, BAND_STD, make_config, pixel_model, random_u8, write_run
 
 from res_unet import devices, ov_runtime
 from res_unet.errors import UserError
-from res_unet.runfolder import load_run
+from res_unet.runfolder import CARD, ModelCard, load_run, load_weights_checked
 
 TILE = 32
 
@@ -226,3 +229,54 @@ def test_the_cached_conversion_of_a_bfloat16_run_is_its_float32_twin(bf16_run, o
     np.testing.assert_allclose(again(batch()), float32_probabilities(again), atol=1e-5)
     other = load_run(bf16_run, (64, 64))
     assert other._openvino_cache() != entries[0] and other.weights.name == "best.weights.h5"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return write_run(tmp_path_factory.mktemp("runs") / "run", pixel_model(),
+                     make_config("model"), threshold=0.5)
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging) a call that blocks more than 10 s (SIGALRM interrupts it)."""
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_model_card_nested_thousands_deep_is_one_line(run, tmp_path):
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    (copy / CARD).write_text('{"card_version": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UserError) as info:
+        ModelCard.read(copy)
+    assert str(info.value) == (
+        f"{copy / CARD}: nested too deeply to be a model card (lists or objects inside each "
+        "other thousands of times); pass the right file")
+
+
+def test_a_fifo_or_device_as_card_config_or_weights_is_refused(run, tmp_path, no_hang):
+    """A FIFO would hang the command reading it, /dev/zero would never end: refused before
+    reading, one line each (the model card, the run's config, HOT_START weights)."""
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    (copy / CARD).unlink()
+    os.mkfifo(copy / CARD)
+    with pytest.raises(UserError, match=f"{copy / CARD}: is a FIFO \\(named pipe\\), not a "
+                                        "model card file"):
+        ModelCard.read(copy)
+    (copy / CARD).unlink()
+    (copy / CARD).symlink_to("/dev/zero")
+    with pytest.raises(UserError, match="is a device, not a model card file"):
+        load_run(copy)
+    fifo = tmp_path / "weights.weights.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=f"{fifo}: is a FIFO \\(named pipe\\), not a weights "
+                                        "file; pass the weights file itself"):
+        load_weights_checked(pixel_model(), fifo)

@@ -51,7 +51,9 @@ def images(tmp_path) -> Path:
 
 
 def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+    """No hidden file but the records of finished images (.NAME.segmented), no .tmp."""
+    return not [p for p in folder.rglob("*") if (p.name.startswith(".")
+                and not p.name.endswith(".segmented")) or ".tmp" in p.name]
 
 
 def test_segments_every_image(run, images, tmp_path, capsys):

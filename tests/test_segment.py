@@ -154,7 +154,8 @@ def test_label_and_probabilities_are_cloud_optimized_geotiffs(run, geotiff, tmp_
         else:
             assert np.isnan(nodata) and np.all(np.isnan(pixels[:, :5]))
             np.testing.assert_array_equal(np.argmax(pixels[:, 5:], axis=0), label[5:])
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")
+                and not p.name.endswith(".segmented")], "only the images' records are hidden"
 
 
 def test_streamed_label_strips_become_the_same_cog(run, geotiff, tmp_path, monkeypatch):
@@ -178,7 +179,8 @@ def test_streamed_label_strips_become_the_same_cog(run, geotiff, tmp_path, monke
         np.testing.assert_array_equal(a.read(), b.read())
         np.testing.assert_array_equal(a.read(1, out_shape=(300, 350)),
                                       b.read(1, out_shape=(300, 350)))
-    assert not [p for p in (tmp_path / "windows").iterdir() if p.name.startswith(".")]
+    assert [p.name for p in (tmp_path / "windows").iterdir() if p.name.startswith(".")] == [
+        ".scene.segmented"], "no temporary is left"
 
 
 def test_label_cogs_carry_the_overlay_colours_and_class_names(run, geotiff, tmp_path):
@@ -362,3 +364,62 @@ def test_geojson_and_vector_flags_exclude_each_other(run, geotiff, tmp_path, cap
     assert seg("--model", run, "--images", geotiff, "--out", tmp_path / "out", "--geojson",
                "--vector", "gpkg") == 2
     assert "not allowed with argument --geojson" in capsys.readouterr().err
+
+
+# Resuming after shards of another model ----------------------------------------------------
+
+def test_a_shard_overwritten_with_another_model_leaves_no_mix(tmp_path, capsys):
+    """Model A segments a folder; --shard 1/2 --overwrite with model B redoes half of it. A
+    plain run of B then redoes the other half (A's masks are never skipped as B's), and the
+    folder equals one segmented by B alone; A may no longer resume there."""
+    images = tmp_path / "images"
+    for k in range(4):
+        image = np.full((32, 40, 3), 50, np.uint8)
+        image[:, : 8 + 6 * k] = 200  # bright (model A's foreground) on the left
+        writers.write_png(images / f"s{k}.png", image)
+    model_a = write_run(tmp_path / "A", pixel_model(), make_config("model"), threshold=0.5)
+    model_b = write_run(tmp_path / "B", pixel_model(gain=-0.05), make_config("model"),
+                        threshold=0.5)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    assert seg("--model", model_a, "--images", images, "--out", out) == 0
+    assert seg("--model", model_b, "--images", images, "--out", out, "--shard", "1/2",
+               "--overwrite") == 0
+    capsys.readouterr()
+    assert seg("--model", model_b, "--images", images, "--out", out) == 0
+    assert "4 images: 2 done, 2 skipped" in capsys.readouterr().out
+    assert seg("--model", model_b, "--images", images, "--out", clean) == 0
+
+    def masks(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.glob("*_predseg.png"))}
+
+    assert len(masks(out)) == 4 and masks(out) == masks(clean)
+    assert all(np.all(rasters.read_label(out / f"s{k}_predseg.png")[:, 8 + 6 * k:] == 1)
+               for k in range(4)), "B marks the dark part"
+    capsys.readouterr()
+    assert seg("--model", model_b, "--images", images, "--out", out) == 0
+    assert "4 images: 0 done, 4 skipped" in capsys.readouterr().out
+    assert seg("--model", model_a, "--images", images, "--out", out) == 2
+    assert "holds segmentations made with other model weights" in capsys.readouterr().err
+
+
+def test_every_shard_overwritten_with_another_model_gives_its_folder(tmp_path, capsys):
+    """The array-job way to redo a folder with a new model: every shard with --overwrite.
+    Then a plain run of the new model skips everything and the masks are its own."""
+    images = tmp_path / "images"
+    for k in range(3):
+        image = np.full((32, 32, 3), 50, np.uint8)
+        image[: 4 + 8 * k] = 200
+        writers.write_png(images / f"s{k}.png", image)
+    model_a = write_run(tmp_path / "A", pixel_model(), make_config("model"), threshold=0.5)
+    model_b = write_run(tmp_path / "B", pixel_model(gain=-0.05), make_config("model"),
+                        threshold=0.5)
+    out = tmp_path / "out"
+    assert seg("--model", model_a, "--images", images, "--out", out) == 0
+    for shard in ("0/2", "1/2"):
+        assert seg("--model", model_b, "--images", images, "--out", out, "--shard", shard,
+                   "--overwrite") == 0
+    capsys.readouterr()
+    assert seg("--model", model_b, "--images", images, "--out", out) == 0
+    assert "3 images: 0 done, 3 skipped" in capsys.readouterr().out
+    for k in range(3):
+        assert np.all(rasters.read_label(out / f"s{k}_predseg.png")[4 + 8 * k:] == 1)
