@@ -247,9 +247,9 @@ def view_subsets(model: Any, cfg: Any, pairs: list[Any], runner: Any = None
     segmenters = {}
     for view in TTA_VIEWS:
         member = with_views(model, [view])
-        if runner is not None:
-            member._fn = runner
         segmenters[view] = predict.Segmenter([member], cfg)
+        if runner is not None:  # after Segmenter, whose use_runtime would drop it
+            member.runtime, member.auto, member._fn = "openvino", False, runner
     for pair in pairs:
         image, truth, _ = pairing.load_pair(pair, cfg.N_DATA_BANDS, cfg.label_rules)
         probs = {v: segmenters[v].probabilities(image) for v in TTA_VIEWS}
@@ -286,18 +286,28 @@ def calibration_tiles(model: Any, cfg: Any, pairs: list[Any], count: int) -> lis
     return tiles[::step][:count]
 
 
-def int8_runner(model: Any, tiles: list[np.ndarray], info: dict[str, Any]) -> Any:
+def int8_runner(model: Any, tiles: list[np.ndarray], info: dict[str, Any],
+                saved: Path | None = None) -> Any:
     """OpenVINO INT8 (NNCF post-training quantisation, calibrated on ``tiles``) of the
-    model: a batch -> probabilities call like LoadedModel's."""
+    model: a batch -> probabilities call like LoadedModel's. ``saved``: an .xml file the
+    quantised model is read from when it exists, else written to (quantising takes
+    minutes)."""
     import nncf
 
-    from res_unet.ov_runtime import converted_model, openvino_runner
+    from res_unet.ov_runtime import converted_model, import_openvino, openvino_runner
 
-    start = time.perf_counter()
-    quantized = nncf.quantize(converted_model(model.model), nncf.Dataset(tiles),
-                              subset_size=len(tiles))
-    info["calibration_tiles"] = len(tiles)
-    info["quantize_seconds"] = round(time.perf_counter() - start, 1)
+    ov = import_openvino()
+    if saved is not None and saved.is_file():
+        quantized = ov.Core().read_model(saved)
+        info["read_from"] = str(saved)
+    else:
+        start = time.perf_counter()
+        quantized = nncf.quantize(converted_model(model.model), nncf.Dataset(tiles),
+                                  subset_size=len(tiles))
+        info["quantize_seconds"] = round(time.perf_counter() - start, 1)
+        info["calibration_tiles"] = len(tiles)
+        if saved is not None:
+            ov.save_model(quantized, saved, compress_to_fp16=False)
     info["nncf"] = nncf.__version__
     return openvino_runner(quantized, {}, info)
 
@@ -354,18 +364,21 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
     from res_unet import predict, runfolder, segment
     from res_unet.tiling import downsampled_shape, tile_grid
 
-    images, labels = work / "scenes" / "images", work / "scenes" / "labels"
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    for pair in pairs:
-        shutil.copy(pair.image, images / pair.image.name)
-        shutil.copy(pair.label, labels / pair.label.name)
+    folders = {}
+    for name, chosen in (("scenes", pairs), ("warmup", pairs[:1])):
+        folders[name] = work / name / "images", work / name / "labels"
+        for folder in folders[name]:
+            folder.mkdir(parents=True)
+        for pair in chosen:
+            shutil.copy(pair.image, folders[name][0] / pair.image.name)
+            shutil.copy(pair.label, folders[name][1] / pair.label.name)
     base_cfg = runfolder.inference_config([run_dir])  # no flags: the default path
     loaded = runfolder.load_run(run_dir, base_cfg.TARGET_SIZE)
     shapes = [segment.rasters.read_image(p.image)[0].shape[:2] for p in pairs]
     specs = [parse_variant(v) for v in variants]
     results: dict[str, list[dict[str, Any]]] = {s["name"]: [] for s in specs}
-    for r in range(-1, rounds):  # round -1: warm-up (compilation, caches), not recorded
+    for r in range(-1, rounds):  # round -1: warm-up on one scene (compilation), not recorded
+        images, labels = folders["warmup" if r < 0 else "scenes"]
         order = specs[r % len(specs):] + specs[:r % len(specs)] if r >= 0 else specs
         for spec in order:
             overrides: dict[str, Any] = {"DOPLOT": False}
@@ -416,7 +429,14 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
             shutil.rmtree(out, ignore_errors=True)
             print(f"  {spec['name']} round {r}: {summary['mpx_per_second']} Mpx/s, water IoU "
                   f"{summary['scores']['iou'][1]:.4f}", file=sys.stderr, flush=True)
-    return {"flops_per_tile": loaded.card.flops_per_image, "runs": results}
+    k = loaded.downsample
+    working = sum(np.prod(downsampled_shape(s, k)) for s in shapes)
+    tiles = sum(len(tile_grid(downsampled_shape(s, k), loaded.tile_hw, base_cfg.TILE_OVERLAP))
+                for s in shapes)
+    return {"flops_per_tile": loaded.card.flops_per_image, "runs": results,
+            "tile_pixels_per_working_pixel": round(
+                tiles * loaded.tile_hw[0] * loaded.tile_hw[1] / working, 3),
+            "tiles": tiles, "overlap": base_cfg.TILE_OVERLAP}
 
 
 def default_path(args: argparse.Namespace) -> dict[str, Any]:
@@ -440,8 +460,10 @@ def default_path(args: argparse.Namespace) -> dict[str, Any]:
     int8 = None
     if args.int8:
         info: dict[str, Any] = {}
-        tiles = calibration_tiles(loaded, cfg, train, args.int8_tiles)
-        int8 = int8_runner(loaded, tiles, info)
+        saved = args.int8_model
+        tiles = ([] if saved and saved.is_file() else
+                 calibration_tiles(loaded, cfg, train, args.int8_tiles))
+        int8 = int8_runner(loaded, tiles, info, saved)
         report["int8"] = info
         if not args.skip_views:
             print("view subsets (int8)", file=sys.stderr, flush=True)
@@ -463,6 +485,8 @@ def default_path(args: argparse.Namespace) -> dict[str, Any]:
                 "mpx_per_second": round(mpx, 3),
                 "mpx_per_second_runs": [r["mpx_per_second"] for r in runs],
                 "mfu": round(flops / seconds / 1e9 / peak, 4) if flops else None,
+                "mpx_per_cpu_second": round(statistics.median(
+                    r["megapixels"] / r["cpu_seconds"] for r in runs), 3),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                 "water_iou": runs[0]["water_iou"],
                 "mpx_per_s_per_gflops": round(mpx / peak, 6),
@@ -472,6 +496,19 @@ def default_path(args: argparse.Namespace) -> dict[str, Any]:
                        "rounds": args.rounds, "matmul_fp32_gflops_start": round(peak_start, 1),
                        "matmul_fp32_gflops_end": round(peak_end, 1),
                        "matmul_fp32_gflops": round(peak, 1), "results": rows})
+        from common import cpu_flags
+
+        notes = [f"Tiles: the {len(report['scenes'])} scenes need {speed['tiles']} tiles of "
+                 f"{loaded.tile_hw[0]} px at the working scale (1/{loaded.downsample}), "
+                 f"{speed['tile_pixels_per_working_pixel']} model-input pixels per working "
+                 "pixel. A 1024-px scene is 450-512 px there, so 2 tiles per axis whatever "
+                 f"TILE_OVERLAP ({speed['overlap']}) says: the overlap costs nothing more on "
+                 "these scenes (it does on large ones)."]
+        if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+            notes.append("OpenVINO bfloat16 (openvino_bf16, and the auto choice of it) is not "
+                         "measured: this CPU has no bf16 units (avx512_bf16 / amx_bf16), "
+                         "where OpenVINO computes in float32 whatever it is asked.")
+        report["notes"] = notes
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     return report
 
@@ -501,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--default-path: also try NNCF INT8 (pip install nncf)")
     parser.add_argument("--int8-tiles", type=int, default=120,
                         help="--int8: calibration tiles from the training scenes")
+    parser.add_argument("--int8-model", type=Path, metavar="XML",
+                        help="--int8: read the quantised model from here when it exists, "
+                             "else write it here")
     parser.add_argument("--skip-views", action="store_true",
                         help="--default-path: skip the IoU of the view subsets")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",

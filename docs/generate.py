@@ -369,6 +369,50 @@ def scale_section(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def default_path_section(report: dict[str, Any]) -> list[str]:
+    gym = report.get("gym", {})
+    out = [f"`seg_images_in_folder --model {report.get('model')}` as a user runs it (no flags: "
+           "INFER_RUNTIME auto, the run's TTA with the views its card lists, "
+           f"`tta_views` {report.get('card_tta_views')}) on {len(report.get('scenes', []))} "
+           "1024-px lakes scenes held out from its training, against variants, interleaved "
+           f"in {report.get('rounds')} rounds (median Mpx/s; each round's in brackets). "
+           "Mpx/s counts source pixels over the command's per-scene loop (read, predict, "
+           "write), Mpx per CPU-second over the CPU time of this process (steadier when "
+           "other processes share the cores); MFU = model FLOPs of the tiles x views run "
+           "/ seconds / the float32 matmul peak (median of the start and end of this "
+           "run; OpenVINO's Winograd convolutions can pass 1). Segmentation Gym's default "
+           "(scenes resized to 256 px) "
+           f"made {gym.get('mpx_per_second')} Mpx/s on a machine whose peak was "
+           f"{gym.get('matmul_fp32_gflops')} GFLOP/s ({gym.get('source')}); the last column "
+           "is Mpx/s per GFLOP/s of peak divided by Gym's.", ""]
+    out += table(["variant", "runtime", "views", "Mpx/s", "Mpx per CPU-second", "MFU",
+                  "peak RSS MB", "water IoU", "Mpx/s per GFLOP/s", "x Gym per unit of peak"],
+                 [[r["variant"], r["runtime"], cell(r["views"]),
+                   f"{cell(r['mpx_per_second'])} ({cell(r['mpx_per_second_runs'])})",
+                   cell(r.get("mpx_per_cpu_second")), cell(r["mfu"]), cell(r["peak_rss_mb"]),
+                   cell(r["water_iou"]),
+                   cell(r["mpx_per_s_per_gflops"]), f"**{cell(r['vs_gym_per_unit_of_peak'])}**"]
+                  for r in report.get("results", [])])
+    for key, what in (("views_float32", "float32"), ("views_int8", "INT8 (NNCF)")):
+        views = report.get(key)
+        if not views:
+            continue
+        out += ["", f"Water IoU of each subset of the four TTA flips, {what}, on the "
+                f"{views['images']} held-out scenes ({views['lakes']} lakes) at threshold "
+                f"{views['threshold']}, and on the two halves of those lakes (alternate lakes "
+                "in sorted order), so that a choice made on one half can be checked on the "
+                "other:", ""]
+        out += table(["views", "water IoU", "half a", "half b"],
+                     [[" + ".join(r["views"]), cell(r["water_iou"]),
+                       cell(r["water_iou_half_a"]), cell(r["water_iou_half_b"])]
+                      for r in views["subsets"]])
+    if report.get("int8"):
+        out += ["", "INT8: " + ", ".join(f"{k} {cell(v)}" for k, v in report["int8"].items())]
+    for note in report.get("notes", []):
+        out += ["", note]
+    return out
+
+
 def generic_section(report: dict[str, Any]) -> list[str]:
     rows = next((v for k in ("results", "throughput", "speed", "variants") if
                  isinstance(v := report.get(k), list) and v), None)
@@ -387,7 +431,8 @@ def benchmarks_md() -> str:
         title = report.get("benchmark", path.stem)
         out += ["", f"## {title} (`bench/results/{path.name}`)", "", host_line(report), "",
                 f"Command: `{report.get('host', {}).get('command', '?')}`", ""]
-        section = {"runtime": runtime_section, "scale": scale_section}.get(title,
+        section = {"runtime": runtime_section, "scale": scale_section,
+                   "default segmentation path": default_path_section}.get(title,
                                                                           generic_section)
         out += section(report)
     if not any(RESULTS.glob("*.json")):

@@ -112,7 +112,7 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
     batch = np.asarray(batch, dtype=np.float32)
     transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
     n = len(batch)
-    stacked = (batch if len(transforms) == 1 else
+    stacked = (batch if transforms == [(0, False)] else
                np.concatenate([_forward(batch, k, flip) for k, flip in transforms]))
     total: np.ndarray | None = None
     for model in models:

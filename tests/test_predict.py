@@ -649,7 +649,8 @@ def test_tta_views_run_as_one_batched_call_with_the_per_view_probabilities(resun
     the per-view computation's (one call per view, as before) to 1e-6."""
     batch = np.random.default_rng(5).integers(0, 256, (3, TILE, TILE, 3)).astype(np.float32)
     model, calls = _counting(resunet_multi)
-    for rot90, views in ((False, None), (True, None), (False, ["identity", "flip_ud"])):
+    for rot90, views in ((False, None), (True, None), (False, ["identity", "flip_ud"]),
+                         (False, ["flip_lr"]), (False, ["rot180"])):
         transforms = predict.tta_transforms(True, rot90, views)
         calls.clear()
         got = predict.predict_batch([model], batch, tta=True, rot90=rot90, views=views)
