@@ -312,19 +312,21 @@ def int8_runner(model: Any, tiles: list[np.ndarray], info: dict[str, Any],
     return openvino_runner(quantized, {}, info)
 
 
-def per_view_predict_batch(models: Sequence[Any], batch: np.ndarray, tta: bool = False,
-                           rot90: bool = False, views: Sequence[str] | None = None
-                           ) -> np.ndarray:
-    """predict.predict_batch as it was before the views were batched: one model call per
-    view (the 'before' variant)."""
+def stacked_predict_batch(models: Sequence[Any], batch: np.ndarray, tta: bool = False,
+                          rot90: bool = False, views: Sequence[str] | None = None
+                          ) -> np.ndarray:
+    """predict.predict_batch with the views stacked into one model call of N x views tiles
+    (the 'stacked' variant: measured, not kept)."""
     from res_unet import predict
 
     batch = np.asarray(batch, dtype=np.float32)
     transforms = predict.tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
-    total = None
+    n, total = len(batch), None
+    stacked = np.concatenate([predict._forward(batch, k, flip) for k, flip in transforms])
     for model in models:
-        for k, flip in transforms:
-            prob = predict._inverse(model(predict._forward(batch, k, flip)), k, flip)
+        probs = model(stacked)
+        for i, (k, flip) in enumerate(transforms):
+            prob = predict._inverse(probs[i * n:(i + 1) * n], k, flip)
             total = prob.copy() if total is None else np.add(total, prob, out=total)
     total /= len(models) * len(transforms)
     return total
@@ -341,16 +343,17 @@ def patched(module: Any, name: str, value: Any) -> Iterator[None]:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """'default', 'before', 'no_tta', 'views=identity+flip_lr', 'int8', 'int8:views=...',
-    'batch=16', 'streams=2' (joined with ':') -> its settings."""
+    """'default', 'before' (all four flips, whatever the card lists), 'stacked' (the views
+    as one model call), 'no_tta', 'tensorflow', 'views=identity+flip_lr', 'int8',
+    'tile=512', 'batch=16', 'streams=2', 'threads=1' (joined with ':') -> its settings."""
     spec: dict[str, Any] = {"name": text}
     for part in text.split(":"):
         key, _, value = part.partition("=")
         if key == "views":
             spec["views"] = value.split("+")
-        elif key in ("batch", "streams", "threads"):
+        elif key in ("batch", "streams", "threads", "tile"):
             spec[key] = int(value)
-        elif key in ("before", "no_tta", "int8", "default", "tensorflow"):
+        elif key in ("before", "stacked", "no_tta", "int8", "default", "tensorflow"):
             spec[key] = True
         else:
             raise SystemExit(f"unknown variant part {part!r} in {text!r}")
@@ -376,6 +379,8 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
     loaded = runfolder.load_run(run_dir, base_cfg.TARGET_SIZE)
     shapes = [segment.rasters.read_image(p.image)[0].shape[:2] for p in pairs]
     specs = [parse_variant(v) for v in variants]
+    sized: dict[int, Any] = {}  # the model loaded at other tile sizes
+    flops_per_pixel = loaded.card.flops_per_image / (loaded.tile_hw[0] * loaded.tile_hw[1])
     results: dict[str, list[dict[str, Any]]] = {s["name"]: [] for s in specs}
     for r in range(-1, rounds):  # round -1: warm-up on one scene (compilation), not recorded
         images, labels = folders["warmup" if r < 0 else "scenes"]
@@ -388,8 +393,13 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                 overrides["BATCH_SIZE"] = spec["batch"]
             if spec.get("tensorflow"):
                 overrides["INFER_RUNTIME"] = "tensorflow"
-            model = with_views(loaded, spec["views"]) if "views" in spec else (
-                with_views(loaded, None) if spec.get("before") else copy.copy(loaded))
+            source = loaded
+            if "tile" in spec:
+                overrides["TARGET_SIZE"] = [spec["tile"], spec["tile"]]
+                source = sized.setdefault(spec["tile"], runfolder.load_run(
+                    run_dir, (spec["tile"], spec["tile"])))
+            model = with_views(source, spec["views"]) if "views" in spec else (
+                with_views(source, None) if spec.get("before") else copy.copy(source))
             if spec.get("int8"):
                 overrides["INFER_RUNTIME"] = "openvino"
                 model.runtime, model.auto, model._fn = "openvino", False, int8
@@ -406,8 +416,8 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                 model._fn = None
             cfg = runfolder.inference_config([run_dir], None, overrides)
             out = work / f"out_{spec['name'].replace('=', '-').replace(':', '_')}_{r + 1}"
-            step = (patched(predict, "predict_batch", per_view_predict_batch)
-                    if spec.get("before") else contextlib.nullcontext())
+            step = (patched(predict, "predict_batch", stacked_predict_batch)
+                    if spec.get("stacked") else contextlib.nullcontext())
             with step, PeakMemory() as memory:
                 t0 = time.process_time()
                 summary = segment.segment_folder(cfg, [model], images, out, labels_dir=labels,
@@ -425,6 +435,9 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                     "water_iou": round(summary["scores"]["iou"][1], 5),
                     "peak_rss_mb": round(memory.peak / 2**20),
                     "views": len(segmenter.transforms), "tiles": tiles,
+                    # the card's FLOPs are for its tile size; convolutions scale with pixels
+                    "model_flops": tiles * len(segmenter.transforms) * flops_per_pixel
+                    * segmenter.tile_hw[0] * segmenter.tile_hw[1],
                     "runtime": model.runtime})
             shutil.rmtree(out, ignore_errors=True)
             print(f"  {spec['name']} round {r}: {summary['mpx_per_second']} Mpx/s, water IoU "
@@ -479,7 +492,7 @@ def default_path(args: argparse.Namespace) -> dict[str, Any]:
         for name, runs in speed["runs"].items():
             mpx = statistics.median(r["mpx_per_second"] for r in runs)
             seconds = statistics.median(r["seconds"] for r in runs)
-            flops = runs[0]["tiles"] * runs[0]["views"] * speed["flops_per_tile"]
+            flops = runs[0]["model_flops"]
             rows.append({
                 "variant": name, "runtime": runs[0]["runtime"], "views": runs[0]["views"],
                 "mpx_per_second": round(mpx, 3),

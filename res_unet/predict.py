@@ -105,20 +105,17 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
 
     Averages over every model and every test-time augmentation (:func:`tta_transforms`;
     rotations only for square tiles; ``views``: the flips to use, default all four).
-    Augmentations act on the two spatial axes only. The views of a batch go to each model
-    as one call of N x views tiles: one runtime call instead of one per view (faster on
-    OpenVINO and TensorFlow alike; same probabilities, the model treats tiles one by one).
+    Augmentations act on the two spatial axes only. Each view is its own model call:
+    stacking the views into one call of N x views tiles was measured no faster (OpenVINO
+    and TensorFlow, 2 cores) and took 60 % more memory (bench/bench_segment.py
+    --default-path).
     """
     batch = np.asarray(batch, dtype=np.float32)
     transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
-    n = len(batch)
-    stacked = (batch if transforms == [(0, False)] else
-               np.concatenate([_forward(batch, k, flip) for k, flip in transforms]))
     total: np.ndarray | None = None
     for model in models:
-        probs = model(stacked)
-        for i, (k, flip) in enumerate(transforms):
-            prob = _inverse(probs[i * n:(i + 1) * n], k, flip)
+        for k, flip in transforms:
+            prob = _inverse(model(_forward(batch, k, flip)), k, flip)
             total = prob.copy() if total is None else np.add(total, prob, out=total)
     assert total is not None
     total /= len(models) * len(transforms)

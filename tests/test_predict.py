@@ -644,9 +644,9 @@ def _counting(model: LoadedModel) -> tuple[LoadedModel, list[int]]:
     return counted, calls
 
 
-def test_tta_views_run_as_one_batched_call_with_the_per_view_probabilities(resunet_multi):
-    """The views of a batch go to the model in one call of N x views tiles, and the mean is
-    the per-view computation's (one call per view, as before) to 1e-6."""
+def test_tta_averages_exactly_the_views_asked_for(resunet_multi):
+    """predict_batch averages the named views only (one model call each), mapping each
+    prediction back before the mean; the mean is the per-view computation's to 1e-6."""
     batch = np.random.default_rng(5).integers(0, 256, (3, TILE, TILE, 3)).astype(np.float32)
     model, calls = _counting(resunet_multi)
     for rot90, views in ((False, None), (True, None), (False, ["identity", "flip_ud"]),
@@ -654,10 +654,13 @@ def test_tta_views_run_as_one_batched_call_with_the_per_view_probabilities(resun
         transforms = predict.tta_transforms(True, rot90, views)
         calls.clear()
         got = predict.predict_batch([model], batch, tta=True, rot90=rot90, views=views)
-        assert calls == [3 * len(transforms)]
+        assert calls == [3] * len(transforms)
         expected = np.mean([predict._inverse(resunet_multi(predict._forward(batch, k, flip)),
                                              k, flip) for k, flip in transforms], axis=0)
         np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    flipped = predict.predict_batch([model], batch, tta=True, views=["flip_lr"])
+    np.testing.assert_allclose(flipped, resunet_multi(batch[:, :, ::-1])[:, :, ::-1],
+                               atol=1e-6, rtol=0)
     calls.clear()
     predict.predict_batch([model, model], batch, tta=False)
     assert calls == [3, 3]  # no TTA: the batch as it is, once per ensemble member
@@ -702,7 +705,8 @@ def test_segmenter_averages_the_views_the_model_card_lists(tmp_path, image):
     model._fn = counted._fn  # segmenter.models[0] is model
     prob = segmenter.probabilities(image)
     np.testing.assert_allclose(prob, pixel_prob(image), atol=1e-6)
-    assert calls and all(n % 2 == 0 for n in calls)  # two views per tile, one call a batch
+    tiles = len(tile_grid(image.shape[:2], segmenter.tile_hw, cfg.TILE_OVERLAP))
+    assert sum(calls) == 2 * tiles  # each tile under two views
     assert predict.Segmenter([load_run(old)], cfg).transforms == list(
         predict.FLIP_VIEWS.values())
     # Members that disagree (or a member without the field) average all four flips.
