@@ -170,6 +170,9 @@ def card_block(card: dict[str, Any]) -> str:
             rows.append((f"{card['threshold']} (tile-optimal, the card's default)",
                          v["scores_at_threshold"]))
         out += binary_rows(card, rows)
+    if card.get("tta_views"):
+        out += ["", f"Test-time augmentation (`--tta`) averages the flips the card lists "
+                f"(`tta_views`): {', '.join(card['tta_views'])}."]
     if v.get("scenes_postprocessing"):
         p = v["scenes_postprocessing"]
         names = card["class_names"]
