@@ -721,3 +721,25 @@ def test_model_card_with_bad_tta_views_is_one_line(tmp_path, views):
     with pytest.raises(UserError, match=r"model_card.json: .*tta_views must list some of "
                                         r"identity, flip_lr, flip_ud, rot180"):
         load_run(run)
+
+
+def test_resume_refuses_a_folder_segmented_with_other_tta_views(tmp_path, image):
+    """The views averaged are part of what made the masks: a folder segmented with all four
+    flips is not finished with the two a card lists (the fingerprint counts the views)."""
+    writers.write_png(tmp_path / "images" / "scene.png", image)
+    old = _run_with_views(tmp_path, "old", None)
+    cfg = inference_config([old])
+    summary = segment.segment_folder(cfg, [old], tmp_path / "images", tmp_path / "out",
+                                     progress=False)
+    assert summary["done"] == 1
+    written = json.loads((tmp_path / "out" / "segmentation_config.json").read_text())
+    assert written["tta_transforms"] == 4
+    listed = _run_with_views(tmp_path, "listed", ["identity", "flip_lr"])
+    with pytest.raises(UserError, match=r"out: holds segmentations made with other "
+                                        r"(model weights, )?tta_transforms"):
+        segment.segment_folder(inference_config([listed]), [listed], tmp_path / "images",
+                               tmp_path / "out", progress=False)
+    summary = segment.segment_folder(inference_config([listed]), [listed],
+                                     tmp_path / "images", tmp_path / "out2", progress=False)
+    written = json.loads((tmp_path / "out2" / "segmentation_config.json").read_text())
+    assert summary["done"] == 1 and written["tta_transforms"] == 2
