@@ -297,9 +297,11 @@ def int8_runner(model: Any, tiles: list[np.ndarray], info: dict[str, Any],
     from res_unet.ov_runtime import converted_model, import_openvino, openvino_runner
 
     ov = import_openvino()
+    facts = None if saved is None else saved.with_suffix(".json")
     if saved is not None and saved.is_file():
         quantized = ov.Core().read_model(saved)
-        info["read_from"] = str(saved)
+        if facts is not None and facts.is_file():  # how it was quantised
+            info.update(json.loads(facts.read_text()))
     else:
         start = time.perf_counter()
         quantized = nncf.quantize(converted_model(model.model), nncf.Dataset(tiles),
@@ -308,6 +310,7 @@ def int8_runner(model: Any, tiles: list[np.ndarray], info: dict[str, Any],
         info["calibration_tiles"] = len(tiles)
         if saved is not None:
             ov.save_model(quantized, saved, compress_to_fp16=False)
+            facts.write_text(json.dumps(info))
     info["nncf"] = nncf.__version__
     return openvino_runner(quantized, {}, info)
 

@@ -388,14 +388,26 @@ def default_path_section(report: dict[str, Any]) -> list[str]:
            f"made {gym.get('mpx_per_second')} Mpx/s on a machine whose peak was "
            f"{gym.get('matmul_fp32_gflops')} GFLOP/s ({gym.get('source')}); the last column "
            "is Mpx/s per GFLOP/s of peak divided by Gym's.", ""]
+    rows = report.get("results", [])
+    before = next((r for r in rows if r["variant"] == "before"), None)
+
+    def change(r: dict[str, Any]) -> str:
+        return "" if before is None else f"{r['water_iou'] - before['water_iou']:+.4f}"
+
     out += table(["variant", "runtime", "views", "Mpx/s", "Mpx per CPU-second", "MFU",
-                  "peak RSS MB", "water IoU", "Mpx/s per GFLOP/s", "x Gym per unit of peak"],
+                  "peak RSS MB", "water IoU", "IoU vs before", "Mpx/s per GFLOP/s",
+                  "x Gym per unit of peak"],
                  [[r["variant"], r["runtime"], cell(r["views"]),
                    f"{cell(r['mpx_per_second'])} ({cell(r['mpx_per_second_runs'])})",
                    cell(r.get("mpx_per_cpu_second")), cell(r["mfu"]), cell(r["peak_rss_mb"]),
-                   cell(r["water_iou"]),
+                   f"{r['water_iou']:.4f}", change(r),
                    cell(r["mpx_per_s_per_gflops"]), f"**{cell(r['vs_gym_per_unit_of_peak'])}**"]
-                  for r in report.get("results", [])])
+                  for r in rows])
+    out += ["", "Variants: `before` is the default path as it was (all four flips, OpenVINO "
+            "float32); `default` the default path now (the views the card lists); `stacked` "
+            "the card's views as one model call of tiles x views; `no_tta` one view; `int8` "
+            "the card's views through the NNCF INT8 model; `tile=N` the model rebuilt for "
+            "N-px tiles, the card's views; `views=A+B` those flips."]
     for key, what in (("views_float32", "float32"), ("views_int8", "INT8 (NNCF)")):
         views = report.get(key)
         if not views:
@@ -405,12 +417,27 @@ def default_path_section(report: dict[str, Any]) -> list[str]:
                 f"{views['threshold']}, and on the two halves of those lakes (alternate lakes "
                 "in sorted order), so that a choice made on one half can be checked on the "
                 "other:", ""]
-        out += table(["views", "water IoU", "half a", "half b"],
-                     [[" + ".join(r["views"]), cell(r["water_iou"]),
-                       cell(r["water_iou_half_a"]), cell(r["water_iou_half_b"])]
+        four = next(r for r in report["views_float32"]["subsets"] if r["n_views"] == 4)
+        out += table(["views", "water IoU", "half a", "half b", "vs float32 four flips "
+                      "(all / a / b)"],
+                     [[" + ".join(r["views"]), f"{r['water_iou']:.4f}",
+                       f"{r['water_iou_half_a']:.4f}", f"{r['water_iou_half_b']:.4f}",
+                       " / ".join(f"{r[k] - four[k]:+.4f}" for k in (
+                           "water_iou", "water_iou_half_a", "water_iou_half_b"))]
                       for r in views["subsets"]])
     if report.get("int8"):
-        out += ["", "INT8: " + ", ".join(f"{k} {cell(v)}" for k, v in report["int8"].items())]
+        i = report["int8"]
+        out += ["", f"INT8: NNCF {i.get('nncf')} post-training quantisation of the OpenVINO "
+                f"model, calibrated on {i.get('calibration_tiles', 'earlier')} tiles of the "
+                "training scenes (its default preset), compiled for this CPU with "
+                f"{i.get('threads')} threads."]
+    load = report.get("load_average_start")
+    if load and load[0] > 1:
+        out += ["", f"Load average {load[0]} at the start and "
+                f"{report.get('load_average_end', ['?'])[0]} at the end of this run on "
+                f"{report.get('host', {}).get('cpus', '?')} cores: other processes shared "
+                "them, so compare the variants with each other (interleaved, same peak), "
+                "not this run's absolute figures with another run's."]
     for note in report.get("notes", []):
         out += ["", note]
     return out
