@@ -106,9 +106,9 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
     Averages over every model and every test-time augmentation (:func:`tta_transforms`;
     rotations only for square tiles; ``views``: the flips to use, default all four).
     Augmentations act on the two spatial axes only. Each view is its own model call:
-    stacking the views into one call of N x views tiles was measured no faster (OpenVINO
-    and TensorFlow, 2 cores) and took 60 % more memory (bench/bench_segment.py
-    --default-path).
+    stacking the views into one call of N x views tiles was measured no faster (OpenVINO,
+    2 cores, per CPU-second) and took up to 60 % more memory (bench/bench_segment.py
+    --default-path, variant 'stacked').
     """
     batch = np.asarray(batch, dtype=np.float32)
     transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
