@@ -473,6 +473,12 @@ def default_path(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_views:
         print("view subsets (float32)", file=sys.stderr, flush=True)
         report["views_float32"] = view_subsets(loaded, cfg, held_out)
+    for size in args.views_tiles:
+        print(f"view subsets (float32, {size}-px tiles)", file=sys.stderr, flush=True)
+        sized_cfg = runfolder.inference_config([run_dir], None, {"DOPLOT": False,
+                                                                 "TARGET_SIZE": [size, size]})
+        report[f"views_float32_tile{size}"] = view_subsets(
+            runfolder.load_run(run_dir, (size, size)), sized_cfg, held_out)
     int8 = None
     if args.int8:
         info: dict[str, Any] = {}
@@ -557,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-model", type=Path, metavar="XML",
                         help="--int8: read the quantised model from here when it exists, "
                              "else write it here")
+    parser.add_argument("--views-tiles", type=int, nargs="*", default=[], metavar="N",
+                        help="--default-path: also the view subsets with the model rebuilt "
+                             "for N-px tiles")
     parser.add_argument("--skip-views", action="store_true",
                         help="--default-path: skip the IoU of the view subsets")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",

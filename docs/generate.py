@@ -408,7 +408,9 @@ def default_path_section(report: dict[str, Any]) -> list[str]:
             "the card's views as one model call of tiles x views; `no_tta` one view; `int8` "
             "the card's views through the NNCF INT8 model; `tile=N` the model rebuilt for "
             "N-px tiles, the card's views; `views=A+B` those flips."]
-    for key, what in (("views_float32", "float32"), ("views_int8", "INT8 (NNCF)")):
+    sized = [(k, f"float32 with the model rebuilt for {k.split('tile')[1]}-px tiles")
+             for k in report if k.startswith("views_float32_tile")]
+    for key, what in (("views_float32", "float32"), ("views_int8", "INT8 (NNCF)"), *sized):
         views = report.get(key)
         if not views:
             continue
@@ -417,9 +419,10 @@ def default_path_section(report: dict[str, Any]) -> list[str]:
                 f"{views['threshold']}, and on the two halves of those lakes (alternate lakes "
                 "in sorted order), so that a choice made on one half can be checked on the "
                 "other:", ""]
-        four = next(r for r in report["views_float32"]["subsets"] if r["n_views"] == 4)
-        out += table(["views", "water IoU", "half a", "half b", "vs float32 four flips "
-                      "(all / a / b)"],
+        reference = report.get("views_float32")
+        four = next(r for r in (reference or views)["subsets"] if r["n_views"] == 4)
+        against = ("vs float32 four flips" if reference else "vs this table's four flips")
+        out += table(["views", "water IoU", "half a", "half b", f"{against} (all / a / b)"],
                      [[" + ".join(r["views"]), f"{r['water_iou']:.4f}",
                        f"{r['water_iou_half_a']:.4f}", f"{r['water_iou_half_b']:.4f}",
                        " / ".join(f"{r[k] - four[k]:+.4f}" for k in (
