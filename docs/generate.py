@@ -372,8 +372,11 @@ def scale_section(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def default_path_section(report: dict[str, Any]) -> list[str]:
-    gym = report.get("gym", {})
+def default_path_speed(report: dict[str, Any]) -> list[str]:
+    """The timed variants of a default-path report (none: an empty list)."""
+    gym, rows = report.get("gym", {}), report.get("results", [])
+    if not rows:
+        return []
     out = [f"`seg_images_in_folder --model {report.get('model')}` as a user runs it (no flags: "
            "INFER_RUNTIME auto, the run's TTA with the views its card lists, "
            f"`tta_views` {report.get('card_tta_views')}) on {len(report.get('scenes', []))} "
@@ -384,11 +387,9 @@ def default_path_section(report: dict[str, Any]) -> list[str]:
            "other processes share the cores); MFU = model FLOPs of the tiles x views run "
            "/ seconds / the float32 matmul peak (median of the start and end of this "
            "run; OpenVINO's Winograd convolutions can pass 1). Segmentation Gym's default "
-           "(scenes resized to 256 px) "
-           f"made {gym.get('mpx_per_second')} Mpx/s on a machine whose peak was "
-           f"{gym.get('matmul_fp32_gflops')} GFLOP/s ({gym.get('source')}); the last column "
-           "is Mpx/s per GFLOP/s of peak divided by Gym's.", ""]
-    rows = report.get("results", [])
+           f"(scenes resized to 256 px) made {gym.get('mpx_per_second')} Mpx/s on a machine "
+           f"whose peak was {gym.get('matmul_fp32_gflops')} GFLOP/s ({gym.get('source')}); "
+           "the last column is Mpx/s per GFLOP/s of peak divided by Gym's.", ""]
     before = next((r for r in rows if r["variant"] == "before"), None)
 
     def change(r: dict[str, Any]) -> str:
@@ -400,14 +401,18 @@ def default_path_section(report: dict[str, Any]) -> list[str]:
                  [[r["variant"], r["runtime"], cell(r["views"]),
                    f"{cell(r['mpx_per_second'])} ({cell(r['mpx_per_second_runs'])})",
                    cell(r.get("mpx_per_cpu_second")), cell(r["mfu"]), cell(r["peak_rss_mb"]),
-                   f"{r['water_iou']:.4f}", change(r),
-                   cell(r["mpx_per_s_per_gflops"]), f"**{cell(r['vs_gym_per_unit_of_peak'])}**"]
-                  for r in rows])
-    out += ["", "Variants: `before` is the default path as it was (all four flips, OpenVINO "
-            "float32); `default` the default path now (the views the card lists); `stacked` "
-            "the card's views as one model call of tiles x views; `no_tta` one view; `int8` "
-            "the card's views through the NNCF INT8 model; `tile=N` the model rebuilt for "
-            "N-px tiles, the card's views; `views=A+B` those flips."]
+                   f"{r['water_iou']:.4f}", change(r), cell(r["mpx_per_s_per_gflops"]),
+                   f"**{cell(r['vs_gym_per_unit_of_peak'])}**"] for r in rows])
+    return [
+        *out, "", "Variants: `before` is the default path as it was (all four flips, OpenVINO "
+        "float32); `default` the default path now (the views the card lists); `stacked` "
+        "the card's views as one model call of tiles x views; `no_tta` one view; `int8` "
+        "the card's views through the NNCF INT8 model; `tile=N` the model rebuilt for "
+        "N-px tiles, the card's views; `views=A+B` those flips."]
+
+
+def default_path_section(report: dict[str, Any]) -> list[str]:
+    out = default_path_speed(report)
     sized = [(k, f"float32 with the model rebuilt for {k.split('tile')[1]}-px tiles")
              for k in report if k.startswith("views_float32_tile")]
     for key, what in (("views_float32", "float32"), ("views_int8", "INT8 (NNCF)"), *sized):
