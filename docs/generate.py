@@ -170,6 +170,9 @@ def card_block(card: dict[str, Any]) -> str:
             rows.append((f"{card['threshold']} (tile-optimal, the card's default)",
                          v["scores_at_threshold"]))
         out += binary_rows(card, rows)
+    if card.get("tta_views"):
+        out += ["", f"Test-time augmentation (`--tta`) averages the flips the card lists "
+                f"(`tta_views`): {', '.join(card['tta_views'])}."]
     if v.get("scenes_postprocessing"):
         p = v["scenes_postprocessing"]
         names = card["class_names"]
@@ -369,6 +372,85 @@ def scale_section(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def default_path_speed(report: dict[str, Any]) -> list[str]:
+    """The timed variants of a default-path report (none: an empty list)."""
+    gym, rows = report.get("gym", {}), report.get("results", [])
+    if not rows:
+        return []
+    out = [f"`seg_images_in_folder --model {report.get('model')}` as a user runs it (no flags: "
+           "INFER_RUNTIME auto, the run's TTA with the views its card lists, "
+           f"`tta_views` {report.get('card_tta_views')}) on {len(report.get('scenes', []))} "
+           "1024-px lakes scenes held out from its training, against variants, interleaved "
+           f"in {report.get('rounds')} rounds (median Mpx/s; each round's in brackets). "
+           "Mpx/s counts source pixels over the command's per-scene loop (read, predict, "
+           "write), Mpx per CPU-second over the CPU time of this process (steadier when "
+           "other processes share the cores); MFU = model FLOPs of the tiles x views run "
+           "/ seconds / the float32 matmul peak (median of the start and end of this "
+           "run; OpenVINO's Winograd convolutions can pass 1). Segmentation Gym's default "
+           f"(scenes resized to 256 px) made {gym.get('mpx_per_second')} Mpx/s on a machine "
+           f"whose peak was {gym.get('matmul_fp32_gflops')} GFLOP/s ({gym.get('source')}); "
+           "the last column is Mpx/s per GFLOP/s of peak divided by Gym's.", ""]
+    before = next((r for r in rows if r["variant"] == "before"), None)
+
+    def change(r: dict[str, Any]) -> str:
+        return "" if before is None else f"{r['water_iou'] - before['water_iou']:+.4f}"
+
+    out += table(["variant", "runtime", "views", "Mpx/s", "Mpx per CPU-second", "MFU",
+                  "peak RSS MB", "water IoU", "IoU vs before", "Mpx/s per GFLOP/s",
+                  "x Gym per unit of peak"],
+                 [[r["variant"], r["runtime"], cell(r["views"]),
+                   f"{cell(r['mpx_per_second'])} ({cell(r['mpx_per_second_runs'])})",
+                   cell(r.get("mpx_per_cpu_second")), cell(r["mfu"]), cell(r["peak_rss_mb"]),
+                   f"{r['water_iou']:.4f}", change(r), cell(r["mpx_per_s_per_gflops"]),
+                   f"**{cell(r['vs_gym_per_unit_of_peak'])}**"] for r in rows])
+    return [
+        *out, "", "Variants: `before` is the default path as it was (all four flips, OpenVINO "
+        "float32); `default` the default path now (the views the card lists); `stacked` "
+        "the card's views as one model call of tiles x views; `no_tta` one view; `int8` "
+        "the card's views through the NNCF INT8 model; `tile=N` the model rebuilt for "
+        "N-px tiles, the card's views; `views=A+B` those flips."]
+
+
+def default_path_section(report: dict[str, Any]) -> list[str]:
+    out = default_path_speed(report)
+    sized = [(k, f"float32 with the model rebuilt for {k.split('tile')[1]}-px tiles")
+             for k in report if k.startswith("views_float32_tile")]
+    for key, what in (("views_float32", "float32"), ("views_int8", "INT8 (NNCF)"), *sized):
+        views = report.get(key)
+        if not views:
+            continue
+        out += ["", f"Water IoU of each subset of the four TTA flips, {what}, on the "
+                f"{views['images']} held-out scenes ({views['lakes']} lakes) at threshold "
+                f"{views['threshold']}, and on the two halves of those lakes (alternate lakes "
+                "in sorted order), so that a choice made on one half can be checked on the "
+                "other:", ""]
+        reference = report.get("views_float32")
+        four = next(r for r in (reference or views)["subsets"] if r["n_views"] == 4)
+        against = ("vs float32 four flips" if reference else "vs this table's four flips")
+        out += table(["views", "water IoU", "half a", "half b", f"{against} (all / a / b)"],
+                     [[" + ".join(r["views"]), f"{r['water_iou']:.4f}",
+                       f"{r['water_iou_half_a']:.4f}", f"{r['water_iou_half_b']:.4f}",
+                       " / ".join(f"{r[k] - four[k]:+.4f}" for k in (
+                           "water_iou", "water_iou_half_a", "water_iou_half_b"))]
+                      for r in views["subsets"]])
+    if report.get("int8"):
+        i = report["int8"]
+        out += ["", f"INT8: NNCF {i.get('nncf')} post-training quantisation of the OpenVINO "
+                f"model, calibrated on {i.get('calibration_tiles', 'earlier')} tiles of the "
+                "training scenes (its default preset), compiled for this CPU with "
+                f"{i.get('threads')} threads."]
+    load = report.get("load_average_start")
+    if load and load[0] > 1:
+        out += ["", f"Load average {load[0]} at the start and "
+                f"{report.get('load_average_end', ['?'])[0]} at the end of this run on "
+                f"{report.get('host', {}).get('cpus', '?')} cores: other processes shared "
+                "them, so compare the variants with each other (interleaved, same peak), "
+                "not this run's absolute figures with another run's."]
+    for note in report.get("notes", []):
+        out += ["", note]
+    return out
+
+
 def generic_section(report: dict[str, Any]) -> list[str]:
     rows = next((v for k in ("results", "throughput", "speed", "variants") if
                  isinstance(v := report.get(k), list) and v), None)
@@ -387,7 +469,8 @@ def benchmarks_md() -> str:
         title = report.get("benchmark", path.stem)
         out += ["", f"## {title} (`bench/results/{path.name}`)", "", host_line(report), "",
                 f"Command: `{report.get('host', {}).get('command', '?')}`", ""]
-        section = {"runtime": runtime_section, "scale": scale_section}.get(title,
+        section = {"runtime": runtime_section, "scale": scale_section,
+                   "default segmentation path": default_path_section}.get(title,
                                                                           generic_section)
         out += section(report)
     if not any(RESULTS.glob("*.json")):

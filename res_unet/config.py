@@ -302,7 +302,9 @@ class Config:
                               group="segmentation")
     BLEND_WINDOW: str = _key("hann", "Tile blending window: 'hann', 'spline' or 'flat'.",
                              choices=("hann", "spline", "flat"), group="segmentation")
-    TESTTIMEAUG: bool = _key(False, "Average predictions over flips.", group="segmentation")
+    TESTTIMEAUG: bool = _key(False, "Average predictions over flips: those the model card "
+                             "lists (tta_views, measured per model), else all four.",
+                             group="segmentation")
     TTA_ROT90: bool = _key(False, "With TESTTIMEAUG, also average over 90-degree rotations.",
                            group="segmentation")
     THRESHOLD: float | str | None = _key(None, "Binary threshold: null = the model card's "

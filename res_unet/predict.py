@@ -46,7 +46,7 @@ import numpy as np
 from res_unet import postprocess, rasters
 from res_unet.config import Config
 from res_unet.errors import UserError
-from res_unet.runfolder import LoadedModel
+from res_unet.runfolder import TTA_VIEWS, LoadedModel
 from res_unet.scale import needs_resampling, resample_to_pixel_size, restore_scene_grid
 from res_unet.tiling import (
     RowSource,
@@ -66,17 +66,27 @@ _OTSU_LEVELS = 65535
 
 # Prediction ----------------------------------------------------------------------------------
 
-def tta_transforms(tta: bool, rot90: bool) -> list[tuple[int, bool]]:
+# The four flips of test-time augmentation by name, as (quarter turns k, then horizontal
+# flip): what a model card's ``tta_views`` lists.
+FLIP_VIEWS = dict(zip(TTA_VIEWS, [(0, False), (0, True), (2, True), (2, False)], strict=True))
+
+
+def tta_transforms(tta: bool, rot90: bool, views: Sequence[str] | None = None
+                   ) -> list[tuple[int, bool]]:
     """Test-time augmentations as (quarter turns k, then horizontal flip) pairs.
 
-    Without ``tta`` only the identity; with it the identity, horizontal, vertical and both
-    flips ((0, F), (0, T), (2, T), (2, F)); with ``rot90`` also the four transforms with an
-    odd number of quarter turns (the 8 symmetries of a square).
+    Without ``tta`` only the identity; with it the flips named in ``views`` (names of
+    FLIP_VIEWS, e.g. a model card's ``tta_views``), or all four when ``views`` is None:
+    identity, horizontal, vertical and both flips ((0, F), (0, T), (2, T), (2, F)); with
+    ``rot90`` always the 8 symmetries of a square (the four flips and the four transforms
+    with an odd number of quarter turns), whatever ``views`` says.
     """
     if not tta:
         return [(0, False)]
-    flips = [(0, False), (0, True), (2, True), (2, False)]
-    return flips + ([(1, False), (1, True), (3, False), (3, True)] if rot90 else [])
+    flips = list(FLIP_VIEWS.values())
+    if rot90:
+        return [*flips, (1, False), (1, True), (3, False), (3, True)]
+    return flips if views is None else [FLIP_VIEWS[name] for name in views]
 
 
 def _forward(batch: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -90,14 +100,18 @@ def _inverse(batch: np.ndarray, k: int, flip: bool) -> np.ndarray:
 
 
 def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = False,
-                  rot90: bool = False) -> np.ndarray:
+                  rot90: bool = False, views: Sequence[str] | None = None) -> np.ndarray:
     """Mean probabilities (N, h, w, C) float32 of a batch of raw pixels (N, h, w, B).
 
     Averages over every model and every test-time augmentation (:func:`tta_transforms`;
-    rotations only for square tiles). Augmentations act on the two spatial axes only.
+    rotations only for square tiles; ``views``: the flips to use, default all four).
+    Augmentations act on the two spatial axes only. Each view is its own model call:
+    stacking the views into one call of N x views tiles was measured no faster (OpenVINO,
+    2 cores, per CPU-second) and took up to 60 % more memory (bench/bench_segment.py
+    --default-path, variant 'stacked').
     """
     batch = np.asarray(batch, dtype=np.float32)
-    transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2])
+    transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
     total: np.ndarray | None = None
     for model in models:
         for k, flip in transforms:
@@ -110,12 +124,13 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
 
 def sliding_window(models: Sequence[LoadedModel], tile_hw: Sequence[int] | None = None,
                    overlap: float = 0.25, window: str = "hann", batch_size: int = 8,
-                   tta: bool = False, rot90: bool = False, downsample: int = 1
-                   ) -> SlidingWindow:
+                   tta: bool = False, rot90: bool = False, downsample: int = 1,
+                   views: Sequence[str] | None = None) -> SlidingWindow:
     """A :class:`res_unet.tiling.SlidingWindow` over the mean prediction of ``models`` with
     the test-time augmentation asked for (:func:`predict_batch`); ``tile_hw`` defaults to
     the models' input size."""
-    return SlidingWindow(functools.partial(predict_batch, models, tta=tta, rot90=rot90),
+    return SlidingWindow(functools.partial(predict_batch, models, tta=tta, rot90=rot90,
+                                           views=views),
                          models[0].tile_hw if tile_hw is None else tile_hw, overlap, window,
                          batch_size, downsample)
 
@@ -223,6 +238,10 @@ class Segmenter:
         thresholds = [m.threshold for m in models if m.threshold is not None]
         self.card_threshold = float(np.mean(thresholds)) if thresholds else None
         self.rot90 = cfg.TTA_ROT90 and self.tile_hw[0] == self.tile_hw[1]
+        # The flips of TTA: those the members' cards list when they agree, else all four.
+        listed = {tuple(m.card.tta_views) if m.card and m.card.tta_views else None
+                  for m in models}
+        self.views = list(listed.pop()) if len(listed) == 1 and None not in listed else None
         sizes = {m.pixel_size_m for m in models}
         if None not in sizes and needs_resampling(min(sizes), max(sizes)):
             raise UserError(f"ensemble members were trained at pixel sizes of "
@@ -237,7 +256,13 @@ class Segmenter:
     def _window(self, downsample: int) -> SlidingWindow:
         cfg = self.cfg
         return sliding_window(self.models, self.tile_hw, cfg.TILE_OVERLAP, cfg.BLEND_WINDOW,
-                              cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90, downsample)
+                              cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90, downsample,
+                              self.views)
+
+    @property
+    def transforms(self) -> list[tuple[int, bool]]:
+        """The test-time augmentations each tile is predicted under (:func:`tta_transforms`)."""
+        return tta_transforms(self.cfg.TESTTIMEAUG, self.rot90, self.views)
 
     def for_scene(self, pixel_size: tuple[float, float] | None) -> Segmenter:
         """This segmenter for a scene of ``pixel_size`` (x, y) metres per pixel.

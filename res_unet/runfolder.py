@@ -57,6 +57,8 @@ RUN_FILES = (BEST_WEIGHTS, FULL_MODEL, SAVED_MODEL, BACKUP_DIR, CONFIG, HISTORY,
              LR_FIGURE, EXAMPLES_FIGURE, EVALUATION, CARD, TENSORBOARD_DIR)
 # Version of the model card's layout; cards without one are version 1.
 CARD_VERSION = 1
+# The flips test-time augmentation can average (a card's ``tta_views`` lists some of them).
+TTA_VIEWS = ("identity", "flip_lr", "flip_ud", "rot180")
 
 
 def read_json(path: Path, what: str = "JSON") -> Any:
@@ -109,8 +111,10 @@ class ModelCard:
     """``model_card.json``: one typed record per run folder.
 
     ``threshold`` is the binary threshold segmentation uses by default (None for multiclass
-    models); ``threshold_source`` says where it was chosen. ``dataset``, ``validation``,
-    ``versions`` and ``files`` are reports (read by people, not by the code).
+    models); ``threshold_source`` says where it was chosen. ``tta_views``: the flips (names
+    of TTA_VIEWS) that flip TTA averages for this model, measured to pay on held-out scenes;
+    None (cards without it): all four. ``dataset``, ``validation``, ``versions`` and
+    ``files`` are reports (read by people, not by the code).
     """
 
     res_unet_version: str
@@ -134,6 +138,7 @@ class ModelCard:
     config: dict[str, Any]
     threshold_source: str | None = None
     card_version: int = CARD_VERSION
+    tta_views: list[str] | None = None
 
     @property
     def n_outputs(self) -> int:
@@ -164,6 +169,10 @@ class ModelCard:
             if len(card.input.band_mean) != card.input.bands or len(
                     card.input.band_std) != card.input.bands:
                 raise ValueError("band statistics do not match the band count")
+            views = card.tta_views
+            if views is not None and (not isinstance(views, list) or not views or any(
+                    v not in TTA_VIEWS for v in views) or len(set(views)) != len(views)):
+                raise ValueError(f"tta_views must list some of {', '.join(TTA_VIEWS)} once")
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             raise UserError(f"{source}: the model card lacks or garbles a field ({first}); "

@@ -57,7 +57,6 @@ from res_unet.predict import (
     ProbabilitySink,
     Segmenter,
     nodata_values,
-    tta_transforms,
 )
 from res_unet.progress import progress_bar, say
 from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run, read_json
@@ -301,7 +300,7 @@ def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
                 and not (k in _ADDED_LATER and values[k] == _ADDED_LATER[k])}
     fingerprint = {"weights": digests, "tile_size": list(segmenter.tile_hw),
                    "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
-                   "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
+                   "tta_transforms": len(segmenter.transforms),
                    "settings": settings}
     # Keys added later are recorded only when they change something: old folders match.
     if cfg.INFER_RUNTIME == "openvino_bf16" or any(m.runtime == "openvino_bf16" for m in models):
@@ -371,7 +370,7 @@ def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
         "classes": segmenter.n_classes,
         "binary": segmenter.n_outputs == 1,
         "threshold": segmenter.threshold_setting,
-        "tta_transforms": len(tta_transforms(cfg.TESTTIMEAUG, segmenter.rot90)),
+        "tta_transforms": len(segmenter.transforms),
         "options": options,
         "fingerprint": output_fingerprint(models, segmenter, cfg),
         "config": cfg.to_dict(),

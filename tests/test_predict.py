@@ -634,3 +634,115 @@ def test_openvino_runtime_without_the_package_is_one_line(resunet_binary, monkey
         predict.Segmenter([model], make_config("model", INFER_RUNTIME="openvino"))
     predict.Segmenter([model], make_config("model", INFER_RUNTIME="auto"))
     assert model.runtime == "tensorflow", "'auto' falls back to TensorFlow"
+
+
+# TTA views: one model call per batch, the card's views --------------------------------------
+
+def _counting(model: LoadedModel) -> tuple[LoadedModel, list[int]]:
+    """A copy of ``model`` that records the batch size of every call."""
+    counted = dataclasses.replace(model, runtime="tensorflow", auto=False, _fn=None)
+    counted.prepare()
+    inner, calls = counted._fn, []
+    counted._fn = lambda batch: (calls.append(len(batch)), inner(batch))[1]
+    return counted, calls
+
+
+def test_tta_averages_exactly_the_views_asked_for(resunet_multi):
+    """predict_batch averages the named views only (one model call each), mapping each
+    prediction back before the mean; the mean is the per-view computation's to 1e-6."""
+    batch = np.random.default_rng(5).integers(0, 256, (3, TILE, TILE, 3)).astype(np.float32)
+    model, calls = _counting(resunet_multi)
+    for rot90, views in ((False, None), (True, None), (False, ["identity", "flip_ud"]),
+                         (False, ["flip_lr"]), (False, ["rot180"])):
+        transforms = predict.tta_transforms(True, rot90, views)
+        calls.clear()
+        got = predict.predict_batch([model], batch, tta=True, rot90=rot90, views=views)
+        assert calls == [3] * len(transforms)
+        expected = np.mean([predict._inverse(resunet_multi(predict._forward(batch, k, flip)),
+                                             k, flip) for k, flip in transforms], axis=0)
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    flipped = predict.predict_batch([model], batch, tta=True, views=["flip_lr"])
+    np.testing.assert_allclose(flipped, resunet_multi(batch[:, :, ::-1])[:, :, ::-1],
+                               atol=1e-6, rtol=0)
+    calls.clear()
+    predict.predict_batch([model, model], batch, tta=False)
+    assert calls == [3, 3]  # no TTA: the batch as it is, once per ensemble member
+
+
+def test_tta_transforms_of_named_views():
+    assert predict.tta_transforms(True, False, ["identity", "flip_lr"]) == [(0, False),
+                                                                            (0, True)]
+    assert predict.tta_transforms(True, False, ["rot180"]) == [(2, False)]
+    assert predict.tta_transforms(True, False) == list(predict.FLIP_VIEWS.values())
+    assert len(predict.FLIP_VIEWS) == 4
+    assert predict.tta_transforms(False, False, ["flip_lr"]) == [(0, False)]
+    assert len(predict.tta_transforms(True, True, ["identity"])) == 8  # rot90: all eight
+    image = np.random.default_rng(6).integers(0, 256, (1, 5, 7, 2)).astype(np.float32)
+    for name, (k, flip) in predict.FLIP_VIEWS.items():  # the names say what they do
+        flipped = predict._forward(image, k, flip)
+        want = {"identity": image, "flip_lr": image[:, :, ::-1], "flip_ud": image[:, ::-1],
+                "rot180": image[:, ::-1, ::-1]}[name]
+        np.testing.assert_array_equal(flipped, want)
+
+
+def _run_with_views(tmp_path: Path, name: str, views: list[str] | None) -> Path:
+    cfg = make_config("model", TESTTIMEAUG=True, INFER_RUNTIME="tensorflow")
+    run = write_run(tmp_path / name, pixel_model(), cfg)
+    card = json.loads((run / "model_card.json").read_text())
+    if views is not None:
+        card["tta_views"] = views
+    (run / "model_card.json").write_text(json.dumps(card))
+    return run
+
+
+def test_segmenter_averages_the_views_the_model_card_lists(tmp_path, image):
+    listed = _run_with_views(tmp_path, "listed", ["identity", "flip_ud"])
+    old = _run_with_views(tmp_path, "old", None)  # a card written before the field
+    assert load_run(old).card.tta_views is None
+    model = load_run(listed)
+    assert model.card.tta_views == ["identity", "flip_ud"]
+    cfg = inference_config([listed])
+    segmenter = predict.Segmenter([model], cfg)
+    assert segmenter.transforms == [(0, False), (2, True)]
+    counted, calls = _counting(model)
+    model._fn = counted._fn  # segmenter.models[0] is model
+    prob = segmenter.probabilities(image)
+    np.testing.assert_allclose(prob, pixel_prob(image), atol=1e-6)
+    tiles = len(tile_grid(image.shape[:2], segmenter.tile_hw, cfg.TILE_OVERLAP))
+    assert sum(calls) == 2 * tiles  # each tile under two views
+    assert predict.Segmenter([load_run(old)], cfg).transforms == list(
+        predict.FLIP_VIEWS.values())
+    # Members that disagree (or a member without the field) average all four flips.
+    assert len(predict.Segmenter([model, load_run(old)], cfg).transforms) == 4
+    no_tta = dataclasses.replace(cfg, TESTTIMEAUG=False)
+    assert predict.Segmenter([model], no_tta).transforms == [(0, False)]
+
+
+@pytest.mark.parametrize("views", [[], ["identity", "mirror"], ["flip_lr", "flip_lr"], "flip_lr"])
+def test_model_card_with_bad_tta_views_is_one_line(tmp_path, views):
+    run = _run_with_views(tmp_path, "bad", views)
+    with pytest.raises(UserError, match=r"model_card.json: .*tta_views must list some of "
+                                        r"identity, flip_lr, flip_ud, rot180"):
+        load_run(run)
+
+
+def test_resume_refuses_a_folder_segmented_with_other_tta_views(tmp_path, image):
+    """The views averaged are part of what made the masks: a folder segmented with all four
+    flips is not finished with the two a card lists (the fingerprint counts the views)."""
+    writers.write_png(tmp_path / "images" / "scene.png", image)
+    old = _run_with_views(tmp_path, "old", None)
+    cfg = inference_config([old])
+    summary = segment.segment_folder(cfg, [old], tmp_path / "images", tmp_path / "out",
+                                     progress=False)
+    assert summary["done"] == 1
+    written = json.loads((tmp_path / "out" / "segmentation_config.json").read_text())
+    assert written["tta_transforms"] == 4
+    listed = _run_with_views(tmp_path, "listed", ["identity", "flip_lr"])
+    with pytest.raises(UserError, match=r"out: holds segmentations made with other "
+                                        r"(model weights, )?tta_transforms"):
+        segment.segment_folder(inference_config([listed]), [listed], tmp_path / "images",
+                               tmp_path / "out", progress=False)
+    summary = segment.segment_folder(inference_config([listed]), [listed],
+                                     tmp_path / "images", tmp_path / "out2", progress=False)
+    written = json.loads((tmp_path / "out2" / "segmentation_config.json").read_text())
+    assert summary["done"] == 1 and written["tta_transforms"] == 2

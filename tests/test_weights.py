@@ -81,3 +81,15 @@ def test_shipped_model_on_held_out_real_scenes(name):
     scores = metrics.scores_from_confusion(cm, ignore_class=cfg.IGNORE_CLASS)
     value = scores["iou"][1] if score == "water_iou" else scores["mean_iou"]
     assert value >= lowest, scores
+
+
+def test_lakes_default_path_averages_the_flips_its_card_lists():
+    """seg_images_in_folder --model weights/lakes_lite0 without flags runs TTA over the two
+    flips its card lists (measured on its held-out scenes: bench_segment.py --default-path),
+    not all four."""
+    run = WEIGHTS / "lakes_lite0"
+    cfg = runfolder.inference_config([run])  # no flags: the run's TESTTIMEAUG
+    model = runfolder.load_run(run)
+    assert model.card.tta_views == ["identity", "flip_lr"]
+    segmenter = predict.Segmenter([model], cfg)
+    assert cfg.TESTTIMEAUG and segmenter.transforms == [(0, False), (0, True)]
