@@ -1,5 +1,9 @@
 """The run folder: what train_resunet writes and seg_images_in_folder reads back.
 
+Why this module is long: :class:`LoadedModel` still carries the choice of runtime (TensorFlow,
+OpenVINO, 'auto' and its checks) beside the format it is loaded from; that choice belongs in
+a runtime module of its own, the next split.
+
 A run folder holds the weights (``best.weights.h5`` and/or ``model.keras``), the config it
 was trained with (``config.json``) and a :class:`ModelCard` (``model_card.json``): what the
 model takes (size, bands, data type, band statistics, working scale), what it gives

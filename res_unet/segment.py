@@ -26,7 +26,6 @@ every n-th row and column (it is for viewing; the label files are full size).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -49,6 +48,13 @@ from res_unet.atomic import (
 )
 from res_unet.config import Config, key_choices
 from res_unet.errors import UserError
+from res_unet.fingerprint import (
+    IMAGE_RECORD,
+    SEGMENTATION_CONFIG,
+    check_resumable,
+    made_with,
+    output_fingerprint,
+)
 from res_unet.folders import folder_lock, reading_lock, settings_digest, settings_lock
 from res_unet.labelsource import LabelSource
 from res_unet.predict import (
@@ -59,16 +65,12 @@ from res_unet.predict import (
     nodata_values,
 )
 from res_unet.progress import progress_bar, say
-from res_unet.runfolder import CARD, INFERENCE_KEYS, LoadedModel, load_run, read_json
+from res_unet.runfolder import CARD, LoadedModel, load_run
 from res_unet.scale import check_enlargement, raster_pixel_size, rescale_note
 from res_unet.tiling import RowSource, every_nth
 
 # The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
 LABEL_SUFFIX = "_predseg.png"
-SEGMENTATION_CONFIG = "segmentation_config.json"
-# Beside the outputs of image NAME, once they are all written: the digest of the output
-# fingerprint that made them, so that a re-run skips only images made with its own settings.
-IMAGE_RECORD = ".{stem}.segmented"
 # Plain images' polygons: pixel corners placed as QGIS places an image without georeferencing
 # (x = column, y = -row), so that they lie on the image and its label PNG there.
 PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
@@ -268,86 +270,6 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
     return models
 
 
-# Keys that do not change what a finished image's outputs contain.
-# (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
-# all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.
-# VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
-# image without the file is simply redone. MAX_IMAGE_PIXELS decides whether an image is
-# read, not what its outputs hold.)
-_NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME", "VECTOR_FORMAT", "LABEL_ATTRIBUTE", "LABEL_LAYER",
-                 "LABEL_PRIORITY", "MAX_ENLARGEMENT",
-                 "MAX_IMAGE_PIXELS")
-# Keys added after the fingerprint's first version (with their defaults): in the fingerprint
-# only when not at their defaults, so that folders made before they existed still match.
-_ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
-                "VECTOR_LAYER_PER_CLASS": False}
-
-
-def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
-                       cfg: Config) -> dict[str, Any]:
-    """What the outputs of a segmentation depend on: every model's weights (SHA-256 of their
-    values), the tile size, scale, threshold, TTA and the segmentation settings (polygon
-    settings when not at their defaults)."""
-    digests = []
-    for member in models:
-        hasher = hashlib.sha256()
-        for array in member.model.get_weights():
-            hasher.update(np.ascontiguousarray(array).tobytes())
-        digests.append(hasher.hexdigest())
-    values = cfg.to_dict()
-    settings = {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS
-                and not (k in _ADDED_LATER and values[k] == _ADDED_LATER[k])}
-    fingerprint = {"weights": digests, "tile_size": list(segmenter.tile_hw),
-                   "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
-                   "tta_transforms": len(segmenter.transforms),
-                   "settings": settings}
-    # Keys added later are recorded only when they change something: old folders match.
-    if cfg.INFER_RUNTIME == "openvino_bf16" or any(m.runtime == "openvino_bf16" for m in models):
-        fingerprint["precision"] = "bfloat16"
-    if segmenter.pixel_size_m is not None:  # scenes are brought to the model's pixel size
-        fingerprint["pixel_size"] = segmenter.pixel_size_m
-    return fingerprint
-
-
-def check_resumable(out_dir: Path, fingerprint: dict[str, Any]) -> None:
-    """Refuse to resume into ``out_dir`` when its outputs were made by other models or
-    settings (or by a version that did not record them): skipping those images would mix
-    two results and score the old masks as if the new model made them."""
-    if not any(out_dir.glob(f"*{LABEL_SUFFIX}")):
-        return
-    try:
-        previous = read_json(out_dir / SEGMENTATION_CONFIG)["fingerprint"]
-    except (UserError, KeyError, TypeError):  # (unreadable, not a file, too large or deep)
-        previous = None
-    if previous == fingerprint:
-        return
-    if previous is None:
-        what = "by a run that recorded no model (or an older res_unet)"
-    else:
-        # Over the keys of both: an entry recorded only when set may be on either side.
-        changed = [k for k in {**previous, **fingerprint}
-                   if previous.get(k) != fingerprint.get(k)]
-        if "settings" in changed:
-            changed.remove("settings")
-            old, new = previous.get("settings", {}), fingerprint["settings"]
-            changed += [k for k in {**old, **new} if old.get(k) != new.get(k)]
-        what = "with other " + ", ".join("model weights" if k == "weights" else k
-                                          for k in changed)
-    raise UserError(f"{out_dir}: holds segmentations made {what}; choose another --out, or "
-                    "pass --overwrite to redo every image with this model")
-
-
-def _made_with(paths: dict[str, Path], record: Path) -> str | None:
-    """The fingerprint digest the outputs ``paths`` of one image were made with (from its
-    ``record``, written last); None when an output or the record is missing or unreadable."""
-    try:
-        return (read_json(record)["fingerprint"] if record.is_file()
-                and all(p.is_file() for p in paths.values()) else None)
-    except (UserError, KeyError, TypeError):
-        return None
-
-
 def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
     """Report a per-file problem on one line and return it for the summary."""
     message = " ".join(str(exc).split()) or type(exc).__name__
@@ -451,7 +373,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         held.enter_context(settings_lock(out_dir, run_summary["fingerprint"],
                                          "seg_images_in_folder"))
     if not overwrite and out_dir.is_dir():
-        check_resumable(out_dir, run_summary["fingerprint"])
+        check_resumable(out_dir, run_summary["fingerprint"], f"*{LABEL_SUFFIX}")
     clean_stale_temporaries(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / SEGMENTATION_CONFIG, json.dumps(run_summary, indent=2) + "\n")
@@ -477,7 +399,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         record = out_dir / IMAGE_RECORD.format(stem=pair.stem)
         try:
             # Another model's image (left by a shard run with --overwrite) is redone.
-            if not overwrite and _made_with(paths, record) == digest:
+            if not overwrite and made_with(paths, record) == digest:
                 skipped += 1
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
             else:

@@ -1,5 +1,9 @@
 """The training loop: a segmentation model trained on a make_tfrecords dataset.
 
+Why this module is long: the loop and its guards (checks against the dataset, the folder
+locks, the schedule and its warm-up note, early stopping, weight averaging, full-disk and
+out-of-memory errors) share the loop's state.
+
 One custom training loop serves every tf.distribute strategy: the default strategy on a CPU or
 one GPU, MirroredStrategy over several GPUs, and MultiWorkerMirroredStrategy over several
 machines (Keras 3's ``model.fit`` fails under the latter, keras-team/keras#20585). The loop

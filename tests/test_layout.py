@@ -28,7 +28,7 @@ LAYERS = [
     ["upgrade"],
     ["config_rules"],
     ["config", "vector_files"],
-    ["scale", "vectors", "polygons", "cog"],
+    ["scale", "vectors", "polygons", "cog", "pixeltypes"],
     ["rasters"],
     ["pairing", "writers"],
     ["labelsource", "augment", "split", "report"],
@@ -41,7 +41,7 @@ LAYERS = [
     ["train"],
     ["postprocess"],
     ["predict"],
-    ["scoring"],
+    ["scoring", "fingerprint"],
     ["segment"],
     ["make_tfrecords", "train_resunet", "seg_images_in_folder", "demo"],
 ]
