@@ -107,7 +107,7 @@ def test_each_family_file_defines_exactly_its_registered_names():
     # The config's ENCODER choices are the registry's, every one of them a U-Net encoder.
     assert ENCODERS == encoder_names() == MODELS["efficientnet_unet"].encoders
     assert len(set(encoder_names())) == len(encoder_names())
-    with pytest.raises(ValueError, match="encoder must be one of B0, .*lite2, got 'B8'"):
+    with pytest.raises(ValueError, match=r"encoder must be one of B0, .*lite2, got 'B8'"):
         encoder_spec("B8")
 
 

@@ -192,35 +192,6 @@ def test_efficientnet_unet_decoder_stages(effnet):
                    for la in encoder.layers)
 
 
-@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
-def test_save_and_reload_without_custom_objects(model, effnet, tmp_path):
-    net = effnet if model == "efficientnet_unet" else build(model, 4, NCLASSES=3)
-    bands = net.input.shape[-1]
-    x = raw_images((2, 64, 64, bands))
-    net.save(tmp_path / "model.keras")
-    again = keras.models.load_model(tmp_path / "model.keras")
-    np.testing.assert_array_equal(probabilities(again, x), probabilities(net, x))
-    assert [layer.name for layer in again.layers] == [layer.name for layer in net.layers]
-
-
-@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
-def test_mixed_bfloat16_outputs_float32(model):
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        net = build(model, 3, NCLASSES=4)
-        probs = probabilities(net, raw_images((1, 64, 64, 3)))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    assert probs.dtype == np.float32
-    assert np.all(np.isfinite(probs))
-    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
-    convs = [la for la in net.layers if isinstance(la, keras.layers.Conv2D)]
-    assert convs[0].compute_dtype == "bfloat16"
-    for name in ("band_normalization", "logits", "probabilities"):
-        assert net.get_layer(name).compute_dtype == "float32"
-
-
 def test_inflate_stem_kernel_rule_and_uniform_response():
     kernel = np.arange(2 * 3 * 2, dtype="float32").reshape(1, 2, 3, 2)
     mean = kernel.mean(axis=2, keepdims=True)
@@ -592,7 +563,11 @@ def test_lite_weights_of_another_variant_are_refused():
 def test_lite_input_statistics_map_to_the_imagenet_scaling():
     """For RGB data whose statistics equal ImageNet's, the band normalisation reproduces the
     Lite scaling (x - 127) / 128 exactly."""
-    from res_unet.models.encoders.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, lite_band_stats
+    from res_unet.models.encoders.efficientnet_lite import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        lite_band_stats,
+    )
 
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]

@@ -49,19 +49,16 @@ BACKBONES = {
     "B7": keras.applications.EfficientNetB7,
 }
 
-# Per backbone family: the layer whose output is the feature map 2**n times smaller than
-# the input (Pn), and the first layer after the built-in preprocessing. All EfficientNet
-# sizes share the names, so a new backbone family is one more entry.
+# The layer whose output is the feature map 2**n times smaller than the input (Pn), and the
+# first layer after the built-in preprocessing: the same names in every size.
 FEATURE_LAYERS = {
-    "efficientnet": {
-        "P1": "block2a_expand_activation",
-        "P2": "block3a_expand_activation",
-        "P3": "block4a_expand_activation",
-        "P4": "block6a_expand_activation",
-        "P5": "top_activation",
-    },
+    "P1": "block2a_expand_activation",
+    "P2": "block3a_expand_activation",
+    "P3": "block4a_expand_activation",
+    "P4": "block6a_expand_activation",
+    "P5": "top_activation",
 }
-ENCODER_START = {"efficientnet": "stem_conv_pad"}
+ENCODER_START = "stem_conv_pad"
 STEM_CONV = "stem_conv"
 # Decoder channels, deepest stage first (P5 has 1280 to 2560 channels).
 DECODER_FILTERS = (256, 128, 64, 32, 16)
@@ -91,9 +88,8 @@ def efficientnet_encoder(input_shape: Sequence[int | None], size: str = "B0") ->
     if size not in BACKBONES:
         raise ValueError(f"encoder must be one of {', '.join(BACKBONES)}, got {size!r}")
     full = _efficientnet(size, input_shape)
-    start = full.get_layer(ENCODER_START["efficientnet"]).input
-    features = {scale: full.get_layer(layer).output
-                for scale, layer in FEATURE_LAYERS["efficientnet"].items()}
+    start = full.get_layer(ENCODER_START).input
+    features = {scale: full.get_layer(layer).output for scale, layer in FEATURE_LAYERS.items()}
     encoder = keras.Model(start, features, name=ENCODER_NAME)
     # The input layer is cloned from an intermediate tensor and gets an opaque name.
     encoder.layers[0].name = f"{ENCODER_NAME}_input"
