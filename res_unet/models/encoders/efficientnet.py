@@ -23,7 +23,6 @@ is inflated to (3, 3, B, C) by :func:`inflate_stem_kernel`.
 
 from __future__ import annotations
 
-import functools
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -196,8 +195,8 @@ ENCODERS = {
         description=f"EfficientNet{size} (keras.applications), "
                     f"{_PARAMETERS[size] / 1e6:.1f} M parameters",
         parameters=_PARAMETERS[size],
-        build=functools.partial(efficientnet_encoder, size=size),
-        read_weights=functools.partial(read_encoder_weights, size=size),
+        build=lambda input_shape, size=size: efficientnet_encoder(input_shape, size),
+        read_weights=lambda weights, size=size: read_encoder_weights(weights, size),
         load_weights=load_encoder_weights,
         band_stats=same_band_stats,
         decoder_filters=DECODER_FILTERS,

@@ -25,7 +25,6 @@ values; the stem kernel is inflated to any band count as for the other encoders.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -291,8 +290,8 @@ ENCODERS = {
         description=f"EfficientNet-{variant.capitalize()}, "
                     f"{_PARAMETERS[variant] / 1e6:.1f} M parameters",
         parameters=_PARAMETERS[variant],
-        build=functools.partial(lite_encoder, variant=variant),
-        read_weights=functools.partial(read_lite_weights, variant=variant),
+        build=lambda input_shape, variant=variant: lite_encoder(input_shape, variant),
+        read_weights=lambda weights, variant=variant: read_lite_weights(weights, variant),
         load_weights=load_lite_weights,
         band_stats=lite_band_stats,
         decoder_filters=DECODER_FILTERS,
