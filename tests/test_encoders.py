@@ -183,3 +183,45 @@ def test_weights_reader_names_a_missing_file(encoder, tmp_path):
     missing = tmp_path / "missing.weights"
     with pytest.raises(UserError, match=f"^{missing}: encoder weights file not found"):
         encoder_spec(encoder).read_weights(str(missing))
+
+
+def _tiny_encoder(input_shape) -> keras.Model:
+    """A 5-convolution encoder keeping the contract: {"Pn": 2**n times smaller}."""
+    inputs = keras.Input(tuple(input_shape), name="encoder_input")
+    x, features = inputs, {}
+    for n in range(1, 6):
+        x = keras.layers.Conv2D(2 * n, 3, strides=2, padding="same", name=f"tiny{n}")(x)
+        features[f"P{n}"] = x
+    return keras.Model(inputs, features, name="encoder")
+
+
+def test_the_unet_takes_any_registered_encoder(monkeypatch):
+    """A new family is one file defining ENCODERS plus one EncoderFamily entry: the U-Net
+    builds over it with its band statistics and decoder widths, nothing else edited."""
+    import types
+
+    from res_unet.models import encoders
+    from res_unet.models.encoders import EncoderSpec
+    from res_unet.models.unet import build_unet
+    from res_unet.registry import EncoderFamily
+
+    spec = EncoderSpec(name="tiny", description="test encoder", parameters=1506,
+                       build=_tiny_encoder, read_weights=lambda w: ({}, w),
+                       load_weights=lambda e, w, label: None,
+                       band_stats=lambda m, s: ([v + 1 for v in m], [2 * v for v in s]),
+                       decoder_filters=(10, 8, 6, 4, 2))
+    module = types.ModuleType("res_unet.models.encoders.tiny")
+    module.ENCODERS = {"tiny": spec}
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(encoders, "ENCODER_FAMILIES",
+                        (*ENCODER_FAMILIES, EncoderFamily("tiny", ("tiny",), "a test")))
+    net = build_unet((32, 32, 2), 2, [10.0, 20.0], [3.0, 4.0], encoder="tiny")
+    assert net.get_layer("encoder").count_params() == spec.parameters
+    assert [net.get_layer(f"decoder{s}_2_conv").kernel.shape[-1] for s in range(5)] == [
+        10, 8, 6, 4, 2]
+    norm = net.get_layer("band_normalization")
+    np.testing.assert_allclose(np.ravel(norm.mean), [11.0, 21.0])
+    np.testing.assert_allclose(np.ravel(norm.variance), [36.0, 64.0])
+    probs = probabilities(net, np.ones((1, 32, 32, 2), "float32"))
+    assert probs.shape == (1, 32, 32, 2)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
