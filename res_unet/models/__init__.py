@@ -2,7 +2,8 @@
 
 The architectures are named in :mod:`res_unet.registry` (:data:`MODELS`, re-exported here),
 which the config reads without loading Keras; each entry says which model file here builds
-it. Functions that work on a built model of any architecture are in
+it. The U-Net's encoders are records in :mod:`res_unet.models.encoders` (one file per
+encoder family). Functions that work on a built model of any architecture are in
 :mod:`res_unet.models.helpers`.
 
 Every model maps float32 raw pixels (batch, rows, cols, bands) to float32 probabilities

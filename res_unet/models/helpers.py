@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from res_unet.models.efficientnet_unet import freeze_batchnorm
-from res_unet.models.layers import ENCODER_NAME, leaf_layers
+from res_unet.models.layers import ENCODER_NAME, freeze_batchnorm, leaf_layers
 
 
 def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:

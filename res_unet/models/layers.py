@@ -190,3 +190,14 @@ def adapt_stem_kernel(kernel: np.ndarray, target_shape: Sequence[int], label: st
         raise UserError(f"{label}: stem kernel {kernel.shape} cannot be adapted to {target}; "
                         "use RGB (3-band) pretrained weights")
     return inflate_stem_kernel(kernel, target[2])
+
+
+def freeze_batchnorm(encoder: keras.Model) -> None:
+    """Keep the BatchNorm layers of a pretrained encoder in inference mode for good.
+
+    Small training batches (8 tiles on a CPU) give noisy batch statistics that would wash out
+    the pretrained ones; the affine weights of other layers still train.
+    """
+    for layer in leaf_layers(encoder):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False

