@@ -95,3 +95,18 @@ def trained_run(tiny_dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("trained_run") / "run"
     card = train.train(cfg, tiny_dataset, run, progress=False)
     return cfg, run, card
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging) a call that blocks more than 10 s (SIGALRM interrupts it)."""
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

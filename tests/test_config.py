@@ -330,21 +330,6 @@ def test_non_finite_numbers_are_refused(tmp_path):
     assert "AUG_ROT=inf is not a finite number" in str(info.value)
 
 
-@pytest.fixture
-def no_hang():
-    """Fail (instead of hanging) a call that blocks more than 10 s (SIGALRM interrupts it)."""
-    import signal
-
-    def alarm(*_):
-        raise TimeoutError("blocked for 10 s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def test_a_config_that_is_no_small_regular_file_is_refused_before_reading(tmp_path, no_hang):
     """A FIFO (would hang), /dev/zero (would read without end), a folder and a file larger
     than any config: one line each, naming the file, before anything is read."""

@@ -237,21 +237,6 @@ def run(tmp_path_factory) -> Path:
                      make_config("model"), threshold=0.5)
 
 
-@pytest.fixture
-def no_hang():
-    """Fail (instead of hanging) a call that blocks more than 10 s (SIGALRM interrupts it)."""
-    import signal
-
-    def alarm(*_):
-        raise TimeoutError("blocked for 10 s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def test_a_model_card_nested_thousands_deep_is_one_line(run, tmp_path):
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     (copy / CARD).write_text('{"card_version": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
