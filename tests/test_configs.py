@@ -137,6 +137,8 @@ def write_sources(root: Path, n_classes: int, size: int) -> tuple[Path, Path]:
     return images, labels
 
 
+# Eager functions leave tf.data's traced (as wanted); TensorFlow warns that they do.
+@pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions")
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_builds_trains_a_step_and_segments_a_tile(path, tmp_path):
     from res_unet.dataset import make_dataset
