@@ -25,20 +25,25 @@ def pytest_configure(config):
         "TensorFlow processes); make test runs them, pytest -m 'not slow' leaves them out")
 
 
-# Session fixtures that take seconds to build: under --dist loadgroup (make test) the tests
-# using one run in one worker, so it is built once, not in each.
-SHARED_FIXTURES = ("trained_run",)
+# Session (or module) fixtures that take seconds to build: under --dist loadgroup (make test)
+# the tests using one run in one worker, so it is built once, not in each. A parametrized
+# one (test_user_path's user_run: one training per precision) makes a group per parameter,
+# so its runs are trained side by side, each once.
+SHARED_FIXTURES = ("trained_run", "user_run")
 # Set on grouped tests that pytest-xdist left ungrouped (see pytest_collection_finish).
 _UNGROUPED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Put the tests of each fixture of SHARED_FIXTURES in an xdist group of its name."""
+    """Put the tests of each fixture of SHARED_FIXTURES in an xdist group of its name (and
+    parameter, for a parametrized fixture)."""
     for item in items:
         for name in SHARED_FIXTURES:
             if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
+                params = getattr(getattr(item, "callspec", None), "params", {})
+                group = f"{name}[{params[name]}]" if name in params else name
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_finish(session):

@@ -102,9 +102,25 @@ def test_training_resolves_precision_auto_and_evaluates_whole_scenes(user_run):
     assert "| lr 1.00e-04 |" in printed and "| lr 9.00e-05 |" in printed
 
 
+@pytest.fixture(scope="module")
+def tensorflow_masks(user_run, user_data) -> Path:
+    """The held-out scenes segmented by ``user_run`` with --runtime tensorflow: what both
+    default runtimes are compared with (made once per run)."""
+    from res_unet import seg_images_in_folder
+
+    run, _, _ = user_run
+    test = user_data[1].parent / "demo" / "test"
+    reference = run.parent / f"{run.name}_tensorflow"
+    code, printed = command(seg_images_in_folder.main, [
+        "--model", str(run), "--images", str(test / "images"), "--out", str(reference),
+        "--runtime", "tensorflow", "--no-progress"])
+    assert code == 0, printed[-3000:]
+    return reference
+
+
 @pytest.mark.parametrize("openvino", [True, False], ids=["openvino", "no-openvino"])
-def test_segmenting_with_the_default_runtime(user_run, user_data, openvino, monkeypatch,
-                                             tmp_path):
+def test_segmenting_with_the_default_runtime(user_run, user_data, tensorflow_masks, openvino,
+                                             monkeypatch, tmp_path):
     """seg_images_in_folder with no flags on either run: OpenVINO when it is installed
     (the bfloat16 run through its float32 twin), TensorFlow when not; the masks are the
     same either way, up to pixels at the threshold."""
@@ -133,12 +149,7 @@ def test_segmenting_with_the_default_runtime(user_run, user_data, openvino, monk
 
     from res_unet.rasters import read_label
 
-    reference = tmp_path / "tensorflow"
-    code, _ = command(seg_images_in_folder.main, [
-        "--model", str(run), "--images", str(test / "images"), "--out", str(reference),
-        "--runtime", "tensorflow", "--no-progress"])
-    assert code == 0
     for label in labels:
-        ours, theirs = read_label(label), read_label(reference / label.name)
+        ours, theirs = read_label(label), read_label(tensorflow_masks / label.name)
         assert ours.shape == theirs.shape == (128, 128)
         assert np.mean(ours != theirs) < 0.01
