@@ -134,10 +134,11 @@ def float32_twin(model: Any) -> Any:
 def default_streams() -> dict[str, Any]:
     """The CPU properties a runner is compiled with unless told otherwise: two streams (each
     with half the cores) with one infer request in flight each, where the CPU has two cores
-    or more. On 2 cores this segmented the lakes scenes faster than one LATENCY request on
-    both cores, with the same probabilities (bench/results/default_path.json, variant
-    'throughput'); two and not OpenVINO's THROUGHPUT choice, which on many cores makes more
-    streams than a scene's batch of tiles has tiles."""
+    or more. On 2 cores this segmented the lakes scenes 10-25 % faster than one LATENCY
+    request on both cores when other processes shared the cores, level on a quiet machine,
+    with the same probabilities (bench/results/default_path_streams*.json); two and not
+    OpenVINO's THROUGHPUT choice, which on many cores makes more streams than a scene's
+    batch of tiles has tiles."""
     if len(os.sched_getaffinity(0)) < 2:
         return {}
     return {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2}
