@@ -348,7 +348,9 @@ def patched(module: Any, name: str, value: Any) -> Iterator[None]:
 def parse_variant(text: str) -> dict[str, Any]:
     """'default', 'before' (all four flips, whatever the card lists), 'stacked' (the views
     as one model call), 'no_tta', 'tensorflow', 'views=identity+flip_lr', 'int8',
-    'tile=512', 'batch=16', 'streams=2', 'threads=1' (joined with ':') -> its settings."""
+    'tile=512', 'batch=16', 'streams=2', 'threads=1', 'latency' / 'throughput' (OpenVINO's
+    PERFORMANCE_HINT; with 'throughput' or streams > 1 the runner keeps one request in flight
+    per stream) (joined with ':') -> its settings."""
     spec: dict[str, Any] = {"name": text}
     for part in text.split(":"):
         key, _, value = part.partition("=")
@@ -358,6 +360,8 @@ def parse_variant(text: str) -> dict[str, Any]:
             spec[key] = int(value)
         elif key in ("before", "stacked", "no_tta", "int8", "default", "tensorflow"):
             spec[key] = True
+        elif key in ("latency", "throughput"):
+            spec["hint"] = key.upper()
         else:
             raise SystemExit(f"unknown variant part {part!r} in {text!r}")
     return spec
@@ -406,10 +410,12 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
             if spec.get("int8"):
                 overrides["INFER_RUNTIME"] = "openvino"
                 model.runtime, model.auto, model._fn = "openvino", False, int8
-            elif "streams" in spec or "threads" in spec:
+            elif "streams" in spec or "threads" in spec or "hint" in spec:
                 from res_unet.ov_runtime import openvino_runner
 
-                opts = {"NUM_STREAMS": spec.get("streams", 1)}
+                opts: dict[str, Any] = {"PERFORMANCE_HINT": spec.get("hint", "LATENCY")}
+                if "streams" in spec or "hint" not in spec:
+                    opts["NUM_STREAMS"] = spec.get("streams", 1)
                 if "threads" in spec:
                     opts["INFERENCE_NUM_THREADS"] = spec["threads"]
                 overrides["INFER_RUNTIME"] = "openvino"
@@ -554,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                         default="before,default,no_tta",
                         help="--default-path: comma-separated variants, each ':'-joined parts "
                              "of before (one model call per view), default, no_tta, "
-                             "tensorflow, views=A+B, int8, batch=N, streams=N, threads=N; "
+                             "tensorflow, views=A+B, int8, batch=N, streams=N, threads=N, "
+                             "latency, throughput; "
                              "'' skips timing")
     parser.add_argument("--int8", action="store_true",
                         help="--default-path: also try NNCF INT8 (pip install nncf)")

@@ -390,7 +390,7 @@ def default_path_speed(report: dict[str, Any]) -> list[str]:
            f"(scenes resized to 256 px) made {gym.get('mpx_per_second')} Mpx/s on a machine "
            f"whose peak was {gym.get('matmul_fp32_gflops')} GFLOP/s ({gym.get('source')}); "
            "the last column is Mpx/s per GFLOP/s of peak divided by Gym's.", ""]
-    before = next((r for r in rows if r["variant"] == "before"), None)
+    before = next((r for r in rows if r["variant"].split(":")[0] == "before"), None)
 
     def change(r: dict[str, Any]) -> str:
         return "" if before is None else f"{r['water_iou'] - before['water_iou']:+.4f}"
@@ -408,7 +408,10 @@ def default_path_speed(report: dict[str, Any]) -> list[str]:
         "float32); `default` the default path now (the views the card lists); `stacked` "
         "the card's views as one model call of tiles x views; `no_tta` one view; `int8` "
         "the card's views through the NNCF INT8 model; `tile=N` the model rebuilt for "
-        "N-px tiles, the card's views; `views=A+B` those flips."]
+        "N-px tiles, the card's views; `views=A+B` those flips; `latency` one synchronous "
+        "OpenVINO request on all cores (PERFORMANCE_HINT LATENCY, the runner before two "
+        "streams), `throughput` OpenVINO's THROUGHPUT hint, `streams=N` N streams with a "
+        "request in flight each; parts joined with `:` combine."]
 
 
 def default_path_section(report: dict[str, Any]) -> list[str]:

@@ -131,29 +131,75 @@ def float32_twin(model: Any) -> Any:
     return twin
 
 
+def default_streams() -> dict[str, Any]:
+    """The CPU properties a runner is compiled with unless told otherwise: two streams (each
+    with half the cores) with one infer request in flight each, where the CPU has two cores
+    or more. On 2 cores this segmented the lakes scenes 10-25 % faster than one LATENCY
+    request on both cores when other processes shared the cores, level on a quiet machine,
+    with the same probabilities (bench/results/default_path_streams*.json); two and not
+    OpenVINO's THROUGHPUT choice, which on many cores makes more streams than a scene's
+    batch of tiles has tiles."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return {}
+    return {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2}
+
+
 def openvino_runner(converted: Any, options: dict[str, Any] | None = None,
                     info: dict[str, Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Compile an OpenVINO model for the CPU and return its batch -> float32 probabilities
     call. Compiled in float32 unless ``options`` say otherwise: OpenVINO defaults to bfloat16
     on CPUs with native bf16 (AVX512_BF16, AMX), which moves probabilities by ~1e-2 and flips
-    pixels at the threshold. ``options`` add OpenVINO CPU properties (threads, hints);
-    ``info``, when given, receives the precision and thread count actually compiled."""
+    pixels at the threshold. ``options`` add OpenVINO CPU properties (threads, hints; without
+    a PERFORMANCE_HINT or NUM_STREAMS, :func:`default_streams`); ``info``, when given,
+    receives the precision, thread count and number of infer requests compiled.
+
+    When the compiled model wants more than one infer request in flight (a THROUGHPUT hint
+    or NUM_STREAMS > 1: one stream of threads per request), a batch is split into that many
+    parts run at once (AsyncInferQueue), so each stream works on its own tiles; otherwise
+    one synchronous request runs the whole batch. The probabilities are the same either
+    way (each tile is computed alone)."""
     ov = import_openvino()
 
+    options = dict(options or {})
+    if "PERFORMANCE_HINT" not in options and "NUM_STREAMS" not in options:
+        options = {**default_streams(), **options}
     compiled = ov.Core().compile_model(converted, "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32", **(options or {})})
+                                       {"INFERENCE_PRECISION_HINT": "f32", **options})
+    jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
     if info is not None:
         precision = compiled.get_property("INFERENCE_PRECISION_HINT")
         info["compiled_precision"] = getattr(precision, "get_type_name", precision.__str__)()
         info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
-    request = compiled.create_infer_request()
+        info["requests"] = jobs
+    if jobs == 1:
+        request = compiled.create_infer_request()
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        request.infer({0: np.ascontiguousarray(batch, np.float32)})
-        # The output tensor is the request's buffer, reused by the next call: copy it.
-        return np.array(request.get_output_tensor(0).data, np.float32)
+        def run(batch: np.ndarray) -> np.ndarray:
+            request.infer({0: np.ascontiguousarray(batch, np.float32)})
+            # The output tensor is the request's buffer, reused by the next call: copy it.
+            return np.array(request.get_output_tensor(0).data, np.float32)
 
-    return run
+        return run
+
+    queue = ov.AsyncInferQueue(compiled, jobs)
+    parts: dict[int, np.ndarray] = {}
+
+    def done(request: Any, index: int) -> None:
+        # Copied in the callback: the request's buffer is reused by its next job.
+        parts[index] = np.array(request.get_output_tensor(0).data, np.float32)
+
+    queue.set_callback(done)
+
+    def run_async(batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        parts.clear()
+        pieces = [p for p in np.array_split(batch, min(jobs, len(batch))) if len(p)]
+        for index, piece in enumerate(pieces):
+            queue.start_async({0: piece}, index)
+        queue.wait_all()
+        return np.concatenate([parts[i] for i in range(len(pieces))])
+
+    return run_async
 
 
 def converted_model(model: Any, folder: Path | None = None) -> Any:

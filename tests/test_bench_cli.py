@@ -64,3 +64,17 @@ def test_cross_validate_bad_arguments_are_one_line_before_any_work(grouped_data,
     assert named in lines[0] and fix in lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not out.exists(), "work started before the arguments were checked"
+
+
+def test_default_path_variants_name_the_openvino_hint(monkeypatch):
+    """bench_segment --default-variants: 'latency' / 'throughput' set OpenVINO's
+    PERFORMANCE_HINT and combine with the other parts; an unknown part stops the run."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from bench_segment import parse_variant
+
+    assert parse_variant("before:latency") == {"name": "before:latency", "before": True,
+                                               "hint": "LATENCY"}
+    assert parse_variant("throughput:streams=2:batch=4") == {
+        "name": "throughput:streams=2:batch=4", "hint": "THROUGHPUT", "streams": 2, "batch": 4}
+    with pytest.raises(SystemExit, match="unknown variant part 'fast'"):
+        parse_variant("default:fast")

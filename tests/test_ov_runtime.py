@@ -289,3 +289,31 @@ def test_openvino_bf16_units_reads_the_cpu_plugin_capabilities():
 
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     assert openvino_bf16_units() is ("BF16" in capabilities)
+
+
+def test_requests_in_flight_give_the_synchronous_probabilities():
+    """With more than one stream the runner keeps one infer request per stream in flight,
+    each on its own part of the batch: the probabilities equal the one synchronous request's
+    to 1e-6, in the batch's order, for batches smaller, equal to and larger than the number of
+    requests, and the returned arrays are not overwritten by the next call. Without options
+    a runner has two requests where the process may use two cores or more."""
+    model = small_model()
+    converted = converted_model(model)
+    info: dict = {}
+    openvino_runner(converted, None, info)
+    assert info["requests"] == min(2, len(os.sched_getaffinity(0)))
+    assert info["compiled_precision"] == "f32"
+    run_async = openvino_runner(converted, {"PERFORMANCE_HINT": "THROUGHPUT",
+                                            "NUM_STREAMS": 2}, info)
+    run_sync = openvino_runner(converted, {"PERFORMANCE_HINT": "LATENCY"})
+    assert info["requests"] == 2
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 7):
+        batch = rng.uniform(0, 1, (n, 16, 16, 3)).astype(np.float32)
+        got = run_async(batch)
+        kept = got.copy()
+        assert got.shape == (n, 16, 16, 2) and got.dtype == np.float32
+        np.testing.assert_allclose(got, run_sync(batch), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got, np.asarray(model(batch)), atol=1e-5)
+        run_async(rng.uniform(0, 1, (n, 16, 16, 3)).astype(np.float32))
+        np.testing.assert_array_equal(got, kept)

@@ -568,7 +568,7 @@ def test_openvino_runner_options_and_returned_buffers(resunet_multi):
     info: dict = {}
     run = openvino_runner(ov.convert_model(resunet_multi.model),
                           {"INFERENCE_NUM_THREADS": 1}, info)
-    assert info == {"compiled_precision": "f32", "threads": 1}
+    assert info == {"compiled_precision": "f32", "threads": 1, "requests": 1}
     rng = np.random.default_rng(3)
     first_batch = rng.uniform(0, 255, (2, *resunet_multi.tile_hw, 3)).astype(np.float32)
     second_batch = rng.uniform(0, 255, (2, *resunet_multi.tile_hw, 3)).astype(np.float32)
