@@ -324,7 +324,9 @@ def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary,
     np.testing.assert_allclose(probs.astype(np.float32), whole, atol=1e-3)
     label = rasters.read_label(tmp_path / "out" / "scene_predseg.png")
     np.testing.assert_array_equal(label, (whole[..., 0] >= 0.5).astype(np.uint8))
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    # no hidden file but the record of the finished image (.NAME.segmented)
+    assert [p.name for p in (tmp_path / "out").iterdir()
+            if p.name.startswith(".")] == [".scene.segmented"]
 
 
 # Working scale (DOWNSAMPLE) ------------------------------------------------------------------
