@@ -13,6 +13,7 @@ start-up (about 5 s) each. The module is one xdist group, so its fixtures are bu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -248,9 +250,11 @@ def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path)
     assert not (out / ".res_unet.lock").exists()
 
 
-def start_and_stop_when_locked(cmd: list[str], lock: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def held_by(cmd: list[str], lock: Path) -> Iterator[subprocess.Popen]:
     """Start ``cmd`` and freeze it (SIGSTOP) as soon as it holds ``lock`` (a folder's lock
-    file, naming its holder), so it keeps the lock however fast it would otherwise finish."""
+    file, naming its holder), so it keeps the lock however fast it would otherwise finish;
+    the frozen holder is killed and reaped when the block ends."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -268,7 +272,11 @@ def start_and_stop_when_locked(cmd: list[str], lock: Path) -> subprocess.Popen:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGSTOP)
-    return proc
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def refused(cmd: list[str], capsys) -> str:
@@ -289,19 +297,15 @@ def test_a_dataset_being_trained_on_is_not_replaced(sources, trained, tmp_path, 
     dataset = tmp_path / "dataset"
     shutil.copytree(trained[0], dataset)
     before = digest(dataset, (".res_unet.lock",))
-    training = start_and_stop_when_locked(
+    with held_by(
         command("train_resunet", "--config", config, "--data", dataset, "--out",
-                tmp_path / "run", "--no-export"), dataset / ".res_unet.lock")
-    try:
+                tmp_path / "run", "--no-export"), dataset / ".res_unet.lock") as training:
         rebuild = command("make_tfrecords", "--config", config, "--images", images,
                           "--labels", labels, "--out", dataset, "--overwrite")
         line = refused(rebuild, capsys)
         assert line.startswith(f"error: {dataset}: in use by train_resunet, reading it (PID "
                                f"{training.pid} on "), line
         assert digest(dataset, (".res_unet.lock",)) == before
-    finally:
-        training.kill()
-        training.wait()
     run_here(rebuild)  # the reader is gone: its lock went with it
     assert digest(dataset, ("manifest.json",)) == digest(trained[0], ("manifest.json",))
 
@@ -316,31 +320,23 @@ def test_a_run_folder_being_segmented_with_is_not_retrained(sources, trained, tm
     shutil.copytree(trained[1], run)  # killed commands stay behind in them
     shutil.copytree(trained[0], dataset)
     before = digest(run, (".res_unet.lock",))
-    seg = start_and_stop_when_locked(
+    with held_by(
         command("seg_images_in_folder", "--model", run, "--images", images, "--out",
-                tmp_path / "out"), run / ".res_unet.lock")
-    try:
+                tmp_path / "out"), run / ".res_unet.lock") as seg:
         line = refused(command("train_resunet", "--config", config, "--data", dataset,
                                "--out", run, "--overwrite", "--no-export"), capsys)
         assert line.startswith(f"error: {run}: in use by seg_images_in_folder, reading it "
                                f"(PID {seg.pid} on "), line
         assert digest(run, (".res_unet.lock",)) == before
-    finally:
-        seg.kill()
-        seg.wait()
-    training = start_and_stop_when_locked(
+    with held_by(
         command("train_resunet", "--config", config, "--data", dataset, "--out", run,
-                "--overwrite", "--no-export"), run / ".res_unet.lock")
-    try:
+                "--overwrite", "--no-export"), run / ".res_unet.lock") as training:
         line = refused(command("seg_images_in_folder", "--model", run, "--images", images,
                                "--out", tmp_path / "out2"), capsys)
         assert line.startswith(f"error: {run}: being written by train_resunet (PID "
                                f"{training.pid} on "), line
         assert line.endswith("wait until it has finished, then run seg_images_in_folder again")
         assert not (tmp_path / "out2").exists()
-    finally:
-        training.kill()
-        training.wait()
 
 
 def plant_links(folder: Path, names: list[str], elsewhere: Path) -> dict[Path, str]:

@@ -30,15 +30,28 @@ def small_model(seed: int = 3) -> keras.Model:
     return keras.Model(x, y)
 
 
-def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, monkeypatch, capsys):
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 16] = bytes(b ^ 0xFF for b in data[middle: middle + 16])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def conversions(monkeypatch) -> list[int]:
+    """Grows by one at every ov.convert_model call (a conversion, not a cache read)."""
+    calls: list[int] = []
+    real_convert = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda m: calls.append(1) or real_convert(m))
+    return calls
+
+
+def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, conversions, capsys):
     """The entry records the SHA-256 of model.xml and model.bin; flipped bytes in model.bin
     (which OpenVINO would read without complaint) make the next load convert again, say so
     on stderr naming the folder, rewrite the entry, and give the TensorFlow model's output."""
     model = small_model()
     folder = tmp_path / "cache" / "entry"
-    conversions = []
-    real_convert = ov.convert_model
-    monkeypatch.setattr(ov, "convert_model", lambda m: conversions.append(1) or real_convert(m))
     batch = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
     expected = np.asarray(model(batch))
 
@@ -48,11 +61,7 @@ def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, monkey
     converted_model(model, folder)
     assert len(conversions) == 1 and capsys.readouterr().err == ""
 
-    weights = folder / "model.bin"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 16] = bytes(b ^ 0xFF for b in
-                                                      data[len(data) // 2: len(data) // 2 + 16])
-    weights.write_bytes(bytes(data))
+    _flip_bytes(folder / "model.bin")
     outputs = openvino_runner(converted_model(model, folder))(batch)
     assert len(conversions) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -71,14 +80,7 @@ def test_a_damaged_cache_entry_is_converted_again_with_a_notice(tmp_path, monkey
     assert (folder / "sha256.json").is_file()
 
 
-def _flip_bytes(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle: middle + 16] = bytes(b ^ 0xFF for b in data[middle: middle + 16])
-    path.write_bytes(bytes(data))
-
-
-def test_an_entry_whose_record_was_rewritten_to_match_is_converted_again(tmp_path, monkeypatch,
+def test_an_entry_whose_record_was_rewritten_to_match_is_converted_again(tmp_path, conversions,
                                                                           capsys):
     """The record of digests is sealed by the Keras model's weights, which never enter the
     cache: flipped bytes in model.bin with sha256.json rewritten to match, or an entry
@@ -86,9 +88,6 @@ def test_an_entry_whose_record_was_rewritten_to_match_is_converted_again(tmp_pat
     and the output is the Keras model's."""
     model = small_model()
     folder = tmp_path / "cache" / "entry"
-    conversions = []
-    real_convert = ov.convert_model
-    monkeypatch.setattr(ov, "convert_model", lambda m: conversions.append(1) or real_convert(m))
     batch = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
     expected = np.asarray(model(batch))
     converted_model(model, folder)
