@@ -27,10 +27,10 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
 from scipy import ndimage
 
-from res_unet.cog import write_cog
-from res_unet.polygons import class_polygons, write_class_polygons
-from res_unet.scale import resample_to_pixel_size, restore_scene_grid
-from res_unet.vectors import SceneGrid, burn_labels, class_indices, read_vector_labels
+from res_unet.geo.cog import write_cog
+from res_unet.geo.polygons import class_polygons, write_class_polygons
+from res_unet.geo.scale import resample_to_pixel_size, restore_scene_grid
+from res_unet.geo.vectors import SceneGrid, burn_labels, class_indices, read_vector_labels
 
 X0, Y0, PX = 500_000.0, 6_650_000.0, 2.0
 

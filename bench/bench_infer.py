@@ -31,10 +31,10 @@ import numpy as np
 import tensorflow as tf
 from common import add_json_out, matmul_peak, write_result
 
-from res_unet.config import config_from_dict
-from res_unet.devices import cpu_supports_bf16, device_description, onednn_enabled
+from res_unet.config.keys import config_from_dict
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
+from res_unet.training.devices import cpu_supports_bf16, device_description, onednn_enabled
 
 MODELS = {
     "resunet FILTERS 8": {"MODEL": "resunet", "FILTERS": 8},

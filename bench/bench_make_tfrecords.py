@@ -52,8 +52,8 @@ def run_variant(fit_mode: str, workers: int, limit: int | None) -> dict:
     from res_unet.cli import quiet_tensorflow
 
     quiet_tensorflow()
-    from res_unet.config import config_from_dict
-    from res_unet.dataset import make_dataset
+    from res_unet.config.keys import config_from_dict
+    from res_unet.data.dataset import make_dataset
 
     cfg, _ = config_from_dict({"TARGET_SIZE": [256, 256], "FIT_MODE": fit_mode,
                                "AUG_COPIES": 3, "SPLIT_GROUP_PATTERN": GROUP_PATTERN})

@@ -17,7 +17,7 @@ Reports, in one process:
 - forward throughput (images/s, Mpx/s of model input, GFLOP/s, model FLOPs utilisation
   against the matmul peak) of each run folder at each tile configuration (BATCHxSIZE) for each
   runtime: ``tf`` (the tf.function of LoadedModel.__call__), ``tf_xla`` (jit_compile=True),
-  ``openvino`` (res_unet.ov_runtime.openvino_runner of the converted Keras model: CPU, f32,
+  ``openvino`` (res_unet.inference.openvino.openvino_runner of the converted Keras model: CPU, f32,
   LATENCY hint, 2 threads),
   ``onnxruntime`` (CPUExecutionProvider, 2 intra-op threads); ``*_t1`` are the same with one
   thread. Runtimes are timed in interleaved rounds (the order rotating every round) so that
@@ -25,7 +25,7 @@ Reports, in one process:
 - ``--bf16``: whether bfloat16 is native here: OpenVINO's capabilities and the precision it
   actually compiles with under INFERENCE_PRECISION_HINT bf16, and the throughput of the
   model rebuilt under Keras' mixed_bfloat16 policy against fp32, in the same rounds;
-- mask agreement on real scenes: ``res_unet.predict.Segmenter`` with the run's inference
+- mask agreement on real scenes: ``res_unet.inference.predict.Segmenter`` with the run's inference
   config (TTA off, the model card's threshold) segments lakes images and full-resolution
   scenes with the TensorFlow model and again with each other runtime in place of the model
   call; the fraction of pixels whose label differs and the largest probability difference.
@@ -62,12 +62,14 @@ import numpy as np
 import tensorflow as tf
 from common import add_json_out, matmul_peak, write_result
 
+from res_unet.geo.rasters import read_image
+from res_unet.inference.openvino import converted_model, import_openvino, openvino_runner
+from res_unet.inference.predict import Segmenter
+from res_unet.inference.runtime import LoadedModel, load_run
+from res_unet.inference.settings import inference_config
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
-from res_unet.ov_runtime import converted_model, import_openvino, openvino_runner
-from res_unet.predict import Segmenter
-from res_unet.rasters import read_image
-from res_unet.runfolder import LoadedModel, inference_config, load_run, run_config
+from res_unet.training.runfolder import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

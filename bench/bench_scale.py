@@ -43,7 +43,7 @@ def write_geotiffs(images: Path, labels: Path, out: Path, pixel: float) -> Path:
     import rasterio
     from rasterio.transform import from_origin
 
-    from res_unet import rasters
+    from res_unet.geo import rasters
 
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
@@ -83,7 +83,7 @@ def run_set(model: Path, folder: Path, out: Path, extra: list[str]) -> dict[str,
     with open(out / "scores.csv") as fh:
         rows = {row["image"]: row for row in csv.DictReader(fh)}
     images = sorted((folder / "images").iterdir())
-    from res_unet import rasters
+    from res_unet.geo import rasters
 
     mpx = sum(np.prod(rasters.read_image(p)[0].shape[:2]) for p in images) / 1e6
     busy = next((line for line in stdout.splitlines() if "Mpx/s" in line), "")

@@ -75,10 +75,10 @@ def untrained_run(run_dir: Path) -> Path:
     """Write a run folder with a random-weight resunet (FILTERS 16, DEPTH 4, 256 x 256)."""
     import keras
 
-    from res_unet.config import config_from_dict, save_config
+    from res_unet.config.keys import config_from_dict, save_config
     from res_unet.models import build_model
     from res_unet.models.helpers import count_flops
-    from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
+    from res_unet.training.runfolder import CardInput, ModelCard, TrainingFacts
 
     cfg, _ = config_from_dict({"TARGET_SIZE": [256, 256], "FILTERS": 16, "DEPTH": 4,
                                "N_DATA_BANDS": 3, "NCLASSES": 1, "BATCH_SIZE": 8})
@@ -107,8 +107,9 @@ def untrained_run(run_dir: Path) -> Path:
 def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int | None
                 ) -> dict[str, Any]:
     """Mpx/s and peak RSS of each variant over the first ``scenes`` full-resolution scenes."""
-    from res_unet import pairing, predict, runfolder
-    from res_unet.tiling import tile_origins
+    from res_unet.data import pairing
+    from res_unet.geo.tiling import tile_origins
+    from res_unet.inference import predict, runtime, settings
 
     pairs = pairing.find_images(DATA / "lakes_fullres" / "images")[:scenes]
     # Variants start from no TTA and no CRF whatever the run's config says ('plain').
@@ -116,12 +117,12 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
                                  "DO_CRF_REFINE": False}
     if batch_size:
         overrides["BATCH_SIZE"] = batch_size
-    base = runfolder.inference_config([run_dir], None, overrides)
-    model = runfolder.load_run(run_dir, base.TARGET_SIZE)
+    base = settings.inference_config([run_dir], None, overrides)
+    model = runtime.load_run(run_dir, base.TARGET_SIZE)
     results: dict[str, Any] = {"scenes": [p.image.name for p in pairs], "variants": {}}
     for variant in variants:
         extra = {"tta": {"TESTTIMEAUG": True}, "crf": {"DO_CRF_REFINE": True}}.get(variant, {})
-        cfg = runfolder.inference_config([run_dir], None, {**overrides, **extra})
+        cfg = settings.inference_config([run_dir], None, {**overrides, **extra})
         segmenter = predict.Segmenter([model], cfg,
                                       full_max_values=0 if variant == "strips"
                                       else predict.FULL_MAX_VALUES)
@@ -165,15 +166,17 @@ def bench_speed(run_dir: Path, scenes: int, variants: list[str], batch_size: int
 
 def bench_quality(run_dir: Path, max_images: int | None) -> dict[str, Any]:
     """IoU on the run's lakes validation split with each post-processing step."""
-    from res_unet import metrics, pairing, postprocess, predict, runfolder
-    from res_unet.config import config_from_dict
-    from res_unet.split import split_pairs
+    from res_unet.config.keys import config_from_dict
+    from res_unet.data import pairing
+    from res_unet.data.split import split_pairs
+    from res_unet.inference import postprocess, predict, runtime, settings
+    from res_unet.training import metrics
 
-    cfg = runfolder.inference_config([run_dir], None, {})
+    cfg = settings.inference_config([run_dir], None, {})
     pairs = pairing.find_pairs(DATA / "lakes" / "images", DATA / "lakes" / "labels")
     _, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED, cfg.SPLIT_GROUP_PATTERN)
     validation = validation[:max_images] if max_images else validation
-    segmenter = predict.Segmenter([runfolder.load_run(run_dir, cfg.TARGET_SIZE)], cfg)
+    segmenter = predict.Segmenter([runtime.load_run(run_dir, cfg.TARGET_SIZE)], cfg)
     settings = {"threshold_0.5": {"THRESHOLD": 0.5}, "card_threshold": {"THRESHOLD": None},
                 "otsu": {"THRESHOLD": "otsu"},
                 **{name: {"THRESHOLD": None, **step} for name, step in STEPS.items()},
@@ -211,8 +214,9 @@ DEFAULT_MODEL = REPO / "weights" / "lakes_lite0"
 
 def held_out_pairs(run_dir: Path) -> tuple[list[Any], list[Any]]:
     """(training, validation) lakes pairs of the run's own split by lake."""
-    from res_unet import pairing, runfolder
-    from res_unet.split import split_pairs
+    from res_unet.data import pairing
+    from res_unet.data.split import split_pairs
+    from res_unet.training import runfolder
 
     cfg = runfolder.run_config(run_dir)
     pairs = pairing.find_pairs(DATA / "lakes" / "images", DATA / "lakes" / "labels")
@@ -237,8 +241,10 @@ def view_subsets(model: Any, cfg: Any, pairs: list[Any], runner: Any = None
 
     Each flip's blended probability map is computed once; a subset's map is their mean
     (blending and up-sampling are linear, so it equals predicting with that subset)."""
-    from res_unet import metrics, pairing, postprocess, predict
-    from res_unet.runfolder import TTA_VIEWS
+    from res_unet.data import pairing
+    from res_unet.inference import postprocess, predict
+    from res_unet.training import metrics
+    from res_unet.training.runfolder import TTA_VIEWS
 
     lakes = sorted({lake_of(p.stem) for p in pairs})
     half = {lake: i % 2 for i, lake in enumerate(lakes)}
@@ -272,8 +278,8 @@ def view_subsets(model: Any, cfg: Any, pairs: list[Any], runner: Any = None
 def calibration_tiles(model: Any, cfg: Any, pairs: list[Any], count: int) -> list[np.ndarray]:
     """``count`` model-input tiles (1, h, w, B) float32 of training scenes at the working
     scale, spread over the scenes (the tiles segmentation predicts)."""
-    from res_unet import pairing
-    from res_unet.tiling import as_rows, downsample_image, extract_tile, tile_grid
+    from res_unet.data import pairing
+    from res_unet.geo.tiling import as_rows, downsample_image, extract_tile, tile_grid
 
     tiles = []
     for pair in pairs:
@@ -294,7 +300,7 @@ def int8_runner(model: Any, tiles: list[np.ndarray], info: dict[str, Any],
     minutes)."""
     import nncf
 
-    from res_unet.ov_runtime import converted_model, import_openvino, openvino_runner
+    from res_unet.inference.openvino import converted_model, import_openvino, openvino_runner
 
     ov = import_openvino()
     facts = None if saved is None else saved.with_suffix(".json")
@@ -320,7 +326,7 @@ def stacked_predict_batch(models: Sequence[Any], batch: np.ndarray, tta: bool = 
                           ) -> np.ndarray:
     """predict.predict_batch with the views stacked into one model call of N x views tiles
     (the 'stacked' variant: measured, not kept)."""
-    from res_unet import predict
+    from res_unet.inference import predict
 
     batch = np.asarray(batch, dtype=np.float32)
     transforms = predict.tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
@@ -371,8 +377,8 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                        work: Path, int8: Any = None) -> dict[str, Any]:
     """Per variant: median Mpx/s over ``rounds`` interleaved runs of segment_folder over
     ``pairs`` (copied into ``work``), with MFU, peak RSS and water IoU."""
-    from res_unet import predict, runfolder, segment
-    from res_unet.tiling import downsampled_shape, tile_grid
+    from res_unet.geo.tiling import downsampled_shape, tile_grid
+    from res_unet.inference import predict, runtime, segment, settings
 
     folders = {}
     for name, chosen in (("scenes", pairs), ("warmup", pairs[:1])):
@@ -382,8 +388,8 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
         for pair in chosen:
             shutil.copy(pair.image, folders[name][0] / pair.image.name)
             shutil.copy(pair.label, folders[name][1] / pair.label.name)
-    base_cfg = runfolder.inference_config([run_dir])  # no flags: the default path
-    loaded = runfolder.load_run(run_dir, base_cfg.TARGET_SIZE)
+    base_cfg = settings.inference_config([run_dir])  # no flags: the default path
+    loaded = runtime.load_run(run_dir, base_cfg.TARGET_SIZE)
     shapes = [segment.rasters.read_image(p.image)[0].shape[:2] for p in pairs]
     specs = [parse_variant(v) for v in variants]
     sized: dict[int, Any] = {}  # the model loaded at other tile sizes
@@ -403,7 +409,7 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
             source = loaded
             if "tile" in spec:
                 overrides["TARGET_SIZE"] = [spec["tile"], spec["tile"]]
-                source = sized.setdefault(spec["tile"], runfolder.load_run(
+                source = sized.setdefault(spec["tile"], runtime.load_run(
                     run_dir, (spec["tile"], spec["tile"])))
             model = with_views(source, spec["views"]) if "views" in spec else (
                 with_views(source, None) if spec.get("before") else copy.copy(source))
@@ -411,7 +417,7 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                 overrides["INFER_RUNTIME"] = "openvino"
                 model.runtime, model.auto, model._fn = "openvino", False, int8
             elif "streams" in spec or "threads" in spec or "hint" in spec:
-                from res_unet.ov_runtime import openvino_runner
+                from res_unet.inference.openvino import openvino_runner
 
                 opts: dict[str, Any] = {"PERFORMANCE_HINT": spec.get("hint", "LATENCY")}
                 if "streams" in spec or "hint" not in spec:
@@ -423,7 +429,7 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                 model._fn = openvino_runner(model._openvino_model(), opts)
             else:
                 model._fn = None
-            cfg = runfolder.inference_config([run_dir], None, overrides)
+            cfg = settings.inference_config([run_dir], None, overrides)
             out = work / f"out_{spec['name'].replace('=', '-').replace(':', '_')}_{r + 1}"
             step = (patched(predict, "predict_batch", stacked_predict_batch)
                     if spec.get("stacked") else contextlib.nullcontext())
@@ -463,14 +469,14 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
 
 def default_path(args: argparse.Namespace) -> dict[str, Any]:
     """The default-path report: view subsets, INT8, interleaved speed, against Gym."""
-    from res_unet import runfolder
+    from res_unet.inference import runtime, settings
 
     os.environ.setdefault("RES_UNET_CACHE_DIR", tempfile.mkdtemp(prefix="bench_ov_cache_"))
     run_dir = args.model or DEFAULT_MODEL
     peak_start = matmul_peak()
     train, held_out = held_out_pairs(run_dir)
-    cfg = runfolder.inference_config([run_dir], None, {"DOPLOT": False})
-    loaded = runfolder.load_run(run_dir, cfg.TARGET_SIZE)
+    cfg = settings.inference_config([run_dir], None, {"DOPLOT": False})
+    loaded = runtime.load_run(run_dir, cfg.TARGET_SIZE)
     report: dict[str, Any] = {
         "benchmark": "default segmentation path", "model": str(run_dir.relative_to(REPO))
         if run_dir.is_relative_to(REPO) else str(run_dir),
@@ -481,10 +487,10 @@ def default_path(args: argparse.Namespace) -> dict[str, Any]:
         report["views_float32"] = view_subsets(loaded, cfg, held_out)
     for size in args.views_tiles:
         print(f"view subsets (float32, {size}-px tiles)", file=sys.stderr, flush=True)
-        sized_cfg = runfolder.inference_config([run_dir], None, {"DOPLOT": False,
+        sized_cfg = settings.inference_config([run_dir], None, {"DOPLOT": False,
                                                                  "TARGET_SIZE": [size, size]})
         report[f"views_float32_tile{size}"] = view_subsets(
-            runfolder.load_run(run_dir, (size, size)), sized_cfg, held_out)
+            runtime.load_run(run_dir, (size, size)), sized_cfg, held_out)
     int8 = None
     if args.int8:
         info: dict[str, Any] = {}
@@ -615,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        from res_unet.atomic import write_atomic
+        from res_unet.core.atomic import write_atomic
 
         write_atomic(args.out, text + "\n")
     write_result(report, args.json_out)

@@ -87,22 +87,14 @@ class StageTimer:
 
 def instrument(timer: StageTimer) -> None:
     """Wrap the functions of each stage of segment_folder."""
-    from res_unet import (
-        pairing,
-        postprocess,
-        predict,
-        rasters,
-        report,
-        runfolder,
-        segment,
-        tiling,
-        writers,
-    )
+    from res_unet.data import pairing, report
+    from res_unet.geo import rasters, tiling, writers
+    from res_unet.inference import postprocess, predict, runtime, segment
 
     timer.wrap(pairing, "load_image", "read")
     timer.wrap(rasters.RasterRows, "rows", "read")
     timer.wrap(tiling, "extract_tile", "tiles")
-    timer.wrap(runfolder.LoadedModel, "__call__", "model")
+    timer.wrap(runtime.LoadedModel, "__call__", "model")
     timer.wrap(predict, "predict_batch", "tta")
     for method in ("add", "pop_rows", "result"):
         timer.wrap(tiling.TileBlender, method, "blend")
@@ -118,10 +110,11 @@ def instrument(timer: StageTimer) -> None:
 def run_variant(model_dir: Path, images: Path, limit: int, tta: bool, runtime: str,
                 peak_gflops: float) -> dict[str, Any]:
     """Segment up to ``limit`` images of ``images`` with timers; the stage table."""
-    from res_unet import pairing
+    from res_unet.data import pairing
+    from res_unet.inference.runtime import LoadedModel, load_run
+    from res_unet.inference.segment import segment_folder
+    from res_unet.inference.settings import inference_config
     from res_unet.models.helpers import count_flops
-    from res_unet.runfolder import LoadedModel, inference_config, load_run
-    from res_unet.segment import segment_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
@@ -184,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import tensorflow as tf
 
-    from res_unet.devices import onednn_enabled
+    from res_unet.training.devices import onednn_enabled
 
     peak = matmul_peak(tf.float32)
     out: dict[str, Any] = {"model": str(args.model), "runtime": args.runtime,

@@ -6,7 +6,7 @@
                                 [--no-confusion] [--keras-batchnorm]
                                 [--inter-op N] [--intra-op N]
 
-For each precision: images/s of the real training step (res_unet.train.Trainer, the same
+For each precision: images/s of the real training step (res_unet.training.train.Trainer, the same
 code train_resunet runs) on random data held in memory, the model's forward FLOPs per image,
 training FLOPs (3x forward: forward + two backward matmuls per layer), achieved GFLOP/s, model
 FLOPs utilisation against the float32 / bfloat16 matmul peak measured here, and peak RSS.
@@ -38,10 +38,10 @@ import numpy as np
 import tensorflow as tf
 from common import add_json_out, cpu_flags, matmul_peak, write_result
 
-from res_unet.config import config_from_dict
-from res_unet.devices import cpu_supports_bf16, device_description, onednn_enabled
+from res_unet.config.keys import config_from_dict
 from res_unet.models.helpers import count_flops
-from res_unet.train import Trainer
+from res_unet.training.devices import cpu_supports_bf16, device_description, onednn_enabled
+from res_unet.training.train import Trainer
 
 
 def bench_precision(precision: str, size: int, batch: int, steps: int, filters: int,
@@ -97,7 +97,7 @@ def main() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     if args.no_confusion:
-        from res_unet import metrics
+        from res_unet.training import metrics
 
         metrics.batch_confusion = lambda y, prob, n, *a, **k: tf.zeros((n, n), tf.float64)
     peaks = {"float32": matmul_peak(tf.float32), "mixed_bfloat16": matmul_peak(tf.bfloat16)}

@@ -293,7 +293,7 @@ def gym_seg_stage(args: argparse.Namespace) -> None:
 # Stages run by res_unet's interpreter -----------------------------------------------------
 
 def res_train_stage(args: argparse.Namespace) -> None:
-    """Time the res_unet training step (res_unet.train.Trainer, as train_resunet runs it)
+    """Time the res_unet training step (res_unet.training.train.Trainer, as train_resunet runs it)
     on the dataset make_tfrecords built; optionally write a run folder for segmentation."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
@@ -302,11 +302,11 @@ def res_train_stage(args: argparse.Namespace) -> None:
     # isort: split
     import tensorflow as tf
 
-    from res_unet import records
-    from res_unet.config import config_from_dict, save_config
+    from res_unet.config.keys import config_from_dict, save_config
+    from res_unet.data import records
     from res_unet.models.helpers import count_flops
-    from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
-    from res_unet.train import Trainer
+    from res_unet.training.runfolder import CardInput, ModelCard, TrainingFacts
+    from res_unet.training.train import Trainer
 
     peak = matmul_peak()
     values = {**RES_CONFIG, "FILTERS": args.filters or 8, "DEPTH": args.depth or 4}
@@ -587,8 +587,8 @@ def filters_depth(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not FILTERS:DEPTH, e.g. 6:5") from None
     sys.path.insert(0, str(REPO))
-    from res_unet.config import config_from_dict
-    from res_unet.errors import UserError
+    from res_unet.config.keys import config_from_dict
+    from res_unet.core.errors import UserError
 
     try:  # the config's own bounds (FILTERS 1-1024, DEPTH 1-7)
         config_from_dict({"FILTERS": filters, "DEPTH": depth}, source=f"--resunet {text}")

@@ -6,7 +6,7 @@
 For each recipe: build its dataset (make_tfrecords), train it for the same training time
 (MAX_TRAIN_MINUTES; validation excluded), then segment the whole validation scenes at full
 resolution as seg_images_in_folder does (tiles, blending, no TTA, no CRF) and score them
-(``res_unet.scoring.evaluate_scenes``). Binary scores are given at 0.5 and at the
+(``res_unet.inference.scoring.evaluate_scenes``). Binary scores are given at 0.5 and at the
 scene-optimal threshold. The recipes differ from the shipped configs only in the keys listed
 in ``RECIPES``. Needs ../shared/data (see its README); run by hand, one at a time.
 """
@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from res_unet.config import config_from_dict, load_config  # noqa: E402
+from res_unet.config.keys import config_from_dict, load_config  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -75,8 +75,10 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", help="names of recipes to run (default all)")
     args = parser.parse_args()
 
-    from res_unet import devices, records, scoring, train
-    from res_unet.dataset import make_dataset
+    from res_unet.data import records
+    from res_unet.data.dataset import make_dataset
+    from res_unet.inference import scoring
+    from res_unet.training import devices, train
 
     source = DATA / args.dataset
     if not source.is_dir():

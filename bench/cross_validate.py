@@ -7,7 +7,7 @@
 For each fold: build the dataset with those groups held out (VALIDATION_GROUPS), train the
 config as train_resunet does, then segment the fold's whole validation scenes at full
 resolution as seg_images_in_folder does (tiles, blending, the config's TTA) and score them
-(``res_unet.scoring.evaluate_scenes``). The result gives each fold's scores and the pooled
+(``res_unet.inference.scoring.evaluate_scenes``). The result gives each fold's scores and the pooled
 scores of all folds' confusion matrices together: every image is scored once, by the model
 that never saw its group. Folds already finished in ``--out`` are read, not retrained; a fold
 killed part-way resumes from its run folder. Run by hand, one at a time.
@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 import res_unet  # noqa: E402,F401  (before TensorFlow: turns on oneDNN)
 from res_unet.cli import run_command  # noqa: E402
-from res_unet.config import Config, config_from_dict, load_config  # noqa: E402
-from res_unet.errors import UserError  # noqa: E402
+from res_unet.config.keys import Config, config_from_dict, load_config  # noqa: E402
+from res_unet.core.errors import UserError  # noqa: E402
 
 FOLDS_FIX = ("a fold is the comma-separated names of the groups it holds out (of "
              "SPLIT_GROUP_PATTERN, or file stems), e.g. --folds tile1,tile2 tile4,tile5")
@@ -84,8 +84,8 @@ def parse_folds(folds: list[str]) -> list[list[str]]:
 def check_folds(cfg: Config, data: Path, folds: list[list[str]]) -> None:
     """UserError naming the first fold group that matches no group of the images in
     ``data`` (listing those that exist), or a fold that holds out every group."""
-    from res_unet.pairing import find_pairs
-    from res_unet.split import group_pairs
+    from res_unet.data.pairing import find_pairs
+    from res_unet.data.split import group_pairs
 
     pairs = find_pairs(data / "images", data / "labels", cfg.USEMASK, cfg.EXTRA_BAND_DIRS)
     known = [g for g in group_pairs(pairs, cfg.SPLIT_GROUP_PATTERN) if not g.startswith("\0")]
@@ -121,9 +121,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import numpy as np
 
-    from res_unet import devices, metrics, records, scoring, train
-    from res_unet.dataset import make_dataset
-    from res_unet.runfolder import EVALUATION, ModelCard, read_json
+    from res_unet.data import records
+    from res_unet.data.dataset import make_dataset
+    from res_unet.inference import scoring
+    from res_unet.training import devices, metrics, train
+    from res_unet.training.runfolder import EVALUATION, ModelCard, read_json
 
     rows, pooled = [], None
     for groups, cfg in zip(folds, configs, strict=True):

@@ -3,7 +3,7 @@
     python docs/generate.py            # rewrite the generated files and blocks
     python docs/generate.py --check    # exit 1 naming the stale ones (tests/test_docs.py)
 
-- `docs/config.md`: from `res_unet.config.reference_markdown()` (the `Config` dataclass);
+- `docs/config.md`: from `res_unet.config.keys.reference_markdown()` (the `Config` dataclass);
 - `docs/models.md`, `weights/README.md`, the models table of `README.md` and the figure
   block of each `weights/NAME/README.md`: from each `weights/NAME/model_card.json` (and
   the title line of its README); blocks sit between `<!-- generated:NAME ... -->` markers;
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from res_unet.config import reference_markdown  # noqa: E402  (after the path above)
+from res_unet.config.keys import reference_markdown  # noqa: E402  (after the path above)
 
 WEIGHTS = REPO / "weights"
 RESULTS = REPO / "bench" / "results"
@@ -269,7 +269,7 @@ def weights_readme() -> str:
 CONFIG_INTRO = """\
 # Config reference
 
-Every key, its type, default and meaning, generated from `res_unet/config.py` (the typed
+Every key, its type, default and meaning, generated from `res_unet/config/keys.py` (the typed
 `Config`). Start from a config in `config/`: `config/reference.json` lists every key with
 its default and a `_KEY` comment (keys starting with `_` are comments).
 
@@ -493,7 +493,7 @@ def replace_block(text: str, name: str, body: str, path: Path) -> str:
 
 def reference_json() -> str:
     """config/reference.json: every key with its default, each explained by a '_KEY' entry."""
-    from res_unet.config import Config
+    from res_unet.config.keys import Config
 
     raw: dict[str, Any] = {"_comment": "Every key with its default value; '_KEY' entries "
                            "explain the key below them. Copy and delete what you do not "

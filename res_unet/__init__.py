@@ -24,7 +24,7 @@ Eigen kernels it uses otherwise (``bench/bench_train.py``). The variable is read
 TensorFlow loads, so import res_unet first (the commands do); set it to 0 to opt out.
 
 It also points Keras' and matplotlib's own folders (``KERAS_HOME``, ``MPLCONFIGDIR``) into
-res_unet's cache unless they are set (:mod:`res_unet.caches`), so that nothing is written
+res_unet's cache unless they are set (:mod:`res_unet.core.caches`), so that nothing is written
 in the home folder but the cache.
 """
 
@@ -34,7 +34,7 @@ import importlib
 import os
 from typing import Any
 
-from res_unet.caches import keep_library_files_in_cache
+from res_unet.core.caches import keep_library_files_in_cache
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 keep_library_files_in_cache()
@@ -43,22 +43,22 @@ __version__ = "0.2.0"
 
 # Public name -> (module, attribute).
 _API = {
-    "Config": ("res_unet.config", "Config"),
-    "load_config": ("res_unet.config", "load_config"),
-    "UserError": ("res_unet.errors", "UserError"),
-    "make_dataset": ("res_unet.dataset", "make_dataset"),
-    "read_manifest": ("res_unet.records", "read_manifest"),
-    "load_dataset": ("res_unet.records", "load_dataset"),
+    "Config": ("res_unet.config.keys", "Config"),
+    "load_config": ("res_unet.config.keys", "load_config"),
+    "UserError": ("res_unet.core.errors", "UserError"),
+    "make_dataset": ("res_unet.data.dataset", "make_dataset"),
+    "read_manifest": ("res_unet.data.records", "read_manifest"),
+    "load_dataset": ("res_unet.data.records", "load_dataset"),
     "build_model": ("res_unet.models", "build_model"),
-    "train_model": ("res_unet.train", "train"),
-    "ModelCard": ("res_unet.runfolder", "ModelCard"),
-    "LoadedModel": ("res_unet.runfolder", "LoadedModel"),
-    "load_run": ("res_unet.runfolder", "load_run"),
-    "Segmenter": ("res_unet.predict", "Segmenter"),
-    "inference_config": ("res_unet.runfolder", "inference_config"),
-    "segment_folder": ("res_unet.segment", "segment_folder"),
-    "evaluate_scenes": ("res_unet.scoring", "evaluate_scenes"),
-    "LabelSource": ("res_unet.labelsource", "LabelSource"),
+    "train_model": ("res_unet.training.train", "train"),
+    "ModelCard": ("res_unet.training.runfolder", "ModelCard"),
+    "LoadedModel": ("res_unet.inference.runtime", "LoadedModel"),
+    "load_run": ("res_unet.inference.runtime", "load_run"),
+    "Segmenter": ("res_unet.inference.predict", "Segmenter"),
+    "inference_config": ("res_unet.inference.settings", "inference_config"),
+    "segment_folder": ("res_unet.inference.segment", "segment_folder"),
+    "evaluate_scenes": ("res_unet.inference.scoring", "evaluate_scenes"),
+    "LabelSource": ("res_unet.data.labelsource", "LabelSource"),
 }
 __all__ = ["__version__", *sorted(_API)]
 

@@ -10,7 +10,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 
-from res_unet.errors import UserError
+from res_unet.core.errors import UserError
 
 
 @contextlib.contextmanager

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from res_unet.errors import UserError
-from res_unet.writers import write_png
+from res_unet.core.errors import UserError
+from res_unet.geo.writers import write_png
 
 LAND, WATER, FOREST, BUILT = 0, 1, 2, 3
 _NAME = re.compile(r"^demo_(\d+)\.png$")

@@ -18,7 +18,7 @@ import dataclasses
 import sys
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
-from res_unet.config import load_config
+from res_unet.config.keys import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layer is not None:
         cfg = dataclasses.replace(cfg, LABEL_LAYER=args.layer)
     quiet_tensorflow()
-    from res_unet import dataset, records
+    from res_unet.data import dataset, records
 
     manifest = dataset.make_dataset(cfg, args.images, args.labels, args.out,
                                     workers=args.workers, overwrite=args.overwrite)

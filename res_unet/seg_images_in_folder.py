@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
-from res_unet.config import key_choices, load_config
-from res_unet.errors import UserError
+from res_unet.config.keys import key_choices, load_config
+from res_unet.core.errors import UserError
 
 
 def _threshold(text: str) -> float | str:
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if run_config.exists():
         select_devices(load_config(run_config).SET_GPU)
     quiet_tensorflow()
-    from res_unet import runfolder, segment
+    from res_unet.inference import segment, settings
 
     shard = parse_shard(args.shard)
-    cfg = runfolder.inference_config(args.model, args.config, _overrides(args))
+    cfg = settings.inference_config(args.model, args.config, _overrides(args))
     summary = segment.segment_folder(cfg, args.model, args.images, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train (or evaluate), print a JSON summary. Returns the exit code."""
     args = build_parser().parse_args(argv)
-    from res_unet.config import config_from_dict, load_config
+    from res_unet.config.keys import config_from_dict, load_config
 
     cfg = load_config(args.config)
     overrides = {}
@@ -56,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
     select_devices(cfg.SET_GPU)
     quiet_tensorflow()
-    from res_unet import devices, train
+    from res_unet.training import devices, train
 
     card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
                        export_saved_model=not args.no_export, overwrite=args.overwrite)
     scenes = None
     # Only the process that wrote the run folder scores it (other workers have none).
     if not args.no_scene_eval and devices.is_chief():
-        from res_unet import scoring
+        from res_unet.inference import scoring
 
         scenes = scoring.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
     scores = card.validation["scores_at_threshold"] or card.validation["scores"]

@@ -78,7 +78,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """12 synthetic 128x128 scenes as 64x64 tiles in a make_tfrecords dataset (binary)."""
     from helpers import make_config
 
-    from res_unet.dataset import make_dataset
+    from res_unet.data.dataset import make_dataset
     from res_unet.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("tiny")
@@ -94,7 +94,7 @@ def trained_run(tiny_dataset, tmp_path_factory):
     except evaluate-only re-runs, which rewrite the same evaluation."""
     from helpers import make_config
 
-    from res_unet import train
+    from res_unet.training import train
 
     cfg = make_config(MAX_EPOCHS=3, DOPLOT=True)
     run = tmp_path_factory.mktemp("trained_run") / "run"

@@ -22,8 +22,8 @@ def main() -> None:
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     else:
         strategy = None  # train() picks MultiWorkerMirroredStrategy from TF_CONFIG
-    from res_unet.config import load_config
-    from res_unet.train import train
+    from res_unet.config.keys import load_config
+    from res_unet.training.train import train
 
     card = train(load_config(config_path), data, out, strategy=strategy, progress=False,
                  export_saved_model=False)

@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from res_unet.config import Config, config_from_dict, save_config
-from res_unet.runfolder import CardInput, ModelCard, TrainingFacts
+from res_unet.config.keys import Config, config_from_dict, save_config
+from res_unet.training.runfolder import CardInput, ModelCard, TrainingFacts
 
 # Real imagery beside the repository (../shared/data); tests that need it skip without it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -58,7 +58,7 @@ def write_sources(root: Path, dtype: str, bands: int, n_classes: int = 2,
     """Random images (PNG for uint8 RGB, TIFF otherwise) and labels; returns {stem: arrays}."""
     import tifffile
 
-    from res_unet.writers import write_png
+    from res_unet.geo.writers import write_png
 
     rng = np.random.default_rng(5)
     (root / "images").mkdir(parents=True)
@@ -81,7 +81,7 @@ def write_sources(root: Path, dtype: str, bands: int, n_classes: int = 2,
 
 def expected_tiles(image, label, tile=(16, 16)):
     """The (image, label) tiles a 16 x 16 tile dataset holds for one source, in order."""
-    from res_unet.tiling import tile_grid
+    from res_unet.geo.tiling import tile_grid
 
     return [(image[r:r + tile[0], c:c + tile[1]], label[r:r + tile[0], c:c + tile[1]])
             for r, c in tile_grid(image.shape[:2], tile, 0.0)]

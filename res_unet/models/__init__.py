@@ -1,6 +1,6 @@
 """Segmentation models: :func:`build_model` builds the architecture the config names.
 
-The architectures are named in :mod:`res_unet.registry` (:data:`MODELS`, re-exported here),
+The architectures are named in :mod:`res_unet.config.registry` (:data:`MODELS`, re-exported here),
 which the config reads without loading Keras; each entry says which model file here builds
 it. The U-Net's encoders are records in :mod:`res_unet.models.encoders` (one file per
 encoder family). Functions that work on a built model of any architecture are in
@@ -23,12 +23,12 @@ import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from res_unet.registry import ENCODERS, MODELS, Architecture
+from res_unet.config.registry import ENCODERS, MODELS, Architecture
 
 if TYPE_CHECKING:
     import keras
 
-    from res_unet.config import Config
+    from res_unet.config.keys import Config
 
 __all__ = ["ENCODERS", "MODELS", "Architecture", "build_model"]
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from res_unet.errors import UserError
+from res_unet.core.errors import UserError
 
 INPUT_NAME = "image"
 NORMALIZATION_NAME = "band_normalization"

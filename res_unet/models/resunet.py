@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import keras
 
-from res_unet.config import Config
+from res_unet.config.keys import Config
 from res_unet.models.layers import (
     INPUT_NAME,
     band_normalization,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import keras
 
-from res_unet.config import Config
+from res_unet.config.keys import Config
 from res_unet.models.encoders import encoder_spec
 from res_unet.models.layers import (
     INPUT_NAME,

@@ -8,7 +8,7 @@ multiples of 32 or None, and returns a dict {"P1": ..., "P5": ...} of feature ma
 
 A family of encoders is one file here defining ``ENCODERS`` = {name: EncoderSpec}
 (``efficientnet.py``: keras.applications B0..B7; ``efficientnet_lite.py``: Lite0..2),
-registered by one ``EncoderFamily`` entry in :data:`res_unet.registry.ENCODER_FAMILIES`,
+registered by one ``EncoderFamily`` entry in :data:`res_unet.config.registry.ENCODER_FAMILIES`,
 which the config reads without Keras. This module imports no Keras itself: a family's file
 is imported when one of its encoders is asked for (:func:`encoder_spec`).
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from res_unet.registry import ENCODER_FAMILIES
+from res_unet.config.registry import ENCODER_FAMILIES
 
 if TYPE_CHECKING:
     import keras

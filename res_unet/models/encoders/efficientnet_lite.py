@@ -32,7 +32,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from res_unet.errors import UserError
+from res_unet.core.errors import UserError
 from res_unet.models.encoders import EncoderSpec
 from res_unet.models.layers import ENCODER_NAME, adapt_stem_kernel, leaf_layers
 from res_unet.models.pth import PthError, read_pth

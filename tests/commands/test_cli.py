@@ -1,0 +1,93 @@
+"""The commands' shared front end: one-line errors and exit codes for every kind of failure."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from res_unet import cli
+from res_unet.core.atomic import check_writable
+from res_unet.core.errors import UserError
+
+
+@pytest.mark.parametrize("module", ["make_tfrecords", "train_resunet", "seg_images_in_folder"])
+def test_argument_errors_are_one_line(module, capsys):
+    import importlib
+
+    main = importlib.import_module(f"res_unet.{module}").main
+    assert cli.run_command(main, ["--bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: command line: ")
+    assert "--help" in err[0] and "usage:" not in err[0]
+
+
+def test_make_tfrecords_reads_the_config_before_tensorflow(tmp_path, monkeypatch, capsys):
+    """A config typo is reported before TensorFlow is imported (0.1 s, not 5-7 s)."""
+    from res_unet import make_tfrecords
+
+    def too_early():
+        raise AssertionError("TensorFlow imported before the config was read")
+
+    monkeypatch.setattr(make_tfrecords, "quiet_tensorflow", too_early)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"TARGET_SIZ": [64, 64]}))
+    args = ["--config", str(config), "--images", str(tmp_path), "--labels", str(tmp_path),
+            "--out", str(tmp_path / "out")]
+    assert cli.run_command(make_tfrecords.main, args) == 2
+    assert "TARGET_SIZ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_late_disk_errors_are_one_line_naming_the_path(code, capsys):
+    def fails(argv):
+        raise OSError(code, "simulated", "/data/out/mask_predseg.png")
+
+    assert cli.run_command(fails, []) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: /data/out/mask_predseg.png: simulated;")
+
+
+def test_other_os_errors_are_not_disguised():
+    def fails(argv):
+        raise OSError(errno.EIO, "io")
+
+    with pytest.raises(OSError):
+        cli.run_command(fails, [])
+
+
+def test_check_writable(tmp_path):
+    check_writable(tmp_path / "new" / "deeper")  # created later; its parent is writable
+    assert not (tmp_path / "new").exists(), "the check creates nothing"
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file" / "out")
+    with pytest.raises(UserError, match="cannot write there"):
+        check_writable("/proc/res_unet_out")
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, trained_run, tmp_path):
+    """/proc accepts no new files, as a read-only mount or a folder without permission
+    would not: each command says so at once instead of failing after the work."""
+    from helpers import make_config
+
+    from res_unet.data import records
+    from res_unet.data.dataset import make_dataset
+    from res_unet.demo import make_demo_dataset
+    from res_unet.inference import segment, settings
+    from res_unet.training import train
+
+    manifest = records.read_manifest(tiny_dataset)
+    with pytest.raises(UserError, match="/proc/res_unet_run: cannot write there"):
+        train.train(make_config(MAX_EPOCHS=1), tiny_dataset, "/proc/res_unet_run",
+                    progress=False)
+    with pytest.raises(UserError, match="/proc/res_unet_ds: cannot write there"):
+        make_dataset(make_config(), manifest.images_dir, manifest.labels_dir,
+                     "/proc/res_unet_ds")
+    images, _ = make_demo_dataset(tmp_path / "demo", 1, (64, 64), seed=1)
+    _, run, _ = trained_run
+    cfg = settings.inference_config([run])
+    with pytest.raises(UserError, match="/proc/res_unet_seg: cannot write there"):
+        segment.segment_folder(cfg, [run], images, "/proc/res_unet_seg", progress=False)
