@@ -417,7 +417,7 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                 overrides["INFER_RUNTIME"] = "openvino"
                 model.runtime, model.auto, model._fn = "openvino", False, int8
             elif "streams" in spec or "threads" in spec or "hint" in spec:
-                from res_unet.inference.openvino import openvino_runner
+                from res_unet.inference.openvino import converted_model, openvino_runner
 
                 opts: dict[str, Any] = {"PERFORMANCE_HINT": spec.get("hint", "LATENCY")}
                 if "streams" in spec or "hint" not in spec:
@@ -426,7 +426,8 @@ def default_path_speed(run_dir: Path, pairs: list[Any], variants: list[str], rou
                     opts["INFERENCE_NUM_THREADS"] = spec["threads"]
                 overrides["INFER_RUNTIME"] = "openvino"
                 model.runtime, model.auto = "openvino", False
-                model._fn = openvino_runner(model._openvino_model(), opts)
+                converted = converted_model(model.model, model.openvino_cache())
+                model._fn = openvino_runner(converted, opts)
             else:
                 model._fn = None
             cfg = settings.inference_config([run_dir], None, overrides)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from res_unet.config.registry import ENCODERS, MODELS
+from res_unet.config.registry import ENCODERS, MODELS, RUNTIMES
 from res_unet.config.rules import check_consistency
 from res_unet.config.upgrade import upgrade_keys
 from res_unet.core.atomic import write_atomic
@@ -298,8 +298,7 @@ class Config:
                               "or 'openvino_bf16' (OpenVINO in bfloat16 on CPUs with AMX or "
                               "AVX512-BF16, float32 elsewhere: about 2x faster again, with "
                               "0.05-0.25 % of pixels changing class).",
-                              choices=("auto", "tensorflow", "openvino", "openvino_bf16"),
-                              group="segmentation")
+                              choices=("auto", *RUNTIMES), group="segmentation")
     BLEND_WINDOW: str = _key("hann", "Tile blending window: 'hann', 'spline' or 'flat'.",
                              choices=("hann", "spline", "flat"), group="segmentation")
     TESTTIMEAUG: bool = _key(False, "Average predictions over flips: those the model card "

@@ -8,6 +8,11 @@ data: it imports neither Keras nor TensorFlow (the model file is imported when a
 built), so a config is read and checked before TensorFlow loads. Adding an architecture is
 one model file and one entry here.
 
+Runtimes are registered here too (:data:`RUNTIMES`): each names the module of
+:mod:`res_unet.inference` and the function that makes a batch -> probabilities call of a
+loaded model, and the package it needs. INFER_RUNTIME offers 'auto' and these names; adding a
+runtime is that module and one ``Runtime`` entry here.
+
 Encoders are registered here too, by family (:data:`ENCODER_FAMILIES`): each family is one
 file of :mod:`res_unet.models.encoders` holding an ``EncoderSpec`` record per encoder name
 (builder of the P1..P5 features, weights, input statistics, decoder widths). Adding an
@@ -24,8 +29,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from res_unet.config.keys import Config
 
-__all__ = ["ENCODERS", "ENCODER_FAMILIES", "LOSS_TERMS", "MODELS", "Architecture",
-           "EncoderFamily"]
+__all__ = ["ENCODERS", "ENCODER_FAMILIES", "LOSS_TERMS", "MODELS", "RUNTIMES", "Architecture",
+           "EncoderFamily", "Runtime"]
 
 # The terms a LOSS may weigh (res_unet.training.losses implements each).
 LOSS_TERMS = ("dice", "focal", "boundary", "ce")
@@ -114,3 +119,31 @@ MODELS: dict[str, Architecture] = {a.name: a for a in _ARCHITECTURES}
 
 # Every ENCODER value some architecture accepts, without repeats.
 ENCODERS: tuple[str, ...] = tuple(dict.fromkeys(e for a in _ARCHITECTURES for e in a.encoders))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One INFER_RUNTIME value: what runs a loaded model.
+
+    Attributes:
+        module: the module of :mod:`res_unet.inference` that defines ``function``.
+        function: ``function(loaded: LoadedModel) -> Callable[[np.ndarray], np.ndarray]``,
+            float32 raw-pixel batches (N, h, w, bands) -> float32 probabilities.
+        package: the Python package it needs (imported only when used), or None.
+        extra: the res_unet extra that installs ``package`` (for the message when missing).
+    """
+
+    module: str
+    function: str
+    package: str | None = None
+    extra: str | None = None
+
+
+# INFER_RUNTIME -> Runtime ('auto' chooses among them: res_unet.inference.runtime).
+RUNTIMES: dict[str, Runtime] = {
+    "tensorflow": Runtime(module="runtime", function="tensorflow_runner"),
+    "openvino": Runtime(module="openvino", function="float32_runner", package="openvino",
+                        extra="openvino"),
+    "openvino_bf16": Runtime(module="openvino", function="bf16_runner", package="openvino",
+                             extra="openvino"),
+}

@@ -10,6 +10,8 @@ A new runtime is a runner in a module of its own and a branch in
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from res_unet.config.registry import RUNTIMES
 from res_unet.core.errors import UserError
 from res_unet.data.records import file_sha256
 from res_unet.inference import openvino as ov_runtime
@@ -73,12 +76,13 @@ class LoadedModel:
                    n_outputs=int(model.output_shape[-1]), threshold=threshold)
 
     def use_runtime(self, runtime: str) -> None:
-        """Run the model with 'tensorflow', 'openvino', 'openvino_bf16' or 'auto' (TensorFlow
-        when it sees a GPU or OpenVINO is not installed, else OpenVINO if :meth:`prepare`
-        finds it sound). OpenVINO compiles the model's float32 twin for this CPU on first
-        use (seconds) and gives the same probabilities to about 1e-5; 'openvino_bf16' lets
-        it compute in bfloat16 where the CPU has bf16 units (faster, probabilities move by
-        ~1e-2). Raises UserError when OpenVINO is asked for and is not installed."""
+        """Run the model with one of :data:`res_unet.config.registry.RUNTIMES` ('tensorflow',
+        'openvino', 'openvino_bf16') or 'auto' (TensorFlow when it sees a GPU or OpenVINO is
+        not installed, else OpenVINO if :meth:`prepare` finds it sound). OpenVINO compiles
+        the model's float32 twin for this CPU on first use (seconds) and gives the same
+        probabilities to about 1e-5; 'openvino_bf16' lets it compute in bfloat16 where the
+        CPU has bf16 units (faster, probabilities move by ~1e-2). Raises UserError when a
+        runtime's package is not installed."""
         self.auto = runtime == "auto"
         note = ""
         if self.auto:
@@ -87,9 +91,13 @@ class LoadedModel:
                 runtime, note = "tensorflow", "TensorFlow sees a GPU"
             elif not ov_runtime.openvino_installed():
                 runtime, note = "tensorflow", "OpenVINO is not installed"
-        elif runtime.startswith("openvino") and not ov_runtime.openvino_installed():
-            raise UserError(f"INFER_RUNTIME '{runtime}' needs the openvino package: pip "
-                            "install 'res_unet[openvino]' (or use --runtime tensorflow)")
+        elif runtime not in RUNTIMES:
+            raise UserError(f"INFER_RUNTIME {runtime!r} is not one of auto, "
+                            f"{', '.join(RUNTIMES)}")
+        elif not _installed(RUNTIMES[runtime].package):
+            spec = RUNTIMES[runtime]
+            raise UserError(f"INFER_RUNTIME '{runtime}' needs the {spec.package} package: pip "
+                            f"install 'res_unet[{spec.extra}]' (or use --runtime tensorflow)")
         if runtime != self.runtime or self.auto:
             self.runtime, self.runtime_note, self._fn = runtime, note, None
 
@@ -105,7 +113,7 @@ class LoadedModel:
             try:
                 probe = ov_runtime.probe_batch(self.tile_hw, self.n_bands, self.input_dtype)
                 run, self.runtime, self.runtime_note = ov_runtime.auto_openvino(
-                    self._float32_model(), self._openvino_cache(), probe, self.threshold)
+                    self.float32_model(), self.openvino_cache(), probe, self.threshold)
             except Exception as exc:  # no float32 twin, or OpenVINO unusable: TensorFlow
                 run, self.runtime = None, "tensorflow"
                 self.runtime_note = f"OpenVINO failed, {ov_runtime.failure_cause(exc)}"
@@ -114,7 +122,7 @@ class LoadedModel:
             try:
                 self._fn = self._compile()
             except Exception as exc:  # OpenVINO raises many types; TensorFlow's propagate
-                if not self.runtime.startswith("openvino"):
+                if self.runtime == "tensorflow":  # the reference runtime: a real error
                     raise
                 raise UserError(f"{self.weights or 'the model'}: INFER_RUNTIME '{self.runtime}' "
                                 f"cannot run this model ({ov_runtime.failure_cause(exc)}); use "
@@ -122,23 +130,19 @@ class LoadedModel:
         return self.runtime + (f" ({'auto: ' if self.auto else ''}{self.runtime_note})"
                                if self.runtime_note else "")
 
-    def _float32_model(self) -> keras.Model:
+    def float32_model(self) -> keras.Model:
         """The model computing in float32 (its float32 twin when it is mixed precision)."""
         if self._twin is None:
             self._twin = ov_runtime.float32_twin(self.model)
         return self._twin
 
     def _compile(self) -> Any:
-        if self.runtime.startswith("openvino"):
-            bf16 = {"INFERENCE_PRECISION_HINT": "bf16"} if self.runtime == "openvino_bf16" else {}
-            return ov_runtime.openvino_runner(self._openvino_model(), bf16)
-        return ov_runtime.tensorflow_runner(self.model, self.tile_hw, self.n_bands)
+        """This model's batch call on its runtime, through the runtime's registry entry."""
+        spec = RUNTIMES[self.runtime]
+        module = importlib.import_module(f"res_unet.inference.{spec.module}")
+        return getattr(module, spec.function)(self)
 
-    def _openvino_model(self) -> Any:
-        """The model converted to OpenVINO, through the cache (converting 5-12 s, reading 0.01)."""
-        return ov_runtime.converted_model(self.model, self._openvino_cache())
-
-    def _openvino_cache(self) -> Path | None:
+    def openvino_cache(self) -> Path | None:
         """This model's folder in the OpenVINO conversion cache, keyed by the weights file's
         content, the tile size, and the versions of OpenVINO, Keras and res_unet; None for
         a model that was not loaded from a file. 'float32 twin' in the key keeps out entries
@@ -163,6 +167,21 @@ class LoadedModel:
                 # Prepared on first use (scene evaluation): nothing else says why.
                 print(f"note: runtime {described}", file=sys.stderr)
         return self._fn(np.ascontiguousarray(batch, np.float32))
+
+
+def _installed(package: str | None) -> bool:
+    """Whether ``package`` (None: nothing needed) can be imported, without importing it."""
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def tensorflow_runner(loaded: LoadedModel) -> Any:
+    """The Keras model of ``loaded`` as a traced batch -> float32 probabilities call."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *loaded.tile_hw, loaded.n_bands], tf.float32)
+    function = tf.function(lambda x: tf.cast(loaded.model(x, training=False), tf.float32),
+                           input_signature=[spec])
+    return lambda batch: function(tf.constant(batch, tf.float32)).numpy()
 
 
 def load_run(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None) -> LoadedModel:

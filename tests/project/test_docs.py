@@ -52,6 +52,24 @@ def test_readme_is_short_and_undated():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_no_page_names_a_path_of_one_machine(page):
+    """Commands and paths in the docs run from a clone: no /work/..., /tmp/..., /home/..."""
+    found = re.findall(r"(?<![\w.~])/(?:work|tmp|root|home|Users)/[^\s`)\]]*", page.read_text())
+    assert not found, f"{page.name}: paths of one machine: {found}"
+
+
+CURRENT = [p for p in PAGES if p.name != "changelog.md"]  # the changelog is history
+
+
+@pytest.mark.parametrize("page", CURRENT, ids=[p.name for p in CURRENT])
+def test_pages_name_test_files_that_exist(page):
+    """tests/... paths a page names (tests mirror the packages) lead to files."""
+    named = set(re.findall(r"\btests/[\w/]+\.py", page.read_text()))
+    missing = sorted(n for n in named if not (REPO / n).exists())
+    assert not missing, f"{page.name}: names missing test files: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_relative_links_lead_to_files(page):
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     targets = re.findall(r"\]\(([^)\s]+)\)", text)

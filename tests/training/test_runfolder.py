@@ -230,7 +230,7 @@ def test_the_cached_conversion_of_a_bfloat16_run_is_its_float32_twin(bf16_run, o
     assert again.prepare() == "openvino" and conversions == []
     np.testing.assert_allclose(again(batch()), float32_probabilities(again), atol=1e-5)
     other = load_run(bf16_run, (64, 64))
-    assert other._openvino_cache() != entries[0] and other.weights.name == "best.weights.h5"
+    assert other.openvino_cache() != entries[0] and other.weights.name == "best.weights.h5"
 
 
 @pytest.fixture(scope="module")
