@@ -39,7 +39,7 @@ LAYERS = [
     ["runfolder", "evaluation"],
     ["resume", "runwriter"],
     ["train"],
-    ["postprocess"],
+    ["postprocess", "inference"],
     ["predict"],
     ["scoring", "fingerprint"],
     ["segment"],

@@ -1,0 +1,1 @@
+"""Inference: prediction, scoring, ranking scenes by uncertainty, the review page."""
