@@ -223,7 +223,7 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
         if ranking is None and "uncertainty" in paths:
             ranking = uncertainty.UncertaintySums(segmenter.n_outputs, segmenter.label_cut)
         if ranking is not None:
-            ranking.thumb_step = report.overlay_step(shape_hw, 1_000_000) if pictures else 0
+            ranking.thumb_step = review.picture_step(shape_hw) if pictures else 0
             if "uncertainty" in paths:
                 ranking.on_map = stack.enter_context(uncertainty.uncertainty_map_writer(
                     paths["uncertainty"], shape_hw, meta))

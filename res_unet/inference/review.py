@@ -78,7 +78,7 @@ def _save(path: Path, rgb: np.ndarray, side: int) -> None:
     jpeg = path.suffix == ".jpg"
     with atomic_path(path) as tmp:
         picture.save(tmp, format="JPEG" if jpeg else "PNG",
-                     **({"quality": _JPEG_QUALITY} if jpeg else {"optimize": True}))
+                     **({"quality": _JPEG_QUALITY} if jpeg else {"compress_level": 1}))
 
 
 class ScenePictures:
@@ -112,7 +112,8 @@ class ScenePictures:
         self._write("prediction", report.overlay_image(self.small, label[::more, ::more],
                                                        self.n_classes))
         if entropy is not None:
-            self._write("uncertainty", uncertainty_colours(entropy))
+            fewer = picture_step(entropy.shape)
+            self._write("uncertainty", uncertainty_colours(entropy[::fewer, ::fewer]))
 
     def write_label(self, truth: np.ndarray) -> None:
         """Write the label picture: ``truth`` (H, W) class indices at full size."""

@@ -50,13 +50,6 @@ MIN_UNION = 0.001
 _EPS = 1e-7
 
 
-def _class_probabilities(prob: np.ndarray) -> np.ndarray:
-    """(..., C) probabilities as (..., K) class probabilities: binary (C = 1) -> (1-p, p)."""
-    if prob.shape[-1] == 1:
-        return np.concatenate([1.0 - prob, prob], axis=-1)
-    return prob
-
-
 def predicted_classes(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Class indices (...) of probabilities (..., C): binary p >= ``threshold``, else argmax."""
     if prob.shape[-1] == 1:
@@ -65,14 +58,19 @@ def predicted_classes(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def pixel_entropy(prob: np.ndarray) -> np.ndarray:
-    """Normalised entropy (...) float32 in 0-1 of probabilities (..., C) (binary C = 1)."""
-    return _entropy(_class_probabilities(prob.astype(np.float32, copy=False)))
-
-
-def _entropy(classes: np.ndarray) -> np.ndarray:
-    k = classes.shape[-1]
-    clipped = np.clip(classes, _EPS, 1.0)
-    return (-(classes * np.log(clipped)).sum(-1) / math.log(k)).astype(np.float32)
+    """Normalised entropy (...) float32 in 0-1 of probabilities (..., C) (binary C = 1);
+    NaN where the probabilities are NaN."""
+    prob = prob.astype(np.float32, copy=False)
+    if prob.shape[-1] == 1:
+        p = np.clip(prob[..., 0], _EPS, 1.0 - _EPS)
+        q = 1.0 - p
+        out = p * np.log(p)
+        out += q * np.log(q)
+        out *= np.float32(-1.0 / math.log(2.0))
+        return out
+    clipped = np.clip(prob, _EPS, 1.0)
+    return (-(prob * np.log(clipped)).sum(-1) / np.float32(math.log(prob.shape[-1]))
+            ).astype(np.float32)
 
 
 class UncertaintySums:
@@ -112,27 +110,40 @@ class UncertaintySums:
         """Add a strip of probabilities (rows, W, C) float (NaN at nodata) starting at image
         row ``first_row``; returns its per-pixel normalised entropy (rows, W) float32, NaN at
         nodata (the uncertainty map)."""
-        classes = _class_probabilities(prob.astype(np.float32, copy=False))
-        valid = ~np.isnan(classes[..., 0])
-        entropy = _entropy(classes)
-        entropy[~valid] = np.nan
+        prob = prob.astype(np.float32, copy=False)
+        entropy = pixel_entropy(prob)  # NaN where the probabilities are (nodata)
         if self.on_map is not None:
             self.on_map(first_row, entropy)
         if self.thumb_step:
             first = -first_row % self.thumb_step
             self._thumb.append(entropy[first::self.thumb_step, ::self.thumb_step].copy())
-        c = classes[valid]
-        if not len(c):
+        valid = ~np.isnan(entropy)
+        n = int(valid.sum())
+        if not n:
             return entropy
-        self.pixels += len(c)
+        self.pixels += n
         self.entropy += float(entropy[valid].sum(dtype=np.float64))
+        if prob.shape[-1] == 1:
+            # Binary: the classes are (1 - p, p); no (N, 2) copy of them is made.
+            p = prob[..., 0][valid]
+            spread = np.abs(2.0 * p - 1.0)  # top - second
+            self.low += int((spread < 2.0 * LOW_CONFIDENCE - 1.0).sum())
+            self.margin += float(n - spread.sum(dtype=np.float64))
+            water = p >= self.threshold
+            in_water = float(p[water].sum(dtype=np.float64))
+            total = float(p.sum(dtype=np.float64))
+            self.predicted += [n - int(water.sum()), int(water.sum())]
+            self.inside += [(n - int(water.sum())) - (total - in_water), in_water]
+            self.total += [n - total, total]
+            return entropy
+        c = prob[valid]
         top2 = np.partition(c, c.shape[1] - 2, axis=1)[:, -2:]
         self.low += int((top2[:, 1] < LOW_CONFIDENCE).sum())
         self.margin += float((1.0 - (top2[:, 1] - top2[:, 0])).sum(dtype=np.float64))
-        pred = predicted_classes(prob[valid][:, None, :], self.threshold)[:, 0]
+        pred = c.argmax(1)
         k = c.shape[1]
         self.predicted += np.bincount(pred, minlength=k)
-        self.inside += np.bincount(pred, weights=c[np.arange(len(c)), pred], minlength=k)
+        self.inside += np.bincount(pred, weights=top2[:, 1], minlength=k)
         self.total += c.sum(0, dtype=np.float64)
         return entropy
 
