@@ -185,7 +185,9 @@ function row(scene, i) {
   return tr;
 }
 
+const rows = [];  // built once: sorting moves them, it does not rebuild them
 function render() {
+  const started = performance.now();
   const order = scenes.map((s, i) => i);
   const value = i => scenes[i][key];
   order.sort((a, b) => {
@@ -196,8 +198,9 @@ function render() {
     return descending ? -c : c;
   });
   const fragment = document.createDocumentFragment();
-  for (const i of order) fragment.appendChild(row(scenes[i], i));
+  for (const i of order) fragment.appendChild(rows[i] || (rows[i] = row(scenes[i], i)));
   body.replaceChildren(fragment);
+  document.body.dataset.renderMs = Math.round(performance.now() - started);
   for (const b of document.querySelectorAll('button[data-key]'))
     b.classList.toggle('on', b.dataset.key === key);
 }
