@@ -135,10 +135,11 @@ header button{margin-right:4px}
 button.on{background:#264d73;color:#fff}
 table{border-collapse:collapse;width:100%}
 td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
-tbody tr{content-visibility:auto;contain-intrinsic-size:auto 108px;cursor:pointer}
+tbody tr{content-visibility:auto;contain-intrinsic-size:auto 92px;cursor:pointer}
 tbody tr:hover{background:#e8eef5}
-td img{width:100px;height:100px;object-fit:contain;background:#ddd;display:block}
+td img{width:84px;height:84px;object-fit:contain;background:#ddd;display:block}
 td.num{font-variant-numeric:tabular-nums}
+td.name{max-width:240px;overflow-wrap:anywhere}
 #large{position:fixed;inset:0;background:rgba(0,0,0,.88);display:none;z-index:3;color:#eee;
 padding:12px;box-sizing:border-box}
 #large.open{display:flex;flex-direction:column}
