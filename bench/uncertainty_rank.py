@@ -153,15 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     results, timing = [], []
+    earlier = Path(args.json_out)
+    if args.json_out != "-" and earlier.is_file():  # the sets not re-run this time are kept
+        kept = json.loads(earlier.read_text())
+        results = [r for r in kept.get("results", []) if r["set"] not in args.sets]
+        timing = [t for t in kept.get("timing", []) if t["set"] not in args.sets]
     for name in args.sets:
         found = rank_set(name, out)
         results += found["results"]
         timing.append(found["timing"])
         print(found, flush=True)
     best = {}
-    for name in args.sets:
+    for name in sorted({r["set"] for r in results}):
         rows = [r for r in results if r["set"] == name]
         best[name] = max(rows, key=lambda r: r["spearman"])["figure"]
+    results.sort(key=lambda r: (r["set"], -r["spearman"]))
     write_result({"benchmark": "uncertainty ranking", "results": results, "timing": timing,
                   "best_figure": best,
                   "notes": ["Spearman rank correlation between each per-scene figure of "
