@@ -13,7 +13,9 @@ Settings come from the run's config.json, then the segmentation keys of --config
 flags below. Several --model folders form an ensemble (probabilities averaged). Images whose
 outputs exist are skipped (--overwrite redoes them); --shard i/n splits a folder across
 processes. With --labels (a folder of label rasters or polygon layers, or one polygon layer
-over many scenes) the predictions are scored into scores.csv.
+over many scenes) the predictions are scored into scores.csv. Every run ranks its scenes by
+how unsure the model is (uncertainty.csv, most uncertain first: label those next) and writes
+review.html, a page to look through the scenes offline (--save-uncertainty adds a map per scene).
 Exit status: 0 all done, 1 some images failed, 2 bad arguments or inputs.
 """
 
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all-zero pixels are nodata (NODATA_ZERO)")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write probabilities (.npy float16, .tif float32)")
+    parser.add_argument("--save-uncertainty", action="store_true",
+                        help="also write a map of where the model is unsure (normalised "
+                             "entropy, 0 sure - 1 unsure): NAME_uncertainty.tif (float32 COG) "
+                             "for TIFF scenes, else NAME_uncertainty.png (0-254, 255 nodata)")
     vector = parser.add_mutually_exclusive_group()
     vector.add_argument("--vector", choices=[c for c in key_choices("VECTOR_FORMAT") if c],
                         help="also write the classes as polygons, GeoPackage or GeoJSON "
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = segment.segment_folder(cfg, args.model, args.images, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress,
+                                     save_uncertainty=args.save_uncertainty)
     rate = summary["mpx_per_second"]
     unscored = summary["unscored"]
     print(f"{summary['images']} images: {summary['done']} done, {summary['skipped']} skipped "
@@ -186,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                               for name, v in zip(cfg.class_names, scores["iou"], strict=True))
         print(f"scores ({summary['scores_file']}): mean IoU {_score(scores['mean_iou'])}, "
               f"IoU {per_class}, pixel accuracy {_score(scores['pixel_accuracy'])}")
+    if "uncertainty_file" in summary:
+        print(f"what to label next, most uncertain first: {summary['uncertainty_file']}; "
+              f"review page: {summary['review_file']}")
     if "examples_file" in summary:
         print(f"examples (image | label | prediction): {summary['examples_file']}")
     return 1 if summary["failed"] or unscored else 0

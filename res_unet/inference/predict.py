@@ -55,6 +55,7 @@ from res_unet.geo.tiling import (
 )
 from res_unet.inference import postprocess
 from res_unet.inference.runtime import LoadedModel
+from res_unet.inference.uncertainty import ViewDisagreement
 from res_unet.training.runfolder import TTA_VIEWS
 
 LABEL_NODATA = 255
@@ -102,7 +103,8 @@ def _inverse(batch: np.ndarray, k: int, flip: bool) -> np.ndarray:
 
 
 def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = False,
-                  rot90: bool = False, views: Sequence[str] | None = None) -> np.ndarray:
+                  rot90: bool = False, views: Sequence[str] | None = None,
+                  disagreement: ViewDisagreement | None = None) -> np.ndarray:
     """Mean probabilities (N, h, w, C) float32 of a batch of raw pixels (N, h, w, B).
 
     Averages over every model and every test-time augmentation (:func:`tta_transforms`;
@@ -110,16 +112,22 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
     Augmentations act on the two spatial axes only. Each view is its own model call:
     stacking the views into one call of N x views tiles was measured no faster (OpenVINO,
     2 cores, per CPU-second) and took up to 60 % more memory (bench/bench_segment.py
-    --default-path, variant 'stacked').
+    --default-path, variant 'stacked'). ``disagreement``, when given, counts the pixels on
+    which the views and members predict different classes.
     """
     batch = np.asarray(batch, dtype=np.float32)
     transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
     total: np.ndarray | None = None
+    seen = []
     for model in models:
         for k, flip in transforms:
             prob = _inverse(model(_forward(batch, k, flip)), k, flip)
+            if disagreement is not None:
+                seen.append(prob)
             total = prob.copy() if total is None else np.add(total, prob, out=total)
     assert total is not None
+    if disagreement is not None:
+        disagreement.add(seen)
     total /= len(models) * len(transforms)
     return total
 
@@ -127,12 +135,13 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
 def sliding_window(models: Sequence[LoadedModel], tile_hw: Sequence[int] | None = None,
                    overlap: float = 0.25, window: str = "hann", batch_size: int = 8,
                    tta: bool = False, rot90: bool = False, downsample: int = 1,
-                   views: Sequence[str] | None = None) -> SlidingWindow:
+                   views: Sequence[str] | None = None,
+                   disagreement: ViewDisagreement | None = None) -> SlidingWindow:
     """A :class:`res_unet.geo.tiling.SlidingWindow` over the mean prediction of ``models`` with
     the test-time augmentation asked for (:func:`predict_batch`); ``tile_hw`` defaults to
     the models' input size."""
     return SlidingWindow(functools.partial(predict_batch, models, tta=tta, rot90=rot90,
-                                           views=views),
+                                           views=views, disagreement=disagreement),
                          models[0].tile_hw if tile_hw is None else tile_hw, overlap, window,
                          batch_size, downsample)
 
@@ -253,13 +262,16 @@ class Segmenter:
         self.pixel_size_m = None if None in sizes else float(np.mean(sorted(sizes)))
         # A scene of another pixel size is resampled to (scene, model) pixel sizes first.
         self.resample: tuple[tuple[float, float], float] | None = None
+        # Where several views or members run, the pixels they disagree on (per scene: take()).
+        several = len(self.models) * len(self.transforms) > 1
+        self.disagreement = ViewDisagreement(self.label_cut) if several else None
         self.window = self._window(self.downsample)
 
     def _window(self, downsample: int) -> SlidingWindow:
         cfg = self.cfg
         return sliding_window(self.models, self.tile_hw, cfg.TILE_OVERLAP, cfg.BLEND_WINDOW,
                               cfg.BATCH_SIZE, cfg.TESTTIMEAUG, self.rot90, downsample,
-                              self.views)
+                              self.views, self.disagreement)
 
     @property
     def transforms(self) -> list[tuple[int, bool]]:
@@ -298,6 +310,13 @@ class Segmenter:
         if self.cfg.THRESHOLD is not None:
             return self.cfg.THRESHOLD
         return 0.5 if self.card_threshold is None else self.card_threshold
+
+    @property
+    def label_cut(self) -> float:
+        """The binary threshold labels are cut at as strips come (0.5 with 'otsu', whose
+        threshold needs the whole map, and for multiclass models, which take the argmax)."""
+        setting = self.threshold_setting
+        return 0.5 if setting is None or setting == "otsu" else float(setting)
 
     def mode_for(self, shape_hw: Sequence[int]) -> str:
         """'tile' or 'resize' for a source image of ``shape_hw`` under INFER_MODE (decided on
@@ -390,7 +409,7 @@ class Segmenter:
                         on_probs: ProbabilitySink | None, on_label: LabelSink | None = None
                         ) -> np.ndarray | None:
         otsu = self.threshold_setting == "otsu"
-        cut = 0.5 if otsu or self.n_outputs != 1 else float(self.threshold_setting)
+        cut = self.label_cut
         stream = on_label is not None and self.streams_labels
         store = None if stream else np.empty(source.shape[:2], np.uint16 if otsu else np.uint8)
         counts = np.zeros(_OTSU_LEVELS + 1, np.int64)

@@ -55,7 +55,7 @@ from res_unet.data.labelsource import LabelSource
 from res_unet.geo import cog, polygons, rasters, writers
 from res_unet.geo.scale import check_enlargement, raster_pixel_size, rescale_note
 from res_unet.geo.tiling import RowSource, every_nth
-from res_unet.inference import scoring
+from res_unet.inference import review, scoring, uncertainty
 from res_unet.inference.fingerprint import (
     IMAGE_RECORD,
     SEGMENTATION_CONFIG,
@@ -108,10 +108,12 @@ def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
 
 
 def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
-                 vector: str | None = None) -> dict[str, Path]:
+                 vector: str | None = None, save_uncertainty: bool = False
+                 ) -> dict[str, Path]:
     """Output files of one image NAME: label (NAME_predseg.png), overlay (NAME_overlay.png),
     geotiff (NAME_predseg.tif, a COG, TIFF inputs), probs (NAME_probs.npy, or a .tif COG
-    for TIFF inputs) and vector (NAME_predseg.gpkg or .geojson: ``vector``, one of
+    for TIFF inputs), uncertainty (NAME_uncertainty.tif, a float32 COG, for TIFF inputs,
+    else NAME_uncertainty.png) and vector (NAME_predseg.gpkg or .geojson: ``vector``, one of
     VECTOR_FORMAT's choices) when asked for."""
     tiff = pair.image.suffix.lower() in (".tif", ".tiff")
     stem = pair.stem
@@ -120,6 +122,8 @@ def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
         paths["geotiff"] = out_dir / f"{stem}_predseg.tif"
     if save_probs:
         paths["probs"] = out_dir / f"{stem}_probs{'.tif' if tiff else '.npy'}"
+    if save_uncertainty:
+        paths["uncertainty"] = out_dir / f"{stem}_uncertainty{'.tif' if tiff else '.png'}"
     if vector is not None:
         if vector not in key_choices("VECTOR_FORMAT"):
             raise ValueError(f"vector format {vector!r} is not one of "
@@ -187,7 +191,8 @@ def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg:
 
 
 def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Path],
-                  keep_label: bool = True) -> tuple[np.ndarray | None, int]:
+                  keep_label: bool = True, ranking: uncertainty.UncertaintySums | None = None,
+                  pictures: review.ScenePictures | None = None) -> tuple[np.ndarray | None, int]:
     """Segment one image and write its outputs (``output_paths``), each atomically.
 
     A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
@@ -195,6 +200,7 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
     segmented strip by strip from windows. Unless ``keep_label`` (or polygons, a clean-up
     step or an Otsu threshold needs the whole map), its label strips then go straight to the
     output files as they are finished, and the label map is never held whole either.
+    ``ranking`` (the scene's uncertainty, its map) and ``pictures`` (for review.html) see it.
     Returns (label (H, W) uint8 with LABEL_NODATA at nodata, or None when it was streamed;
     pixel count). Raises UserError for unreadable images or a band count the models do not
     take.
@@ -214,11 +220,22 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
-        sink = None
+        sinks = []
         if "probs" in paths:
-            sink = stack.enter_context(_probability_file(paths["probs"], shape_hw,
-                                                         segmenter.n_outputs, meta,
-                                                         cfg.class_names))
+            sinks.append(stack.enter_context(_probability_file(
+                paths["probs"], shape_hw, segmenter.n_outputs, meta, cfg.class_names)))
+        if ranking is None and "uncertainty" in paths:
+            ranking = uncertainty.UncertaintySums(segmenter.n_outputs, segmenter.label_cut)
+        if ranking is not None:
+            ranking.thumb_step = review.picture_step(shape_hw) if pictures else 0
+            if "uncertainty" in paths:
+                ranking.on_map = stack.enter_context(uncertainty.uncertainty_map_writer(
+                    paths["uncertainty"], shape_hw, meta))
+            sinks.append(ranking.add)
+
+        def sink(r0: int, prob: np.ndarray) -> None:
+            for write in sinks:
+                write(r0, prob)
         stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
                   and not keep_label and "vector" not in paths)
         step = report.overlay_step(shape_hw)
@@ -241,15 +258,16 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
                     shown.append((pixels.copy(), label_rows[first::step, ::step].copy()))
 
         try:
-            label = segmenter.segment(image, nodata, sink, on_label)
+            label = segmenter.segment(image, nodata, sink if sinks else None, on_label)
         except tf.errors.ResourceExhaustedError:
             raise UserError(f"{pair.image}: out of memory at batch size {cfg.BATCH_SIZE}; lower "
                             "--batch-size (or --tile-size)") from None
         if label is not None:
             shown = [(every_nth(image, step), label[::step, ::step])]
-        writers.write_png(paths["overlay"], report.overlay_image(
-            np.concatenate([s[0] for s in shown]), np.concatenate([s[1] for s in shown]),
-            segmenter.n_classes))
+        small = [np.concatenate([s[0] for s in shown]), np.concatenate([s[1] for s in shown])]
+        writers.write_png(paths["overlay"], report.overlay_image(*small, segmenter.n_classes))
+        if pictures is not None:
+            pictures.write_prediction(*small, step, ranking and ranking.thumbnail)
     if label is None:
         return None, shape_hw[0] * shape_hw[1]
     if "geotiff" in paths:
@@ -309,7 +327,8 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                    labels_dir: str | os.PathLike | None = None, overwrite: bool = False,
                    shard: tuple[int, int] = (0, 1), save_probs: bool = False,
                    geojson: bool = False, progress: bool = True,
-                   full_max_values: int = FULL_MAX_VALUES) -> dict[str, Any]:
+                   full_max_values: int = FULL_MAX_VALUES,
+                   save_uncertainty: bool = False) -> dict[str, Any]:
     """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
 
     ``labels_dir`` is a label source (:class:`res_unet.data.labelsource.LabelSource`, under
@@ -325,9 +344,11 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     An unreadable image is reported on one line and counted as failed. With ``labels_dir``
     the predictions are scored (scores.csv, or scores_shard{i}of{n}.csv: one row per image
     and an 'ALL' row from the summed confusion matrix) and the first FIGURE_ROWS scored
-    images are drawn in examples.png. Writes segmentation_config.json. Returns a summary
-    dict: images, done, skipped, failed, failures, seconds, megapixels, mpx_per_second
-    and, with labels, scores.
+    images are drawn in examples.png. Scenes are ranked by uncertainty (uncertainty.csv, most
+    uncertain first; ``save_uncertainty``: a map per scene) and listed in review.html, per
+    shard as scores are. Writes segmentation_config.json. Returns a summary dict:
+    images, done, skipped, failed, failures, seconds, megapixels, mpx_per_second,
+    uncertainty_file, review_file and, with labels, scores.
     """
     started = time.perf_counter()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -345,14 +366,16 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     with contextlib.ExitStack() as held:
         held.enter_context(folder_lock(out_dir, "seg_images_in_folder", shared=count > 1))
         return _segment_folder(held, cfg, runs, images_dir, out_dir, labels_dir, overwrite,
-                               shard, save_probs, geojson, progress, full_max_values, started)
+                               shard, save_probs, geojson, progress, full_max_values, started,
+                               save_uncertainty)
 
 
 def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                     runs: Sequence[str | os.PathLike | LoadedModel], images_dir: Path,
                     out_dir: Path, labels_dir: str | os.PathLike | None, overwrite: bool,
                     shard: tuple[int, int], save_probs: bool, geojson: bool, progress: bool,
-                    full_max_values: int, started: float) -> dict[str, Any]:
+                    full_max_values: int, started: float, save_uncertainty: bool = False
+                    ) -> dict[str, Any]:
     """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
     index, count = shard
     vector = cfg.VECTOR_FORMAT or ("geojson" if geojson else None)
@@ -370,7 +393,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
     options = {"images": str(images_dir), "labels": None if labels_dir is None
-               else str(labels_dir), "save_probs": save_probs, "vector": vector}
+               else str(labels_dir), "save_probs": save_probs, "vector": vector,
+               "save_uncertainty": save_uncertainty}
     # Prepared first: 'auto' may choose bfloat16, which the fingerprint records.
     runtimes = "; ".join(sorted({m.prepare() for m in models}))
     run_summary = _run_summary(models, segmenter, cfg, options)
@@ -399,26 +423,37 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
     digest = settings_digest(run_summary["fingerprint"])
+    ranked: list[dict[str, Any]] = []  # uncertainty.csv's rows
+    scenes: list[list[Any]] = []  # review.html's scenes: pair, figures, score, outputs
     for pair in progress_bar(pairs, enabled=progress):
-        paths = output_paths(out_dir, pair, save_probs, vector)
+        paths = output_paths(out_dir, pair, save_probs, vector, save_uncertainty)
         record = out_dir / IMAGE_RECORD.format(stem=pair.stem)
+        pictures = review.ScenePictures(out_dir, pair.stem, n)
         try:
             # Another model's image (left by a shard run with --overwrite) is redone.
             if not overwrite and made_with(paths, record) == digest:
                 skipped += 1
                 label = rasters.read_label(paths["label"]) if pair.label is not None else None
+                figures = uncertainty.recorded_figures(record)
             else:
                 t0 = time.perf_counter()
                 scaled = scene_segmenter(pair, segmenter, cfg, unknown)
+                ranking = uncertainty.UncertaintySums(segmenter.n_outputs, segmenter.label_cut,
+                                                      cfg.IGNORE_CLASS, scaled.disagreement)
                 label, pixels = segment_image(scaled, pair, paths,
-                                              keep_label=pair.label is not None)
-                write_atomic(record, json.dumps({"fingerprint": digest}) + "\n")
+                                              keep_label=pair.label is not None,
+                                              ranking=ranking, pictures=pictures)
+                figures = ranking.figures()
+                write_atomic(record, json.dumps({"fingerprint": digest,
+                                                 "uncertainty": figures}) + "\n")
                 busy += time.perf_counter() - t0
                 megapixels += pixels / 1e6
                 done += 1
         except problems as exc:
             failures.append(_problem(pair.image, exc, "failed"))
             continue
+        ranked.append({"image": pair.image.name, **(figures or {})})
+        scenes.append([pair, figures, None, paths])
         if source is None or pair.label is None:
             continue
         # The image is segmented; a label that cannot be used only leaves it unscored.
@@ -430,6 +465,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         cm = scoring.score_label(label, truth, n, cfg.IGNORE_CLASS)
         total_cm += cm
         rows.append(scoring.score_row(pair.stem, cm, cfg.IGNORE_CLASS))
+        pictures.write_label(truth)  # (written before when the scene was skipped)
+        scenes[-1][2] = rows[-1]["mean_iou"]
         if len(figure) < scoring.FIGURE_ROWS:
             figure.append(scoring.figure_example(pair, label, truth, cfg.N_DATA_BANDS))
             figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
@@ -449,6 +486,15 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         write_csv(out_dir / name, rows, float_format=".6f")
         summary["scores_file"] = str(out_dir / name)
         summary["scores"] = metrics.scores_from_confusion(total_cm, ignore_class=cfg.IGNORE_CLASS)
+    if ranked:
+        summary["uncertainty_file"] = str(out_dir / uncertainty.uncertainty_file(shard))
+        write_csv(summary["uncertainty_file"], uncertainty.rank_rows(ranked), float_format=".6f")
+    summary["review_file"] = str(out_dir / review.review_file(shard))
+    review.write_review_page(
+        Path(summary["review_file"]), [review.scene_entry(p.image.name, f, s, o, out_dir, p.stem)
+                                       for p, f, s, o in scenes],
+        f"Review: {images_dir.name} segmented into {out_dir.name}",
+        f"{len(scenes)} scenes, most uncertain first ({uncertainty.HEADLINE})")
     if figure and cfg.DOPLOT:
         name = "examples.png" if count == 1 else f"examples_shard{index}of{count}.png"
         report.plot_predictions(figure, n, out_dir / name, class_names=cfg.class_names,

@@ -7,6 +7,7 @@ Whole validation scenes are scored by :mod:`res_unet.inference.scoring`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ from res_unet.data import records
 from res_unet.training import metrics
 
 
-def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 6
+def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 6,
+             loss_fn: Callable[[Any, Any], Any] | None = None
              ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Score ``model`` on the validation split of a dataset.
 
     Returns the evaluation dict (scores at 0.5 / argmax; for binary models also the
-    threshold maximising validation IoU and the scores there) and a few (image, label,
-    predicted label) examples for plotting.
+    threshold maximising validation IoU and the scores there; ``images``: each validation
+    image with its loss under ``loss_fn`` (the mean over its examples) and scores, worst
+    first: what to label or check next) and a few (image, label, predicted label) examples
+    for plotting.
     """
     n_classes = cfg.n_label_classes
     binary = cfg.NCLASSES == 1
@@ -35,6 +39,9 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     sweep = metrics.ThresholdSweep() if binary else None
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    # The source image of each example, in the order the unshuffled dataset gives them.
+    stems = iter([meta["stem"] for _, _, meta in records.read_examples(data_dir, "validation")])
+    per_image: dict[str, dict[str, Any]] = {}
     for x, y in dataset:
         prob = predict(x).numpy()
         y = y.numpy()
@@ -44,11 +51,47 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
         cm += metrics.confusion_matrix(truth, pred, n_classes, ignore_class=cfg.IGNORE_CLASS)
         if sweep is not None:
             sweep.update(truth, prob[..., 0])
+        for i in range(len(prob)):
+            image = per_image.setdefault(next(stems), {
+                "examples": 0, "loss": 0.0, "cm": np.zeros((n_classes, n_classes), np.int64)})
+            image["examples"] += 1
+            if loss_fn is not None:
+                image["loss"] += float(loss_fn(y[i:i + 1], prob[i:i + 1]))
+            image["cm"] += metrics.confusion_matrix(truth[i], pred[i], n_classes,
+                                                    ignore_class=cfg.IGNORE_CLASS)
         for i in range(min(len(x), n_examples - len(examples))):
             examples.append((np.round(x[i].numpy()).astype(dtype), truth[i], pred[i]))
     result: dict[str, Any] = {"split": "validation", "class_names": cfg.class_names,
-                              **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
+                              **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS),
+                              "images": rank_images(per_image, cfg.IGNORE_CLASS,
+                                                    loss_fn is not None)}
     if not cm.any():
         result["note"] = ("the dataset has no validation examples (VALIDATION_SPLIT 0 or an "
                           "empty split): no scores; keep a held-out split to measure the model")
     return result, examples
+
+
+def rank_images(per_image: dict[str, dict[str, Any]], ignore_class: int | None,
+                with_loss: bool) -> list[dict[str, Any]]:
+    """evaluation.json's ``images``: {stem: {examples, summed loss, confusion matrix}} as rows
+    (image, examples, loss (mean over its examples), mean IoU, pixel accuracy, per-class IoU),
+    worst first: highest loss, or lowest mean IoU without a loss."""
+    rows = []
+    for stem, image in per_image.items():
+        scores = metrics.scores_from_confusion(image["cm"], ignore_class=ignore_class)
+        rows.append({"image": stem, "examples": image["examples"],
+                     "loss": image["loss"] / image["examples"] if with_loss else None,
+                     "mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"],
+                     "iou": scores["iou"]})
+    if with_loss:
+        return sorted(rows, key=lambda r: (-r["loss"], r["image"]))
+    return sorted(rows, key=lambda r: (r["mean_iou"] is None, r["mean_iou"] or 0.0, r["image"]))
+
+
+def worst_images(rows: list[dict[str, Any]], n: int = 5) -> str:
+    """The lines training prints: the ``n`` worst validation images of :func:`rank_images`."""
+    lines = [f"  {row['image']}: " + ("" if row["loss"] is None else f"loss {row['loss']:.4f}, ")
+             + "mean IoU " + ("-" if row["mean_iou"] is None else f"{row['mean_iou']:.3f}")
+             for row in rows[:n]]
+    return ("validation images, worst first (label or check these first; all of them in "
+            "evaluation.json):\n" + "\n".join(lines))

@@ -41,7 +41,7 @@ from res_unet.models import build_model
 from res_unet.models.helpers import fuse_batchnorm, set_encoder_trainable
 from res_unet.training import losses, metrics, schedule
 from res_unet.training.devices import is_chief, make_strategy, resolve_precision, strategy_name
-from res_unet.training.evaluation import evaluate
+from res_unet.training.evaluation import evaluate, worst_images
 from res_unet.training.resume import (
     Backup,
     Snapshots,
@@ -357,7 +357,10 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
         if chief:
             save_config(cfg, run_dir / CONFIG)
 
-    evaluation, examples = evaluate(model, cfg, data_dir)
+    evaluation, examples = evaluate(model, cfg, data_dir, loss_fn=losses.make_loss(
+        cfg, resolve_class_weights(cfg, manifest)))
+    if evaluation["images"]:
+        print(worst_images(evaluation["images"]))
     facts = state.training_facts(manifest.counts["validation"].examples > 0, precision,
                                  strategy_name(strategy), strategy.num_replicas_in_sync)
     card = model_card(cfg, manifest, model, facts, evaluation, time.time() - started)
