@@ -1,15 +1,11 @@
 """Segmenting a folder: outputs per image, scores against labels, and resuming safely.
 
 :func:`segment_folder` is the library behind seg_images_in_folder: it finds the images,
-loads the run folders (:func:`res_unet.inference.runtime.load_run`), segments each image with a
-:class:`res_unet.inference.predict.Segmenter` and writes its outputs (:func:`output_paths`), each
-atomically, so an interrupted run resumes where it stopped; with labels it scores every
-image (scores.csv, :mod:`res_unet.inference.scoring`) and draws a few (examples.png).
-
-GIS outputs. The label and probability GeoTIFFs of GeoTIFF inputs are Cloud-Optimized
-GeoTIFFs (:mod:`res_unet.geo.cog`: internal tiles, overviews, CRS, transform and nodata kept);
-VECTOR_FORMAT adds the classes as polygons (:mod:`res_unet.geo.polygons`: a GeoPackage in the
-scene's CRS, RFC 7946 GeoJSON), or in pixel coordinates without a CRS for plain images.
+loads the run folders (:func:`res_unet.inference.runtime.load_run`), segments each image with
+a :class:`res_unet.inference.predict.Segmenter` and writes its outputs (the registry of
+:mod:`res_unet.inference.outputs`), each atomically, so an interrupted run resumes where it
+stopped; with labels it scores every image (scores.csv, :mod:`res_unet.inference.scoring`)
+and draws a few (examples.png).
 
 Memory. Images are read whole (uint8/uint16, H*W*B bytes), except large single-page GeoTIFFs
 (and other rasters GDAL reads in windows) with the model's bands: those are read a band of
@@ -29,19 +25,16 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio.errors
-import tensorflow as tf
-from rasterio.transform import Affine
 
 from res_unet import __version__
-from res_unet.config.keys import Config, key_choices
+from res_unet.config.keys import Config
 from res_unet.core.atomic import (
-    atomic_path,
     check_writable,
     clean_stale_temporaries,
     write_atomic,
@@ -52,9 +45,8 @@ from res_unet.core.folders import folder_lock, reading_lock, settings_digest, se
 from res_unet.core.progress import progress_bar, say
 from res_unet.data import pairing, report
 from res_unet.data.labelsource import LabelSource
-from res_unet.geo import cog, polygons, rasters, writers
+from res_unet.geo import rasters
 from res_unet.geo.scale import check_enlargement, raster_pixel_size, rescale_note
-from res_unet.geo.tiling import RowSource, every_nth
 from res_unet.inference import review, scoring, uncertainty
 from res_unet.inference.fingerprint import (
     IMAGE_RECORD,
@@ -63,74 +55,16 @@ from res_unet.inference.fingerprint import (
     made_with,
     output_fingerprint,
 )
+from res_unet.inference.outputs import LABEL_SUFFIX, Wanted, output_paths, segment_image
 from res_unet.inference.predict import (
     FULL_MAX_VALUES,
-    LABEL_NODATA,
-    ProbabilitySink,
     Segmenter,
-    nodata_values,
 )
 from res_unet.inference.runtime import LoadedModel, load_run
 from res_unet.training import metrics
 from res_unet.training.runfolder import CARD
 
-# The label map of image NAME is NAME + LABEL_SUFFIX in the output folder.
-LABEL_SUFFIX = "_predseg.png"
-# Plain images' polygons: pixel corners placed as QGIS places an image without georeferencing
-# (x = column, y = -row), so that they lie on the image and its label PNG there.
-PIXEL_TRANSFORM = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
-
-# Outputs -----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _probability_file(path: Path, shape_hw: tuple[int, int], channels: int,
-                      meta: rasters.RasterMeta, class_names: Sequence[str]
-                      ) -> Iterator[ProbabilitySink]:
-    """A sink writing probability strips into ``path`` (.npy float16, or a .tif float32 COG
-    with ``meta``'s georeferencing, NaN nodata, averaged overviews and each band named after
-    its class of ``class_names``), atomically: renamed when the block ends."""
-    if path.suffix != ".npy":
-        with writers.cog_writer(path, shape_hw, channels, np.float32, meta,
-                                nodata=float("nan"), classes=False,
-                                description=cog.probability_description(
-                                    class_names, binary=channels == 1)) as write:
-            yield write
-        return
-    with atomic_path(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                          shape=(*shape_hw, channels))
-
-        def write_npy(r0: int, prob: np.ndarray) -> None:
-            array[r0:r0 + len(prob)] = prob
-
-        yield write_npy
-        array.flush()
-
-
-def output_paths(out_dir: Path, pair: pairing.Pair, save_probs: bool = False,
-                 vector: str | None = None, save_uncertainty: bool = False
-                 ) -> dict[str, Path]:
-    """Output files of one image NAME: label (NAME_predseg.png), overlay (NAME_overlay.png),
-    geotiff (NAME_predseg.tif, a COG, TIFF inputs), probs (NAME_probs.npy, or a .tif COG
-    for TIFF inputs), uncertainty (NAME_uncertainty.tif, a float32 COG, for TIFF inputs,
-    else NAME_uncertainty.png) and vector (NAME_predseg.gpkg or .geojson: ``vector``, one of
-    VECTOR_FORMAT's choices) when asked for."""
-    tiff = pair.image.suffix.lower() in (".tif", ".tiff")
-    stem = pair.stem
-    paths = {"label": out_dir / f"{stem}{LABEL_SUFFIX}", "overlay": out_dir / f"{stem}_overlay.png"}
-    if tiff:
-        paths["geotiff"] = out_dir / f"{stem}_predseg.tif"
-    if save_probs:
-        paths["probs"] = out_dir / f"{stem}_probs{'.tif' if tiff else '.npy'}"
-    if save_uncertainty:
-        paths["uncertainty"] = out_dir / f"{stem}_uncertainty{'.tif' if tiff else '.png'}"
-    if vector is not None:
-        if vector not in key_choices("VECTOR_FORMAT"):
-            raise ValueError(f"vector format {vector!r} is not one of "
-                             f"{key_choices('VECTOR_FORMAT')}")
-        paths["vector"] = out_dir / f"{stem}_predseg.{vector}"
-    return paths
-
+# Scenes at the model's scale ------------------------------------------------------------
 
 def scene_pixel_size(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
                      unknown: list[Path]) -> tuple[float, float] | None:
@@ -166,117 +100,6 @@ def scene_segmenter(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
     if scaled is not segmenter:
         say(rescale_note(pair.image.name, size, segmenter.pixel_size_m))
     return scaled
-
-
-def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg: Config,
-                   binary: bool) -> None:
-    """Write the classes of ``label`` ((H, W) class indices, LABEL_NODATA at nodata) as
-    polygons (:func:`res_unet.geo.polygons.write_class_polygons`), in ``meta``'s CRS and map
-    coordinates, or in pixel coordinates (:data:`PIXEL_TRANSFORM`, no CRS, said in the
-    layer's description) for a plain image. Binary models: the foreground only; multiclass:
-    every class but IGNORE_CLASS. VECTOR_SIMPLIFY and VECTOR_LAYER_PER_CLASS apply."""
-    georeferenced = rasters.is_georeferenced(meta) and meta.transform is not None
-    skip = [0] if binary else [] if cfg.IGNORE_CLASS is None else [cfg.IGNORE_CLASS]
-    found = polygons.class_polygons(label, meta.transform if georeferenced else PIXEL_TRANSFORM,
-                                    cfg.class_names, nodata=LABEL_NODATA,
-                                    simplify=cfg.VECTOR_SIMPLIFY, skip_classes=skip,
-                                    crs=meta.crs if georeferenced else None)
-    description = None if georeferenced else (
-        f"Classes of {meta.path.name} in pixel coordinates, no CRS (the image has no "
-        "georeferencing): x = column, y = -row from its top-left corner, as QGIS places it")
-    polygons.write_class_polygons(path, found, meta.crs if georeferenced else None,
-                                  per_class_layers=cfg.VECTOR_LAYER_PER_CLASS
-                                  and path.suffix == ".gpkg",
-                                  description=description)
-
-
-def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Path],
-                  keep_label: bool = True, ranking: uncertainty.UncertaintySums | None = None,
-                  pictures: review.ScenePictures | None = None) -> tuple[np.ndarray | None, int]:
-    """Segment one image and write its outputs (``output_paths``), each atomically.
-
-    A large image that GDAL can read in windows (a single-page GeoTIFF with the model's
-    bands, see :func:`res_unet.data.pairing.open_image_rows`) is never read whole: it is
-    segmented strip by strip from windows. Unless ``keep_label`` (or polygons, a clean-up
-    step or an Otsu threshold needs the whole map), its label strips then go straight to the
-    output files as they are finished, and the label map is never held whole either.
-    ``ranking`` (the scene's uncertainty, its map) and ``pictures`` (for review.html) see it.
-    Returns (label (H, W) uint8 with LABEL_NODATA at nodata, or None when it was streamed;
-    pixel count). Raises UserError for unreadable images or a band count the models do not
-    take.
-    """
-    cfg = segmenter.cfg
-    with contextlib.ExitStack() as stack:
-        rows = pairing.open_image_rows(pair, cfg.N_DATA_BANDS, cfg.MAX_IMAGE_PIXELS)
-        if rows is not None:
-            stack.enter_context(rows)
-        image: np.ndarray | RowSource
-        if rows is not None and segmenter.uses_strips(rows.shape[:2]):
-            image, meta = rows, rows.meta
-        else:
-            image, meta = pairing.load_image(pair, cfg.N_DATA_BANDS, for_model=True,
-                                             max_pixels=cfg.MAX_IMAGE_PIXELS)
-        image = rasters.fit_model_dtype(image, meta, segmenter.input_dtype)
-        segmenter.check_dtype(image, pair.image)
-        nodata = nodata_values(meta, cfg.NODATA_ZERO)
-        shape_hw = image.shape[:2]
-        sinks = []
-        if "probs" in paths:
-            sinks.append(stack.enter_context(_probability_file(
-                paths["probs"], shape_hw, segmenter.n_outputs, meta, cfg.class_names)))
-        if ranking is None and "uncertainty" in paths:
-            ranking = uncertainty.UncertaintySums(segmenter.n_outputs, segmenter.label_cut)
-        if ranking is not None:
-            ranking.thumb_step = review.picture_step(shape_hw) if pictures else 0
-            if "uncertainty" in paths:
-                ranking.on_map = stack.enter_context(uncertainty.uncertainty_map_writer(
-                    paths["uncertainty"], shape_hw, meta))
-            sinks.append(ranking.add)
-
-        def sink(r0: int, prob: np.ndarray) -> None:
-            for write in sinks:
-                write(r0, prob)
-        stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
-                  and not keep_label and "vector" not in paths)
-        step = report.overlay_step(shape_hw)
-        shown: list[tuple[np.ndarray, np.ndarray]] = []
-        on_label = None
-        if stream:
-            sinks = [stack.enter_context(writers.png_writer(paths["label"], shape_hw))]
-            if "geotiff" in paths:
-                sinks.append(stack.enter_context(writers.cog_writer(
-                    paths["geotiff"], shape_hw, 1, np.uint8, meta, nodata=LABEL_NODATA,
-                    description=cog.label_description(cfg.class_names, LABEL_NODATA))))
-
-            def on_label(r0: int, label_rows: np.ndarray) -> None:
-                for write in sinks:
-                    write(r0, label_rows)
-                first = -r0 % step
-                if first < len(label_rows):
-                    # Copies: a strided view would keep the whole strip alive.
-                    pixels = image.rows(r0 + first, r0 + len(label_rows))[::step, ::step]
-                    shown.append((pixels.copy(), label_rows[first::step, ::step].copy()))
-
-        try:
-            label = segmenter.segment(image, nodata, sink if sinks else None, on_label)
-        except tf.errors.ResourceExhaustedError:
-            raise UserError(f"{pair.image}: out of memory at batch size {cfg.BATCH_SIZE}; lower "
-                            "--batch-size (or --tile-size)") from None
-        if label is not None:
-            shown = [(every_nth(image, step), label[::step, ::step])]
-        small = [np.concatenate([s[0] for s in shown]), np.concatenate([s[1] for s in shown])]
-        writers.write_png(paths["overlay"], report.overlay_image(*small, segmenter.n_classes))
-        if pictures is not None:
-            pictures.write_prediction(*small, step, ranking and ranking.thumbnail)
-    if label is None:
-        return None, shape_hw[0] * shape_hw[1]
-    if "geotiff" in paths:
-        cog.write_cog(paths["geotiff"], label, meta.crs, meta.transform, nodata=LABEL_NODATA,
-                      description=cog.label_description(cfg.class_names, LABEL_NODATA))
-    if "vector" in paths:
-        write_polygons(paths["vector"], label, meta, cfg, binary=segmenter.n_outputs == 1)
-    writers.write_png(paths["label"], label)
-    return label, label.shape[0] * label.shape[1]
 
 
 # The folder --------------------------------------------------------------------------------
@@ -426,7 +249,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     ranked: list[dict[str, Any]] = []  # uncertainty.csv's rows
     scenes: list[list[Any]] = []  # review.html's scenes: pair, figures, score, outputs
     for pair in progress_bar(pairs, enabled=progress):
-        paths = output_paths(out_dir, pair, save_probs, vector, save_uncertainty)
+        paths = output_paths(out_dir, pair, Wanted(save_probs, vector, save_uncertainty))
         record = out_dir / IMAGE_RECORD.format(stem=pair.stem)
         pictures = review.ScenePictures(out_dir, pair.stem, n)
         try:

@@ -46,7 +46,7 @@ LAYERS = [
     ["inference.postprocess", "inference.uncertainty"],
     ["inference.review"],
     ["inference.predict"],
-    ["inference.scoring", "inference.fingerprint"],
+    ["inference.scoring", "inference.fingerprint", "inference.outputs"],
     ["inference.segment"],
     ["make_tfrecords", "train_resunet", "seg_images_in_folder", "demo"],
 ]
