@@ -36,6 +36,7 @@ from rasterio.crs import CRS
 from res_unet import vectors
 from res_unet.atomic import is_temporary
 from res_unet.errors import UserError, listing
+from res_unet.geo.scenes import VRT_SUFFIX, is_scene_folder
 from res_unet.rasters import (
     IMAGE_SUFFIXES,
     RasterMeta,
@@ -362,6 +363,8 @@ def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIX
         vector = " or one polygon layer (.gpkg ...)" if ".gpkg" in suffixes else ""
         raise UserError(f"{folder}: is a file, not a folder; pass the folder holding the "
                         f"{role}{vector}")
+    if suffixes is IMAGE_SUFFIXES and is_scene_folder(folder):
+        suffixes = (VRT_SUFFIX,)  # scenes from URLs and catalogues (res_unet.geo.scenes)
     entries = sorted(folder.iterdir())
     dangling = [p for p in entries if p.is_symlink() and not p.exists()
                 and p.suffix.lower() in suffixes]

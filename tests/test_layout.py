@@ -30,6 +30,7 @@ LAYERS = [
     ["config", "vector_files"],
     ["scale", "vectors", "polygons", "cog", "pixeltypes"],
     ["rasters"],
+    ["geo"],
     ["pairing", "writers"],
     ["labelsource", "augment", "split", "report"],
     ["records"],

@@ -1,0 +1,1 @@
+"""GIS: rasters, vectors, scales and where scenes come from (folders, URLs, STAC)."""
