@@ -352,3 +352,48 @@ def test_server_dropping_connections_fails_that_scene_only(server, http_root, pi
     assert (tmp_path / "out" / "north_predseg.png").is_file()
     assert not (tmp_path / "out" / "south_predseg.png").exists()
     assert server.requests["/south.tif"] >= 2, "GDAL retried before giving up"
+
+
+# Training from catalogues -----------------------------------------------------------------------
+
+def test_make_tfrecords_from_remote_items_reads_only_what_the_labels_cover(
+        server, http_root, tmp_path, capsys):
+    from res_unet import records
+    from res_unet.cli import run_command
+    from res_unet.config import config_from_dict, save_config
+    from res_unet.make_tfrecords import main
+    from res_unet.vector_files import load_pyogrio
+
+    sizes = {}
+    for i, name in enumerate(("spring", "autumn")):
+        sizes[name] = write_scene(http_root / f"{name}.tif", random_scene((3, 512, 512), 30 + i),
+                                  blocksize=128).stat().st_size
+    write_json(http_root / "items.json", collection([
+        item(name, {"visual": f"{name}.tif", "thumbnail": f"{name}.png"})
+        for name in ("spring", "autumn")]))
+    # Two lakes in the scenes' top-left 96 x 96 px.
+    lakes = [shapely.box(*lonlat_of((8, 8, 40, 40))), shapely.box(*lonlat_of((50, 50, 40, 40)))]
+    load_pyogrio().raw.write(tmp_path / "survey.gpkg", shapely.to_wkb(np.array(lakes, object)),
+                             [], [], driver="GPKG", geometry_type="Polygon", crs="EPSG:4326")
+    cfg, _ = config_from_dict({**make_config("model").to_dict(), "FIT_MODE": "tile",
+                               "DO_AUG": False, "DOPLOT": False, "VALIDATION_SPLIT": 0.5,
+                               "IMS_PER_SHARD": 8, "SEED": 2})
+    save_config(cfg, tmp_path / "config.json")
+    code = run_command(main, ["--config", str(tmp_path / "config.json"), "--images",
+                              server.url("items.json") + "?token=SECRET", "--asset", "visual",
+                              "--labels", str(tmp_path / "survey.gpkg"),
+                              "--out", str(tmp_path / "ds")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    manifest = records.read_manifest(tmp_path / "ds")
+    assert manifest.images_dir == server.url("items.json")
+    assert sorted(manifest.files["train"] + manifest.files["validation"]) == [
+        "autumn.vrt", "spring.vrt"]
+    # Only the labels' windows were read: about 96 x 96 px of 512 x 512, their tiles and header.
+    tiles = manifest.counts["train"].unaugmented + manifest.counts["validation"].unaugmented
+    assert 2 * 4 <= tiles <= 2 * 9, tiles  # 32 px tiles of a window of 80..96 px a side
+    assert 0 < manifest.class_pixel_frequency[1] < 1
+    for name, size in sizes.items():
+        fraction = server.bytes_sent(f"/{name}.tif") / size
+        assert 0 < fraction < 0.2, (name, fraction)
+    assert "SECRET" not in (tmp_path / "ds" / "manifest.json").read_text() + out + err
