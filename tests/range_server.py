@@ -18,12 +18,14 @@ from pathlib import Path
 
 class RangeServer:
     """Serve ``root`` on 127.0.0.1 (a free port) until :meth:`close`; ``url(name)`` is a
-    file's address. ``sent`` counts body bytes sent per path, ``requests`` requests."""
+    file's address. ``sent`` counts body bytes sent per path, ``requests`` GET requests and
+    ``heads`` HEAD requests."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.sent: Counter[str] = Counter()
-        self.requests: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()  # GET requests
+        self.heads: Counter[str] = Counter()  # HEAD requests
         self.drop: set[str] = set()
         self._lock = threading.Lock()
         server = self
@@ -55,7 +57,7 @@ class RangeServer:
             def _serve(self, body: bool) -> None:
                 key = self.path.split("?", 1)[0]
                 with server._lock:
-                    server.requests[key] += 1
+                    (server.requests if body else server.heads)[key] += 1
                 if any(key.startswith(p) for p in server.drop):
                     self.close_connection = True
                     self.connection.close()

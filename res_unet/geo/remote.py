@@ -15,6 +15,7 @@ information and query strings (signed-URL tokens) from anything res_unet records
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import urllib.error
@@ -52,10 +53,23 @@ GDAL_HTTP_SETTINGS = {
 MAX_TEXT_BYTES = 32 * 1024 * 1024
 
 
+class _RedactingFilter(logging.Filter):
+    """GDAL's messages as rasterio logs them (a retry names the URL it retries), redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
+
+
 def configure_gdal() -> None:
-    """Set :data:`GDAL_HTTP_SETTINGS` in the environment, leaving any the user set."""
+    """Set :data:`GDAL_HTTP_SETTINGS` in the environment, leaving any the user set, and
+    strip credentials from GDAL's logged messages."""
     for key, value in GDAL_HTTP_SETTINGS.items():
         os.environ.setdefault(key, value)
+    logger = logging.getLogger("rasterio._env")
+    if not any(isinstance(f, _RedactingFilter) for f in logger.filters):
+        logger.addFilter(_RedactingFilter())
 
 
 def scheme(text: str) -> str | None:
