@@ -95,13 +95,18 @@ class _GuardedIO:
         import pystac
 
         self.root = root
-        base = pystac.StacIO
+        self.refusal: UserError | None = None  # pystac wraps errors: the first, kept
+        base, guard = pystac.StacIO, self
 
         class IO(base):  # type: ignore[misc, valid-type]
             def read_text(io_self, source: Any, *args: Any, **kwargs: Any) -> str:
                 href = str(getattr(source, "href", source))
-                href = _check_href(href, root, root, root)
-                return remote.read_text(href, "STAC catalogue")
+                try:
+                    href = _check_href(href, root, root, root)
+                    return remote.read_text(href, "STAC catalogue")
+                except UserError as exc:
+                    guard.refusal = guard.refusal or exc
+                    raise
 
             def write_text(io_self, *args: Any, **kwargs: Any) -> None:
                 raise UserError(f"{remote.redact_url(root)}: res_unet never writes "
@@ -250,7 +255,8 @@ def catalogue_scenes(location: str, assets: Sequence[str] = (), datetime: str | 
                         "Item, ItemCollection, Collection or Catalog") from None
     kind = document.get("type") if isinstance(document, dict) else None
     root = location if remote.scheme(location) else str(Path(location).resolve())
-    guarded = _GuardedIO(root).io
+    guard = _GuardedIO(root)
+    guarded = guard.io
     try:
         if kind == "FeatureCollection":
             items: Iterable[Any] = pystac.ItemCollection.from_dict(document).items
@@ -266,6 +272,8 @@ def catalogue_scenes(location: str, assets: Sequence[str] = (), datetime: str | 
                             "STAC Item, ItemCollection, Collection or Catalog")
         return _scenes(items, root, root, assets, start, end, max_items, bbox)
     except (pystac.STACError, KeyError, TypeError, ValueError) as exc:
+        if guard.refusal is not None:
+            raise guard.refusal from None
         raise UserError(f"{where}: not a valid STAC document ({remote.redact(str(exc))}); "
                         "check it with stac-validator") from None
 

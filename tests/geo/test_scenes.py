@@ -152,6 +152,20 @@ def test_remote_catalogue_naming_a_local_file_is_refused(server, http_root, href
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
 
 
+def test_remote_catalogue_linking_to_local_files_or_odd_ids_is_refused(server, http_root,
+                                                                       tmp_path):
+    secret = tmp_path / "private.json"
+    write_json(secret, item("private", {"visual": "/etc/hostname"}))
+    write_json(http_root / "catalog.json", {
+        "type": "Catalog", "stac_version": "1.0.0", "id": "root", "description": "test",
+        "links": [{"rel": "item", "href": secret.as_uri(), "type": "application/json"}]})
+    with pytest.raises(UserError, match=r"catalog.json: refers to a local file \(file://"):
+        stac.catalogue_scenes(server.url("catalog.json"))
+    write_json(http_root / "items.json", collection([item("../evil", {"visual": "x.tif"})]))
+    with pytest.raises(UserError, match=r"items.json: item id '../evil' is not a plain file"):
+        stac.catalogue_scenes(server.url("items.json"))
+
+
 def test_local_catalogue_may_name_local_files(tmp_path):
     write_scene(tmp_path / "x.tif", random_scene((3, 32, 32), 3))
     write_json(tmp_path / "item.json", item("x", {"visual": "x.tif"}))
