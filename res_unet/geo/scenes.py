@@ -374,15 +374,18 @@ def scene_vrt(ref: SceneRef, area: tuple[Any, CRS] | None = None,
 def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | None,
                   area: tuple[Any, CRS] | None) -> SceneFolder:
     refs = resolve_scenes(query)
+    if not refs:
+        raise UserError(f"{query.shown}: no items to read (after --datetime and --bbox); "
+                        "widen the dates or the area")
     result = SceneFolder(folder)
     records: dict[str, Any] = {}
     for ref in refs:
         try:
             made = scene_vrt(ref, area, model_pixel_size if query.overview else None)
         except (rasterio.errors.RasterioError, OSError) as exc:
-            message = " ".join(remote.redact(str(exc)).split())
-            if ref.shown not in message:
-                message = f"{ref.shown}: {message}"
+            problem = " ".join(remote.redact(str(exc)).split())
+            message = (f"{ref.shown}: cannot be read ({problem}); check the address and the "
+                       "network, then run again (finished scenes are skipped)")
             say(f"failed: {message}")
             result.failed.append({"name": ref.name, "image": ref.shown, "error": message})
             continue
@@ -396,9 +399,13 @@ def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | Non
         shown = ", ".join(result.missed[:10]) + (" ..." if len(result.missed) > 10 else "")
         say(f"note: the area of interest misses {len(result.missed)} of {len(refs)} scenes "
             f"({shown}); skipped")
-    if not records and not result.failed:
+    if not records and not result.missed:
+        raise UserError(f"{query.shown}: none of the {len(refs)} scenes could be read "
+                        f"(first: {result.failed[0]['error']})")
+    if not records:
         raise UserError(f"{query.shown}: the area of interest touches none of the "
-                        f"{len(refs)} scenes; check --bbox/--aoi (W,S,E,N in degrees)")
+                        f"{len(refs) - len(result.failed)} scenes read; check --bbox/--aoi "
+                        "(W,S,E,N in degrees)")
     (folder / SCENES_FILE).write_text(json.dumps(
         {"images": query.shown, "scenes": records, "failed": result.failed}, indent=1),
         encoding="utf-8")

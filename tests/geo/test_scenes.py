@@ -214,7 +214,7 @@ def test_area_that_misses_a_scene_skips_it_with_one_note(server, http_root, caps
     write_scene(http_root / "a.tif", random_scene((3, 64, 64), 7))
     write_json(http_root / "items.json", collection([item("a", {"visual": "a.tif"})]))
     query = scenes.SceneQuery(server.url("items.json"), bbox=(0.0, 0.0, 1.0, 1.0))
-    with pytest.raises(UserError, match="touches none of the 1 scenes"), \
+    with pytest.raises(UserError, match="touches none of the 1 scenes read"), \
             scenes.scene_folder(query):
         pass
     assert "note: the area of interest misses 1 of 1 scenes (a); skipped" in \
@@ -360,7 +360,9 @@ def test_server_dropping_connections_fails_that_scene_only(server, http_root, pi
     out, err = capsys.readouterr()
     failed = [line for line in err.splitlines() if line.startswith("failed:")]
     assert code == 1 and len(failed) == 1
-    assert failed[0].startswith(f"failed: {server.url('south.tif')}: ")
+    assert failed[0].startswith(f"failed: {server.url('south.tif')}: cannot be read (")
+    assert failed[0].endswith("check the address and the network, then run again (finished "
+                              "scenes are skipped)")
     assert "2 images: 1 done, 0 skipped (already done), 1 failed" in out
     assert f"  {failed[0]}" in out.splitlines(), "the summary repeats the one line"
     assert "SECRET" not in out + err
