@@ -545,7 +545,7 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike | scenes.SceneQuery,
         images_dir = held.enter_context(scenes.scene_folder(query, area=area)).folder
         pairs = source.pairs(images_dir, cfg.EXTRA_BAND_DIRS)
         if not pairs:
-            raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
+            raise UserError(f"{query.shown}: no image/label pairs found; put images in --images "
                             "and labels with the same names in --labels")
         train, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED,
                                         cfg.SPLIT_GROUP_PATTERN, cfg.VALIDATION_GROUPS)

@@ -175,7 +175,11 @@ def _source_key(href: str) -> str:
 
 
 def _name_of(location: str) -> str:
-    path = urllib.parse.urlsplit(location).path if remote.is_remote(location) else location
+    """The output name of a scene: a local file's stem, or a URL's file stem if it is a plain
+    name (UserError otherwise: a stranger's URL names no folder of ours)."""
+    if not (remote.is_remote(location) or remote.is_gdal_path(location)):
+        return Path(location).stem
+    path = urllib.parse.urlsplit(location).path if remote.scheme(location) else location
     return stac.plain_name(Path(path).stem, remote.redact_url(location))
 
 

@@ -165,7 +165,8 @@ def _in_range(item: Any, start: dt.datetime | None, end: dt.datetime | None) -> 
 def _touches(item: Any, bbox: Sequence[float] | None) -> bool:
     if bbox is None or not item.bbox or len(item.bbox) < 4:
         return True
-    w, s, e, n = item.bbox[:2] + item.bbox[-2:] if len(item.bbox) == 6 else item.bbox
+    box = item.bbox
+    w, s, e, n = (box[0], box[1], box[3], box[4]) if len(box) == 6 else box[:4]
     return not (e < bbox[0] or w > bbox[2] or n < bbox[1] or s > bbox[3])
 
 

@@ -166,6 +166,16 @@ def test_remote_catalogue_linking_to_local_files_or_odd_ids_is_refused(server, h
         stac.catalogue_scenes(server.url("items.json"))
 
 
+def test_items_are_filtered_by_their_bbox_2d_or_3d(tmp_path):
+    items = [{**item(name, {"visual": f"{name}.tif"}), "bbox": box}
+             for name, box in (("here", [24.0, 41.9, 24.2, 42.1]),
+                               ("there", [10.0, 50.0, 0.0, 10.5, 50.5, 100.0]),
+                               ("here3d", [23.9, 41.8, 0.0, 24.1, 42.0, 10.0]))]
+    write_json(tmp_path / "items.json", collection(items))
+    found = stac.catalogue_scenes(str(tmp_path / "items.json"), bbox=(24.05, 41.95, 24.1, 42.0))
+    assert [s.name for s in found] == ["here", "here3d"]
+
+
 def test_local_catalogue_may_name_local_files(tmp_path):
     write_scene(tmp_path / "x.tif", random_scene((3, 32, 32), 3))
     write_json(tmp_path / "item.json", item("x", {"visual": "x.tif"}))
@@ -185,6 +195,9 @@ def test_list_file_and_single_url(server, http_root, tmp_path):
     assert "SECRET" not in refs[0].key and refs[0].key.startswith(server.url("one.tif") + "|")
     single = scenes.resolve_scenes(scenes.SceneQuery(server.url("one.tif")))
     assert [r.name for r in single] == ["one"]
+    (tmp_path / "my scene.tif").write_bytes((tmp_path / "two.tif").read_bytes())
+    assert [r.name for r in scenes.resolve_scenes(scenes.SceneQuery(
+        str(tmp_path / "my scene.tif")))] == ["my scene"], "local names are the user's own"
     with pytest.raises(UserError, match="no such folder, file or URL"):
         scenes.resolve_scenes(scenes.SceneQuery(str(tmp_path / "missing")))
 
