@@ -156,7 +156,8 @@ def scene_segmenter(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
     check_enlargement(str(pair.image), size, segmenter.pixel_size_m, cfg.MAX_ENLARGEMENT)
     scaled = segmenter.for_scene(size)
     if scaled is not segmenter:
-        say(rescale_note(pair.image.name, size, segmenter.pixel_size_m))
+        shown = pair.image.name if scenes.scene_record(pair.image) is None else pair.stem
+        say(rescale_note(shown, size, segmenter.pixel_size_m))
     return scaled
 
 
