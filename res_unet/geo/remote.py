@@ -4,12 +4,13 @@ what may be recorded about a URL.
 A scene given as ``https://``, ``s3://``, ``gs://`` or ``az://`` is read through GDAL's
 virtual file systems (``/vsicurl/``, ``/vsis3/``, ``/vsigs/``, ``/vsiaz/``): in windows,
 fetching only the byte ranges (internal tiles of a Cloud-Optimized GeoTIFF) a read needs.
-:func:`configure_gdal` sets GDAL's HTTP settings once per process (no directory listing on
-open, retries with back-off, merged and parallel range requests, HTTP/2 over TLS, a block
-cache), as environment variables so that worker processes inherit them; a value the user
-already set wins. Credentials come only from the environment as GDAL reads them
-(AWS_*, GOOGLE_*, AZURE_*) or from the URL the user typed; :func:`redact` strips user
-information and query strings (signed-URL tokens) from anything res_unet records or prints.
+:func:`configure_gdal` sets GDAL's HTTP settings once in a process that reads remote scenes
+(no directory listing on open, retries with back-off, merged and parallel range requests,
+HTTP/2 over TLS, a block cache), as environment variables so that worker processes inherit
+them; a value the user already set wins. Credentials come only from the environment as
+GDAL reads them (AWS_*, GOOGLE_*, AZURE_*) or from the URL the user typed; :func:`redact`
+strips user information and query strings (signed-URL tokens) from anything res_unet
+records or prints.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ GDAL_HTTP_SETTINGS = {
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "GDAL_HTTP_VERSION": "2TLS",
-    # Downloaded ranges kept in memory, so overlapping windows fetch them once.
+    # Downloaded ranges kept in memory, so overlapping windows fetch them once: a small
+    # cache per open file, a larger one shared by every URL.
     "VSI_CACHE": "TRUE",
-    "VSI_CACHE_SIZE": str(64 * 1024 * 1024),
-    "CPL_VSIL_CURL_CACHE_SIZE": str(256 * 1024 * 1024),
+    "VSI_CACHE_SIZE": str(8 * 1024 * 1024),
+    "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 1024 * 1024),
 }
 
 # The byte limit of a catalogue or list read over HTTP (STAC JSON is small).

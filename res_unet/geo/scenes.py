@@ -381,6 +381,9 @@ def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | Non
     if not refs:
         raise UserError(f"{query.shown}: no items to read (after --datetime and --bbox); "
                         "widen the dates or the area")
+    if any(remote.is_remote(source) for ref in refs for source in ref.sources):
+        # Only then: no directory listing would also hide a local file's sidecars (.tfw).
+        remote.configure_gdal()
     result = SceneFolder(folder)
     records: dict[str, Any] = {}
     for ref in refs:
@@ -427,7 +430,6 @@ def scene_folder(query: SceneQuery, model_pixel_size: float | None = None,
     if query.plain_folder and area is None:
         yield SceneFolder(Path(query.images or "."))
         return
-    remote.configure_gdal()
     area = area if area is not None else area_of_interest(query)
     folder = Path(tempfile.mkdtemp(prefix="res_unet-scenes-"))
     try:

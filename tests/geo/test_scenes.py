@@ -4,6 +4,7 @@ catalogues over a local HTTP server, areas of interest, overviews, refusals, res
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -234,8 +235,10 @@ def test_area_that_misses_a_scene_skips_it_with_one_note(server, http_root, caps
         capsys.readouterr().err
 
 
-def test_aoi_from_a_polygon_layer_is_reprojected(tmp_path):
+def test_aoi_from_a_polygon_layer_is_reprojected(tmp_path, monkeypatch):
     from res_unet.vector_files import load_pyogrio
+
+    monkeypatch.delenv("GDAL_DISABLE_READDIR_ON_OPEN", raising=False)
 
     array = random_scene((3, 128, 128), 8)
     write_scene(tmp_path / "s.tif", array)
@@ -249,6 +252,8 @@ def test_aoi_from_a_polygon_layer_is_reprojected(tmp_path):
         col, row, width, height = scenes.scene_record(found.folder / "s.vrt")["window"]
         np.testing.assert_array_equal(ds.read(), array[:, row:row + height, col:col + width])
     assert 64 <= col <= 68 and 32 <= row <= 36 and 22 <= width <= 32 and 22 <= height <= 32
+    # Local scenes only: GDAL still lists folders (a local scene's .tfw stays visible).
+    assert "GDAL_DISABLE_READDIR_ON_OPEN" not in os.environ
 
 
 def test_band_assets_are_stacked_on_the_first_ones_grid(server, http_root):
@@ -327,8 +332,6 @@ def test_catalogue_over_http_gives_the_same_masks_as_the_files_on_disk(
 
 
 def test_remote_scenes_resume_by_etag(server, http_root, pixel_run, tmp_path):
-    import os
-
     from res_unet import runfolder, segment
 
     arrays = two_scenes(http_root)
