@@ -430,3 +430,38 @@ def test_make_tfrecords_from_remote_items_reads_only_what_the_labels_cover(
         fraction = server.bytes_sent(f"/{name}.tif") / size
         assert 0 < fraction < 0.2, (name, fraction)
     assert "SECRET" not in (tmp_path / "ds" / "manifest.json").read_text() + out + err
+
+
+def test_stac_api_search_goes_through_pystac_client(server, http_root, monkeypatch):
+    """--stac-search URL --collection NAME: the search pystac-client is asked for, and its
+    items read as a catalogue's (a stand-in client: the tests have no network)."""
+    import sys
+    import types
+
+    import pystac
+
+    write_scene(http_root / "x.tif", random_scene((3, 32, 32), 40))
+    asked = {}
+
+    def search(**kwargs):
+        asked.update(kwargs)
+        found = [item("x", {"visual": server.url("x.tif")}),
+                 item("y", {"visual": "file:///etc/hostname"})][:kwargs["max_items"]]
+        return types.SimpleNamespace(items=lambda: iter(pystac.Item.from_dict(f)
+                                                        for f in found))
+
+    client = types.SimpleNamespace(open=lambda url: asked.update(url=url) or
+                                   types.SimpleNamespace(search=search))
+    monkeypatch.setitem(sys.modules, "pystac_client", types.SimpleNamespace(Client=client))
+    query = scenes.SceneQuery(None, stac_search="https://api.example/v1?key=SECRET",
+                              collection="sentinel-2-l2a", bbox=(24.0, 41.9, 24.1, 42.0),
+                              datetime="2024-07-01/2024-07-31", max_items=1)
+    refs = scenes.resolve_scenes(query)
+    assert asked == {"url": "https://api.example/v1?key=SECRET",
+                     "collections": ["sentinel-2-l2a"], "bbox": (24.0, 41.9, 24.1, 42.0),
+                     "datetime": "2024-07-01/2024-07-31", "max_items": 1}
+    assert [(r.name, r.shown) for r in refs] == [("x", server.url("x.tif"))]
+    assert query.shown == "https://api.example/v1"
+    with pytest.raises(UserError, match="v1: refers to a local file"):
+        scenes.resolve_scenes(scenes.SceneQuery(None, stac_search="https://api.example/v1",
+                                                collection="c", max_items=2))
