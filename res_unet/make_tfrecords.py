@@ -19,6 +19,7 @@ import sys
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
 from res_unet.config.keys import load_config
+from res_unet.geo import scenes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "or polygon labels (GeoPackage, GeoJSON, Shapefile) over GeoTIFF scenes.")
     parser.add_argument("--config", required=True, help="JSON config file (TARGET_SIZE, "
                         "NCLASSES, VALIDATION_SPLIT, FIT_MODE, AUG_* ...)")
-    parser.add_argument("--images", required=True, help="folder of images (.jpg .png .tif)")
+    parser.add_argument("--images", help="images: a folder (.jpg .png .tif); one raster by "
+                        "path or URL (https:// s3:// gs:// az:// /vsi...); a text file listing "
+                        "paths and URLs; or a STAC Item, ItemCollection, Collection or Catalog "
+                        "(.json, local or https://)")
     parser.add_argument("--labels", required=True, help="folder of label masks (class index "
                         "per pixel) or polygon layers (.gpkg .geojson .shp), named like the "
                         "images; or one polygon layer file covering many scenes (scenes it "
@@ -43,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset in --out (only once the new one is "
                              "complete)")
+    scenes.add_arguments(parser)
     return parser
 
 
@@ -50,16 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the dataset, print a short summary. Returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.images is None and args.stac_search is None:
+        parser.error("give --images (a folder, a raster, a list or a STAC catalogue) or "
+                     "--stac-search URL --collection NAME")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     # The config first: a typo is reported in a fraction of a second, before TensorFlow.
     cfg = load_config(args.config)
+    query = scenes.query_from_args(args)
     if args.layer is not None:
         cfg = dataclasses.replace(cfg, LABEL_LAYER=args.layer)
     quiet_tensorflow()
     from res_unet.data import dataset, records
 
-    manifest = dataset.make_dataset(cfg, args.images, args.labels, args.out,
+    manifest = dataset.make_dataset(cfg, query, args.labels, args.out,
                                     workers=args.workers, overwrite=args.overwrite)
     print(records.dataset_summary(manifest, args.out))
     warning = records.empty_classes_warning(manifest)

@@ -28,6 +28,7 @@ from pathlib import Path
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
 from res_unet.config.keys import key_choices, load_config
 from res_unet.core.errors import UserError
+from res_unet.geo import scenes
 
 
 def _threshold(text: str) -> float | str:
@@ -73,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="RUN_DIR",
                         help="run folder of train_resunet; repeat for an ensemble")
-    parser.add_argument("--images", required=True, help="folder of images to segment")
+    parser.add_argument("--images", help="images to segment: a folder; one raster by path or URL "
+                             "(https:// s3:// gs:// az:// /vsi...); a text file listing paths "
+                             "and URLs; or a STAC Item, ItemCollection, Collection or Catalog "
+                             "(.json, local or https://)")
     parser.add_argument("--out", required=True, help="folder for the outputs")
     parser.add_argument("--labels", metavar="PATH",
                         help="labels to score the predictions against, as make_tfrecords "
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo images already done")
     parser.add_argument("--shard", metavar="i/n", help="only images i, i+n, ... (0-based)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scenes.add_arguments(parser)
     return parser
 
 
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, segment the folder, print a summary. Returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.images is None and args.stac_search is None:
+        parser.error("give --images (a folder, a raster, a list or a STAC catalogue) or "
+                     "--stac-search URL --collection NAME")
     if args.layer is not None and args.labels is None:
         parser.error("--layer names the layer of --labels; pass --labels LAYER_FILE too")
     run_config = Path(args.model[0]) / "config.json"
@@ -170,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     from res_unet.inference import segment, settings
 
     shard = parse_shard(args.shard)
+    query = scenes.query_from_args(args)
     cfg = settings.inference_config(args.model, args.config, _overrides(args))
-    summary = segment.segment_folder(cfg, args.model, args.images, args.out,
+    summary = segment.segment_folder(cfg, args.model, query, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,
                                      progress=not args.no_progress,

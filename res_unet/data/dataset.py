@@ -71,6 +71,7 @@ from res_unet.data.records import (
     serialize_example,
 )
 from res_unet.data.split import split_pairs
+from res_unet.geo import scenes
 from res_unet.geo.scale import training_pixel_size
 from res_unet.geo.tiling import (
     downsample_image,
@@ -469,7 +470,7 @@ class _DatasetBuilder:
             files={s: [p.image.name for p in by_stem[s]] for s in SPLITS},
             label_files={s: [p.label_name for p in by_stem[s]]
                          for s in SPLITS},
-            images_dir=str(Path(images_dir).resolve()),
+            images_dir=scenes.folder_shown(Path(images_dir)),
             labels_dir=str(source.path.resolve()),
             empty_tiles_dropped=self.empty_dropped,
             class_pixel_counts=self.class_counts.tolist(),
@@ -502,7 +503,8 @@ def _tasks(cfg: Config, train: list[Pair], validation: list[Pair]) -> list[_Task
             + [_Task(p, "validation", i, cfg) for i, p in enumerate(validation)])
 
 
-def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
+def make_dataset(cfg: Config, images_dir: str | os.PathLike | scenes.SceneQuery,
+                 labels_dir: str | os.PathLike,
                  out_dir: str | os.PathLike, workers: int = 1,
                  overwrite: bool = False) -> Manifest:
     """Build a TFRecord dataset in ``out_dir`` from image and label folders.
@@ -512,31 +514,40 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike, labels_dir: str | o
     (FIT_MODE) -> augment training examples (DO_AUG, AUG_COPIES) -> shards of
     IMS_PER_SHARD, plus ``config.json``, ``samples.png`` (DOPLOT) and ``manifest.json``
     (written last). Uses ``workers`` processes; the output bytes do not depend on it.
-    Returns the manifest.
+    Returns the manifest. ``images_dir`` may be a :class:`res_unet.geo.scenes.SceneQuery`
+    (URLs, STAC catalogues): with one shared polygon layer, only the part of each scene
+    the labels cover is read.
 
     Raises UserError for bad input (naming the file) and when ``out_dir`` already holds a
     dataset and ``overwrite`` is false. Nothing in ``out_dir`` changes unless the whole
     dataset was built.
     """
     out = Path(out_dir)
+    query = (images_dir if isinstance(images_dir, scenes.SceneQuery)
+             else scenes.SceneQuery(str(images_dir)))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    inputs = [("images", images_dir), ("labels", labels_dir),
+    inputs = [("images", query.images or ""), ("labels", labels_dir),
               *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)]
     for role, folder in inputs:
         if out.resolve() == Path(folder).resolve():
             raise UserError(f"{out}: is also the {role} folder; write the dataset to another "
                             "--out (its files would be read as input next time)")
     check_writable(out)
-    with folder_lock(out, "make_tfrecords"):
+    with folder_lock(out, "make_tfrecords"), contextlib.ExitStack() as held:
         _check_output(out, overwrite)
         # What a build killed outright (kill -9) left: its staging folder beside ``out``.
         clean_stale_temporaries(out.parent)
         clean_stale_temporaries(out)
         source = LabelSource.from_config(labels_dir, cfg)
+        area = None  # scenes from URLs and catalogues: read only what one layer's labels cover
+        if not query.plain_folder and query.bbox is None and query.aoi is None \
+                and source.shared_layer:
+            area = scenes.layer_area(source.path, source.cfg.LABEL_LAYER)
+        images_dir = held.enter_context(scenes.scene_folder(query, area=area)).folder
         pairs = source.pairs(images_dir, cfg.EXTRA_BAND_DIRS)
         if not pairs:
-            raise UserError(f"{images_dir}: no image/label pairs found; put images in --images "
+            raise UserError(f"{query.shown}: no image/label pairs found; put images in --images "
                             "and labels with the same names in --labels")
         train, validation = split_pairs(pairs, cfg.VALIDATION_SPLIT, cfg.SEED,
                                         cfg.SPLIT_GROUP_PATTERN, cfg.VALIDATION_GROUPS)

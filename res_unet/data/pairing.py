@@ -46,6 +46,7 @@ from res_unet.geo.rasters import (
     read_image,
     read_label,
 )
+from res_unet.geo.scenes import VRT_SUFFIX, is_scene_folder
 
 if TYPE_CHECKING:
     from res_unet.config.keys import Config, LabelRules
@@ -362,6 +363,8 @@ def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIX
         vector = " or one polygon layer (.gpkg ...)" if ".gpkg" in suffixes else ""
         raise UserError(f"{folder}: is a file, not a folder; pass the folder holding the "
                         f"{role}{vector}")
+    if suffixes is IMAGE_SUFFIXES and is_scene_folder(folder):
+        suffixes = (VRT_SUFFIX,)  # scenes from URLs and catalogues (res_unet.geo.scenes)
     entries = sorted(folder.iterdir())
     dangling = [p for p in entries if p.is_symlink() and not p.exists()
                 and p.suffix.lower() in suffixes]

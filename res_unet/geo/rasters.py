@@ -56,6 +56,8 @@ from res_unet.geo.pixeltypes import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+# The GDAL VRTs of scenes from URLs and catalogues (res_unet.geo.scenes): read like GeoTIFFs.
+_VRT_SUFFIX = ".vrt"
 # Errors the decoders raise on a damaged or unsupported file (Pillow raises SyntaxError for
 # broken PNG chunks, tifffile raises ValueError subclasses, GDAL raises RasterioError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
@@ -240,6 +242,9 @@ def _read_raw(path: Path, palette_indices: bool, max_pixels: int | None = None,
     checked from the header (:func:`check_pixel_count`, counting ``more_bands`` bands to be
     appended) before decoding."""
     suffix = path.suffix.lower()
+    if suffix == _VRT_SUFFIX and path.is_file():
+        array, meta, _ = _read_gdal(path, max_pixels=max_pixels, more_bands=more_bands)
+        return array, meta
     if suffix not in IMAGE_SUFFIXES:
         raise UserError(f"{path}: not a supported image type; use one of "
                         f"{', '.join(IMAGE_SUFFIXES)}")
@@ -435,7 +440,7 @@ def open_raster_rows(path: Path, n_bands: int, max_pixels: int | None = None
     needs the whole image read). Else None: read it whole. Raises UserError when one row of
     its blocks (GDAL decodes whole blocks: a striped TIFF of one strip is one block) is
     larger than :func:`pixel_limit` (``max_pixels``: MAX_IMAGE_PIXELS)."""
-    if path.suffix.lower() not in _TIFF_SUFFIXES:
+    if path.suffix.lower() not in (*_TIFF_SUFFIXES, _VRT_SUFFIX):
         return None
     env = contextlib.ExitStack()
     # GDAL keeps decoded blocks up to 5 % of RAM by default: most of a big scene, read once.

@@ -35,7 +35,7 @@ from res_unet.config.keys import Config, key_choices
 from res_unet.core.atomic import atomic_path
 from res_unet.core.errors import UserError
 from res_unet.data import pairing, report
-from res_unet.geo import cog, polygons, rasters, writers
+from res_unet.geo import cog, polygons, rasters, scenes, writers
 from res_unet.geo.tiling import RowSource, every_nth
 from res_unet.inference import review, uncertainty
 from res_unet.inference.predict import LABEL_NODATA, ProbabilitySink, Segmenter, nodata_values
@@ -200,7 +200,8 @@ OUTPUTS: dict[str, Output] = {
 def output_paths(out_dir: Path, pair: pairing.Pair, wanted: Wanted = Wanted()
                  ) -> dict[str, Path]:
     """The output files of one image, by :data:`OUTPUTS` key (those ``wanted`` for it)."""
-    tiff = pair.image.suffix.lower() in (".tif", ".tiff")
+    # A scene from a URL or catalogue is read through a GeoTIFF-like VRT.
+    tiff = pair.image.suffix.lower() in (".tif", ".tiff", scenes.VRT_SUFFIX)
     return {key: out_dir / output.name(pair.stem, tiff, wanted) for key, output in OUTPUTS.items()
             if output.wanted(wanted, tiff)}
 

@@ -45,7 +45,7 @@ from res_unet.core.folders import folder_lock, reading_lock, settings_digest, se
 from res_unet.core.progress import progress_bar, say
 from res_unet.data import pairing, report
 from res_unet.data.labelsource import LabelSource
-from res_unet.geo import rasters
+from res_unet.geo import rasters, remote, scenes
 from res_unet.geo.scale import check_enlargement, raster_pixel_size, rescale_note
 from res_unet.inference import review, scoring, uncertainty
 from res_unet.inference.fingerprint import (
@@ -98,7 +98,8 @@ def scene_segmenter(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
     check_enlargement(str(pair.image), size, segmenter.pixel_size_m, cfg.MAX_ENLARGEMENT)
     scaled = segmenter.for_scene(size)
     if scaled is not segmenter:
-        say(rescale_note(pair.image.name, size, segmenter.pixel_size_m))
+        shown = pair.image.name if scenes.scene_record(pair.image) is None else pair.stem
+        say(rescale_note(shown, size, segmenter.pixel_size_m))
     return scaled
 
 
@@ -119,10 +120,20 @@ def _load_models(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel]
 def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
     """Report a per-file problem on one line and return it for the summary."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if str(path) not in message:
-        message = f"{path}: {message}"
+    shown = scenes.shown(path)  # a scene from a URL: its address, without credentials
+    message = remote.redact(message.replace(str(path), shown))
+    if shown not in message:
+        message = f"{shown}: {message}"
     say(f"{what}: {message}")
-    return {"image": str(path), "error": message}
+    return {"image": shown, "error": message}
+
+
+def _scene_pairs(source: LabelSource | None, images_dir: Path, cfg: Config
+                 ) -> list[pairing.Pair]:
+    """The scenes of ``images_dir``, with their labels when there is a ``source``."""
+    if source is not None:
+        return source.scenes(images_dir, cfg.EXTRA_BAND_DIRS)
+    return pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
 
 
 def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
@@ -146,7 +157,8 @@ def _run_summary(models: list[LoadedModel], segmenter: Segmenter, cfg: Config,
 
 
 def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
-                   images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   images_dir: str | os.PathLike | scenes.SceneQuery,
+                   out_dir: str | os.PathLike, *,
                    labels_dir: str | os.PathLike | None = None, overwrite: bool = False,
                    shard: tuple[int, int] = (0, 1), save_probs: bool = False,
                    geojson: bool = False, progress: bool = True,
@@ -169,16 +181,20 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     and an 'ALL' row from the summed confusion matrix) and the first FIGURE_ROWS scored
     images are drawn in examples.png. Scenes are ranked by uncertainty (uncertainty.csv, most
     uncertain first; ``save_uncertainty``: a map per scene) and listed in review.html, per
-    shard as scores are. Writes segmentation_config.json. Returns a summary dict:
-    images, done, skipped, failed, failures, seconds, megapixels, mpx_per_second,
-    uncertainty_file, review_file and, with labels, scores.
+    shard as scores are. Writes segmentation_config.json. ``images_dir`` may also be a
+    :class:`res_unet.geo.scenes.SceneQuery` (URLs, lists, STAC catalogues, an area of
+    interest); remote scenes resume by URL and ETag. Returns a summary dict: images, done,
+    skipped, failed, failures, seconds, megapixels, mpx_per_second, uncertainty_file,
+    review_file and, with labels, scores.
     """
     started = time.perf_counter()
-    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    query = (images_dir if isinstance(images_dir, scenes.SceneQuery)
+             else scenes.SceneQuery(str(images_dir)))
+    images_dir, out_dir = Path(query.images or "."), Path(out_dir)
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise UserError(f"command line: shard {index}/{count} is invalid; need 0 <= i < n")
-    if out_dir.resolve() == images_dir.resolve():
+    if query.plain_folder and out_dir.resolve() == images_dir.resolve():
         raise UserError(f"{out_dir}: the output folder is the images folder; write the "
                         "outputs to another folder (they would be read as images next time)")
     if out_dir.exists() and not out_dir.is_dir():
@@ -188,13 +204,13 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     # settings_lock below keeps shards of other models or settings out, whatever the timing.
     with contextlib.ExitStack() as held:
         held.enter_context(folder_lock(out_dir, "seg_images_in_folder", shared=count > 1))
-        return _segment_folder(held, cfg, runs, images_dir, out_dir, labels_dir, overwrite,
+        return _segment_folder(held, cfg, runs, query, out_dir, labels_dir, overwrite,
                                shard, save_probs, geojson, progress, full_max_values, started,
                                save_uncertainty)
 
 
 def _segment_folder(held: contextlib.ExitStack, cfg: Config,
-                    runs: Sequence[str | os.PathLike | LoadedModel], images_dir: Path,
+                    runs: Sequence[str | os.PathLike | LoadedModel], query: scenes.SceneQuery,
                     out_dir: Path, labels_dir: str | os.PathLike | None, overwrite: bool,
                     shard: tuple[int, int], save_probs: bool, geojson: bool, progress: bool,
                     full_max_values: int, started: float, save_uncertainty: bool = False
@@ -203,19 +219,25 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     index, count = shard
     vector = cfg.VECTOR_FORMAT or ("geojson" if geojson else None)
     source = None if labels_dir is None else LabelSource.from_config(labels_dir, cfg)
-    if source is not None:
-        pairs = source.scenes(images_dir, cfg.EXTRA_BAND_DIRS)
-    else:
-        pairs = pairing.find_images(images_dir, cfg.EXTRA_BAND_DIRS)
-    pairs = pairs[index::count]
+    # A plain folder is checked before the models load, as always.
+    pairs = _scene_pairs(source, Path(query.images or "."), cfg) if query.plain_folder else None
     for run in (r for r in runs if not isinstance(r, LoadedModel)):  # no training writes them
         held.enter_context(reading_lock(run, "seg_images_in_folder", writing=out_dir))
     models = _load_models(cfg, runs)
     segmenter = Segmenter(models, cfg, full_max_values)
+    # Scenes from URLs and catalogues, cut to the area, at the overview the model needs.
+    found = held.enter_context(scenes.scene_folder(query, segmenter.pixel_size_m))
+    if pairs is None:
+        pairs = _scene_pairs(source, found.folder, cfg)
+    # Shards split scenes by name, those whose header could not be read included.
+    names = sorted([p.stem for p in pairs] + [f["name"] for f in found.failed])[index::count]
+    pairs = [p for p in pairs if p.stem in names]
+    failed = [{"image": f["image"], "error": f["error"]} for f in found.failed
+              if f["name"] in names]
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
         print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
               f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
-    options = {"images": str(images_dir), "labels": None if labels_dir is None
+    options = {"images": query.shown, "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "vector": vector,
                "save_uncertainty": save_uncertainty}
     # Prepared first: 'auto' may choose bfloat16, which the fingerprint records.
@@ -232,7 +254,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
 
     n = segmenter.n_classes
     done = skipped = 0
-    failures: list[dict[str, str]] = []
+    failures: list[dict[str, str]] = failed  # scenes whose header could not be read
     megapixels = busy = 0.0
     rows: list[dict[str, Any]] = []
     figure: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -245,13 +267,17 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         say("note: the model card records no pixel size, so the scale of the scenes cannot "
             "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
-    digest = settings_digest(run_summary["fingerprint"])
+    base_digest = settings_digest(run_summary["fingerprint"])
     ranked: list[dict[str, Any]] = []  # uncertainty.csv's rows
-    scenes: list[list[Any]] = []  # review.html's scenes: pair, figures, score, outputs
+    listed: list[list[Any]] = []  # review.html's scenes: pair, figures, score, outputs
     for pair in progress_bar(pairs, enabled=progress):
         paths = output_paths(out_dir, pair, Wanted(save_probs, vector, save_uncertainty))
         record = out_dir / IMAGE_RECORD.format(stem=pair.stem)
         pictures = review.ScenePictures(out_dir, pair.stem, n)
+        scene = scenes.scene_record(pair.image)
+        # A remote scene is redone when its file changed (URL + ETag), not by a local mtime.
+        digest = base_digest if scene is None else settings_digest(
+            {"fingerprint": base_digest, "scene": scene})
         try:
             # Another model's image (left by a shard run with --overwrite) is redone.
             if not overwrite and made_with(paths, record) == digest:
@@ -276,7 +302,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
             failures.append(_problem(pair.image, exc, "failed"))
             continue
         ranked.append({"image": pair.image.name, **(figures or {})})
-        scenes.append([pair, figures, None, paths])
+        listed.append([pair, figures, None, paths])
         if source is None or pair.label is None:
             continue
         # The image is segmented; a label that cannot be used only leaves it unscored.
@@ -289,14 +315,15 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
         total_cm += cm
         rows.append(scoring.score_row(pair.stem, cm, cfg.IGNORE_CLASS))
         pictures.write_label(truth)  # (written before when the scene was skipped)
-        scenes[-1][2] = rows[-1]["mean_iou"]
+        listed[-1][2] = rows[-1]["mean_iou"]
         if len(figure) < scoring.FIGURE_ROWS:
             figure.append(scoring.figure_example(pair, label, truth, cfg.N_DATA_BANDS))
             figure_titles.append(f"{pair.stem}: mean IoU {rows[-1]['mean_iou']:.3f}"
                                  if rows[-1]["mean_iou"] is not None else pair.stem)
 
     summary: dict[str, Any] = {
-        "images": len(pairs), "done": done, "skipped": skipped, "failed": len(failures),
+        "images": len(pairs) + len(failed), "done": done, "skipped": skipped,
+        "failed": len(failures),
         "failures": failures, "unscored": unscored,
         "seconds": round(time.perf_counter() - started, 2),
         "megapixels": round(megapixels, 3),
@@ -315,9 +342,9 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     summary["review_file"] = str(out_dir / review.review_file(shard))
     review.write_review_page(
         Path(summary["review_file"]), [review.scene_entry(p.image.name, f, s, o, out_dir, p.stem)
-                                       for p, f, s, o in scenes],
-        f"Review: {images_dir.name} segmented into {out_dir.name}",
-        f"{len(scenes)} scenes, most uncertain first ({uncertainty.HEADLINE})")
+                                       for p, f, s, o in listed],
+        f"Review: {query.shown} segmented into {out_dir.name}",
+        f"{len(listed)} scenes, most uncertain first ({uncertainty.HEADLINE})")
     if figure and cfg.DOPLOT:
         name = "examples.png" if count == 1 else f"examples_shard{index}of{count}.png"
         report.plot_predictions(figure, n, out_dir / name, class_names=cfg.class_names,
