@@ -241,7 +241,7 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
         shape_hw = image.shape[:2]
         scene = Scene(shape_hw, meta, cfg, segmenter.n_outputs)
         outputs = {key: OUTPUTS[key] for key in paths}
-        sinks = [stack.enter_context(output.stream(paths[key], scene))
+        sinks = [stack.enter_context(output.stream(paths[key], scene))  # probability rows
                  for key, output in outputs.items() if output.feeds == "probabilities"]
         if ranking is None and "uncertainty" in paths:
             ranking = uncertainty.UncertaintySums(segmenter.n_outputs, segmenter.label_cut)
@@ -262,11 +262,11 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
         shown: list[tuple[np.ndarray, np.ndarray]] = []
         on_label = None
         if stream:
-            sinks = [stack.enter_context(output.stream(paths[key], scene))
-                     for key, output in labels.items()]
+            label_sinks = [stack.enter_context(output.stream(paths[key], scene))
+                           for key, output in labels.items()]
 
             def on_label(r0: int, label_rows: np.ndarray) -> None:
-                for write in sinks:
+                for write in label_sinks:
                     write(r0, label_rows)
                 first = -r0 % step
                 if first < len(label_rows):
