@@ -24,38 +24,28 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
 import urllib.parse
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 import rasterio
 import rasterio.errors
 import shapely
 from rasterio.crs import CRS
-from rasterio.windows import Window, from_bounds
 
 from res_unet.core.errors import UserError
 from res_unet.core.progress import say
-from res_unet.geo import remote, stac, vectors
+from res_unet.geo import remote, stac, vectors, vrt
 
 # Beside the VRTs of a scene folder: where each scene came from, its key, the failures.
 SCENES_FILE = "scenes.json"
 VRT_SUFFIX = ".vrt"
-# The one driver an asset is opened with, by suffix (GeoTIFF otherwise): never GDAL's pick
-# by content, which would open a stranger's VRT, and a VRT may name local files.
-ASSET_DRIVERS = {".jp2": "JP2OpenJPEG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 _RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
-_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16",
-               "uint32": "UInt32", "int32": "Int32", "float32": "Float32",
-               "float64": "Float64"}
 
 
 @dataclass(frozen=True)
@@ -203,35 +193,35 @@ def _listed(path: Path) -> list[str]:
     return entries
 
 
-def resolve_scenes(query: SceneQuery) -> list[SceneRef]:
-    """The scenes ``query`` names, in order. Raises UserError for a missing path, a name
-    that is not a plain file name, and what :mod:`res_unet.geo.stac` refuses."""
+def _from_search(query: SceneQuery) -> list[SceneRef]:
+    found = stac.search_scenes(query.stac_search or "", query.collection or "", query.assets,
+                               query.datetime, query.max_items, query.bbox)
+    return [_ref(s.name, s.hrefs) for s in found]
+
+
+def _from_catalogue(query: SceneQuery) -> list[SceneRef]:
+    found = stac.catalogue_scenes(query.images or "", query.assets, query.datetime,
+                                  query.max_items, query.bbox)
+    return [_ref(s.name, s.hrefs) for s in found]
+
+
+def _from_address(query: SceneQuery) -> list[SceneRef]:
     images = query.images or ""
-    if query.stac_search is not None:
-        found = stac.search_scenes(query.stac_search, query.collection or "", query.assets,
-                                   query.datetime, query.max_items, query.bbox)
-        return [_ref(s.name, s.hrefs) for s in found]
-    if stac.looks_like_stac(images):
-        found = stac.catalogue_scenes(images, query.assets, query.datetime, query.max_items,
-                                      query.bbox)
-        return [_ref(s.name, s.hrefs) for s in found]
-    if query.assets or query.datetime or query.max_items:
-        raise UserError(f"{remote.redact_url(images)}: --asset, --datetime and --max-items "
-                        "pick items of a STAC catalogue; give one (a .json) with --images")
-    if remote.is_remote(images) or remote.is_gdal_path(images):
-        return [_ref(_name_of(images), [images])]
-    path = Path(images)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in _RASTER_SUFFIXES)
-        if not files:
-            raise UserError(f"{path}: no GeoTIFFs (.tif) to cut to the area; --bbox and --aoi "
-                            "need georeferenced scenes")
-        return [_ref(_name_of(str(p)), [str(p)]) for p in files]
-    if not path.is_file():
-        raise UserError(f"{path}: no such folder, file or URL; check --images")
-    if path.suffix.lower() in _RASTER_SUFFIXES:
-        return [_ref(_name_of(images), [images])]
+    return [_ref(_name_of(images), [images])]
+
+
+def _from_folder(query: SceneQuery) -> list[SceneRef]:
+    path = Path(query.images or "")
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.suffix.lower() in _RASTER_SUFFIXES)
+    if not files:
+        raise UserError(f"{path}: no GeoTIFFs (.tif) to cut to the area; --bbox and --aoi "
+                        "need georeferenced scenes")
+    return [_ref(_name_of(str(p)), [str(p)]) for p in files]
+
+
+def _from_list(query: SceneQuery) -> list[SceneRef]:
+    path = Path(query.images or "")
     refs = []
     for entry in _listed(path):
         if stac.looks_like_stac(entry):
@@ -244,6 +234,54 @@ def resolve_scenes(query: SceneQuery) -> list[SceneRef]:
         raise UserError(f"{path}: two scenes are named {repeated[0]}; outputs are named "
                         "after files: rename one")
     return refs
+
+
+@dataclass(frozen=True)
+class SceneSource:
+    """One kind of ``--images``: ``takes(query)`` says whether the query names one,
+    ``resolve(query)`` lists its scenes (UserError for what it refuses), ``picks_items``
+    whether --asset, --datetime and --max-items apply to it (catalogues)."""
+
+    name: str
+    takes: Callable[[SceneQuery], bool]
+    resolve: Callable[[SceneQuery], list[SceneRef]]
+    picks_items: bool = False
+
+
+def _local_raster(query: SceneQuery) -> bool:
+    path = Path(query.images or "")
+    return path.is_file() and path.suffix.lower() in _RASTER_SUFFIXES
+
+
+# The kinds of --images, tried in order: the first that takes the query lists its scenes.
+# A new kind of scene source is a resolve function (in a module of its own, as stac.py is)
+# and one entry here.
+SCENE_SOURCES: tuple[SceneSource, ...] = (
+    SceneSource("STAC API search", lambda q: q.stac_search is not None, _from_search,
+                picks_items=True),
+    SceneSource("STAC catalogue", lambda q: stac.looks_like_stac(q.images or ""),
+                _from_catalogue, picks_items=True),
+    SceneSource("URL or GDAL path", lambda q: remote.is_remote(q.images or "")
+                or remote.is_gdal_path(q.images or ""), _from_address),
+    SceneSource("folder", lambda q: Path(q.images or "").is_dir(), _from_folder),
+    SceneSource("raster file", _local_raster, _from_address),
+    SceneSource("list of scenes", lambda q: Path(q.images or "").is_file(), _from_list),
+)
+
+
+def resolve_scenes(query: SceneQuery) -> list[SceneRef]:
+    """The scenes ``query`` names, in order, from the first of :data:`SCENE_SOURCES` that
+    takes it. Raises UserError for a missing path, a name that is not a plain file name,
+    and what :mod:`res_unet.geo.stac` refuses."""
+    images = query.images or ""
+    for source in SCENE_SOURCES:
+        if not source.takes(query):
+            continue
+        if not source.picks_items and (query.assets or query.datetime or query.max_items):
+            raise UserError(f"{remote.redact_url(images)}: --asset, --datetime and --max-items "
+                            "pick items of a STAC catalogue; give one (a .json) with --images")
+        return source.resolve(query)
+    raise UserError(f"{images}: no such folder, file or URL; check --images")
 
 
 # The area of interest ----------------------------------------------------------------------
@@ -267,113 +305,6 @@ def layer_area(path: str | os.PathLike, layer: str | None = None) -> tuple[Any, 
     return shapely.union_all(labels.geometries), labels.crs
 
 
-def _window(area: tuple[Any, CRS] | None, ds: Any) -> Window | None:
-    """The window of ``ds`` that covers ``area`` (whole pixels, inside the scene); the whole
-    scene without an area; None when the area misses the scene."""
-    full = Window(0, 0, ds.width, ds.height)
-    if area is None:
-        return full
-    geometry, crs = area
-    if ds.crs is None:
-        raise UserError(f"{remote.redact(ds.name)}: has no CRS, so --bbox/--aoi cannot be "
-                        "placed on it")
-    size = max(geometry.bounds[2] - geometry.bounds[0], geometry.bounds[3] - geometry.bounds[1])
-    dense = shapely.segmentize(geometry, max(size / 64, 1e-9))
-    moved = vectors.to_crs(shapely.get_parts(dense), crs, ds.crs, "the area of interest")
-    left, bottom, right, top = ds.bounds
-    clipped = shapely.intersection(shapely.union_all(moved),
-                                   shapely.box(left, bottom, right, top))
-    if clipped.is_empty or clipped.area == 0:
-        return None
-    window = from_bounds(*clipped.bounds, transform=ds.transform)
-    col0, row0 = math.floor(window.col_off + 1e-6), math.floor(window.row_off + 1e-6)
-    col1 = math.ceil(window.col_off + window.width - 1e-6)
-    row1 = math.ceil(window.row_off + window.height - 1e-6)
-    return Window(col0, row0, col1 - col0, row1 - row0).intersection(full)
-
-
-def overview_factor(ds: Any, scene_px: float, model_px: float | None) -> int:
-    """The largest overview decimation of ``ds`` (1: full resolution) whose pixels are no
-    coarser than the model's, within 10 %."""
-    if model_px is None or scene_px <= 0:
-        return 1
-    factors = [f for f in ds.overviews(1) if scene_px * f <= model_px * 1.1]
-    return max(factors, default=1)
-
-
-# VRTs --------------------------------------------------------------------------------------
-
-def _open_asset(source: str) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        path = urllib.parse.urlsplit(source).path if "://" in source else source
-        return rasterio.open(source, driver=ASSET_DRIVERS.get(Path(path).suffix.lower(),
-                                                              "GTiff"))
-
-
-def _band_xml(band: int, dtype: str, nodata: float | None, sources: list[str]) -> str:
-    nodata_xml = "" if nodata is None else f"<NoDataValue>{nodata!r}</NoDataValue>"
-    return (f'<VRTRasterBand dataType="{_GDAL_TYPES[dtype]}" band="{band}">{nodata_xml}'
-            + "".join(sources) + "</VRTRasterBand>")
-
-
-def _source_xml(path: str, band: int, src: Window, dst: tuple[int, int], resample: bool
-                ) -> str:
-    attribute = ' resampling="bilinear"' if resample else ""
-    return (f"<SimpleSource{attribute}><SourceFilename relativeToVRT=\"0\">{escape(path)}"
-            f"</SourceFilename><SourceBand>{band}</SourceBand>"
-            f'<SrcRect xOff="{float(src.col_off)!r}" yOff="{float(src.row_off)!r}" '
-            f'xSize="{float(src.width)!r}" ySize="{float(src.height)!r}"/>'
-            f'<DstRect xOff="0" yOff="0" xSize="{dst[1]}" ySize="{dst[0]}"/></SimpleSource>')
-
-
-def scene_vrt(ref: SceneRef, area: tuple[Any, CRS] | None = None,
-              model_pixel_size: float | None = None) -> tuple[str, dict[str, Any]] | None:
-    """The VRT XML of a scene (its assets stacked, cut to ``area``, at the overview that
-    matches ``model_pixel_size`` metres) and facts about it (window, overview); None when
-    the area misses it. Raises UserError for assets on different CRSs or pixel types, and
-    rasterio errors for an unreadable asset."""
-    from res_unet.geo.scale import pixel_size_m
-
-    with contextlib.ExitStack() as stack:
-        datasets = [stack.enter_context(_open_asset(s)) for s in ref.sources]
-        first = datasets[0]
-        window = _window(area, first)
-        if window is None:
-            return None
-        factor = 1
-        if first.crs is not None:
-            scene_px = math.sqrt(math.prod(pixel_size_m(first)))
-            factor = overview_factor(first, scene_px, model_pixel_size)
-        height = max(1, round(window.height / factor))
-        width = max(1, round(window.width / factor))
-        transform = first.window_transform(window) @ rasterio.Affine.scale(
-            window.width / width, window.height / height)
-        bounds = rasterio.windows.bounds(window, first.transform)
-        dtypes = {d.dtypes[0] for d in datasets} | {t for d in datasets for t in d.dtypes}
-        if len(dtypes) > 1 or any(d.crs != first.crs for d in datasets):
-            raise UserError(f"{ref.shown}: the assets differ in CRS or pixel type; pick "
-                            "assets of one kind with --asset")
-        dtype = first.dtypes[0]
-        if dtype not in _GDAL_TYPES:
-            raise UserError(f"{ref.shown}: pixel type {dtype} cannot be read; convert it")
-        bands = []
-        for path, ds in zip(ref.sources, datasets, strict=True):
-            src = window if ds is first else from_bounds(*bounds, transform=ds.transform)
-            resample = ds is not first or factor > 1
-            for b in range(1, ds.count + 1):
-                bands.append(_band_xml(len(bands) + 1, dtype, first.nodata,
-                                       [_source_xml(path, b, src, (height, width), resample)]))
-        srs = "" if first.crs is None else f"<SRS>{escape(first.crs.to_wkt())}</SRS>"
-        gt = ", ".join(repr(v) for v in transform.to_gdal())
-        xml = (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{srs}'
-               f"<GeoTransform>{gt}</GeoTransform>" + "".join(bands) + "</VRTDataset>\n")
-        facts = {"window": [int(window.col_off), int(window.row_off), int(window.width),
-                            int(window.height)], "overview": factor,
-                 "full": [first.width, first.height]}
-    return xml, facts
-
-
 def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | None,
                   area: tuple[Any, CRS] | None) -> SceneFolder:
     refs = resolve_scenes(query)
@@ -387,7 +318,8 @@ def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | Non
     records: dict[str, Any] = {}
     for ref in refs:
         try:
-            made = scene_vrt(ref, area, model_pixel_size if query.overview else None)
+            made = vrt.scene_vrt(ref.sources, ref.shown, area,
+                                 model_pixel_size if query.overview else None)
         except (rasterio.errors.RasterioError, OSError) as exc:
             problem = " ".join(remote.redact(str(exc)).split())
             message = (f"{ref.shown}: cannot be read ({problem}); check the address and the "

@@ -465,3 +465,24 @@ def test_stac_api_search_goes_through_pystac_client(server, http_root, monkeypat
     with pytest.raises(UserError, match="v1: refers to a local file"):
         scenes.resolve_scenes(scenes.SceneQuery(None, stac_search="https://api.example/v1",
                                                 collection="c", max_items=2))
+
+
+def test_a_new_scene_source_is_one_registration(tmp_path, monkeypatch):
+    """A kind of --images registered in SCENE_SOURCES is listed with nothing else changed;
+    kinds that are not catalogues refuse --asset."""
+    calls = []
+
+    def from_bucket_listing(query):
+        calls.append(query.images)
+        return [scenes.SceneRef("a", ("/vsimem/a.tif",), "bucket:a", "k1"),
+                scenes.SceneRef("b", ("/vsimem/b.tif",), "bucket:b", "k2")]
+
+    source = scenes.SceneSource("bucket listing", lambda q: (q.images or "").startswith(
+        "bucket:"), from_bucket_listing)
+    monkeypatch.setattr(scenes, "SCENE_SOURCES", (source, *scenes.SCENE_SOURCES))
+    refs = scenes.resolve_scenes(scenes.SceneQuery("bucket:lakes"))
+    assert [r.name for r in refs] == ["a", "b"] and calls == ["bucket:lakes"]
+    with pytest.raises(UserError, match="--asset, --datetime and --max-items pick items"):
+        scenes.resolve_scenes(scenes.SceneQuery("bucket:lakes", assets=("red",)))
+    with pytest.raises(UserError, match="no such folder, file or URL"):
+        scenes.resolve_scenes(scenes.SceneQuery(str(tmp_path / "missing")))

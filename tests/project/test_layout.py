@@ -34,6 +34,7 @@ LAYERS = [
     ["geo.scale", "geo.vectors", "geo.polygons", "geo.cog", "geo.pixeltypes"],
     ["geo.rasters", "geo.remote"],
     ["geo.stac"],
+    ["geo.vrt"],
     ["geo.scenes"],
     ["data.pairing", "geo.writers"],
     ["data.labelsource", "data.augment", "data.split", "data.report"],
