@@ -23,7 +23,7 @@ manifest.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,52 @@ def _label_config(values: dict[str, Any], source: str) -> Config:
 
 
 @dataclass(frozen=True)
+class LabelKind:
+    """One kind of ``--labels``: ``takes(path)`` says whether a path is one; ``pairs(source,
+    images_dir, extra_band_dirs, untouched)`` gives the labelled scenes (see
+    :meth:`LabelSource.pairs`); ``all_scenes`` whether scenes without a label are still
+    segmented (and named in a note) rather than an error; ``layer(source)`` the layer it
+    reads, recorded in the manifest (None: none)."""
+
+    name: str
+    takes: Callable[[Path], bool]
+    pairs: Callable[[LabelSource, str | os.PathLike, Sequence[str | os.PathLike], str | None],
+                    list[Pair]]
+    all_scenes: bool = False
+    layer: Callable[[LabelSource], str | None] = lambda source: None
+
+
+def _folder_pairs(source: LabelSource, images_dir: str | os.PathLike,
+                  extra_band_dirs: Sequence[str | os.PathLike], untouched: str | None
+                  ) -> list[Pair]:
+    return pairing.find_pairs(images_dir, source.path, source.cfg.USEMASK, extra_band_dirs,
+                              source.polygons)
+
+
+def _layer_pairs(source: LabelSource, images_dir: str | os.PathLike,
+                 extra_band_dirs: Sequence[str | os.PathLike], untouched: str | None
+                 ) -> list[Pair]:
+    if not source.path.exists():
+        raise UserError(f"{source.path}: no such label file; check the labels path")
+    return pairing.pairs_over_one_layer(images_dir, source.path, source.polygons,
+                                        extra_band_dirs, untouched)
+
+
+# The kinds of --labels, tried in order (the first that takes the path reads it; the last
+# takes every path). A new kind of label source is its pairs function (reading its labels
+# through res_unet.data.pairing's readers, or a module of its own) and one entry here; its
+# name is what the manifest records.
+LABEL_KINDS: tuple[LabelKind, ...] = (
+    # One polygon layer over many scenes (a .gpkg, .geojson or .shp file).
+    LabelKind("layer", lambda path: not path.is_dir() and vectors.is_vector_path(path),
+              _layer_pairs, all_scenes=True,
+              layer=lambda source: vectors.layer_name(source.path, source.cfg.LABEL_LAYER)),
+    # A folder of each scene's own label raster or polygon layer.
+    LabelKind("folder", lambda path: True, _folder_pairs),
+)
+
+
+@dataclass(frozen=True)
 class LabelSource:
     """The labels of a folder of scenes: ``path`` (a folder of label files, or one polygon
     layer file over many scenes) and ``cfg``, a config whose label keys (:data:`LABEL_KEYS`)
@@ -80,9 +126,14 @@ class LabelSource:
         return PolygonRules.from_config(self.cfg)
 
     @property
+    def kind(self) -> LabelKind:
+        """What kind of source ``path`` is: the first of :data:`LABEL_KINDS` that takes it."""
+        return next(kind for kind in LABEL_KINDS if kind.takes(self.path))
+
+    @property
     def shared_layer(self) -> bool:
         """Whether the source is one polygon layer over many scenes (not a folder)."""
-        return not self.path.is_dir() and vectors.is_vector_path(self.path)
+        return self.kind.name == "layer"
 
     def pairs(self, images_dir: str | os.PathLike,
               extra_band_dirs: Sequence[str | os.PathLike] = (),
@@ -91,20 +142,14 @@ class LabelSource:
         file (a folder: every image needs one) or with the shared layer (the images it
         touches; the others are named in a note ending with ``untouched``, None: quiet).
         Raises UserError as :func:`res_unet.data.pairing.find_pairs`."""
-        if self.shared_layer:
-            if not self.path.exists():
-                raise UserError(f"{self.path}: no such label file; check the labels path")
-            return pairing.pairs_over_one_layer(images_dir, self.path, self.polygons,
-                                                extra_band_dirs, untouched)
-        return pairing.find_pairs(images_dir, self.path, self.cfg.USEMASK, extra_band_dirs,
-                                  self.polygons)
+        return self.kind.pairs(self, images_dir, extra_band_dirs, untouched)
 
     def scenes(self, images_dir: str | os.PathLike,
                extra_band_dirs: Sequence[str | os.PathLike] = ()) -> list[Pair]:
         """Every scene to segment in ``images_dir``, sorted by stem, with its label; scenes a
         shared layer does not touch come without one (label None) and are named in a note."""
         pairs = self.pairs(images_dir, extra_band_dirs, NOT_SCORED)
-        if not self.shared_layer:
+        if not self.kind.all_scenes:
             return pairs
         labelled = {pair.stem: pair for pair in pairs}
         return [labelled.get(pair.stem, pair)
@@ -122,10 +167,9 @@ class LabelSource:
         """The source as the manifest records it (JSON-ready): ``kind`` ("folder" or
         "layer"), the absolute ``path``, the ``layer`` read from a shared layer file (None
         for a folder) and the label keys; :meth:`from_record` reads it back."""
-        layer = vectors.layer_name(self.path, self.cfg.LABEL_LAYER) if self.shared_layer else None
         values = self.cfg.to_dict()
-        return {"kind": "layer" if self.shared_layer else "folder",
-                "path": str(self.path.resolve()), "layer": layer,
+        kind = self.kind
+        return {"kind": kind.name, "path": str(self.path.resolve()), "layer": kind.layer(self),
                 **{k: values[k] for k in LABEL_KEYS}}
 
     @classmethod

@@ -420,3 +420,33 @@ def test_scene_evaluation_reads_the_datasets_extra_bands(tmp_path, capsys):
     assert "skipped" not in capsys.readouterr().err
     assert result is not None and result["images"] == 2
     assert result["scores"]["iou"][1] > 0.95
+
+
+def test_a_new_kind_of_label_source_is_one_registration(tmp_path, monkeypatch):
+    """A kind registered in LABEL_KINDS reads --labels paths it takes, for pairs, scenes and
+    the manifest's record, with nothing else changed; other paths keep their kinds."""
+    from helpers import make_folders
+
+    from res_unet.data import labelsource
+
+    images, labels = make_folders(tmp_path, ["a.png", "b.png", "c.png"],
+                                  ["a.png", "b.png", "c.png"])
+    asked = []
+
+    def every_other(source, images_dir, extra_band_dirs, untouched):
+        asked.append(Path(images_dir))
+        found = LabelSource.from_config(labels, source.cfg).pairs(images_dir)
+        return found[::2]
+
+    kind = labelsource.LabelKind("every other", lambda path: path.name == "every_other",
+                                 every_other, all_scenes=True)
+    monkeypatch.setattr(labelsource, "LABEL_KINDS", (kind, *labelsource.LABEL_KINDS))
+    assert LabelSource.from_config(labels, make_config("dataset")).kind.name == "folder"
+    source = LabelSource.from_config(tmp_path / "every_other", make_config("dataset"))
+    assert source.kind is kind and not source.shared_layer
+    assert [p.stem for p in source.pairs(images)] == ["a", "c"]
+    # all_scenes: every scene is segmented, the unlabelled ones without a label
+    assert [(p.stem, p.label is not None) for p in source.scenes(images)] == [
+        ("a", True), ("b", False), ("c", True)]
+    assert source.record()["kind"] == "every other" and source.record()["layer"] is None
+    assert asked == [images, images]
