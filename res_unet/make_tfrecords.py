@@ -14,11 +14,10 @@ config.json and samples.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
-from res_unet.config.keys import load_config
+from res_unet.config.keys import load_config, with_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # The config first: a typo is reported in a fraction of a second, before TensorFlow.
     cfg = load_config(args.config)
     if args.layer is not None:
-        cfg = dataclasses.replace(cfg, LABEL_LAYER=args.layer)
+        cfg = with_overrides(cfg, {"LABEL_LAYER": args.layer}, flags={"LABEL_LAYER": "--layer"})
     quiet_tensorflow()
     from res_unet.data import dataset, records
 

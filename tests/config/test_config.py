@@ -12,9 +12,9 @@ from res_unet.config.keys import (
     Config,
     config_from_dict,
     load_config,
-    reference_markdown,
     save_config,
 )
+from res_unet.config.reference import reference_markdown
 from res_unet.config.registry import MODELS
 from res_unet.config.upgrade import upgrade_keys
 from res_unet.core.errors import UserError
