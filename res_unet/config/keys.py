@@ -43,7 +43,7 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 # What a key is, besides its value: its roles, declared on the key (``roles=``), so that no
-# module keeps a list of keys of its own (read them with :func:`keys_with`).
+# module keeps a list of keys of its own (res_unet.config.reference reads them).
 ROLES = {
     "inference": "a setting of segmentation: seg_images_in_folder --config may set it "
                  "(every other key comes from the run folder)",
@@ -522,15 +522,16 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "com
         if name not in _FIELDS:
             problems.append(_unknown_key(name, where([name])))
             continue
-        values[name], found = check_value(name, value, _HINTS[name], _FIELDS[name].metadata,
-                                          where([name]))
+        value, found = check_value(name, value, _HINTS[name], _FIELDS[name].metadata,
+                                   where([name]))
         problems += found
-    if not problems:
-        new = Config(**values)
-        for line in check_consistency(new, source):
-            # Name the flags whose keys the problem is about.
-            named = [k for k in overrides if re.search(rf"\b{k}\b", line)]
-            problems.append(line.replace(source, where(named), 1))
+        if not found:
+            values[name] = value
+    new = Config(**values)
+    for line in check_consistency(new, source):
+        # Name the flags whose keys the problem is about.
+        named = [k for k in overrides if re.search(rf"\b{k}\b", line)]
+        problems.append(line.replace(source, where(named), 1))
     if problems:
         raise UserError("\n".join(problems))
     return new
