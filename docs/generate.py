@@ -3,7 +3,8 @@
     python docs/generate.py            # rewrite the generated files and blocks
     python docs/generate.py --check    # exit 1 naming the stale ones (tests/test_docs.py)
 
-- `docs/config.md`: from `res_unet.config.keys.reference_markdown()` (the `Config` dataclass);
+- `docs/config.md`: from `res_unet.config.reference.reference_markdown()` (the `Config`
+  dataclass);
 - `docs/models.md`, `weights/README.md`, the models table of `README.md` and the figure
   block of each `weights/NAME/README.md`: from each `weights/NAME/model_card.json` (and
   the title line of its README); blocks sit between `<!-- generated:NAME ... -->` markers;
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from res_unet.config.keys import reference_markdown  # noqa: E402  (after the path above)
+from res_unet.config.reference import reference_markdown  # noqa: E402  (after the path above)
 
 WEIGHTS = REPO / "weights"
 RESULTS = REPO / "bench" / "results"
@@ -278,6 +279,13 @@ inconsistent values (`MIN_LR > MAX_LR`, a `TARGET_SIZE` the model cannot halve `
 times, ...) are reported one line each before anything runs. JSON syntax errors name the
 line (trailing commas and `//` comments are the usual ones). The config actually used is
 written next to every output (`config.json`).
+
+After a key's meaning, in italics, what else it is: *segmentation --config*, a
+`seg_images_in_folder --config` may set it (every other key comes from the model's run
+folder); *resume may change*, a killed training run resumes with a new value (a change of
+any other key stops it, naming the key); *segmented images kept*, changing it does not redo
+the images of an output folder already segmented (the others that a segmentation --config
+sets do); *new in*, the version that added the key (configs written before it get its default).
 
 Segmentation Gym configs work unchanged: `KERNEL` is read as `KERNEL_SIZE`, `LOSS_WEIGHTS`
 as `CLASS_WEIGHTS`, `OTSU_THRESHOLD` as `THRESHOLD: "otsu"`, `MODEL` values

@@ -14,11 +14,10 @@ config.json and samples.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
-from res_unet.config.keys import load_config
+from res_unet.config.keys import load_config, with_overrides
 from res_unet.geo import scenes
 
 
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     query = scenes.query_from_args(args)
     if args.layer is not None:
-        cfg = dataclasses.replace(cfg, LABEL_LAYER=args.layer)
+        cfg = with_overrides(cfg, {"LABEL_LAYER": args.layer}, flags={"LABEL_LAYER": "--layer"})
     quiet_tensorflow()
     from res_unet.data import dataset, records
 

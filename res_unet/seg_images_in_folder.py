@@ -142,17 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags that set config keys, by key (messages about a value name its flag).
+FLAGS = {"INFER_MODE": "--mode", "TARGET_SIZE": "--tile-size", "TILE_OVERLAP": "--overlap",
+         "BLEND_WINDOW": "--window", "BATCH_SIZE": "--batch-size", "INFER_RUNTIME": "--runtime",
+         "TESTTIMEAUG": "--tta", "TTA_ROT90": "--rot90", "THRESHOLD": "--threshold",
+         "DO_CRF_REFINE": "--crf", "MEDIAN_FILTER_VALUE": "--median",
+         "NODATA_ZERO": "--nodata-zero", "SCENE_PIXEL_SIZE": "--pixel-size",
+         "VECTOR_FORMAT": "--vector", "VECTOR_SIMPLIFY": "--simplify", "LABEL_LAYER": "--layer"}
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     """Config keys set by flags (only the flags given)."""
-    flags = {"INFER_MODE": args.mode, "TARGET_SIZE": args.tile_size,
-             "TILE_OVERLAP": args.overlap, "BLEND_WINDOW": args.window,
-             "BATCH_SIZE": args.batch_size, "INFER_RUNTIME": args.runtime,
-             "TESTTIMEAUG": args.tta, "TTA_ROT90": args.rot90,
-             "THRESHOLD": args.threshold, "DO_CRF_REFINE": args.crf,
-             "MEDIAN_FILTER_VALUE": args.median, "NODATA_ZERO": args.nodata_zero,
-             "SCENE_PIXEL_SIZE": args.pixel_size, "VECTOR_FORMAT": args.vector,
-             "VECTOR_SIMPLIFY": args.simplify, "LABEL_LAYER": args.layer}
-    out = {k: v for k, v in flags.items() if v is not None}
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in FLAGS.items()}
+    out = {k: v for k, v in given.items() if v is not None}
     if args.rot90:
         out.setdefault("TESTTIMEAUG", True)
     return out
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shard = parse_shard(args.shard)
     query = scenes.query_from_args(args)
-    cfg = settings.inference_config(args.model, args.config, _overrides(args))
+    cfg = settings.inference_config(args.model, args.config, _overrides(args), FLAGS)
     summary = segment.segment_folder(cfg, args.model, query, args.out,
                                      labels_dir=args.labels, overwrite=args.overwrite,
                                      shard=shard, save_probs=args.save_probs,

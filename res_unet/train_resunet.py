@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train (or evaluate), print a JSON summary. Returns the exit code."""
     args = build_parser().parse_args(argv)
-    from res_unet.config.keys import config_from_dict, load_config
+    from res_unet.config.keys import load_config, with_overrides
 
     cfg = load_config(args.config)
     overrides = {}
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["MAX_EPOCHS"] = args.epochs
     if args.evaluate_only:
         overrides["DO_TRAIN"] = False
-    if overrides:
-        cfg, _ = config_from_dict({**cfg.to_dict(), **overrides}, source="command line")
+    cfg = with_overrides(cfg, overrides,
+                         flags={"MAX_EPOCHS": "--epochs", "DO_TRAIN": "--evaluate-only"})
 
     select_devices(cfg.SET_GPU)
     quiet_tensorflow()

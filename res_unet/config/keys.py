@@ -5,8 +5,10 @@ default, range and meaning (about 60 keys, half the file): the one home of the c
 reference.
 
 Every key a user can write lives in :class:`Config`, with its default and its meaning in the
-field metadata; the config reference, docs/config.md, is generated from it
-(:func:`reference_markdown`). Keys from the original residual-U-Net toolbox are accepted
+field metadata, with its roles (:data:`ROLES`: a segmentation setting, free to change when
+resuming, changing segmentation outputs) and the version that added it; the config
+reference, docs/config.md, and the lists of keys by role are read from it
+(:mod:`res_unet.config.reference`). Keys from the original residual-U-Net toolbox are accepted
 as they are; keys from Segmentation Gym go through :func:`res_unet.config.upgrade.upgrade_keys`,
 which maps each to ours or says plainly that it has no effect. Keys starting with ``_`` are
 comments.
@@ -21,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
+import re
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from typing import Any
 from res_unet.config.registry import ENCODERS, MODELS, RUNTIMES
 from res_unet.config.rules import check_consistency
 from res_unet.config.upgrade import upgrade_keys
+from res_unet.config.values import check_value
 from res_unet.core.atomic import write_atomic
 from res_unet.core.errors import UserError, either
 from res_unet.core.folders import loads_json, read_small_text
@@ -38,10 +42,33 @@ from res_unet.core.folders import loads_json, read_small_text
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
+# What a key is, besides its value: its roles, declared on the key (``roles=``), so that no
+# module keeps a list of keys of its own (res_unet.config.reference reads them).
+ROLES = {
+    "inference": "a setting of segmentation: seg_images_in_folder --config may set it "
+                 "(every other key comes from the run folder)",
+    "resumable": "a killed training run resumes with a new value (other changed keys "
+                 "stop it)",
+    "affects_outputs": "a setting of segmentation that changes what its outputs hold: a "
+                       "folder segmented with another value is not resumed into",
+}
+# Segmentation keys act only when segmenting: a --config of seg_images_in_folder may set
+# them, training ignores them, and unless a key says otherwise they change the outputs.
+_GROUP_ROLES = {"segmentation": ("inference", "resumable", "affects_outputs")}
+# The version a key was added in (``since=``), when later than the first.
+FIRST_VERSION = "0.1.0"
+
+
 def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-         choices: tuple | None = None, group: str = "") -> Any:
-    """Declare one config key: default, meaning, and the range or choices it must respect."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "group": group}
+         choices: tuple | None = None, group: str = "", roles: tuple[str, ...] | None = None,
+         since: str = FIRST_VERSION) -> Any:
+    """Declare one config key: default, meaning, the range or choices it must respect, its
+    roles (of ROLES; default: its group's) and the version it was added in."""
+    roles = _GROUP_ROLES.get(group, ()) if roles is None else roles
+    if not set(roles) <= set(ROLES):
+        raise ValueError(f"unknown key roles {set(roles) - set(ROLES)}; use {set(ROLES)}")
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "group": group,
+            "roles": frozenset(roles), "since": since}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
@@ -85,25 +112,27 @@ class Config:
                                   "model_card.json; [] = 'class 0', 'class 1', ...",
                                   group="data")
     USEMASK: bool = _key(False, "Labels are named NAME_mask.* (true) or NAME_label.* / NAME.* "
-                         "(false).", group="data")
+                         "(false).", group="data", roles=("inference",))
     REMAP_CLASSES: dict[str, int] = _key({}, "Map label values before anything else, e.g. "
                                          '{"0": 0, "3": 1}; unlisted values stay as they are.',
-                                         group="data")
+                                         group="data", roles=("inference",))
     LABEL_ATTRIBUTE: str | None = _key(None, "Polygon labels (GeoPackage, GeoJSON, Shapefile): "
                                        "the attribute holding each polygon's class, as an "
                                        "index 0..N-1 or a name from CLASS_NAMES; null = every "
                                        "polygon is class 1 (binary models only).",
-                                       group="data")
+                                       group="data", roles=("inference",), since="0.2.0")
     LABEL_LAYER: str | None = _key(None, "Polygon labels: the layer to read from a file holding "
                                    "several (--layer of make_tfrecords and "
                                    "seg_images_in_folder overrides it); null = the file's "
-                                   "only layer.", group="data")
+                                   "only layer.", group="data", roles=("inference",), since="0.2.0")
     LABEL_PRIORITY: list[int] = _key([], "Polygon labels: where polygons overlap, the class "
                                      "listed later wins, e.g. [1, 2] puts class 2 on top of "
                                      "class 1; [] = the feature drawn last (later in the "
-                                     "layer) wins.", group="data")
+                                     "layer) wins.", group="data",
+                                     roles=("inference",), since="0.2.0")
     EXTRA_BAND_DIRS: list[str] = _key([], "Folders of co-registered single-band images (same "
-                                      "stems) appended as extra bands, in order.", group="data")
+                                      "stems) appended as extra bands, in order.", group="data",
+                                      roles=("inference",))
     FIT_MODE: str = _key("resize", "How images meet TARGET_SIZE: 'resize' (whole image, aspect "
                          "kept by reflect padding) or 'tile' (cut into TARGET_SIZE tiles).",
                          choices=("resize", "tile"), group="data")
@@ -121,9 +150,10 @@ class Config:
                                     "seg_images_in_folder can bring scenes of another pixel "
                                     "size to it; 0.001 (1 mm) to 100000 (100 km). null: "
                                     "unknown.", lo=MIN_PIXEL_SIZE, hi=MAX_PIXEL_SIZE,
-                                    group="data")
+                                    group="data", since="0.2.0")
     TILE_OVERLAP: float = _key(0.25, "Tile overlap as a fraction of the tile size (tiling, "
-                               "both for records and inference).", lo=0.0, hi=0.75, group="data")
+                               "both for records and inference).", lo=0.0, hi=0.75, group="data",
+                               roles=("inference", "affects_outputs"))
     MIN_FOREGROUND_FRACTION: float = _key(0.0, "Tiles whose non-background share is below "
                                           "this are 'empty'.", lo=0.0, hi=1.0, group="data")
     EMPTY_TILE_KEEP: float = _key(1.0, "Share of empty training tiles kept (0 drops them all, 1 "
@@ -147,7 +177,8 @@ class Config:
                             group="data")
     SHARD_COMPRESSION: str | None = _key("GZIP", "Shard compression: 'GZIP' or null.",
                                          choices=("GZIP", None), group="data")
-    DOPLOT: bool = _key(True, "Write PNG figures (sample grid, curves, examples).", group="data")
+    DOPLOT: bool = _key(True, "Write PNG figures (sample grid, curves, examples).", group="data",
+                        roles=("resumable",))
 
     # Augmentation (training split only)
     DO_AUG: bool = _key(True, "Augment the training split.", group="augmentation")
@@ -228,18 +259,20 @@ class Config:
     DO_TRAIN: bool = _key(True, "false = evaluate existing weights in the run folder instead "
                           "of training.", group="training")
     BATCH_SIZE: int = _key(8, "Global batch size (split across replicas).", lo=1,
-                           group="training")
-    MAX_EPOCHS: int = _key(100, "Maximum training epochs.", lo=1, group="training")
+                           group="training", roles=("inference",))
+    MAX_EPOCHS: int = _key(100, "Maximum training epochs.", lo=1, group="training",
+                           roles=("resumable",))
     MAX_TRAIN_MINUTES: float | None = _key(None, "Stop after the epoch in which the training "
                                            "time (validation excluded, resumed runs "
                                            "included) reaches this many minutes; null = no "
                                            "limit. Best weights are kept as with early "
                                            "stopping. Not with several worker machines.",
-                                           lo=0.0, group="training")
+                                           lo=0.0, group="training", roles=("resumable",))
     STEPS_PER_EPOCH: int | None = _key(None, "Training batches per epoch; null = one pass "
-                                       "over the training split.", lo=1, group="training")
+                                       "over the training split.", lo=1, group="training",
+                                       roles=("resumable",))
     PATIENCE: int = _key(10, "Early-stopping patience on validation loss (best weights "
-                         "restored).", lo=1, group="training")
+                         "restored).", lo=1, group="training", roles=("resumable",))
     START_LR: float = _key(1e-7, "Learning rate at epoch 0.", lo=0.0, hi=1.0, group="training")
     MIN_LR: float = _key(1e-7, "Floor of the exponential decay.", lo=0.0, hi=1.0,
                          group="training")
@@ -260,9 +293,10 @@ class Config:
     DETERMINISTIC: bool = _key(False, "Train reproducibly: the same numbers run after run on "
                                "one machine (seeds from SEED, TensorFlow op determinism for "
                                "the whole process). Other CPUs may still give other numbers.",
-                               group="training")
+                               group="training", since="0.2.0")
     SET_GPU: str = _key("", "GPUs to use: '' all visible, '-1' CPU only, '0' or '0,1' "
-                        "(CUDA_VISIBLE_DEVICES).", group="training")
+                        "(CUDA_VISIBLE_DEVICES).", group="training",
+                        roles=("inference", "resumable"))
     HOT_START: bool = _key(False, "Start from the weights in INITIAL_WEIGHTS.", group="training")
     INITIAL_WEIGHTS: str | None = _key(None, "Weights file (.weights.h5 or .keras) for "
                                        "HOT_START.", group="training")
@@ -277,16 +311,18 @@ class Config:
                              "average, and no early stopping: validation is watched, never "
                              "used to choose, as cross-validation needs). Without a "
                              "validation split 'best' keeps the last weights too.",
-                             choices=("best", "last"), group="training")
+                             choices=("best", "last"), group="training", roles=("resumable",))
     INITIAL_EPOCH: int = _key(0, "Epoch number to start counting from (schedule included).",
                               lo=0, group="training")
     TENSORBOARD: bool = _key(False, "Write TensorBoard logs in the run folder.",
-                             group="training")
+                             group="training", roles=("resumable",))
 
     # Segmentation and post-processing
     INFER_MODE: str = _key("auto", "'auto' (tile images larger than TARGET_SIZE, else "
                            "resize), 'tile' or 'resize'.", choices=("auto", "tile", "resize"),
                            group="segmentation")
+    # Not an output setting: every runtime gives the same masks (to float rounding, as
+    # BATCH_SIZE does) but 'openvino_bf16', which the fingerprint records as a precision.
     INFER_RUNTIME: str = _key("auto", "What runs the model when segmenting: 'auto' "
                               "(TensorFlow when it sees a GPU; else OpenVINO float32 when it "
                               "is installed, runs the model and gives TensorFlow's "
@@ -298,7 +334,8 @@ class Config:
                               "or 'openvino_bf16' (OpenVINO in bfloat16 on CPUs with AMX or "
                               "AVX512-BF16, float32 elsewhere: about 2x faster again, with "
                               "0.05-0.25 % of pixels changing class).",
-                              choices=("auto", *RUNTIMES), group="segmentation")
+                              choices=("auto", *RUNTIMES), group="segmentation",
+                              roles=("inference", "resumable"))
     BLEND_WINDOW: str = _key("hann", "Tile blending window: 'hann', 'spline' or 'flat'.",
                              choices=("hann", "spline", "flat"), group="segmentation")
     TESTTIMEAUG: bool = _key(False, "Average predictions over flips: those the model card "
@@ -344,7 +381,9 @@ class Config:
                                           "written on its own grid; 0.001 (1 mm) to 100000 "
                                           "(100 km). null: plain scenes are taken to be at "
                                           "the training images' scale.", lo=MIN_PIXEL_SIZE,
-                                          hi=MAX_PIXEL_SIZE, group="segmentation")
+                                          hi=MAX_PIXEL_SIZE, group="segmentation", since="0.2.0")
+    # Not output settings, this and MAX_IMAGE_PIXELS: they decide whether a scene is
+    # segmented or refused, not what its outputs hold.
     MAX_ENLARGEMENT: float = _key(4.0, "Largest enlargement (linear, along each axis) that "
                                   "brings a scene to the model's pixel size: a scene whose "
                                   "pixels are more than this many times the model's (a 30 m "
@@ -353,7 +392,8 @@ class Config:
                                   "pixel sizes. Raise it to segment such scenes anyway. Every "
                                   "scene brought to the model's scale gets a note saying how "
                                   "(e.g. 'segmented at 2x', or '1/8').",
-                                  lo=1.0, group="segmentation")
+                                  lo=1.0, group="segmentation",
+                                  roles=("inference", "resumable"), since="0.3.0")
     MAX_IMAGE_PIXELS: int | None = _key(None, "Most pixels (rows x columns) make_tfrecords "
                                         "and seg_images_in_folder decode at once: a JPEG, "
                                         "PNG, multi-page TIFF or extra band read whole, a "
@@ -363,7 +403,10 @@ class Config:
                                         "gdal_translate command that makes it a tiled GeoTIFF "
                                         "(read in windows). null = as many as fit in the "
                                         "memory available at 16 bytes a pixel plus 8 a band.",
-                                        lo=1, group="segmentation")
+                                        lo=1, group="segmentation",
+                                        roles=("inference", "resumable"), since="0.3.0")
+    # Not an output setting: it chooses a file (NAME_predseg.gpkg or .geojson), not what a
+    # file holds; an image without the file is simply redone.
     VECTOR_FORMAT: str | None = _key(None, "Also write each image's classes as polygons: "
                                      "'gpkg' (NAME_predseg.gpkg) or 'geojson' "
                                      "(NAME_predseg.geojson); null = none. Every class but "
@@ -373,14 +416,15 @@ class Config:
                                      "scene's CRS; GeoJSON: RFC 7946 (WGS 84 longitude/"
                                      "latitude). Plain images: pixel coordinates (x = column, "
                                      "y = -row), no CRS, area_m2 null.",
-                                     choices=("gpkg", "geojson", None), group="segmentation")
+                                     choices=("gpkg", "geojson", None), group="segmentation",
+                                     roles=("inference", "resumable"), since="0.2.0")
     VECTOR_SIMPLIFY: float = _key(0.0, "Simplify the polygons with this tolerance in map units "
                                   "(metres in a projected CRS; pixels for plain images), "
                                   "keeping borders between classes shared; 0 = the exact "
-                                  "pixel edges.", lo=0.0, group="segmentation")
+                                  "pixel edges.", lo=0.0, group="segmentation", since="0.2.0")
     VECTOR_LAYER_PER_CLASS: bool = _key(False, "GeoPackage polygons: besides the layer "
                                         "'classes', one layer per class present.",
-                                        group="segmentation")
+                                        group="segmentation", since="0.2.0")
 
     # Derived values -----------------------------------------------------------------------
 
@@ -421,63 +465,10 @@ def key_choices(name: str) -> tuple:
     return _FIELDS[name].metadata["choices"]
 
 
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether a JSON value fits a field's annotation (ints accepted where floats are)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_matches(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    return False
-
-
-def _normalise_loss(value: Any) -> Any:
-    """'dice+focal' -> {'dice': 1.0, 'focal': 1.0}; dicts pass through."""
-    if isinstance(value, str):
-        return {term.strip().lower(): 1.0 for term in value.split("+") if term.strip()}
-    return value
-
-
-def _check_ranges(name: str, value: Any, meta: dict[str, Any], source: str) -> list[str]:
-    problems = []
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        shown = ", ".join("null" if c is None else repr(c) for c in choices)
-        return [f"{source}: {name}={value!r} is not one of {shown}"]
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if not math.isfinite(v):
-            problems.append(f"{source}: {name}={value} is not a finite number")
-            break
-        lo, hi = meta.get("lo"), meta.get("hi")
-        valid = f" (valid: {lo:g} to {hi:g})" if lo is not None and hi is not None else ""
-        if lo is not None and v < lo:
-            problems.append(f"{source}: {name}={value} is below the minimum {lo}{valid}")
-            break
-        if hi is not None and v > hi:
-            problems.append(f"{source}: {name}={value} is above the maximum {hi}{valid}")
-            break
-    return problems
+def _unknown_key(name: str, source: str) -> str:
+    near = difflib.get_close_matches(name.upper(), list(_FIELDS), n=1, cutoff=0.6)
+    return f"{source}: unknown key {name}" + (f"; did you mean {near[0]}?" if near
+                                                 else "; see docs/config.md")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> tuple[Config, list[str]]:
@@ -492,36 +483,58 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> tuple[Confi
                         f"{type(raw).__name__}")
     values, notices = upgrade_keys(raw, source)
     problems: list[str] = []
-    if "LOSS" in values:
-        values["LOSS"] = _normalise_loss(values["LOSS"])
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         if name not in _FIELDS:
-            near = difflib.get_close_matches(name.upper(), list(_FIELDS), n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]}?" if near else "; see docs/config.md"
-            problems.append(f"{source}: unknown key {name}{hint}")
+            problems.append(_unknown_key(name, source))
             continue
-        tp = _HINTS[name]
-        if not _matches(value, tp):
-            problems.append(f"{source}: {name} must be {_type_name(tp)}, got {value!r}")
-            continue
-        if tp is float or (typing.get_origin(tp) is not None and float in typing.get_args(tp)
-                           and isinstance(value, int) and not isinstance(value, bool)):
-            value = float(value) if isinstance(value, int) else value
-        if name == "LOSS":
-            value = {k: float(v) for k, v in value.items()}
-        if name == "CLASS_WEIGHTS" and isinstance(value, list):
-            value = [float(v) for v in value]
-        range_problems = _check_ranges(name, value, dict(_FIELDS[name].metadata), source)
-        if range_problems:
-            problems.extend(range_problems)
-            continue
-        kwargs[name] = value
+        value, found = check_value(name, value, _HINTS[name], _FIELDS[name].metadata, source)
+        problems += found
+        if not found:
+            kwargs[name] = value
     cfg = Config(**kwargs)
     problems += check_consistency(cfg, source)
     if problems:
         raise UserError("\n".join(problems))
     return cfg, notices
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "command line",
+                   flags: Mapping[str, str] | None = None) -> Config:
+    """``cfg`` with ``overrides`` (config key -> value, e.g. from command-line flags),
+    validated as a config file's values are: type, range and choices of each, then the rules
+    between keys. ``flags`` (config key -> the flag that set it) names the flag in messages.
+
+    Raises UserError, one line per problem, e.g. ``command line (--epochs): MAX_EPOCHS=0 is
+    below the minimum 1``.
+    """
+    if not overrides:
+        return cfg
+    flags = flags or {}
+
+    def where(names: Sequence[str]) -> str:
+        given = [flags[k] for k in names if k in flags]
+        return f"{source} ({', '.join(given)})" if given else source
+
+    problems: list[str] = []
+    values = cfg.to_dict()
+    for name, value in overrides.items():
+        if name not in _FIELDS:
+            problems.append(_unknown_key(name, where([name])))
+            continue
+        value, found = check_value(name, value, _HINTS[name], _FIELDS[name].metadata,
+                                   where([name]))
+        problems += found
+        if not found:
+            values[name] = value
+    new = Config(**values)
+    for line in check_consistency(new, source):
+        # Name the flags whose keys the problem is about.
+        named = [k for k in overrides if re.search(rf"\b{k}\b", line)]
+        problems.append(line.replace(source, where(named), 1))
+    if problems:
+        raise UserError("\n".join(problems))
+    return new
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -579,21 +592,3 @@ def load_config(path: str | os.PathLike) -> Config:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the full config (every key, defaults included) as JSON, atomically."""
     write_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
-def reference_markdown() -> str:
-    """The config reference (docs/config.md): a table per group, every key, type, default,
-    meaning."""
-    out: list[str] = []
-    group = None
-    for f in dataclasses.fields(Config):
-        meta = f.metadata
-        if meta["group"] != group:
-            group = meta["group"]
-            out += ["", f"#### {group.capitalize()}", "", "| key | type | default | meaning |",
-                    "| --- | --- | --- | --- |"]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        meaning = meta["doc"].replace("|", "\\|")
-        out.append(f"| `{f.name}` | {_type_name(_HINTS[f.name]).replace('|', 'or')} | "
-                   f"`{json.dumps(default)}` | {meaning} |")
-    return "\n".join(out).strip() + "\n"

@@ -94,6 +94,9 @@ def check_consistency(c: Config, source: str) -> list[str]:
         check_plain_name(c.ROOT_STRING, f"{source}: ROOT_STRING")
     except UserError as exc:
         p.append(str(exc))
+    if c.LABEL_LAYER == "":
+        p.append(f"{source}: LABEL_LAYER is empty; name the layer that holds the labels, or "
+                 "leave it out (null) to read a file's only layer")
     if c.VALIDATION_GROUPS and len(set(c.VALIDATION_GROUPS)) != len(c.VALIDATION_GROUPS):
         p.append(f"{source}: VALIDATION_GROUPS names a group twice; list each once")
     return p

@@ -44,6 +44,8 @@ CONFIG = "config.json"
 SAMPLES = "samples.png"
 SPLITS = ("train", "validation")
 FORMAT = "res_unet-tfrecords"
+# The manifest's layout version. Bump it when the layout changes (a field renamed, removed or
+# given another meaning), with an upgrade from the version before in _MANIFEST_UPGRADES.
 FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r".+-(train|validation)-\d{5}\.tfrec$")
 _DTYPES = ("uint8", "uint16")
@@ -269,7 +271,7 @@ class Shard:
 
     file: str  # name in the dataset folder
     count: int  # examples in it
-    sha256: str | None = None  # hex digest of its bytes; None in datasets made before hashing
+    sha256: str | None = None  # hex digest of its bytes; None: not recorded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,7 +307,7 @@ class Manifest:
     target_size: list[int]
     dtype: str  # "uint8" or "uint16"
     fit_mode: str
-    downsample: int = 1  # absent from datasets made before DOWNSAMPLE existed
+    downsample: int = 1  # DOWNSAMPLE of the examples
     compression: str | None  # "GZIP" or None
     shards: dict[str, list[Shard]]
     samples_figure: str | None
@@ -314,7 +316,7 @@ class Manifest:
     # Image files of images_dir without examples: a shared polygon layer touches none of them.
     left_out: list[str] = dataclasses.field(default_factory=list)
     # Where the labels came from (labelsource.LabelSource.record): kind ("folder" or
-    # "layer"), path, layer and the label keys; None in datasets made before it was kept.
+    # "layer"), path, layer and the label keys; None: not recorded.
     label_source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -333,9 +335,12 @@ class Manifest:
             raise UserError(f"{path}: is not a manifest written by make_tfrecords; run "
                             "make_tfrecords first")
         fix = "run make_tfrecords again with --overwrite"
-        if data.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: dataset format version {data.get('format_version')}, but "
-                            f"this res_unet reads version {FORMAT_VERSION}; {fix}")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version not in _MANIFEST_UPGRADES:
+            raise UserError(f"{path}: dataset format version {version}, but this res_unet "
+                            f"reads version {FORMAT_VERSION}; {fix}")
+        for step in range(version, FORMAT_VERSION + 1):
+            data = _MANIFEST_UPGRADES[step](data)
         fields = dataclasses.fields(cls)
         missing = [f.name for f in fields if f.name not in data
                    and f.default is dataclasses.MISSING
@@ -352,6 +357,28 @@ class Manifest:
         for shard in (s for split in SPLITS for s in values["shards"][split]):
             check_plain_name(shard.file, f"{path}: shard file")  # paths stay in the folder
         return cls(**values)
+
+
+def _upgrade_manifest_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest as this release writes version 1: the fields releases of version
+    1 added get the value a manifest without them meant."""
+    data = {"downsample": 1,  # built at full resolution (before DOWNSAMPLE)
+            "pixel_size_m": None,  # unknown
+            "left_out": [],  # no image left out
+            "label_source": None,  # not recorded
+            **data}
+    shards = data.get("shards")
+    if isinstance(shards, dict):  # shards without a checksum are not checked
+        data["shards"] = {split: [{"sha256": None, **one} if isinstance(one, dict) else one
+                                  for one in listed] if isinstance(listed, list) else listed
+                          for split, listed in shards.items()}
+    return data
+
+
+# One upgrade per format version, applied in order from a manifest's own version up to
+# FORMAT_VERSION: each brings a manifest written under its version (by any release) to the
+# layout this release writes, and (once there is a next version) on to that one.
+_MANIFEST_UPGRADES = {1: _upgrade_manifest_v1}
 
 
 # Reading a dataset ---------------------------------------------------------------------

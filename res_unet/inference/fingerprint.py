@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from res_unet.config.keys import Config
+from res_unet.config.reference import key_group, keys_added_after, keys_with
 from res_unet.core.errors import UserError
 from res_unet.inference.predict import Segmenter
 from res_unet.inference.runtime import LoadedModel
-from res_unet.inference.settings import INFERENCE_KEYS
 from res_unet.training.runfolder import read_json
 
 SEGMENTATION_CONFIG = "segmentation_config.json"
@@ -25,20 +25,12 @@ SEGMENTATION_CONFIG = "segmentation_config.json"
 # fingerprint that made them, so that a re-run skips only images made with its own settings.
 IMAGE_RECORD = ".{stem}.segmented"
 
-# Keys that do not change what a finished image's outputs contain.
-# (INFER_RUNTIME: the same model gives the same masks, to float rounding, as BATCH_SIZE does;
-# all but 'openvino_bf16', whose bfloat16 arithmetic the fingerprint records as a precision.
-# VECTOR_FORMAT chooses a file, NAME_predseg.gpkg or .geojson, not what a file holds: an
-# image without the file is simply redone. MAX_IMAGE_PIXELS decides whether an image is
-# read, not what its outputs hold.)
-_NEUTRAL_KEYS = ("BATCH_SIZE", "SET_GPU", "USEMASK", "REMAP_CLASSES", "EXTRA_BAND_DIRS",
-                 "INFER_RUNTIME", "VECTOR_FORMAT", "LABEL_ATTRIBUTE", "LABEL_LAYER",
-                 "LABEL_PRIORITY", "MAX_ENLARGEMENT",
-                 "MAX_IMAGE_PIXELS")
-# Keys added after the fingerprint's first version (with their defaults): in the fingerprint
-# only when not at their defaults, so that folders made before they existed still match.
-_ADDED_LATER = {"SCENE_PIXEL_SIZE": None, "VECTOR_SIMPLIFY": 0.0,
-                "VECTOR_LAYER_PER_CLASS": False}
+# The settings that change what a finished image's outputs hold (the key roles say which), in
+# the order the fingerprint's first version wrote them: segmentation keys, then the others.
+_SETTINGS = sorted(keys_with("affects_outputs"), key=lambda k: key_group(k) != "segmentation")
+# The fingerprint came with res_unet 0.1.0: keys added later are recorded only when not at
+# their defaults, so that folders made before they existed still match.
+_ADDED_LATER = {k: getattr(Config(), k) for k in _SETTINGS if k in keys_added_after("0.1.0")}
 
 
 def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
@@ -53,8 +45,8 @@ def output_fingerprint(models: Sequence[LoadedModel], segmenter: Segmenter,
             hasher.update(np.ascontiguousarray(array).tobytes())
         digests.append(hasher.hexdigest())
     values = cfg.to_dict()
-    settings = {k: values[k] for k in INFERENCE_KEYS if k not in _NEUTRAL_KEYS
-                and not (k in _ADDED_LATER and values[k] == _ADDED_LATER[k])}
+    settings = {k: values[k] for k in _SETTINGS
+                if not (k in _ADDED_LATER and values[k] == _ADDED_LATER[k])}
     fingerprint = {"weights": digests, "tile_size": list(segmenter.tile_hw),
                    "downsample": segmenter.downsample, "threshold": segmenter.threshold_setting,
                    "tta_transforms": len(segmenter.transforms),

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.config.keys import Config, config_from_dict
+from res_unet.config.reference import keys_with
 from res_unet.core.atomic import atomic_path, check_writable, write_atomic
 from res_unet.core.errors import UserError
 from res_unet.training.runfolder import (
@@ -74,23 +75,17 @@ def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: boo
     return "new"
 
 
-
-
-RESUMABLE_KEYS = ("MAX_EPOCHS", "PATIENCE", "MAX_TRAIN_MINUTES", "STEPS_PER_EPOCH",
-                  "KEEP_WEIGHTS", "DOPLOT", "TENSORBOARD", "SET_GPU")
-
-
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
     """Raise UserError naming every changed key when ``cfg`` differs from the config of the
-    unfinished run in ``run_dir`` in more than ``RESUMABLE_KEYS`` and segmentation keys."""
+    unfinished run in ``run_dir`` in keys other than the resumable ones
+    (``keys_with("resumable")``: limits, reports, devices and segmentation settings)."""
     path = run_dir / CONFIG
     try:
         old, _ = config_from_dict(read_json(path, "config"), source=str(path))
     except (OSError, ValueError, UserError):
         raise UserError(f"{path}: the unfinished run's config cannot be read; pass --overwrite "
                         "to start this run afresh") from None
-    free = set(RESUMABLE_KEYS) | {f.name for f in dataclasses.fields(Config)
-                                  if f.metadata["group"] == "segmentation"}
+    free = set(keys_with("resumable"))
     changed = [f"{f.name} {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
                for f in dataclasses.fields(Config)
                if f.name not in free and getattr(old, f.name) != getattr(cfg, f.name)]

@@ -53,7 +53,9 @@ TENSORBOARD_DIR = "tensorboard"
 # Everything a training run writes into its folder (what --overwrite removes first).
 RUN_FILES = (BEST_WEIGHTS, FULL_MODEL, SAVED_MODEL, BACKUP_DIR, CONFIG, HISTORY, CURVES,
              LR_FIGURE, EXAMPLES_FIGURE, EVALUATION, CARD, TENSORBOARD_DIR)
-# Version of the model card's layout; cards without one are version 1.
+# Version of the model card's layout; cards without one are version 1. Bump it when the
+# layout changes (a field renamed, removed or given another meaning), with an upgrade from
+# the version before in _CARD_UPGRADES.
 CARD_VERSION = 1
 # The flips test-time augmentation can average (a card's ``tta_views`` lists some of them).
 TTA_VIEWS = ("identity", "flip_lr", "flip_ud", "rot180")
@@ -154,9 +156,11 @@ class ModelCard:
         if not isinstance(raw, dict):
             raise UserError(f"{source}: is not a model card (a JSON object); {fix}")
         version = raw.get("card_version", 1)
-        if not isinstance(version, int) or version > CARD_VERSION:
+        if not isinstance(version, int) or version not in _CARD_UPGRADES:
             raise UserError(f"{source}: written by a newer res_unet (card version {version}; "
                             f"this one reads up to {CARD_VERSION}); upgrade res_unet")
+        for step in range(version, CARD_VERSION + 1):
+            raw = _CARD_UPGRADES[step](raw)
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             values = {k: v for k, v in raw.items() if k in names}
@@ -189,6 +193,28 @@ class ModelCard:
         """Write ``model_card.json`` into ``run_dir``, atomically."""
         write_atomic(Path(run_dir) / CARD,
                      json.dumps(self.to_dict(), indent=2, default=float))
+
+
+def _upgrade_card_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 card as this release writes version 1: the fields releases of version 1
+    added get the value a card without them meant."""
+    raw = {"threshold_source": None,  # where the threshold was chosen: not said
+           "tta_views": None,  # flip TTA averages all four flips
+           **raw, "card_version": 1}
+    if isinstance(raw.get("input"), dict):
+        raw["input"] = {"downsample": 1,  # trained at full resolution
+                        "pixel_size_m": None,  # unknown
+                        **raw["input"]}
+    if isinstance(raw.get("training"), dict):
+        raw["training"] = {"averaged_epochs": None, "kept_epoch": None,  # the best epoch's
+                           **raw["training"]}
+    return raw
+
+
+# One upgrade per card version, applied in order from a card's own version up to
+# CARD_VERSION: each brings a card written under its version (by any release) to the layout
+# this release writes, and (once there is a next version) on to that one.
+_CARD_UPGRADES = {1: _upgrade_card_v1}
 
 
 def read_finished_card(run_dir: Path) -> ModelCard | None:

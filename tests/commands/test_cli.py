@@ -39,6 +39,35 @@ def test_make_tfrecords_reads_the_config_before_tensorflow(tmp_path, monkeypatch
     assert "TARGET_SIZ" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("module", "flags", "expected"), [
+    ("make_tfrecords", ["--layer", ""],
+     "error: command line (--layer): LABEL_LAYER is empty; name the layer that holds the "
+     "labels, or leave it out (null) to read a file's only layer"),
+    ("train_resunet", ["--epochs", "0"],
+     "error: command line (--epochs): MAX_EPOCHS=0 is below the minimum 1"),
+])
+def test_an_invalid_flag_value_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys,
+                                                            module, flags, expected):
+    """A flag's value is validated as the config key it sets (config.keys.with_overrides),
+    before TensorFlow loads: make_tfrecords --layer used to bypass validation."""
+    import importlib
+
+    command = importlib.import_module(f"res_unet.{module}")
+
+    def too_early():
+        raise AssertionError("TensorFlow imported before the flags were checked")
+
+    monkeypatch.setattr(command, "quiet_tensorflow", too_early)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"TARGET_SIZE": [64, 64]}))
+    inputs = {"make_tfrecords": ["--images", str(tmp_path), "--labels", str(tmp_path)],
+              "train_resunet": ["--data", str(tmp_path)]}[module]
+    args = ["--config", str(config), *inputs, "--out", str(tmp_path / "out"), *flags]
+    assert cli.run_command(command.main, args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_late_disk_errors_are_one_line_naming_the_path(code, capsys):
     def fails(argv):

@@ -703,8 +703,8 @@ def test_a_pixel_size_out_of_range_is_one_line_with_the_range(run_10m, images, t
                "--pixel-size", size) == 2
     err = capsys.readouterr().err.strip().splitlines()
     side = "above the maximum 100000.0" if size == "1e9" else "below the minimum 0.001"
-    assert err == [f"error: command line: SCENE_PIXEL_SIZE={float(size)} is {side} (valid: "
-                   "0.001 to 100000)"]
+    assert err == [f"error: command line (--pixel-size): SCENE_PIXEL_SIZE={float(size)} is "
+                   f"{side} (valid: 0.001 to 100000)"]
     assert not (tmp_path / "a").exists()
 
 

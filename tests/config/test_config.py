@@ -12,9 +12,10 @@ from res_unet.config.keys import (
     Config,
     config_from_dict,
     load_config,
-    reference_markdown,
     save_config,
+    with_overrides,
 )
+from res_unet.config.reference import reference_markdown
 from res_unet.config.registry import MODELS
 from res_unet.config.upgrade import upgrade_keys
 from res_unet.core.errors import UserError
@@ -354,3 +355,30 @@ def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"c.json: nested too deeply to be a config \(lists or "
                                         r"objects inside each other thousands of times\)"):
         load_config(deep)
+
+
+def test_with_overrides_validates_each_value_as_a_config_file_does():
+    cfg = Config()
+    out = with_overrides(cfg, {"MAX_EPOCHS": 3, "TILE_OVERLAP": 0, "LOSS": "dice"})
+    assert (out.MAX_EPOCHS, out.TILE_OVERLAP, out.LOSS) == (3, 0.0, {"dice": 1.0})
+    assert isinstance(out.TILE_OVERLAP, float)
+    assert cfg.MAX_EPOCHS == 100  # the given config is left as it was
+    assert with_overrides(cfg, {}) is cfg
+    flags = {"MAX_EPOCHS": "--epochs", "TARGET_SIZE": "--tile-size", "DEPTH": "--depth"}
+    with pytest.raises(UserError) as info:
+        with_overrides(cfg, {"MAX_EPOCHS": 0, "TILE_OVERLAP": "x", "MAX_EPOHS": 1}, flags=flags)
+    assert str(info.value).splitlines() == [
+        "command line (--epochs): MAX_EPOCHS=0 is below the minimum 1",
+        "command line: TILE_OVERLAP must be float, got 'x'",
+        "command line: unknown key MAX_EPOHS; did you mean MAX_EPOCHS?"]
+
+
+def test_with_overrides_names_the_flags_a_rule_between_keys_is_about():
+    flags = {"TARGET_SIZE": "--tile-size", "DEPTH": "--depth"}
+    with pytest.raises(UserError) as info:
+        with_overrides(Config(), {"TARGET_SIZE": [250, 250], "DEPTH": 4}, flags=flags)
+    assert str(info.value).startswith("command line (--tile-size, --depth): TARGET_SIZE "
+                                      "[250, 250] is not divisible by 16")
+    with pytest.raises(UserError, match=r"^cli \(--layer\): LABEL_LAYER is empty"):
+        with_overrides(Config(), {"LABEL_LAYER": ""}, source="cli",
+                       flags={"LABEL_LAYER": "--layer"})

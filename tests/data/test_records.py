@@ -263,3 +263,21 @@ def test_manifest_of_another_version_or_missing_a_field_is_refused(tmp_path):
     assert old.downsample == 1 and old.shards["train"][0].sha256 is None
     assert old.left_out == []
     records.verify_shards(tmp_path / "ds", old)
+
+
+def test_the_version_1_manifest_upgrade_fills_only_what_is_absent():
+    """Manifests written by releases of version 1 before a field existed read with the value
+    its absence meant; present values are kept."""
+    assert sorted(records._MANIFEST_UPGRADES) == list(range(1, records.FORMAT_VERSION + 1))
+    old = {"format_version": 1, "shards": {"train": [{"file": "a", "count": 2}],
+                                           "validation": []}}
+    new = records._MANIFEST_UPGRADES[1](old)
+    assert new == {"downsample": 1, "pixel_size_m": None, "left_out": [],
+                   "label_source": None, "format_version": 1,
+                   "shards": {"train": [{"sha256": None, "file": "a", "count": 2}],
+                              "validation": []}}
+    assert "sha256" not in old["shards"]["train"][0]
+    kept = records._MANIFEST_UPGRADES[1]({"downsample": 2, "left_out": ["x.tif"],
+                                          "shards": {"train": [{"sha256": "ab"}]}})
+    assert (kept["downsample"], kept["left_out"], kept["shards"]["train"][0]["sha256"]) == (
+        2, ["x.tif"], "ab")

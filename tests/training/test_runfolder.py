@@ -267,3 +267,50 @@ def test_a_fifo_or_device_as_card_config_or_weights_is_refused(run, tmp_path, no
     with pytest.raises(UserError, match=f"{fifo}: is a FIFO \\(named pipe\\), not a weights "
                                         "file; pass the weights file itself"):
         load_weights_checked(pixel_model(), fifo)
+
+
+# Card versions ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["lakes_resunet", "lakes_lite0", "dubai_lite0"])
+def test_shipped_version_1_cards_read_through_the_version_1_upgrade(name):
+    """The shipped cards (version 1, written before tta_views, kept_epoch ... existed) read
+    with the values their absence meant, and are not rewritten."""
+    path = REPO / "weights" / name / CARD
+    before = path.read_bytes()
+    raw = json.loads(before)
+    card = ModelCard.read(path.parent)
+    assert card.card_version == 1 and raw["card_version"] == 1
+    assert card.tta_views == raw.get("tta_views")  # lakes_lite0 lists two; others: None
+    assert card.training.kept_epoch is None and card.training.averaged_epochs == raw[
+        "training"].get("averaged_epochs")
+    assert card.input.downsample == raw["input"]["downsample"]
+    assert card.input.pixel_size_m == raw["input"]["pixel_size_m"]
+    assert card.threshold == raw["threshold"] and card.classes == raw["classes"]
+    assert path.read_bytes() == before
+
+
+def test_the_version_1_upgrade_fills_only_what_is_absent():
+    from res_unet.training.runfolder import _CARD_UPGRADES, CARD_VERSION
+
+    assert sorted(_CARD_UPGRADES) == list(range(1, CARD_VERSION + 1))
+    old = {"threshold": 0.4, "input": {"size": [8, 8]}, "training": {"epochs_run": 2}}
+    new = _CARD_UPGRADES[1](old)
+    assert new == {"threshold_source": None, "tta_views": None, "threshold": 0.4,
+                   "card_version": 1,
+                   "input": {"downsample": 1, "pixel_size_m": None, "size": [8, 8]},
+                   "training": {"averaged_epochs": None, "kept_epoch": None, "epochs_run": 2}}
+    assert old == {"threshold": 0.4, "input": {"size": [8, 8]}, "training": {"epochs_run": 2}}
+    kept = _CARD_UPGRADES[1]({"tta_views": ["identity"], "input": {"downsample": 2},
+                              "training": {"kept_epoch": 3}})
+    assert (kept["tta_views"], kept["input"]["downsample"], kept["training"]["kept_epoch"]
+            ) == (["identity"], 2, 3)
+
+
+def test_a_card_of_a_newer_version_is_one_line():
+    raw = json.loads((REPO / "weights/lakes_resunet" / CARD).read_text())
+    with pytest.raises(UserError, match=r"^x.json: written by a newer res_unet \(card version "
+                                        r"2; this one reads up to 1\); upgrade res_unet$"):
+        ModelCard.from_dict({**raw, "card_version": 2}, "x.json")
