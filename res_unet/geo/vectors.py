@@ -56,7 +56,7 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 from rasterio.warp import transform as warp_coords
 
-from res_unet.core.errors import UserError, listing
+from res_unet.core.errors import UserError, first_line, listing
 from res_unet.geo.vector_files import (
     MAX_GEOJSON_BYTES,
     VECTOR_SUFFIXES,
@@ -199,7 +199,7 @@ def to_crs(geometries: np.ndarray, src_crs: CRS, dst_crs: CRS, where: str | None
         if not np.isfinite(shapely.get_coordinates(moved)).all():
             problem = "some vertices fall outside the area where that CRS is defined"
     except CPLE_BaseError as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = first_line(exc, most=None)
         problem = ("PROJ knows no transformation between them"
                    if "Cannot find coordinate operations" in text else f"PROJ: {text[:120]}")
     if problem:

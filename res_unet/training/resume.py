@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from res_unet.config.keys import Config, config_from_dict
 from res_unet.core.atomic import atomic_path, check_writable, write_atomic
-from res_unet.core.errors import UserError
+from res_unet.core.errors import UserError, first_line
 from res_unet.training.runfolder import (
     BACKUP_DIR,
     CARD,
@@ -159,9 +159,9 @@ class Backup:
             state = TrainState(**json.loads(state_path.read_text()))
         except (tf.errors.OpError, ValueError, TypeError, OSError, IndexError) as exc:
             # (A truncated checkpoint data file raises IndexError "Read less bytes ...".)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc, 160)
             raise UserError(f"{self.dir}: the backup of the unfinished run is damaged "
-                            f"({first[:160]}); pass --overwrite to start this run afresh"
+                            f"({first}); pass --overwrite to start this run afresh"
                             ) from None
         if int(self.checkpoint.epoch.numpy()) != state.next_epoch:
             return None

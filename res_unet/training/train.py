@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from res_unet.config.keys import Config, save_config
 from res_unet.core.atomic import check_writable, clean_stale_temporaries, write_csv
-from res_unet.core.errors import UserError
+from res_unet.core.errors import UserError, first_line
 from res_unet.core.folders import check_no_links, folder_lock, reading_lock
 from res_unet.core.progress import progress_bar
 from res_unet.data import records
@@ -348,7 +348,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
             raise UserError(f"out of memory at BATCH_SIZE={cfg.BATCH_SIZE} and TARGET_SIZE="
                             f"{cfg.TARGET_SIZE}; lower BATCH_SIZE (or TARGET_SIZE)") from None
         except tf.errors.DataLossError as exc:
-            first = (str(exc).strip().splitlines() or ["corrupt record"])[0][:160]
+            first = first_line(exc, 160, empty="corrupt record")
             raise UserError(f"{data_dir}: a shard became unreadable during training ({first});"
                             " rebuild the dataset with make_tfrecords --overwrite, then re-run "
                             "this command to resume") from None
