@@ -309,8 +309,8 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                    images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    labels_dir: str | os.PathLike | None = None, overwrite: bool = False,
                    shard: tuple[int, int] = (0, 1), save_probs: bool = False,
-                   geojson: bool = False, progress: bool = True,
-                   full_max_values: int = FULL_MAX_VALUES) -> dict[str, Any]:
+                   progress: bool = True, full_max_values: int = FULL_MAX_VALUES
+                   ) -> dict[str, Any]:
     """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
 
     ``labels_dir`` is a label source (:class:`res_unet.data.labelsource.LabelSource`, under
@@ -318,8 +318,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     polygon layer over many scenes (scenes it does not touch are segmented, not scored).
     ``runs`` are run folders (or loaded models) forming an ensemble; ``cfg`` comes from
     :func:`res_unet.inference.settings.inference_config`. Per image NAME: see :func:`output_paths`;
-    polygons come with ``cfg.VECTOR_FORMAT`` (``geojson=True``, kept for older callers, is
-    VECTOR_FORMAT 'geojson' when the config names no format).
+    polygons come with ``cfg.VECTOR_FORMAT``.
     Images whose outputs all exist and were made with these models and settings (their
     record, :data:`IMAGE_RECORD`) are skipped unless ``overwrite``; any other is redone, so
     a folder never holds a mix (e.g. after ``--shard i/n --overwrite`` with another model).
@@ -346,17 +345,17 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     with contextlib.ExitStack() as held:
         held.enter_context(folder_lock(out_dir, "seg_images_in_folder", shared=count > 1))
         return _segment_folder(held, cfg, runs, images_dir, out_dir, labels_dir, overwrite,
-                               shard, save_probs, geojson, progress, full_max_values, started)
+                               shard, save_probs, progress, full_max_values, started)
 
 
 def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                     runs: Sequence[str | os.PathLike | LoadedModel], images_dir: Path,
                     out_dir: Path, labels_dir: str | os.PathLike | None, overwrite: bool,
-                    shard: tuple[int, int], save_probs: bool, geojson: bool, progress: bool,
+                    shard: tuple[int, int], save_probs: bool, progress: bool,
                     full_max_values: int, started: float) -> dict[str, Any]:
     """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
     index, count = shard
-    vector = cfg.VECTOR_FORMAT or ("geojson" if geojson else None)
+    vector = cfg.VECTOR_FORMAT
     source = None if labels_dir is None else LabelSource.from_config(labels_dir, cfg)
     if source is not None:
         pairs = source.scenes(images_dir, cfg.EXTRA_BAND_DIRS)
