@@ -153,8 +153,6 @@ class Config:
     DO_AUG: bool = _key(True, "Augment the training split.", group="augmentation")
     AUG_COPIES: int = _key(3, "Augmented copies written per training example (the original "
                            "is always kept).", lo=0, hi=100, group="augmentation")
-    AUG_LOOPS: int = _key(1, "Accepted for compatibility; examples are streamed, so memory is "
-                          "bounded anyway.", lo=1, group="augmentation")
     AUG_ROT: float = _key(5.0, "Maximum random rotation in degrees.", lo=0.0, hi=180.0,
                           group="augmentation")
     AUG_ROT90: bool = _key(True, "Also rotate by random multiples of 90 degrees (exact, no "

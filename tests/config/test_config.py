@@ -58,7 +58,10 @@ def test_original_toolbox_config_is_accepted():
     assert cfg.KERNEL_SIZE == 7 and cfg.TARGET_SIZE == [512, 512]
     assert cfg.AUG_ROT == 5.0 and isinstance(cfg.AUG_ROT, float)
     assert cfg.REMAP_CLASSES == {"0": 0, "3": 1}
-    assert notices == []
+    assert not hasattr(cfg, "AUG_LOOPS")
+    assert notices == ["config: AUG_LOOPS has no effect here (examples are streamed, so memory "
+                       "is bounded anyway; AUG_COPIES sets how many augmented copies are "
+                       "written)"]
 
 
 def test_gym_config_is_mapped_with_notices():
