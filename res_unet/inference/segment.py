@@ -42,7 +42,7 @@ from res_unet import __version__
 from res_unet.config.keys import Config, key_choices
 from res_unet.core.atomic import (
     atomic_path,
-    check_writable,
+    check_output_folder,
     clean_stale_temporaries,
     write_atomic,
     write_csv,
@@ -334,12 +334,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise UserError(f"command line: shard {index}/{count} is invalid; need 0 <= i < n")
-    if out_dir.resolve() == images_dir.resolve():
-        raise UserError(f"{out_dir}: the output folder is the images folder; write the "
-                        "outputs to another folder (they would be read as images next time)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
-    check_writable(out_dir)
+    check_output_folder(out_dir, "outputs", [("images", images_dir)])
     # One command per folder for the whole run; shards of one job share it, and
     # settings_lock below keeps shards of other models or settings out, whatever the timing.
     with contextlib.ExitStack() as held:
