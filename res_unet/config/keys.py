@@ -523,8 +523,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> tuple[Confi
     return cfg, notices
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read, upgrade and validate a JSON config file; print upgrade notices.
+def load_config(path: str | os.PathLike, notes: bool = True) -> Config:
+    """Read, upgrade and validate a JSON config file; print upgrade notices (not with
+    ``notes`` False: a config res_unet wrote itself, such as a run folder's).
 
     Raises UserError naming the file (and the line, for JSON syntax errors).
     """
@@ -570,7 +571,7 @@ def load_config(path: str | os.PathLike) -> Config:
         raise UserError(f"{path}: {', '.join(sorted(set(duplicates)))} given more than once; "
                         "keep one (JSON would silently use the last)")
     cfg, notices = config_from_dict(raw, source=str(path))
-    for notice in notices:
+    for notice in notices if notes else ():
         print(f"note: {notice}")
     return cfg
 

@@ -270,6 +270,10 @@ def test_load_prints_upgrade_notices(tmp_path, capsys):
     assert cfg.KERNEL_SIZE == 5
     out = capsys.readouterr().out
     assert "note:" in out and "STRIDE has no effect" in out
+    # A run folder's config.json from before AUG_LOOPS went: read quietly for the run.
+    old_run = write(tmp_path, json.dumps({"AUG_LOOPS": 1, "NCLASSES": 1}))
+    assert load_config(old_run, notes=False).NCLASSES == 1
+    assert capsys.readouterr().out == ""
 
 
 def test_save_and_reload_round_trip(tmp_path):
