@@ -29,12 +29,12 @@ import res_unet  # noqa: F401  (before TensorFlow loads: it turns on the oneDNN 
 import keras
 import numpy as np
 import tensorflow as tf
-from common import add_json_out, matmul_peak, write_result
+from common import add_json_out, matmul_peak, onednn_enabled, write_result
 
 from res_unet.config.keys import config_from_dict
 from res_unet.models import build_model
 from res_unet.models.helpers import count_flops
-from res_unet.training.devices import cpu_supports_bf16, device_description, onednn_enabled
+from res_unet.training.devices import cpu_supports_bf16, device_description
 
 MODELS = {
     "resunet FILTERS 8": {"MODEL": "resunet", "FILTERS": 8},

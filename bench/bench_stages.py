@@ -40,7 +40,14 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import PeakMemory, add_json_out, cpu_flags, matmul_peak, write_result
+from common import (
+    PeakMemory,
+    add_json_out,
+    cpu_flags,
+    matmul_peak,
+    onednn_enabled,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -176,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.images}: not found (the shared data); pass --images", file=sys.stderr)
         return 2
     import tensorflow as tf
-
-    from res_unet.training.devices import onednn_enabled
 
     peak = matmul_peak(tf.float32)
     out: dict[str, Any] = {"model": str(args.model), "runtime": args.runtime,

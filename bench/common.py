@@ -39,6 +39,16 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f in CPU_FLAGS)
 
 
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN kernels in this process (importing res_unet turns
+    them on, see res_unet/__init__.py); None when this TensorFlow build cannot say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def matmul_peak(dtype=None, n: int = 2048, repeats: int = 20) -> float:
     """Measured matmul GFLOP/s of ``dtype`` (default float32) for n x n matrices, best of
     three timings: the peak that model FLOPs utilisation is quoted against."""

@@ -292,8 +292,8 @@ as `CLASS_WEIGHTS`, `OTSU_THRESHOLD` as `THRESHOLD: "otsu"`, `MODEL` values
 `unet`/`simple_unet`/`simple_resunet` as `resunet`; `LOSS` `dice`/`cat` map to
 `{"dice": 1}`/`{"ce": 1}` (`hinge`, `kld`, `satunet`, `segformer` are refused with the
 alternatives); `STRIDE`, `SET_PCI_BUS_ID`, `LOAD_DATA_WITH_CPU`, `CLEAR_MEMORY`,
-`WRITE_MODELMETADATA` and `FILTER_VALUE` are accepted and reported as having no effect
-here. Gym counts the background in `NCLASSES` (binary = 2): such a config trains a 2-class
+`WRITE_MODELMETADATA`, `FILTER_VALUE` and `AUG_LOOPS` are accepted and reported as having
+no effect here. Gym counts the background in `NCLASSES` (binary = 2): such a config trains a 2-class
 softmax."""
 
 

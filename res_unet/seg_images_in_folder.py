@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--layer names the layer of --labels; pass --labels LAYER_FILE too")
     run_config = Path(args.model[0]) / "config.json"
     if run_config.exists():
-        select_devices(load_config(run_config).SET_GPU)
+        # The run's own config: notes on keys of older versions are not the user's to act on.
+        select_devices(load_config(run_config, notes=False).SET_GPU)
     quiet_tensorflow()
     from res_unet.inference import segment, settings
 

@@ -154,3 +154,37 @@ def make_folders(tmp_path: Path, image_names, label_names) -> tuple[Path, Path]:
 def folder_listing(folder: Path) -> list[str]:
     """The names in ``folder``, sorted."""
     return sorted(p.name for p in folder.iterdir())
+
+
+def parse_example(record: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One dataset record (records.serialize_example) back as numpy: (image (H, W, B) uint,
+    label (H, W) uint8, meta {stem, row, col, copy}), read field by field, independently of
+    the tf.data decoding of records.load_dataset."""
+    import tensorflow as tf
+
+    feature = tf.train.Example.FromString(record).features.feature
+
+    def one(name: str):
+        f = feature[name]
+        return f.int64_list.value[0] if f.HasField("int64_list") else f.bytes_list.value[0]
+
+    h, w, b = one("height"), one("width"), one("bands")
+    dtype = np.dtype(one("dtype").decode()).newbyteorder("<")
+    image = np.frombuffer(one("image"), dtype=dtype).reshape(h, w, b).astype(dtype.name)
+    label = np.frombuffer(one("label"), dtype=np.uint8).reshape(h, w).copy()
+    meta = {"stem": one("stem").decode(), "row": one("row"), "col": one("col"),
+            "copy": one("copy")}
+    return image, label, meta
+
+
+def read_examples(dataset_dir: Path, split: str) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """Every example of a dataset's split in shard order (:func:`parse_example`)."""
+    import tensorflow as tf
+
+    from res_unet.data.records import read_manifest
+
+    manifest = read_manifest(dataset_dir)
+    files = [str(Path(dataset_dir) / s.file) for s in manifest.shards[split]]
+    records = tf.data.TFRecordDataset(tf.constant(files, dtype=tf.string),
+                                      compression_type=manifest.compression or "")
+    return [parse_example(record) for record in records.as_numpy_iterator()]

@@ -184,8 +184,6 @@ class Config:
     DO_AUG: bool = _key(True, "Augment the training split.", group="augmentation")
     AUG_COPIES: int = _key(3, "Augmented copies written per training example (the original "
                            "is always kept).", lo=0, hi=100, group="augmentation")
-    AUG_LOOPS: int = _key(1, "Accepted for compatibility; examples are streamed, so memory is "
-                          "bounded anyway.", lo=1, group="augmentation")
     AUG_ROT: float = _key(5.0, "Maximum random rotation in degrees.", lo=0.0, hi=180.0,
                           group="augmentation")
     AUG_ROT90: bool = _key(True, "Also rotate by random multiples of 90 degrees (exact, no "
@@ -537,8 +535,9 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "com
     return new
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read, upgrade and validate a JSON config file; print upgrade notices.
+def load_config(path: str | os.PathLike, notes: bool = True) -> Config:
+    """Read, upgrade and validate a JSON config file; print upgrade notices (not with
+    ``notes`` False: a config res_unet wrote itself, such as a run folder's).
 
     Raises UserError naming the file (and the line, for JSON syntax errors).
     """
@@ -584,7 +583,7 @@ def load_config(path: str | os.PathLike) -> Config:
         raise UserError(f"{path}: {', '.join(sorted(set(duplicates)))} given more than once; "
                         "keep one (JSON would silently use the last)")
     cfg, notices = config_from_dict(raw, source=str(path))
-    for notice in notices:
+    for notice in notices if notes else ():
         print(f"note: {notice}")
     return cfg
 

@@ -19,6 +19,8 @@ _GYM_NO_EFFECT = {
     "CLEAR_MEMORY": "memory is bounded by streaming",
     "WRITE_MODELMETADATA": "model_card.json is always written",
     "FILTER_VALUE": "use OPENING_RADIUS / CLOSING_RADIUS for mask clean-up",
+    "AUG_LOOPS": "examples are streamed, so memory is bounded anyway; AUG_COPIES sets how "
+                 "many augmented copies are written",
 }
 _GYM_MODELS = {"resunet": "resunet", "simple_resunet": "resunet", "unet": "resunet",
                "simple_unet": "resunet"}

@@ -54,6 +54,24 @@ def check_writable(folder: str | os.PathLike) -> None:
                         "writable output folder") from None
 
 
+def check_output_folder(out: Path, what: str,
+                        inputs: Sequence[tuple[str, str | os.PathLike]] = ()) -> None:
+    """The checks every command makes on its --out folder ``out`` before any work starts,
+    each a UserError: ``out`` is a file; ``out`` is one of the folders the command reads
+    (``inputs``: (role, folder) pairs, e.g. ("images", images_dir)), where the ``what``
+    written (dataset, run, outputs) would mix with the input; nothing can be written there
+    (:func:`check_writable`)."""
+    from res_unet.core.errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    for role, folder in inputs:
+        if out.resolve() == Path(folder).resolve():
+            raise UserError(f"{out}: is also the {role} folder; write the {what} to another "
+                            f"--out (its files would mix with the {role})")
+    check_writable(out)
+
+
 def owner_tag() -> str:
     """``PID@HOST`` of this process, put into temporary names so that a later run can tell
     a dead process's leftovers from a live one's (another shard writing the same folder)."""

@@ -26,3 +26,13 @@ def listing(values: Sequence[Any], most: int) -> str:
     shown = ", ".join(str(v) for v in values[:most])
     more = len(values) - most
     return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def first_line(exc: BaseException, most: int | None = 200, empty: str | None = None) -> str:
+    """The first non-blank line of an exception's message (stripped, at most ``most``
+    characters; None: all of it), for a one-line message; ``empty`` (default: the exception's
+    type name) when the message is blank."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:most]
+    return type(exc).__name__ if empty is None else empty

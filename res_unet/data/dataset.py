@@ -42,7 +42,12 @@ from tqdm import tqdm
 
 from res_unet import __version__
 from res_unet.config.keys import Config, save_config
-from res_unet.core.atomic import check_writable, clean_stale_temporaries, owner_tag, usual_mode
+from res_unet.core.atomic import (
+    check_output_folder,
+    clean_stale_temporaries,
+    owner_tag,
+    usual_mode,
+)
 from res_unet.core.errors import UserError
 from res_unet.core.folders import folder_lock
 from res_unet.data import report
@@ -525,15 +530,8 @@ def make_dataset(cfg: Config, images_dir: str | os.PathLike | scenes.SceneQuery,
     out = Path(out_dir)
     query = (images_dir if isinstance(images_dir, scenes.SceneQuery)
              else scenes.SceneQuery(str(images_dir)))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    inputs = [("images", query.images or ""), ("labels", labels_dir),
-              *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)]
-    for role, folder in inputs:
-        if out.resolve() == Path(folder).resolve():
-            raise UserError(f"{out}: is also the {role} folder; write the dataset to another "
-                            "--out (its files would be read as input next time)")
-    check_writable(out)
+    check_output_folder(out, "dataset", [("images", query.images or ""), ("labels", labels_dir),
+                                         *(("extra bands", d) for d in cfg.EXTRA_BAND_DIRS)])
     with folder_lock(out, "make_tfrecords"), contextlib.ExitStack() as held:
         _check_output(out, overwrite)
         # What a build killed outright (kill -9) left: its staging folder beside ``out``.

@@ -26,7 +26,6 @@ import json
 import os
 import re
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,28 +107,6 @@ def serialize_example(example: Example) -> bytes:
     proto = tf.train.Example(features=tf.train.Features(feature=features))
     # Sorted map keys: identical examples give identical bytes in every process.
     return proto.SerializeToString(deterministic=True)
-
-
-def parse_example(record: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Inverse of :func:`serialize_example`: (image (H, W, B) uint, label (H, W) uint8, meta).
-
-    ``meta`` has stem, row, col and copy.
-    """
-    import tensorflow as tf
-
-    feature = tf.train.Example.FromString(record).features.feature
-
-    def one(name: str) -> Any:
-        f = feature[name]
-        return f.int64_list.value[0] if f.HasField("int64_list") else f.bytes_list.value[0]
-
-    h, w, b = one("height"), one("width"), one("bands")
-    dtype = np.dtype(one("dtype").decode()).newbyteorder("<")
-    image = np.frombuffer(one("image"), dtype=dtype).reshape(h, w, b).astype(dtype.name)
-    label = np.frombuffer(one("label"), dtype=np.uint8).reshape(h, w).copy()
-    meta = {"stem": one("stem").decode(), "row": one("row"), "col": one("col"),
-            "copy": one("copy")}
-    return image, label, meta
 
 
 class ShardWriter:
@@ -429,23 +406,6 @@ def _shard_paths(folder: Path, manifest: Manifest, split: str) -> list[str]:
     return [str(folder / s.file) for s in manifest.shards[split]]
 
 
-def read_examples(dataset_dir: str | os.PathLike,
-                  split: str) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-    """Every example of a split in shard order, as numpy: (image (H, W, B) uint8/uint16,
-    label (H, W) uint8, meta {stem, row, col, copy}). For tests and evaluation.
-
-    Raises UserError at once (not on first iteration) when the folder is not a dataset.
-    """
-    import tensorflow as tf
-
-    folder = Path(dataset_dir)
-    manifest = read_manifest(folder)
-    files = _shard_paths(folder, manifest, split)
-    records = tf.data.TFRecordDataset(tf.constant(files, dtype=tf.string),
-                                      compression_type=manifest.compression or "")
-    return (parse_example(record) for record in records.as_numpy_iterator())
-
-
 def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
                  shuffle: bool = True, flips: bool = False, repeat: bool = False,
                  cache: bool = False, seed: int | None = None, color: float = 0.0) -> Any:
@@ -480,7 +440,7 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
                            cycle_length=min(len(files), 8), num_parallel_calls=autotune,
                            deterministic=seed is not None)
     else:
-        # Unshuffled data comes in shard order, like read_examples (evaluation, figures).
+        # Unshuffled data comes in shard order (evaluation, figures).
         ds = ds.flat_map(lambda f: tf.data.TFRecordDataset(f, compression_type=compression))
     if cache:
         ds = ds.cache()

@@ -32,7 +32,6 @@ import struct
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from PIL import Image
 from rasterio.windows import Window
 
 from res_unet.core.errors import UserError
+from res_unet.geo.grid import RasterMeta, open_raster
 from res_unet.geo.pixeltypes import (
     UINT8_MODEL,
     as_image_dtype,
@@ -106,29 +106,6 @@ def check_pixel_count(path: Path, height: int, width: int, bands: int,
                     f"can be decoded at once ({limit} px, {source}); {fix}")
 
 
-@dataclass
-class RasterMeta:
-    """Where an image came from and how it sits on the Earth.
-
-    ``crs`` is a rasterio CRS, ``transform`` an affine.Affine (pixel -> map coordinates),
-    ``nodata`` the nodata value of the pixels as read (the declared one, or 0 where that had
-    no place in the unsigned type); all None for plain (non-georeferenced) images.
-    ``stored_dtype`` is the file's pixel type when reading converted it (e.g. "int16"),
-    else None.
-    """
-
-    path: Path
-    crs: Any | None = None
-    transform: Any | None = None
-    nodata: float | None = None
-    stored_dtype: str | None = None
-
-
-def is_georeferenced(meta: RasterMeta) -> bool:
-    """Whether the image has a CRS or a map transform worth carrying to outputs."""
-    return meta.crs is not None or meta.transform is not None
-
-
 def _png_is_16bit_colour(path: Path) -> bool:
     """True for 16-bit RGB, RGBA or grey+alpha PNGs, which Pillow truncates to 8 bits."""
     with open(path, "rb") as fh:
@@ -174,32 +151,19 @@ def _read_pil(path: Path, palette_indices: bool, max_pixels: int | None,
     return array[..., None] if array.ndim == 2 else array
 
 
-def _not_georeferenced(ds: Any) -> bool:
-    return ds.crs is None and ds.transform.is_identity
-
-
-def _gdal_meta(path: Path, ds: Any) -> RasterMeta:
-    """The georeferencing of an open rasterio dataset (none for a plain, ungeoreferenced file)."""
-    plain = _not_georeferenced(ds)
-    return RasterMeta(path=path, crs=ds.crs, transform=None if plain else ds.transform,
-                      nodata=None if ds.nodata is None else float(ds.nodata))
-
-
 def _read_gdal(path: Path, pixels: bool = True, max_pixels: int | None = None,
                more_bands: int = 0) -> tuple[np.ndarray | None, RasterMeta, bool]:
     """Read with rasterio: (pixels (H, W, B) or None, meta, whether the file is multi-page).
     The size in the header is checked (:func:`check_pixel_count`) before decoding."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path) as ds:
-            meta = _gdal_meta(path, ds)
-            multipage = bool(ds.subdatasets) and path.suffix.lower() in _TIFF_SUFFIXES
-            if not pixels or multipage:
-                return None, meta, multipage
-            check_pixel_count(path, ds.height, ds.width, ds.count + more_bands, max_pixels)
-            array = np.empty((ds.height, ds.width, ds.count), dtype=ds.dtypes[0])
-            # Reading into a band-first view of a band-last buffer avoids a second copy.
-            ds.read(out=np.moveaxis(array, -1, 0))
+    with open_raster(path) as ds:
+        meta = RasterMeta.of_dataset(path, ds)
+        multipage = bool(ds.subdatasets) and path.suffix.lower() in _TIFF_SUFFIXES
+        if not pixels or multipage:
+            return None, meta, multipage
+        check_pixel_count(path, ds.height, ds.width, ds.count + more_bands, max_pixels)
+        array = np.empty((ds.height, ds.width, ds.count), dtype=ds.dtypes[0])
+        # Reading into a band-first view of a band-last buffer avoids a second copy.
+        ds.read(out=np.moveaxis(array, -1, 0))
     return array, meta, False
 
 
@@ -446,9 +410,7 @@ def open_raster_rows(path: Path, n_bands: int, max_pixels: int | None = None
     # GDAL keeps decoded blocks up to 5 % of RAM by default: most of a big scene, read once.
     env.enter_context(rasterio.Env(GDAL_CACHEMAX=WINDOW_CACHE_MB))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            dataset = rasterio.open(path)
+        dataset = open_raster(path)
     except rasterio.errors.RasterioError:
         env.close()
         return None
@@ -465,4 +427,4 @@ def open_raster_rows(path: Path, n_bands: int, max_pixels: int | None = None
         dataset.close()
         env.close()
         raise
-    return RasterRows(path, dataset, _gdal_meta(path, dataset), env, max_pixels)
+    return RasterRows(path, dataset, RasterMeta.of_dataset(path, dataset), env, max_pixels)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from rasterio.warp import reproject
 
 from res_unet.core.errors import UserError
 from res_unet.core.progress import say
+from res_unet.geo.grid import open_raster
 
 _WGS84_A = 6378137.0
 _WGS84_F = 1 / 298.257223563
@@ -85,10 +85,8 @@ def raster_pixel_size(path: str | os.PathLike) -> tuple[float, float] | None:
     header; None for a plain image (JPEG, PNG, a TIFF without a CRS) or a file GDAL cannot
     open (reading it later says why)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                return pixel_size_m(src) if src.crs is not None else None
+        with open_raster(path) as src:
+            return pixel_size_m(src) if src.crs is not None else None
     except rasterio.errors.RasterioError:
         return None
 

@@ -142,16 +142,6 @@ class VectorLabels:
         """The file (and layer) in user messages."""
         return f"{self.path}" + (f" (layer {self.layer})" if self.layer else "")
 
-    def subset(self, indices: np.ndarray) -> VectorLabels:
-        """The features at ``indices`` (positions, not fids), everything else kept."""
-        indices = np.asarray(indices, dtype=np.intp)
-        kept = set(self.fids[indices].tolist())
-        return VectorLabels(self.path, self.layer, self.crs, self.geometries[indices],
-                            self.fids[indices],
-                            {k: v[indices] for k, v in self.attributes.items()},
-                            [f for f in self.repaired if f in kept], self.skipped,
-                            self.in_layer)
-
 
 def is_vector_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a vector label file by its suffix (:data:`VECTOR_SUFFIXES`)."""

@@ -53,10 +53,10 @@ import shapely
 from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.features import rasterize
-from rasterio.transform import Affine
 from rasterio.warp import transform as warp_coords
 
-from res_unet.core.errors import UserError, listing
+from res_unet.core.errors import UserError, first_line, listing
+from res_unet.geo.grid import SceneGrid
 from res_unet.geo.vector_files import (
     MAX_GEOJSON_BYTES,
     VECTOR_SUFFIXES,
@@ -140,34 +140,6 @@ def class_indices(labels: VectorLabels, attribute: str | None, n_classes: int,
 
 # Grids and reprojection ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SceneGrid:
-    """Where an image's pixels lie: CRS, affine transform (pixel -> map) and (H, W) size."""
-
-    path: Path
-    crs: CRS | None
-    transform: Affine | None
-    height: int
-    width: int
-
-    @classmethod
-    def of_file(cls, path: str | os.PathLike) -> SceneGrid:
-        """The grid of a raster file, read without its pixels."""
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                plain = ds.crs is None and ds.transform.is_identity
-                return cls(Path(path), ds.crs, None if plain else ds.transform, ds.height,
-                           ds.width)
-
-    def footprint(self) -> Any:
-        """The image's outline as a shapely Polygon in its CRS (exact for rotated grids)."""
-        corners = [(0, 0), (self.width, 0), (self.width, self.height), (0, self.height)]
-        return shapely.Polygon([self.transform @ c for c in corners])
-
-
 def require_georeferenced(grid: SceneGrid, labels_path: str | os.PathLike) -> None:
     """Raise UserError unless the image has a CRS and a map transform (vector labels
     cannot be placed on it otherwise)."""
@@ -199,7 +171,7 @@ def to_crs(geometries: np.ndarray, src_crs: CRS, dst_crs: CRS, where: str | None
         if not np.isfinite(shapely.get_coordinates(moved)).all():
             problem = "some vertices fall outside the area where that CRS is defined"
     except CPLE_BaseError as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = first_line(exc, most=None)
         problem = ("PROJ knows no transformation between them"
                    if "Cannot find coordinate operations" in text else f"PROJ: {text[:120]}")
     if problem:

@@ -36,6 +36,7 @@ from res_unet.core.atomic import atomic_path
 from res_unet.core.errors import UserError
 from res_unet.data import pairing, report
 from res_unet.geo import cog, polygons, rasters, scenes, writers
+from res_unet.geo.grid import is_georeferenced
 from res_unet.geo.tiling import RowSource, every_nth
 from res_unet.inference import review, uncertainty
 from res_unet.inference.predict import LABEL_NODATA, ProbabilitySink, Segmenter, nodata_values
@@ -139,7 +140,7 @@ def write_polygons(path: Path, label: np.ndarray, meta: rasters.RasterMeta, cfg:
     coordinates, or in pixel coordinates (:data:`PIXEL_TRANSFORM`, no CRS, said in the
     layer's description) for a plain image. Binary models: the foreground only; multiclass:
     every class but IGNORE_CLASS. VECTOR_SIMPLIFY and VECTOR_LAYER_PER_CLASS apply."""
-    georeferenced = rasters.is_georeferenced(meta) and meta.transform is not None
+    georeferenced = is_georeferenced(meta) and meta.transform is not None
     skip = [0] if binary else [] if cfg.IGNORE_CLASS is None else [cfg.IGNORE_CLASS]
     found = polygons.class_polygons(label, meta.transform if georeferenced else PIXEL_TRANSFORM,
                                     cfg.class_names, nodata=LABEL_NODATA,

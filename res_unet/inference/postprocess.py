@@ -35,6 +35,7 @@ from skimage import filters, morphology
 
 from res_unet.config.keys import Config
 from res_unet.data.report import to_display_rgb
+from res_unet.geo.tiling import downsample_image
 
 _PROB_CLIP = 1e-5  # floor for probabilities before logs, as pydensecrf's unary_from_softmax
 
@@ -116,17 +117,14 @@ def crf_grid_factor(height: int, width: int, max_pixels: int) -> int:
     return factor
 
 
-def _block_mean(array: np.ndarray, factor: int) -> np.ndarray:
-    """Average (H, W, C) over factor x factor blocks (edge-padded) -> float32 (h, w, C)."""
-    h, w, c = array.shape
-    ph, pw = -h % factor, -w % factor
-    padded = np.pad(array, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    blocks = padded.reshape((h + ph) // factor, factor, (w + pw) // factor, factor, c)
-    return blocks.mean(axis=(1, 3), dtype=np.float32)
-
-
 def _upsample_bilinear(array: np.ndarray, factor: int, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear up-sampling of (h, w, C) by ``factor`` (pixel areas aligned), cropped to H, W."""
+    """Bilinear up-sampling of (h, w, C) by ``factor`` (pixel areas aligned), cropped to H, W.
+
+    The geometry of :func:`res_unet.geo.tiling.upsample_rows` (DOWNSAMPLE), which would do
+    here too but rounds differently (rows then columns in float32, where scipy sums the four
+    products in float64): up to 4e-7 apart, enough to change the refined probabilities of
+    large images, so the CRF keeps its own until its outputs may change.
+    """
     out = np.empty((*shape_hw, array.shape[2]), np.float32)
     for k in range(array.shape[2]):
         up = ndimage.zoom(array[..., k], factor, order=1, grid_mode=True, mode="nearest")
@@ -189,8 +187,8 @@ def crf_refine(prob: np.ndarray, image: np.ndarray, *, iterations: int = 10,
         refined = _dense_crf(full, rgb, iterations, gaussian_sxy, gaussian_compat,
                              bilateral_sxy, bilateral_srgb, bilateral_compat)
     else:
-        coarse_p = _block_mean(full, factor)
-        coarse_rgb = np.ascontiguousarray(np.rint(_block_mean(rgb, factor)).astype(np.uint8))
+        coarse_p = downsample_image(full, factor)
+        coarse_rgb = np.ascontiguousarray(downsample_image(rgb, factor))
         del rgb
         # pydensecrf normalises its kernels (weighted averages, not sums), so only the pixel
         # widths change with the grid; the compatibilities keep their meaning.

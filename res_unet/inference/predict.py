@@ -8,28 +8,28 @@ labels; the image is tiled, batched, blended and rescaled by a
 
 - ``resize`` (the original toolbox's behaviour): the whole image is scaled to fit the model
   input keeping its aspect ratio (:func:`res_unet.geo.tiling.resize_to_fit`), predicted once, and
-  the probabilities are scaled back (:func:`predict_resize`).
+  the probabilities are scaled back (:meth:`SlidingWindow.resized`).
 - ``tile`` (INFER_MODE 'auto' picks it for images larger than the model input): overlapping
   tiles (TILE_OVERLAP), reflect-padded at the image edges, predicted in batches and blended
   with a smooth window (BLEND_WINDOW) divided by the accumulated window weight, so there are
-  no seams and no bias towards tile centres (:func:`predict_tiled`, :func:`iter_strips`).
+  no seams and no bias towards tile centres (:meth:`SlidingWindow.blend`).
 
 Test-time augmentation averages the probabilities over flips (and, with TTA_ROT90 and square
 tiles, the 90-degree rotations: the 8 symmetries of the square); ensembles average every
 member's probabilities. Both are means in probability space over the spatial axes only.
 
 Memory. Small images keep their (H, W, C) float32 probabilities and go through
-:func:`res_unet.postprocess.postprocess` as is. Larger ones (more than ``FULL_MAX_VALUES``
-probability values) are predicted in horizontal strips of tile rows (:func:`iter_strips`):
-only a band about one tile high holds float32 probabilities; rows no later tile touches are
-finished, thresholded (or arg-maxed) into the (H, W) uint8 label (1 byte per pixel, or 2
-bytes with THRESHOLD 'otsu', whose threshold needs every probability: they are kept
-quantised to 1/65535) and handed to an optional sink (saving probabilities). The label
-clean-up (median, morphology, small objects and holes) then runs on the whole label map, as
-it involves whole connected components. The dense CRF is the exception: it needs the whole
-probability map (H*W*C*4 bytes, plus about three times that while
-:func:`res_unet.inference.postprocess.crf_refine` works, on a grid it down-samples beyond
-CRF_MAX_PIXELS).
+:func:`res_unet.inference.postprocess.postprocess` as is. Larger ones (more than
+``FULL_MAX_VALUES`` probability values) are predicted in horizontal strips of tile rows
+(:meth:`SlidingWindow.blend_strips`): only a band about one tile high holds float32
+probabilities; rows no later tile touches are finished, thresholded (or arg-maxed) into
+the (H, W) uint8 label (1 byte per pixel, or 2 bytes with THRESHOLD 'otsu', whose threshold
+needs every probability: they are kept quantised to 1/65535) and handed to an optional sink
+(saving probabilities). The label clean-up (median, morphology, small objects and holes)
+then runs on the whole label map, as it involves whole connected components. The dense CRF
+is the exception: it needs the whole probability map (H*W*C*4 bytes, plus about three
+times that while :func:`res_unet.inference.postprocess.crf_refine` works, on a grid it
+down-samples beyond CRF_MAX_PIXELS).
 """
 
 from __future__ import annotations
@@ -144,46 +144,6 @@ def sliding_window(models: Sequence[LoadedModel], tile_hw: Sequence[int] | None 
                                            views=views, disagreement=disagreement),
                          models[0].tile_hw if tile_hw is None else tile_hw, overlap, window,
                          batch_size, downsample)
-
-
-def predict_resize(models: Sequence[LoadedModel], image: np.ndarray, tta: bool = False,
-                   rot90: bool = False) -> np.ndarray:
-    """Resize mode: (H, W, B) raw image -> (H, W, C) float32 probabilities.
-
-    The image is fitted to the models' input (aspect kept, reflect-padded), predicted once
-    and the probabilities are cropped and scaled back bilinearly to (H, W).
-    """
-    return sliding_window(models, tta=tta, rot90=rot90).resized(image)
-
-
-def predict_tiled(models: Sequence[LoadedModel], image: np.ndarray, tile_hw: Sequence[int],
-                  overlap: float, window: str = "hann", batch_size: int = 8, tta: bool = False,
-                  rot90: bool = False) -> np.ndarray:
-    """Tiled mode, whole image at once: (H, W, B) raw image -> (H, W, C) float32 probabilities.
-
-    Tiles of ``tile_hw`` overlapping by the fraction ``overlap`` cover the image (edges
-    reflect-padded); their probabilities are blended with ``blend_window(tile_hw, window)``
-    and divided by the summed window weight. Holds the whole (H, W, C) map: for large
-    images use :func:`iter_strips`, which gives the same values strip by strip.
-    """
-    return sliding_window(models, tile_hw, overlap, window, batch_size, tta, rot90).blend(image)
-
-
-def iter_strips(models: Sequence[LoadedModel], image: np.ndarray | RowSource,
-                tile_hw: Sequence[int], overlap: float, window: str = "hann",
-                batch_size: int = 8, tta: bool = False, rot90: bool = False
-                ) -> Iterator[tuple[int, np.ndarray]]:
-    """Tiled mode, memory-bounded: yields ``(first_row, probabilities (rows, W, C) float32)``
-    strips from top to bottom that together cover every row exactly once.
-
-    Same tiles, window and values as :func:`predict_tiled` (up to float rounding of batch
-    composition), but only a band of about one tile height (plus one batch of tiles) holds
-    probabilities: after each row of tiles the rows above the next row of tiles are final.
-    ``image`` may be a :class:`res_unet.geo.tiling.RowSource` (e.g. a GeoTIFF read in windows):
-    then only about two tile-high bands of pixels are held as well.
-    """
-    window_ = sliding_window(models, tile_hw, overlap, window, batch_size, tta, rot90)
-    return window_.blend_strips(image)
 
 
 # Labels ------------------------------------------------------------------------------------

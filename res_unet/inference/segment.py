@@ -35,7 +35,7 @@ import rasterio.errors
 from res_unet import __version__
 from res_unet.config.keys import Config
 from res_unet.core.atomic import (
-    check_writable,
+    check_output_folder,
     clean_stale_temporaries,
     write_atomic,
     write_csv,
@@ -161,7 +161,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
                    out_dir: str | os.PathLike, *,
                    labels_dir: str | os.PathLike | None = None, overwrite: bool = False,
                    shard: tuple[int, int] = (0, 1), save_probs: bool = False,
-                   geojson: bool = False, progress: bool = True,
+                   progress: bool = True,
                    full_max_values: int = FULL_MAX_VALUES,
                    save_uncertainty: bool = False) -> dict[str, Any]:
     """Segment every image of ``images_dir`` (shard i of n: images i, i+n, ...) into ``out_dir``.
@@ -171,8 +171,7 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     polygon layer over many scenes (scenes it does not touch are segmented, not scored).
     ``runs`` are run folders (or loaded models) forming an ensemble; ``cfg`` comes from
     :func:`res_unet.inference.settings.inference_config`. Per image NAME: see :func:`output_paths`;
-    polygons come with ``cfg.VECTOR_FORMAT`` (``geojson=True``, kept for older callers, is
-    VECTOR_FORMAT 'geojson' when the config names no format).
+    polygons come with ``cfg.VECTOR_FORMAT``.
     Images whose outputs all exist and were made with these models and settings (their
     record, :data:`IMAGE_RECORD`) are skipped unless ``overwrite``; any other is redone, so
     a folder never holds a mix (e.g. after ``--shard i/n --overwrite`` with another model).
@@ -194,30 +193,26 @@ def segment_folder(cfg: Config, runs: Sequence[str | os.PathLike | LoadedModel],
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise UserError(f"command line: shard {index}/{count} is invalid; need 0 <= i < n")
-    if query.plain_folder and out_dir.resolve() == images_dir.resolve():
-        raise UserError(f"{out_dir}: the output folder is the images folder; write the "
-                        "outputs to another folder (they would be read as images next time)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
-    check_writable(out_dir)
+    check_output_folder(out_dir, "outputs", [("images", images_dir)] if query.plain_folder
+                        else [])
     # One command per folder for the whole run; shards of one job share it, and
     # settings_lock below keeps shards of other models or settings out, whatever the timing.
     with contextlib.ExitStack() as held:
         held.enter_context(folder_lock(out_dir, "seg_images_in_folder", shared=count > 1))
         return _segment_folder(held, cfg, runs, query, out_dir, labels_dir, overwrite,
-                               shard, save_probs, geojson, progress, full_max_values, started,
+                               shard, save_probs, progress, full_max_values, started,
                                save_uncertainty)
 
 
 def _segment_folder(held: contextlib.ExitStack, cfg: Config,
                     runs: Sequence[str | os.PathLike | LoadedModel], query: scenes.SceneQuery,
                     out_dir: Path, labels_dir: str | os.PathLike | None, overwrite: bool,
-                    shard: tuple[int, int], save_probs: bool, geojson: bool, progress: bool,
+                    shard: tuple[int, int], save_probs: bool, progress: bool,
                     full_max_values: int, started: float, save_uncertainty: bool = False
                     ) -> dict[str, Any]:
     """The body of :func:`segment_folder`, run while ``out_dir`` is locked (``held``)."""
     index, count = shard
-    vector = cfg.VECTOR_FORMAT or ("geojson" if geojson else None)
+    vector = cfg.VECTOR_FORMAT
     source = None if labels_dir is None else LabelSource.from_config(labels_dir, cfg)
     # A plain folder is checked before the models load, as always.
     pairs = _scene_pairs(source, Path(query.images or "."), cfg) if query.plain_folder else None

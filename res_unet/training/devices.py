@@ -67,16 +67,6 @@ def resolve_precision(cfg: Config) -> str:
     return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
 
 
-def onednn_enabled() -> bool | None:
-    """Whether TensorFlow runs its oneDNN kernels in this process (see res_unet/__init__.py);
-    None when this TensorFlow build cannot say."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
 def device_description() -> str:
     """A short description of the compute device, for the model card."""
     gpus = visible_gpus()

@@ -41,7 +41,6 @@ from res_unet.config.keys import Config
 from res_unet.config.registry import LOSS_TERMS
 
 EPSILON = 1e-7
-DEFAULT_TERMS = {"dice": 1.0, "focal": 1.0, "boundary": 1.0}
 WEIGHT_BOUNDS = (0.1, 10.0)
 
 
@@ -215,7 +214,8 @@ def boundary_loss(y_true, y_pred, *, class_weights: Sequence[float] | None = Non
 
 @keras.saving.register_keras_serializable(package="res_unet")
 class SegmentationLoss(keras.losses.Loss):
-    """Weighted sum of the loss terms named in ``terms`` ({'dice': 1.0, 'focal': 1.0, ...}).
+    """Weighted sum of the loss terms named in ``terms`` ({'dice': 1.0, 'focal': 1.0, ...};
+    None: the config's default LOSS).
 
     Serialisable with plain data (get_config), so a saved model reloads without
     custom_objects once res_unet.training.losses is imported. Returns a scalar per batch.
@@ -226,7 +226,7 @@ class SegmentationLoss(keras.losses.Loss):
                  ignore_class: int | None = None, name: str = "segmentation_loss",
                  reduction: str = "sum_over_batch_size") -> None:
         super().__init__(name=name, reduction=reduction)
-        terms = dict(DEFAULT_TERMS if terms is None else terms)
+        terms = dict(Config().LOSS if terms is None else terms)
         unknown = [t for t in terms if t not in LOSS_TERMS]
         if unknown:
             raise ValueError(f"unknown loss terms {unknown}; use {', '.join(LOSS_TERMS)}")

@@ -27,8 +27,8 @@ import tensorflow as tf
 
 from res_unet.config.keys import Config, config_from_dict
 from res_unet.config.reference import keys_with
-from res_unet.core.atomic import atomic_path, check_writable, write_atomic
-from res_unet.core.errors import UserError
+from res_unet.core.atomic import atomic_path, write_atomic
+from res_unet.core.errors import UserError, first_line
 from res_unet.training.runfolder import (
     BACKUP_DIR,
     CARD,
@@ -44,20 +44,16 @@ from res_unet.training.runfolder import (
 # What to do with a run folder ------------------------------------------------------------
 
 
-def run_folder_action(run_dir: Path, data_dir: Path, cfg: Config, overwrite: bool) -> str:
+def run_folder_action(run_dir: Path, cfg: Config, overwrite: bool) -> str:
     """Decide what training does with ``run_dir``; changes nothing.
 
     Returns 'new' (no run there yet), 'resume' (a killed run's backup is there), 'evaluate'
     (DO_TRAIN false) or 'overwrite' (a run is there and ``overwrite`` was asked for; see
-    :func:`res_unet.training.runfolder.clear_run_folder`). Raises UserError when ``run_dir`` is a
-    file or the dataset folder, and when it holds a finished run and ``overwrite`` is false:
-    a finished run is never replaced silently.
+    :func:`res_unet.training.runfolder.clear_run_folder`). Raises UserError when it holds a
+    finished run and ``overwrite`` is false: a finished run is never replaced silently.
+    (:func:`res_unet.training.train.train` has checked the folder itself,
+    :func:`res_unet.core.atomic.check_output_folder`.)
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
-    if run_dir.resolve() == data_dir.resolve():
-        raise UserError(f"{run_dir}: is the dataset folder; write the run to another --out")
-    check_writable(run_dir)
     if not cfg.DO_TRAIN:
         return "evaluate"
     finished = (run_dir / CARD).is_file()
@@ -154,9 +150,9 @@ class Backup:
             state = TrainState(**json.loads(state_path.read_text()))
         except (tf.errors.OpError, ValueError, TypeError, OSError, IndexError) as exc:
             # (A truncated checkpoint data file raises IndexError "Read less bytes ...".)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc, 160)
             raise UserError(f"{self.dir}: the backup of the unfinished run is damaged "
-                            f"({first[:160]}); pass --overwrite to start this run afresh"
+                            f"({first}); pass --overwrite to start this run afresh"
                             ) from None
         if int(self.checkpoint.epoch.numpy()) != state.next_epoch:
             return None

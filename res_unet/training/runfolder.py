@@ -30,7 +30,7 @@ import keras
 
 from res_unet.config.keys import Config, config_from_dict
 from res_unet.core.atomic import write_atomic
-from res_unet.core.errors import UserError
+from res_unet.core.errors import UserError, first_line
 from res_unet.core.folders import check_regular_file, loads_json, read_small_text
 from res_unet.models import build_model
 
@@ -176,7 +176,7 @@ class ModelCard:
                     v not in TTA_VIEWS for v in views) or len(set(views)) != len(views)):
                 raise ValueError(f"tta_views must list some of {', '.join(TTA_VIEWS)} once")
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            first = first_line(exc, 120)
             raise UserError(f"{source}: the model card lacks or garbles a field ({first}); "
                             f"{fix}") from None
         return card
@@ -269,7 +269,7 @@ def check_intact(path: Path) -> None:
             with h5py.File(path, "r"):
                 reason = None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc, 160)
     if reason is not None:
         raise UserError(f"{path}: the file is damaged or truncated ({reason}); restore it from "
                         "a copy, or retrain (a killed run resumes from its backup)")
@@ -293,9 +293,9 @@ def load_weights_checked(model: keras.Model, path: Path) -> None:
                 model.load_weights(path)
     except (ValueError, KeyError, OSError, TypeError) as exc:
         # (TypeError: a .keras file whose layers Keras cannot rebuild.)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"{path}: these weights do not fit the model built from the config "
-                        f"({first[:200]}); use the config the weights were trained with") from None
+                        f"({first}); use the config the weights were trained with") from None
 
 
 def check_run_folder(run_dir: Path) -> None:
@@ -343,8 +343,8 @@ def load_model(run_dir: str | os.PathLike, tile_hw: Sequence[int] | None = None
         try:
             model = keras.models.load_model(full, compile=False)
         except (ValueError, OSError, KeyError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"{full}: cannot load the model ({first[:200]}); restore the file "
+            first = first_line(exc)
+            raise UserError(f"{full}: cannot load the model ({first}); restore the file "
                             "or delete it to use best.weights.h5") from None
         source = full
     else:

@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.config.keys import Config, save_config
-from res_unet.core.atomic import check_writable, clean_stale_temporaries, write_csv
-from res_unet.core.errors import UserError
+from res_unet.core.atomic import check_output_folder, clean_stale_temporaries, write_csv
+from res_unet.core.errors import UserError, first_line
 from res_unet.core.folders import check_no_links, folder_lock, reading_lock
 from res_unet.core.progress import progress_bar
 from res_unet.data import records
@@ -273,9 +273,8 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     ``overwrite`` (see :func:`run_folder_action`). Returns the model card.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a folder; choose another --out")
-    check_writable(run_dir)  # before the lock creates the folder, as the other commands do
+    # Before the lock creates the folder, as the other commands do.
+    check_output_folder(run_dir, "run", [("dataset", data_dir)])
     # One training per run folder; the other workers of a multi-worker run write nothing there.
     lock = folder_lock(run_dir, "train_resunet") if is_chief() else contextlib.nullcontext()
     with lock, reading_lock(data_dir, "train_resunet", writing=run_dir):
@@ -296,7 +295,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
            progress: bool, export_saved_model: bool, overwrite: bool) -> ModelCard:
     """The body of :func:`train`, run while ``run_dir`` is locked and ``data_dir`` read."""
     started = time.time()
-    action = run_folder_action(run_dir, data_dir, cfg, overwrite)
+    action = run_folder_action(run_dir, cfg, overwrite)
     if cfg.TENSORBOARD and importlib.util.find_spec("tensorboard") is None:
         raise UserError("TENSORBOARD=true needs the tensorboard package: pip install "
                         "res_unet[tensorboard] (or set TENSORBOARD to false)")
@@ -348,7 +347,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
             raise UserError(f"out of memory at BATCH_SIZE={cfg.BATCH_SIZE} and TARGET_SIZE="
                             f"{cfg.TARGET_SIZE}; lower BATCH_SIZE (or TARGET_SIZE)") from None
         except tf.errors.DataLossError as exc:
-            first = (str(exc).strip().splitlines() or ["corrupt record"])[0][:160]
+            first = first_line(exc, 160, empty="corrupt record")
             raise UserError(f"{data_dir}: a shard became unreadable during training ({first});"
                             " rebuild the dataset with make_tfrecords --overwrite, then re-run "
                             "this command to resume") from None

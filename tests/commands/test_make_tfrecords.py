@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import shared_data
+from helpers import read_examples, shared_data
 
 from res_unet.cli import run_command
 from res_unet.config.keys import config_from_dict, load_config
@@ -102,7 +102,7 @@ def test_demo_run_writes_dataset_and_summary(demo, capsys, tmp_path):
 
 def test_manifest_statistics_match_the_examples(demo):
     manifest = demo["manifest"]
-    train = list(records.read_examples(demo["out"], "train"))
+    train = list(read_examples(demo["out"], "train"))
     assert len(train) == manifest.counts["train"].examples
     counts = sum(np.bincount(lab.ravel(), minlength=2) for _, lab, _ in train)
     assert manifest.class_pixel_counts == counts.tolist()
@@ -118,7 +118,7 @@ def test_manifest_statistics_match_the_examples(demo):
 def test_validation_is_the_fitted_sources_unaugmented(demo):
     cfg = load_config(demo["config"])
     pairs = {p.image.name: p for p in find_pairs(demo["images"], demo["labels"])}
-    val = list(records.read_examples(demo["out"], "validation"))
+    val = list(read_examples(demo["out"], "validation"))
     assert [meta["stem"] + ".png" for _, _, meta in val] == demo["manifest"].files["validation"]
     for image, label, meta in val:
         source_image, source_label, _ = load_pair(pairs[meta["stem"] + ".png"],
@@ -253,7 +253,7 @@ def test_tile_mode_counts_and_empty_tile_dropping(tmp_path):
     assert n_tiles == 12
     assert {s: c.examples for s, c in manifest.counts.items()} == {
         "train": n_tiles, "validation": n_tiles}
-    origins = [(m["row"], m["col"]) for _, _, m in records.read_examples(tmp_path / "all",
+    origins = [(m["row"], m["col"]) for _, _, m in read_examples(tmp_path / "all",
                                                                          "train")]
     assert origins == tile_grid((300, 500), (128, 128), 0.0)
 

@@ -59,7 +59,10 @@ def test_original_toolbox_config_is_accepted():
     assert cfg.KERNEL_SIZE == 7 and cfg.TARGET_SIZE == [512, 512]
     assert cfg.AUG_ROT == 5.0 and isinstance(cfg.AUG_ROT, float)
     assert cfg.REMAP_CLASSES == {"0": 0, "3": 1}
-    assert notices == []
+    assert not hasattr(cfg, "AUG_LOOPS")
+    assert notices == ["config: AUG_LOOPS has no effect here (examples are streamed, so memory "
+                       "is bounded anyway; AUG_COPIES sets how many augmented copies are "
+                       "written)"]
 
 
 def test_gym_config_is_mapped_with_notices():
@@ -268,6 +271,10 @@ def test_load_prints_upgrade_notices(tmp_path, capsys):
     assert cfg.KERNEL_SIZE == 5
     out = capsys.readouterr().out
     assert "note:" in out and "STRIDE has no effect" in out
+    # A run folder's config.json from before AUG_LOOPS went: read quietly for the run.
+    old_run = write(tmp_path, json.dumps({"AUG_LOOPS": 1, "NCLASSES": 1}))
+    assert load_config(old_run, notes=False).NCLASSES == 1
+    assert capsys.readouterr().out == ""
 
 
 def test_save_and_reload_round_trip(tmp_path):

@@ -1,10 +1,12 @@
 """Atomic writes: complete file or nothing, usual permissions, suffixes kept for writers."""
 
 import os
+from pathlib import Path
 
 import pytest
 
-from res_unet.core.atomic import atomic_path, usual_mode, write_atomic
+from res_unet.core.atomic import atomic_path, check_output_folder, usual_mode, write_atomic
+from res_unet.core.errors import UserError
 
 
 def test_write_atomic_writes_text_and_bytes_with_usual_permissions(tmp_path):
@@ -107,3 +109,21 @@ def test_a_link_at_the_name_is_replaced_never_written_through(tmp_path):
     assert not (tmp_path / "not_created").exists()
     assert [(p.name, p.is_symlink(), p.read_bytes()) for p in sorted(out.iterdir())] == [
         ("a.json", False, b"{}\n"), ("b.csv", False, b"x\n1\n"), ("c.bin", False, b"new")]
+
+
+def test_check_output_folder_refuses_a_file_an_input_and_an_unwritable_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    check_output_folder(tmp_path / "new" / "out", "outputs", [("images", images)])
+    assert not (tmp_path / "new").exists()  # checked, nothing made
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"file: exists and is not a folder; choose another"):
+        check_output_folder(tmp_path / "file", "outputs")
+    with pytest.raises(UserError) as caught:
+        check_output_folder(images / ".." / "images", "dataset",
+                            [("labels", tmp_path / "labels"), ("images", images)])
+    assert str(caught.value) == (f"{images / '..' / 'images'}: is also the images folder; "
+                                 "write the dataset to another --out (its files would mix "
+                                 "with the images)")
+    with pytest.raises(UserError, match="cannot write there"):
+        check_output_folder(Path("/proc/res_unet_out"), "run")

@@ -40,7 +40,7 @@ def test_nothing_is_written_in_home_but_the_cache(tmp_path):
     home.mkdir()
     code = (
         "import sys\nimport numpy as np\nimport res_unet\nimport keras\n"
-        "from res_unet import report\n"
+        "from res_unet.data import report\n"
         "from res_unet.models import build_model\n"
         "from helpers import make_config\n"
         "cfg = make_config(FILTERS=2, DEPTH=2, TARGET_SIZE=[16, 16])\n"

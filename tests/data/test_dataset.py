@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import expected_tiles, make_config, write_sources
+from helpers import expected_tiles, make_config, read_examples, write_sources
 
 from res_unet.core.errors import UserError
-from res_unet.data import dataset, records
+from res_unet.data import dataset
 from res_unet.data.pairing import find_pairs
 from res_unet.geo.tiling import tile_grid
 
@@ -119,7 +119,7 @@ def test_downsampled_dataset_holds_the_working_scale(tmp_path):
     [stem] = [Path(f).stem for f in manifest.files["train"]]
     image, label = sources[stem]
     expected = expected_tiles(downsample_image(image, 2), downsample_label(label, 2))
-    got = list(records.read_examples(tmp_path / "ds", "train"))
+    got = list(read_examples(tmp_path / "ds", "train"))
     assert len(got) == len(expected) == 6  # a 32 x 48 working image in 16-px tiles
     for (img, lab, _), (exp_img, exp_lab) in zip(got, expected, strict=True):
         np.testing.assert_array_equal(img, exp_img)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import expected_tiles, make_config, write_sources
+from helpers import expected_tiles, make_config, parse_example, read_examples, write_sources
 
 from res_unet.core.errors import UserError
 from res_unet.data import augment, dataset, records
@@ -23,7 +23,7 @@ def test_serialize_parse_round_trip(dtype, bands):
     label = rng.integers(0, 4, (5, 7), dtype=np.uint8)
     record = records.serialize_example(records.Example(image, label, "stem_x", 3, 9, 2))
     assert record == records.serialize_example(records.Example(image, label, "stem_x", 3, 9, 2))
-    out_image, out_label, meta = records.parse_example(record)
+    out_image, out_label, meta = parse_example(record)
     assert out_image.dtype == dtype and np.array_equal(out_image, image)
     assert out_label.dtype == np.uint8 and np.array_equal(out_label, label)
     assert meta == {"stem": "stem_x", "row": 3, "col": 9, "copy": 2}
@@ -43,7 +43,7 @@ def test_shard_writer_splits_and_round_trips(tmp_path, compression):
     assert sorted(p.name for p in tmp_path.iterdir()) == [s.file for s in writer.shards]
     files = [str(tmp_path / s.file) for s in writer.shards]
     raw = tf.data.TFRecordDataset(files, compression_type=compression or "")
-    back = [records.parse_example(r) for r in raw.as_numpy_iterator()]
+    back = [parse_example(r) for r in raw.as_numpy_iterator()]
     assert [m["stem"] for _, _, m in back] == [e.stem for e in examples]
     assert all(np.array_equal(i, e.image) and np.array_equal(lab, e.label)
                for (i, lab, _), e in zip(back, examples, strict=True))
@@ -86,7 +86,7 @@ def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
     for split in records.SPLITS:
         [stem] = [Path(f).stem for f in manifest.files[split]]
         expected = expected_tiles(*sources[stem])
-        got = list(records.read_examples(tmp_path / "ds", split))
+        got = list(read_examples(tmp_path / "ds", split))
         assert len(got) == len(expected) == manifest.counts[split].examples == 6
         for (img, lab, meta), (exp_img, exp_lab) in zip(got, expected, strict=True):
             assert img.dtype == dtype and np.array_equal(img, exp_img)
@@ -129,7 +129,7 @@ def test_load_dataset_one_hot_flips_repeat(tmp_path):
     assert kinds == set(flips)  # independent left-right and up-down flips
     empty = records.load_dataset(tmp_path / "ds", "validation", 2, shuffle=False)
     assert list(empty.as_numpy_iterator()) == []
-    assert list(records.read_examples(tmp_path / "ds", "validation")) == []
+    assert list(read_examples(tmp_path / "ds", "validation")) == []
 
 
 def test_photometric_jitter_bounds_and_nodata():
@@ -193,7 +193,7 @@ def test_read_manifest_refuses_non_datasets(tmp_path):
     with pytest.raises(UserError, match="run make_tfrecords first"):
         records.read_manifest(tmp_path)
     with pytest.raises(UserError, match="is not a dataset made by make_tfrecords"):
-        records.read_examples(tmp_path, "train")
+        records.load_dataset(tmp_path, "train", batch_size=1)
     sources = tmp_path / "src"
     write_sources(sources, "uint8", 3)
     dataset.make_dataset(make_config("tiles16"), sources / "images", sources / "labels",

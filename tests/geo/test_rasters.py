@@ -19,9 +19,8 @@ from rasterio.crs import CRS
 
 from res_unet.core.errors import UserError
 from res_unet.geo import rasters
+from res_unet.geo.grid import RasterMeta, is_georeferenced
 from res_unet.geo.rasters import (
-    RasterMeta,
-    is_georeferenced,
     open_raster_rows,
     read_image,
     read_label,

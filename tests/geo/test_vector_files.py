@@ -211,7 +211,7 @@ def test_a_geopackage_with_a_spatial_view_reads_after_tensorflow(tmp_path):
     view = _with_spatial_view(tmp_path / "view.gpkg")
     digest = hashlib.sha256(view.read_bytes()).hexdigest()
     script = ("import tensorflow, sys\n"
-              "from res_unet import vectors\n"
+              "from res_unet.geo import vectors\n"
               "labels = vectors.read_vector_labels(sys.argv[1], layer='lakes_view', "
               "attribute='kind')\n"
               "print(vectors.layer_name(sys.argv[1], 'lakes_view'), len(labels), "

@@ -17,6 +17,7 @@ import pyogrio.raw
 import pytest
 import rasterio
 import shapely
+from helpers import read_examples
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_coords
 from test_vectors import MARS, PX, UTM, X0, Y0, pixel_box, write_layer
@@ -62,7 +63,7 @@ def run(tmp_path: Path, images: Path, labels: Path, *extra: str, out: str = "ds"
 
 
 def dataset_labels(folder: Path) -> dict[str, np.ndarray]:
-    return {meta["stem"]: label for _, label, meta in records.read_examples(folder, "train")}
+    return {meta["stem"]: label for _, label, meta in read_examples(folder, "train")}
 
 
 # Per-image layers ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ polygon layers written with pyogrio.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from res_unet.core.errors import UserError
 from res_unet.data.pairing import PolygonRules, burn_pair_label, find_pairs, prepare_label
 from res_unet.geo.vectors import (
     SceneGrid,
+    VectorLabels,
     burn_labels,
     class_indices,
     features_by_scene,
@@ -268,6 +270,15 @@ def test_points_and_lines_are_refused(tmp_path):
 
 # Many scenes, one layer; pairing -----------------------------------------------------------
 
+def _subset(labels: VectorLabels, indices: np.ndarray) -> VectorLabels:
+    """The features of ``labels`` at ``indices`` (positions, not fids), everything else kept."""
+    kept = set(labels.fids[indices].tolist())
+    return dataclasses.replace(
+        labels, geometries=labels.geometries[indices], fids=labels.fids[indices],
+        attributes={k: v[indices] for k, v in labels.attributes.items()},
+        repaired=[f for f in labels.repaired if f in kept])
+
+
 def test_one_layer_over_several_scenes(tmp_path):
     # Scenes A and B side by side (120 m wide each), C 5 km away, D in lon/lat over A's
     # top-left corner (10 x 10 pixels of 5e-5 degrees, about 28 m x 56 m).
@@ -293,7 +304,7 @@ def test_one_layer_over_several_scenes(tmp_path):
         "a.tif": [0, 1], "b.tif": [1, 2], "c.tif": [], "d.tif": [0]}
     classes = class_indices(labels, "cls", 3)
     idx = found[grid_b.path]
-    label_b, facts = burn_labels(labels.subset(idx), classes[idx], grid_b)
+    label_b, facts = burn_labels(_subset(labels, idx), classes[idx], grid_b)
     assert facts.used == 2 and facts.class_pixels[2] == 50 and facts.class_pixels[1] == 100
     assert label_b[10, 2] == 2 and label_b[25, 25] == 1
 

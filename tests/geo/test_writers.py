@@ -13,7 +13,8 @@ from helpers import folder_listing
 from PIL import Image
 
 from res_unet.geo import rasters
-from res_unet.geo.rasters import RasterMeta, is_georeferenced, read_image, read_label
+from res_unet.geo.grid import RasterMeta, is_georeferenced
+from res_unet.geo.rasters import read_image, read_label
 from res_unet.geo.writers import write_geotiff, write_png
 
 

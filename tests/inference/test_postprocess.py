@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from res_unet.config.keys import Config
+from res_unet.data.report import to_display_rgb
+from res_unet.geo.tiling import downsample_image, upsample_rows
 from res_unet.inference import postprocess as pp
 
 
@@ -130,6 +132,27 @@ def test_crf_large_input_uses_coarse_grid_and_keeps_shape():
     assert refined.min() >= 0.0 and refined.max() <= 1.0
     assert not np.allclose(refined, pp.crf_refine(prob, image, iterations=5))
     assert _iou(pp.probs_to_label(refined), truth) > _iou(pp.probs_to_label(prob), truth) + 0.1
+
+
+def test_crf_coarse_grid_is_the_downsample_grid(monkeypatch):
+    # The CRF's coarse grid is DOWNSAMPLE's block means, and its up-sampling has the same
+    # geometry as DOWNSAMPLE's (it rounds apart in float32's last digits only).
+    image, prob, _ = _two_region_scene()
+    seen = {}
+    real = pp._dense_crf
+
+    def spy(p, rgb, *args):
+        seen["p"], seen["rgb"] = p.copy(), rgb.copy()
+        return real(p, rgb, *args)
+
+    monkeypatch.setattr(pp, "_dense_crf", spy)
+    pp.crf_refine(prob, image, iterations=2, max_pixels=500)  # factor 3
+    np.testing.assert_array_equal(seen["p"], downsample_image(pp.to_two_class(prob), 3))
+    np.testing.assert_array_equal(seen["rgb"], downsample_image(to_display_rgb(image), 3))
+    assert seen["rgb"].dtype == np.uint8 and seen["p"].shape == (16, 22, 2)
+    small = np.random.default_rng(0).standard_normal((16, 22, 2)).astype(np.float32)
+    np.testing.assert_allclose(pp._upsample_bilinear(small, 3, (48, 64)),
+                               upsample_rows(small, 3, (48, 64)), rtol=0, atol=1e-6)
 
 
 def test_crf_accepts_uint16_six_band_image():

@@ -62,6 +62,13 @@ def constant_model(value_logit: float) -> LoadedModel:
 
 # Tiling and blending -------------------------------------------------------------------------
 
+def blended(models, image, overlap=0.25, window="hann", batch_size=8, tta=False, rot90=False):
+    """(H, W, C) probabilities of a whole image in TILE x TILE tiles, blended: the sliding
+    window the Segmenter runs in tile mode."""
+    return predict.sliding_window(models, (TILE, TILE), overlap, window, batch_size, tta,
+                                  rot90).blend(image)
+
+
 @pytest.mark.parametrize("shape", [(150, 70), (32, 32), (20, 90), (33, 65)])
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
 def test_tiles_cover_every_pixel(shape, overlap):
@@ -79,21 +86,21 @@ def test_blending_constant_tiles_gives_constant_map(image):
     model = constant_model(0.7)
     expected = 1 / (1 + np.exp(-0.7))
     for window in ("hann", "spline", "flat"):
-        prob = predict.predict_tiled([model], image, (TILE, TILE), 0.25, window, batch_size=5)
+        prob = blended([model], image, 0.25, window, batch_size=5)
         assert prob.shape == (150, 70, 1)
         np.testing.assert_allclose(prob, expected, rtol=1e-6)
 
 
 def test_tiled_equals_per_pixel_function(per_pixel, image):
-    prob = predict.predict_tiled([per_pixel], image, (TILE, TILE), 0.5, "hann", batch_size=7)
+    prob = blended([per_pixel], image, 0.5, "hann", batch_size=7)
     np.testing.assert_allclose(prob, pixel_prob(image), atol=1e-6)
 
 
 def test_tiled_and_resize_agree_at_target_size(resunet_binary):
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)
-    tiled = predict.predict_tiled([resunet_binary], img, (TILE, TILE), 0.25)
-    resized = predict.predict_resize([resunet_binary], img)
+    tiled = blended([resunet_binary], img)
+    resized = predict.sliding_window([resunet_binary]).resized(img)
     np.testing.assert_allclose(tiled, resized, atol=1e-6)
     seg = predict.Segmenter([resunet_binary], make_config("model"))
     assert seg.mode_for((TILE, TILE)) == "resize"
@@ -103,10 +110,9 @@ def test_tiled_and_resize_agree_at_target_size(resunet_binary):
 # Test-time augmentation and ensembles --------------------------------------------------------
 
 def test_tta_of_equivariant_model_is_a_no_op(per_pixel, image):
-    plain = predict.predict_tiled([per_pixel], image, (TILE, TILE), 0.25)
+    plain = blended([per_pixel], image)
     for rot90 in (False, True):
-        tta = predict.predict_tiled([per_pixel], image, (TILE, TILE), 0.25, tta=True,
-                                    rot90=rot90)
+        tta = blended([per_pixel], image, tta=True, rot90=rot90)
         np.testing.assert_allclose(tta, plain, atol=1e-6)
 
 
@@ -128,15 +134,15 @@ def test_tta_averages_spatial_flips(resunet_multi):
 
 
 def test_ensemble_of_identical_models_equals_one(resunet_multi, image):
-    one = predict.predict_tiled([resunet_multi], image, (TILE, TILE), 0.25)
-    two = predict.predict_tiled([resunet_multi, resunet_multi], image, (TILE, TILE), 0.25)
+    one = blended([resunet_multi], image)
+    two = blended([resunet_multi, resunet_multi], image)
     np.testing.assert_allclose(two, one, atol=1e-6)
 
 
 def test_ensemble_averages_members():
     a, b = constant_model(1.0), constant_model(-2.0)
     img = np.zeros((40, 40, 3), np.uint8)
-    prob = predict.predict_tiled([a, b], img, (TILE, TILE), 0.25)
+    prob = blended([a, b], img)
     expected = (1 / (1 + np.exp(-1.0)) + 1 / (1 + np.exp(2.0))) / 2
     np.testing.assert_allclose(prob, expected, rtol=1e-6)
 
@@ -151,8 +157,9 @@ def test_ensemble_members_must_agree(resunet_binary, resunet_multi):
 @pytest.mark.parametrize("fixture", ["resunet_binary", "resunet_multi"])
 def test_strips_equal_whole_image(fixture, image, request):
     model = request.getfixturevalue(fixture)
-    whole = predict.predict_tiled([model], image, (TILE, TILE), 0.25, batch_size=4)
-    strips = list(predict.iter_strips([model], image, (TILE, TILE), 0.25, batch_size=4))
+    whole = blended([model], image, batch_size=4)
+    strips = list(predict.sliding_window([model], (TILE, TILE), 0.25, batch_size=4
+                                         ).blend_strips(image))
     assert len(strips) >= 5
     assert [r for r, _ in strips] == list(np.cumsum([0] + [len(p) for _, p in strips])[:-1])
     stacked = np.concatenate([p for _, p in strips])
@@ -309,8 +316,7 @@ def test_segment_folder_strip_path_saves_probabilities(tmp_path, resunet_binary,
     assert summary["done"] == 1 and summary["failed"] == 0
     probs = np.load(tmp_path / "out" / "scene_probs.npy")
     assert probs.dtype == np.float16 and probs.shape == (150, 70, 1)
-    whole = predict.predict_tiled([resunet_binary], image, (TILE, TILE), cfg.TILE_OVERLAP,
-                                  batch_size=cfg.BATCH_SIZE)
+    whole = blended([resunet_binary], image, cfg.TILE_OVERLAP, batch_size=cfg.BATCH_SIZE)
     np.testing.assert_allclose(probs.astype(np.float32), whole, atol=1e-3)
     label = rasters.read_label(tmp_path / "out" / "scene_predseg.png")
     np.testing.assert_array_equal(label, (whole[..., 0] >= 0.5).astype(np.uint8))

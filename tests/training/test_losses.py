@@ -1,5 +1,6 @@
 """Loss terms against hand-computed values on tiny masks, ignore class, weights, saving."""
 
+import dataclasses
 import math
 
 import keras
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from res_unet.config.keys import config_from_dict
+from res_unet.config.keys import Config, config_from_dict
+from res_unet.config.registry import LOSS_TERMS
 from res_unet.training.losses import (
     SegmentationLoss,
     boundary_loss,
@@ -266,6 +268,26 @@ def test_make_loss_default_is_dice_plus_focal_plus_boundary():
                 + float(boundary_loss(y, p)))
     assert float(loss(y, p)) == pytest.approx(expected, rel=1e-6)
     assert set(loss.term_values(y, p)) == {"dice", "focal", "boundary"}
+
+
+def test_loss_terms_default_and_names_are_tied():
+    # registry.LOSS_TERMS (what a config may name), the terms SegmentationLoss computes, the
+    # LOSS key's default and meaning, and Gym's loss names all agree.
+    y, p = binary(square()), binary(np.clip(square(left=6) * 0.8 + 0.1, 0, 1))
+    every = SegmentationLoss(terms={term: 1.0 for term in LOSS_TERMS})
+    values = every.term_values(y, p)
+    assert list(values) == list(LOSS_TERMS)
+    assert all(np.isfinite(float(v)) and float(v) > 0 for v in values.values())
+    assert SegmentationLoss().terms == Config().LOSS == {"dice": 1.0, "focal": 1.0,
+                                                         "boundary": 1.0}
+    assert set(Config().LOSS) <= set(LOSS_TERMS)
+    doc = next(f.metadata["doc"] for f in dataclasses.fields(Config) if f.name == "LOSS")
+    assert all(term in doc for term in LOSS_TERMS), doc
+    for name in ("dice", "cat"):
+        cfg, _ = config_from_dict({"LOSS": name})
+        assert set(cfg.LOSS) <= set(LOSS_TERMS)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        SegmentationLoss(terms={"hinge": 1.0})
 
 
 def test_make_loss_follows_cfg_loss_weights_and_class_weights():

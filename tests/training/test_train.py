@@ -238,7 +238,7 @@ def test_finished_run_is_never_replaced_without_overwrite(trained_run, tiny_data
                        progress=False, export_saved_model=False, overwrite=True)
     assert card.training.epochs_run == 2
     assert "--overwrite: removed the previous run" in capsys.readouterr().out
-    with pytest.raises(UserError, match="is the dataset folder"):
+    with pytest.raises(UserError, match="is also the dataset folder; write the run to another"):
         train.train(cfg, tiny_dataset, tiny_dataset, progress=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="exists and is not a folder"):

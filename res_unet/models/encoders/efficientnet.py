@@ -32,7 +32,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from res_unet.core.errors import UserError
+from res_unet.core.errors import UserError, first_line
 from res_unet.models.encoders import EncoderSpec, same_band_stats
 from res_unet.models.layers import ENCODER_NAME, adapt_stem_kernel, leaf_layers
 
@@ -158,9 +158,9 @@ def read_encoder_weights(weights: str, size: str) -> tuple[dict[str, list[np.nda
             else:
                 raise UserError(f"{path}: unsupported encoder weights file type; {fix}")
     except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{path}: these weights do not fit an EfficientNet{size} encoder "
-                        f"({reason[:200]}); {fix}") from None
+                        f"({reason}); {fix}") from None
     arrays = {layer.name: layer.get_weights() for layer in leaf_layers(source)
               if not isinstance(layer, _PREPROCESSING) and layer.weights}
     return arrays, label

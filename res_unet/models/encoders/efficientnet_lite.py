@@ -139,19 +139,6 @@ def lite_encoder(input_shape: Sequence[int | None], variant: str = "lite0") -> k
     return keras.Model(inputs, lite_features(inputs, variant), name=ENCODER_NAME)
 
 
-def lite_classifier(variant: str = "lite0", size: int | None = None) -> keras.Model:
-    """The whole ImageNet classifier (random weights until :func:`load_lite_weights`):
-    RGB 0-255 (size, size, 3) -> 1000 softmax probabilities. For checking the port."""
-    size = size or LITE_VARIANTS[variant]["resolution"]
-    inputs = keras.Input(shape=(size, size, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / LITE_SCALE, offset=-LITE_CENTRE / LITE_SCALE,
-                               name="lite_scaling")(inputs)
-    head = lite_features(x, variant, include_head=True)["head"]
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(head)
-    outputs = keras.layers.Dense(1000, activation="softmax", name="fc")(x)
-    return keras.Model(inputs, outputs, name=f"efficientnet_{variant}_classifier")
-
-
 def lite_band_stats(band_mean: Sequence[float], band_std: Sequence[float]
                     ) -> tuple[list[float], list[float]]:
     """Normalisation statistics that turn raw bands into what a Lite stem expects.
