@@ -512,3 +512,19 @@ def dataset_summary(manifest: Manifest, out_dir: str | os.PathLike) -> str:
         lines.append(f"samples:  {out / manifest.samples_figure}")
     return "\n".join(lines)
 
+
+
+def example_stems(dataset_dir: str | os.PathLike, split: str) -> list[str]:
+    """The source image (stem) of every example of a dataset's ``split``, in the order
+    :func:`load_dataset` gives them unshuffled. Reads only the ``stem`` feature."""
+    import tensorflow as tf
+
+    manifest = read_manifest(dataset_dir)
+    files = [str(Path(dataset_dir) / s.file) for s in manifest.shards[split]]
+    if not files:
+        return []
+    spec = {"stem": tf.io.FixedLenFeature([], tf.string)}
+    stems = tf.data.TFRecordDataset(tf.constant(files, dtype=tf.string),
+                                    compression_type=manifest.compression or "").map(
+        lambda record: tf.io.parse_single_example(record, spec)["stem"])
+    return [stem.decode() for stem in stems.as_numpy_iterator()]

@@ -40,7 +40,7 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
     sweep = metrics.ThresholdSweep() if binary else None
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     # The source image of each example, in the order the unshuffled dataset gives them.
-    stems = iter([meta["stem"] for _, _, meta in records.read_examples(data_dir, "validation")])
+    stems = iter(records.example_stems(data_dir, "validation"))
     per_image: dict[str, dict[str, Any]] = {}
     for x, y in dataset:
         prob = predict(x).numpy()

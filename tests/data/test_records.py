@@ -88,6 +88,7 @@ def test_dataset_round_trip_bit_exact(tmp_path, dtype, bands, compression):
         expected = expected_tiles(*sources[stem])
         got = list(read_examples(tmp_path / "ds", split))
         assert len(got) == len(expected) == manifest.counts[split].examples == 6
+        assert records.example_stems(tmp_path / "ds", split) == [m["stem"] for _, _, m in got]
         for (img, lab, meta), (exp_img, exp_lab) in zip(got, expected, strict=True):
             assert img.dtype == dtype and np.array_equal(img, exp_img)
             assert np.array_equal(lab, exp_lab) and meta["stem"] == stem
@@ -130,6 +131,7 @@ def test_load_dataset_one_hot_flips_repeat(tmp_path):
     empty = records.load_dataset(tmp_path / "ds", "validation", 2, shuffle=False)
     assert list(empty.as_numpy_iterator()) == []
     assert list(read_examples(tmp_path / "ds", "validation")) == []
+    assert records.example_stems(tmp_path / "ds", "validation") == []
 
 
 def test_photometric_jitter_bounds_and_nodata():

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import read_examples
 
 from res_unet.data import records
 from res_unet.training import losses
@@ -17,8 +18,7 @@ def test_validation_images_are_listed_worst_first_with_their_loss(trained_run, t
     cfg, run, _ = trained_run
     images = json.loads((run / "evaluation.json").read_text())["images"]
     manifest = records.read_manifest(tiny_dataset)
-    stems = sorted({meta["stem"] for _, _, meta in records.read_examples(tiny_dataset,
-                                                                           "validation")})
+    stems = sorted(set(records.example_stems(tiny_dataset, "validation")))
     assert sorted(r["image"] for r in images) == stems
     assert sum(r["examples"] for r in images) == manifest.counts["validation"].examples
     loss_values = [r["loss"] for r in images]
@@ -31,7 +31,7 @@ def test_validation_images_are_listed_worst_first_with_their_loss(trained_run, t
     model = keras.models.load_model(run / "model.keras", compile=False)
     loss_fn = losses.make_loss(cfg)
     values = []
-    for image, label, meta in records.read_examples(tiny_dataset, "validation"):
+    for image, label, meta in read_examples(tiny_dataset, "validation"):
         if meta["stem"] == worst:
             x = image[None].astype(np.float32)
             y = label[None, ..., None].astype(np.float32)
