@@ -17,8 +17,15 @@ import argparse
 import dataclasses
 import sys
 
-from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
+from res_unet.cli import (
+    ArgumentParser,
+    add_progress_arguments,
+    quiet_tensorflow,
+    run_command,
+    show_progress,
+)
 from res_unet.config.keys import load_config
+from res_unet.core import messages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset in --out (only once the new one is "
                              "complete)")
+    add_progress_arguments(parser)
     return parser
 
 
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    show_progress(args)
     # The config first: a typo is reported in a fraction of a second, before TensorFlow.
     cfg = load_config(args.config)
     if args.layer is not None:
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(records.dataset_summary(manifest, args.out))
     warning = records.empty_classes_warning(manifest)
     if warning:
-        print(warning, file=sys.stderr)
+        messages.warn(warning)
     return 0
 
 

@@ -23,7 +23,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
+from res_unet.cli import (
+    ArgumentParser,
+    add_progress_arguments,
+    quiet_tensorflow,
+    run_command,
+    select_devices,
+    show_progress,
+)
 from res_unet.config.keys import key_choices, load_config
 from res_unet.core.errors import UserError
 
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "pixel edges)")
     parser.add_argument("--overwrite", action="store_true", help="redo images already done")
     parser.add_argument("--shard", metavar="i/n", help="only images i, i+n, ... (0-based)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arguments(parser)
     return parser
 
 
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, segment the folder, print a summary. Returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_progress(args)
     if args.layer is not None and args.labels is None:
         parser.error("--layer names the layer of --labels; pass --labels LAYER_FILE too")
     run_config = Path(args.model[0]) / "config.json"

@@ -31,6 +31,7 @@ from typing import Any
 from res_unet.config.registry import ENCODERS, MODELS
 from res_unet.config.rules import check_consistency
 from res_unet.config.upgrade import upgrade_keys
+from res_unet.core import messages
 from res_unet.core.atomic import write_atomic
 from res_unet.core.errors import UserError, either
 from res_unet.core.folders import loads_json, read_small_text
@@ -526,10 +527,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> tuple[Confi
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    """Read, upgrade and validate a JSON config file; print upgrade notices.
-
-    Raises UserError naming the file (and the line, for JSON syntax errors).
-    """
+    """Read, upgrade and validate a JSON config file; upgrade notices are notes (messages).
+    Raises UserError naming the file (and the line, for JSON syntax errors)."""
     path = Path(path)
     try:
         text = read_small_text(path, "config")
@@ -573,7 +572,7 @@ def load_config(path: str | os.PathLike) -> Config:
                         "keep one (JSON would silently use the last)")
     cfg, notices = config_from_dict(raw, source=str(path))
     for notice in notices:
-        print(f"note: {notice}")
+        messages.note(notice)
     return cfg
 
 

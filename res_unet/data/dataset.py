@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from res_unet import __version__
 from res_unet.config.keys import Config, save_config
+from res_unet.core import messages
 from res_unet.core.atomic import check_writable, clean_stale_temporaries, owner_tag, usual_mode
 from res_unet.core.errors import UserError
 from res_unet.core.folders import folder_lock
+from res_unet.core.progress import progress_bar
 from res_unet.data import report
 from res_unet.data.augment import augment_pair
 from res_unet.data.labelsource import LabelSource
@@ -314,11 +315,11 @@ def _check_sources(tasks: list[_Task], workers: _Workers) -> list[tuple[int, int
     checks = _ordered_map(_check_source, tasks, workers)
     with contextlib.closing(checks):
         for task, (problem, dtype, shape, note) in zip(
-                tasks, tqdm(checks, total=len(tasks), unit="image", desc="checking"),
+                tasks, progress_bar(checks, total=len(tasks), desc="checking"),
                 strict=True):
             shapes.append(shape)
             if note:
-                print(f"note: {note}")
+                messages.note(note)
             if problem:
                 problems.extend(problem.splitlines())
             else:
@@ -561,7 +562,7 @@ def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
     writers = {s: ShardWriter(staging, cfg.ROOT_STRING, s, cfg.IMS_PER_SHARD,
                               cfg.SHARD_COMPRESSION) for s in SPLITS}
     results = _ordered_map(_process_source, tasks, procs)
-    progress = tqdm(total=sum(t.last for t in tasks), unit="image", desc="make_tfrecords")
+    progress = progress_bar(total=sum(t.last for t in tasks), desc="make_tfrecords")
     with progress, writers["train"], writers["validation"], contextlib.closing(results):
         for result in results:
             builder.add(result, writers[result.split])
