@@ -1,9 +1,9 @@
 """Progress on stderr, the same for every command.
 
 A terminal gets a bar refreshed every second. A log file (stderr not a terminal), or any
-run given ``--progress-interval SECONDS``, gets a plain line instead (``make_tfrecords:
-120/480 image (25%) [01:05<03:15, 1.84 image/s]``) every 30 seconds or every SECONDS, and
-never a carriage return, so batch logs hold one readable line per interval. ``--no-progress``
+run given ``--progress-interval SECONDS``, gets a plain line instead (``make_tfrecords: 25%
+120/480 [01:05<03:15, 1.84image/s]``) every 30 seconds or every SECONDS, and never a
+carriage return, so batch logs hold one readable line per interval. ``--no-progress``
 draws nothing. The commands set this once with :func:`configure`: it is a preference of
 the process, like the logging level, not an argument of each library function (whose
 ``progress`` flag can still turn a bar off).
@@ -40,7 +40,7 @@ class LineProgress:
         if total is None and hasattr(items, "__len__"):
             total = len(items)  # type: ignore[arg-type]
         self.total, self.enabled, self.interval, self.leave = total, enabled, interval, leave
-        self.n, self.postfix = 0, ""
+        self.n, self.postfix, self.printed = 0, "", None
         self.start = self.last = time.monotonic()
         self.closed = False
 
@@ -71,15 +71,17 @@ class LineProgress:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
-        """Print the last line (for a kept bar, or one that printed lines before)."""
+        """Print the last line (for a kept bar, or one that printed lines before) unless
+        it is the line printed last."""
         if not self.closed:
             self.closed = True
-            if self.leave or self.last > self.start:
+            if (self.leave or self.printed is not None) and self.printed != self.n:
                 self._print(time.monotonic())
 
     def _print(self, now: float) -> None:
         if not self.enabled:
             return
+        self.printed = self.n
         from tqdm import tqdm
 
         line = tqdm.format_meter(self.n, self.total, now - self.start, unit=self.unit,

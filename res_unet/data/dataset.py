@@ -227,10 +227,12 @@ def _split_tasks(tasks: list[_Task], shapes: list[tuple[int, int]]) -> list[_Tas
     return out
 
 
-def _init_worker(parent_pid: int) -> None:
+def _init_worker(parent_pid: int, log_level: int) -> None:
     """Worker initializer. Ctrl-C is handled by the parent, which cancels pending work and
     cleans up; workers finish their current image instead of dying mid-way. A parent killed
-    outright (kill -9) cannot clean up: its workers then end with it, never orphaned."""
+    outright (kill -9) cannot clean up: its workers then end with it, never orphaned.
+    Notes are as loud as in the parent (``log_level`` of the res_unet logger)."""
+    messages.LOGGER.setLevel(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent(parent_pid)
 
@@ -267,7 +269,7 @@ class _Workers:
         if self.count > 1:
             self.pool = ProcessPoolExecutor(max_workers=self.count,
                                             initializer=_init_worker,
-                                            initargs=(os.getpid(),),
+                                            initargs=(os.getpid(), messages.LOGGER.level),
                                             mp_context=multiprocessing.get_context("spawn"))
         return self
 

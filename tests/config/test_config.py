@@ -265,8 +265,8 @@ def test_missing_file_and_non_object(tmp_path):
 def test_load_prints_upgrade_notices(tmp_path, capsys):
     cfg = load_config(write(tmp_path, json.dumps({"KERNEL": 5, "STRIDE": 2})))
     assert cfg.KERNEL_SIZE == 5
-    out = capsys.readouterr().out
-    assert "note:" in out and "STRIDE has no effect" in out
+    err = capsys.readouterr().err
+    assert "note:" in err and "STRIDE has no effect" in err
 
 
 def test_save_and_reload_round_trip(tmp_path):
