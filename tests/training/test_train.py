@@ -640,6 +640,7 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     make_dataset(cfg, images, labels, tmp_path / "dataset")
     config = tmp_path / "all.json"
     save_config(cfg, config)
+    capsys.readouterr()
     assert train_resunet.main(["--config", str(config), "--data", str(tmp_path / "dataset"),
                                "--out", str(tmp_path / "run"), "--no-progress",
                                "--no-export"]) == 0
