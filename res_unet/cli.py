@@ -10,6 +10,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 
+from res_unet.core import messages, progress
 from res_unet.core.errors import UserError
 
 
@@ -67,9 +68,34 @@ def quiet_tensorflow() -> None:
 
         gpus = tf.config.list_physical_devices("GPU")
     if not gpus and shutil.which("nvidia-smi"):
-        print("note: an NVIDIA driver is installed but TensorFlow sees no GPU; install with "
-              "the gpu extra (pip install res_unet[gpu]) or rerun with "
-              "TF_CPP_MIN_LOG_LEVEL=0 to see why", file=sys.stderr)
+        messages.note("an NVIDIA driver is installed but TensorFlow sees no GPU; install with "
+                      "the gpu extra (pip install res_unet[gpu]) or rerun with "
+                      "TF_CPP_MIN_LOG_LEVEL=0 to see why")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a positive number of seconds, not {text!r}")
+    return value
+
+
+def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress`` and ``--progress-interval``, the same in every command."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--progress-interval", type=_seconds, metavar="SECONDS",
+                        help="print a plain progress line every SECONDS instead of a bar "
+                             "(default: a bar on a terminal; a line every "
+                             f"{progress.LOG_INTERVAL:g} s when stderr is a log file)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Apply the progress arguments for the rest of the command; True unless --no-progress."""
+    progress.configure(enabled=not args.no_progress, interval=args.progress_interval)
+    return not args.no_progress
 
 
 def run_command(main: Callable[[list[str] | None], int | None],
@@ -79,6 +105,7 @@ def run_command(main: Callable[[list[str] | None], int | None],
     0 on success (or what ``main`` returns), 2 on bad input, 130 on Ctrl-C. Outputs are
     written atomically by the library, so an interrupted run leaves no partial file.
     """
+    messages.for_command()
     try:
         code = main(argv)
     except UserError as exc:

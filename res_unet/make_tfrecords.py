@@ -16,8 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command
+from res_unet.cli import (
+    ArgumentParser,
+    add_progress_arguments,
+    quiet_tensorflow,
+    run_command,
+    show_progress,
+)
 from res_unet.config.keys import load_config, with_overrides
+from res_unet.core import messages
 from res_unet.geo import scenes
 
 
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace an existing dataset in --out (only once the new one is "
                              "complete)")
     scenes.add_arguments(parser)
+    add_progress_arguments(parser)
     return parser
 
 
@@ -59,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--stac-search URL --collection NAME")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    show_progress(args)
     # The config first: a typo is reported in a fraction of a second, before TensorFlow.
     cfg = load_config(args.config)
     query = scenes.query_from_args(args)
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(records.dataset_summary(manifest, args.out))
     warning = records.empty_classes_warning(manifest)
     if warning:
-        print(warning, file=sys.stderr)
+        messages.warn(warning)
     return 0
 
 

@@ -25,7 +25,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
+from res_unet.cli import (
+    ArgumentParser,
+    add_progress_arguments,
+    quiet_tensorflow,
+    run_command,
+    select_devices,
+    show_progress,
+)
 from res_unet.config.keys import key_choices, load_config
 from res_unet.core.errors import UserError
 from res_unet.geo import scenes
@@ -137,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "pixel edges)")
     parser.add_argument("--overwrite", action="store_true", help="redo images already done")
     parser.add_argument("--shard", metavar="i/n", help="only images i, i+n, ... (0-based)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     scenes.add_arguments(parser)
+    add_progress_arguments(parser)
     return parser
 
 
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images is None and args.stac_search is None:
         parser.error("give --images (a folder, a raster, a list or a STAC catalogue) or "
                      "--stac-search URL --collection NAME")
+    show_progress(args)
     if args.layer is not None and args.labels is None:
         parser.error("--layer names the layer of --labels; pass --labels LAYER_FILE too")
     run_config = Path(args.model[0]) / "config.json"

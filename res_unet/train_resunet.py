@@ -15,7 +15,14 @@ import argparse
 import json
 import sys
 
-from res_unet.cli import ArgumentParser, quiet_tensorflow, run_command, select_devices
+from res_unet.cli import (
+    ArgumentParser,
+    add_progress_arguments,
+    quiet_tensorflow,
+    run_command,
+    select_devices,
+    show_progress,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="override MAX_EPOCHS")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the weights in --out (same as DO_TRAIN=false)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished run in --out (by default it is kept and "
                         "training stops; an unfinished run always resumes)")
@@ -37,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-scene-eval", action="store_true",
                         help="skip scoring whole validation scenes (and choosing the binary "
                         "threshold on them; the tile-optimal one is kept)")
+    add_progress_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train (or evaluate), print a JSON summary. Returns the exit code."""
     args = build_parser().parse_args(argv)
+    show_progress(args)
     from res_unet.config.keys import load_config, with_overrides
 
     cfg = load_config(args.config)

@@ -35,6 +35,7 @@ from res_unet.config.registry import ENCODERS, MODELS, RUNTIMES
 from res_unet.config.rules import check_consistency
 from res_unet.config.upgrade import upgrade_keys
 from res_unet.config.values import check_value
+from res_unet.core import messages
 from res_unet.core.atomic import write_atomic
 from res_unet.core.errors import UserError, either
 from res_unet.core.folders import loads_json, read_small_text
@@ -584,7 +585,7 @@ def load_config(path: str | os.PathLike, notes: bool = True) -> Config:
                         "keep one (JSON would silently use the last)")
     cfg, notices = config_from_dict(raw, source=str(path))
     for notice in notices if notes else ():
-        print(f"note: {notice}")
+        messages.note(notice)
     return cfg
 
 

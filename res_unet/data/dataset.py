@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from res_unet import __version__
 from res_unet.config.keys import Config, save_config
+from res_unet.core import messages
 from res_unet.core.atomic import (
     check_output_folder,
     clean_stale_temporaries,
@@ -50,6 +50,7 @@ from res_unet.core.atomic import (
 )
 from res_unet.core.errors import UserError
 from res_unet.core.folders import folder_lock
+from res_unet.core.progress import progress_bar
 from res_unet.data import report
 from res_unet.data.augment import augment_pair
 from res_unet.data.labelsource import LabelSource
@@ -232,10 +233,12 @@ def _split_tasks(tasks: list[_Task], shapes: list[tuple[int, int]]) -> list[_Tas
     return out
 
 
-def _init_worker(parent_pid: int) -> None:
+def _init_worker(parent_pid: int, log_level: int) -> None:
     """Worker initializer. Ctrl-C is handled by the parent, which cancels pending work and
     cleans up; workers finish their current image instead of dying mid-way. A parent killed
-    outright (kill -9) cannot clean up: its workers then end with it, never orphaned."""
+    outright (kill -9) cannot clean up: its workers then end with it, never orphaned.
+    Notes are as loud as in the parent (``log_level`` of the res_unet logger)."""
+    messages.LOGGER.setLevel(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent(parent_pid)
 
@@ -272,7 +275,7 @@ class _Workers:
         if self.count > 1:
             self.pool = ProcessPoolExecutor(max_workers=self.count,
                                             initializer=_init_worker,
-                                            initargs=(os.getpid(),),
+                                            initargs=(os.getpid(), messages.LOGGER.level),
                                             mp_context=multiprocessing.get_context("spawn"))
         return self
 
@@ -320,11 +323,11 @@ def _check_sources(tasks: list[_Task], workers: _Workers) -> list[tuple[int, int
     checks = _ordered_map(_check_source, tasks, workers)
     with contextlib.closing(checks):
         for task, (problem, dtype, shape, note) in zip(
-                tasks, tqdm(checks, total=len(tasks), unit="image", desc="checking"),
+                tasks, progress_bar(checks, total=len(tasks), desc="checking"),
                 strict=True):
             shapes.append(shape)
             if note:
-                print(f"note: {note}")
+                messages.note(note)
             if problem:
                 problems.extend(problem.splitlines())
             else:
@@ -570,7 +573,7 @@ def _build(cfg: Config, tasks: list[_Task], procs: _Workers, staging: Path,
     writers = {s: ShardWriter(staging, cfg.ROOT_STRING, s, cfg.IMS_PER_SHARD,
                               cfg.SHARD_COMPRESSION) for s in SPLITS}
     results = _ordered_map(_process_source, tasks, procs)
-    progress = tqdm(total=sum(t.last for t in tasks), unit="image", desc="make_tfrecords")
+    progress = progress_bar(total=sum(t.last for t in tasks), desc="make_tfrecords")
     with progress, writers["train"], writers["validation"], contextlib.closing(results):
         for result in results:
             builder.add(result, writers[result.split])

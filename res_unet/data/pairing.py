@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -33,6 +32,7 @@ import numpy as np
 import rasterio.errors
 from rasterio.crs import CRS
 
+from res_unet.core import messages
 from res_unet.core.atomic import is_temporary
 from res_unet.core.errors import UserError, listing
 from res_unet.geo import vectors
@@ -187,7 +187,7 @@ def _note_once(kind: str, message: str) -> None:
     """Print a note the first time this kind of thing is seen in the process, not per file."""
     if kind not in _NOTED:
         _NOTED.add(kind)
-        print(f"note: {message}")
+        messages.note(message)
 
 
 def prepare_label(label: np.ndarray, rules: LabelRules, path: str | os.PathLike
@@ -379,16 +379,17 @@ def _scan_folder(folder: Path, role: str, suffixes: Sequence[str] = IMAGE_SUFFIX
               if warn and p.name.startswith(".") and not is_temporary(p.name)]
     noun = "image file" if suffixes is IMAGE_SUFFIXES else "file"
     if ours:
-        print(f"warning: {folder}: skipped {_count(len(ours), 'unfinished ' + noun)} "
-              f"({_listing(ours)}): temporaries of a res_unet command that is still writing "
-              "there or was killed; they are never read (delete them when no command is "
-              "running)", file=sys.stderr)
+        messages.warn(f"{folder}: skipped {_count(len(ours), 'unfinished ' + noun)} "
+                      f"({_listing(ours)}): temporaries of a res_unet command that is still "
+                      "writing there or was killed; they are never read (delete them when no "
+                      "command is running)")
     if hidden:
         one = len(hidden) == 1
-        print(f"warning: {folder}: skipped {_count(len(hidden), noun)} whose "
-              f"{'name starts' if one else 'names start'} with '.' ({_listing(hidden)}): hidden "
-              f"files are not read; rename {'it' if one else 'them'} without the leading '.' "
-              f"to use {'it' if one else 'them'}", file=sys.stderr)
+        messages.warn(f"{folder}: skipped {_count(len(hidden), noun)} whose "
+                      f"{'name starts' if one else 'names start'} with '.' "
+                      f"({_listing(hidden)}): hidden files are not read; rename "
+                      f"{'it' if one else 'them'} without the leading '.' to use "
+                      f"{'it' if one else 'them'}")
     if not files:
         subs = [d for d in entries if d.is_dir() and not d.name.startswith(".")
                 and _has_images(d)]
@@ -526,10 +527,10 @@ def pairs_over_one_layer(images_dir: str | os.PathLike, layer_file: str | os.Pat
     found = vectors.features_by_scene(labels, grids)
     missed = sorted(path.name for path, hits in found.items() if not len(hits))
     if missed and untouched is not None:
-        print(f"note: {labels.where}: no polygon touches {_count(len(missed), 'image')} of "
-              f"{len(images)} ({_listing(missed)}); {untouched}")
+        messages.note(f"{labels.where}: no polygon touches {_count(len(missed), 'image')} of "
+                      f"{len(images)} ({_listing(missed)}); {untouched}")
     if labels.repaired and untouched is not None:
-        print("note: " + repaired_note(labels.where, len(labels.repaired)))
+        messages.note(repaired_note(labels.where, len(labels.repaired)))
     pairs = [Pair(stem=s, image=images[s], label=layer_file, label_layer=layer,
                   shared_label=True, label_area=area)
              for s in sorted(images) if images[s].name not in missed]

@@ -481,8 +481,9 @@ def load_dataset(dataset_dir: str | os.PathLike, split: str, batch_size: int,
 
 
 def empty_classes_warning(manifest: Manifest) -> str | None:
-    """One warning line naming the classes (IGNORE_CLASS aside) without a single pixel in
-    the training examples, which the model cannot learn; None when every class has some."""
+    """The warning (without its ``warning:`` prefix) naming the classes (IGNORE_CLASS aside)
+    without a single pixel in the training examples, which the model cannot learn; None when
+    every class has some."""
     ignore = manifest.config.get("IGNORE_CLASS")
     names = manifest.config.get("CLASS_NAMES") or []
     empty = [k for k, n in enumerate(manifest.class_pixel_counts) if n == 0 and k != ignore]
@@ -490,7 +491,7 @@ def empty_classes_warning(manifest: Manifest) -> str | None:
         return None
     listed = ", ".join(f"{k} ({names[k]})" if k < len(names) else str(k) for k in empty)
     one = len(empty) == 1
-    return (f"warning: class{'' if one else 'es'} {listed} {'has' if one else 'have'} no "
+    return (f"class{'' if one else 'es'} {listed} {'has' if one else 'have'} no "
             "pixels in the training examples, so the model cannot learn "
             f"{'it' if one else 'them'}; check the labels and REMAP_CLASSES (with polygon "
             "labels, pixels no polygon covers are class 0)")

@@ -9,12 +9,12 @@ a regex group pattern: validation then measures how the model does on places it 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from res_unet.core import messages
 from res_unet.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -54,9 +54,9 @@ def group_pairs(pairs: Sequence[Pair], group_pattern: str | None) -> dict[str, l
             key = f"\0{pair.stem}"
         groups.setdefault(key, []).append(pair)
     if unmatched:
-        print(f"warning: {len(unmatched)} of {len(pairs)} file names do not match "
-              f"SPLIT_GROUP_PATTERN {group_pattern!r} (e.g. {unmatched[0]!r}); each is its own "
-              "group in the train/validation split", file=sys.stderr)
+        messages.warn(f"{len(unmatched)} of {len(pairs)} file names do not match "
+                      f"SPLIT_GROUP_PATTERN {group_pattern!r} (e.g. {unmatched[0]!r}); each is "
+                      "its own group in the train/validation split")
     return dict(sorted(groups.items()))
 
 

@@ -27,8 +27,8 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject
 
+from res_unet.core import messages
 from res_unet.core.errors import UserError
-from res_unet.core.progress import say
 from res_unet.geo.grid import open_raster
 
 _WGS84_A = 6378137.0
@@ -105,12 +105,12 @@ def training_pixel_size(images: Sequence[str | os.PathLike], plain: float | None
     median = float(np.median(list(known.values())))
     odd = [p for p, size in known.items() if needs_resampling(size, median)]
     if odd:
-        say(f"note: {len(odd)} training images are not at the median pixel size of "
-            f"{median:g} m (e.g. {odd[0]}: {known[odd[0]]:g} m); the model card records "
-            f"{median:g} m")
+        messages.note(f"{len(odd)} training images are not at the median pixel size of "
+                      f"{median:g} m (e.g. {odd[0]}: {known[odd[0]]:g} m); the model card records "
+                      f"{median:g} m")
     if len(known) < len(sizes) and plain is not None and needs_resampling(plain, median):
-        say(f"note: PIXEL_SIZE {plain:g} m differs from the georeferenced training images' "
-            f"{median:g} m; the model card records {median:g} m")
+        messages.note(f"PIXEL_SIZE {plain:g} m differs from the georeferenced training images' "
+                      f"{median:g} m; the model card records {median:g} m")
     return median * downsample
 
 

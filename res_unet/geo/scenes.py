@@ -38,8 +38,8 @@ import rasterio.errors
 import shapely
 from rasterio.crs import CRS
 
+from res_unet.core import messages
 from res_unet.core.errors import UserError
-from res_unet.core.progress import say
 from res_unet.geo import remote, stac, vectors, vrt
 
 # Beside the VRTs of a scene folder: where each scene came from, its key, the failures.
@@ -324,7 +324,7 @@ def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | Non
             problem = " ".join(remote.redact(str(exc)).split())
             message = (f"{ref.shown}: cannot be read ({problem}); check the address and the "
                        "network, then run again (finished scenes are skipped)")
-            say(f"failed: {message}")
+            messages.status(f"failed: {message}")
             result.failed.append({"name": ref.name, "image": ref.shown, "error": message})
             continue
         if made is None:
@@ -335,8 +335,8 @@ def _write_scenes(query: SceneQuery, folder: Path, model_pixel_size: float | Non
         records[ref.name] = {"source": ref.shown, "key": ref.key, **facts}
     if result.missed:
         shown = ", ".join(result.missed[:10]) + (" ..." if len(result.missed) > 10 else "")
-        say(f"note: the area of interest misses {len(result.missed)} of {len(refs)} scenes "
-            f"({shown}); skipped")
+        messages.note(f"the area of interest misses {len(result.missed)} of {len(refs)} scenes "
+                      f"({shown}); skipped")
     if not records and not result.missed:
         raise UserError(f"{query.shown}: none of the {len(refs)} scenes could be read "
                         f"(first: {result.failed[0]['error']})")

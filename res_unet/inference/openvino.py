@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from res_unet.core import messages
 from res_unet.core.atomic import clean_stale_temporaries, owner_tag, usual_mode
 from res_unet.core.caches import cache_dir  # noqa: F401 (the conversion cache lives in it)
 from res_unet.data.records import file_sha256
@@ -217,8 +217,8 @@ def converted_model(model: Any, folder: Path | None = None) -> Any:
                 return ov.Core().read_model(folder / "model.xml")
             except RuntimeError:
                 problem = "OpenVINO cannot read it"
-        print(f"note: {folder}: the cached OpenVINO model is not usable ({problem}); "
-              "converting it again", file=sys.stderr)
+        messages.note(f"{folder}: the cached OpenVINO model is not usable ({problem}); "
+                      "converting it again")
         shutil.rmtree(folder, ignore_errors=True)
     with warnings.catch_warnings(), _telemetry_off():
         # Keras warns that the traced input's structure differs from its own name.

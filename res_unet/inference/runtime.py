@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import keras
 import numpy as np
 
 from res_unet.config.registry import RUNTIMES
+from res_unet.core import messages
 from res_unet.core.errors import UserError
 from res_unet.data.records import file_sha256
 from res_unet.inference import openvino as ov_runtime
@@ -165,7 +165,7 @@ class LoadedModel:
             described = self.prepare()
             if self.auto and self.runtime_note.startswith(("OpenVINO failed", "OpenVINO's")):
                 # Prepared on first use (scene evaluation): nothing else says why.
-                print(f"note: runtime {described}", file=sys.stderr)
+                messages.note(f"runtime {described}")
         return self._fn(np.ascontiguousarray(batch, np.float32))
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from res_unet.core import messages
 from res_unet.core.atomic import write_atomic
 from res_unet.core.errors import UserError, first_line
-from res_unet.core.progress import progress_bar, say
+from res_unet.core.progress import progress_bar
 from res_unet.data import pairing, records
 from res_unet.data.labelsource import LabelSource
 from res_unet.inference import postprocess
@@ -70,11 +71,12 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         pairs = [p for p in source.pairs(images_dir, manifest.config.get("EXTRA_BAND_DIRS", []),
                                          untouched=None) if p.image.name in names]
     except UserError as exc:
-        say(f"scene evaluation skipped: {first_line(exc, most=None)}")
+        messages.status(f"scene evaluation skipped: {first_line(exc, most=None)}")
         return None
     if len(pairs) != len(names):
-        say(f"scene evaluation skipped: {len(names) - len(pairs)} validation images are no "
-            f"longer in {images_dir} or no longer labelled by {source.path}")
+        messages.status(f"scene evaluation skipped: {len(names) - len(pairs)} validation "
+                        f"images are no longer in {images_dir} or no longer labelled by "
+                        f"{source.path}")
         return None
     model = load_run(run_dir)
     segmenter = Segmenter([model], cfg)

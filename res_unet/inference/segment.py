@@ -34,6 +34,7 @@ import rasterio.errors
 
 from res_unet import __version__
 from res_unet.config.keys import Config
+from res_unet.core import messages
 from res_unet.core.atomic import (
     check_output_folder,
     clean_stale_temporaries,
@@ -42,7 +43,7 @@ from res_unet.core.atomic import (
 )
 from res_unet.core.errors import UserError
 from res_unet.core.folders import folder_lock, reading_lock, settings_digest, settings_lock
-from res_unet.core.progress import progress_bar, say
+from res_unet.core.progress import progress_bar
 from res_unet.data import pairing, report
 from res_unet.data.labelsource import LabelSource
 from res_unet.geo import rasters, remote, scenes
@@ -80,9 +81,10 @@ def scene_pixel_size(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
         size = (cfg.SCENE_PIXEL_SIZE, cfg.SCENE_PIXEL_SIZE)
     if size is None:
         if not unknown:
-            say(f"note: {pair.image} has no pixel size (not a GeoTIFF in a CRS); plain scenes "
-                f"are taken to be at the training images' scale (the model sees "
-                f"{segmenter.pixel_size_m:g} m per pixel); pass --pixel-size to set theirs")
+            messages.note(f"{pair.image} has no pixel size (not a GeoTIFF in a CRS); plain "
+                          f"scenes are taken to be at the training images' scale (the model "
+                          f"sees {segmenter.pixel_size_m:g} m per pixel); pass --pixel-size to "
+                          "set theirs")
         unknown.append(pair.image)
     return size
 
@@ -99,7 +101,7 @@ def scene_segmenter(pair: pairing.Pair, segmenter: Segmenter, cfg: Config,
     scaled = segmenter.for_scene(size)
     if scaled is not segmenter:
         shown = pair.image.name if scenes.scene_record(pair.image) is None else pair.stem
-        say(rescale_note(shown, size, segmenter.pixel_size_m))
+        messages.status(rescale_note(shown, size, segmenter.pixel_size_m))
     return scaled
 
 
@@ -124,7 +126,7 @@ def _problem(path: Path, exc: Exception, what: str) -> dict[str, str]:
     message = remote.redact(message.replace(str(path), shown))
     if shown not in message:
         message = f"{shown}: {message}"
-    say(f"{what}: {message}")
+    messages.status(f"{what}: {message}")
     return {"image": shown, "error": message}
 
 
@@ -230,8 +232,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     failed = [{"image": f["image"], "error": f["error"]} for f in found.failed
               if f["name"] in names]
     if cfg.TESTTIMEAUG and cfg.TTA_ROT90 and not segmenter.rot90:
-        print(f"note: TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
-              f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
+        messages.note(f"TTA_ROT90 needs square tiles; {segmenter.tile_hw[0]}x"
+                      f"{segmenter.tile_hw[1]} tiles are averaged over flips only")
     options = {"images": query.shown, "labels": None if labels_dir is None
                else str(labels_dir), "save_probs": save_probs, "vector": vector,
                "save_uncertainty": save_uncertainty}
@@ -257,10 +259,10 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     total_cm = np.zeros((n, n), np.int64)
     unscored: list[dict[str, str]] = []
     problems = (UserError, OSError, ValueError, rasterio.errors.RasterioError)
-    say(f"runtime: {runtimes}")
+    messages.status(f"runtime: {runtimes}")
     if segmenter.pixel_size_m is None:
-        say("note: the model card records no pixel size, so the scale of the scenes cannot "
-            "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
+        messages.note("the model card records no pixel size, so the scale of the scenes cannot "
+                      "be checked; they are segmented as they come (at the model's DOWNSAMPLE)")
     unknown: list[Path] = []  # plain scenes without a pixel size (noted once)
     base_digest = settings_digest(run_summary["fingerprint"])
     ranked: list[dict[str, Any]] = []  # uncertainty.csv's rows

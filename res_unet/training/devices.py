@@ -17,6 +17,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from res_unet.config.keys import Config
+from res_unet.core import messages
 
 
 def make_strategy() -> tf.distribute.Strategy:
@@ -59,8 +60,8 @@ def resolve_precision(cfg: Config) -> str:
     """
     if cfg.PRECISION != "auto":
         if cfg.PRECISION == "mixed_float16" and not visible_gpus():
-            print("note: PRECISION mixed_float16 without a GPU is very slow; consider "
-                  "mixed_bfloat16 or float32")
+            messages.note("PRECISION mixed_float16 without a GPU is very slow; consider "
+                          "mixed_bfloat16 or float32")
         return cfg.PRECISION
     if visible_gpus():
         return "mixed_float16"

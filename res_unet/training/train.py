@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from res_unet.config.keys import Config, save_config
+from res_unet.core import messages
 from res_unet.core.atomic import check_output_folder, clean_stale_temporaries, write_csv
 from res_unet.core.errors import UserError, first_line
 from res_unet.core.folders import check_no_links, folder_lock, reading_lock
@@ -319,7 +320,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
     model = trainer.model
     if action == "overwrite" and chief:
         clear_run_folder(run_dir)
-        print(f"--overwrite: removed the previous run in {run_dir}")
+        messages.status(f"--overwrite: removed the previous run in {run_dir}")
     if chief:
         clean_stale_temporaries(run_dir)
         check_no_links(run_dir / BACKUP_DIR, run_dir / TENSORBOARD_DIR)  # TF writes by name
@@ -327,14 +328,15 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
     state = TrainState(next_epoch=cfg.INITIAL_EPOCH)
     if cfg.DO_TRAIN:
         if note := schedule.warmup_note(cfg):
-            print(note)
+            messages.status(note)
         if cfg.HOT_START:
             load_weights_checked(model, Path(cfg.INITIAL_WEIGHTS))
         backup = Backup(run_dir, model, trainer.optimizer, trainer.epoch_var, chief)
         restored = backup.restore()
         if restored is not None:
             state = restored
-            print(f"resuming from the backup in {backup.dir}: epoch {state.next_epoch + 1}")
+            messages.status(f"resuming from the backup in {backup.dir}: "
+                            f"epoch {state.next_epoch + 1}")
         # Written once every check passed: a refused command leaves the folder as it was.
         if chief:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +361,7 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
     evaluation, examples = evaluate(model, cfg, data_dir, loss_fn=losses.make_loss(
         cfg, resolve_class_weights(cfg, manifest)))
     if evaluation["images"]:
-        print(worst_images(evaluation["images"]))
+        messages.status(worst_images(evaluation["images"]))
     facts = state.training_facts(manifest.counts["validation"].examples > 0, precision,
                                  strategy_name(strategy), strategy.num_replicas_in_sync)
     card = model_card(cfg, manifest, model, facts, evaluation, time.time() - started)
@@ -431,10 +433,10 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         # best epoch (choose_best is False: the last weights are kept).
         validation = (f"val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
                       if has_validation else "no validation split")
-        print(f"epoch {log.epoch}/{cfg.MAX_EPOCHS}: loss {loss:.4f} iou {log.mean_iou:.3f} | "
-              f"{validation} | lr {lr:.2e} | "
-              f"{log.images_per_second:.1f} img/s, input wait {100 * wait / seconds:.0f}%",
-              flush=True)
+        messages.status(f"epoch {log.epoch}/{cfg.MAX_EPOCHS}: loss {loss:.4f} "
+                        f"iou {log.mean_iou:.3f} | {validation} | lr {lr:.2e} | "
+                        f"{log.images_per_second:.1f} img/s, "
+                        f"input wait {100 * wait / seconds:.0f}%")
         if writer is not None:
             with writer.as_default(step=epoch + 1):
                 for key, value in log.as_row().items():
@@ -454,12 +456,13 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
             write_csv(run_dir / HISTORY, state.history)
         backup.save(state)
         if state.wait >= cfg.PATIENCE and choose_best:
-            print(f"early stopping: no val_loss improvement for {cfg.PATIENCE} epochs; best "
-                  f"epoch {state.best_epoch}")
+            messages.status(f"early stopping: no val_loss improvement for {cfg.PATIENCE} "
+                            f"epochs; best epoch {state.best_epoch}")
             break
         if cfg.MAX_TRAIN_MINUTES is not None and state.train_seconds >= 60 * cfg.MAX_TRAIN_MINUTES:
-            print(f"time budget reached: {state.train_seconds / 60:.1f} of MAX_TRAIN_MINUTES="
-                  f"{cfg.MAX_TRAIN_MINUTES} minutes trained; best epoch {state.best_epoch}")
+            messages.status(f"time budget reached: {state.train_seconds / 60:.1f} of "
+                            f"MAX_TRAIN_MINUTES={cfg.MAX_TRAIN_MINUTES} minutes trained; "
+                            f"best epoch {state.best_epoch}")
             break
     if snapshots is not None and len(snapshots.epochs) > 1 and _keep_average(
             trainer, snapshots, state, val_dist if choose_best else None):
@@ -471,7 +474,7 @@ def _fit(trainer: Trainer, cfg: Config, data_dir: Path, run_dir: Path, state: Tr
         # finished its epochs holds them from the backup).
         why = (f"KEEP_WEIGHTS 'last'; best on validation: epoch {state.best_epoch}"
                if has_validation else "no validation split to choose an epoch on")
-        print(f"kept the last epoch, {state.next_epoch} ({why})")
+        messages.status(f"kept the last epoch, {state.next_epoch} ({why})")
         state.kept_epoch = state.next_epoch
         if chief:
             save_weights(model, run_dir / BEST_WEIGHTS)
@@ -493,17 +496,17 @@ def _keep_average(trainer: Trainer, snapshots: Snapshots, state: TrainState,
     trainer.model.set_weights(snapshots.average())
     epochs = f"epochs {snapshots.epochs[0] + 1}-{snapshots.epochs[-1] + 1}"
     if val_dist is None:
-        print(f"weights averaged over {epochs}")
+        messages.status(f"weights averaged over {epochs}")
     else:
         val_loss, val_cm = trainer.evaluate_loss(val_dist)
         val_iou, _ = _iou_and_dice(val_cm, trainer.cfg.IGNORE_CLASS)
         scored = f"weights averaged over {epochs}: val_loss {val_loss:.4f} val_iou {val_iou:.3f}"
         if val_loss > state.best_val_loss:
-            print(f"{scored}, not better than best epoch {state.best_epoch} "
-                  f"({state.best_val_loss:.4f}); kept the best epoch")
+            messages.status(f"{scored}, not better than best epoch {state.best_epoch} "
+                            f"({state.best_val_loss:.4f}); kept the best epoch")
             return False
-        print(f"{scored} (best epoch {state.best_epoch}: {state.best_val_loss:.4f}); kept the "
-              "average")
+        messages.status(f"{scored} (best epoch {state.best_epoch}: "
+                        f"{state.best_val_loss:.4f}); kept the average")
         state.best_val_loss = val_loss
     state.averaged_epochs = [e + 1 for e in snapshots.epochs]
     return True

@@ -120,3 +120,63 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_dataset, trained_ru
     cfg = settings.inference_config([run])
     with pytest.raises(UserError, match="/proc/res_unet_seg: cannot write there"):
         segment.segment_folder(cfg, [run], images, "/proc/res_unet_seg", progress=False)
+
+
+REQUIRED = {"make_tfrecords": ["--config", "c.json", "--images", "i", "--labels", "l",
+                               "--out", "o"],
+            "train_resunet": ["--config", "c.json", "--data", "d", "--out", "o"],
+            "seg_images_in_folder": ["--model", "run", "--images", "i", "--out", "o"]}
+
+
+@pytest.mark.parametrize("module", sorted(REQUIRED))
+def test_every_command_has_the_same_progress_flags(module):
+    import importlib
+
+    parser = importlib.import_module(f"res_unet.{module}").build_parser()
+    args = parser.parse_args(REQUIRED[module])
+    assert args.no_progress is False and args.progress_interval is None
+    args = parser.parse_args([*REQUIRED[module], "--no-progress", "--progress-interval", "5"])
+    assert args.no_progress is True and args.progress_interval == 5.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(UserError, match="--progress-interval: a positive number of seconds"):
+            parser.parse_args([*REQUIRED[module], "--progress-interval", bad])
+
+
+@pytest.fixture
+def reset_progress():
+    from res_unet.core import progress
+
+    yield
+    progress.configure()
+
+
+def test_make_tfrecords_progress_in_a_log(tmp_path, capsys, reset_progress):
+    """stderr not a terminal: plain lines and no carriage return; --progress-interval sets
+    how often; --no-progress prints none. The summary stays on stdout."""
+    from res_unet.demo import make_demo_dataset
+    from res_unet.make_tfrecords import main
+
+    images, labels = make_demo_dataset(tmp_path / "data", 4, size=(32, 32), seed=2)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"TARGET_SIZE": [32, 32], "DO_AUG": False, "DOPLOT": False,
+                                  "VALIDATION_SPLIT": 0.5}))
+    common = ["--config", str(config), "--images", str(images), "--labels", str(labels)]
+
+    assert cli.run_command(main, [*common, "--out", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "manifest:" in out and "%" not in out
+    # Faster than the 30 s interval: one line as each step ends.
+    assert [line.split(" [")[0] for line in err.splitlines()] == [
+        "checking: 100% 4/4", "make_tfrecords: 100% 4/4"]
+
+    assert cli.run_command(main, [*common, "--out", str(tmp_path / "b"),
+                                  "--progress-interval", "0.000001"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" [")[0] for line in lines] == [
+        "checking: 25% 1/4", "checking: 50% 2/4", "checking: 75% 3/4", "checking: 100% 4/4",
+        "make_tfrecords: 25% 1/4", "make_tfrecords: 50% 2/4", "make_tfrecords: 75% 3/4",
+        "make_tfrecords: 100% 4/4"]
+
+    assert cli.run_command(main, [*common, "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "manifest:" in out

@@ -69,8 +69,26 @@ def test_segments_every_image(run, images, tmp_path, capsys):
     assert not (out / "a_predseg.tif").exists()
     config = json.loads((out / "segmentation_config.json").read_text())
     assert config["threshold"] == 0.3 and config["models"][0]["run_dir"] == str(run.resolve())
-    assert "3 done, 0 skipped" in capsys.readouterr().out
+    out_text, err = capsys.readouterr()
+    assert "3 done, 0 skipped" in out_text
+    assert "%" not in err and "\r" not in err, "--no-progress: no progress line or bar"
     assert no_temp_files(out)
+
+
+def test_progress_in_a_log_is_plain_lines(run, images, tmp_path, capsys):
+    """stderr not a terminal: progress lines at --progress-interval, no carriage return;
+    the summary stays on stdout."""
+    from res_unet.core import progress
+
+    try:
+        assert run_command(main, ["--model", str(run), "--images", str(images), "--out",
+                                  str(tmp_path / "out"), "--progress-interval", "1e-6"]) == 0
+    finally:
+        progress.configure()
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "%" not in out and "3 done, 0 skipped" in out
+    assert [line.split(" [")[0] for line in err.splitlines() if "%" in line] == [
+        "progress: 33% 1/3", "progress: 67% 2/3", "progress: 100% 3/3"]
 
 
 def test_threshold_out_of_range_names_the_flag(run, images, tmp_path, capsys):

@@ -269,12 +269,12 @@ def test_missing_file_and_non_object(tmp_path):
 def test_load_prints_upgrade_notices(tmp_path, capsys):
     cfg = load_config(write(tmp_path, json.dumps({"KERNEL": 5, "STRIDE": 2})))
     assert cfg.KERNEL_SIZE == 5
-    out = capsys.readouterr().out
-    assert "note:" in out and "STRIDE has no effect" in out
+    err = capsys.readouterr().err
+    assert "note:" in err and "STRIDE has no effect" in err
     # A run folder's config.json from before AUG_LOOPS went: read quietly for the run.
     old_run = write(tmp_path, json.dumps({"AUG_LOOPS": 1, "NCLASSES": 1}))
     assert load_config(old_run, notes=False).NCLASSES == 1
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
 
 
 def test_save_and_reload_round_trip(tmp_path):

@@ -201,7 +201,7 @@ def test_seg_labels_shared_layer_scores_each_touched_scene_as_its_burnt_raster(
                "--layer", "lakes", "--out", out) == 0
     captured = capsys.readouterr()
     assert "no polygon touches 1 image of 7 (far.tif); segmented but not scored" in (
-        captured.out)
+        captured.err)
     assert "7 done, 0 skipped (already done), 0 failed;" in captured.out
     assert (out / "far_predseg.png").is_file()
     names = survey.labelled
@@ -376,7 +376,7 @@ def test_polygon_labels_end_to_end_through_the_three_commands(survey, tmp_path, 
 
     assert seg("--model", run, "--images", survey.images, "--labels", survey.layer,
                "--layer", "lakes", "--out", out) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "far.tif); segmented but not scored" in printed
     names = survey.labelled
     predictions = {n: rasters.read_label(out / f"{n}_predseg.png") for n in names}

@@ -46,15 +46,15 @@ def test_binary_0_255_mask_becomes_0_1_with_one_note(capsys, monkeypatch):
     out = prepare_label(label, LabelRules(nclasses=1), Path("m/a.png"))
     np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
     assert out.dtype == np.uint8
-    assert capsys.readouterr().out == (
+    assert capsys.readouterr().err == (
         "note: m/a.png: 0/255 mask read as 0/1 (and any further 0/255 masks)\n")
     prepare_label(label, LabelRules(nclasses=1), Path("m/b.png"))
-    assert capsys.readouterr().out == "", "the note is printed once, not once per file"
+    assert capsys.readouterr().err == "", "the note is printed once, not once per file"
     # An explicit remap takes precedence and prints nothing.
     cfg = make_cfg(NCLASSES=1, REMAP_CLASSES={"255": 1})
     np.testing.assert_array_equal(prepare_label(label, cfg.label_rules, "a.png"),
                                   [[0, 1], [1, 0]])
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
 
 
 def test_out_of_range_label_lists_values_and_fixes():

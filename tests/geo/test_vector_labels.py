@@ -99,7 +99,7 @@ def test_per_image_layers_in_lon_lat_and_class_names_burn_onto_utm_scenes(tmp_pa
     np.testing.assert_array_equal(got["a"][:, :20], expected_a[:, :20])
     sand = got["a"] == 2
     assert sand.sum() > 0 and not sand[:, :20].any()  # the repaired bow tie, in its corner
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.count("1 invalid polygon repaired") == 1 and "a.geojson" in out
     manifest = records.read_manifest(tmp_path / "ds")
     assert manifest.label_files["train"] == ["a.geojson", "b.gpkg"]
@@ -177,7 +177,7 @@ def test_one_layer_over_many_scenes_leaves_out_the_scenes_it_misses(tmp_path, ca
     images, layer = three_scenes
     assert run(tmp_path, images, layer, "--layer", "lakes", DOPLOT=True) == 0
 
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert ("survey.gpkg (layer lakes): no polygon touches 1 image of 3 (c.tif); left out"
             in out)
     got = dataset_labels(tmp_path / "ds")

@@ -25,9 +25,9 @@ PACKAGES = ["core", "config", "geo", "data", "models", "training", "inference", 
 # Within them, module by module, left to right: a module may import only from layers before
 # its own. The model package (models/**) counts as one unit, "models".
 LAYERS = [
-    ["core.errors", "geo.tiling", "geo.palette", "core.caches", "geo.grid"],
-    ["core.atomic", "core.folders", "core.progress", "cli"],
-    ["config.registry", "config.values"],
+    ["core.errors", "geo.tiling", "geo.palette", "core.caches", "core.progress", "geo.grid"],
+    ["core.atomic", "core.folders", "core.messages"],
+    ["config.registry", "config.values", "cli"],
     ["config.upgrade"],
     ["config.rules"],
     ["config.keys", "geo.vector_files"],

@@ -65,7 +65,7 @@ def test_precision_resolves_by_machine(monkeypatch, capsys, precision, gpus, bf1
     monkeypatch.setattr(devices, "visible_gpus", lambda: gpus)
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: bf16)
     assert devices.resolve_precision(make_config(PRECISION=precision)) == expected
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out == ("note: PRECISION mixed_float16 without a GPU is very slow; consider "
                    "mixed_bfloat16 or float32\n" if note else "")
 

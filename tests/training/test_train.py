@@ -237,7 +237,7 @@ def test_finished_run_is_never_replaced_without_overwrite(trained_run, tiny_data
     card = train.train(make_config(MAX_EPOCHS=2, STEPS_PER_EPOCH=1), tiny_dataset, run,
                        progress=False, export_saved_model=False, overwrite=True)
     assert card.training.epochs_run == 2
-    assert "--overwrite: removed the previous run" in capsys.readouterr().out
+    assert "--overwrite: removed the previous run" in capsys.readouterr().err
     with pytest.raises(UserError, match="is also the dataset folder; write the run to another"):
         train.train(cfg, tiny_dataset, tiny_dataset, progress=False)
     (tmp_path / "file").write_text("x")
@@ -640,13 +640,15 @@ def test_training_on_every_image_averages_without_a_validation_split(tmp_path, c
     make_dataset(cfg, images, labels, tmp_path / "dataset")
     config = tmp_path / "all.json"
     save_config(cfg, config)
+    capsys.readouterr()
     assert train_resunet.main(["--config", str(config), "--data", str(tmp_path / "dataset"),
                                "--out", str(tmp_path / "run"), "--no-progress",
                                "--no-export"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{"):])
-    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # stdout holds the result only; the epochs are on stderr
+    epoch_lines = [line for line in captured.err.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 3
+    assert "\r" not in captured.err and " [" not in captured.err  # --no-progress: no bar
     assert all("no validation split" in line and "val_" not in line for line in epoch_lines)
     assert summary["averaged_epochs"] == [2, 3]
     assert "validation_scenes" not in summary
@@ -680,7 +682,7 @@ def test_no_validation_split_keeps_the_last_weights_even_with_keep_best(tmp_path
     make_dataset(cfg, images, labels, tmp_path / "dataset")
     card = train.train(cfg, tmp_path / "dataset", tmp_path / "run", progress=False,
                        export_saved_model=False)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert card.training.epochs_run == 4 and "early stopping" not in out
     assert card.training.kept_epoch == 4
     assert "kept the last epoch, 4 (no validation split to choose an epoch on)" in out
