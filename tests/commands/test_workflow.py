@@ -35,18 +35,36 @@ def _read(path):
     return json.loads(path.read_text())
 
 
+def _evaluate_only(trained_run, tmp_path, *names):
+    """(the trained run's config for re-evaluating it, without figures; copies of its run
+    folder named ``names``)."""
+    cfg, trained, _ = trained_run
+    for name in names:
+        shutil.copytree(trained, tmp_path / name)
+    return dataclasses.replace(cfg, DO_TRAIN=False, DOPLOT=False)
+
+
+@pytest.mark.slow
 def test_train_model_and_train_resunet_write_the_same_run_folder(trained_run, tiny_dataset,
-                                                                 tmp_path, capsys):
+                                                                 tmp_path, monkeypatch, capsys):
     """The shared trained run re-evaluated twice (training is not bit-reproducible on a CPU;
     evaluation is): once by the library call, once by the command. Both cards carry the
     scene evaluation and its threshold, and agree field by field but for wall times; so do
-    the evaluation.json files; the card train_model returns is the one it wrote."""
-    cfg, trained, _ = trained_run
+    the evaluation.json files; the card train_model returns is the one it wrote. The scenes
+    are scored while the run folder is locked: no other command can write it meanwhile."""
+    cfg = _evaluate_only(trained_run, tmp_path, "lib", "cmd")
     lib, cmd = tmp_path / "lib", tmp_path / "cmd"
-    shutil.copytree(trained, lib)
-    shutil.copytree(trained, cmd)
-    evaluate_only = dataclasses.replace(cfg, DO_TRAIN=False)
-    card = res_unet.train_model(evaluate_only, tiny_dataset, lib, progress=False,
+    real, locked = scoring.evaluate_scenes, []
+
+    def evaluate_scenes(run_dir, data_dir, progress=True):
+        with pytest.raises(UserError, match="in use by train_resunet"), \
+                folder_lock(run_dir, "seg_images_in_folder"):
+            pass
+        locked.append(run_dir)
+        return real(run_dir, data_dir, progress)
+
+    monkeypatch.setattr(scoring, "evaluate_scenes", evaluate_scenes)
+    card = res_unet.train_model(cfg, tiny_dataset, lib, progress=False,
                                 export_saved_model=False)
     save_config(cfg, tmp_path / "config.json")
     assert train_resunet.main(["--config", str(tmp_path / "config.json"), "--data",
@@ -54,12 +72,13 @@ def test_train_model_and_train_resunet_write_the_same_run_folder(trained_run, ti
                                "--no-progress", "--no-export"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{\n"):])
+    assert locked == [lib, cmd]
 
     lib_card, cmd_card = _read(lib / "model_card.json"), _read(cmd / "model_card.json")
     assert set(lib_card) == set(cmd_card)
     same_lib, same_cmd = _without_wall_times(lib_card), _without_wall_times(cmd_card)
-    for field in lib_card:
-        assert same_lib.get(field) == same_cmd.get(field), field
+    for field in same_lib:
+        assert same_lib[field] == same_cmd[field], field
     assert _without_wall_times(_read(lib / "evaluation.json")) == \
         _without_wall_times(_read(cmd / "evaluation.json"))
     assert json.loads(json.dumps(card.to_dict(), default=float)) == lib_card
@@ -74,65 +93,56 @@ def test_train_model_and_train_resunet_write_the_same_run_folder(trained_run, ti
     assert "threshold_sweep" in evaluation["scenes"]
     assert "threshold_sweep" not in lib_card["validation"]["scenes"]
     # The tile evaluation stays beside it, as training wrote it.
-    assert evaluation["scores"] == _read(trained / "evaluation.json")["scores"]
+    assert evaluation["scores"] == _read(trained_run[1] / "evaluation.json")["scores"]
     assert not list(lib.glob(".*tmp*")) and not list(cmd.glob(".*tmp*"))
 
 
-SCENES = {"images": 3, "megapixels": 0.05, "seconds": 1.0, "downsample": 1, "tta": False,
-          "tile_overlap": 0.0, "scores": {"mean_iou": 0.6, "iou": [0.7, 0.5]},
-          "threshold_sweep": {"thresholds": [0.3, 0.5], "iou": [0.55, 0.5]},
-          "optimal_threshold": 0.3,
-          "scores_at_optimal_threshold": {"mean_iou": 0.65, "iou": [0.72, 0.58]}}
-
-
-def test_only_the_process_that_writes_the_run_folder_scores_it_while_locked(
+@pytest.mark.slow
+def test_a_worker_scores_nothing_and_a_skipped_scene_evaluation_keeps_the_tile_threshold(
         trained_run, tiny_dataset, tmp_path, monkeypatch):
-    """A worker of a multi-worker run writes nothing and scores nothing; the chief scores
-    the written folder while it holds its lock (no other command can write it meanwhile),
-    and the scene evaluation lands in evaluation.json and the card."""
-    cfg, trained, _ = trained_run
+    """A worker of a multi-worker run writes nothing into the run folder and scores nothing;
+    a scene evaluation that cannot run (None, after its notice) leaves the card with the
+    tile-optimal threshold and evaluation.json without scenes."""
+    cfg = _evaluate_only(trained_run, tmp_path, "run")
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
     calls = []
-
-    def evaluate_scenes(run_dir, data_dir, progress=True):
-        with pytest.raises(UserError, match="in use by train_resunet"), \
-                folder_lock(run_dir, "seg_images_in_folder"):
-            pass
-        calls.append((run_dir, data_dir, progress))
-        return json.loads(json.dumps(SCENES))
-
-    monkeypatch.setattr(scoring, "evaluate_scenes", evaluate_scenes)
-    evaluate_only = dataclasses.replace(cfg, DO_TRAIN=False)
+    monkeypatch.setattr(scoring, "evaluate_scenes", lambda *a, **k: calls.append((a, k)))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     monkeypatch.setenv("TF_CONFIG", json.dumps({
         "cluster": {"worker": ["localhost:1", "localhost:2"]},
         "task": {"type": "worker", "index": 1}}))
     # (The default strategy: this worker has no cluster to join.)
-    card = res_unet.train_model(evaluate_only, tiny_dataset, run, progress=False,
+    card = res_unet.train_model(cfg, tiny_dataset, run, progress=False,
                                 export_saved_model=False, strategy=tf.distribute.get_strategy())
     assert calls == []
     assert "scenes" not in card.validation and card.threshold_source is None
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
     monkeypatch.delenv("TF_CONFIG")
-    card = res_unet.train_model(evaluate_only, tiny_dataset, run, progress=False,
+    card = res_unet.train_model(cfg, tiny_dataset, run, progress=False,
                                 export_saved_model=False)
-    assert calls == [(run, tiny_dataset, False)]
-    assert card.threshold == 0.3 and card.threshold_source == "whole validation scenes"
-    assert card.validation["scenes"] == {k: v for k, v in SCENES.items()
-                                         if k != "threshold_sweep"}
-    assert _read(run / "model_card.json")["threshold"] == 0.3
-    assert _read(run / "evaluation.json")["scenes"] == SCENES
-    assert res_unet.load_run(run).threshold == 0.3
+    assert calls == [((run, tiny_dataset), {"progress": False})]
+    evaluation = _read(run / "evaluation.json")
+    assert "scenes" not in evaluation and "scenes" not in card.validation
+    assert card.threshold == evaluation["optimal_threshold"] == \
+        _read(run / "model_card.json")["threshold"]
+    assert card.threshold_source is None
 
-    # Skipped (None, with its notice) or switched off: the card keeps the tile threshold.
-    monkeypatch.setattr(scoring, "evaluate_scenes", lambda *a, **k: None)
-    card = res_unet.train_model(evaluate_only, tiny_dataset, run, progress=False,
-                                export_saved_model=False)
-    tile_threshold = _read(run / "evaluation.json")["optimal_threshold"]
-    assert card.threshold == tile_threshold and card.threshold_source is None
-    assert "scenes" not in _read(run / "evaluation.json")
-    card = res_unet.train_model(evaluate_only, tiny_dataset, run, progress=False,
-                                export_saved_model=False, scene_evaluation=False)
-    assert "scenes" not in card.validation and card.threshold == tile_threshold
+
+def test_train_model_hands_training_the_scene_evaluation_unless_told_not_to(monkeypatch):
+    """What train_model passes to training: its arguments, and a scorer of the written run
+    folder on the dataset's scenes (none with scene_evaluation=False)."""
+    from res_unet.training import train
+
+    calls = []
+    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append((a, k)) or "card")
+    monkeypatch.setattr(scoring, "evaluate_scenes", lambda *a, **k: ("scored", a, k))
+    assert res_unet.train_model("cfg", "ds", "run", progress=False, overwrite=True) == "card"
+    args, kwargs = calls[-1]
+    score = kwargs.pop("score_scenes")
+    assert args == ("cfg", "ds", "run")
+    assert kwargs == {"strategy": None, "progress": False, "export_saved_model": True,
+                      "overwrite": True}
+    assert score("written") == ("scored", ("written", "ds"), {"progress": False})
+    res_unet.train_model("cfg", "ds", "run", scene_evaluation=False)
+    assert calls[-1][1]["score_scenes"] is None
