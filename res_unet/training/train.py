@@ -11,7 +11,9 @@ gives what the usual callbacks give: a warm-up/decay learning-rate schedule, ear
 with the best weights restored, a best-weights checkpoint, CSV history, TensorBoard, and a
 backup that a killed run resumes from (:mod:`res_unet.training.resume`). The run ends with the
 evaluation on the validation split (:mod:`res_unet.training.evaluation`) and the run folder
-(:mod:`res_unet.training.runwriter`). Every output is written atomically.
+(:mod:`res_unet.training.runwriter`), then, when a scorer is given (:mod:`res_unet.workflow`
+gives the whole-scene one), the scene evaluation recorded in it. Every output is written
+atomically.
 """
 
 from __future__ import annotations
