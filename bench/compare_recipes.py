@@ -77,8 +77,8 @@ def main() -> None:
 
     from res_unet.data import records
     from res_unet.data.dataset import make_dataset
-    from res_unet.inference import scoring
-    from res_unet.training import devices, train
+    from res_unet.training import devices
+    from res_unet.workflow import train_model
 
     source = DATA / args.dataset
     if not source.is_dir():
@@ -99,9 +99,8 @@ def main() -> None:
         started = time.time()
         # The library's progress lines go to stderr: stdout carries only the JSON result.
         with contextlib.redirect_stdout(sys.stderr):
-            card = train.train(cfg, data_dir, run_dir, progress=False,
-                               export_saved_model=False)
-            scenes = scoring.evaluate_scenes(run_dir, data_dir, progress=False)
+            card = train_model(cfg, data_dir, run_dir, progress=False, export_saved_model=False)
+        scenes = card.validation.get("scenes")
         assert scenes is not None
         row = {"recipe": name, "config": base, "overrides": overrides,
                "parameters": card.parameters,

@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from res_unet.data import records
     from res_unet.data.dataset import make_dataset
-    from res_unet.inference import scoring
-    from res_unet.training import devices, metrics, train
+    from res_unet.training import devices, metrics
     from res_unet.training.runfolder import EVALUATION, ModelCard, read_json
+    from res_unet.workflow import train_model
 
     rows, pooled = [], None
     for groups, cfg in zip(folds, configs, strict=True):
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not (data_dir / records.MANIFEST).is_file():
                     make_dataset(cfg, args.data / "images", args.data / "labels", data_dir,
                                  workers=2)
-                train.train(cfg, data_dir, run_dir, progress=False, export_saved_model=False)
-                scoring.evaluate_scenes(run_dir, data_dir, progress=False)
+                train_model(cfg, data_dir, run_dir, progress=False, export_saved_model=False)
                 evaluation = read_json(run_dir / EVALUATION)
         scenes = evaluation["scenes"]["scores"]
         training = ModelCard.read(run_dir).training

@@ -50,7 +50,7 @@ _API = {
     "read_manifest": ("res_unet.data.records", "read_manifest"),
     "load_dataset": ("res_unet.data.records", "load_dataset"),
     "build_model": ("res_unet.models", "build_model"),
-    "train_model": ("res_unet.training.train", "train"),
+    "train_model": ("res_unet.workflow", "train_model"),
     "ModelCard": ("res_unet.training.runfolder", "ModelCard"),
     "LoadedModel": ("res_unet.inference.runtime", "LoadedModel"),
     "load_run": ("res_unet.inference.runtime", "load_run"),

@@ -64,16 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 
     select_devices(cfg.SET_GPU)
     quiet_tensorflow()
-    from res_unet.training import devices, train
+    from res_unet import workflow
 
-    card = train.train(cfg, args.data, args.out, progress=not args.no_progress,
-                       export_saved_model=not args.no_export, overwrite=args.overwrite)
-    scenes = None
-    # Only the process that wrote the run folder scores it (other workers have none).
-    if not args.no_scene_eval and devices.is_chief():
-        from res_unet.inference import scoring
-
-        scenes = scoring.evaluate_scenes(args.out, args.data, progress=not args.no_progress)
+    card = workflow.train_model(cfg, args.data, args.out, progress=not args.no_progress,
+                                export_saved_model=not args.no_export, overwrite=args.overwrite,
+                                scene_evaluation=not args.no_scene_eval)
     scores = card.validation["scores_at_threshold"] or card.validation["scores"]
     summary = {"run_folder": args.out, "epochs_run": card.training.epochs_run,
                "best_epoch": card.training.best_epoch,
@@ -82,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                "validation_mean_iou": scores["mean_iou"],
                "validation_iou": dict(zip(card.class_names, scores["iou"], strict=True)),
                "threshold": card.threshold, "train_seconds": card.training.train_seconds}
+    scenes = card.validation.get("scenes")  # absent with --no-scene-eval or when skipped
     if scenes is not None:
         best = scenes.get("scores_at_optimal_threshold") or scenes["scores"]
-        summary["threshold"] = scenes.get("optimal_threshold", card.threshold)
         summary["validation_scenes"] = {
             "images": scenes["images"], "mean_iou": best["mean_iou"],
             "iou": dict(zip(card.class_names, best["iou"], strict=True))}

@@ -1,10 +1,13 @@
 """Scoring segmentations against labels: per image, per folder, and on a run's whole
-validation scenes (:func:`evaluate_scenes`, which also sets the run's binary threshold where
-the model is deployed: on whole scenes, tiled, blended, with the configured TTA)."""
+validation scenes (:func:`evaluate_scenes`, which also chooses the run's binary threshold where
+the model is deployed: on whole scenes, tiled, blended, with the configured TTA).
+
+Scoring returns values and writes nothing into a run folder: :func:`res_unet.workflow.train_model`
+hands the scene evaluation to training, whose run writer (:mod:`res_unet.training.runwriter`)
+records it in evaluation.json and the model card."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -14,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from res_unet.core import messages
-from res_unet.core.atomic import write_atomic
 from res_unet.core.errors import UserError, first_line
 from res_unet.core.progress import progress_bar
 from res_unet.data import pairing, records
@@ -24,7 +26,6 @@ from res_unet.inference.predict import LABEL_NODATA, Segmenter
 from res_unet.inference.runtime import load_run
 from res_unet.inference.settings import inference_config
 from res_unet.training import metrics
-from res_unet.training.runfolder import EVALUATION, ModelCard, read_json
 
 # With labels, the first few scored images are drawn (image | label | prediction), each
 # shown at most this many pixels on its longer side.
@@ -52,11 +53,13 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     was built from, at full resolution against their full-resolution labels, which come from
     the label source the manifest records (:meth:`LabelSource.of_dataset`: a folder of
     rasters or polygon layers, or one shared layer with its layer, attribute and rules),
-    read as make_tfrecords read them. Writes
-    ``scenes`` into the run's evaluation.json and model card and, for binary models, sets
-    the card's threshold to the scene-optimal one (so segmentation uses it by default).
-    Returns the scene evaluation, or None (with a notice) when the dataset has no
-    validation split or its source images are no longer where they were.
+    read as make_tfrecords read them. Writes nothing: returns the scene evaluation (images,
+    megapixels, seconds, downsample, tta, tile_overlap and
+    :func:`res_unet.training.metrics.evaluation_scores`: the scores and, for binary models,
+    ``optimal_threshold`` and the scores there), which
+    :func:`res_unet.training.runwriter.add_scene_evaluation` records in the run folder; or
+    None (with a notice) when the dataset has no validation split or its source images are
+    no longer where they were.
     """
     run_dir = Path(run_dir)
     manifest = records.read_manifest(data_dir)
@@ -101,15 +104,6 @@ def evaluate_scenes(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
         "seconds": round(seconds, 1), "downsample": segmenter.downsample,
         "tta": cfg.TESTTIMEAUG, "tile_overlap": cfg.TILE_OVERLAP,
         **metrics.evaluation_scores(cm, sweep, cfg.IGNORE_CLASS)}
-    card = ModelCard.read(run_dir)
-    card.validation["scenes"] = {k: v for k, v in result.items() if k != "threshold_sweep"}
-    if "optimal_threshold" in result:
-        card.threshold = result["optimal_threshold"]
-        card.threshold_source = "whole validation scenes"
-    evaluation = read_json(run_dir / EVALUATION) if (run_dir / EVALUATION).is_file() else {}
-    evaluation["scenes"] = result
-    write_atomic(run_dir / EVALUATION, json.dumps(evaluation, indent=2, default=float))
-    card.write(run_dir)
     return result
 
 

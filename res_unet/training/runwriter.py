@@ -2,11 +2,14 @@
 
 The file names and the card's format live in :mod:`res_unet.training.runfolder`; this module fills
 them from plain values (the config, the model, the dataset manifest, the training facts,
-the evaluation and the history rows). Every file is written atomically.
+the evaluation and the history rows, and the whole-scene evaluation that inference computes
+for :func:`res_unet.workflow.train_model`). It is the run folder's only writer; every file is
+written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -122,3 +125,23 @@ def write_outputs(run_dir: Path, cfg: Config, model: keras.Model, history: list[
         if examples:
             report.plot_predictions(examples, cfg.n_label_classes, run_dir / EXAMPLES_FIGURE,
                                         class_names=cfg.class_names)
+
+
+def add_scene_evaluation(run_dir: Path, card: ModelCard, evaluation: dict[str, Any],
+                         scenes: dict[str, Any]) -> ModelCard:
+    """Record a whole-scene evaluation (``scenes``, as
+    :func:`res_unet.inference.scoring.evaluate_scenes` returns it) in a written run folder:
+    under ``scenes`` in evaluation.json (``evaluation``: the tile evaluation written with the
+    run) and in the card's ``validation`` (without the threshold sweep); for binary models the
+    scene-optimal threshold becomes the card's, so segmentation uses it by default.
+    evaluation.json is written first and the card last, each atomically. Returns the card
+    written."""
+    card = dataclasses.replace(card, validation={
+        **card.validation, "scenes": {k: v for k, v in scenes.items() if k != "threshold_sweep"}})
+    if "optimal_threshold" in scenes:
+        card.threshold = scenes["optimal_threshold"]
+        card.threshold_source = "whole validation scenes"
+    write_atomic(run_dir / EVALUATION,
+                 json.dumps({**evaluation, "scenes": scenes}, indent=2, default=float))
+    card.write(run_dir)
+    return card

@@ -11,7 +11,9 @@ gives what the usual callbacks give: a warm-up/decay learning-rate schedule, ear
 with the best weights restored, a best-weights checkpoint, CSV history, TensorBoard, and a
 backup that a killed run resumes from (:mod:`res_unet.training.resume`). The run ends with the
 evaluation on the validation split (:mod:`res_unet.training.evaluation`) and the run folder
-(:mod:`res_unet.training.runwriter`). Every output is written atomically.
+(:mod:`res_unet.training.runwriter`), then, when a scorer is given (:mod:`res_unet.workflow`
+gives the whole-scene one), the scene evaluation recorded in it. Every output is written
+atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib.util
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,12 @@ from res_unet.training.runfolder import (
     load_weights_checked,
     read_finished_card,
 )
-from res_unet.training.runwriter import model_card, save_weights, write_outputs
+from res_unet.training.runwriter import (
+    add_scene_evaluation,
+    model_card,
+    save_weights,
+    write_outputs,
+)
 
 # Checks against the dataset ----------------------------------------------------------------
 
@@ -261,17 +269,27 @@ def _iou_and_dice(cm: np.ndarray, ignore_class: int | None) -> tuple[float, floa
 
 # Entry point ------------------------------------------------------------------------------
 
+# Scores a written run folder on whole scenes: the scene evaluation, or None when it cannot
+# (see res_unet.inference.scoring.evaluate_scenes).
+ScoreScenes = Callable[[Path], dict[str, Any] | None]
+
 
 def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
           strategy: tf.distribute.Strategy | None = None, progress: bool = True,
-          export_saved_model: bool = True, overwrite: bool = False) -> ModelCard:
+          export_saved_model: bool = True, overwrite: bool = False,
+          score_scenes: ScoreScenes | None = None) -> ModelCard:
     """Train (or, with DO_TRAIN=false, evaluate) a model; write the run folder.
 
     ``data_dir`` is a make_tfrecords dataset; ``run_dir`` receives best.weights.h5,
     model.keras, saved_model/, config.json, history.csv, figures, evaluation.json and
     model_card.json (saved_model/ only with ``export_saved_model``). A run folder with a
     backup/ from a killed run resumes from it; one with a finished run is refused unless
-    ``overwrite`` (see :func:`run_folder_action`). Returns the model card.
+    ``overwrite`` (see :func:`run_folder_action`). ``score_scenes`` scores the written run
+    folder on whole scenes (:func:`res_unet.workflow.train_model` passes the inference's
+    :func:`~res_unet.inference.scoring.evaluate_scenes`, which training may not import): it
+    runs on the process that writes the folder, while the folder is still locked, and what
+    it returns is recorded by :func:`add_scene_evaluation`. Returns the model card as
+    written.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     # Before the lock creates the folder, as the other commands do.
@@ -281,7 +299,7 @@ def train(cfg: Config, data_dir: str | os.PathLike, run_dir: str | os.PathLike, 
     with lock, reading_lock(data_dir, "train_resunet", writing=run_dir):
         try:
             return _train(cfg, data_dir, run_dir, strategy, progress, export_saved_model,
-                          overwrite)
+                          overwrite, score_scenes)
         except tf.errors.OpError as exc:
             # TensorFlow reports a full disk (checkpoints, SavedModel) as its own error.
             if _NO_SPACE not in str(exc):
@@ -293,7 +311,8 @@ _NO_SPACE = "No space left on device"
 
 
 def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.Strategy | None,
-           progress: bool, export_saved_model: bool, overwrite: bool) -> ModelCard:
+           progress: bool, export_saved_model: bool, overwrite: bool,
+           score_scenes: ScoreScenes | None) -> ModelCard:
     """The body of :func:`train`, run while ``run_dir`` is locked and ``data_dir`` read."""
     started = time.time()
     action = run_folder_action(run_dir, cfg, overwrite)
@@ -374,6 +393,8 @@ def _train(cfg: Config, data_dir: Path, run_dir: Path, strategy: tf.distribute.S
                       export_saved_model)
         if cfg.DO_TRAIN:
             backup.remove()
+        if score_scenes is not None and (scenes := score_scenes(run_dir)) is not None:
+            card = add_scene_evaluation(run_dir, card, evaluation, scenes)
     elif cfg.DO_TRAIN:
         backup.remove()
     return card

@@ -405,15 +405,19 @@ def test_ensemble_members_must_share_the_working_scale(per_pixel):
 def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp_path):
     """The scene evaluation segments every validation image of the dataset as
     seg_images_in_folder would, and its optimum is the best IoU over the swept thresholds
-    computed by hand from the same probabilities; the card then carries that threshold."""
+    computed by hand from the same probabilities. Scoring writes nothing; once the run
+    writer records it, the card carries that threshold."""
     from res_unet.data import records
-    from res_unet.training import metrics
+    from res_unet.training import metrics, runwriter
+    from res_unet.training.runfolder import ModelCard
 
     cfg = make_config("model", TARGET_SIZE=[64, 64], TESTTIMEAUG=True)
     run = write_run(tmp_path / "run", pixel_model(gain=0.03, centre=110.0, size=64), cfg,
                     threshold=0.5)
     manifest = records.read_manifest(tiny_dataset)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     result = scoring.evaluate_scenes(run, tiny_dataset, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert result is not None and result["images"] == len(manifest.files["validation"])
     assert result["tta"] is True
     labels = LabelSource.of_dataset(manifest)
@@ -427,6 +431,7 @@ def test_evaluate_scenes_chooses_the_threshold_on_whole_scenes(tiny_dataset, tmp
     best, ious = metrics.threshold_from_counts(counts)
     assert result["optimal_threshold"] == best
     assert result["scores_at_optimal_threshold"]["iou"][1] == pytest.approx(np.nanmax(ious))
+    runwriter.add_scene_evaluation(run, ModelCard.read(run), {"scores": {}}, result)
     card = json.loads((run / "model_card.json").read_text())
     assert card["threshold"] == best and card["threshold_source"] == "whole validation scenes"
     assert card["validation"]["scenes"]["images"] == len(pairs)

@@ -52,6 +52,7 @@ LAYERS = [
     ["inference.predict"],
     ["inference.scoring", "inference.fingerprint", "inference.outputs"],
     ["inference.segment"],
+    ["workflow"],
     ["make_tfrecords", "train_resunet", "seg_images_in_folder", "demo"],
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
