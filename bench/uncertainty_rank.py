@@ -15,8 +15,9 @@ Sets:
   validation is a cross-validation, not a held-out split), so these are training scenes: the
   figure must still rank the scenes it fits worst first, a weaker test.
 
-Cost: the time spent in the running sums (UncertaintySums.add), the view-disagreement counts,
-the review pictures and the page, against the whole segmentation time of the same run.
+Cost: the time spent in the running sums (UncertaintySums.add), the view-disagreement counts
+(ViewDisagreement.view, end_batch), the review pictures and the page, against the whole
+segmentation time of the same run.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def rank_set(name: str, out: Path) -> dict:
     cfg = runfolder.inference_config([run], None, {})
     ranking, pictures = Timer(), Timer()
     ranking.wrap(uncertainty.UncertaintySums, "add")
-    ranking.wrap(uncertainty.ViewDisagreement, "add")
+    ranking.wrap(uncertainty.ViewDisagreement, "view")
+    ranking.wrap(uncertainty.ViewDisagreement, "end_batch")
     pictures.wrap(review.ScenePictures, "write_prediction")
     pictures.wrap(review.ScenePictures, "write_label")
     pictures.wrap(review, "write_review_page")

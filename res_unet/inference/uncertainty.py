@@ -189,17 +189,33 @@ class ViewDisagreement:
         self.threshold = threshold
         self.differ = 0
         self.pixels = 0
+        self._first: np.ndarray | None = None
+        self._differs: np.ndarray | None = None
+        self._views = 0
+
+    def view(self, prob: np.ndarray) -> None:
+        """One view's (or member's) probabilities (N, h, w, C) of the batch in progress;
+        only its classes are kept (1 byte per pixel), not the probabilities."""
+        classes = predicted_classes(prob, self.threshold)
+        if self._first is None:
+            self._first, self._differs = classes, np.zeros(classes.shape, bool)
+        else:
+            self._differs |= classes != self._first
+        self._views += 1
+
+    def end_batch(self) -> None:
+        """Count the batch whose views were given (nothing with fewer than two views)."""
+        if self._views > 1 and self._differs is not None:
+            self.differ += int(self._differs.sum())
+            self.pixels += self._differs.size
+        self._first = self._differs = None
+        self._views = 0
 
     def add(self, views: Sequence[np.ndarray]) -> None:
         """Add one batch: ``views`` are the probabilities (N, h, w, C) of each view/member."""
-        if len(views) < 2:
-            return
-        first = predicted_classes(views[0], self.threshold)
-        differs = np.zeros(first.shape, bool)
-        for view in views[1:]:
-            differs |= predicted_classes(view, self.threshold) != first
-        self.differ += int(differs.sum())
-        self.pixels += differs.size
+        for prob in views:
+            self.view(prob)
+        self.end_batch()
 
     def take(self) -> tuple[int, int]:
         """(pixels that differ, pixels) counted since the last call, and start again."""
