@@ -216,9 +216,9 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
         segmenter.check_dtype(image, pair.image)
         nodata = nodata_values(meta, cfg.NODATA_ZERO)
         shape_hw = image.shape[:2]
-        sinks = []
+        prob_sinks = []
         if "probs" in paths:
-            sinks.append(stack.enter_context(_probability_file(
+            prob_sinks.append(stack.enter_context(_probability_file(
                 paths["probs"], shape_hw, segmenter.n_outputs, meta, cfg.class_names)))
         if ranking is None and "uncertainty" in paths:
             ranking = uncertainty.UncertaintySums(segmenter.n_outputs, segmenter.label_cut)
@@ -227,10 +227,10 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
             if "uncertainty" in paths:
                 ranking.on_map = stack.enter_context(uncertainty.uncertainty_map_writer(
                     paths["uncertainty"], shape_hw, meta))
-            sinks.append(ranking.add)
+            prob_sinks.append(ranking.add)
 
         def sink(r0: int, prob: np.ndarray) -> None:
-            for write in sinks:
+            for write in prob_sinks:
                 write(r0, prob)
         stream = (isinstance(image, rasters.RasterRows) and segmenter.streams_labels
                   and not keep_label and "vector" not in paths)
@@ -254,7 +254,7 @@ def segment_image(segmenter: Segmenter, pair: pairing.Pair, paths: dict[str, Pat
                     shown.append((pixels.copy(), label_rows[first::step, ::step].copy()))
 
         try:
-            label = segmenter.segment(image, nodata, sink if sinks else None, on_label)
+            label = segmenter.segment(image, nodata, sink if prob_sinks else None, on_label)
         except tf.errors.ResourceExhaustedError:
             raise UserError(f"{pair.image}: out of memory at batch size {cfg.BATCH_SIZE}; lower "
                             "--batch-size (or --tile-size)") from None
