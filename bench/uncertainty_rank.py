@@ -175,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                   "notes": ["Spearman rank correlation between each per-scene figure of "
                             "uncertainty.csv and the scene's error (1 - mean IoU); "
                             "lakes: 31 held-out lakes (weights/lakes_lite0); dubai: the 54 "
-                            "scenes weights/dubai_lite0 was trained on (no held-out split)."]},
+                            "scenes weights/dubai_lite0 was trained on (no held-out split). "
+                            "worst_quarter_in_top_quarter: the share of the quarter of scenes "
+                            "with the largest error found in the top quarter of the ranking.",
+                            *[f"Cost ({t['set']}, {t['scenes']} scenes, {t['tta_views']} TTA "
+                              f"views, {t['segmentation_seconds']:.0f} s of segmentation): "
+                              f"the ranking sums {100 * t['ranking_share']:.1f} %, the review "
+                              f"pictures and page {100 * t['pictures_share']:.1f} % of it."
+                              for t in timing]]},
                  args.json_out)
     return 0
 
