@@ -165,7 +165,7 @@ def summarise(rounds: list[dict], strategies: list[str]) -> tuple[list[dict], di
         mine = [r for r in rounds if strategy in r.get("strategies", [r["strategy"]])]
         for labels in sorted({r["labels"] for r in mine}):
             ious = [r["water_iou"] for r in mine if r["labels"] == labels]
-            row = {"strategy": strategy, "labels": labels, "seeds": len(ious),
+            row = {"strategy": strategy, "labels": labels, "runs": len(ious),
                    "mean": round(float(np.mean(ious)), 4),
                    "std": round(float(np.std(ious)), 4),
                    "min": round(min(ious), 4), "max": round(max(ious), 4)}
