@@ -162,10 +162,10 @@ def summarise(rounds: list[dict], strategies: list[str]) -> tuple[list[dict], di
     table, curves = [], {}
     for strategy in strategies:
         curve = []
-        for labels in sorted({r["labels"] for r in rounds if r["strategy"] == strategy}):
-            ious = [r["water_iou"] for r in rounds
-                    if r["strategy"] == strategy and r["labels"] == labels]
-            row = {"strategy": strategy, "labels": labels, "seeds": len(ious),
+        mine = [r for r in rounds if strategy in r.get("strategies", [r["strategy"]])]
+        for labels in sorted({r["labels"] for r in mine}):
+            ious = [r["water_iou"] for r in mine if r["labels"] == labels]
+            row = {"strategy": strategy, "labels": labels, "runs": len(ious),
                    "mean": round(float(np.mean(ious)), 4),
                    "std": round(float(np.std(ious)), 4),
                    "min": round(min(ious), 4), "max": round(max(ious), 4)}
@@ -181,6 +181,19 @@ def summarise(rounds: list[dict], strategies: list[str]) -> tuple[list[dict], di
     return table, reach
 
 
+def write_report(rounds: list[dict], strategies: list[str], args: argparse.Namespace,
+                 n_test: int, n_pool: int, peak: float) -> None:
+    table, reach = summarise(rounds, strategies)
+    write_result({"benchmark": "active learning (lakes)", "results": table,
+                  "labels_to_reach": reach, "settings": SETTINGS,
+                  "test_scenes": n_test or 31, "pool_scenes": n_pool or 123,
+                  "start": args.start, "k": args.k, "side": args.side,
+                  "notes": ["Water IoU on the 31 held-out lakes after each round, mean and "
+                            "spread over seeds; each round trains from scratch with the same "
+                            "budget; round 0 (the start set) is shared by every strategy."]},
+                 args.json_out, peak_gflops=peak)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,8 +206,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest side of the scenes, px (default 256)")
     parser.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"],
                         choices=["random", "uncertainty", "diverse"])
+    parser.add_argument("--round0-from", metavar="DIR",
+                        help="take round 0 (the same for every strategy: the start set) from "
+                             "this earlier --out: its rounds.json and "
+                             "round0_seed{SEED}_pool_uncertainty.csv")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="only write the report from the rounds.json of these --out "
+                             "folders (strategies run as separate processes)")
     add_json_out(parser, "active_learning")
     args = parser.parse_args(argv)
+    if args.merge:
+        rounds = [r for d in args.merge for r in json.loads((Path(d) / "rounds.json").read_text())
+                  if r["round"] > 0 or d == args.merge[0]]
+        strategies = sorted({r["strategy"] for r in rounds})
+        for r in rounds:  # round 0 is every strategy's
+            r["strategies"] = strategies if r["round"] == 0 else [r["strategy"]]
+        write_report(rounds, strategies, args, 0, 0, matmul_peak())
+        return 0
 
     from res_unet.config.keys import config_from_dict
     from res_unet.data import pairing
@@ -217,9 +245,22 @@ def main(argv: list[str] | None = None) -> int:
             labelled = list(start)
             for round_ in range(args.rounds + 1):
                 pool = [p for p in pool_all if p not in labelled]
-                iou, ranking = train_and_score(cfg, labelled, test,
-                                               pool if round_ < args.rounds else [],
-                                               out / "work", seed)
+                earlier = (Path(args.round0_from) if args.round0_from and round_ == 0
+                           else None)
+                if earlier is not None:
+                    iou = next(r["water_iou"] for r in json.loads(
+                        (earlier / "rounds.json").read_text())
+                        if r["seed"] == seed and r["round"] == 0)
+                    with open(earlier / f"round0_seed{seed}_pool_uncertainty.csv") as fh:
+                        ranking = {r["image"]: float(r["uncertainty"] or 0)
+                                   for r in csv.DictReader(fh)}
+                else:
+                    iou, ranking = train_and_score(cfg, labelled, test,
+                                                   pool if round_ < args.rounds else [],
+                                                   out / "work", seed)
+                    if round_ == 0:
+                        shutil.copy(out / "work" / "pool_out" / "uncertainty.csv",
+                                    out / f"round0_seed{seed}_pool_uncertainty.csv")
                 rounds.append({"strategy": strategy, "seed": seed, "round": round_,
                                "labels": len(labelled), "water_iou": round(iou, 4),
                                "labelled": sorted(p.image.name for p in labelled)})
@@ -227,15 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"water IoU {iou:.4f}", flush=True)
                 done_file.parent.mkdir(parents=True, exist_ok=True)
                 done_file.write_text(json.dumps(rounds))
-                table, reach = summarise(rounds, args.strategies)
-                write_result({"benchmark": "active learning (lakes)", "results": table,
-                              "labels_to_reach": reach, "settings": SETTINGS,
-                              "test_scenes": len(test), "pool_scenes": len(pool_all),
-                              "start": args.start, "k": args.k, "side": args.side,
-                              "notes": ["Water IoU on the 31 held-out lakes after each "
-                                        "round, mean and spread over seeds; each round "
-                                        "trains from scratch with the same budget."]},
-                             args.json_out, peak_gflops=peak)
+                write_report(rounds, args.strategies, args, len(test), len(pool_all), peak)
                 if round_ < args.rounds:
                     labelled += choose(strategy, pool, ranking, args.k, rng)
     return 0

@@ -470,7 +470,10 @@ def generic_section(report: dict[str, Any]) -> list[str]:
                    if k != "host" and not isinstance(v, (dict, list))}
         return table(["measure", "value"], [[k, cell(v)] for k, v in scalars.items()])
     keys = [k for k in rows[0] if not isinstance(rows[0][k], dict)]
-    return table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
+    out = table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
+    for note in report.get("notes", []):
+        out += ["", note]
+    return out
 
 
 def benchmarks_md() -> str:

@@ -118,16 +118,15 @@ def predict_batch(models: Sequence[LoadedModel], batch: np.ndarray, tta: bool = 
     batch = np.asarray(batch, dtype=np.float32)
     transforms = tta_transforms(tta, rot90 and batch.shape[1] == batch.shape[2], views)
     total: np.ndarray | None = None
-    seen = []
     for model in models:
         for k, flip in transforms:
             prob = _inverse(model(_forward(batch, k, flip)), k, flip)
             if disagreement is not None:
-                seen.append(prob)
+                disagreement.view(prob)
             total = prob.copy() if total is None else np.add(total, prob, out=total)
     assert total is not None
     if disagreement is not None:
-        disagreement.add(seen)
+        disagreement.end_batch()
     total /= len(models) * len(transforms)
     return total
 

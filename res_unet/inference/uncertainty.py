@@ -17,8 +17,9 @@ nodata, are left out):
   :data:`MIN_UNION` of the pixels, and the ignored class, are left out, as empty classes are
   in scores.csv);
 - ``disagreement``: where test-time augmentation or an ensemble runs, the fraction of tile
-  pixels on which the views or members do not all predict the same class (tiles overlap, so
-  pixels under several tiles count once per tile); None with a single view.
+  pixels on which the views or members do not all predict the same class (every second row
+  and column; tiles overlap, so pixels under several tiles count once per tile); None with a
+  single view.
 
 The sums are running sums (:class:`UncertaintySums`), so scenes larger than memory are ranked
 as their strips stream; each strip also gives the per-pixel map (normalised entropy) that
@@ -48,6 +49,8 @@ LOW_CONFIDENCE = 0.9
 # expected_error (a whisper of probability would otherwise make an 'IoU' of 0).
 MIN_UNION = 0.001
 _EPS = 1e-7
+# Views are compared on every VIEW_STEP-th row and column of a tile (ViewDisagreement.view).
+VIEW_STEP = 2
 
 
 def predicted_classes(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -189,17 +192,35 @@ class ViewDisagreement:
         self.threshold = threshold
         self.differ = 0
         self.pixels = 0
+        self._first: np.ndarray | None = None
+        self._differs: np.ndarray | None = None
+        self._views = 0
+
+    def view(self, prob: np.ndarray) -> None:
+        """One view's (or member's) probabilities (N, h, w, C) of the batch in progress;
+        only its classes are kept (1 byte per pixel), not the probabilities. Every
+        :data:`VIEW_STEP`-th row and column is compared: the share is an estimate, and each
+        view is an arg-max over the whole tile otherwise."""
+        classes = predicted_classes(prob[:, ::VIEW_STEP, ::VIEW_STEP], self.threshold)
+        if self._first is None:
+            self._first, self._differs = classes, np.zeros(classes.shape, bool)
+        else:
+            self._differs |= classes != self._first
+        self._views += 1
+
+    def end_batch(self) -> None:
+        """Count the batch whose views were given (nothing with fewer than two views)."""
+        if self._views > 1 and self._differs is not None:
+            self.differ += int(self._differs.sum())
+            self.pixels += self._differs.size
+        self._first = self._differs = None
+        self._views = 0
 
     def add(self, views: Sequence[np.ndarray]) -> None:
         """Add one batch: ``views`` are the probabilities (N, h, w, C) of each view/member."""
-        if len(views) < 2:
-            return
-        first = predicted_classes(views[0], self.threshold)
-        differs = np.zeros(first.shape, bool)
-        for view in views[1:]:
-            differs |= predicted_classes(view, self.threshold) != first
-        self.differ += int(differs.sum())
-        self.pixels += differs.size
+        for prob in views:
+            self.view(prob)
+        self.end_batch()
 
     def take(self) -> tuple[int, int]:
         """(pixels that differ, pixels) counted since the last call, and start again."""

@@ -537,7 +537,7 @@ def test_a_folder_in_use_is_refused_with_one_line(run, images, tmp_path, capsys)
 
     out = tmp_path / "out"
     assert seg("--model", run, "--images", images, "--out", out) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     with folder_lock(out, "seg_images_in_folder"):
         for extra in ([], ["--shard", "0/2"], ["--overwrite"]):
@@ -545,7 +545,7 @@ def test_a_folder_in_use_is_refused_with_one_line(run, images, tmp_path, capsys)
             err = capsys.readouterr().err
             assert f"in use by seg_images_in_folder (PID {os.getpid()} on " in err, extra
             assert len(err.strip().splitlines()) == 1
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_shards_of_another_model_are_refused_while_shards_run(run, images, tmp_path, capsys):

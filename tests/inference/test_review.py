@@ -169,6 +169,7 @@ def test_the_page_lists_sorts_and_opens_scenes_offline(browser, tmp_path):
     page.close()
 
 
+@pytest.mark.slow
 def test_thousands_of_scenes_render_fast_and_load_thumbnails_lazily(browser, tmp_path):
     one = make_scenes(tmp_path, 1)[0]
     scenes = []
@@ -196,6 +197,7 @@ def test_thousands_of_scenes_render_fast_and_load_thumbnails_lazily(browser, tmp
     page.close()
 
 
+@pytest.mark.slow
 def test_segmenting_writes_a_page_listing_every_scene(tmp_path):
     """Through segment_folder: the page lists every segmented scene with its pictures."""
     from helpers import make_config, pixel_model, write_run

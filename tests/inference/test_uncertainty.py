@@ -21,6 +21,7 @@ from res_unet.geo import writers
 from res_unet.inference.uncertainty import (
     FIGURES,
     HEADLINE,
+    VIEW_STEP,
     UncertaintySums,
     ViewDisagreement,
     pixel_entropy,
@@ -100,6 +101,8 @@ def test_strips_give_the_figures_of_the_whole_scene_and_the_thumbnail():
 def test_view_disagreement_counts_pixels_whose_classes_differ():
     a = np.array([[[[0.9], [0.1]], [[0.6], [0.2]]]], np.float32)  # (1, 2, 2, 1)
     b = np.array([[[[0.8], [0.7]], [[0.4], [0.1]]]], np.float32)
+    # Every VIEW_STEP-th row and column is compared: blocks of that size are one sample.
+    a, b = (np.repeat(np.repeat(v, VIEW_STEP, 1), VIEW_STEP, 2) for v in (a, b))
     views = ViewDisagreement(threshold=0.5)
     views.add([a, b])
     views.add([a])  # one view: nothing to compare
@@ -107,7 +110,7 @@ def test_view_disagreement_counts_pixels_whose_classes_differ():
     sums = UncertaintySums(1, views=views)  # a new scene starts the count again
     assert (views.differ, views.pixels) == (0, 0)
     views.add([a, b, a])
-    sums.add(0, a[0])
+    sums.add(0, a[0, ::VIEW_STEP, ::VIEW_STEP])
     assert sums.figures()["disagreement"] == pytest.approx(0.5)
 
 
