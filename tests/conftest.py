@@ -28,8 +28,10 @@ def pytest_configure(config):
 # Session (or module) fixtures that take seconds to build: under --dist loadgroup (make test)
 # the tests using one run in one worker, so it is built once, not in each. A parametrized
 # one (test_user_path's user_run: one training per precision) makes a group per parameter,
-# so its runs are trained side by side, each once.
-SHARED_FIXTURES = ("trained_run", "user_run")
+# so its runs are trained side by side, each once. The module fixtures of EfficientNet models
+# (test_encoders' built, test_models' effnet and pretrained_b0: seconds each) are grouped too:
+# spread over both workers, each would be built in both.
+SHARED_FIXTURES = ("trained_run", "user_run", "built", "effnet", "pretrained_b0")
 # Set on grouped tests that pytest-xdist left ungrouped (see pytest_collection_finish).
 _UNGROUPED = pytest.StashKey[bool]()
 

@@ -102,42 +102,47 @@ def test_training_resolves_precision_auto_and_evaluates_whole_scenes(user_run):
     assert "| lr 1.00e-04 |" in printed and "| lr 9.00e-05 |" in printed
 
 
-@pytest.fixture(scope="module")
-def tensorflow_masks(user_run, user_data) -> Path:
-    """The held-out scenes segmented by ``user_run`` with --runtime tensorflow: what both
-    default runtimes are compared with (made once per run)."""
+def segment_by_default(run: Path, test: Path, out: Path, openvino: bool) -> str:
+    """seg_images_in_folder with no runtime flag, OpenVINO installed or hidden (as if it
+    were not installed), scoring against the labels; returns what it printed."""
     from res_unet import seg_images_in_folder
 
-    run, _, _ = user_run
-    test = user_data[1].parent / "demo" / "test"
-    reference = run.parent / f"{run.name}_tensorflow"
-    code, printed = command(seg_images_in_folder.main, [
-        "--model", str(run), "--images", str(test / "images"), "--out", str(reference),
-        "--runtime", "tensorflow", "--no-progress"])
+    with pytest.MonkeyPatch.context() as patch:
+        if not openvino:
+            patch.setitem(sys.modules, "openvino", None)
+        patch.setattr(devices, "visible_gpus", lambda: 0)
+        code, printed = command(seg_images_in_folder.main, [
+            "--model", str(run), "--images", str(test / "images"), "--labels",
+            str(test / "labels"), "--out", str(out), "--no-progress"])
     assert code == 0, printed[-3000:]
-    return reference
+    return printed
+
+
+@pytest.fixture(scope="module")
+def tensorflow_masks(user_run, user_data) -> tuple[Path, str]:
+    """The held-out scenes segmented by ``user_run`` with no flags and OpenVINO hidden, so
+    runtime 'auto' is TensorFlow: what the OpenVINO masks are compared with, and what the
+    command printed (made once per run, for both tests of :func:`test_segmenting_with_the_
+    default_runtime`: a separate --runtime tensorflow reference would be the same run)."""
+    run, _, _ = user_run
+    out = run.parent / f"{run.name}_tensorflow"
+    return out, segment_by_default(run, user_data[1].parent / "demo" / "test", out, False)
 
 
 @pytest.mark.parametrize("openvino", [True, False], ids=["openvino", "no-openvino"])
 def test_segmenting_with_the_default_runtime(user_run, user_data, tensorflow_masks, openvino,
-                                             monkeypatch, tmp_path):
+                                             tmp_path):
     """seg_images_in_folder with no flags on either run: OpenVINO when it is installed
     (the bfloat16 run through its float32 twin), TensorFlow when not; the masks are the
     same either way, up to pixels at the threshold."""
-    from res_unet import seg_images_in_folder
-
     run, _, _ = user_run
     test = user_data[1].parent / "demo" / "test"
+    reference, printed = tensorflow_masks
+    out = reference
     if openvino:
         pytest.importorskip("openvino")
-    else:
-        monkeypatch.setitem(sys.modules, "openvino", None)
-    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
-    out = tmp_path / "masks"
-    code, printed = command(seg_images_in_folder.main, [
-        "--model", str(run), "--images", str(test / "images"), "--labels",
-        str(test / "labels"), "--out", str(out), "--no-progress"])
-    assert code == 0, printed[-3000:]
+        out = tmp_path / "masks"
+        printed = segment_by_default(run, test, out, True)
     runtime = next(line for line in printed.splitlines() if line.startswith("runtime: "))
     if openvino:
         assert runtime.startswith("runtime: openvino (auto: same probabilities as TensorFlow")
@@ -150,6 +155,6 @@ def test_segmenting_with_the_default_runtime(user_run, user_data, tensorflow_mas
     from res_unet.geo.rasters import read_label
 
     for label in labels:
-        ours, theirs = read_label(label), read_label(tensorflow_masks / label.name)
+        ours, theirs = read_label(label), read_label(reference / label.name)
         assert ours.shape == theirs.shape == (128, 128)
         assert np.mean(ours != theirs) < 0.01

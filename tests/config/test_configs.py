@@ -18,8 +18,9 @@ change no graph: every config runs them through its own make_dataset and train()
 
 Each config keeps its own keys except what makes it small and self-contained:
 TARGET_SIZE (the architecture's smallest tile), BATCH_SIZE 2, one step of one epoch
-(MAX_EPOCHS = INITIAL_EPOCH + 1, STEPS_PER_EPOCH 1), DOPLOT off, no SavedModel export, one
-scene segmented (of the 4 the dataset is made of), and
+(MAX_EPOCHS = INITIAL_EPOCH + 1, STEPS_PER_EPOCH 1), DOPLOT off, no SavedModel export, scenes
+of one tile (TARGET_SIZE x DOWNSAMPLE pixels: tiling and stitching several tiles are tested
+in tests/geo and tests/inference), one scene segmented (of the 4 the dataset is made of), and
 - INFER_RUNTIME 'tensorflow': OpenVINO ('auto', the default, and what several configs
   set) is tested on the user's path, float32 and bfloat16 runs, with OpenVINO present and
   absent, in tests/test_user_path.py; here it would add a conversion per config,
@@ -150,7 +151,7 @@ def test_every_config_builds_trains_a_step_and_segments_a_tile(path, tmp_path):
 
     values = small_config(path, tmp_path)
     cfg, _ = config_from_dict(values, source=str(path))
-    size = cfg.TARGET_SIZE[0] * cfg.DOWNSAMPLE * 2
+    size = cfg.TARGET_SIZE[0] * cfg.DOWNSAMPLE  # one tile a scene: the steps, fewest pixels
     images, labels = write_sources(tmp_path / "sources", cfg.NCLASSES, size)
     make_dataset(cfg, images, labels, tmp_path / "dataset")
     eager = path not in traced_configs()

@@ -45,7 +45,9 @@ def test_nothing_is_written_in_home_but_the_cache(tmp_path):
         "from helpers import make_config\n"
         "cfg = make_config(FILTERS=2, DEPTH=2, TARGET_SIZE=[16, 16])\n"
         "model = build_model(cfg, [100.0] * 3, [50.0] * 3)\n"
-        "model.compile(optimizer='adam', loss='binary_crossentropy')\n"
+        # Eagerly: the same training step without the seconds of tracing it into a graph
+        # (a traced fit wrote nothing more; autograph's files go to the temporary folder).
+        "model.compile(optimizer='adam', loss='binary_crossentropy', run_eagerly=True)\n"
         "x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype('float32')\n"
         "model.fit(x, (x[..., :1] > 128).astype('float32'), epochs=1, verbose=0)\n"
         "rows = [{'epoch': e, 'loss': 1.0 / (e + 1), 'mean_iou': 0.5, 'val_loss': 1.2, "
