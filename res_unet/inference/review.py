@@ -97,6 +97,8 @@ class ScenePictures:
         self.step = 1
 
     def _write(self, view: str, rgb: np.ndarray) -> None:
+        if self.folder.is_symlink():  # planted at our folder's name: replaced, never followed
+            self.folder.unlink(missing_ok=True)
         self.folder.mkdir(exist_ok=True)
         _save(self.folder / self.names[view]["preview"], rgb, PREVIEW_SIDE)
         _save(self.folder / self.names[view]["thumb"], rgb, THUMB_SIDE)

@@ -246,6 +246,8 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     if not overwrite and out_dir.is_dir():
         check_resumable(out_dir, run_summary["fingerprint"], f"*{LABEL_SUFFIX}")
     clean_stale_temporaries(out_dir)
+    if (out_dir / review.PICTURES).is_dir() and not (out_dir / review.PICTURES).is_symlink():
+        clean_stale_temporaries(out_dir / review.PICTURES)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / SEGMENTATION_CONFIG, json.dumps(run_summary, indent=2) + "\n")
 
@@ -340,7 +342,7 @@ def _segment_folder(held: contextlib.ExitStack, cfg: Config,
     review.write_review_page(
         Path(summary["review_file"]), [review.scene_entry(p.image.name, f, s, o, out_dir, p.stem)
                                        for p, f, s, o in listed],
-        f"Review: {query.shown} segmented into {out_dir.name}",
+        f"Review: {query.shown}",
         f"{len(listed)} scenes, most uncertain first ({uncertainty.HEADLINE})")
     if figure and cfg.DOPLOT:
         name = "examples.png" if count == 1 else f"examples_shard{index}of{count}.png"

@@ -57,8 +57,9 @@ def _environment() -> set[str]:
 def test_the_dependency_lists_of_setup_cfg_and_install_agree():
     cfg = _setup_cfg()
     assert cfg["install"] and cfg["test"]
-    # The full CPU install: the runtime, the pretrained Lite weights and OpenVINO.
-    full = cfg["install"] | cfg["pretrained"] | cfg["openvino"]
+    # The full CPU install: the runtime, the pretrained Lite weights, OpenVINO and the STAC
+    # API search (pystac-client).
+    full = cfg["install"] | cfg["pretrained"] | cfg["openvino"] | cfg["stac"]
     runtime, included = _requirements("requirements.txt")
     assert (runtime, included) == (full, set()), (
         f"install/requirements.txt differs from setup.cfg: missing {sorted(full - runtime)}, "
