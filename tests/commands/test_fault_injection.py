@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -385,12 +386,16 @@ def test_links_planted_at_output_names_are_replaced_never_written_through(
 
     # seg_images_in_folder --overwrite: masks, overlays, records, segmentation_config.json
     out = tmp_path / "out"
-    names = sorted(p.name for p in segmented.iterdir() if p.name != ".res_unet.lock")
+    names = sorted(p.name for p in segmented.iterdir()
+                   if p.name != ".res_unet.lock" and p.is_file())
     assert sum(n.endswith(".segmented") for n in names) == 16, "the images' records too"
     targets = plant_links(out, names, elsewhere / "out")
+    (out / "review_files").symlink_to(elsewhere / "out" / "pictures")  # a folder's name too
     run_here(command("seg_images_in_folder", "--model", run_dir, "--images", images, "--out",
                      out, "--labels", labels, "--overwrite"))
     assert_untouched(out, names, targets)
+    assert (out / "review_files").is_dir() and not (out / "review_files").is_symlink()
+    assert not (elsewhere / "out" / "pictures").exists()
     assert (out / "scores.csv").is_file()
 
     # train_resunet into a new run folder: every file of a run (the card a dangling link)
@@ -439,9 +444,11 @@ def test_a_shard_overwritten_with_another_model_and_killed_leaves_no_mix(
     clean = tmp_path / "clean"
     run_here(command("seg_images_in_folder", "--model", other, "--images", images, "--out",
                      clean))
-    def outputs(folder: Path) -> dict[str, str]:  # every file but the folder's own locks
+    def outputs(folder: Path) -> dict[str, str]:
+        """Every file but the folder's own locks and a shard's own summaries (its
+        uncertainty_shardIofN.csv and review_shardIofN.html, which list its scenes)."""
         return {name: sha for name, sha in digest(folder, ("segmentation_config.json",)).items()
-                if not name.endswith(".lock")}
+                if not name.endswith(".lock") and not re.search(r"_shard\d+of\d+\.", name)}
 
     assert outputs(out) == outputs(clean)
     assert temporaries(out) == []
