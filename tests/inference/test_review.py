@@ -59,6 +59,18 @@ def make_scenes(out: Path, n: int = 3) -> list[dict]:
     return scenes
 
 
+
+def _wait_until(page, expression: str, seconds: float = 10.0) -> None:
+    """Poll ``expression`` with page.evaluate: wait_for_function evaluates a string with
+    eval, which the page's Content-Security-Policy (rightly) refuses."""
+    import time
+
+    end = time.monotonic() + seconds
+    while not page.evaluate(expression):
+        assert time.monotonic() < end, f"not true within {seconds} s: {expression}"
+        page.wait_for_timeout(50)
+
+
 def test_pictures_and_entries_of_a_scene(tmp_path):
     scenes = make_scenes(tmp_path, 3)
     names = picture_names("scene00")
@@ -149,11 +161,11 @@ def test_the_page_lists_sorts_and_opens_scenes_offline(browser, tmp_path):
     assert page.is_visible("#large")
     assert EVIL in page.text_content("#title")
     big = page.locator("#big")
-    page.wait_for_function("document.getElementById('big').naturalWidth > 0")
+    _wait_until(page, "document.getElementById('big').naturalWidth > 0")
     assert big.get_attribute("src").endswith(
         "_prediction.jpg") and "%3Cimg" in big.get_attribute("src")
     page.click("#large button[data-view=uncertainty]")
-    page.wait_for_function("document.getElementById('big').naturalWidth > 0")
+    _wait_until(page, "document.getElementById('big').naturalWidth > 0")
     assert big.get_attribute("src").endswith("_uncertainty.png")
     links = page.eval_on_selector_all("#links a", "as => as.map(a => a.textContent)")
     assert links == ["label"]  # outputs that exist, linked
