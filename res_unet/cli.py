@@ -106,6 +106,9 @@ def run_command(main: Callable[[list[str] | None], int | None],
     written atomically by the library, so an interrupted run leaves no partial file.
     """
     messages.for_command()
+    # A command prints its lines itself: not again through a handler some library put on the
+    # root logger (logging.warning() at import time installs one), as 'INFO:res_unet:...'.
+    propagate, messages.LOGGER.propagate = messages.LOGGER.propagate, False
     try:
         code = main(argv)
     except UserError as exc:
@@ -124,4 +127,6 @@ def run_command(main: Callable[[list[str] | None], int | None],
         print("interrupted: finished outputs are kept, no partial file was left",
               file=sys.stderr)
         return 130
+    finally:
+        messages.LOGGER.propagate = propagate
     return int(code or 0)

@@ -89,3 +89,26 @@ def test_commands_put_the_printer_and_level_back(logger, capsys):
 
     assert cli.run_command(main, []) == 0
     assert capsys.readouterr().err == "note: from a command\n"
+
+
+def test_a_command_prints_each_line_once_when_the_root_logger_has_a_handler(capsys):
+    """A library that calls logging.warning() at import puts a handler on the root logger;
+    a command's lines must not come out twice (once as 'INFO:res_unet:...')."""
+    import logging
+    import sys
+
+    from res_unet.cli import run_command
+
+    root_handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(root_handler)
+    try:
+        def main(argv):
+            messages.status("epoch 1/1: loss 0.5")
+            return 0
+
+        assert run_command(main, []) == 0
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    err = capsys.readouterr().err
+    assert err.count("epoch 1/1: loss 0.5") == 1, err
+    assert messages.LOGGER.propagate  # library users' records still reach their handlers
