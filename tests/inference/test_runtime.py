@@ -31,6 +31,14 @@ def test_every_registered_runtime_names_a_function_that_exists(name):
     assert callable(getattr(module, spec.function))
 
 
+def _register(monkeypatch, name: str, runner) -> None:
+    """Register ``runner`` as INFER_RUNTIME ``name``, from a stand-in module of its own."""
+    module = types.ModuleType(f"res_unet.inference.{name}_runtime")
+    module.runner = runner
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(RUNTIMES, name, Runtime(module=f"{name}_runtime", function="runner"))
+
+
 def test_a_new_runtime_is_one_module_and_one_registration(monkeypatch):
     """A runtime registered in RUNTIMES runs a LoadedModel with no other change."""
     calls = []
@@ -39,10 +47,7 @@ def test_a_new_runtime_is_one_module_and_one_registration(monkeypatch):
         calls.append(loaded.tile_hw)
         return lambda batch: np.full((*batch.shape[:3], loaded.n_outputs), 0.25, np.float32)
 
-    module = types.ModuleType("res_unet.inference.fake_runtime")
-    module.runner = doubling_runner
-    monkeypatch.setitem(sys.modules, "res_unet.inference.fake_runtime", module)
-    monkeypatch.setitem(RUNTIMES, "fake", Runtime(module="fake_runtime", function="runner"))
+    _register(monkeypatch, "fake", doubling_runner)
     loaded = LoadedModel.from_model(pixel_model(size=16))
     loaded.use_runtime("fake")
     assert loaded.prepare() == "fake"
@@ -64,10 +69,7 @@ def test_a_registered_runtime_that_fails_is_one_line_but_tensorflow_errors_propa
     def broken(loaded):
         raise RuntimeError("cannot compile\nsecond line")
 
-    module = types.ModuleType("res_unet.inference.broken_runtime")
-    module.runner = broken
-    monkeypatch.setitem(sys.modules, "res_unet.inference.broken_runtime", module)
-    monkeypatch.setitem(RUNTIMES, "broken", Runtime(module="broken_runtime", function="runner"))
+    _register(monkeypatch, "broken", broken)
     loaded = LoadedModel.from_model(pixel_model(size=16))
     loaded.use_runtime("broken")
     with pytest.raises(UserError, match=r"INFER_RUNTIME 'broken' cannot run this model "
