@@ -105,6 +105,15 @@ def trained_run(tiny_dataset, tmp_path_factory):
 
 
 @pytest.fixture
+def eager():
+    """tf.function bodies run eagerly during the test (helpers.functions_eager says when)."""
+    from helpers import functions_eager
+
+    with functions_eager():
+        yield
+
+
+@pytest.fixture
 def no_hang():
     """Fail (instead of hanging) a call that blocks more than 10 s (SIGALRM interrupts it)."""
     import signal

@@ -4,6 +4,7 @@ model and a minimal run folder."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import keras
@@ -188,3 +189,21 @@ def read_examples(dataset_dir: Path, split: str) -> list[tuple[np.ndarray, np.nd
     records = tf.data.TFRecordDataset(tf.constant(files, dtype=tf.string),
                                       compression_type=manifest.compression or "")
     return [parse_example(record) for record in records.as_numpy_iterator()]
+
+
+@contextlib.contextmanager
+def functions_eager(eager: bool = True):
+    """Run tf.function bodies eagerly inside (when ``eager``); process-wide, so restored.
+
+    For tests of what training does between steps (resuming, averaging, keeping weights,
+    freezing, refusing): a tiny model's few steps run eagerly in less time than tracing
+    them takes. The traced path stays tested where it is the subject: the shared
+    ``trained_run``, test_training_reduces_the_loss, the user's path and every command
+    started as a process."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(eager)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)

@@ -32,7 +32,6 @@ PRECISION stays as the configs set it ('auto' in several)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
@@ -41,6 +40,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import functions_eager
 
 from res_unet.config.keys import Config, config_from_dict, load_config
 
@@ -82,18 +82,6 @@ def test_traced_groups_cover_each_architecture_and_loss():
     assert set(map(traced_group, shipped)) == {traced_group(load_config(p)) for p in traced}
     assert {(c.MODEL, c.PRECISION, c.NCLASSES == 1) for c in shipped} >= {
         (c.MODEL, c.PRECISION, c.NCLASSES == 1) for c in map(load_config, traced)}
-
-
-@contextlib.contextmanager
-def functions_eager(eager: bool):
-    """Run tf.function bodies eagerly inside (when ``eager``); process-wide, so restored."""
-    import tensorflow as tf
-
-    tf.config.run_functions_eagerly(eager)
-    try:
-        yield
-    finally:
-        tf.config.run_functions_eagerly(False)
 
 
 def small_config(path: Path, tmp_path: Path) -> dict:

@@ -1,4 +1,9 @@
-"""Training: loss goes down, outputs are complete and reloadable, resume, distribution, errors."""
+"""Training: loss goes down, outputs are complete and reloadable, resume, distribution, errors.
+
+Tests of what training does between steps (resume, averaging, keeping weights, freezing,
+refusals) run their few steps eagerly (the ``eager`` fixture): tracing a tiny model's steps
+takes longer than running them. The traced path is the shared ``trained_run``'s,
+test_training_reduces_the_loss's, the distributed tests' and the commands'."""
 
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ def test_training_reduces_the_loss(tiny_dataset):
     assert after < 0.9 * before, (before, after)
 
 
+@pytest.mark.usefixtures("eager")
 def test_trainer_fuses_batchnorm_without_changing_training(tiny_dataset):
     cfg = make_config(DROPOUT=0.0)
     manifest = records.read_manifest(tiny_dataset)
@@ -131,6 +137,7 @@ def test_evaluate_only_reproduces_the_evaluation(trained_run, tiny_dataset, tmp_
     assert card.training.train_seconds > 0
 
 
+@pytest.mark.usefixtures("eager")
 def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypatch):
     cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=2)
     calls = []
@@ -162,8 +169,9 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_dataset, tmp_path, monkeypa
 
 
 @pytest.fixture
-def killed_run(tiny_dataset, tmp_path, monkeypatch):
-    """A run folder whose training was killed in its second epoch (backup of epoch 1)."""
+def killed_run(tiny_dataset, tmp_path, monkeypatch, eager):
+    """A run folder whose training was killed in its second epoch (backup of epoch 1); its
+    steps run eagerly (helpers.functions_eager)."""
     cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1)
     original = train.Trainer.train_epoch
 
@@ -184,6 +192,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.usefixtures("eager")
 def test_resume_with_a_changed_config_names_the_change(killed_run, tiny_dataset):
     _, run = killed_run
     before = snapshot(run)
@@ -199,6 +208,7 @@ def test_resume_with_a_changed_config_names_the_change(killed_run, tiny_dataset)
     assert card.training.kept_epoch == 4
 
 
+@pytest.mark.usefixtures("eager")
 def test_damaged_backup_is_one_line_and_overwrite_starts_afresh(killed_run, tiny_dataset):
     cfg, run = killed_run
     state = run / "backup" / runfolder.STATE_FILE
@@ -245,6 +255,7 @@ def test_finished_run_is_never_replaced_without_overwrite(trained_run, tiny_data
         train.train(cfg, tiny_dataset, tmp_path / "file", progress=False)
 
 
+@pytest.mark.usefixtures("eager")
 def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkeypatch):
     cfg = make_config(MAX_EPOCHS=6, PATIENCE=2, STEPS_PER_EPOCH=1)
     losses = iter([0.5, 0.4, 0.45, 0.6, 0.7, 0.8])
@@ -267,6 +278,7 @@ def test_early_stopping_restores_the_best_weights(tiny_dataset, tmp_path, monkey
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.usefixtures("eager")
 def test_time_budget_stops_after_the_epoch_that_reaches_it(tiny_dataset, tmp_path,
                                                            monkeypatch):
     """MAX_TRAIN_MINUTES counts training time (here 40 s per scripted epoch): a 1.5-minute
@@ -341,6 +353,7 @@ def test_precision_resolution(monkeypatch):
     assert devices.resolve_precision(make_config(PRECISION="float32")) == "float32"
 
 
+@pytest.mark.usefixtures("eager")
 def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
     card = train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
                        tiny_dataset, tmp_path, progress=False, export_saved_model=False)
@@ -419,6 +432,7 @@ def test_two_worker_multi_worker_mirrored_run(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("eager")
 def test_frozen_encoder_trains_only_after_unfreezing(tiny_dataset, tmp_path, monkeypatch):
     """FREEZE_ENCODER_EPOCHS=1: the pretrained encoder is unchanged by epoch 1, trained in 2.
     EfficientNet-Lite0, the smallest encoder (test_models checks the freezing of each
@@ -457,6 +471,7 @@ def test_tensorboard_without_the_package_is_one_clear_line(tiny_dataset, tmp_pat
         train.train(make_config(TENSORBOARD=True), tiny_dataset, tmp_path)
 
 
+@pytest.mark.usefixtures("eager")
 def test_tensorboard_logs(tiny_dataset, tmp_path):
     pytest.importorskip("tensorboard")
     train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=1, TENSORBOARD=True), tiny_dataset,
@@ -514,6 +529,7 @@ def mean_weights(*snapshots: list[np.ndarray]) -> list[np.ndarray]:
             for ws in zip(*snapshots, strict=True)]
 
 
+@pytest.mark.usefixtures("eager")
 def test_weight_averaging_keeps_the_mean_of_the_last_epochs(tiny_dataset, tmp_path,
                                                             monkeypatch):
     cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, AVERAGE_LAST_EPOCHS=2)
@@ -534,6 +550,7 @@ def test_weight_averaging_keeps_the_mean_of_the_last_epochs(tiny_dataset, tmp_pa
     assert card_json["training"]["averaged_epochs"] == [2, 3]
 
 
+@pytest.mark.usefixtures("eager")
 def test_a_worse_average_gives_way_to_the_best_epoch(tiny_dataset, tmp_path, monkeypatch):
     cfg = make_config(MAX_EPOCHS=3, STEPS_PER_EPOCH=1, AVERAGE_LAST_EPOCHS=3)
     seen = recording_epochs(monkeypatch)
@@ -544,6 +561,7 @@ def test_a_worse_average_gives_way_to_the_best_epoch(tiny_dataset, tmp_path, mon
     assert_weights(tmp_path / "model.keras", seen[1])
 
 
+@pytest.mark.usefixtures("eager")
 def test_keep_last_keeps_the_last_epoch_and_never_stops_early(tiny_dataset, tmp_path,
                                                              monkeypatch):
     """KEEP_WEIGHTS 'last' (cross-validation): validation gets worse after epoch 1, which
@@ -561,6 +579,7 @@ def test_keep_last_keeps_the_last_epoch_and_never_stops_early(tiny_dataset, tmp_
     assert card_json["training"]["kept_epoch"] == 3
 
 
+@pytest.mark.usefixtures("eager")
 def test_keep_last_keeps_the_average_without_scoring_it(tiny_dataset, tmp_path, monkeypatch):
     """With AVERAGE_LAST_EPOCHS the average is kept as it is: three scripted validation
     losses (one per epoch) and no fourth call that would score the average."""
@@ -574,6 +593,7 @@ def test_keep_last_keeps_the_average_without_scoring_it(tiny_dataset, tmp_path, 
     assert_weights(tmp_path / "model.keras", mean_weights(seen[1], seen[2]))
 
 
+@pytest.mark.usefixtures("eager")
 def test_a_resumed_run_averages_the_same_epochs(tiny_dataset, tmp_path, monkeypatch):
     """Killed at the start of epoch 3: the resumed run averages epoch 2 (read back from the
     backup) with epoch 3, as an uninterrupted run would."""
@@ -627,6 +647,7 @@ def test_snapshots_write_one_file_per_epoch_and_keep_only_the_window(tmp_path):
     assert early.epochs == [2]
 
 
+@pytest.mark.usefixtures("eager")
 def test_training_on_every_image_averages_without_a_validation_split(tmp_path, capsys):
     """VALIDATION_SPLIT 0 (a final model trained on all the data): the run finishes, the
     average of the last epochs is kept as is, and the command's summary says so."""
@@ -689,6 +710,7 @@ def test_no_validation_split_keeps_the_last_weights_even_with_keep_best(tmp_path
     assert card.training.best_val_loss is None
 
 
+@pytest.mark.usefixtures("eager")
 def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, monkeypatch):
     """AUG_COLOR is applied on the fly to training batches; validation images stay as stored."""
     calls = []
@@ -706,6 +728,7 @@ def test_color_jitter_reaches_the_training_split_only(tiny_dataset, tmp_path, mo
     assert all(color == 0.0 for split, color in calls if split == "validation")
 
 
+@pytest.mark.usefixtures("eager")
 def test_a_run_folder_in_use_is_refused(tiny_dataset, tmp_path):
     """Two trainings into one run folder: the second stops with one line naming the first
     and leaves nothing behind."""
@@ -721,6 +744,7 @@ def test_a_run_folder_in_use_is_refused(tiny_dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.usefixtures("eager")
 def test_truncated_backup_checkpoint_is_one_line(killed_run, tiny_dataset):
     """A backup whose checkpoint data file was cut short (a full disk, a copy that stopped)
     is reported as damaged, with --overwrite as the fix, not as an IndexError."""
@@ -732,6 +756,7 @@ def test_truncated_backup_checkpoint_is_one_line(killed_run, tiny_dataset):
         train.train(cfg, tiny_dataset, run, progress=False, export_saved_model=False)
 
 
+@pytest.mark.usefixtures("eager")
 def test_overwrite_removes_a_symlink_never_what_it_points_to(tiny_dataset, tmp_path):
     """--overwrite on a run folder whose saved_model/ is a symbolic link: the link goes, the
     folder it points to stays whole, and the new run is complete."""
@@ -751,6 +776,7 @@ def test_overwrite_removes_a_symlink_never_what_it_points_to(tiny_dataset, tmp_p
                                                                     run.iterdir()}
 
 
+@pytest.mark.usefixtures("eager")
 def test_hot_start_from_a_keras_file_keras_cannot_rebuild(tiny_dataset, tmp_path):
     """A .keras file whose layer config Keras cannot deserialise is one line, not a
     TypeError traceback."""
@@ -775,6 +801,7 @@ def test_hot_start_from_a_keras_file_keras_cannot_rebuild(tiny_dataset, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.usefixtures("eager")
 def test_a_full_disk_in_tensorflow_names_the_run_folder(tiny_dataset, tmp_path, monkeypatch):
     """TensorFlow reports a full disk (SaveV2 of a checkpoint or SavedModel) as
     ResourceExhaustedError: that is neither a traceback nor 'out of memory', but the one
