@@ -13,7 +13,10 @@ STEPS_PER_EPOCH batches, whatever the number of labels) and scored on the held-o
 - ``random``: k scenes at random;
 - ``uncertainty``: the k scenes at the top of uncertainty.csv (the HEADLINE figure);
 - ``diverse``: down uncertainty.csv, at most one scene per lake (the same lake in another
-  year adds little), the standard fix when the most uncertain scenes are near duplicates.
+  year adds little), the standard fix when the most uncertain scenes are near duplicates;
+- ``disagreement``: the k scenes whose test-time-augmentation views (the four flips, as
+  ensemble members) disagree on most pixels (uncertainty.csv's ``disagreement``; the pool is
+  segmented with TTA for it), the other standard fix.
 
 Everything runs through the library (make_dataset, train, segment_folder) at a size 2 CPU
 cores afford: the scenes are first shrunk to ``--side`` px (longest side; labels by nearest
@@ -108,8 +111,10 @@ def quiet():
         yield
 
 
-def train_and_score(cfg, labelled, test, pool, work: Path, seed: int) -> tuple[float, dict]:
-    """Train on ``labelled``; (water IoU on ``test``, {pool image name: uncertainty})."""
+def train_and_score(cfg, labelled, test, pool, work: Path, seed: int, tta: bool = False
+                    ) -> tuple[float, dict]:
+    """Train on ``labelled``; (water IoU on ``test``, {figure: {pool image name: value}}),
+    the figures of uncertainty.csv (the pool segmented with TTA when ``tta``)."""
     import dataclasses
 
     from res_unet.data.dataset import make_dataset
@@ -128,23 +133,27 @@ def train_and_score(cfg, labelled, test, pool, work: Path, seed: int) -> tuple[f
         scored = segment.segment_folder(infer, [work / "run"], test_images, work / "test_out",
                                         labels_dir=test_labels, overwrite=True,
                                         progress=False)
-    ranking: dict[str, float] = {}
+    figures: dict[str, dict[str, float]] = {}
     if pool:
         pool_images, _ = link(pool, work / "pool")
+        pool_cfg = settings.inference_config([work / "run"], None, {"TESTTIMEAUG": tta})
         with quiet():
-            summary = segment.segment_folder(infer, [work / "run"], pool_images,
+            summary = segment.segment_folder(pool_cfg, [work / "run"], pool_images,
                                              work / "pool_out", overwrite=True, progress=False)
         with open(summary["uncertainty_file"]) as fh:
-            ranking = {r["image"]: float(r["uncertainty"] or 0) for r in csv.DictReader(fh)}
-    return float(scored["scores"]["iou"][1]), ranking
+            rows = list(csv.DictReader(fh))
+        figures = {name: {r["image"]: float(r[name] or 0) for r in rows}
+                   for name in ("uncertainty", "disagreement")}
+    return float(scored["scores"]["iou"][1]), figures
 
 
-def choose(strategy: str, pool, ranking: dict[str, float], k: int, rng) -> list:
+def choose(strategy: str, pool, figures: dict[str, dict[str, float]], k: int, rng) -> list:
     """The k scenes of ``pool`` a strategy labels next."""
     if strategy == "random":
         return [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
+    ranking = figures["disagreement" if strategy == "disagreement" else "uncertainty"]
     ranked = sorted(pool, key=lambda p: -ranking.get(p.image.name, 0.0))
-    if strategy == "uncertainty":
+    if strategy in ("uncertainty", "disagreement"):
         return ranked[:k]
     chosen, lakes = [], set()
     for pair in ranked:  # diverse: one scene per lake, down the ranking
@@ -220,8 +229,8 @@ def write_report(rounds: list[dict], strategies: list[str], args: argparse.Names
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True,
-                        help="scratch folder; a run stopped early resumes from its rounds.json")
+    parser.add_argument("--out", help="scratch folder (required unless --merge); a run stopped "
+                                      "early resumes from its rounds.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--start", type=int, default=20)
     parser.add_argument("--k", type=int, default=10)
@@ -229,9 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=256,
                         help="longest side of the scenes, px (default 256)")
     parser.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"],
-                        choices=["random", "uncertainty", "diverse"])
+                        choices=["random", "uncertainty", "diverse", "disagreement"])
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="only write the report from the rounds.json of these --out folders "
+                             "(strategies run as separate processes; pairs by seed)")
     add_json_out(parser, "active_learning")
     args = parser.parse_args(argv)
+    if args.merge:
+        rounds = [r for d in args.merge for r in json.loads((Path(d) / "rounds.json").read_text())]
+        strategies = list(dict.fromkeys(s for r in rounds for s in r["strategies"]))
+        write_report(rounds, strategies, args, 0, 0, matmul_peak())
+        return 0
+    if not args.out:
+        parser.error("--out is required (unless --merge)")
 
     from res_unet.config.keys import config_from_dict
     from res_unet.data import pairing
@@ -267,15 +286,16 @@ def main(argv: list[str] | None = None) -> int:
                     labelled = [by_name[n] for n in
                                 last["labelled"] + last["next"][strategies[0]]]
                 pool = [p for p in pool_all if p not in labelled]
-                iou, ranking = train_and_score(cfg, labelled, test,
+                iou, figures = train_and_score(cfg, labelled, test,
                                                pool if round_ < args.rounds else [],
-                                               out / "work", seed)
+                                               out / "work", seed,
+                                               tta="disagreement" in strategies)
                 following = {}
                 if round_ < args.rounds:
                     for strategy in strategies:
                         rng = np.random.default_rng([seed, round_, 1000])
                         following[strategy] = sorted(
-                            p.image.name for p in choose(strategy, pool, ranking, args.k, rng))
+                            p.image.name for p in choose(strategy, pool, figures, args.k, rng))
                 rounds.append({"seed": seed, "round": round_, "strategies": strategies,
                                "labels": len(labelled), "water_iou": round(iou, 4),
                                "labelled": sorted(p.image.name for p in labelled),
