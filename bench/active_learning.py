@@ -236,7 +236,8 @@ def findings(rounds: list[dict], table: list[dict]) -> list[str]:
 
 
 def write_report(rounds: list[dict], strategies: list[str], args: argparse.Namespace,
-                 n_test: int, n_pool: int, peak: float) -> None:
+                 n_test: int, n_pool: int, peak: float, notes: list[str] | None = None
+                 ) -> None:
     table, reach = summarise(rounds, strategies)
     write_result({"benchmark": "active learning (lakes)", "results": table,
                   "labels_to_reach": reach, "settings": SETTINGS,
@@ -249,7 +250,7 @@ def write_report(rounds: list[dict], strategies: list[str], args: argparse.Names
                             "shared by its strategies (a strategy run on its own and merged "
                             "trains its own). Rows 'S - random': the difference to random "
                             "seed by seed, and in how many seeds S was better.",
-                            *findings(rounds, table)]},
+                            *findings(rounds, table), *(notes or [])]},
                  args.json_out, peak_gflops=peak)
 
 
@@ -274,7 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         rounds = [r for d in args.merge for r in json.loads((Path(d) / "rounds.json").read_text())]
         strategies = list(dict.fromkeys(s for r in rounds for s in r["strategies"]))
-        write_report(rounds, strategies, args, 0, 0, matmul_peak())
+        made = "; ".join(
+            f"python bench/active_learning.py --out {d} --strategies "
+            + " ".join(dict.fromkeys(s for r in json.loads((Path(d) / "rounds.json").read_text())
+                                     for s in r["strategies"]))
+            for d in args.merge)
+        write_report(rounds, strategies, args, 0, 0, matmul_peak(),
+                     [f"Merged from runs made by: {made} (the other options at their "
+                      "defaults)."])
         return 0
     if not args.out:
         parser.error("--out is required (unless --merge)")
