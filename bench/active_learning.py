@@ -273,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     add_json_out(parser, "active_learning")
     args = parser.parse_args(argv)
     if args.merge:
-        rounds = [r for d in args.merge for r in json.loads((Path(d) / "rounds.json").read_text())]
+        runs = {d: json.loads((Path(d) / "rounds.json").read_text()) for d in args.merge}
+        rounds = [r for records in runs.values() for r in records]
         strategies = list(dict.fromkeys(s for r in rounds for s in r["strategies"]))
         made = "; ".join(
             f"python bench/active_learning.py --out {d} --strategies "
-            + " ".join(dict.fromkeys(s for r in json.loads((Path(d) / "rounds.json").read_text())
-                                     for s in r["strategies"]))
-            for d in args.merge)
+            + " ".join(dict.fromkeys(s for r in records for s in r["strategies"]))
+            for d, records in runs.items())
         write_report(rounds, strategies, args, 0, 0, matmul_peak(),
                      [f"Merged from runs made by: {made} (the other options at their "
                       "defaults)."])
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is required (unless --merge)")
 
     from res_unet.config.keys import config_from_dict
+    from res_unet.core.atomic import write_atomic
     from res_unet.data import pairing
     from res_unet.data.split import split_pairs
 
@@ -338,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed} round {round_} {'/'.join(strategies)}: {len(labelled)} "
                       f"labels, water IoU {iou:.4f}", flush=True)
                 done_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = done_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rounds))
-                tmp.replace(done_file)
+                write_atomic(done_file, json.dumps(rounds))
                 write_report(rounds, args.strategies, args, len(test), len(pool_all), peak)
     # Once more at the end: a re-run of a finished --out only rewrites the report.
     write_report(rounds, args.strategies, args, len(test), len(pool_all), peak)
