@@ -7,8 +7,10 @@ are deterministic and compared byte for byte; training on a CPU is not bit-repro
 a resumed run is checked for completeness (all epochs, every output file) instead.
 
 Only the killed runs need a process of their own: the reference runs and the re-runs call
-the same command's ``main`` in this process (:func:`run_here`), which spares a TensorFlow
-start-up (about 5 s) each. The module is one xdist group, so its fixtures are built once.
+the same command's ``main`` in this process (:func:`run_here`). The processes of their own
+are forked from a server that has imported TensorFlow (tests/forked.py), which spares each
+the import (6-12 s of CPU here). The module is one xdist group, so its fixtures are built
+once.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 
@@ -57,23 +58,26 @@ def run_here(cmd: list[str]) -> None:
     assert code in (0, 1), f"{module} exited with {code}"
 
 
-def run_and_kill(cmd: list[str], started: Path, pattern: str, after: float) -> None:
-    """Start ``cmd``; once ``started`` holds a file matching ``pattern``, wait ``after``
-    seconds more and SIGKILL it. Fails if the command finished before being killed."""
-    with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=stderr, text=True)
-        deadline = time.monotonic() + 300
-        while not (started.exists() and any(started.glob(pattern))):
-            if proc.poll() is not None:
-                stderr.seek(0)
-                pytest.fail(f"the command ended (exit {proc.returncode}) before writing "
-                            f"anything:\n{stderr.read()[-3000:]}")
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+def run_and_kill(cmd: list[str], started: Path, pattern: str, after: float,
+                 since: float | None = None) -> None:
+    """Start ``cmd``; once ``started`` holds a file matching ``pattern`` (modified after
+    the time ``since``, when given), wait ``after`` seconds more and SIGKILL it. Fails if
+    the command finished before being killed."""
+    def written() -> bool:
+        return started.exists() and any(since is None or p.stat().st_mtime > since
+                                        for p in started.glob(pattern))
+
+    proc = forked.start(cmd, cwd=REPO, env=ENV)
+    deadline = time.monotonic() + 300
+    while not written():
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (exit {proc.returncode}) before writing "
+                        f"anything:\n{proc.output()[1][-3000:]}")
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     try:
         proc.wait(timeout=after)
-    except subprocess.TimeoutExpired:
+    except TimeoutError:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "killed before it finished"
@@ -191,10 +195,9 @@ def test_make_tfrecords_workers_end_with_a_killed_parent(sources, tmp_path):
 
     images, labels, config = sources
     out = tmp_path / "data" / "dataset"
-    proc = subprocess.Popen(command("make_tfrecords", "--config", config, "--images", images,
-                                    "--labels", labels, "--out", out, "--workers", "2"),
-                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = forked.start(command("make_tfrecords", "--config", config, "--images", images,
+                                "--labels", labels, "--out", out, "--workers", "2"),
+                        cwd=REPO, env=ENV)
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
     workers: list[psutil.Process] = []
@@ -227,12 +230,10 @@ def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path)
     write_run(other, pixel_model(size=64), make_config("model", TARGET_SIZE=[64, 64]),
               threshold=0.5)
     out = tmp_path / "out"
-    procs = {name: subprocess.Popen(command("seg_images_in_folder", "--model", model,
-                                            "--images", images, "--out", out),
-                                    cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+    procs = {name: forked.start(command("seg_images_in_folder", "--model", model,
+                                        "--images", images, "--out", out), cwd=REPO, env=ENV)
              for name, model in (("trained", run_dir), ("other", other))}
-    results = {name: (proc.wait(timeout=600), proc.stderr.read())
+    results = {name: (proc.wait(timeout=600), proc.output()[1])
                for name, proc in procs.items()}
     codes = sorted(code for code, _ in results.values())
     assert codes == [0, 2], results
@@ -252,12 +253,11 @@ def test_two_segmentations_into_one_folder_never_mix(sources, trained, tmp_path)
 
 
 @contextlib.contextmanager
-def held_by(cmd: list[str], lock: Path) -> Iterator[subprocess.Popen]:
+def held_by(cmd: list[str], lock: Path) -> Iterator[forked.Forked]:
     """Start ``cmd`` and freeze it (SIGSTOP) as soon as it holds ``lock`` (a folder's lock
     file, naming its holder), so it keeps the lock however fast it would otherwise finish;
     the frozen holder is killed and reaped when the block ends."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = forked.start(cmd, cwd=REPO, env=ENV)
 
     def holds() -> bool:
         try:
@@ -269,7 +269,7 @@ def held_by(cmd: list[str], lock: Path) -> Iterator[subprocess.Popen]:
     while not holds():
         if proc.poll() is not None:
             pytest.fail(f"{cmd[2]} ended (exit {proc.returncode}) before taking the lock:\n"
-                        f"{proc.stderr.read()[-3000:]}")
+                        f"{proc.output()[1][-3000:]}")
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGSTOP)
@@ -437,7 +437,8 @@ def test_a_shard_overwritten_with_another_model_and_killed_leaves_no_mix(
     shutil.copytree(segmented, out)
     shard = command("seg_images_in_folder", "--model", other, "--images", images, "--out", out,
                     "--shard", "1/2", "--overwrite")
-    run_and_kill(shard, out, ".res_unet.lock", float(KILL_POINTS[0]) + 1.0)
+    # killed once the shard has written its first mask, among the old model's
+    run_and_kill(shard, out, "*_predseg.png", float(KILL_POINTS[0]), since=time.time())
     run_here(shard)
     run_here(command("seg_images_in_folder", "--model", other, "--images", images, "--out",
                      out))

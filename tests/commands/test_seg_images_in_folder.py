@@ -271,8 +271,7 @@ def test_shards_are_disjoint_and_complete(run, images, tmp_path):
 def test_two_shard_processes_into_one_folder_equal_one_process(run, tmp_path):
     """Two processes (as two SLURM array tasks would) write --shard 0/2 and 1/2 into one
     folder at the same time: the outputs equal those of one process, byte for byte."""
-    import subprocess
-    import sys
+    import forked
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     rng = np.random.default_rng(5)
@@ -283,13 +282,11 @@ def test_two_shard_processes_into_one_folder_equal_one_process(run, tmp_path):
         writers.write_png(labels / f"s{k}.png", (image[..., 0] == BRIGHT).astype(np.uint8))
     args = ["--model", str(run), "--images", str(images), "--labels", str(labels),
             "--no-progress"]
-    command = [sys.executable, "-m", "res_unet.seg_images_in_folder", *args]
-    procs = [subprocess.Popen([*command, "--out", str(tmp_path / "both"), "--shard", f"{i}/2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = ["-m", "res_unet.seg_images_in_folder", *args]
+    procs = [forked.start([*command, "--out", str(tmp_path / "both"), "--shard", f"{i}/2"])
              for i in range(2)]
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
+        assert proc.wait(600) == 0, proc.output()[1]
     assert seg(*args, "--out", tmp_path / "one") == 0
     one, both = tmp_path / "one", tmp_path / "both"
     outputs = sorted(p.name for p in one.glob("s*_*.png"))
@@ -377,9 +374,9 @@ def test_large_geotiff_memory_does_not_grow_with_the_scene(tmp_path):
     windows of their GeoTIFFs, label strips streamed to the files: the peak memory of the
     process grows by about as much for both (a band of tiles, the model), not with the
     scene, which is never held whole, nor its label map. bench/bench_big_scene.py measures
-    30000 x 30000 scenes."""
-    import subprocess
-    import sys
+    30000 x 30000 scenes. Each scene is segmented in a process of its own (forked:
+    tests/forked.py), its allocator limited to two arenas as MALLOC_ARENA_MAX=2 would."""
+    import forked
 
     width, tile = 6000, 512
     write_run(tmp_path / "run", pixel_model(size=tile),
@@ -394,8 +391,9 @@ def test_large_geotiff_memory_does_not_grow_with_the_scene(tmp_path):
                         nodata=None)
         del band
         code = f"""
-import resource, tracemalloc
+import ctypes, resource, tracemalloc
 import numpy as np
+ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
 from res_unet.data import pairing
 from res_unet.inference import runtime, segment, settings
 def no_whole_reads(*args, **kwargs):
@@ -413,10 +411,9 @@ peak = tracemalloc.get_traced_memory()[1]
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(summary["done"], before, after, peak)
 """
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                timeout=600, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
-        assert result.returncode == 0, result.stderr[-2000:]
-        done, before, after, peak = map(int, result.stdout.split()[-4:])
+        status, out, err = forked.run(["-c", code], timeout=600)
+        assert status == 0, err[-2000:]
+        done, before, after, peak = map(int, out.split()[-4:])
         assert done == 1
         grew[height] = ((after - before) / 1024, peak / 2**20)
     # Arrays (numpy, traced exactly): a band of tiles, a strip of probabilities and, the

@@ -10,9 +10,13 @@ of two ways (chosen at run time from the configs, so a new config lands in a gro
   a graph their group's first config has traced (segmenting stays traced: eager
   prediction of every tile is slower than tracing it once).
 A traced group is what the traced graphs depend on (:func:`traced_group`): the
-architecture (MODEL; ENCODER of efficientnet_unet), the loss terms, the precision
+architecture (MODEL), the loss terms, the precision
 PRECISION resolves to here, binary or multiclass, and the keys that change the loss or the
-step (IGNORE_CLASS, CLASS_WEIGHTS, FREEZE_ENCODER_EPOCHS, JIT_COMPILE). Keys of the data
+step (IGNORE_CLASS, CLASS_WEIGHTS, FREEZE_ENCODER_EPOCHS, JIT_COMPILE). The ENCODER of an
+efficientnet_unet is not one of them: the training step is the same code for every encoder,
+and each encoder of the registry is built, traced for prediction, saved, reloaded and
+converted in tests/models/test_encoders.py (tracing B0's training step here took 60-170 s of
+the suite's 6 minutes). Keys of the data
 (FIT_MODE, DOWNSAMPLE, splits, augmentation), the encoder's starting weights and HOT_START
 change no graph: every config runs them through its own make_dataset and train().
 
@@ -59,8 +63,7 @@ def traced_group(cfg: Config) -> tuple:
     """What the traced training, validation and prediction steps of ``cfg`` depend on."""
     from res_unet.training.devices import resolve_precision
 
-    return (cfg.MODEL, cfg.ENCODER if cfg.MODEL == "efficientnet_unet" else None,
-            tuple(sorted(cfg.LOSS)), resolve_precision(cfg),
+    return (cfg.MODEL, tuple(sorted(cfg.LOSS)), resolve_precision(cfg),
             cfg.NCLASSES == 1, cfg.IGNORE_CLASS is None, cfg.CLASS_WEIGHTS is None,
             cfg.FREEZE_ENCODER_EPOCHS > 0, cfg.JIT_COMPILE)
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import keras
 import numpy as np
 import pytest
@@ -375,15 +376,16 @@ def test_is_chief(monkeypatch):
 
 
 def _run_workers(args_list, envs, timeout=600):
+    """Run distributed_worker.py once per argument list, each in a process of its own
+    (forked: tests/forked.py), all at once; returns the card each printed."""
     env_base = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "distributed_worker.py"), *args],
-                              env={**env_base, **env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    procs = [forked.start([str(TESTS / "distributed_worker.py"), *args], env={**env_base, **env})
              for args, env in zip(args_list, envs, strict=True)]
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err[-3000:]
+        code = p.wait(timeout)
+        out, err = p.output()
+        assert code == 0, err[-3000:]
         card = [line for line in out.splitlines() if line.startswith("CARD ")]
         results.append(json.loads(card[-1][5:]))
     return results
