@@ -39,8 +39,13 @@ from res_unet.demo import make_demo_dataset
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 # When each command is killed: once its first output exists (so there is partial state to
-# leave behind), plus a seeded random delay in seconds.
-KILL_POINTS = np.random.default_rng(20261202).uniform(0.0, 0.6, size=2)
+# leave behind), plus a seeded random delay in seconds, one for each killed command. Two
+# delays per command doubled these tests' time (the forked starts, the re-runs) for kills
+# a fraction of a second apart in the same phase of the same command. A shard's 8 small
+# masks take about a second: its delay is drawn from 0-0.2 s so that it dies mid-way.
+_DELAYS = np.random.default_rng(20261202).uniform(0.0, 0.6, size=4)
+KILL_POINTS = {"make_tfrecords": _DELAYS[0], "seg_images_in_folder": _DELAYS[1],
+               "train_resunet": _DELAYS[2], "shard": _DELAYS[3] / 3}
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_injection")]
 
@@ -111,8 +116,8 @@ def manifest_without_time(folder: Path) -> dict:
     return manifest
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_make_tfrecords_killed_then_rerun(sources, trained, tmp_path, point):
+def test_make_tfrecords_killed_then_rerun(sources, trained, tmp_path):
+    point = KILL_POINTS["make_tfrecords"]
     images, labels, config = sources
     reference, _ = trained  # the same command's uninterrupted output
     out = tmp_path / "data" / "dataset"
@@ -151,8 +156,8 @@ def segmented(sources, trained, tmp_path_factory) -> Path:
     return reference
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_seg_images_in_folder_killed_then_rerun(sources, trained, segmented, tmp_path, point):
+def test_seg_images_in_folder_killed_then_rerun(sources, trained, segmented, tmp_path):
+    point = KILL_POINTS["seg_images_in_folder"]
     images, _, _ = sources
     _, run_dir = trained
     reference = segmented
@@ -166,8 +171,8 @@ def test_seg_images_in_folder_killed_then_rerun(sources, trained, segmented, tmp
     assert temporaries(out) == []
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_train_resunet_killed_then_rerun(sources, trained, tmp_path, point):
+def test_train_resunet_killed_then_rerun(sources, trained, tmp_path):
+    point = KILL_POINTS["train_resunet"]
     _, _, config = sources
     dataset, _ = trained
     out = tmp_path / "run"
@@ -438,7 +443,7 @@ def test_a_shard_overwritten_with_another_model_and_killed_leaves_no_mix(
     shard = command("seg_images_in_folder", "--model", other, "--images", images, "--out", out,
                     "--shard", "1/2", "--overwrite")
     # killed once the shard has written its first mask, among the old model's
-    run_and_kill(shard, out, "*_predseg.png", float(KILL_POINTS[0]), since=time.time())
+    run_and_kill(shard, out, "*_predseg.png", KILL_POINTS["shard"], since=time.time())
     run_here(shard)
     run_here(command("seg_images_in_folder", "--model", other, "--images", images, "--out",
                      out))
