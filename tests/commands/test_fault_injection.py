@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import forked
@@ -63,23 +63,31 @@ def run_here(cmd: list[str]) -> None:
     assert code in (0, 1), f"{module} exited with {code}"
 
 
+def start_until(cmd: list[str], ready: Callable[[forked.Forked], bool],
+                what: str) -> forked.Forked:
+    """Start ``cmd`` in a process of its own and return it once ``ready(process)`` holds.
+    Fails, naming ``what`` it was waiting for, if the command ends first or takes 300 s."""
+    proc = forked.start(cmd, cwd=REPO, env=ENV)
+    deadline = time.monotonic() + 300
+    while not ready(proc):
+        if proc.poll() is not None:
+            pytest.fail(f"{cmd[2]} ended (exit {proc.returncode}) before {what}:\n"
+                        f"{proc.output()[1][-3000:]}")
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return proc
+
+
 def run_and_kill(cmd: list[str], started: Path, pattern: str, after: float,
                  since: float | None = None) -> None:
     """Start ``cmd``; once ``started`` holds a file matching ``pattern`` (modified after
     the time ``since``, when given), wait ``after`` seconds more and SIGKILL it. Fails if
     the command finished before being killed."""
-    def written() -> bool:
+    def written(_: forked.Forked) -> bool:
         return started.exists() and any(since is None or p.stat().st_mtime > since
                                         for p in started.glob(pattern))
 
-    proc = forked.start(cmd, cwd=REPO, env=ENV)
-    deadline = time.monotonic() + 300
-    while not written():
-        if proc.poll() is not None:
-            pytest.fail(f"the command ended (exit {proc.returncode}) before writing "
-                        f"anything:\n{proc.output()[1][-3000:]}")
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    proc = start_until(cmd, written, "writing anything")
     try:
         proc.wait(timeout=after)
     except TimeoutError:
@@ -262,21 +270,13 @@ def held_by(cmd: list[str], lock: Path) -> Iterator[forked.Forked]:
     """Start ``cmd`` and freeze it (SIGSTOP) as soon as it holds ``lock`` (a folder's lock
     file, naming its holder), so it keeps the lock however fast it would otherwise finish;
     the frozen holder is killed and reaped when the block ends."""
-    proc = forked.start(cmd, cwd=REPO, env=ENV)
-
-    def holds() -> bool:
+    def holds(proc: forked.Forked) -> bool:
         try:
             return json.loads(lock.read_text())["pid"] == proc.pid
         except (OSError, ValueError, KeyError):
             return False
 
-    deadline = time.monotonic() + 300
-    while not holds():
-        if proc.poll() is not None:
-            pytest.fail(f"{cmd[2]} ended (exit {proc.returncode}) before taking the lock:\n"
-                        f"{proc.output()[1][-3000:]}")
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_until(cmd, holds, "taking the lock")
     proc.send_signal(signal.SIGSTOP)
     try:
         yield proc

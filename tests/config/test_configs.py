@@ -15,8 +15,8 @@ PRECISION resolves to here, binary or multiclass, and the keys that change the l
 step (IGNORE_CLASS, CLASS_WEIGHTS, FREEZE_ENCODER_EPOCHS, JIT_COMPILE). The ENCODER of an
 efficientnet_unet is not one of them: the training step is the same code for every encoder,
 and each encoder of the registry is built, traced for prediction, saved, reloaded and
-converted in tests/models/test_encoders.py (tracing B0's training step here took 60-170 s of
-the suite's 6 minutes). Keys of the data
+converted in tests/models/test_encoders.py (tracing B0's training step here took 60-170 s on
+2 cores). Keys of the data
 (FIT_MODE, DOWNSAMPLE, splits, augmentation), the encoder's starting weights and HOT_START
 change no graph: every config runs them through its own make_dataset and train().
 
