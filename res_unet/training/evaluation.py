@@ -35,7 +35,9 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
     binary = cfg.NCLASSES == 1
     dataset = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False)
     dtype = records.read_manifest(data_dir).dtype
-    predict = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
+    # Traced once: the signature leaves the batch size open for the last, smaller batch.
+    predict = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
+                          input_signature=[dataset.element_spec[0]])
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     sweep = metrics.ThresholdSweep() if binary else None
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

@@ -44,6 +44,7 @@ from res_unet.data import records
 from res_unet.models import build_model
 from res_unet.models.helpers import fuse_batchnorm, set_encoder_trainable
 from res_unet.training import losses, metrics, schedule
+from res_unet.training.adam import FusedAdam
 from res_unet.training.devices import is_chief, make_strategy, resolve_precision, strategy_name
 from res_unet.training.evaluation import evaluate, worst_images
 from res_unet.training.resume import (
@@ -155,7 +156,7 @@ class Trainer:
             # How many BatchNorm layers train through the fused kernel (0 when switched off).
             self.fused_batchnorm_layers = fuse_batchnorm(self.model) if fused_batchnorm else 0
             self.loss_fn = losses.make_loss(cfg, resolve_class_weights(cfg, manifest))
-            optimizer = keras.optimizers.Adam(learning_rate=schedule.learning_rate(0, cfg))
+            optimizer = FusedAdam(learning_rate=schedule.learning_rate(0, cfg))
             if precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             self.optimizer = optimizer
@@ -193,7 +194,10 @@ class Trainer:
 
         return step
 
-    def _make_eval_step(self):
+    def _make_eval_step(self, element_spec):
+        """The validation step, traced once for ``element_spec`` (the distributed dataset's,
+        whose batch size is unknown): the last, smaller batch reuses the same graph instead
+        of tracing a second one."""
         model, loss_fn, strategy = self.model, self.loss_fn, self.strategy
         n_classes, ignore = self.n_classes, self.cfg.IGNORE_CLASS
 
@@ -203,7 +207,7 @@ class Trainer:
             loss = tf.where(n > 0, loss_fn(y, prob) * n, 0.0)
             return loss, n, metrics.batch_confusion(y, prob, n_classes, ignore)
 
-        @tf.function
+        @tf.function(input_signature=list(element_spec))
         def step(x, y):
             loss, n, cm = strategy.run(replica_step, args=(x, y))
             return (strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", n, axis=None),
@@ -249,7 +253,7 @@ class Trainer:
     def evaluate_loss(self, dataset) -> tuple[float, np.ndarray]:
         """Mean loss and confusion matrix over a (distributed) validation dataset."""
         if self._eval_step is None:
-            self._eval_step = self._make_eval_step()
+            self._eval_step = self._make_eval_step(dataset.element_spec)
         cm = np.zeros((self.n_classes, self.n_classes))
         loss_sum, count = 0.0, 0.0
         for x, y in dataset:
