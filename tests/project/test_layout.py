@@ -42,7 +42,7 @@ LAYERS = [
     ["data.records"],
     ["data.dataset"],
     ["training.devices"],
-    ["models", "training.losses", "training.metrics", "training.schedule",
+    ["models", "training.losses", "training.metrics", "training.schedule", "training.adam",
      "inference.openvino"],
     ["training.runfolder", "training.evaluation"],
     ["training.resume", "training.runwriter", "inference.runtime", "inference.settings"],
