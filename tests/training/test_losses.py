@@ -1,6 +1,7 @@
 """Loss terms against hand-computed values on tiny masks, ignore class, weights, saving."""
 
 import dataclasses
+import functools
 import math
 
 import keras
@@ -256,6 +257,41 @@ def test_focal_with_ignore_class_averages_over_counted_pixels_only():
     p = np.array([[[[0.5, 0.25, 0.25], [0.9, 0.05, 0.05]]]], np.float32)
     expected = -(0.5**2) * math.log(0.5)
     assert float(focal_loss(y, p, ignore_class=2)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,ignore_class", [(1, None), (3, None), (3, 2)],
+                         ids=["binary", "multiclass", "multiclass-ignore-class"])
+def test_every_term_traced_with_unknown_batch_and_size_is_its_eager_value(n, ignore_class):
+    """The training step traces the loss (tf.function): each term and their weighted sum,
+    traced once for any batch and tile size, give their eager values and gradients on two
+    batches of different shapes."""
+    rng = np.random.default_rng(5)
+    batches = []
+    for shape in ((2, 12, 12), (3, 8, 16)):
+        if n == 1:
+            y = (rng.random((*shape, 1)) < 0.4).astype(np.float32)
+            p = rng.uniform(0.01, 0.99, (*shape, 1)).astype(np.float32)
+        else:
+            _, y, p = random_multiclass(rng, n=n, shape=shape)
+        batches.append((y, p))
+    terms = {"dice": 1.0, "focal": 0.5, "boundary": 0.25, "ce": 2.0}
+    functions = [functools.partial(fn, ignore_class=ignore_class) for fn in ALL_TERMS]
+    functions.append(SegmentationLoss(terms=terms, ignore_class=ignore_class))
+    spec = tf.TensorSpec([None, None, None, n], tf.float32)
+    for fn in functions:
+        @tf.function(input_signature=[spec, spec])
+        def traced(y, p, fn=fn):
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = fn(y, p)
+            return loss, tape.gradient(loss, p)
+
+        for y, p in batches:
+            value, grad = traced(tf.constant(y), tf.constant(p))
+            expected, expected_grad = value_and_grad(fn, y, p)
+            assert float(value) == pytest.approx(expected, rel=1e-5, abs=1e-6), fn
+            np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-4, atol=1e-6)
+        assert traced.experimental_get_tracing_count() == 1
 
 
 # Combined loss ---------------------------------------------------------------------------
