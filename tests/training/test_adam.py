@@ -88,6 +88,42 @@ def test_what_the_kernel_does_not_cover_is_keras_update(options):
         np.testing.assert_array_equal(a, b)
 
 
+def scaled_step(optimizer: keras.optimizers.LossScaleOptimizer, variables: list):
+    """A training step's update: gradients scaled as the scaled loss's would be."""
+    def step(grads):
+        scale = optimizer.dynamic_scale
+        optimizer.apply_gradients(zip([g * scale for g in grads], variables, strict=True))
+    return step
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "eager"])
+def test_fused_adam_under_loss_scaling_is_keras_update(traced):
+    """PRECISION mixed_float16 wraps the optimizer in Keras' LossScaleOptimizer: the wrapped
+    FusedAdam makes Keras' Adam's updates of the unscaled gradients, and a step whose scaled
+    gradients overflow is skipped by both (the variables keep their values)."""
+    start, gradients = seeded("float32", steps=4)
+    gradients[2][0][0, 0, 0, 0] = np.inf  # an overflowed step
+    results = []
+    for inner in (FusedAdam(learning_rate=1e-2), keras.optimizers.Adam(learning_rate=1e-2)):
+        variables = [keras.Variable(a) for a in start]
+        optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=1024.0)
+        optimizer.build(variables)
+
+        step = scaled_step(optimizer, variables)
+        step = tf.function(step) if traced else step
+        after = []
+        for grads in gradients:
+            step([tf.constant(g) for g in grads])
+            after.append([np.asarray(v) for v in variables])
+        for a, b in zip(after[1], after[2], strict=True):
+            np.testing.assert_array_equal(a, b)  # the overflowed step changed nothing
+        assert int(inner.iterations) == 3
+        results.append(after[-1])
+    for a, b, s in zip(*results, start, strict=True):
+        assert np.abs(a - s).max() > 1e-3, "the variables moved"
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_a_checkpoint_of_keras_adam_restores_into_fused_adam(tmp_path):
     """The backup of a run killed before FusedAdam (a tf.train.Checkpoint of Keras' Adam)
     resumes: the moments and step count come back, and the next step is Keras' next step."""

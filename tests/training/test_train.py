@@ -367,12 +367,24 @@ def test_precision_resolution(monkeypatch):
 
 
 @pytest.mark.usefixtures("eager")
-def test_bfloat16_training_is_finite(tiny_dataset, tmp_path):
-    card = train.train(make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION="mixed_bfloat16"),
-                       tiny_dataset, tmp_path, progress=False, export_saved_model=False)
-    keras.mixed_precision.set_global_policy("float32")
-    assert card.training.precision == "mixed_bfloat16"
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_training_is_finite(precision, tiny_dataset, tmp_path):
+    """Both mixed precisions PRECISION 'auto' can resolve to (bfloat16 on CPUs with bf16
+    units, float16 with loss scaling on GPUs) train with finite losses and moving weights."""
+    cfg = make_config(MAX_EPOCHS=1, STEPS_PER_EPOCH=2, PRECISION=precision)
+    try:
+        card = train.train(cfg, tiny_dataset, tmp_path, progress=False,
+                           export_saved_model=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert card.training.precision == precision
     assert np.isfinite(card.training.best_val_loss)
+    manifest = records.read_manifest(tiny_dataset)
+    keras.utils.set_random_seed(cfg.SEED)
+    start = build_model(cfg, manifest.band_mean, manifest.band_std).get_weights()
+    trained = keras.models.load_model(tmp_path / "model.keras", compile=False).get_weights()
+    assert all(np.isfinite(w).all() for w in trained)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, trained, strict=True))
 
 
 def test_is_chief(monkeypatch):
