@@ -61,6 +61,29 @@ def test_training_reduces_the_loss(tiny_dataset):
     assert after < 0.9 * before, (before, after)
 
 
+def test_validation_step_is_traced_once_for_every_batch_size(tiny_dataset):
+    """The last validation batch is smaller than the others: the traced validation step
+    takes it without tracing a second graph, and its loss is the batches' eager losses
+    weighted by their sizes."""
+    cfg = make_config()
+    manifest = records.read_manifest(tiny_dataset)
+    examples = manifest.counts["validation"].examples
+    batch = next(b for b in range(3, examples) if examples % b)
+    trainer = train.Trainer(cfg, manifest, devices.make_strategy(), "float32")
+    dataset = trainer.strategy.experimental_distribute_dataset(
+        records.load_dataset(tiny_dataset, "validation", batch, shuffle=False))
+    loss, cm = trainer.evaluate_loss(dataset)
+    assert trainer.evaluate_loss(dataset)[0] == pytest.approx(loss, rel=1e-6)
+    assert trainer._eval_step.experimental_get_tracing_count() == 1
+    assert cm.sum() == examples * cfg.TARGET_SIZE[0] * cfg.TARGET_SIZE[1]
+    batches = [(float(trainer.loss_fn(y, trainer.model(x, training=False))), len(x))
+               for x, y in records.load_dataset(tiny_dataset, "validation", batch,
+                                                shuffle=False)]
+    assert batches[-1][1] < batch, "the last batch is smaller"
+    expected = sum(value * n for value, n in batches) / examples
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.usefixtures("eager")
 def test_trainer_fuses_batchnorm_without_changing_training(tiny_dataset):
     cfg = make_config(DROPOUT=0.0)
