@@ -69,15 +69,26 @@ def printable(value: Any, limit: int = 200) -> str:
                    for c in text)
 
 
+# A holder writes who it is just after taking the lock: a refusal that finds the file empty
+# in between reads it again, every 20 ms for up to this long, before naming nobody.
+HOLDER_WAIT_SECONDS = 1.0
+
+
 def _holder(path: Path) -> str:
     """Who holds the lock file at ``path``, from what the holder wrote into it (read without
     following a link, at most 4 KB, every field escaped: the file is anyone's data)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-        finally:
-            os.close(fd)
+        deadline = time.monotonic() + HOLDER_WAIT_SECONDS
+        while True:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                data = os.read(fd, 4096) if regular else b""
+            finally:
+                os.close(fd)
+            if data or not regular or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
         info = json.loads(data.decode("utf-8"))
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
         return (f"{printable(info['command'])} (PID {int(info['pid'])} on "

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from res_unet.core import folders
 from res_unet.core.errors import UserError
 from res_unet.core.folders import (
     LOCK_FILE,
@@ -181,6 +185,45 @@ def test_a_planted_lock_file_is_refused_and_nothing_is_written_through_it(tmp_pa
     assert os.path.lexists(out / name), "the planted file is left to its owner"
     if kind == "another user's file":
         assert (out / name).read_text() == "", "nothing was written into it"
+
+
+def held_empty_lock(folder: Path) -> int:
+    """A lock of ``folder`` held (another open file: flock refuses this process too) by a
+    holder that has not yet written who it is."""
+    folder.mkdir()
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_holder_that_has_just_taken_the_lock_is_named_once_it_says_who_it_is(tmp_path):
+    """Between a holder's lock and its first write the file is empty: the refusal reads it
+    again and names the holder (two commands started at once saw 'another process')."""
+    fd = held_empty_lock(tmp_path / "out")
+    info = {"command": "holder", "pid": 4242, "host": "h", "started": time.time(),
+            "shared": False}
+    writer = threading.Timer(0.2, os.pwrite, (fd, json.dumps(info).encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(UserError, match=r"in use by holder \(PID 4242 on h, since "), \
+                folder_lock(tmp_path / "out", "me"):
+            pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
+def test_a_holder_that_never_says_who_it_is_is_another_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(folders, "HOLDER_WAIT_SECONDS", 0.1)
+    fd = held_empty_lock(tmp_path / "out")
+    try:
+        start = time.monotonic()
+        with pytest.raises(UserError, match="in use by another process; wait until"), \
+                folder_lock(tmp_path / "out", "me"):
+            pass
+        assert time.monotonic() - start < 2.0
+    finally:
+        os.close(fd)
 
 
 def test_the_holders_command_line_is_printed_escaped(tmp_path):
