@@ -37,8 +37,12 @@ class FusedAdam(keras.optimizers.Adam):
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = tf.as_dtype(variable.dtype)
-        if (self.amsgrad or dtype not in _KERNEL_DTYPES
-                or isinstance(gradient, tf.IndexedSlices)):
+        # Keras' Adam keeps its moments in these lists; a Keras that named them otherwise
+        # gets its own update (slower to trace, same numbers).
+        momentums, velocities = (getattr(self, "_momentums", None),
+                                 getattr(self, "_velocities", None))
+        if (self.amsgrad or dtype not in _KERNEL_DTYPES or momentums is None
+                or velocities is None or isinstance(gradient, tf.IndexedSlices)):
             return super().update_step(gradient, variable, learning_rate)
         index = self._get_variable_index(variable)
         local_step = tf.cast(self.iterations + 1, dtype)
@@ -46,8 +50,7 @@ class FusedAdam(keras.optimizers.Adam):
         beta_2 = tf.constant(self.beta_2, dtype)
         return tf.raw_ops.ResourceApplyAdam(
             var=_resource(variable).handle,
-            m=_resource(self._momentums[index]).handle,
-            v=_resource(self._velocities[index]).handle,
+            m=_resource(momentums[index]).handle, v=_resource(velocities[index]).handle,
             beta1_power=tf.pow(beta_1, local_step), beta2_power=tf.pow(beta_2, local_step),
             lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
             epsilon=tf.constant(self.epsilon, dtype), grad=tf.cast(gradient, dtype),

@@ -78,6 +78,19 @@ def test_fused_adam_is_adam(dtype, traced):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_each_variable_is_updated_by_one_kernel():
+    """The traced step holds one ResourceApplyAdam per variable (not Keras' update: a Keras
+    that renamed Adam's moment lists would get it, slower to trace, and fail here)."""
+    variables = [keras.Variable(a) for a in seeded("float32")[0]]
+    optimizer = FusedAdam(learning_rate=1e-2)
+    optimizer.build(variables)
+    step = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables,
+                                                                   strict=True)))
+    graph = step.get_concrete_function([tf.TensorSpec(s, tf.float32) for s in SHAPES]).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count("ResourceApplyAdam") == len(SHAPES)
+
+
 @pytest.mark.parametrize("options", [{"amsgrad": True}, {}], ids=["amsgrad", "float16"])
 def test_what_the_kernel_does_not_cover_is_keras_update(options):
     """AMSGrad and float16 variables take Keras' own update: the same numbers exactly."""
