@@ -70,13 +70,13 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory, worker_id):
+def _private_cache(tmp_path_factory):
     """Keep converted models (ov_runtime.cache_dir) out of the user's ~/.cache, in one cache
     for the run that the xdist workers share, as commands run side by side share a user's
     (entries are renamed into place whole): a shipped model converted for one test is read
     by the next, whichever worker runs it. Tests of the cache itself set their own."""
     root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # each worker's basetemp is a folder of the run's
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp: a folder of the run's
         root = root.parent
     cache = root / "cache"
     cache.mkdir(exist_ok=True)

@@ -61,7 +61,8 @@ def test_every_config_is_listed():
 
 
 def traced_group(cfg: Config) -> tuple:
-    """What the traced training, validation and prediction steps of ``cfg`` depend on."""
+    """What the traced training step of ``cfg`` is built from, its loss terms aside (they
+    are traced in tests/training/test_losses.py)."""
     from res_unet.training.devices import resolve_precision
 
     return (cfg.MODEL, resolve_precision(cfg), cfg.FREEZE_ENCODER_EPOCHS > 0, cfg.JIT_COMPILE)
