@@ -35,9 +35,20 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
     binary = cfg.NCLASSES == 1
     dataset = records.load_dataset(data_dir, "validation", cfg.BATCH_SIZE, shuffle=False)
     dtype = records.read_manifest(data_dir).dtype
+
+    def forward(x, y):
+        """Probabilities, and each example's loss under ``loss_fn`` (zeros without one),
+        computed in the graph rather than one eager call per example."""
+        prob = tf.cast(model(x, training=False), tf.float32)
+        if loss_fn is None:
+            return prob, tf.zeros(tf.shape(x)[:1])
+        losses = tf.map_fn(lambda pair: tf.cast(loss_fn(pair[0][None], pair[1][None]),
+                                                tf.float32),
+                           (y, prob), fn_output_signature=tf.float32)
+        return prob, losses
+
     # Traced once: the signature leaves the batch size open for the last, smaller batch.
-    predict = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
-                          input_signature=[dataset.element_spec[0]])
+    predict = tf.function(forward, input_signature=list(dataset.element_spec))
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     sweep = metrics.ThresholdSweep() if binary else None
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -45,7 +56,7 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
     stems = iter(records.example_stems(data_dir, "validation"))
     per_image: dict[str, dict[str, Any]] = {}
     for x, y in dataset:
-        prob = predict(x).numpy()
+        prob, example_losses = (t.numpy() for t in predict(x, y))
         y = y.numpy()
         truth = (y[..., 0] >= 0.5).astype(np.uint8) if binary else y.argmax(-1).astype(np.uint8)
         pred = (prob[..., 0] >= 0.5).astype(np.uint8) if binary else prob.argmax(-1).astype(
@@ -57,8 +68,7 @@ def evaluate(model: keras.Model, cfg: Config, data_dir: Path, n_examples: int = 
             image = per_image.setdefault(next(stems), {
                 "examples": 0, "loss": 0.0, "cm": np.zeros((n_classes, n_classes), np.int64)})
             image["examples"] += 1
-            if loss_fn is not None:
-                image["loss"] += float(loss_fn(y[i:i + 1], prob[i:i + 1]))
+            image["loss"] += float(example_losses[i])
             image["cm"] += metrics.confusion_matrix(truth[i], pred[i], n_classes,
                                                     ignore_class=cfg.IGNORE_CLASS)
         for i in range(min(len(x), n_examples - len(examples))):
