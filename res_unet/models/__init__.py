@@ -4,7 +4,8 @@ The architectures are named in :mod:`res_unet.config.registry` (:data:`MODELS`, 
 which the config reads without loading Keras; each entry says which model file here builds
 it. The U-Net's encoders are records in :mod:`res_unet.models.encoders` (one file per
 encoder family). Functions that work on a built model of any architecture are in
-:mod:`res_unet.models.helpers`.
+:mod:`res_unet.models.helpers`; :mod:`res_unet.models.saving` mends Keras' saving (a cache
+Keras 3.15 misses), for the run folders and encoder weights that go through it.
 
 Every model maps float32 raw pixels (batch, rows, cols, bands) to float32 probabilities
 (batch, rows, cols, 1) sigmoid for NCLASSES=1 or (batch, rows, cols, N) softmax for N > 1.

@@ -33,6 +33,9 @@ from res_unet.core.atomic import write_atomic
 from res_unet.core.errors import UserError, first_line
 from res_unet.core.folders import check_regular_file, loads_json, read_small_text
 from res_unet.models import build_model
+from res_unet.models.saving import cache_attr_skipsets
+
+cache_attr_skipsets()  # run folders are saved and loaded through Keras' saving
 
 BEST_WEIGHTS = "best.weights.h5"
 FULL_MODEL = "model.keras"

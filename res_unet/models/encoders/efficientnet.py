@@ -35,6 +35,9 @@ import numpy as np
 from res_unet.core.errors import UserError, first_line
 from res_unet.models.encoders import EncoderSpec, same_band_stats
 from res_unet.models.layers import ENCODER_NAME, adapt_stem_kernel, leaf_layers
+from res_unet.models.saving import cache_attr_skipsets
+
+cache_attr_skipsets()  # the ImageNet weights are read through Keras' saving
 
 # Layers
 
