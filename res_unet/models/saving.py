@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import functools
 
-from keras.src.backend.common import global_state
 from keras.src.saving import saving_lib
 
 
 def keras_caches_attr_skipsets() -> bool:
-    """Whether Keras' saving keeps the attribute skip-set of a kind once built."""
-    saving_lib.get_attr_skipset("Layer")
-    return global_state.get_global_attribute("saving_attr_skiplist_Layer") is not None
+    """Whether Keras' saving keeps the attribute skip-set of a kind once built (asked twice,
+    it gives the same set back, whatever key it keeps it under)."""
+    return saving_lib.get_attr_skipset("Layer") is saving_lib.get_attr_skipset("Layer")
 
 
 def cache_attr_skipsets() -> None:
