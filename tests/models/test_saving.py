@@ -75,7 +75,9 @@ def test_a_keras_that_caches_them_itself_is_left_as_it_is(monkeypatch):
 def test_saving_builds_no_reference_layer_per_layer_and_writes_the_same_file(monkeypatch,
                                                                              tmp_path):
     """With the cache a save builds no throwaway Layer (Keras 3.15 builds one per layer
-    saved); the weights file holds the same datasets either way, and each reads the other."""
+    saved); the weights file holds the same datasets and values either way, Keras' own file
+    loads into a new model, and model.keras saved with the cache reloads to the same
+    predictions."""
     model = small_model()
     built = []
     original_init = Layer.__init__
