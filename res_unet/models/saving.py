@@ -31,4 +31,3 @@ def cache_attr_skipsets() -> None:
     if getattr(current, "cache_info", None) is not None or keras_caches_attr_skipsets():
         return
     saving_lib.get_attr_skipset = functools.cache(current)
-
